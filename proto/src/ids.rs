@@ -1,0 +1,266 @@
+//! Identifiers: node ids, document ids, type and object names, and actor ids derived from keys.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Longest object id accepted, in bytes of UTF-8.
+pub const MAX_OBJECT_ID_BYTES: usize = 256;
+/// Longest type name accepted, in bytes.
+pub const MAX_TYPE_NAME_BYTES: usize = 64;
+/// Length of an Automerge actor id made by [`actor_id`]: 32 key bytes and an 8-byte epoch.
+pub const ACTOR_ID_BYTES: usize = 40;
+
+/// Why a name or id was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error(
+        "invalid type name {0:?}: use 1 to {MAX_TYPE_NAME_BYTES} ASCII letters, digits or '_', starting with a letter"
+    )]
+    TypeName(String),
+    #[error(
+        "invalid object id {0:?}: use 1 to {MAX_OBJECT_ID_BYTES} bytes with no '/' and no control characters"
+    )]
+    ObjectId(String),
+    #[error("invalid node id {0:?}: expected a libp2p PeerId of an ed25519 key (12D3KooW...)")]
+    NodeId(String),
+    #[error("invalid document id {0:?}: expected 32 hex digits")]
+    DocId(String),
+}
+
+/// A node's identity: its ed25519 public key. Displayed as the libp2p PeerId of that key, so the
+/// id users see in `tidesync id` is the one libp2p authenticates.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NodeId(pub [u8; 32]);
+
+impl NodeId {
+    /// The libp2p PeerId of this key, or `None` if the bytes are not a valid ed25519 point.
+    pub fn to_peer_id(&self) -> Option<libp2p_identity::PeerId> {
+        let key = libp2p_identity::ed25519::PublicKey::try_from_bytes(&self.0).ok()?;
+        Some(libp2p_identity::PublicKey::from(key).to_peer_id())
+    }
+
+    /// The node id behind a PeerId, if that PeerId carries an ed25519 key inline.
+    pub fn from_peer_id(peer: &libp2p_identity::PeerId) -> Option<NodeId> {
+        let multihash = peer.as_ref();
+        // Identity multihash (code 0) of the protobuf-encoded public key.
+        if multihash.code() != 0 {
+            return None;
+        }
+        let key = libp2p_identity::PublicKey::try_decode_protobuf(multihash.digest()).ok()?;
+        let ed = key.try_into_ed25519().ok()?;
+        Some(NodeId(ed.to_bytes()))
+    }
+
+    /// The node id that authored an actor made by [`actor_id`], if the actor has that shape.
+    pub fn from_actor(actor: &[u8]) -> Option<NodeId> {
+        if actor.len() != ACTOR_ID_BYTES {
+            return None;
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&actor[..32]);
+        Some(NodeId(key))
+    }
+
+    /// A short form for logs: the last 8 characters of the PeerId.
+    pub fn short(&self) -> String {
+        let s = self.to_string();
+        s[s.len().saturating_sub(8)..].to_string()
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.to_peer_id() {
+            Some(peer) => write!(f, "{peer}"),
+            None => write!(f, "invalid-key-{}", hex::encode(self.0)),
+        }
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeId({self})")
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let peer: libp2p_identity::PeerId =
+            s.parse().map_err(|_| IdError::NodeId(s.to_string()))?;
+        NodeId::from_peer_id(&peer).ok_or_else(|| IdError::NodeId(s.to_string()))
+    }
+}
+
+/// The Automerge actor id for changes a node makes during one epoch: the node's 32-byte public
+/// key followed by the epoch as 8 big-endian bytes. A node picks a fresh random epoch every time
+/// it starts, so a node restored from a backup never reuses an (actor, seq) it already published.
+pub fn actor_id(node: &NodeId, epoch: u64) -> Vec<u8> {
+    let mut actor = Vec::with_capacity(ACTOR_ID_BYTES);
+    actor.extend_from_slice(&node.0);
+    actor.extend_from_slice(&epoch.to_be_bytes());
+    actor
+}
+
+/// A document's global identity, the same on every node whatever name it has locally:
+/// the first 16 bytes of SHA-256 over the origin node's key, the type and the origin's id.
+/// Two nodes that both create `Sample/S-001` make two different documents.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DocId(pub [u8; 16]);
+
+impl DocId {
+    /// The id of the document that `origin` creates for `(ty, id)`.
+    pub fn derive(origin: &NodeId, ty: &TypeName, id: &ObjectId) -> DocId {
+        let mut h = Sha256::new();
+        h.update(b"tidesync/doc/v1\0");
+        h.update(origin.0);
+        h.update(ty.as_str().as_bytes());
+        h.update([0u8]);
+        h.update(id.as_str().as_bytes());
+        let digest = h.finalize();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&digest[..16]);
+        DocId(out)
+    }
+}
+
+impl fmt::Display for DocId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for DocId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DocId({self})")
+    }
+}
+
+impl FromStr for DocId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 16];
+        hex::decode_to_slice(s, &mut out).map_err(|_| IdError::DocId(s.to_string()))?;
+        Ok(DocId(out))
+    }
+}
+
+/// A type name such as `Sample` or `LabelTree`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TypeName(String);
+
+impl TypeName {
+    pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
+        let s = s.into();
+        let ok = !s.is_empty()
+            && s.len() <= MAX_TYPE_NAME_BYTES
+            && s.as_bytes()[0].is_ascii_alphabetic()
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if ok { Ok(TypeName(s)) } else { Err(IdError::TypeName(s)) }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An object's id within its type, such as `S-001`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ObjectId(String);
+
+impl ObjectId {
+    pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
+        let s = s.into();
+        let ok = !s.is_empty()
+            && s.len() <= MAX_OBJECT_ID_BYTES
+            && !s.chars().any(|c| c == '/' || c.is_control());
+        if ok { Ok(ObjectId(s)) } else { Err(IdError::ObjectId(s)) }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+macro_rules! string_newtype_impls {
+    ($t:ty) => {
+        impl TryFrom<String> for $t {
+            type Error = IdError;
+            fn try_from(s: String) -> Result<Self, IdError> {
+                <$t>::new(s)
+            }
+        }
+        impl From<$t> for String {
+            fn from(v: $t) -> String {
+                v.0
+            }
+        }
+        impl FromStr for $t {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                <$t>::new(s)
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+string_newtype_impls!(TypeName);
+string_newtype_impls!(ObjectId);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(b: u8) -> NodeId {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[b; 32]);
+        NodeId(key.verifying_key().to_bytes())
+    }
+
+    #[test]
+    fn node_id_round_trips_through_peer_id_text() {
+        let n = node(7);
+        let text = n.to_string();
+        assert!(text.starts_with("12D3KooW"), "{text}");
+        assert_eq!(text.parse::<NodeId>().unwrap(), n);
+        assert!("not-a-peer".parse::<NodeId>().is_err());
+    }
+
+    #[test]
+    fn doc_ids_differ_by_origin_type_and_id() {
+        let t = TypeName::new("Sample").unwrap();
+        let i = ObjectId::new("S-001").unwrap();
+        let a = DocId::derive(&node(1), &t, &i);
+        assert_eq!(a, DocId::derive(&node(1), &t, &i));
+        assert_ne!(a, DocId::derive(&node(2), &t, &i));
+        assert_ne!(a, DocId::derive(&node(1), &TypeName::new("Method").unwrap(), &i));
+        assert_eq!(a.to_string().parse::<DocId>().unwrap(), a);
+    }
+
+    #[test]
+    fn names_are_validated() {
+        assert!(TypeName::new("LabelTree").is_ok());
+        for bad in ["", "1abc", "a-b", "a/b", &"x".repeat(65)] {
+            assert!(TypeName::new(bad).is_err(), "{bad}");
+        }
+        assert!(ObjectId::new("S-001 (rerun)").is_ok());
+        for bad in ["", "a/b", "a\nb", &"x".repeat(257)] {
+            assert!(ObjectId::new(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn actor_ids_carry_their_author() {
+        let n = node(3);
+        let a = actor_id(&n, 42);
+        assert_eq!(a.len(), ACTOR_ID_BYTES);
+        assert_eq!(NodeId::from_actor(&a), Some(n));
+        assert_eq!(NodeId::from_actor(&a[..39]), None);
+    }
+}

@@ -1,0 +1,17 @@
+//! Everything that crosses between tidesync nodes: who is who, what a signed change is, and how
+//! messages are framed on the wire. This crate does not depend on the node.
+//!
+//! # Layout
+//! - [`ids`]: node ids (ed25519 public keys, shown as libp2p PeerIds), document ids, type and
+//!   object names, and the Automerge actor ids derived from a node key.
+//! - [`change`]: the signed change envelope: signing a change, verifying author, hash and document.
+//! - [`wire`]: the versioned wire message enum and its length-prefixed codec, bounded by
+//!   [`wire::MAX_FRAME_BYTES`].
+
+pub mod change;
+pub mod ids;
+pub mod wire;
+
+pub use change::{SignedChange, VerifiedChange, VerifyError};
+pub use ids::{DocId, IdError, NodeId, ObjectId, TypeName};
+pub use wire::{DecodeError, Message, PROTOCOL_VERSION};

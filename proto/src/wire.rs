@@ -1,0 +1,210 @@
+//! The versioned wire messages exchanged between nodes and their length-prefixed frame codec.
+//!
+//! Frame format: a 4-byte big-endian body length, then the body. The body is the postcard
+//! encoding of the protocol version (`u16`, varint) followed by a [`Message`]. A frame whose
+//! length exceeds [`MAX_FRAME_BYTES`] is refused before any of it is buffered or decoded, and a
+//! frame of another protocol version is refused before its message is decoded.
+
+use serde::{Deserialize, Serialize};
+
+use crate::change::SignedChange;
+use crate::ids::NodeId;
+
+/// Version of the wire protocol spoken by this build. Bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest frame body accepted or produced, in bytes.
+pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
+/// Size of the length prefix, in bytes.
+pub const FRAME_HEADER_BYTES: usize = 4;
+
+/// A message between two nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// First message on a connection: who the sender is and what it speaks.
+    Hello {
+        node: NodeId,
+        name: String,
+    },
+    /// A batch of signed changes, in an order that respects each document's dependencies.
+    /// `upto` is the sender's change-log SEQ covered by this batch, echoed back in [`Message::Ack`].
+    Changes {
+        changes: Vec<SignedChange>,
+        upto: u64,
+    },
+    /// The receiver has durably stored everything the sender sent up to `upto`.
+    Ack {
+        upto: u64,
+    },
+}
+
+/// Why bytes could not be decoded into a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {len} bytes exceeds the limit of {MAX_FRAME_BYTES} bytes")]
+    TooLarge { len: usize },
+    #[error("frame is truncated: need {need} bytes, have {have}")]
+    Truncated { need: usize, have: usize },
+    #[error("peer speaks protocol version {got}, this node speaks {PROTOCOL_VERSION}")]
+    Version { got: u16 },
+    #[error("frame body is not a valid message: {0}")]
+    Malformed(String),
+}
+
+/// Why a message could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("message encodes to {len} bytes, over the limit of {MAX_FRAME_BYTES} bytes")]
+    TooLarge { len: usize },
+    #[error("message could not be encoded: {0}")]
+    Serialize(String),
+}
+
+/// Encode `msg` as one frame: length prefix, version, message.
+pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
+    let mut out = vec![0u8; FRAME_HEADER_BYTES];
+    out = postcard::to_extend(&PROTOCOL_VERSION, out)
+        .map_err(|e| EncodeError::Serialize(e.to_string()))?;
+    out = postcard::to_extend(msg, out).map_err(|e| EncodeError::Serialize(e.to_string()))?;
+    let len = out.len() - FRAME_HEADER_BYTES;
+    if len > MAX_FRAME_BYTES {
+        return Err(EncodeError::TooLarge { len });
+    }
+    out[..FRAME_HEADER_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// The body length announced by a frame header, checked against [`MAX_FRAME_BYTES`].
+pub fn frame_len(header: [u8; FRAME_HEADER_BYTES]) -> Result<usize, DecodeError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(DecodeError::TooLarge { len });
+    }
+    Ok(len)
+}
+
+/// Decode a frame body (the bytes after the length prefix).
+pub fn decode_body(body: &[u8]) -> Result<Message, DecodeError> {
+    if body.len() > MAX_FRAME_BYTES {
+        return Err(DecodeError::TooLarge { len: body.len() });
+    }
+    let (version, rest) =
+        postcard::take_from_bytes::<u16>(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if version != PROTOCOL_VERSION {
+        return Err(DecodeError::Version { got: version });
+    }
+    let (msg, rest) =
+        postcard::take_from_bytes::<Message>(rest).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Malformed(format!("{} trailing bytes", rest.len())));
+    }
+    Ok(msg)
+}
+
+/// Decode one whole frame from the front of `buf`, returning the message and the bytes used.
+/// `Ok(None)` means more bytes are needed; an error means the stream is unusable.
+pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, DecodeError> {
+    let Some(header) = buf.get(..FRAME_HEADER_BYTES) else {
+        return Ok(None);
+    };
+    let len = frame_len(header.try_into().map_err(|_| DecodeError::Truncated {
+        need: FRAME_HEADER_BYTES,
+        have: buf.len(),
+    })?)?;
+    let Some(body) = buf.get(FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len) else {
+        return Ok(None);
+    };
+    Ok(Some((decode_body(body)?, FRAME_HEADER_BYTES + len)))
+}
+
+/// Decode exactly one frame that must fill `buf`; a short buffer is an error.
+pub fn decode_exact(buf: &[u8]) -> Result<Message, DecodeError> {
+    match decode(buf)? {
+        Some((msg, used)) if used == buf.len() => Ok(msg),
+        Some((_, used)) => Err(DecodeError::Malformed(format!(
+            "{} bytes after the frame",
+            buf.len() - used
+        ))),
+        None => {
+            let need = buf
+                .get(..FRAME_HEADER_BYTES)
+                .and_then(|h| h.try_into().ok())
+                .map(|h| u32::from_be_bytes(h) as usize + FRAME_HEADER_BYTES)
+                .unwrap_or(FRAME_HEADER_BYTES);
+            Err(DecodeError::Truncated {
+                need,
+                have: buf.len(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::DocId;
+    use proptest::prelude::*;
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (any::<[u8; 32]>(), ".{0,40}").prop_map(|(k, name)| Message::Hello { node: NodeId(k), name }),
+            (
+                proptest::collection::vec(
+                    (any::<[u8; 16]>(), proptest::collection::vec(any::<u8>(), 0..200), any::<[u8; 32]>()),
+                    0..8
+                ),
+                any::<u64>()
+            )
+                .prop_map(|(cs, upto)| Message::Changes {
+                    changes: cs
+                        .into_iter()
+                        .map(|(d, bytes, s)| {
+                            let mut signature = [0u8; 64];
+                            signature[..32].copy_from_slice(&s);
+                            SignedChange { doc: DocId(d), bytes, signature }
+                        })
+                        .collect(),
+                    upto,
+                }),
+            any::<u64>().prop_map(|upto| Message::Ack { upto }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn frames_round_trip(msg in arb_message()) {
+            let frame = encode(&msg).unwrap();
+            prop_assert_eq!(decode_exact(&frame).unwrap(), msg.clone());
+            // Every strict prefix asks for more bytes instead of yielding a message.
+            for cut in 0..frame.len() {
+                prop_assert_eq!(decode(&frame[..cut]).unwrap(), None);
+            }
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&bytes);
+            let _ = decode_body(&bytes);
+        }
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_from_the_header() {
+        let header = ((MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
+        assert!(matches!(decode(&header), Err(DecodeError::TooLarge { .. })));
+        let big = Message::Changes {
+            changes: vec![SignedChange { doc: DocId([0; 16]), bytes: vec![7; MAX_FRAME_BYTES], signature: [0; 64] }],
+            upto: 1,
+        };
+        assert!(matches!(encode(&big), Err(EncodeError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn other_versions_and_garbage_are_refused() {
+        let mut frame = encode(&Message::Ack { upto: 5 }).unwrap();
+        frame[FRAME_HEADER_BYTES] = 9; // version varint
+        assert_eq!(decode_exact(&frame), Err(DecodeError::Version { got: 9 }));
+        let garbage = [0, 0, 0, 3, 1, 0xff, 0xff];
+        assert!(matches!(decode_exact(&garbage), Err(DecodeError::Malformed(_))));
+        assert!(matches!(decode_exact(&[0, 0, 0, 9, 1]), Err(DecodeError::Truncated { .. })));
+    }
+}
