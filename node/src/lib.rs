@@ -1,1 +1,25 @@
+//! tidesync: a peer-to-peer, multi-master sync node for typed objects kept as signed Automerge
+//! documents in redb.
+//!
+//! # Layout
+//! - [`config`]: the node's home directory and its TOML config file.
+//! - [`identity`]: the ed25519 key file and the ids derived from it.
+//! - [`doc`]: how an object's JSON maps onto an Automerge document; the deletion tombstone rule.
+//! - [`engine`]: the sans-IO engine that turns inputs into signed changes and durable records.
+//! - [`store`]: the redb tables and the transactions that commit the engine's records.
+//! - [`core`]: engine, store and document cache behind the node's operations.
+//! - [`node`]: the running node: an actor owning the core, and its lifecycle.
+//! - [`api`]: the HTTP/JSON API served by a running node.
+//! - [`client`]: the CLI's way to a node: its HTTP API when it runs, its store when it does not.
+//! - [`cli`]: the `tidesync` command line.
 
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod core;
+pub mod doc;
+pub mod engine;
+pub mod identity;
+pub mod node;
+pub mod store;

@@ -1,0 +1,467 @@
+//! The node core: engine, store and a bounded document cache behind the operations the API and
+//! the CLI offer. The running node's actor owns one; the CLI opens one when no node is running,
+//! so both paths run the same code and give the same answers.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use automerge::Automerge;
+use lru::LruCache;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+use tidesync_proto::{DocId, NodeId, ObjectId, TypeName};
+
+use crate::config::{Config, Home};
+use crate::doc;
+use crate::engine::{DocRecord, Engine, Loaded, WriteError, WriteOp, WriteOutcome};
+use crate::identity::{Identity, KeyError};
+use crate::store::{IdPage, Store, StoreError, TypeCount};
+
+/// Most ids returned by one page of a listing.
+pub const MAX_PAGE_IDS: usize = 10_000;
+/// Ids per page of a listing when the caller does not say.
+pub const DEFAULT_PAGE_IDS: usize = 1_000;
+/// Most entries returned by one page of the change feed.
+pub const MAX_FEED_ENTRIES: usize = 10_000;
+
+/// The answer to a put or a delete.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WriteReply {
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub id: String,
+    /// The document's global id.
+    pub doc: String,
+    /// False when the write matched what was stored and made no change.
+    pub changed: bool,
+    /// The change's SEQ in this node's change log, when a change was made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    /// The object after a put.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object: Option<Map<String, Json>>,
+}
+
+/// One change in an object's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub hash: String,
+    /// The node that signed the change (its PeerId).
+    pub author: String,
+    pub actor: String,
+    pub seq: u64,
+    /// Unix seconds recorded by the author.
+    pub time: i64,
+    pub message: Option<String>,
+    pub deps: Vec<String>,
+    /// Whether the stored signature verifies for this change, document and author.
+    pub verified: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// An object's history, oldest change first (causal order).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub id: String,
+    pub doc: String,
+    /// The node that created the object.
+    pub origin: String,
+    pub deleted: bool,
+    pub changes: Vec<HistoryEntry>,
+}
+
+/// One entry of the change feed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedEntry {
+    pub seq: u64,
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub id: String,
+    pub doc: String,
+    pub hash: String,
+    pub author: String,
+    pub time_ms: i64,
+}
+
+/// A page of the change feed. Resume with `since = last`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Feed {
+    pub changes: Vec<FeedEntry>,
+    pub last: u64,
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub name: String,
+    /// True when answered by a running node, false when read from a stopped node's store.
+    pub running: bool,
+    pub objects: BTreeMap<String, TypeCount>,
+    pub last_seq: u64,
+    pub store_bytes: u64,
+}
+
+/// Why a node's home could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("key file {key} belongs to node {found}, but this home's store was written by {expected}")]
+    WrongKey {
+        key: std::path::PathBuf,
+        found: NodeId,
+        expected: NodeId,
+    },
+}
+
+/// Why a put or delete failed. Each names the object.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalWriteError {
+    #[error(transparent)]
+    Refused(#[from] WriteError),
+    #[error("cannot write {ty}/{id}: {source}")]
+    Store {
+        ty: TypeName,
+        id: ObjectId,
+        source: StoreError,
+    },
+}
+
+/// Why a read failed. Each names what was read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{ty}/{id} does not exist")]
+    NotFound { ty: TypeName, id: ObjectId },
+    #[error("cannot read {what}: {source}")]
+    Store { what: String, source: StoreError },
+}
+
+/// Unix time now, in milliseconds.
+pub fn system_now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The node core.
+pub struct Core {
+    name: String,
+    engine: Engine,
+    store: Store,
+    cache: LruCache<DocId, Automerge>,
+    clock: fn() -> i64,
+    running: bool,
+}
+
+impl Core {
+    /// Open a node's home: config, key and store. `running` is reported by `status`.
+    pub fn open(home: &Home, running: bool) -> Result<Core, OpenError> {
+        let config = Config::load(home)?;
+        let identity = Identity::load(&home.key())?;
+        let store = Store::open(&home.store(), config.store.cache_bytes)?;
+        Ok(Core::new(config.name, identity, store, config.store.cache_docs, running))
+    }
+
+    /// A core over an open store. The engine's epoch comes from the OS RNG.
+    pub fn new(name: String, identity: Identity, store: Store, cache_docs: usize, running: bool) -> Core {
+        let epoch = rand::random::<u64>();
+        Core {
+            name,
+            engine: Engine::new(identity, epoch),
+            store,
+            cache: LruCache::new(NonZeroUsize::new(cache_docs.max(1)).unwrap_or(NonZeroUsize::MIN)),
+            clock: system_now_ms,
+            running,
+        }
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.engine.node_id()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Load the document for `doc`, from the cache or the store (taking it out of the cache).
+    fn take_doc(&mut self, doc_id: &DocId) -> Result<Option<Automerge>, StoreError> {
+        match self.cache.pop(doc_id) {
+            Some(d) => Ok(Some(d)),
+            None => self.store.load_doc(doc_id),
+        }
+    }
+
+    fn find(&self, ty: &TypeName, id: &ObjectId) -> Result<Option<(DocId, DocRecord)>, StoreError> {
+        let Some(doc_id) = self.store.lookup(ty, id)? else {
+            return Ok(None);
+        };
+        Ok(self.store.record(&doc_id)?.map(|r| (doc_id, r)))
+    }
+
+    /// Set fields of `ty/id` (creating it if needed); a null removes a field.
+    pub fn put(&mut self, ty: &TypeName, id: &ObjectId, fields: &Map<String, Json>) -> Result<WriteReply, LocalWriteError> {
+        self.write(ty, id, WriteOp::Put(fields))
+    }
+
+    /// Delete `ty/id`.
+    pub fn delete(&mut self, ty: &TypeName, id: &ObjectId) -> Result<WriteReply, LocalWriteError> {
+        self.write(ty, id, WriteOp::Delete)
+    }
+
+    fn write(&mut self, ty: &TypeName, id: &ObjectId, op: WriteOp<'_>) -> Result<WriteReply, LocalWriteError> {
+        let store_err = |source| LocalWriteError::Store {
+            ty: ty.clone(),
+            id: id.clone(),
+            source,
+        };
+        let existing = match self.find(ty, id).map_err(store_err)? {
+            Some((doc_id, record)) => {
+                let doc = self.take_doc(&doc_id).map_err(store_err)?.ok_or_else(|| {
+                    store_err(StoreError::Decode {
+                        path: self.store.path().into(),
+                        what: format!("doc_state_v1[{doc_id}]"),
+                        detail: "document record without state".into(),
+                    })
+                })?;
+                Some(Loaded { doc_id, record, doc })
+            }
+            None => None,
+        };
+        let is_put = matches!(op, WriteOp::Put(_));
+        match self.engine.local_write((self.clock)(), ty, id, existing, op)? {
+            WriteOutcome::Unchanged(l) => {
+                let reply = WriteReply {
+                    ty: ty.to_string(),
+                    id: id.to_string(),
+                    doc: l.doc_id.to_string(),
+                    changed: false,
+                    seq: None,
+                    hash: None,
+                    object: is_put.then(|| doc::to_json(&l.doc)),
+                };
+                self.cache.put(l.doc_id, l.doc);
+                Ok(reply)
+            }
+            WriteOutcome::Changed(p) => {
+                let seq = self.store.commit_write(&p).map_err(store_err)?;
+                tracing::debug!(%ty, %id, doc = %p.doc_id, seq, hash = %p.hash, "stored local change");
+                let reply = WriteReply {
+                    ty: ty.to_string(),
+                    id: id.to_string(),
+                    doc: p.doc_id.to_string(),
+                    changed: true,
+                    seq: Some(seq),
+                    hash: Some(p.hash.to_string()),
+                    object: is_put.then(|| doc::to_json(&p.doc)),
+                };
+                self.cache.put(p.doc_id, p.doc);
+                Ok(reply)
+            }
+        }
+    }
+
+    fn read_err(what: impl std::fmt::Display) -> impl FnOnce(StoreError) -> ReadError {
+        let what = what.to_string();
+        move |source| ReadError::Store { what, source }
+    }
+
+    /// A live object and its document, for reading.
+    fn live_doc(&mut self, ty: &TypeName, id: &ObjectId) -> Result<(DocId, DocRecord, &Automerge), ReadError> {
+        let what = format!("{ty}/{id}");
+        let not_found = || ReadError::NotFound {
+            ty: ty.clone(),
+            id: id.clone(),
+        };
+        let (doc_id, record) = self.find(ty, id).map_err(Self::read_err(&what))?.ok_or_else(not_found)?;
+        if !self.cache.contains(&doc_id) {
+            let doc = self
+                .store
+                .load_doc(&doc_id)
+                .map_err(Self::read_err(&what))?
+                .ok_or_else(not_found)?;
+            self.cache.put(doc_id, doc);
+        }
+        let doc = self.cache.get(&doc_id).ok_or_else(not_found)?;
+        Ok((doc_id, record, doc))
+    }
+
+    /// The live object `ty/id` as JSON.
+    pub fn get(&mut self, ty: &TypeName, id: &ObjectId) -> Result<Map<String, Json>, ReadError> {
+        let (_, record, doc) = self.live_doc(ty, id)?;
+        if !record.live {
+            return Err(ReadError::NotFound {
+                ty: ty.clone(),
+                id: id.clone(),
+            });
+        }
+        Ok(doc::to_json(doc))
+    }
+
+    /// Ids of live objects of `ty`, a page at a time.
+    pub fn list(&self, ty: &TypeName, after: Option<&str>, limit: usize) -> Result<IdPage, ReadError> {
+        self.store
+            .list(ty, after, limit.clamp(1, MAX_PAGE_IDS))
+            .map_err(Self::read_err(format!("the ids of {ty}")))
+    }
+
+    /// Every change of `ty/id` (deleted objects too), with each signature checked.
+    pub fn history(&mut self, ty: &TypeName, id: &ObjectId) -> Result<History, ReadError> {
+        let what = format!("the history of {ty}/{id}");
+        let (doc_id, record, doc) = self.live_doc(ty, id)?;
+        let deleted = doc::is_deleted(doc);
+        let changes: Vec<_> = doc.get_changes(&[]);
+        let mut entries = Vec::with_capacity(changes.len());
+        for change in changes {
+            let hash = change.hash();
+            let signed = self.store.change(&doc_id, &hash).map_err(Self::read_err(&what))?;
+            let checked = match &signed {
+                None => Err("no signed copy of this change is stored".to_string()),
+                Some(s) => s.verify().map_err(|e| e.to_string()).and_then(|v| {
+                    if v.hash == hash {
+                        Ok(v.author)
+                    } else {
+                        Err("stored signed change has a different hash".into())
+                    }
+                }),
+            };
+            entries.push(HistoryEntry {
+                hash: hash.to_string(),
+                author: NodeId::from_actor(change.actor_id().to_bytes())
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "unknown".into()),
+                actor: change.actor_id().to_hex_string(),
+                seq: change.seq(),
+                time: change.timestamp(),
+                message: change.message().map(str::to_string),
+                deps: change.deps().iter().map(|d| d.to_string()).collect(),
+                verified: checked.is_ok(),
+                error: checked.err(),
+            });
+        }
+        Ok(History {
+            ty: ty.to_string(),
+            id: id.to_string(),
+            doc: doc_id.to_string(),
+            origin: record.origin.to_string(),
+            deleted,
+            changes: entries,
+        })
+    }
+
+    /// The change feed after `since`, at most `limit` entries.
+    pub fn changes(&self, since: u64, limit: usize) -> Result<Feed, ReadError> {
+        let what = "the change feed";
+        let log = self
+            .store
+            .log_since(since, limit.clamp(1, MAX_FEED_ENTRIES))
+            .map_err(Self::read_err(what))?;
+        let mut changes = Vec::with_capacity(log.len());
+        let mut names: BTreeMap<DocId, DocRecord> = BTreeMap::new();
+        for (seq, entry) in log {
+            if !names.contains_key(&entry.doc) {
+                let rec = self.store.record(&entry.doc).map_err(Self::read_err(what))?;
+                if let Some(rec) = rec {
+                    names.insert(entry.doc, rec);
+                }
+            }
+            let (ty, id) = names
+                .get(&entry.doc)
+                .map(|r| (r.ty.to_string(), r.local_id.to_string()))
+                .unwrap_or_default();
+            changes.push(FeedEntry {
+                seq,
+                ty,
+                id,
+                doc: entry.doc.to_string(),
+                hash: hex::encode(entry.hash),
+                author: entry.author.to_string(),
+                time_ms: entry.time_ms,
+            });
+        }
+        let last = changes.last().map(|c| c.seq).unwrap_or(since);
+        Ok(Feed { changes, last })
+    }
+
+    /// The last SEQ in the change log.
+    pub fn last_seq(&self) -> Result<u64, ReadError> {
+        self.store.last_seq().map_err(Self::read_err("the change log"))
+    }
+
+    pub fn status(&self) -> Result<Status, ReadError> {
+        let what = "the node status";
+        Ok(Status {
+            node: self.node_id().to_string(),
+            name: self.name.clone(),
+            running: self.running,
+            objects: self.store.counts().map_err(Self::read_err(what))?,
+            last_seq: self.store.last_seq().map_err(Self::read_err(what))?,
+            store_bytes: self.store.size_bytes(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn core() -> Core {
+        Core::new("t".into(), Identity::from_secret([4; 32]), Store::in_memory().unwrap(), 2, true)
+    }
+
+    fn names(id: &str) -> (TypeName, ObjectId) {
+        (TypeName::new("Sample").unwrap(), ObjectId::new(id).unwrap())
+    }
+
+    #[test]
+    fn put_get_delete_and_revive() {
+        let mut c = core();
+        let (t, i) = names("S-001");
+        let r = c.put(&t, &i, json!({"status": "received", "volume_ml": 2.5}).as_object().unwrap()).unwrap();
+        assert!(r.changed);
+        assert_eq!(r.seq, Some(1));
+        let r = c.put(&t, &i, json!({"status": "analysed"}).as_object().unwrap()).unwrap();
+        assert_eq!(r.seq, Some(2));
+        assert_eq!(Json::Object(c.get(&t, &i).unwrap()), json!({"status": "analysed", "volume_ml": 2.5}));
+        c.delete(&t, &i).unwrap();
+        assert!(matches!(c.get(&t, &i), Err(ReadError::NotFound { .. })));
+        assert!(c.list(&t, None, 10).unwrap().ids.is_empty());
+        let h = c.history(&t, &i).unwrap();
+        assert!(h.deleted);
+        assert_eq!(h.changes.len(), 3);
+        assert!(h.changes.iter().all(|e| e.verified));
+        c.put(&t, &i, json!({"status": "back"}).as_object().unwrap()).unwrap();
+        assert_eq!(Json::Object(c.get(&t, &i).unwrap()), json!({"status": "back"}));
+    }
+
+    #[test]
+    fn reads_work_past_the_cache_bound() {
+        let mut c = core();
+        for n in 0..10 {
+            let (t, i) = names(&format!("S-{n}"));
+            c.put(&t, &i, json!({"n": n}).as_object().unwrap()).unwrap();
+        }
+        for n in 0..10 {
+            let (t, i) = names(&format!("S-{n}"));
+            assert_eq!(c.get(&t, &i).unwrap()["n"], json!(n));
+            c.put(&t, &i, json!({"m": n}).as_object().unwrap()).unwrap();
+        }
+        assert!(c.cache.len() <= 2);
+        let feed = c.changes(15, 100).unwrap();
+        assert_eq!(feed.changes.len(), 5);
+        assert_eq!(feed.last, 20);
+        assert_eq!(feed.changes[0].seq, 16);
+    }
+}
