@@ -1,1 +1,211 @@
-//! placeholder
+//! The HTTP/JSON API a running node serves to applications (and to the CLI).
+//!
+//! ```text
+//! PUT    /v1/objects/{type}/{id}           body: JSON object of fields; null removes a field
+//! GET    /v1/objects/{type}/{id}           the object; 404 if absent or deleted
+//! DELETE /v1/objects/{type}/{id}
+//! GET    /v1/objects/{type}?after=ID&limit=N        {"ids": [...], "next": ID|null}
+//! GET    /v1/objects/{type}/{id}/history
+//! GET    /v1/changes?since=SEQ&wait=SECS&limit=N     {"changes": [...], "last": SEQ}
+//! GET    /v1/status
+//! ```
+//! Errors are `{"error": "..."}` with a 4xx or 5xx status. When a token is configured, every
+//! request must carry `Authorization: Bearer <token>`.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tidesync_proto::{ObjectId, TypeName};
+
+use crate::core::{DEFAULT_PAGE_IDS, LocalWriteError, ReadError};
+use crate::engine::WriteError;
+use crate::node::{CallError, NodeHandle};
+
+/// Largest request body accepted, in bytes.
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// An error answer: a status and a message for the caller.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl ToString) -> ApiError {
+        ApiError {
+            status,
+            message: message.to_string(),
+        }
+    }
+    fn bad_request(message: impl ToString) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<CallError<LocalWriteError>> for ApiError {
+    fn from(e: CallError<LocalWriteError>) -> ApiError {
+        let status = match &e {
+            CallError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            CallError::Failed(LocalWriteError::Refused(WriteError::NotFound { .. })) => StatusCode::NOT_FOUND,
+            CallError::Failed(LocalWriteError::Refused(WriteError::Fields { .. })) => StatusCode::BAD_REQUEST,
+            CallError::Failed(LocalWriteError::Store { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e)
+    }
+}
+
+impl From<CallError<ReadError>> for ApiError {
+    fn from(e: CallError<ReadError>) -> ApiError {
+        let status = match &e {
+            CallError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            CallError::Failed(ReadError::NotFound { .. }) => StatusCode::NOT_FOUND,
+            CallError::Failed(ReadError::Store { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e)
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// The API's routes over a node handle; `token`, when set, is required on every request.
+pub fn router(node: NodeHandle, token: Option<String>) -> Router {
+    let api = Router::new()
+        .route("/v1/objects/{type}/{id}", get(get_object).put(put_object).delete(delete_object))
+        .route("/v1/objects/{type}/{id}/history", get(history))
+        .route("/v1/objects/{type}", get(list))
+        .route("/v1/changes", get(changes))
+        .route("/v1/status", get(status))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see the README for the API") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(node);
+    match token {
+        Some(token) => api.layer(middleware::from_fn_with_state(token, require_token)),
+        None => api,
+    }
+}
+
+async fn require_token(State(token): State<String>, headers: HeaderMap, request: Request, next: Next) -> Response {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => next.run(request).await,
+        _ => ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn names(ty: String, id: String) -> Result<(TypeName, ObjectId), ApiError> {
+    Ok((
+        TypeName::new(ty).map_err(ApiError::bad_request)?,
+        ObjectId::new(id).map_err(ApiError::bad_request)?,
+    ))
+}
+
+/// Parse a request body as a JSON object of fields.
+pub fn parse_fields(body: &[u8]) -> Result<Map<String, Value>, String> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(other) => Err(format!(
+            "the body must be a JSON object of fields, not {}",
+            match other {
+                Value::Null => "null",
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                Value::String(_) => "a string",
+                Value::Array(_) => "an array",
+                Value::Object(_) => "an object",
+            }
+        )),
+        Err(e) => Err(format!("the body is not valid JSON: {e}")),
+    }
+}
+
+async fn put_object(State(node): State<NodeHandle>, Path((ty, id)): Path<(String, String)>, body: Bytes) -> ApiResult<crate::core::WriteReply> {
+    let (ty, id) = names(ty, id)?;
+    let fields = parse_fields(&body).map_err(ApiError::bad_request)?;
+    Ok(Json(node.put(ty, id, fields).await?))
+}
+
+async fn get_object(State(node): State<NodeHandle>, Path((ty, id)): Path<(String, String)>) -> ApiResult<Map<String, Value>> {
+    let (ty, id) = names(ty, id)?;
+    Ok(Json(node.get(ty, id).await?))
+}
+
+async fn delete_object(State(node): State<NodeHandle>, Path((ty, id)): Path<(String, String)>) -> ApiResult<crate::core::WriteReply> {
+    let (ty, id) = names(ty, id)?;
+    Ok(Json(node.delete(ty, id).await?))
+}
+
+async fn history(State(node): State<NodeHandle>, Path((ty, id)): Path<(String, String)>) -> ApiResult<crate::core::History> {
+    let (ty, id) = names(ty, id)?;
+    Ok(Json(node.history(ty, id).await?))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list(State(node): State<NodeHandle>, Path(ty): Path<String>, query: Result<Query<ListQuery>, QueryRejection>) -> ApiResult<crate::store::IdPage> {
+    let ty = TypeName::new(ty).map_err(ApiError::bad_request)?;
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    Ok(Json(node.list(ty, q.after, q.limit.unwrap_or(DEFAULT_PAGE_IDS)).await?))
+}
+
+#[derive(Deserialize)]
+struct ChangesQuery {
+    since: Option<u64>,
+    wait: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn changes(State(node): State<NodeHandle>, query: Result<Query<ChangesQuery>, QueryRejection>) -> ApiResult<crate::core::Feed> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let wait = Duration::from_secs(q.wait.unwrap_or(0));
+    Ok(Json(node.changes(q.since.unwrap_or(0), q.limit.unwrap_or(DEFAULT_PAGE_IDS), wait).await?))
+}
+
+async fn status(State(node): State<NodeHandle>) -> ApiResult<crate::core::Status> {
+    Ok(Json(node.status().await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_must_be_json_objects() {
+        assert!(parse_fields(br#"{"a": 1}"#).is_ok());
+        assert!(parse_fields(b"[1]").unwrap_err().contains("an array"));
+        assert!(parse_fields(b"{nope").unwrap_err().contains("not valid JSON"));
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret-token-123", b"secret-token-123"));
+        assert!(!constant_time_eq(b"secret-token-123", b"secret-token-124"));
+        assert!(!constant_time_eq(b"short", b"longer"));
+    }
+}

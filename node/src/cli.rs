@@ -1,1 +1,331 @@
-//! placeholder
+//! The `tidesync` command line: argument parsing (clap) and one function per command.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use libp2p::Multiaddr;
+use tidesync_proto::{ObjectId, TypeName};
+
+use crate::client::{Client, ClientError};
+use crate::config::{ApiConfig, Config, ConfigError, DEFAULT_API, DEFAULT_LISTEN, Home, StoreConfig};
+use crate::core::{History, Status};
+use crate::identity::{Identity, KeyError};
+use crate::node::RunError;
+use crate::store::{Store, StoreError};
+
+/// Ids fetched per request by `tidesync ls`.
+pub const LS_PAGE_IDS: usize = 1_000;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tidesync",
+    version,
+    about = "A peer-to-peer, multi-master sync node for typed objects kept as signed Automerge documents",
+    long_about = None
+)]
+pub struct Cli {
+    /// The node's home directory (its config, key and store).
+    #[arg(long, env = "TIDESYNC_HOME", global = true, value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new node in --home: its key, config and empty store.
+    Init {
+        /// A human-readable name for the node [default: the home directory's name].
+        #[arg(long)]
+        name: Option<String>,
+        /// libp2p address to listen on for peers (repeatable).
+        #[arg(long, value_name = "MULTIADDR", default_value = DEFAULT_LISTEN)]
+        listen: Vec<Multiaddr>,
+        /// Address of the HTTP/JSON API; a non-loopback address requires --api-token.
+        #[arg(long, value_name = "ADDR", default_value = DEFAULT_API)]
+        api: std::net::SocketAddr,
+        /// Bearer token every API request must carry (at least 16 characters).
+        #[arg(long, env = "TIDESYNC_API_TOKEN", value_name = "TOKEN")]
+        api_token: Option<String>,
+    },
+    /// Run the node until Ctrl-C or SIGTERM. Logs go to stderr; filter them with RUST_LOG.
+    Run,
+    /// Set fields of an object, creating it if needed. A null value removes a field.
+    Put {
+        /// The object's type, such as Sample.
+        #[arg(value_name = "TYPE")]
+        ty: String,
+        /// The object's id, such as S-001.
+        id: String,
+        /// A JSON object of fields, or - to read it from standard input.
+        json: String,
+    },
+    /// Print an object as one line of JSON. Exits 3 if it does not exist.
+    Get {
+        #[arg(value_name = "TYPE")]
+        ty: String,
+        id: String,
+    },
+    /// List the ids of the live objects of a type, one per line.
+    Ls {
+        #[arg(value_name = "TYPE")]
+        ty: String,
+    },
+    /// Show every change of an object: author, time, hash and whether its signature verifies.
+    History {
+        #[arg(value_name = "TYPE")]
+        ty: String,
+        id: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an object. Exits 3 if it does not exist.
+    Rm {
+        #[arg(value_name = "TYPE")]
+        ty: String,
+        id: String,
+    },
+    /// Print the node's change feed after --since, one JSON line per change.
+    Changes {
+        /// Print changes with a SEQ greater than this.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Most changes to print.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// If there are none yet, wait up to this many seconds for one (running node only).
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+    },
+    /// Print this node's id (its libp2p PeerId).
+    Id,
+    /// Show the node's id, name, object counts and store size.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Why a command failed; each says what is wrong and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("no home directory given: pass --home DIR or set TIDESYNC_HOME")]
+    NoHome,
+    #[error("{0}")]
+    Usage(String),
+    #[error("{home} already holds a tidesync node ({file} exists); choose another --home")]
+    AlreadyInitialised { home: PathBuf, file: PathBuf },
+    #[error("cannot create {dir}: {source}")]
+    CreateHome { dir: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot write to standard output: {0}")]
+    Output(std::io::Error),
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Client(e) => e.exit_code() as u8,
+            CliError::NoHome | CliError::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Parse arguments, run the command, print any error, and give the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_log = if matches!(cli.command, Command::Run) { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Run one parsed command.
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    let home = Home::new(cli.home.ok_or(CliError::NoHome)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)?;
+    match cli.command {
+        Command::Init { name, listen, api, api_token } => init(&home, name, listen, api, api_token),
+        Command::Run => runtime.block_on(crate::node::run(&home)).map_err(Into::into),
+        Command::Id => {
+            let identity = Identity::load(&home.key())?;
+            println!("{}", identity.node_id());
+            Ok(())
+        }
+        command => runtime.block_on(object_command(&home, command)),
+    }
+}
+
+fn parse_names(ty: String, id: String) -> Result<(TypeName, ObjectId), CliError> {
+    let ty = TypeName::new(ty).map_err(|e| CliError::Usage(e.to_string()))?;
+    let id = ObjectId::new(id).map_err(|e| CliError::Usage(e.to_string()))?;
+    Ok((ty, id))
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<(), CliError> {
+    let line = serde_json::to_string(v).map_err(|e| CliError::Output(std::io::Error::other(e)))?;
+    println!("{line}");
+    Ok(())
+}
+
+async fn object_command(home: &Home, command: Command) -> Result<(), CliError> {
+    let mut client = Client::connect(home)?;
+    match command {
+        Command::Put { ty, id, json } => {
+            let (ty, id) = parse_names(ty, id)?;
+            let body = if json == "-" {
+                let mut s = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut s)
+                    .map_err(|e| CliError::Usage(format!("cannot read the object from standard input: {e}")))?;
+                s
+            } else {
+                json
+            };
+            let fields = crate::api::parse_fields(body.as_bytes()).map_err(CliError::Usage)?;
+            print_json(&client.put(&ty, &id, fields).await?)
+        }
+        Command::Get { ty, id } => {
+            let (ty, id) = parse_names(ty, id)?;
+            print_json(&client.get(&ty, &id).await?)
+        }
+        Command::Rm { ty, id } => {
+            let (ty, id) = parse_names(ty, id)?;
+            print_json(&client.delete(&ty, &id).await?)
+        }
+        Command::Ls { ty } => {
+            let ty = TypeName::new(ty).map_err(|e| CliError::Usage(e.to_string()))?;
+            let mut after: Option<String> = None;
+            loop {
+                let page = client.list(&ty, after.as_deref(), LS_PAGE_IDS).await?;
+                for id in &page.ids {
+                    println!("{id}");
+                }
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => return Ok(()),
+                }
+            }
+        }
+        Command::History { ty, id, json } => {
+            let (ty, id) = parse_names(ty, id)?;
+            let history = client.history(&ty, &id).await?;
+            if json {
+                print_json(&history)
+            } else {
+                print_history(&history);
+                Ok(())
+            }
+        }
+        Command::Changes { since, limit, wait } => {
+            let feed = client.changes(since, limit, wait).await?;
+            for change in &feed.changes {
+                print_json(change)?;
+            }
+            Ok(())
+        }
+        Command::Status { json } => {
+            let status = client.status().await?;
+            if json {
+                print_json(&status)
+            } else {
+                print_status(&status);
+                Ok(())
+            }
+        }
+        Command::Init { .. } | Command::Run | Command::Id => Err(CliError::Usage("not an object command".into())),
+    }
+}
+
+fn print_history(h: &History) {
+    println!("{}/{}  doc {}  origin {}{}", h.ty, h.id, h.doc, h.origin, if h.deleted { "  (deleted)" } else { "" });
+    for c in &h.changes {
+        let time = u64::try_from(c.time)
+            .ok()
+            .map(|t| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string())
+            .unwrap_or_else(|| c.time.to_string());
+        let verdict = if c.verified {
+            "signature verified".to_string()
+        } else {
+            format!("SIGNATURE INVALID: {}", c.error.as_deref().unwrap_or("unknown"))
+        };
+        println!(
+            "{time}  {author}  {hash}  {message:<6}  {verdict}",
+            author = c.author,
+            hash = &c.hash[..16.min(c.hash.len())],
+            message = c.message.as_deref().unwrap_or("-"),
+        );
+    }
+}
+
+fn print_status(s: &Status) {
+    println!("node:    {}", s.node);
+    println!("name:    {}", s.name);
+    println!("running: {}", if s.running { "yes" } else { "no" });
+    println!("store:   {} bytes, last change SEQ {}", s.store_bytes, s.last_seq);
+    if s.objects.is_empty() {
+        println!("objects: none");
+    }
+    for (ty, c) in &s.objects {
+        println!("objects: {ty}: {} live, {} deleted", c.live, c.deleted);
+    }
+}
+
+fn init(home: &Home, name: Option<String>, listen: Vec<Multiaddr>, api: std::net::SocketAddr, token: Option<String>) -> Result<(), CliError> {
+    for file in [home.config(), home.key(), home.store()] {
+        if file.exists() {
+            return Err(CliError::AlreadyInitialised { home: home.dir.clone(), file });
+        }
+    }
+    let name = name
+        .or_else(|| {
+            std::path::absolute(&home.dir)
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        })
+        .unwrap_or_else(|| "tidesync".into());
+    let config = Config {
+        name,
+        listen,
+        api: ApiConfig { listen: api, token },
+        store: StoreConfig::default(),
+    };
+    config.validate().map_err(CliError::Usage)?;
+    std::fs::create_dir_all(&home.dir).map_err(|source| CliError::CreateHome { dir: home.dir.clone(), source })?;
+    let identity = Identity::generate(&mut rand::rng());
+    identity.save(&home.key())?;
+    config.save(home)?;
+    Store::create(&home.store())?;
+    println!("initialised node {} ({}) in {}", config.name, identity.node_id(), home.dir.display());
+    Ok(())
+}

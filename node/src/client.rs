@@ -1,1 +1,231 @@
-//! placeholder
+//! The CLI's way to a node: the running node's HTTP API when one runs on the home, otherwise the
+//! home's store opened in-process through the same [`Core`] the node uses.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value as Json};
+use tidesync_proto::{ObjectId, TypeName};
+
+use crate::config::{Config, Home};
+use crate::core::{Core, Feed, History, LocalWriteError, OpenError, ReadError, Status, WriteReply};
+use crate::engine::WriteError;
+use crate::store::{IdPage, StoreError};
+
+/// How long the CLI waits for an answer from a running node, beyond any long-poll wait.
+pub const API_TIMEOUT_SECS: u64 = 30;
+
+/// Why a CLI request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("a node is running on {home} but {file} does not say where its API is; wait for it to finish starting, or stop it")]
+    NoApiAddress {
+        home: std::path::PathBuf,
+        file: std::path::PathBuf,
+    },
+    #[error("the node running on {home} does not answer at {url}: {detail}")]
+    Unreachable {
+        home: std::path::PathBuf,
+        url: String,
+        detail: String,
+    },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ClientError {
+    /// The process exit code for this error: 3 for a missing object, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::NotFound(_) => 3,
+            _ => 1,
+        }
+    }
+}
+
+impl From<LocalWriteError> for ClientError {
+    fn from(e: LocalWriteError) -> Self {
+        match e {
+            LocalWriteError::Refused(WriteError::NotFound { .. }) => ClientError::NotFound(e.to_string()),
+            LocalWriteError::Refused(WriteError::Fields { .. }) => ClientError::Invalid(e.to_string()),
+            LocalWriteError::Store { .. } => ClientError::Failed(e.to_string()),
+        }
+    }
+}
+
+impl From<ReadError> for ClientError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::NotFound { .. } => ClientError::NotFound(e.to_string()),
+            ReadError::Store { .. } => ClientError::Failed(e.to_string()),
+        }
+    }
+}
+
+/// A running node's HTTP API.
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+    home: std::path::PathBuf,
+}
+
+/// The way to the node of one home.
+pub enum Client {
+    Api(ApiClient),
+    Local(Box<Core>),
+}
+
+impl Client {
+    /// Open the home's store, or, when a running node holds it, use that node's API.
+    pub fn connect(home: &Home) -> Result<Client, ClientError> {
+        match Core::open(home, false) {
+            Ok(core) => Ok(Client::Local(Box::new(core))),
+            Err(OpenError::Store(StoreError::InUse { .. })) => {
+                let config = Config::load(home).map_err(OpenError::from)?;
+                let addr = std::fs::read_to_string(home.api_file()).map_err(|_| ClientError::NoApiAddress {
+                    home: home.dir.clone(),
+                    file: home.api_file(),
+                })?;
+                let http = reqwest::Client::builder()
+                    .no_proxy()
+                    .build()
+                    .map_err(|e| ClientError::Failed(format!("cannot start an HTTP client: {e}")))?;
+                Ok(Client::Api(ApiClient {
+                    http,
+                    base: format!("http://{}", addr.trim()),
+                    token: config.api.token,
+                    home: home.dir.clone(),
+                }))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn put(&mut self, ty: &TypeName, id: &ObjectId, fields: Map<String, Json>) -> Result<WriteReply, ClientError> {
+        match self {
+            Client::Local(core) => Ok(core.put(ty, id, &fields)?),
+            Client::Api(api) => api.send(reqwest::Method::PUT, &object_path(ty, id), Some(&Json::Object(fields)), 0).await,
+        }
+    }
+
+    pub async fn delete(&mut self, ty: &TypeName, id: &ObjectId) -> Result<WriteReply, ClientError> {
+        match self {
+            Client::Local(core) => Ok(core.delete(ty, id)?),
+            Client::Api(api) => api.send(reqwest::Method::DELETE, &object_path(ty, id), None, 0).await,
+        }
+    }
+
+    pub async fn get(&mut self, ty: &TypeName, id: &ObjectId) -> Result<Map<String, Json>, ClientError> {
+        match self {
+            Client::Local(core) => Ok(core.get(ty, id)?),
+            Client::Api(api) => api.send(reqwest::Method::GET, &object_path(ty, id), None, 0).await,
+        }
+    }
+
+    pub async fn list(&mut self, ty: &TypeName, after: Option<&str>, limit: usize) -> Result<IdPage, ClientError> {
+        match self {
+            Client::Local(core) => Ok(core.list(ty, after, limit)?),
+            Client::Api(api) => {
+                let mut path = format!("/v1/objects/{}?limit={limit}", ty);
+                if let Some(after) = after {
+                    path.push_str(&format!("&after={}", encode(after)));
+                }
+                api.send(reqwest::Method::GET, &path, None, 0).await
+            }
+        }
+    }
+
+    pub async fn history(&mut self, ty: &TypeName, id: &ObjectId) -> Result<History, ClientError> {
+        match self {
+            Client::Local(core) => Ok(core.history(ty, id)?),
+            Client::Api(api) => api.send(reqwest::Method::GET, &format!("{}/history", object_path(ty, id)), None, 0).await,
+        }
+    }
+
+    /// The change feed after `since`; `wait_secs` long-polls when a node is running.
+    pub async fn changes(&mut self, since: u64, limit: usize, wait_secs: u64) -> Result<Feed, ClientError> {
+        match self {
+            Client::Local(core) => Ok(core.changes(since, limit)?),
+            Client::Api(api) => {
+                let path = format!("/v1/changes?since={since}&limit={limit}&wait={wait_secs}");
+                api.send(reqwest::Method::GET, &path, None, wait_secs).await
+            }
+        }
+    }
+
+    pub async fn status(&mut self) -> Result<Status, ClientError> {
+        match self {
+            Client::Local(core) => Ok(core.status()?),
+            Client::Api(api) => api.send(reqwest::Method::GET, "/v1/status", None, 0).await,
+        }
+    }
+}
+
+fn object_path(ty: &TypeName, id: &ObjectId) -> String {
+    format!("/v1/objects/{}/{}", ty, encode(id.as_str()))
+}
+
+/// Percent-encode a path segment or query value.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl ApiClient {
+    async fn send<T: DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: Option<&Json>, wait_secs: u64) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self
+            .http
+            .request(method, &url)
+            .timeout(Duration::from_secs(API_TIMEOUT_SECS + wait_secs));
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let unreachable = |detail: String| ClientError::Unreachable {
+            home: self.home.clone(),
+            url: url.clone(),
+            detail,
+        };
+        let resp = req.send().await.map_err(|e| unreachable(e.to_string()))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| unreachable(e.to_string()))?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes).map_err(|e| unreachable(format!("unexpected answer: {e}")));
+        }
+        let message = serde_json::from_slice::<Json>(&bytes)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|m| m.as_str()).map(str::to_string))
+            .unwrap_or_else(|| format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)));
+        Err(match status {
+            StatusCode::NOT_FOUND => ClientError::NotFound(message),
+            s if s.is_client_error() => ClientError::Invalid(message),
+            _ => ClientError::Failed(message),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(super::encode("S-001 (a/b)"), "S-001%20%28a%2Fb%29");
+    }
+}

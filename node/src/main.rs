@@ -1,1 +1,5 @@
-fn main(){}
+//! The `tidesync` binary: see [`tidesync::cli`].
+
+fn main() -> std::process::ExitCode {
+    tidesync::cli::main()
+}
