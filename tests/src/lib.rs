@@ -1,1 +1,231 @@
+//! Support for integration tests that drive real `tidesync` node processes on 127.0.0.1.
+//!
+//! # Layout
+//! - [`tidesync_bin`]: builds (once per test binary) and locates the real `tidesync` binary.
+//! - [`TestNode`]: a node home in a temporary directory, its `run` process, its CLI and its API.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Longest a node may take to start answering its API, in seconds.
+pub const START_TIMEOUT_SECS: u64 = 60;
+
+/// The `tidesync` binary, built from this workspace in the current profile.
+pub fn tidesync_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let build = escargot::CargoBuild::new()
+            .package("tidesync")
+            .bin("tidesync")
+            .current_release()
+            .current_target()
+            .manifest_path(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"))
+            .run()
+            .expect("building the tidesync binary");
+        build.path().to_path_buf()
+    })
+}
+
+/// A node's home in a temporary directory, and its running process if started.
+pub struct TestNode {
+    pub dir: tempfile::TempDir,
+    pub name: String,
+    child: Option<Child>,
+    api: Option<String>,
+    token: Option<String>,
+}
+
+impl TestNode {
+    /// `tidesync init` a new home with ephemeral ports.
+    pub fn init(name: &str) -> TestNode {
+        Self::init_with(name, &[])
+    }
+
+    /// `tidesync init` with extra flags.
+    pub fn init_with(name: &str, extra: &[&str]) -> TestNode {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut node = TestNode {
+            dir,
+            name: name.to_string(),
+            child: None,
+            api: None,
+            token: None,
+        };
+        let home = node.home();
+        let mut args = vec![
+            "init",
+            "--home",
+            home.to_str().expect("utf-8 temp path"),
+            "--name",
+            name,
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--api",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        let out = Command::new(tidesync_bin()).args(&args).output().expect("running init");
+        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+        if let Some(i) = extra.iter().position(|a| *a == "--api-token") {
+            node.token = extra.get(i + 1).map(|t| t.to_string());
+        }
+        node
+    }
+
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join(&self.name)
+    }
+
+    /// Start `tidesync run` and wait until its API answers.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already started", self.name);
+        let _ = std::fs::remove_file(self.home().join("node.api"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("node.log"))
+            .expect("log file");
+        let child = Command::new(tidesync_bin())
+            .args(["run", "--home"])
+            .arg(self.home())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning tidesync run");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(START_TIMEOUT_SECS);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("{} exited during start with {status}: {}", self.name, self.log());
+            }
+            if let Ok(addr) = std::fs::read_to_string(self.home().join("node.api")) {
+                let addr = addr.trim().to_string();
+                self.api = Some(addr);
+                if self.http(reqwest::Method::GET, "/v1/status", None).0 == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "{} did not start: {}", self.name, self.log());
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Send a signal (`TERM`, `KILL`) and wait for the process to exit.
+    pub fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("node not running");
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(ok.success());
+        let status = child.wait().expect("waiting for node");
+        self.api = None;
+        status
+    }
+
+    /// Stop with SIGTERM; asserts a clean exit.
+    pub fn stop(&mut self) {
+        let status = self.signal("TERM");
+        assert!(status.success(), "{} exited with {status}: {}", self.name, self.log());
+    }
+
+    /// Run a CLI command against this home.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_stdin(args, None)
+    }
+
+    /// Run a CLI command with `stdin` piped in.
+    pub fn cli_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(tidesync_bin());
+        cmd.env("TIDESYNC_HOME", self.home()).args(args);
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawning the CLI");
+        if let Some(input) = stdin {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("writing stdin");
+        }
+        child.wait_with_output().expect("waiting for the CLI")
+    }
+
+    /// Run a CLI command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "tidesync {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// The API base URL of the running node.
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.api.as_deref().expect("node not running"))
+    }
+
+    /// One HTTP request to the running node; returns the status and the body as JSON (or a
+    /// string value when the body is not JSON).
+    pub fn http(&self, method: reqwest::Method, path: &str, body: Option<&str>) -> (u16, Value) {
+        self.http_with(method, path, body, self.token.as_deref())
+    }
+
+    /// One HTTP request with an explicit bearer token (or none).
+    pub fn http_with(&self, method: reqwest::Method, path: &str, body: Option<&str>, token: Option<&str>) -> (u16, Value) {
+        let client = reqwest::blocking::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(90))
+            .build()
+            .expect("http client");
+        let mut req = client.request(method, format!("{}{path}", self.api_url()));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b.to_string());
+        }
+        match req.send() {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let text = resp.text().unwrap_or_default();
+                let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+                (status, json)
+            }
+            Err(e) => (0, Value::String(e.to_string())),
+        }
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Parse one line of JSON output.
+pub fn json(s: &str) -> Value {
+    serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
