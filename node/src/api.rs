@@ -54,7 +54,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+        (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
     }
 }
 
@@ -62,8 +66,12 @@ impl From<CallError<LocalWriteError>> for ApiError {
     fn from(e: CallError<LocalWriteError>) -> ApiError {
         let status = match &e {
             CallError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
-            CallError::Failed(LocalWriteError::Refused(WriteError::NotFound { .. })) => StatusCode::NOT_FOUND,
-            CallError::Failed(LocalWriteError::Refused(WriteError::Fields { .. })) => StatusCode::BAD_REQUEST,
+            CallError::Failed(LocalWriteError::Refused(WriteError::NotFound { .. })) => {
+                StatusCode::NOT_FOUND
+            }
+            CallError::Failed(LocalWriteError::Refused(WriteError::Fields { .. })) => {
+                StatusCode::BAD_REQUEST
+            }
             CallError::Failed(LocalWriteError::Store { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e)
@@ -86,12 +94,20 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 /// The API's routes over a node handle; `token`, when set, is required on every request.
 pub fn router(node: NodeHandle, token: Option<String>) -> Router {
     let api = Router::new()
-        .route("/v1/objects/{type}/{id}", get(get_object).put(put_object).delete(delete_object))
+        .route(
+            "/v1/objects/{type}/{id}",
+            get(get_object).put(put_object).delete(delete_object),
+        )
         .route("/v1/objects/{type}/{id}/history", get(history))
         .route("/v1/objects/{type}", get(list))
         .route("/v1/changes", get(changes))
         .route("/v1/status", get(status))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see the README for the API") })
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see the README for the API",
+            )
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(node);
     match token {
@@ -100,14 +116,23 @@ pub fn router(node: NodeHandle, token: Option<String>) -> Router {
     }
 }
 
-async fn require_token(State(token): State<String>, headers: HeaderMap, request: Request, next: Next) -> Response {
+async fn require_token(
+    State(token): State<String>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => next.run(request).await,
-        _ => ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response(),
+        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => {
+            next.run(request).await
+        }
+        _ => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response()
+        }
     }
 }
 
@@ -141,23 +166,36 @@ pub fn parse_fields(body: &[u8]) -> Result<Map<String, Value>, String> {
     }
 }
 
-async fn put_object(State(node): State<NodeHandle>, Path((ty, id)): Path<(String, String)>, body: Bytes) -> ApiResult<crate::core::WriteReply> {
+async fn put_object(
+    State(node): State<NodeHandle>,
+    Path((ty, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<crate::core::WriteReply> {
     let (ty, id) = names(ty, id)?;
     let fields = parse_fields(&body).map_err(ApiError::bad_request)?;
     Ok(Json(node.put(ty, id, fields).await?))
 }
 
-async fn get_object(State(node): State<NodeHandle>, Path((ty, id)): Path<(String, String)>) -> ApiResult<Map<String, Value>> {
+async fn get_object(
+    State(node): State<NodeHandle>,
+    Path((ty, id)): Path<(String, String)>,
+) -> ApiResult<Map<String, Value>> {
     let (ty, id) = names(ty, id)?;
     Ok(Json(node.get(ty, id).await?))
 }
 
-async fn delete_object(State(node): State<NodeHandle>, Path((ty, id)): Path<(String, String)>) -> ApiResult<crate::core::WriteReply> {
+async fn delete_object(
+    State(node): State<NodeHandle>,
+    Path((ty, id)): Path<(String, String)>,
+) -> ApiResult<crate::core::WriteReply> {
     let (ty, id) = names(ty, id)?;
     Ok(Json(node.delete(ty, id).await?))
 }
 
-async fn history(State(node): State<NodeHandle>, Path((ty, id)): Path<(String, String)>) -> ApiResult<crate::core::History> {
+async fn history(
+    State(node): State<NodeHandle>,
+    Path((ty, id)): Path<(String, String)>,
+) -> ApiResult<crate::core::History> {
     let (ty, id) = names(ty, id)?;
     Ok(Json(node.history(ty, id).await?))
 }
@@ -168,10 +206,17 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn list(State(node): State<NodeHandle>, Path(ty): Path<String>, query: Result<Query<ListQuery>, QueryRejection>) -> ApiResult<crate::store::IdPage> {
+async fn list(
+    State(node): State<NodeHandle>,
+    Path(ty): Path<String>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<crate::store::IdPage> {
     let ty = TypeName::new(ty).map_err(ApiError::bad_request)?;
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    Ok(Json(node.list(ty, q.after, q.limit.unwrap_or(DEFAULT_PAGE_IDS)).await?))
+    Ok(Json(
+        node.list(ty, q.after, q.limit.unwrap_or(DEFAULT_PAGE_IDS))
+            .await?,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -181,10 +226,20 @@ struct ChangesQuery {
     limit: Option<usize>,
 }
 
-async fn changes(State(node): State<NodeHandle>, query: Result<Query<ChangesQuery>, QueryRejection>) -> ApiResult<crate::core::Feed> {
+async fn changes(
+    State(node): State<NodeHandle>,
+    query: Result<Query<ChangesQuery>, QueryRejection>,
+) -> ApiResult<crate::core::Feed> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let wait = Duration::from_secs(q.wait.unwrap_or(0));
-    Ok(Json(node.changes(q.since.unwrap_or(0), q.limit.unwrap_or(DEFAULT_PAGE_IDS), wait).await?))
+    Ok(Json(
+        node.changes(
+            q.since.unwrap_or(0),
+            q.limit.unwrap_or(DEFAULT_PAGE_IDS),
+            wait,
+        )
+        .await?,
+    ))
 }
 
 async fn status(State(node): State<NodeHandle>) -> ApiResult<crate::core::Status> {
@@ -199,7 +254,11 @@ mod tests {
     fn bodies_must_be_json_objects() {
         assert!(parse_fields(br#"{"a": 1}"#).is_ok());
         assert!(parse_fields(b"[1]").unwrap_err().contains("an array"));
-        assert!(parse_fields(b"{nope").unwrap_err().contains("not valid JSON"));
+        assert!(
+            parse_fields(b"{nope")
+                .unwrap_err()
+                .contains("not valid JSON")
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@ use libp2p::Multiaddr;
 use tidesync_proto::{ObjectId, TypeName};
 
 use crate::client::{Client, ClientError};
-use crate::config::{ApiConfig, Config, ConfigError, DEFAULT_API, DEFAULT_LISTEN, Home, StoreConfig};
+use crate::config::{
+    ApiConfig, Config, ConfigError, DEFAULT_API, DEFAULT_LISTEN, Home, StoreConfig,
+};
 use crate::core::{History, Status};
 use crate::identity::{Identity, KeyError};
 use crate::node::RunError;
@@ -120,7 +122,10 @@ pub enum CliError {
     #[error("{home} already holds a tidesync node ({file} exists); choose another --home")]
     AlreadyInitialised { home: PathBuf, file: PathBuf },
     #[error("cannot create {dir}: {source}")]
-    CreateHome { dir: PathBuf, source: std::io::Error },
+    CreateHome {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -150,7 +155,11 @@ impl CliError {
 /// Parse arguments, run the command, print any error, and give the exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_log = if matches!(cli.command, Command::Run) { "info" } else { "warn" };
+    let default_log = if matches!(cli.command, Command::Run) {
+        "info"
+    } else {
+        "warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log));
     tracing_subscriber::fmt()
@@ -175,8 +184,15 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         .build()
         .map_err(CliError::Runtime)?;
     match cli.command {
-        Command::Init { name, listen, api, api_token } => init(&home, name, listen, api, api_token),
-        Command::Run => runtime.block_on(crate::node::run(&home)).map_err(Into::into),
+        Command::Init {
+            name,
+            listen,
+            api,
+            api_token,
+        } => init(&home, name, listen, api, api_token),
+        Command::Run => runtime
+            .block_on(crate::node::run(&home))
+            .map_err(Into::into),
         Command::Id => {
             let identity = Identity::load(&home.key())?;
             println!("{}", identity.node_id());
@@ -205,9 +221,9 @@ async fn object_command(home: &Home, command: Command) -> Result<(), CliError> {
             let (ty, id) = parse_names(ty, id)?;
             let body = if json == "-" {
                 let mut s = String::new();
-                std::io::stdin()
-                    .read_to_string(&mut s)
-                    .map_err(|e| CliError::Usage(format!("cannot read the object from standard input: {e}")))?;
+                std::io::stdin().read_to_string(&mut s).map_err(|e| {
+                    CliError::Usage(format!("cannot read the object from standard input: {e}"))
+                })?;
                 s
             } else {
                 json
@@ -263,21 +279,38 @@ async fn object_command(home: &Home, command: Command) -> Result<(), CliError> {
                 Ok(())
             }
         }
-        Command::Init { .. } | Command::Run | Command::Id => Err(CliError::Usage("not an object command".into())),
+        Command::Init { .. } | Command::Run | Command::Id => {
+            Err(CliError::Usage("not an object command".into()))
+        }
     }
 }
 
 fn print_history(h: &History) {
-    println!("{}/{}  doc {}  origin {}{}", h.ty, h.id, h.doc, h.origin, if h.deleted { "  (deleted)" } else { "" });
+    println!(
+        "{}/{}  doc {}  origin {}{}",
+        h.ty,
+        h.id,
+        h.doc,
+        h.origin,
+        if h.deleted { "  (deleted)" } else { "" }
+    );
     for c in &h.changes {
         let time = u64::try_from(c.time)
             .ok()
-            .map(|t| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string())
+            .map(|t| {
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+                )
+                .to_string()
+            })
             .unwrap_or_else(|| c.time.to_string());
         let verdict = if c.verified {
             "signature verified".to_string()
         } else {
-            format!("SIGNATURE INVALID: {}", c.error.as_deref().unwrap_or("unknown"))
+            format!(
+                "SIGNATURE INVALID: {}",
+                c.error.as_deref().unwrap_or("unknown")
+            )
         };
         println!(
             "{time}  {author}  {hash}  {message:<6}  {verdict}",
@@ -292,7 +325,10 @@ fn print_status(s: &Status) {
     println!("node:    {}", s.node);
     println!("name:    {}", s.name);
     println!("running: {}", if s.running { "yes" } else { "no" });
-    println!("store:   {} bytes, last change SEQ {}", s.store_bytes, s.last_seq);
+    println!(
+        "store:   {} bytes, last change SEQ {}",
+        s.store_bytes, s.last_seq
+    );
     if s.objects.is_empty() {
         println!("objects: none");
     }
@@ -301,10 +337,19 @@ fn print_status(s: &Status) {
     }
 }
 
-fn init(home: &Home, name: Option<String>, listen: Vec<Multiaddr>, api: std::net::SocketAddr, token: Option<String>) -> Result<(), CliError> {
+fn init(
+    home: &Home,
+    name: Option<String>,
+    listen: Vec<Multiaddr>,
+    api: std::net::SocketAddr,
+    token: Option<String>,
+) -> Result<(), CliError> {
     for file in [home.config(), home.key(), home.store()] {
         if file.exists() {
-            return Err(CliError::AlreadyInitialised { home: home.dir.clone(), file });
+            return Err(CliError::AlreadyInitialised {
+                home: home.dir.clone(),
+                file,
+            });
         }
     }
     let name = name
@@ -321,11 +366,19 @@ fn init(home: &Home, name: Option<String>, listen: Vec<Multiaddr>, api: std::net
         store: StoreConfig::default(),
     };
     config.validate().map_err(CliError::Usage)?;
-    std::fs::create_dir_all(&home.dir).map_err(|source| CliError::CreateHome { dir: home.dir.clone(), source })?;
+    std::fs::create_dir_all(&home.dir).map_err(|source| CliError::CreateHome {
+        dir: home.dir.clone(),
+        source,
+    })?;
     let identity = Identity::generate(&mut rand::rng());
     identity.save(&home.key())?;
     config.save(home)?;
     Store::create(&home.store())?;
-    println!("initialised node {} ({}) in {}", config.name, identity.node_id(), home.dir.display());
+    println!(
+        "initialised node {} ({}) in {}",
+        config.name,
+        identity.node_id(),
+        home.dir.display()
+    );
     Ok(())
 }

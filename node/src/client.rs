@@ -21,7 +21,9 @@ pub const API_TIMEOUT_SECS: u64 = 30;
 pub enum ClientError {
     #[error(transparent)]
     Open(#[from] OpenError),
-    #[error("a node is running on {home} but {file} does not say where its API is; wait for it to finish starting, or stop it")]
+    #[error(
+        "a node is running on {home} but {file} does not say where its API is; wait for it to finish starting, or stop it"
+    )]
     NoApiAddress {
         home: std::path::PathBuf,
         file: std::path::PathBuf,
@@ -53,8 +55,12 @@ impl ClientError {
 impl From<LocalWriteError> for ClientError {
     fn from(e: LocalWriteError) -> Self {
         match e {
-            LocalWriteError::Refused(WriteError::NotFound { .. }) => ClientError::NotFound(e.to_string()),
-            LocalWriteError::Refused(WriteError::Fields { .. }) => ClientError::Invalid(e.to_string()),
+            LocalWriteError::Refused(WriteError::NotFound { .. }) => {
+                ClientError::NotFound(e.to_string())
+            }
+            LocalWriteError::Refused(WriteError::Fields { .. }) => {
+                ClientError::Invalid(e.to_string())
+            }
             LocalWriteError::Store { .. } => ClientError::Failed(e.to_string()),
         }
     }
@@ -90,14 +96,15 @@ impl Client {
             Ok(core) => Ok(Client::Local(Box::new(core))),
             Err(OpenError::Store(StoreError::InUse { .. })) => {
                 let config = Config::load(home).map_err(OpenError::from)?;
-                let addr = std::fs::read_to_string(home.api_file()).map_err(|_| ClientError::NoApiAddress {
-                    home: home.dir.clone(),
-                    file: home.api_file(),
+                let addr = std::fs::read_to_string(home.api_file()).map_err(|_| {
+                    ClientError::NoApiAddress {
+                        home: home.dir.clone(),
+                        file: home.api_file(),
+                    }
                 })?;
-                let http = reqwest::Client::builder()
-                    .no_proxy()
-                    .build()
-                    .map_err(|e| ClientError::Failed(format!("cannot start an HTTP client: {e}")))?;
+                let http = reqwest::Client::builder().no_proxy().build().map_err(|e| {
+                    ClientError::Failed(format!("cannot start an HTTP client: {e}"))
+                })?;
                 Ok(Client::Api(ApiClient {
                     http,
                     base: format!("http://{}", addr.trim()),
@@ -109,28 +116,60 @@ impl Client {
         }
     }
 
-    pub async fn put(&mut self, ty: &TypeName, id: &ObjectId, fields: Map<String, Json>) -> Result<WriteReply, ClientError> {
+    pub async fn put(
+        &mut self,
+        ty: &TypeName,
+        id: &ObjectId,
+        fields: Map<String, Json>,
+    ) -> Result<WriteReply, ClientError> {
         match self {
             Client::Local(core) => Ok(core.put(ty, id, &fields)?),
-            Client::Api(api) => api.send(reqwest::Method::PUT, &object_path(ty, id), Some(&Json::Object(fields)), 0).await,
+            Client::Api(api) => {
+                api.send(
+                    reqwest::Method::PUT,
+                    &object_path(ty, id),
+                    Some(&Json::Object(fields)),
+                    0,
+                )
+                .await
+            }
         }
     }
 
-    pub async fn delete(&mut self, ty: &TypeName, id: &ObjectId) -> Result<WriteReply, ClientError> {
+    pub async fn delete(
+        &mut self,
+        ty: &TypeName,
+        id: &ObjectId,
+    ) -> Result<WriteReply, ClientError> {
         match self {
             Client::Local(core) => Ok(core.delete(ty, id)?),
-            Client::Api(api) => api.send(reqwest::Method::DELETE, &object_path(ty, id), None, 0).await,
+            Client::Api(api) => {
+                api.send(reqwest::Method::DELETE, &object_path(ty, id), None, 0)
+                    .await
+            }
         }
     }
 
-    pub async fn get(&mut self, ty: &TypeName, id: &ObjectId) -> Result<Map<String, Json>, ClientError> {
+    pub async fn get(
+        &mut self,
+        ty: &TypeName,
+        id: &ObjectId,
+    ) -> Result<Map<String, Json>, ClientError> {
         match self {
             Client::Local(core) => Ok(core.get(ty, id)?),
-            Client::Api(api) => api.send(reqwest::Method::GET, &object_path(ty, id), None, 0).await,
+            Client::Api(api) => {
+                api.send(reqwest::Method::GET, &object_path(ty, id), None, 0)
+                    .await
+            }
         }
     }
 
-    pub async fn list(&mut self, ty: &TypeName, after: Option<&str>, limit: usize) -> Result<IdPage, ClientError> {
+    pub async fn list(
+        &mut self,
+        ty: &TypeName,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<IdPage, ClientError> {
         match self {
             Client::Local(core) => Ok(core.list(ty, after, limit)?),
             Client::Api(api) => {
@@ -146,12 +185,25 @@ impl Client {
     pub async fn history(&mut self, ty: &TypeName, id: &ObjectId) -> Result<History, ClientError> {
         match self {
             Client::Local(core) => Ok(core.history(ty, id)?),
-            Client::Api(api) => api.send(reqwest::Method::GET, &format!("{}/history", object_path(ty, id)), None, 0).await,
+            Client::Api(api) => {
+                api.send(
+                    reqwest::Method::GET,
+                    &format!("{}/history", object_path(ty, id)),
+                    None,
+                    0,
+                )
+                .await
+            }
         }
     }
 
     /// The change feed after `since`; `wait_secs` long-polls when a node is running.
-    pub async fn changes(&mut self, since: u64, limit: usize, wait_secs: u64) -> Result<Feed, ClientError> {
+    pub async fn changes(
+        &mut self,
+        since: u64,
+        limit: usize,
+        wait_secs: u64,
+    ) -> Result<Feed, ClientError> {
         match self {
             Client::Local(core) => Ok(core.changes(since, limit)?),
             Client::Api(api) => {
@@ -187,7 +239,13 @@ fn encode(s: &str) -> String {
 }
 
 impl ApiClient {
-    async fn send<T: DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: Option<&Json>, wait_secs: u64) -> Result<T, ClientError> {
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Json>,
+        wait_secs: u64,
+    ) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = self
             .http
@@ -208,7 +266,8 @@ impl ApiClient {
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| unreachable(e.to_string()))?;
         if status.is_success() {
-            return serde_json::from_slice(&bytes).map_err(|e| unreachable(format!("unexpected answer: {e}")));
+            return serde_json::from_slice(&bytes)
+                .map_err(|e| unreachable(format!("unexpected answer: {e}")));
         }
         let message = serde_json::from_slice::<Json>(&bytes)
             .ok()

@@ -101,7 +101,9 @@ impl Default for StoreConfig {
 /// Why a config file could not be read, checked or written. Each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("no tidesync node at {home}: {file} is missing (run `tidesync init --home {home}` first)")]
+    #[error(
+        "no tidesync node at {home}: {file} is missing (run `tidesync init --home {home}` first)"
+    )]
     Missing { home: PathBuf, file: PathBuf },
     #[error("cannot read {file}: {source}")]
     Read {
@@ -167,9 +169,8 @@ impl Config {
             file: file.clone(),
             message: e.to_string(),
         })?;
-        let text = format!(
-            "# tidesync node configuration. See the README for every setting.\n{body}"
-        );
+        let text =
+            format!("# tidesync node configuration. See the README for every setting.\n{body}");
         write_atomic(&file, text.as_bytes(), 0o644)
             .map_err(|source| ConfigError::Write { file, source })
     }
@@ -234,7 +235,10 @@ mod tests {
     fn broken_config_is_reported_with_its_file() {
         let dir = tempfile::tempdir().unwrap();
         let home = Home::new(dir.path());
-        assert!(matches!(Config::load(&home), Err(ConfigError::Missing { .. })));
+        assert!(matches!(
+            Config::load(&home),
+            Err(ConfigError::Missing { .. })
+        ));
         fs::write(home.config(), "name = 3\n").unwrap();
         let err = Config::load(&home).unwrap_err().to_string();
         assert!(err.contains("config.toml"), "{err}");

@@ -117,7 +117,9 @@ pub enum OpenError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("key file {key} belongs to node {found}, but this home's store was written by {expected}")]
+    #[error(
+        "key file {key} belongs to node {found}, but this home's store was written by {expected}"
+    )]
     WrongKey {
         key: std::path::PathBuf,
         found: NodeId,
@@ -155,13 +157,17 @@ pub fn system_now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Where the core reads the time, in Unix milliseconds. The running node reads the system
+/// clock; simulations pass their simulated one.
+pub type Clock = std::sync::Arc<dyn Fn() -> i64 + Send + Sync>;
+
 /// The node core.
 pub struct Core {
     name: String,
     engine: Engine,
     store: Store,
     cache: LruCache<DocId, Automerge>,
-    clock: fn() -> i64,
+    clock: Clock,
     running: bool,
 }
 
@@ -171,20 +177,58 @@ impl Core {
         let config = Config::load(home)?;
         let identity = Identity::load(&home.key())?;
         let store = Store::open(&home.store(), config.store.cache_bytes)?;
-        Ok(Core::new(config.name, identity, store, config.store.cache_docs, running))
+        Ok(Core::new(
+            config.name,
+            identity,
+            store,
+            config.store.cache_docs,
+            running,
+        ))
     }
 
-    /// A core over an open store. The engine's epoch comes from the OS RNG.
-    pub fn new(name: String, identity: Identity, store: Store, cache_docs: usize, running: bool) -> Core {
-        let epoch = rand::random::<u64>();
+    /// A core over an open store, on the system clock, with an epoch from the OS RNG.
+    pub fn new(
+        name: String,
+        identity: Identity,
+        store: Store,
+        cache_docs: usize,
+        running: bool,
+    ) -> Core {
+        let clock: Clock = std::sync::Arc::new(system_now_ms);
+        Core::with_clock(
+            name,
+            identity,
+            store,
+            cache_docs,
+            running,
+            rand::random::<u64>(),
+            clock,
+        )
+    }
+
+    /// A core with the epoch and clock given, as simulations need.
+    pub fn with_clock(
+        name: String,
+        identity: Identity,
+        store: Store,
+        cache_docs: usize,
+        running: bool,
+        epoch: u64,
+        clock: Clock,
+    ) -> Core {
         Core {
             name,
             engine: Engine::new(identity, epoch),
             store,
             cache: LruCache::new(NonZeroUsize::new(cache_docs.max(1)).unwrap_or(NonZeroUsize::MIN)),
-            clock: system_now_ms,
+            clock,
             running,
         }
+    }
+
+    /// Give up the core, returning its store (as a crash-and-restart in a simulation does).
+    pub fn into_store(self) -> Store {
+        self.store
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -211,7 +255,12 @@ impl Core {
     }
 
     /// Set fields of `ty/id` (creating it if needed); a null removes a field.
-    pub fn put(&mut self, ty: &TypeName, id: &ObjectId, fields: &Map<String, Json>) -> Result<WriteReply, LocalWriteError> {
+    pub fn put(
+        &mut self,
+        ty: &TypeName,
+        id: &ObjectId,
+        fields: &Map<String, Json>,
+    ) -> Result<WriteReply, LocalWriteError> {
         self.write(ty, id, WriteOp::Put(fields))
     }
 
@@ -220,7 +269,12 @@ impl Core {
         self.write(ty, id, WriteOp::Delete)
     }
 
-    fn write(&mut self, ty: &TypeName, id: &ObjectId, op: WriteOp<'_>) -> Result<WriteReply, LocalWriteError> {
+    fn write(
+        &mut self,
+        ty: &TypeName,
+        id: &ObjectId,
+        op: WriteOp<'_>,
+    ) -> Result<WriteReply, LocalWriteError> {
         let store_err = |source| LocalWriteError::Store {
             ty: ty.clone(),
             id: id.clone(),
@@ -235,12 +289,19 @@ impl Core {
                         detail: "document record without state".into(),
                     })
                 })?;
-                Some(Loaded { doc_id, record, doc })
+                Some(Loaded {
+                    doc_id,
+                    record,
+                    doc,
+                })
             }
             None => None,
         };
         let is_put = matches!(op, WriteOp::Put(_));
-        match self.engine.local_write((self.clock)(), ty, id, existing, op)? {
+        match self
+            .engine
+            .local_write((self.clock)(), ty, id, existing, op)?
+        {
             WriteOutcome::Unchanged(l) => {
                 let reply = WriteReply {
                     ty: ty.to_string(),
@@ -278,13 +339,20 @@ impl Core {
     }
 
     /// A live object and its document, for reading.
-    fn live_doc(&mut self, ty: &TypeName, id: &ObjectId) -> Result<(DocId, DocRecord, &Automerge), ReadError> {
+    fn live_doc(
+        &mut self,
+        ty: &TypeName,
+        id: &ObjectId,
+    ) -> Result<(DocId, DocRecord, &Automerge), ReadError> {
         let what = format!("{ty}/{id}");
         let not_found = || ReadError::NotFound {
             ty: ty.clone(),
             id: id.clone(),
         };
-        let (doc_id, record) = self.find(ty, id).map_err(Self::read_err(&what))?.ok_or_else(not_found)?;
+        let (doc_id, record) = self
+            .find(ty, id)
+            .map_err(Self::read_err(&what))?
+            .ok_or_else(not_found)?;
         if !self.cache.contains(&doc_id) {
             let doc = self
                 .store
@@ -310,7 +378,12 @@ impl Core {
     }
 
     /// Ids of live objects of `ty`, a page at a time.
-    pub fn list(&self, ty: &TypeName, after: Option<&str>, limit: usize) -> Result<IdPage, ReadError> {
+    pub fn list(
+        &self,
+        ty: &TypeName,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<IdPage, ReadError> {
         self.store
             .list(ty, after, limit.clamp(1, MAX_PAGE_IDS))
             .map_err(Self::read_err(format!("the ids of {ty}")))
@@ -325,7 +398,10 @@ impl Core {
         let mut entries = Vec::with_capacity(changes.len());
         for change in changes {
             let hash = change.hash();
-            let signed = self.store.change(&doc_id, &hash).map_err(Self::read_err(&what))?;
+            let signed = self
+                .store
+                .change(&doc_id, &hash)
+                .map_err(Self::read_err(&what))?;
             let checked = match &signed {
                 None => Err("no signed copy of this change is stored".to_string()),
                 Some(s) => s.verify().map_err(|e| e.to_string()).and_then(|v| {
@@ -371,7 +447,10 @@ impl Core {
         let mut names: BTreeMap<DocId, DocRecord> = BTreeMap::new();
         for (seq, entry) in log {
             if !names.contains_key(&entry.doc) {
-                let rec = self.store.record(&entry.doc).map_err(Self::read_err(what))?;
+                let rec = self
+                    .store
+                    .record(&entry.doc)
+                    .map_err(Self::read_err(what))?;
                 if let Some(rec) = rec {
                     names.insert(entry.doc, rec);
                 }
@@ -396,7 +475,9 @@ impl Core {
 
     /// The last SEQ in the change log.
     pub fn last_seq(&self) -> Result<u64, ReadError> {
-        self.store.last_seq().map_err(Self::read_err("the change log"))
+        self.store
+            .last_seq()
+            .map_err(Self::read_err("the change log"))
     }
 
     pub fn status(&self) -> Result<Status, ReadError> {
@@ -418,7 +499,13 @@ mod tests {
     use serde_json::json;
 
     fn core() -> Core {
-        Core::new("t".into(), Identity::from_secret([4; 32]), Store::in_memory().unwrap(), 2, true)
+        Core::new(
+            "t".into(),
+            Identity::from_secret([4; 32]),
+            Store::in_memory().unwrap(),
+            2,
+            true,
+        )
     }
 
     fn names(id: &str) -> (TypeName, ObjectId) {
@@ -429,12 +516,25 @@ mod tests {
     fn put_get_delete_and_revive() {
         let mut c = core();
         let (t, i) = names("S-001");
-        let r = c.put(&t, &i, json!({"status": "received", "volume_ml": 2.5}).as_object().unwrap()).unwrap();
+        let r = c
+            .put(
+                &t,
+                &i,
+                json!({"status": "received", "volume_ml": 2.5})
+                    .as_object()
+                    .unwrap(),
+            )
+            .unwrap();
         assert!(r.changed);
         assert_eq!(r.seq, Some(1));
-        let r = c.put(&t, &i, json!({"status": "analysed"}).as_object().unwrap()).unwrap();
+        let r = c
+            .put(&t, &i, json!({"status": "analysed"}).as_object().unwrap())
+            .unwrap();
         assert_eq!(r.seq, Some(2));
-        assert_eq!(Json::Object(c.get(&t, &i).unwrap()), json!({"status": "analysed", "volume_ml": 2.5}));
+        assert_eq!(
+            Json::Object(c.get(&t, &i).unwrap()),
+            json!({"status": "analysed", "volume_ml": 2.5})
+        );
         c.delete(&t, &i).unwrap();
         assert!(matches!(c.get(&t, &i), Err(ReadError::NotFound { .. })));
         assert!(c.list(&t, None, 10).unwrap().ids.is_empty());
@@ -442,8 +542,12 @@ mod tests {
         assert!(h.deleted);
         assert_eq!(h.changes.len(), 3);
         assert!(h.changes.iter().all(|e| e.verified));
-        c.put(&t, &i, json!({"status": "back"}).as_object().unwrap()).unwrap();
-        assert_eq!(Json::Object(c.get(&t, &i).unwrap()), json!({"status": "back"}));
+        c.put(&t, &i, json!({"status": "back"}).as_object().unwrap())
+            .unwrap();
+        assert_eq!(
+            Json::Object(c.get(&t, &i).unwrap()),
+            json!({"status": "back"})
+        );
     }
 
     #[test]

@@ -166,7 +166,10 @@ pub fn put_fields<T: Transactable + ReadDoc>(
 
 /// Apply a DELETE: set the tombstone and remove every field this node can see.
 pub fn delete_object<T: Transactable + ReadDoc>(tx: &mut T) -> Result<(), FieldsError> {
-    let keys: Vec<String> = tx.keys(ROOT).filter(|k| !k.starts_with(RESERVED_PREFIX)).collect();
+    let keys: Vec<String> = tx
+        .keys(ROOT)
+        .filter(|k| !k.starts_with(RESERVED_PREFIX))
+        .collect();
     for key in keys {
         tx.delete(ROOT, key.as_str())?;
     }
@@ -181,7 +184,9 @@ fn update<T: Transactable + ReadDoc>(
     prop: Prop,
     new: &Json,
 ) -> Result<(), automerge::AutomergeError> {
-    let current = tx.get(obj, prop.clone())?.map(|(v, id)| (v.into_owned(), id));
+    let current = tx
+        .get(obj, prop.clone())?
+        .map(|(v, id)| (v.into_owned(), id));
     match (current, new) {
         (Some((Value::Object(ObjType::Map | ObjType::Table), child)), Json::Object(m)) => {
             sync_map(tx, &child, m)
@@ -321,9 +326,8 @@ mod tests {
 
     fn arb_fields() -> impl Strategy<Value = Map<String, Json>> {
         // Top-level nulls mean "remove", so a round trip uses non-null top-level values.
-        proptest::collection::btree_map("[a-z][a-z0-9_]{0,8}", arb_json(), 0..8).prop_map(|m| {
-            m.into_iter().filter(|(_, v)| !v.is_null()).collect()
-        })
+        proptest::collection::btree_map("[a-z][a-z0-9_]{0,8}", arb_json(), 0..8)
+            .prop_map(|m| m.into_iter().filter(|(_, v)| !v.is_null()).collect())
     }
 
     proptest! {
@@ -353,9 +357,15 @@ mod tests {
     #[test]
     fn an_identical_put_makes_no_change() {
         let mut d = doc(1);
-        put(&mut d, json!({"status": "received", "volume_ml": 2.5, "tags": ["a", {"b": 1}]}));
+        put(
+            &mut d,
+            json!({"status": "received", "volume_ml": 2.5, "tags": ["a", {"b": 1}]}),
+        );
         let heads = d.get_heads();
-        put(&mut d, json!({"status": "received", "tags": ["a", {"b": 1}]}));
+        put(
+            &mut d,
+            json!({"status": "received", "tags": ["a", {"b": 1}]}),
+        );
         assert_eq!(d.get_heads(), heads);
     }
 
@@ -364,15 +374,24 @@ mod tests {
         let mut d = doc(1);
         put(&mut d, json!({"status": "received", "volume_ml": 2.5}));
         put(&mut d, json!({"status": null, "note": "x"}));
-        assert_eq!(Json::Object(to_json(&d)), json!({"volume_ml": 2.5, "note": "x"}));
+        assert_eq!(
+            Json::Object(to_json(&d)),
+            json!({"volume_ml": 2.5, "note": "x"})
+        );
     }
 
     #[test]
     fn concurrent_edits_of_different_fields_both_survive() {
         let mut a = doc(1);
-        put(&mut a, json!({"status": "received", "meta": {"x": 1, "y": 1}}));
+        put(
+            &mut a,
+            json!({"status": "received", "meta": {"x": 1, "y": 1}}),
+        );
         let mut b = a.fork().with_actor(ActorId::from([2u8; 8]));
-        put(&mut a, json!({"status": "analysed", "meta": {"x": 2, "y": 1}}));
+        put(
+            &mut a,
+            json!({"status": "analysed", "meta": {"x": 2, "y": 1}}),
+        );
         put(&mut b, json!({"volume_ml": 3, "meta": {"x": 1, "y": 5}}));
         let m = merged(&a, &b);
         assert_eq!(
@@ -407,7 +426,10 @@ mod tests {
         // The concurrent edit is kept, not lost: reviving shows the field the delete never saw.
         put(&mut m, json!({"note": "revived"}));
         assert!(!is_deleted(&m));
-        assert_eq!(Json::Object(to_json(&m)), json!({"status": "analysed", "note": "revived"}));
+        assert_eq!(
+            Json::Object(to_json(&m)),
+            json!({"status": "analysed", "note": "revived"})
+        );
     }
 
     #[test]
@@ -415,12 +437,18 @@ mod tests {
         let mut d = doc(1);
         let mut tx = d.transaction();
         let reserved = json!({"@deleted": false});
-        assert!(matches!(put_fields(&mut tx, reserved.as_object().unwrap()), Err(FieldsError::Reserved(_))));
+        assert!(matches!(
+            put_fields(&mut tx, reserved.as_object().unwrap()),
+            Err(FieldsError::Reserved(_))
+        ));
         let mut deep = json!(1);
         for _ in 0..=MAX_JSON_DEPTH {
             deep = json!([deep]);
         }
         let deep = json!({"x": deep});
-        assert!(matches!(put_fields(&mut tx, deep.as_object().unwrap()), Err(FieldsError::TooDeep { .. })));
+        assert!(matches!(
+            put_fields(&mut tx, deep.as_object().unwrap()),
+            Err(FieldsError::TooDeep { .. })
+        ));
     }
 }

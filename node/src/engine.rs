@@ -212,7 +212,10 @@ mod tests {
     }
 
     fn names() -> (TypeName, ObjectId) {
-        (TypeName::new("Sample").unwrap(), ObjectId::new("S-001").unwrap())
+        (
+            TypeName::new("Sample").unwrap(),
+            ObjectId::new("S-001").unwrap(),
+        )
     }
 
     fn changed(o: WriteOutcome) -> Persist {
@@ -227,7 +230,16 @@ mod tests {
         let e = engine(1, 7);
         let (t, i) = names();
         let fields = json!({"status": "received"});
-        let p = changed(e.local_write(1_700_000_000_123, &t, &i, None, WriteOp::Put(fields.as_object().unwrap())).unwrap());
+        let p = changed(
+            e.local_write(
+                1_700_000_000_123,
+                &t,
+                &i,
+                None,
+                WriteOp::Put(fields.as_object().unwrap()),
+            )
+            .unwrap(),
+        );
         let v = p.change.verify().unwrap();
         assert_eq!(v.author, e.node_id());
         assert_eq!(v.hash, p.hash);
@@ -241,8 +253,16 @@ mod tests {
     fn two_nodes_creating_the_same_name_make_different_documents() {
         let (t, i) = names();
         let f = json!({"a": 1});
-        let a = changed(engine(1, 1).local_write(0, &t, &i, None, WriteOp::Put(f.as_object().unwrap())).unwrap());
-        let b = changed(engine(2, 1).local_write(0, &t, &i, None, WriteOp::Put(f.as_object().unwrap())).unwrap());
+        let a = changed(
+            engine(1, 1)
+                .local_write(0, &t, &i, None, WriteOp::Put(f.as_object().unwrap()))
+                .unwrap(),
+        );
+        let b = changed(
+            engine(2, 1)
+                .local_write(0, &t, &i, None, WriteOp::Put(f.as_object().unwrap()))
+                .unwrap(),
+        );
         assert_ne!(a.doc_id, b.doc_id);
     }
 
@@ -250,13 +270,37 @@ mod tests {
     fn restarting_uses_a_new_actor_so_sequence_numbers_are_never_reused() {
         let (t, i) = names();
         let f = json!({"a": 1});
-        let first = changed(engine(1, 1).local_write(0, &t, &i, None, WriteOp::Put(f.as_object().unwrap())).unwrap());
-        let loaded = Loaded { doc_id: first.doc_id, record: first.record.clone(), doc: first.doc };
+        let first = changed(
+            engine(1, 1)
+                .local_write(0, &t, &i, None, WriteOp::Put(f.as_object().unwrap()))
+                .unwrap(),
+        );
+        let loaded = Loaded {
+            doc_id: first.doc_id,
+            record: first.record.clone(),
+            doc: first.doc,
+        };
         let g = json!({"a": 2});
-        let second = changed(engine(1, 2).local_write(0, &t, &i, Some(loaded), WriteOp::Put(g.as_object().unwrap())).unwrap());
-        let (c1, c2) = (first.change.verify().unwrap().change, second.change.verify().unwrap().change);
+        let second = changed(
+            engine(1, 2)
+                .local_write(
+                    0,
+                    &t,
+                    &i,
+                    Some(loaded),
+                    WriteOp::Put(g.as_object().unwrap()),
+                )
+                .unwrap(),
+        );
+        let (c1, c2) = (
+            first.change.verify().unwrap().change,
+            second.change.verify().unwrap().change,
+        );
         assert_ne!(c1.actor_id(), c2.actor_id());
-        assert_eq!(second.change.verify().unwrap().author, first.change.verify().unwrap().author);
+        assert_eq!(
+            second.change.verify().unwrap().author,
+            first.change.verify().unwrap().author
+        );
     }
 
     #[test]
@@ -264,24 +308,56 @@ mod tests {
         let e = engine(1, 1);
         let (t, i) = names();
         let f = json!({"a": 1});
-        let p = changed(e.local_write(0, &t, &i, None, WriteOp::Put(f.as_object().unwrap())).unwrap());
-        let loaded = Loaded { doc_id: p.doc_id, record: p.record, doc: p.doc };
-        let loaded = match e.local_write(0, &t, &i, Some(loaded), WriteOp::Put(f.as_object().unwrap())).unwrap() {
+        let p = changed(
+            e.local_write(0, &t, &i, None, WriteOp::Put(f.as_object().unwrap()))
+                .unwrap(),
+        );
+        let loaded = Loaded {
+            doc_id: p.doc_id,
+            record: p.record,
+            doc: p.doc,
+        };
+        let loaded = match e
+            .local_write(
+                0,
+                &t,
+                &i,
+                Some(loaded),
+                WriteOp::Put(f.as_object().unwrap()),
+            )
+            .unwrap()
+        {
             WriteOutcome::Unchanged(l) => l,
             WriteOutcome::Changed(_) => panic!("identical put made a change"),
         };
-        let d = changed(e.local_write(0, &t, &i, Some(loaded), WriteOp::Delete).unwrap());
+        let d = changed(
+            e.local_write(0, &t, &i, Some(loaded), WriteOp::Delete)
+                .unwrap(),
+        );
         assert!(!d.record.live);
-        let loaded = Loaded { doc_id: d.doc_id, record: d.record, doc: d.doc };
-        assert!(matches!(e.local_write(0, &t, &i, Some(loaded), WriteOp::Delete), Err(WriteError::NotFound { .. })));
-        assert!(matches!(e.local_write(0, &t, &i, None, WriteOp::Delete), Err(WriteError::NotFound { .. })));
+        let loaded = Loaded {
+            doc_id: d.doc_id,
+            record: d.record,
+            doc: d.doc,
+        };
+        assert!(matches!(
+            e.local_write(0, &t, &i, Some(loaded), WriteOp::Delete),
+            Err(WriteError::NotFound { .. })
+        ));
+        assert!(matches!(
+            e.local_write(0, &t, &i, None, WriteOp::Delete),
+            Err(WriteError::NotFound { .. })
+        ));
     }
 
     #[test]
     fn an_empty_put_creates_an_empty_object() {
         let e = engine(1, 1);
         let (t, i) = names();
-        let p = changed(e.local_write(0, &t, &i, None, WriteOp::Put(&Map::new())).unwrap());
+        let p = changed(
+            e.local_write(0, &t, &i, None, WriteOp::Put(&Map::new()))
+                .unwrap(),
+        );
         assert!(p.record.live);
         assert!(p.change.verify().is_ok());
     }

@@ -137,7 +137,10 @@ mod tests {
         let id = Identity::from_secret([9; 32]);
         id.save(&file).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(Identity::load(&file).unwrap().node_id(), id.node_id());
         assert!(id.save(&file).is_err(), "must not overwrite a key");
         assert_eq!(
@@ -153,8 +156,14 @@ mod tests {
         fs::write(&file, "garbage").unwrap();
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(matches!(Identity::load(&file), Err(KeyError::Invalid { .. })));
+        assert!(matches!(
+            Identity::load(&file),
+            Err(KeyError::Invalid { .. })
+        ));
         fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(Identity::load(&file), Err(KeyError::Permissions { .. })));
+        assert!(matches!(
+            Identity::load(&file),
+            Err(KeyError::Permissions { .. })
+        ));
     }
 }

@@ -88,29 +88,71 @@ impl NodeHandle {
         &self.info
     }
 
-    async fn call<T, E>(&self, make: impl FnOnce(Reply<Result<T, E>>) -> Action) -> Result<T, CallError<E>> {
+    async fn call<T, E>(
+        &self,
+        make: impl FnOnce(Reply<Result<T, E>>) -> Action,
+    ) -> Result<T, CallError<E>> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| CallError::Stopped)?;
-        rx.await.map_err(|_| CallError::Stopped)?.map_err(CallError::Failed)
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| CallError::Stopped)?;
+        rx.await
+            .map_err(|_| CallError::Stopped)?
+            .map_err(CallError::Failed)
     }
 
-    pub async fn put(&self, ty: TypeName, id: ObjectId, fields: Map<String, Json>) -> Result<WriteReply, CallError<LocalWriteError>> {
-        self.call(|reply| Action::Put { ty, id, fields, reply }).await
+    pub async fn put(
+        &self,
+        ty: TypeName,
+        id: ObjectId,
+        fields: Map<String, Json>,
+    ) -> Result<WriteReply, CallError<LocalWriteError>> {
+        self.call(|reply| Action::Put {
+            ty,
+            id,
+            fields,
+            reply,
+        })
+        .await
     }
 
-    pub async fn delete(&self, ty: TypeName, id: ObjectId) -> Result<WriteReply, CallError<LocalWriteError>> {
+    pub async fn delete(
+        &self,
+        ty: TypeName,
+        id: ObjectId,
+    ) -> Result<WriteReply, CallError<LocalWriteError>> {
         self.call(|reply| Action::Delete { ty, id, reply }).await
     }
 
-    pub async fn get(&self, ty: TypeName, id: ObjectId) -> Result<Map<String, Json>, CallError<ReadError>> {
+    pub async fn get(
+        &self,
+        ty: TypeName,
+        id: ObjectId,
+    ) -> Result<Map<String, Json>, CallError<ReadError>> {
         self.call(|reply| Action::Get { ty, id, reply }).await
     }
 
-    pub async fn list(&self, ty: TypeName, after: Option<String>, limit: usize) -> Result<IdPage, CallError<ReadError>> {
-        self.call(|reply| Action::List { ty, after, limit, reply }).await
+    pub async fn list(
+        &self,
+        ty: TypeName,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<IdPage, CallError<ReadError>> {
+        self.call(|reply| Action::List {
+            ty,
+            after,
+            limit,
+            reply,
+        })
+        .await
     }
 
-    pub async fn history(&self, ty: TypeName, id: ObjectId) -> Result<History, CallError<ReadError>> {
+    pub async fn history(
+        &self,
+        ty: TypeName,
+        id: ObjectId,
+    ) -> Result<History, CallError<ReadError>> {
         self.call(|reply| Action::History { ty, id, reply }).await
     }
 
@@ -120,13 +162,23 @@ impl NodeHandle {
 
     /// The change feed after `since`. When it is empty and `wait` is non-zero, waits up to
     /// `wait` (capped at [`MAX_FEED_WAIT_SECS`]) for a new change before answering.
-    pub async fn changes(&self, since: u64, limit: usize, wait: Duration) -> Result<Feed, CallError<ReadError>> {
+    pub async fn changes(
+        &self,
+        since: u64,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<Feed, CallError<ReadError>> {
         let mut last_seq = self.last_seq.clone();
         let wait = wait.min(Duration::from_secs(MAX_FEED_WAIT_SECS));
         if *last_seq.borrow_and_update() <= since && !wait.is_zero() {
             let _ = tokio::time::timeout(wait, last_seq.wait_for(|s| *s > since)).await;
         }
-        self.call(|reply| Action::Changes { since, limit, reply }).await
+        self.call(|reply| Action::Changes {
+            since,
+            limit,
+            reply,
+        })
+        .await
     }
 }
 
@@ -155,7 +207,12 @@ impl NodeActor {
     /// worker while the runtime moves other tasks elsewhere.
     fn on_action(&mut self, action: Action) {
         tokio::task::block_in_place(|| match action {
-            Action::Put { ty, id, fields, reply } => {
+            Action::Put {
+                ty,
+                id,
+                fields,
+                reply,
+            } => {
                 let r = self.core.put(&ty, &id, &fields);
                 self.after_write(&r);
                 let _ = reply.send(r);
@@ -168,13 +225,22 @@ impl NodeActor {
             Action::Get { ty, id, reply } => {
                 let _ = reply.send(self.core.get(&ty, &id));
             }
-            Action::List { ty, after, limit, reply } => {
+            Action::List {
+                ty,
+                after,
+                limit,
+                reply,
+            } => {
                 let _ = reply.send(self.core.list(&ty, after.as_deref(), limit));
             }
             Action::History { ty, id, reply } => {
                 let _ = reply.send(self.core.history(&ty, &id));
             }
-            Action::Changes { since, limit, reply } => {
+            Action::Changes {
+                since,
+                limit,
+                reply,
+            } => {
                 let _ = reply.send(self.core.changes(since, limit));
             }
             Action::Status { reply } => {
@@ -195,7 +261,10 @@ impl NodeActor {
 }
 
 /// Start the node actor over `core`. It stops when `shutdown` turns true or every handle drops.
-pub fn spawn(core: Core, shutdown: watch::Receiver<bool>) -> Result<(NodeHandle, tokio::task::JoinHandle<()>), ReadError> {
+pub fn spawn(
+    core: Core,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(NodeHandle, tokio::task::JoinHandle<()>), ReadError> {
     let (tx, rx) = mpsc::channel(ACTION_QUEUE_LEN);
     let (last_seq_tx, last_seq) = watch::channel(core.last_seq()?);
     let info = Arc::new(NodeInfo {
@@ -217,7 +286,10 @@ pub enum RunError {
     #[error(transparent)]
     Open(#[from] OpenError),
     #[error("another tidesync node is already running on {home}{api}")]
-    AlreadyRunning { home: std::path::PathBuf, api: String },
+    AlreadyRunning {
+        home: std::path::PathBuf,
+        api: String,
+    },
     #[error("cannot read the change log of {home}: {source}")]
     Read {
         home: std::path::PathBuf,
@@ -272,12 +344,12 @@ pub async fn run(home: &Home) -> Result<(), RunError> {
             addr: config.api.listen,
             source,
         })?;
-        write_atomic(&home.api_file(), format!("{bound}\n").as_bytes(), 0o644).map_err(|source| {
-            RunError::ApiFile {
+        write_atomic(&home.api_file(), format!("{bound}\n").as_bytes(), 0o644).map_err(
+            |source| RunError::ApiFile {
                 file: home.api_file(),
                 source,
-            }
-        })?;
+            },
+        )?;
         tracing::info!(node = %handle.info().node, api = %bound, "node running");
 
         let signals = shutdown_signal().map_err(RunError::Signals)?;

@@ -16,7 +16,6 @@ use tidesync_proto::{DocId, NodeId, ObjectId, SignedChange, TypeName};
 
 use crate::engine::{DocRecord, Persist};
 
-
 /// The value of `meta_v1["format"]` this build reads and writes.
 pub const STORE_FORMAT: &str = "tidesync-store-1";
 
@@ -52,7 +51,9 @@ pub struct LogEntry {
 /// Why the store failed. Each names the store file.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("store {path} is in use by another process (is a tidesync node already running on this home?)")]
+    #[error(
+        "store {path} is in use by another process (is a tidesync node already running on this home?)"
+    )]
     InUse { path: PathBuf },
     #[error("store {path} does not exist (run `tidesync init` first)")]
     Missing { path: PathBuf },
@@ -148,7 +149,11 @@ impl Store {
         &self.path
     }
 
-    fn decode<'a, T: Deserialize<'a>>(&self, what: impl FnOnce() -> String, bytes: &'a [u8]) -> Result<T, StoreError> {
+    fn decode<'a, T: Deserialize<'a>>(
+        &self,
+        what: impl FnOnce() -> String,
+        bytes: &'a [u8],
+    ) -> Result<T, StoreError> {
         postcard::from_bytes(bytes).map_err(|e| StoreError::Decode {
             path: self.path.clone(),
             what: what(),
@@ -197,9 +202,7 @@ impl Store {
         let ctx = "looking up a name";
         let tx = self.db.begin_read().ctx(self, ctx)?;
         let names = tx.open_table(NAMES).ctx(self, ctx)?;
-        let found = names
-            .get((ty.as_str(), id.as_str()))
-            .ctx(self, ctx)?;
+        let found = names.get((ty.as_str(), id.as_str())).ctx(self, ctx)?;
         Ok(found.map(|v| DocId(v.value())))
     }
 
@@ -271,7 +274,10 @@ impl Store {
 
             let mut names = tx.open_table(NAMES).ctx(self, ctx)?;
             names
-                .insert((p.record.ty.as_str(), p.record.local_id.as_str()), p.doc_id.0)
+                .insert(
+                    (p.record.ty.as_str(), p.record.local_id.as_str()),
+                    p.doc_id.0,
+                )
                 .ctx(self, ctx)?;
         }
         tx.commit().ctx(self, ctx)?;
@@ -287,7 +293,12 @@ impl Store {
     }
 
     /// Ids of live objects of `ty` after `after`, at most `limit` of them.
-    pub fn list(&self, ty: &TypeName, after: Option<&str>, limit: usize) -> Result<IdPage, StoreError> {
+    pub fn list(
+        &self,
+        ty: &TypeName,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<IdPage, StoreError> {
         let ctx = "listing objects";
         let tx = self.db.begin_read().ctx(self, ctx)?;
         let names = tx.open_table(NAMES).ctx(self, ctx)?;
@@ -322,7 +333,11 @@ impl Store {
     }
 
     /// A stored signed change.
-    pub fn change(&self, doc: &DocId, hash: &ChangeHash) -> Result<Option<SignedChange>, StoreError> {
+    pub fn change(
+        &self,
+        doc: &DocId,
+        hash: &ChangeHash,
+    ) -> Result<Option<SignedChange>, StoreError> {
         let ctx = "reading a change";
         let tx = self.db.begin_read().ctx(self, ctx)?;
         let changes = tx.open_table(CHANGES).ctx(self, ctx)?;
@@ -338,7 +353,11 @@ impl Store {
         let tx = self.db.begin_read().ctx(self, ctx)?;
         let log = tx.open_table(LOG).ctx(self, ctx)?;
         let mut out = Vec::new();
-        for item in log.range(since.saturating_add(1)..).ctx(self, ctx)?.take(limit) {
+        for item in log
+            .range(since.saturating_add(1)..)
+            .ctx(self, ctx)?
+            .take(limit)
+        {
             let (k, v) = item.ctx(self, ctx)?;
             let seq = k.value();
             out.push((seq, self.decode(|| format!("log_v1[{seq}]"), v.value())?));
@@ -351,7 +370,11 @@ impl Store {
         let ctx = "reading the change log";
         let tx = self.db.begin_read().ctx(self, ctx)?;
         let log = tx.open_table(LOG).ctx(self, ctx)?;
-        Ok(log.last().ctx(self, ctx)?.map(|(k, _)| k.value()).unwrap_or(0))
+        Ok(log
+            .last()
+            .ctx(self, ctx)?
+            .map(|(k, _)| k.value())
+            .unwrap_or(0))
     }
 
     /// Live and deleted object counts per type.
@@ -428,12 +451,19 @@ mod tests {
     fn write(store: &Store, e: &Engine, id: &str, v: serde_json::Value) -> u64 {
         let t = TypeName::new("Sample").unwrap();
         let i = ObjectId::new(id).unwrap();
-        let existing = store.lookup(&t, &i).unwrap().map(|d| crate::engine::Loaded {
-            doc_id: d,
-            record: store.record(&d).unwrap().unwrap(),
-            doc: store.load_doc(&d).unwrap().unwrap(),
-        });
-        let op = if v.is_null() { WriteOp::Delete } else { WriteOp::Put(v.as_object().unwrap()) };
+        let existing = store
+            .lookup(&t, &i)
+            .unwrap()
+            .map(|d| crate::engine::Loaded {
+                doc_id: d,
+                record: store.record(&d).unwrap().unwrap(),
+                doc: store.load_doc(&d).unwrap().unwrap(),
+            });
+        let op = if v.is_null() {
+            WriteOp::Delete
+        } else {
+            WriteOp::Put(v.as_object().unwrap())
+        };
         match e.local_write(0, &t, &i, existing, op).unwrap() {
             WriteOutcome::Changed(p) => store.commit_write(&p).unwrap(),
             WriteOutcome::Unchanged(_) => panic!("no change"),
@@ -459,9 +489,18 @@ mod tests {
         assert_eq!(log.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![2, 3]);
         assert_eq!(log[0].1.author, e.node_id());
         let counts = store.counts().unwrap();
-        assert_eq!(counts["Sample"], TypeCount { live: 1, deleted: 1 });
+        assert_eq!(
+            counts["Sample"],
+            TypeCount {
+                live: 1,
+                deleted: 1
+            }
+        );
         let (_, entry) = &log[1];
-        let change = store.change(&entry.doc, &ChangeHash(entry.hash)).unwrap().unwrap();
+        let change = store
+            .change(&entry.doc, &ChangeHash(entry.hash))
+            .unwrap()
+            .unwrap();
         assert!(change.verify().is_ok());
     }
 
@@ -485,7 +524,13 @@ mod tests {
         }
         assert_eq!(seen.len(), 25);
         assert_eq!(seen[24], "S-024");
-        assert!(store.list(&TypeName::new("Other").unwrap(), None, 10).unwrap().ids.is_empty());
+        assert!(
+            store
+                .list(&TypeName::new("Other").unwrap(), None, 10)
+                .unwrap()
+                .ids
+                .is_empty()
+        );
     }
 
     #[test]
@@ -493,7 +538,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
         let _first = Store::create(&path).unwrap();
-        assert!(matches!(Store::open(&path, 1 << 20), Err(StoreError::InUse { .. })));
+        assert!(matches!(
+            Store::open(&path, 1 << 20),
+            Err(StoreError::InUse { .. })
+        ));
     }
 
     #[test]
@@ -502,7 +550,9 @@ mod tests {
         let path = dir.path().join("store.redb");
         std::fs::write(&path, vec![0x5a; 10_000]).unwrap();
         let before = std::fs::read(&path).unwrap();
-        let err = Store::open(&path, 1 << 20).err().expect("garbage must not open");
+        let err = Store::open(&path, 1 << 20)
+            .err()
+            .expect("garbage must not open");
         assert!(err.to_string().contains("store.redb"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), before);
     }

@@ -58,7 +58,9 @@ pub enum VerifyError {
         hash: String,
         actor: String,
     },
-    #[error("change {hash} for document {doc} claims author {author} but the signature does not verify")]
+    #[error(
+        "change {hash} for document {doc} claims author {author} but the signature does not verify"
+    )]
     BadSignature {
         doc: DocId,
         hash: String,
@@ -151,7 +153,10 @@ mod serde_bytes_vec {
             fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
                 Ok(v)
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Vec<u8>, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Vec<u8>, A::Error> {
                 let mut out = Vec::new();
                 while let Some(b) = a.next_element()? {
                     out.push(b);
@@ -208,7 +213,10 @@ mod tests {
         assert_eq!(v.author.0, k.verifying_key().to_bytes());
         assert_eq!(v.hash, change.hash());
         let bytes = postcard::to_stdvec(&signed).unwrap();
-        assert_eq!(postcard::from_bytes::<SignedChange>(&bytes).unwrap(), signed);
+        assert_eq!(
+            postcard::from_bytes::<SignedChange>(&bytes).unwrap(),
+            signed
+        );
     }
 
     #[test]
@@ -219,11 +227,17 @@ mod tests {
 
         let mut other_doc = signed.clone();
         other_doc.doc.0[0] ^= 1;
-        assert!(matches!(other_doc.verify(), Err(VerifyError::BadSignature { .. })));
+        assert!(matches!(
+            other_doc.verify(),
+            Err(VerifyError::BadSignature { .. })
+        ));
 
         let mut sig = signed.clone();
         sig.signature[5] ^= 1;
-        assert!(matches!(sig.verify(), Err(VerifyError::BadSignature { .. })));
+        assert!(matches!(
+            sig.verify(),
+            Err(VerifyError::BadSignature { .. })
+        ));
 
         // Every single-byte flip of the change body is caught (checksum, hash or signature).
         for i in 0..signed.bytes.len() {
@@ -237,6 +251,9 @@ mod tests {
     fn a_change_signed_by_someone_else_is_rejected() {
         let (doc, change) = make_change(&key(1));
         let forged = SignedChange::sign(&key(2), doc, &change);
-        assert!(matches!(forged.verify(), Err(VerifyError::BadSignature { .. })));
+        assert!(matches!(
+            forged.verify(),
+            Err(VerifyError::BadSignature { .. })
+        ));
     }
 }

@@ -160,7 +160,11 @@ impl TypeName {
             && s.len() <= MAX_TYPE_NAME_BYTES
             && s.as_bytes()[0].is_ascii_alphabetic()
             && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        if ok { Ok(TypeName(s)) } else { Err(IdError::TypeName(s)) }
+        if ok {
+            Ok(TypeName(s))
+        } else {
+            Err(IdError::TypeName(s))
+        }
     }
     pub fn as_str(&self) -> &str {
         &self.0
@@ -178,7 +182,11 @@ impl ObjectId {
         let ok = !s.is_empty()
             && s.len() <= MAX_OBJECT_ID_BYTES
             && !s.chars().any(|c| c == '/' || c.is_control());
-        if ok { Ok(ObjectId(s)) } else { Err(IdError::ObjectId(s)) }
+        if ok {
+            Ok(ObjectId(s))
+        } else {
+            Err(IdError::ObjectId(s))
+        }
     }
     pub fn as_str(&self) -> &str {
         &self.0
@@ -239,7 +247,10 @@ mod tests {
         let a = DocId::derive(&node(1), &t, &i);
         assert_eq!(a, DocId::derive(&node(1), &t, &i));
         assert_ne!(a, DocId::derive(&node(2), &t, &i));
-        assert_ne!(a, DocId::derive(&node(1), &TypeName::new("Method").unwrap(), &i));
+        assert_ne!(
+            a,
+            DocId::derive(&node(1), &TypeName::new("Method").unwrap(), &i)
+        );
         assert_eq!(a.to_string().parse::<DocId>().unwrap(), a);
     }
 

@@ -21,10 +21,7 @@ pub const FRAME_HEADER_BYTES: usize = 4;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// First message on a connection: who the sender is and what it speaks.
-    Hello {
-        node: NodeId,
-        name: String,
-    },
+    Hello { node: NodeId, name: String },
     /// A batch of signed changes, in an order that respects each document's dependencies.
     /// `upto` is the sender's change-log SEQ covered by this batch, echoed back in [`Message::Ack`].
     Changes {
@@ -32,9 +29,7 @@ pub enum Message {
         upto: u64,
     },
     /// The receiver has durably stored everything the sender sent up to `upto`.
-    Ack {
-        upto: u64,
-    },
+    Ack { upto: u64 },
 }
 
 /// Why bytes could not be decoded into a message.
@@ -87,15 +82,18 @@ pub fn decode_body(body: &[u8]) -> Result<Message, DecodeError> {
     if body.len() > MAX_FRAME_BYTES {
         return Err(DecodeError::TooLarge { len: body.len() });
     }
-    let (version, rest) =
-        postcard::take_from_bytes::<u16>(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let (version, rest) = postcard::take_from_bytes::<u16>(body)
+        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if version != PROTOCOL_VERSION {
         return Err(DecodeError::Version { got: version });
     }
-    let (msg, rest) =
-        postcard::take_from_bytes::<Message>(rest).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let (msg, rest) = postcard::take_from_bytes::<Message>(rest)
+        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(DecodeError::Malformed(format!("{} trailing bytes", rest.len())));
+        return Err(DecodeError::Malformed(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
     }
     Ok(msg)
 }
@@ -146,10 +144,17 @@ mod tests {
 
     fn arb_message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (any::<[u8; 32]>(), ".{0,40}").prop_map(|(k, name)| Message::Hello { node: NodeId(k), name }),
+            (any::<[u8; 32]>(), ".{0,40}").prop_map(|(k, name)| Message::Hello {
+                node: NodeId(k),
+                name
+            }),
             (
                 proptest::collection::vec(
-                    (any::<[u8; 16]>(), proptest::collection::vec(any::<u8>(), 0..200), any::<[u8; 32]>()),
+                    (
+                        any::<[u8; 16]>(),
+                        proptest::collection::vec(any::<u8>(), 0..200),
+                        any::<[u8; 32]>()
+                    ),
                     0..8
                 ),
                 any::<u64>()
@@ -160,7 +165,11 @@ mod tests {
                         .map(|(d, bytes, s)| {
                             let mut signature = [0u8; 64];
                             signature[..32].copy_from_slice(&s);
-                            SignedChange { doc: DocId(d), bytes, signature }
+                            SignedChange {
+                                doc: DocId(d),
+                                bytes,
+                                signature,
+                            }
                         })
                         .collect(),
                     upto,
@@ -192,7 +201,11 @@ mod tests {
         let header = ((MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
         assert!(matches!(decode(&header), Err(DecodeError::TooLarge { .. })));
         let big = Message::Changes {
-            changes: vec![SignedChange { doc: DocId([0; 16]), bytes: vec![7; MAX_FRAME_BYTES], signature: [0; 64] }],
+            changes: vec![SignedChange {
+                doc: DocId([0; 16]),
+                bytes: vec![7; MAX_FRAME_BYTES],
+                signature: [0; 64],
+            }],
             upto: 1,
         };
         assert!(matches!(encode(&big), Err(EncodeError::TooLarge { .. })));
@@ -204,7 +217,13 @@ mod tests {
         frame[FRAME_HEADER_BYTES] = 9; // version varint
         assert_eq!(decode_exact(&frame), Err(DecodeError::Version { got: 9 }));
         let garbage = [0, 0, 0, 3, 1, 0xff, 0xff];
-        assert!(matches!(decode_exact(&garbage), Err(DecodeError::Malformed(_))));
-        assert!(matches!(decode_exact(&[0, 0, 0, 9, 1]), Err(DecodeError::Truncated { .. })));
+        assert!(matches!(
+            decode_exact(&garbage),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_exact(&[0, 0, 0, 9, 1]),
+            Err(DecodeError::Truncated { .. })
+        ));
     }
 }

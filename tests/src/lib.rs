@@ -68,8 +68,15 @@ impl TestNode {
             "127.0.0.1:0",
         ];
         args.extend_from_slice(extra);
-        let out = Command::new(tidesync_bin()).args(&args).output().expect("running init");
-        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(tidesync_bin())
+            .args(&args)
+            .output()
+            .expect("running init");
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         if let Some(i) = extra.iter().position(|a| *a == "--api-token") {
             node.token = extra.get(i + 1).map(|t| t.to_string());
         }
@@ -100,8 +107,16 @@ impl TestNode {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(START_TIMEOUT_SECS);
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("{} exited during start with {status}: {}", self.name, self.log());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "{} exited during start with {status}: {}",
+                    self.name,
+                    self.log()
+                );
             }
             if let Ok(addr) = std::fs::read_to_string(self.home().join("node.api")) {
                 let addr = addr.trim().to_string();
@@ -110,7 +125,12 @@ impl TestNode {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "{} did not start: {}", self.name, self.log());
+            assert!(
+                Instant::now() < deadline,
+                "{} did not start: {}",
+                self.name,
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -140,7 +160,12 @@ impl TestNode {
     /// Stop with SIGTERM; asserts a clean exit.
     pub fn stop(&mut self) {
         let status = self.signal("TERM");
-        assert!(status.success(), "{} exited with {status}: {}", self.name, self.log());
+        assert!(
+            status.success(),
+            "{} exited with {status}: {}",
+            self.name,
+            self.log()
+        );
     }
 
     /// Run a CLI command against this home.
@@ -152,7 +177,11 @@ impl TestNode {
     pub fn cli_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
         let mut cmd = Command::new(tidesync_bin());
         cmd.env("TIDESYNC_HOME", self.home()).args(args);
-        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawning the CLI");
         if let Some(input) = stdin {
@@ -191,7 +220,13 @@ impl TestNode {
     }
 
     /// One HTTP request with an explicit bearer token (or none).
-    pub fn http_with(&self, method: reqwest::Method, path: &str, body: Option<&str>, token: Option<&str>) -> (u16, Value) {
+    pub fn http_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
         let client = reqwest::blocking::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(90))
@@ -202,7 +237,9 @@ impl TestNode {
             req = req.bearer_auth(t);
         }
         if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b.to_string());
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
         }
         match req.send() {
             Ok(resp) => {

@@ -17,12 +17,23 @@ fn stderr(out: &std::process::Output) -> String {
 /// against a running one (CLI goes through the API); both must print the same things.
 fn quick_start(node: &TestNode) -> Vec<String> {
     let mut seen = Vec::new();
-    let put = json(&node.ok(&["put", "Sample", "S-001", r#"{"status":"received","volume_ml":2.5}"#]));
+    let put = json(&node.ok(&[
+        "put",
+        "Sample",
+        "S-001",
+        r#"{"status":"received","volume_ml":2.5}"#,
+    ]));
     assert_eq!(put["changed"], json!(true));
-    let out = node.cli_stdin(&["put", "Sample", "S-001", "-"], Some(r#"{"status":"analysed"}"#));
+    let out = node.cli_stdin(
+        &["put", "Sample", "S-001", "-"],
+        Some(r#"{"status":"analysed"}"#),
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     seen.push(node.ok(&["get", "Sample", "S-001"]));
-    assert_eq!(json(&seen[0]), json!({"status": "analysed", "volume_ml": 2.5}));
+    assert_eq!(
+        json(&seen[0]),
+        json!({"status": "analysed", "volume_ml": 2.5})
+    );
     node.ok(&["put", "Sample", "S-002", "{}"]);
     seen.push(node.ok(&["ls", "Sample"]));
     assert_eq!(seen[1], "S-001\nS-002\n");
@@ -39,10 +50,17 @@ fn quick_start(node: &TestNode) -> Vec<String> {
     node.ok(&["rm", "Sample", "S-001"]);
     let out = node.cli(&["get", "Sample", "S-001"]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(stderr(&out).contains("Sample/S-001 does not exist"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("Sample/S-001 does not exist"),
+        "{}",
+        stderr(&out)
+    );
     seen.push(node.ok(&["ls", "Sample"]));
     let status = json(&node.ok(&["status", "--json"]));
-    assert_eq!(status["objects"]["Sample"], json!({"live": 1, "deleted": 1}));
+    assert_eq!(
+        status["objects"]["Sample"],
+        json!({"live": 1, "deleted": 1})
+    );
     assert_eq!(status["node"], json!(id));
     seen.push(status["last_seq"].to_string());
     seen
@@ -52,12 +70,20 @@ fn quick_start(node: &TestNode) -> Vec<String> {
 fn cli_gives_the_same_results_offline_and_through_a_running_node() {
     let offline = TestNode::init("lab-a");
     let offline_seen = quick_start(&offline);
-    assert!(!json(&offline.ok(&["status", "--json"]))["running"].as_bool().unwrap());
+    assert!(
+        !json(&offline.ok(&["status", "--json"]))["running"]
+            .as_bool()
+            .unwrap()
+    );
 
     let mut online = TestNode::init("lab-b");
     online.start();
     let online_seen = quick_start(&online);
-    assert!(json(&online.ok(&["status", "--json"]))["running"].as_bool().unwrap());
+    assert!(
+        json(&online.ok(&["status", "--json"]))["running"]
+            .as_bool()
+            .unwrap()
+    );
     assert_eq!(offline_seen, online_seen);
     online.stop();
     // What the running node wrote is there when the CLI reads the store itself.
@@ -68,26 +94,56 @@ fn cli_gives_the_same_results_offline_and_through_a_running_node() {
 fn http_api_serves_every_operation() {
     let mut node = TestNode::init("lab-a");
     node.start();
-    let (s, v) = node.http(Method::PUT, "/v1/objects/Sample/S-001", Some(r#"{"status":"received","volume_ml":2.5,"tags":["a"]}"#));
+    let (s, v) = node.http(
+        Method::PUT,
+        "/v1/objects/Sample/S-001",
+        Some(r#"{"status":"received","volume_ml":2.5,"tags":["a"]}"#),
+    );
     assert_eq!(s, 200, "{v}");
-    assert_eq!(v["object"], json!({"status": "received", "volume_ml": 2.5, "tags": ["a"]}));
+    assert_eq!(
+        v["object"],
+        json!({"status": "received", "volume_ml": 2.5, "tags": ["a"]})
+    );
     // A PUT sets only what it names; null removes a field; an identical PUT changes nothing.
-    let (s, v) = node.http(Method::PUT, "/v1/objects/Sample/S-001", Some(r#"{"volume_ml":null,"note":"x"}"#));
+    let (s, v) = node.http(
+        Method::PUT,
+        "/v1/objects/Sample/S-001",
+        Some(r#"{"volume_ml":null,"note":"x"}"#),
+    );
     assert_eq!(s, 200, "{v}");
     let (_, v) = node.http(Method::GET, "/v1/objects/Sample/S-001", None);
     assert_eq!(v, json!({"status": "received", "tags": ["a"], "note": "x"}));
-    let (_, v) = node.http(Method::PUT, "/v1/objects/Sample/S-001", Some(r#"{"note":"x"}"#));
+    let (_, v) = node.http(
+        Method::PUT,
+        "/v1/objects/Sample/S-001",
+        Some(r#"{"note":"x"}"#),
+    );
     assert_eq!(v["changed"], json!(false));
     // Ids with spaces and punctuation travel percent-encoded.
-    let (s, _) = node.http(Method::PUT, "/v1/objects/Sample/S%20002%20(rerun)", Some("{}"));
+    let (s, _) = node.http(
+        Method::PUT,
+        "/v1/objects/Sample/S%20002%20(rerun)",
+        Some("{}"),
+    );
     assert_eq!(s, 200);
     for i in 0..5 {
-        node.http(Method::PUT, &format!("/v1/objects/Method/M-{i}"), Some(r#"{"v":1}"#));
+        node.http(
+            Method::PUT,
+            &format!("/v1/objects/Method/M-{i}"),
+            Some(r#"{"v":1}"#),
+        );
     }
     // Paging through a type.
     let (_, page) = node.http(Method::GET, "/v1/objects/Method?limit=2", None);
     assert_eq!(page["ids"], json!(["M-0", "M-1"]));
-    let (_, page) = node.http(Method::GET, &format!("/v1/objects/Method?limit=2&after={}", page["next"].as_str().unwrap()), None);
+    let (_, page) = node.http(
+        Method::GET,
+        &format!(
+            "/v1/objects/Method?limit=2&after={}",
+            page["next"].as_str().unwrap()
+        ),
+        None,
+    );
     assert_eq!(page["ids"], json!(["M-2", "M-3"]));
     let (_, page) = node.http(Method::GET, "/v1/objects/Method?limit=2&after=M-3", None);
     assert_eq!(page, json!({"ids": ["M-4"], "next": null}));
@@ -98,9 +154,19 @@ fn http_api_serves_every_operation() {
     assert_eq!(h["changes"].as_array().unwrap().len(), 2);
     let (s, _) = node.http(Method::DELETE, "/v1/objects/Sample/S-001", None);
     assert_eq!(s, 200);
-    assert_eq!(node.http(Method::GET, "/v1/objects/Sample/S-001", None).0, 404);
-    assert_eq!(node.http(Method::DELETE, "/v1/objects/Sample/S-001", None).0, 404);
-    assert_eq!(node.http(Method::GET, "/v1/objects/Sample/nope", None).0, 404);
+    assert_eq!(
+        node.http(Method::GET, "/v1/objects/Sample/S-001", None).0,
+        404
+    );
+    assert_eq!(
+        node.http(Method::DELETE, "/v1/objects/Sample/S-001", None)
+            .0,
+        404
+    );
+    assert_eq!(
+        node.http(Method::GET, "/v1/objects/Sample/nope", None).0,
+        404
+    );
     let (s, h) = node.http(Method::GET, "/v1/objects/Sample/S-001/history", None);
     assert_eq!((s, h["deleted"].clone()), (200, json!(true)));
     let (_, st) = node.http(Method::GET, "/v1/status", None);
@@ -116,23 +182,57 @@ fn bad_requests_get_4xx_and_change_nothing() {
     node.http(Method::PUT, "/v1/objects/Sample/S-001", Some(r#"{"a":1}"#));
     let (_, before) = node.http(Method::GET, "/v1/status", None);
     let cases: &[(Method, &str, Option<&str>, u16, &str)] = &[
-        (Method::PUT, "/v1/objects/Sample/S-001", Some("{not json"), 400, "not valid JSON"),
-        (Method::PUT, "/v1/objects/Sample/S-001", Some("[1,2]"), 400, "JSON object"),
-        (Method::PUT, "/v1/objects/Sample/S-001", Some(r#"{"@deleted":true}"#), 400, "reserved"),
-        (Method::PUT, "/v1/objects/9bad/S-001", Some("{}"), 400, "invalid type name"),
+        (
+            Method::PUT,
+            "/v1/objects/Sample/S-001",
+            Some("{not json"),
+            400,
+            "not valid JSON",
+        ),
+        (
+            Method::PUT,
+            "/v1/objects/Sample/S-001",
+            Some("[1,2]"),
+            400,
+            "JSON object",
+        ),
+        (
+            Method::PUT,
+            "/v1/objects/Sample/S-001",
+            Some(r#"{"@deleted":true}"#),
+            400,
+            "reserved",
+        ),
+        (
+            Method::PUT,
+            "/v1/objects/9bad/S-001",
+            Some("{}"),
+            400,
+            "invalid type name",
+        ),
         (Method::GET, "/v1/changes?since=abc", None, 400, ""),
         (Method::GET, "/v1/nope", None, 404, "no such endpoint"),
     ];
     for (method, path, body, want, text) in cases {
         let (s, v) = node.http(method.clone(), path, *body);
         assert_eq!(s, *want, "{method} {path}: {v}");
-        assert!(v["error"].as_str().unwrap_or_default().contains(text), "{method} {path}: {v}");
+        assert!(
+            v["error"].as_str().unwrap_or_default().contains(text),
+            "{method} {path}: {v}"
+        );
     }
     let big = format!(r#"{{"a":"{}"}}"#, "x".repeat(5 * 1024 * 1024));
-    assert_eq!(node.http(Method::PUT, "/v1/objects/Sample/S-big", Some(&big)).0, 413);
+    assert_eq!(
+        node.http(Method::PUT, "/v1/objects/Sample/S-big", Some(&big))
+            .0,
+        413
+    );
     let (_, after) = node.http(Method::GET, "/v1/status", None);
     assert_eq!(before["last_seq"], after["last_seq"]);
-    assert_eq!(node.http(Method::GET, "/v1/objects/Sample/S-001", None).1, json!({"a": 1}));
+    assert_eq!(
+        node.http(Method::GET, "/v1/objects/Sample/S-001", None).1,
+        json!({"a": 1})
+    );
 }
 
 #[test]
@@ -141,9 +241,26 @@ fn a_configured_token_is_required_on_every_request() {
     let mut node = TestNode::init_with("lab-a", &["--api-token", token]);
     node.start();
     assert_eq!(node.http_with(Method::GET, "/v1/status", None, None).0, 401);
-    assert_eq!(node.http_with(Method::GET, "/v1/status", None, Some("wrong-token-wrong-token")).0, 401);
-    assert_eq!(node.http_with(Method::PUT, "/v1/objects/S/x", Some("{}"), None).0, 401);
-    assert_eq!(node.http_with(Method::GET, "/v1/status", None, Some(token)).0, 200);
+    assert_eq!(
+        node.http_with(
+            Method::GET,
+            "/v1/status",
+            None,
+            Some("wrong-token-wrong-token")
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        node.http_with(Method::PUT, "/v1/objects/S/x", Some("{}"), None)
+            .0,
+        401
+    );
+    assert_eq!(
+        node.http_with(Method::GET, "/v1/status", None, Some(token))
+            .0,
+        200
+    );
     // The CLI reads the token from the config file.
     node.ok(&["put", "Sample", "S-1", r#"{"a":1}"#]);
     assert_eq!(json(&node.ok(&["get", "Sample", "S-1"])), json!({"a": 1}));
@@ -168,13 +285,23 @@ fn data_survives_a_restart_and_the_feed_resumes_from_any_seq() {
     let mut node = TestNode::init("lab-a");
     node.start();
     for i in 1..=5 {
-        node.ok(&["put", "Sample", &format!("S-{i}"), &format!(r#"{{"n":{i}}}"#)]);
+        node.ok(&[
+            "put",
+            "Sample",
+            &format!("S-{i}"),
+            &format!(r#"{{"n":{i}}}"#),
+        ]);
     }
     node.stop();
     node.start();
     assert_eq!(json(&node.ok(&["get", "Sample", "S-3"])), json!({"n": 3}));
     let (_, feed) = node.http(Method::GET, "/v1/changes?since=2", None);
-    let seqs: Vec<u64> = feed["changes"].as_array().unwrap().iter().map(|c| c["seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = feed["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, vec![3, 4, 5]);
     assert_eq!(feed["last"], json!(5));
     assert_eq!(feed["changes"][0]["id"], json!("S-3"));
@@ -205,7 +332,10 @@ fn every_acknowledged_put_survives_kill_9() {
     let writer = {
         let acked = Arc::clone(&acked);
         std::thread::spawn(move || {
-            let client = reqwest::blocking::Client::builder().no_proxy().build().unwrap();
+            let client = reqwest::blocking::Client::builder()
+                .no_proxy()
+                .build()
+                .unwrap();
             for i in 0.. {
                 let r = client
                     .put(format!("{base}/v1/objects/Sample/S-{i}"))
@@ -232,11 +362,20 @@ fn every_acknowledged_put_survives_kill_9() {
     // The store opens again after the crash, and every acknowledged write is in it.
     node.start();
     let listed = node.ok(&["ls", "Sample"]);
-    let present: BTreeSet<u64> = listed.lines().map(|l| l.trim_start_matches("S-").parse().unwrap()).collect();
+    let present: BTreeSet<u64> = listed
+        .lines()
+        .map(|l| l.trim_start_matches("S-").parse().unwrap())
+        .collect();
     let lost: Vec<_> = acked.difference(&present).collect();
-    assert!(lost.is_empty(), "acknowledged but lost after kill -9: {lost:?} (writer stopped at {stopped_at})");
+    assert!(
+        lost.is_empty(),
+        "acknowledged but lost after kill -9: {lost:?} (writer stopped at {stopped_at})"
+    );
     for i in acked.iter().take(5) {
-        assert_eq!(json(&node.ok(&["get", "Sample", &format!("S-{i}")])), json!({"n": i}));
+        assert_eq!(
+            json(&node.ok(&["get", "Sample", &format!("S-{i}")])),
+            json!({"n": i})
+        );
     }
 }
 
@@ -256,7 +395,11 @@ fn bad_command_lines_say_what_is_wrong() {
     let node = TestNode::init("lab-a");
     let out = node.cli(&["frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("unrecognized subcommand"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unrecognized subcommand"),
+        "{}",
+        stderr(&out)
+    );
 
     let out = std::process::Command::new(tidesync_tests::tidesync_bin())
         .args(["get", "Sample", "S-1"])
@@ -267,7 +410,13 @@ fn bad_command_lines_say_what_is_wrong() {
     assert!(stderr(&out).contains("--home"), "{}", stderr(&out));
 
     let out = std::process::Command::new(tidesync_tests::tidesync_bin())
-        .args(["get", "--home", "/nonexistent/tidesync-home", "Sample", "S-1"])
+        .args([
+            "get",
+            "--home",
+            "/nonexistent/tidesync-home",
+            "Sample",
+            "S-1",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -284,7 +433,11 @@ fn bad_command_lines_say_what_is_wrong() {
         assert!(stderr(&out).contains(text), "{args:?}: {}", stderr(&out));
     }
     let out = node.cli(&["init"]);
-    assert!(stderr(&out).contains("already holds a tidesync node"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("already holds a tidesync node"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(node.ok(&["ls", "Sample"]), "");
 }
 
@@ -302,7 +455,11 @@ fn damaged_store_key_and_config_files_are_reported_and_left_alone() {
     let out = node.cli(&["get", "Sample", "S-1"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("store.redb"), "{}", stderr(&out));
-    assert_eq!(std::fs::read(&store).unwrap(), truncated, "a damaged store must not be modified");
+    assert_eq!(
+        std::fs::read(&store).unwrap(),
+        truncated,
+        "a damaged store must not be modified"
+    );
     // A store overwritten with garbage.
     std::fs::write(&store, vec![0xA5u8; original.len()]).unwrap();
     let out = node.cli(&["status"]);
