@@ -163,12 +163,13 @@ pub type Clock = std::sync::Arc<dyn Fn() -> i64 + Send + Sync>;
 
 /// The node core.
 pub struct Core {
-    name: String,
-    engine: Engine,
-    store: Store,
-    cache: LruCache<DocId, Automerge>,
-    clock: Clock,
-    running: bool,
+    pub(crate) name: String,
+    pub(crate) engine: Engine,
+    pub(crate) store: Store,
+    pub(crate) cache: LruCache<DocId, Automerge>,
+    pub(crate) clock: Clock,
+    pub(crate) running: bool,
+    pub(crate) sync: crate::sync::Sessions,
 }
 
 impl Core {
@@ -223,6 +224,7 @@ impl Core {
             cache: LruCache::new(NonZeroUsize::new(cache_docs.max(1)).unwrap_or(NonZeroUsize::MIN)),
             clock,
             running,
+            sync: crate::sync::Sessions::default(),
         }
     }
 
@@ -240,7 +242,7 @@ impl Core {
     }
 
     /// Load the document for `doc`, from the cache or the store (taking it out of the cache).
-    fn take_doc(&mut self, doc_id: &DocId) -> Result<Option<Automerge>, StoreError> {
+    pub(crate) fn take_doc(&mut self, doc_id: &DocId) -> Result<Option<Automerge>, StoreError> {
         match self.cache.pop(doc_id) {
             Some(d) => Ok(Some(d)),
             None => self.store.load_doc(doc_id),

@@ -10,14 +10,15 @@
 //! answering with the records to persist and the messages to send.
 
 use automerge::transaction::CommitOptions;
-use automerge::{ActorId, Automerge, ChangeHash, ReadDoc};
+use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 use tidesync_proto::ids::actor_id;
-use tidesync_proto::{DocId, NodeId, ObjectId, SignedChange, TypeName};
+use tidesync_proto::{DocHeader, DocId, NodeId, ObjectId, SignedChange, TypeName, VerifiedChange};
 
 use crate::doc::{self, FieldsError};
 use crate::identity::Identity;
+use crate::store::ReceivedDoc;
 
 /// What a node knows about one document besides its Automerge state.
 ///
@@ -202,6 +203,165 @@ impl Engine {
     }
 }
 
+/// One document's share of a received batch, with what the shell loaded for it.
+#[derive(Debug)]
+pub struct Arrival {
+    pub header: DocHeader,
+    /// The document as this node has it, if it has it.
+    pub existing: Option<(DocRecord, Automerge)>,
+    /// Changes of this document held from earlier batches for missing dependencies.
+    pub held: Vec<SignedChange>,
+    /// Verified, not yet stored changes from this batch, in the order they arrived.
+    pub incoming: Vec<(SignedChange, VerifiedChange)>,
+    /// The name `(header.ty, header.id)` already belongs to another document here.
+    pub name_taken: bool,
+}
+
+/// What receiving one document's changes decided.
+#[derive(Debug)]
+pub struct Arrived {
+    pub received: ReceivedDoc,
+    /// The document after applying, when anything was applied.
+    pub doc: Option<Automerge>,
+    /// Changes refused, with the reason.
+    pub rejected: Vec<(ChangeHash, String)>,
+}
+
+impl Engine {
+    /// Apply received changes to one document. A change is applied once every change it
+    /// depends on is in the document; until then it is held (durably, by the shell). Only the
+    /// document's origin may make a change with no dependencies (the document's creation).
+    pub fn receive(&self, arrival: Arrival) -> Arrived {
+        let Arrival {
+            header,
+            existing,
+            held,
+            incoming,
+            name_taken,
+        } = arrival;
+        let (record, mut doc) = match existing {
+            Some((record, doc)) => (Some(record), doc),
+            None => (None, Automerge::new()),
+        };
+        let mut rejected = Vec::new();
+        // (signed, decoded change, hash, author, was held before)
+        let mut waiting: Vec<(SignedChange, Change, ChangeHash, NodeId, bool)> = Vec::new();
+        for signed in held {
+            match Change::from_bytes(signed.bytes.clone()) {
+                Ok(change) => {
+                    let author =
+                        NodeId::from_actor(change.actor_id().to_bytes()).unwrap_or(header.origin);
+                    let hash = change.hash();
+                    waiting.push((signed, change, hash, author, true));
+                }
+                Err(e) => {
+                    tracing::warn!(doc = %header.doc, error = %e, "dropping an undecodable held change")
+                }
+            }
+        }
+        for (signed, verified) in incoming {
+            if verified.change.deps().is_empty() && verified.author != header.origin {
+                rejected.push((
+                    verified.hash,
+                    format!(
+                        "change {} by {} would create document {} whose origin is {}",
+                        verified.hash, verified.author, header.doc, header.origin
+                    ),
+                ));
+                continue;
+            }
+            waiting.push((
+                signed,
+                verified.change,
+                verified.hash,
+                verified.author,
+                false,
+            ));
+        }
+        let mut applied = Vec::new();
+        let mut released = Vec::new();
+        loop {
+            let mut progress = false;
+            let mut still = Vec::with_capacity(waiting.len());
+            for (signed, change, hash, author, was_held) in waiting {
+                let ready = change
+                    .deps()
+                    .iter()
+                    .all(|d| doc.get_change_by_hash(d).is_some());
+                if !ready {
+                    still.push((signed, change, hash, author, was_held));
+                    continue;
+                }
+                match doc.apply_changes([change]) {
+                    Ok(()) => {
+                        progress = true;
+                        if was_held {
+                            released.push(hash);
+                        }
+                        applied.push((signed, hash, author));
+                    }
+                    Err(e) => {
+                        rejected.push((hash, format!("automerge refused change {hash}: {e}")))
+                    }
+                }
+            }
+            waiting = still;
+            if !progress {
+                break;
+            }
+        }
+        let newly_held: Vec<(SignedChange, ChangeHash)> = waiting
+            .into_iter()
+            .filter(|(_, _, _, _, was_held)| !was_held)
+            .map(|(signed, _, hash, _, _)| (signed, hash))
+            .collect();
+        let (record, state, doc) = if applied.is_empty() {
+            (None, None, None)
+        } else {
+            let mut record = record.unwrap_or_else(|| DocRecord {
+                origin: header.origin,
+                ty: header.ty.clone(),
+                id: header.id.clone(),
+                local_id: if name_taken {
+                    collision_name(&header)
+                } else {
+                    header.id.clone()
+                },
+                live: true,
+            });
+            record.live = !doc::is_deleted(&doc);
+            let state = doc.save();
+            (Some(record), Some(state), Some(doc))
+        };
+        Arrived {
+            received: ReceivedDoc {
+                doc_id: header.doc,
+                header,
+                record,
+                state,
+                applied,
+                held: newly_held,
+                released,
+            },
+            doc,
+            rejected,
+        }
+    }
+}
+
+/// The local name of a received document whose `(type, id)` another document already has
+/// here: the id, `~`, and the first 8 hex digits of its document id. Neither document is lost
+/// or merged into the other.
+pub fn collision_name(header: &DocHeader) -> ObjectId {
+    let suffix = &header.doc.to_string()[..8];
+    let keep = tidesync_proto::ids::MAX_OBJECT_ID_BYTES - 9;
+    let mut base = header.id.as_str().to_string();
+    while base.len() > keep {
+        base.pop();
+    }
+    ObjectId::new(format!("{base}~{suffix}")).unwrap_or_else(|_| header.id.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,6 +508,127 @@ mod tests {
             e.local_write(0, &t, &i, None, WriteOp::Delete),
             Err(WriteError::NotFound { .. })
         ));
+    }
+
+    fn header(p: &Persist) -> DocHeader {
+        DocHeader {
+            doc: p.doc_id,
+            origin: p.record.origin,
+            ty: p.record.ty.clone(),
+            id: p.record.id.clone(),
+        }
+    }
+
+    fn arrive(
+        e: &Engine,
+        h: &DocHeader,
+        existing: Option<(DocRecord, Automerge)>,
+        held: Vec<SignedChange>,
+        incoming: Vec<&SignedChange>,
+    ) -> Arrived {
+        e.receive(Arrival {
+            header: h.clone(),
+            existing,
+            held,
+            incoming: incoming
+                .into_iter()
+                .map(|s| (s.clone(), s.verify().unwrap()))
+                .collect(),
+            name_taken: false,
+        })
+    }
+
+    #[test]
+    fn changes_arriving_before_their_dependencies_are_held_then_applied() {
+        let (t, i) = names();
+        let a = engine(1, 1);
+        let f1 = json!({"a": 1});
+        let p1 = changed(
+            a.local_write(0, &t, &i, None, WriteOp::Put(f1.as_object().unwrap()))
+                .unwrap(),
+        );
+        let h = header(&p1);
+        let c1 = p1.change.clone();
+        let f2 = json!({"b": 2});
+        let loaded = Loaded {
+            doc_id: p1.doc_id,
+            record: p1.record.clone(),
+            doc: p1.doc,
+        };
+        let p2 = changed(
+            a.local_write(
+                0,
+                &t,
+                &i,
+                Some(loaded),
+                WriteOp::Put(f2.as_object().unwrap()),
+            )
+            .unwrap(),
+        );
+
+        let b = engine(2, 1);
+        // The second change first: nothing can be applied, it is held.
+        let first = arrive(&b, &h, None, vec![], vec![&p2.change]);
+        assert!(first.received.applied.is_empty() && first.received.record.is_none());
+        assert_eq!(first.received.held.len(), 1);
+        // Then the first: both apply, in order, and the held one is released.
+        let second = arrive(&b, &h, None, vec![p2.change.clone()], vec![&c1]);
+        let hashes: Vec<_> = second.received.applied.iter().map(|(_, h, _)| *h).collect();
+        assert_eq!(hashes, vec![p1.hash, p2.hash]);
+        assert_eq!(second.received.released, vec![p2.hash]);
+        assert!(second.received.held.is_empty());
+        let doc = second.doc.unwrap();
+        assert_eq!(Json::Object(doc::to_json(&doc)), json!({"a": 1, "b": 2}));
+        assert_eq!(second.received.record.unwrap().origin, a.node_id());
+    }
+
+    #[test]
+    fn only_the_origin_may_create_a_document() {
+        let (t, i) = names();
+        let mallory = engine(3, 1);
+        let f = json!({"a": 1});
+        let p = changed(
+            mallory
+                .local_write(0, &t, &i, None, WriteOp::Put(f.as_object().unwrap()))
+                .unwrap(),
+        );
+        // Mallory claims the document was created by node 1.
+        let victim = engine(1, 1).node_id();
+        let h = DocHeader {
+            doc: DocId::derive(&victim, &t, &i),
+            origin: victim,
+            ty: t.clone(),
+            id: i.clone(),
+        };
+        let forged = SignedChange::sign(
+            mallory.identity.signing_key(),
+            h.doc,
+            &p.change.verify().unwrap().change,
+        );
+        let out = arrive(&engine(2, 1), &h, None, vec![], vec![&forged]);
+        assert_eq!(out.rejected.len(), 1);
+        assert!(out.received.applied.is_empty());
+    }
+
+    #[test]
+    fn a_received_document_whose_name_is_taken_gets_its_own_name() {
+        let (t, i) = names();
+        let f = json!({"a": 1});
+        let p = changed(
+            engine(1, 1)
+                .local_write(0, &t, &i, None, WriteOp::Put(f.as_object().unwrap()))
+                .unwrap(),
+        );
+        let h = header(&p);
+        let out = engine(2, 1).receive(Arrival {
+            header: h.clone(),
+            existing: None,
+            held: vec![],
+            incoming: vec![(p.change.clone(), p.change.verify().unwrap())],
+            name_taken: true,
+        });
+        let local = out.received.record.unwrap().local_id;
+        assert_eq!(local.as_str(), format!("S-001~{}", &h.doc.to_string()[..8]));
     }
 
     #[test]

@@ -23,3 +23,4 @@ pub mod engine;
 pub mod identity;
 pub mod node;
 pub mod store;
+pub mod sync;

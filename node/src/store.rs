@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use automerge::{Automerge, ChangeHash};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
-use tidesync_proto::{DocId, NodeId, ObjectId, SignedChange, TypeName};
+use tidesync_proto::{Checkpoint, DocHeader, DocId, NodeId, ObjectId, SignedChange, TypeName};
 
 use crate::engine::{DocRecord, Persist};
 
@@ -37,6 +37,12 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log_v1");
 /// The (type, id) index of the names documents have on this node.
 /// Key: (type name, local object id). Value: DocId (16 bytes).
 const NAMES: TableDefinition<(&str, &str), [u8; 16]> = TableDefinition::new("names_v1");
+/// Verified changes held until their dependencies arrive (they are not in the log yet).
+/// Key: (DocId, change hash). Value: postcard `(DocHeader, SignedChange)`.
+const PENDING: TableDefinition<([u8; 16], [u8; 32]), &[u8]> = TableDefinition::new("pending_v1");
+/// What this node knows of each peer's sync: checkpoints and counters.
+/// Key: peer NodeId (32 bytes). Value: postcard [`PeerRecord`].
+const PEERS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("peers_v1");
 
 /// One entry of the change log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,8 +50,57 @@ pub struct LogEntry {
     pub doc: DocId,
     pub hash: [u8; 32],
     pub author: NodeId,
+    /// The peer this node received the change from; `None` for its own writes.
+    pub from: Option<NodeId>,
     /// When this node stored the change, Unix milliseconds.
     pub time_ms: i64,
+}
+
+/// What a node remembers of its sync with one peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRecord {
+    /// The peer's log is durably stored here up to this checkpoint.
+    pub received: Checkpoint,
+    /// The peer acknowledged our log up to this SEQ.
+    pub acked: u64,
+    /// Changes received from the peer and stored (not counting duplicates).
+    pub changes_in: u64,
+    /// Changes sent to the peer.
+    pub changes_out: u64,
+    /// Changes from the peer that failed verification or policy.
+    pub rejected: u64,
+    /// Changes we sent that the peer reported rejecting.
+    pub rejected_by_peer: u64,
+    /// Duplicates received (changes already held).
+    pub duplicates: u64,
+    /// Last time a batch was stored or acknowledged, Unix milliseconds.
+    pub last_sync_ms: i64,
+}
+
+/// A range of the log read for one peer.
+#[derive(Debug, Default)]
+pub struct OutBatch {
+    pub docs: Vec<DocHeader>,
+    pub changes: Vec<SignedChange>,
+    /// The last log entry scanned (sent or skipped).
+    pub upto: Checkpoint,
+}
+
+/// One document's share of a received batch, ready to commit.
+#[derive(Debug)]
+pub struct ReceivedDoc {
+    pub doc_id: DocId,
+    pub header: DocHeader,
+    /// The record to store, when at least one change was applied.
+    pub record: Option<DocRecord>,
+    /// The new document state, when at least one change was applied.
+    pub state: Option<Vec<u8>>,
+    /// Applied changes, in the order they were applied: these join the log.
+    pub applied: Vec<(SignedChange, ChangeHash, NodeId)>,
+    /// Changes to hold until their dependencies arrive.
+    pub held: Vec<(SignedChange, ChangeHash)>,
+    /// Previously held changes that have now been applied.
+    pub released: Vec<ChangeHash>,
 }
 
 /// Why the store failed. Each names the store file.
@@ -173,6 +228,8 @@ impl Store {
             tx.open_table(CHANGES).ctx(self, ctx)?;
             tx.open_table(LOG).ctx(self, ctx)?;
             tx.open_table(NAMES).ctx(self, ctx)?;
+            tx.open_table(PENDING).ctx(self, ctx)?;
+            tx.open_table(PEERS).ctx(self, ctx)?;
         }
         tx.commit().ctx(self, ctx)
     }
@@ -267,6 +324,7 @@ impl Store {
                 doc: p.doc_id,
                 hash: p.hash.0,
                 author: p.author,
+                from: None,
                 time_ms: p.time_ms,
             };
             let entry = postcard::to_stdvec(&entry).map_err(|x| self.encode_error(x))?;
@@ -395,6 +453,264 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// The log entry at `seq`.
+    pub fn log_entry(&self, seq: u64) -> Result<Option<LogEntry>, StoreError> {
+        let ctx = "reading the change log";
+        let tx = self.db.begin_read().ctx(self, ctx)?;
+        let log = tx.open_table(LOG).ctx(self, ctx)?;
+        let found = log.get(seq).ctx(self, ctx)?;
+        found
+            .map(|v| self.decode(|| format!("log_v1[{seq}]"), v.value()))
+            .transpose()
+    }
+
+    /// The checkpoint naming log position `seq` (the start of the log for 0).
+    pub fn checkpoint(&self, seq: u64) -> Result<Option<Checkpoint>, StoreError> {
+        if seq == 0 {
+            return Ok(Some(Checkpoint::default()));
+        }
+        Ok(self
+            .log_entry(seq)?
+            .map(|e| Checkpoint { seq, hash: e.hash }))
+    }
+
+    /// Whether a change is stored (applied or held).
+    pub fn has_change(&self, doc: &DocId, hash: &ChangeHash) -> Result<bool, StoreError> {
+        let ctx = "looking up a change";
+        let tx = self.db.begin_read().ctx(self, ctx)?;
+        let changes = tx.open_table(CHANGES).ctx(self, ctx)?;
+        if changes.get((doc.0, hash.0)).ctx(self, ctx)?.is_some() {
+            return Ok(true);
+        }
+        let pending = tx.open_table(PENDING).ctx(self, ctx)?;
+        Ok(pending.get((doc.0, hash.0)).ctx(self, ctx)?.is_some())
+    }
+
+    /// The changes of `doc` held for missing dependencies.
+    pub fn pending(&self, doc: &DocId) -> Result<Vec<SignedChange>, StoreError> {
+        let ctx = "reading held changes";
+        let tx = self.db.begin_read().ctx(self, ctx)?;
+        let pending = tx.open_table(PENDING).ctx(self, ctx)?;
+        let mut out = Vec::new();
+        for item in pending
+            .range((doc.0, [0u8; 32])..=(doc.0, [0xffu8; 32]))
+            .ctx(self, ctx)?
+        {
+            let (_, v) = item.ctx(self, ctx)?;
+            let (_, change): (DocHeader, SignedChange) =
+                self.decode(|| format!("pending_v1[{doc}]"), v.value())?;
+            out.push(change);
+        }
+        Ok(out)
+    }
+
+    /// How many changes are held for missing dependencies.
+    pub fn pending_count(&self) -> Result<u64, StoreError> {
+        let ctx = "counting held changes";
+        let tx = self.db.begin_read().ctx(self, ctx)?;
+        let pending = tx.open_table(PENDING).ctx(self, ctx)?;
+        pending.len().ctx(self, ctx)
+    }
+
+    /// What this node remembers of `peer` (defaults for a peer never synced).
+    pub fn peer(&self, peer: &NodeId) -> Result<PeerRecord, StoreError> {
+        let ctx = "reading peer state";
+        let tx = self.db.begin_read().ctx(self, ctx)?;
+        let peers = tx.open_table(PEERS).ctx(self, ctx)?;
+        let found = peers.get(peer.0).ctx(self, ctx)?;
+        Ok(found
+            .map(|v| self.decode(|| format!("peers_v1[{peer}]"), v.value()))
+            .transpose()?
+            .unwrap_or_default())
+    }
+
+    /// Update what this node remembers of `peer`. Not fsynced on its own: the next durable
+    /// commit carries it (it holds counters and acknowledgements, which are safe to redo).
+    pub fn update_peer(
+        &self,
+        peer: &NodeId,
+        f: impl FnOnce(&mut PeerRecord),
+    ) -> Result<PeerRecord, StoreError> {
+        let ctx = "updating peer state";
+        let mut tx = self.db.begin_write().ctx(self, ctx)?;
+        tx.set_durability(redb::Durability::None)
+            .map_err(|e| StoreError::Io {
+                path: self.path.clone(),
+                context: ctx,
+                detail: e.to_string(),
+            })?;
+        let record = {
+            let mut peers = tx.open_table(PEERS).ctx(self, ctx)?;
+            let mut record: PeerRecord = match peers.get(peer.0).ctx(self, ctx)? {
+                Some(v) => self.decode(|| format!("peers_v1[{peer}]"), v.value())?,
+                None => PeerRecord::default(),
+            };
+            f(&mut record);
+            let bytes = postcard::to_stdvec(&record).map_err(|x| self.encode_error(x))?;
+            peers.insert(peer.0, bytes.as_slice()).ctx(self, ctx)?;
+            record
+        };
+        tx.commit().ctx(self, ctx)?;
+        Ok(record)
+    }
+
+    /// Read the log after `after` for sending to a peer: at most `max_changes` changes or
+    /// `max_bytes` of change bytes, scanning at most `max_scan` entries. Entries for which
+    /// `skip` is true are passed over (but still covered by `upto`).
+    pub fn read_batch(
+        &self,
+        after: u64,
+        max_changes: usize,
+        max_bytes: usize,
+        max_scan: usize,
+        skip: impl Fn(&LogEntry) -> bool,
+    ) -> Result<OutBatch, StoreError> {
+        let ctx = "reading a batch to send";
+        let tx = self.db.begin_read().ctx(self, ctx)?;
+        let log = tx.open_table(LOG).ctx(self, ctx)?;
+        let changes = tx.open_table(CHANGES).ctx(self, ctx)?;
+        let docs = tx.open_table(DOCS).ctx(self, ctx)?;
+        let mut batch = OutBatch {
+            upto: Checkpoint {
+                seq: after,
+                hash: [0; 32],
+            },
+            ..OutBatch::default()
+        };
+        let mut bytes = 0usize;
+        let mut seen_docs = std::collections::HashSet::new();
+        for item in log
+            .range(after.saturating_add(1)..)
+            .ctx(self, ctx)?
+            .take(max_scan)
+        {
+            if batch.changes.len() >= max_changes || bytes >= max_bytes {
+                break;
+            }
+            let (k, v) = item.ctx(self, ctx)?;
+            let seq = k.value();
+            let entry: LogEntry = self.decode(|| format!("log_v1[{seq}]"), v.value())?;
+            batch.upto = Checkpoint {
+                seq,
+                hash: entry.hash,
+            };
+            if skip(&entry) {
+                continue;
+            }
+            let Some(raw) = changes.get((entry.doc.0, entry.hash)).ctx(self, ctx)? else {
+                continue;
+            };
+            let change: SignedChange =
+                self.decode(|| format!("changes_v1[{}]", entry.doc), raw.value())?;
+            bytes += change.bytes.len();
+            if seen_docs.insert(entry.doc) {
+                if let Some(rec) = docs.get(entry.doc.0).ctx(self, ctx)? {
+                    let rec: DocRecord =
+                        self.decode(|| format!("docs_v1[{}]", entry.doc), rec.value())?;
+                    batch.docs.push(DocHeader {
+                        doc: entry.doc,
+                        origin: rec.origin,
+                        ty: rec.ty,
+                        id: rec.id,
+                    });
+                }
+            }
+            batch.changes.push(change);
+        }
+        Ok(batch)
+    }
+
+    /// Commit a received batch from `from` in one durable transaction: applied changes join
+    /// the log, held ones are kept, and the peer's checkpoint moves to `upto` if the batch
+    /// leaves no gap: it starts at or before the checkpoint (`after`) and ends at or past it,
+    /// or it starts at 0 (the peer starting its log over). Returns the new last SEQ of the log
+    /// and whether the checkpoint moved.
+    pub fn commit_received(
+        &self,
+        from: &NodeId,
+        docs: &[ReceivedDoc],
+        after: u64,
+        upto: Checkpoint,
+        now_ms: i64,
+        counts: (u64, u64, u64),
+    ) -> Result<(u64, bool), StoreError> {
+        let ctx = "committing a received batch";
+        let (applied_or_held, rejected, duplicates) = counts;
+        let tx = self.db.begin_write().ctx(self, ctx)?;
+        let mut seq;
+        let moved;
+        {
+            let mut records = tx.open_table(DOCS).ctx(self, ctx)?;
+            let mut states = tx.open_table(DOC_STATE).ctx(self, ctx)?;
+            let mut changes = tx.open_table(CHANGES).ctx(self, ctx)?;
+            let mut log = tx.open_table(LOG).ctx(self, ctx)?;
+            let mut names = tx.open_table(NAMES).ctx(self, ctx)?;
+            let mut pending = tx.open_table(PENDING).ctx(self, ctx)?;
+            let mut peers = tx.open_table(PEERS).ctx(self, ctx)?;
+            seq = log
+                .last()
+                .ctx(self, ctx)?
+                .map(|(k, _)| k.value())
+                .unwrap_or(0);
+            for d in docs {
+                if let Some(record) = &d.record {
+                    let bytes = postcard::to_stdvec(record).map_err(|x| self.encode_error(x))?;
+                    records
+                        .insert(d.doc_id.0, bytes.as_slice())
+                        .ctx(self, ctx)?;
+                    names
+                        .insert((record.ty.as_str(), record.local_id.as_str()), d.doc_id.0)
+                        .ctx(self, ctx)?;
+                }
+                if let Some(state) = &d.state {
+                    states.insert(d.doc_id.0, state.as_slice()).ctx(self, ctx)?;
+                }
+                for (change, hash, author) in &d.applied {
+                    let bytes = postcard::to_stdvec(change).map_err(|x| self.encode_error(x))?;
+                    changes
+                        .insert((d.doc_id.0, hash.0), bytes.as_slice())
+                        .ctx(self, ctx)?;
+                    seq += 1;
+                    let entry = LogEntry {
+                        doc: d.doc_id,
+                        hash: hash.0,
+                        author: *author,
+                        from: Some(*from),
+                        time_ms: now_ms,
+                    };
+                    let entry = postcard::to_stdvec(&entry).map_err(|x| self.encode_error(x))?;
+                    log.insert(seq, entry.as_slice()).ctx(self, ctx)?;
+                }
+                for hash in &d.released {
+                    pending.remove((d.doc_id.0, hash.0)).ctx(self, ctx)?;
+                }
+                for (change, hash) in &d.held {
+                    let bytes = postcard::to_stdvec(&(&d.header, change))
+                        .map_err(|x| self.encode_error(x))?;
+                    pending
+                        .insert((d.doc_id.0, hash.0), bytes.as_slice())
+                        .ctx(self, ctx)?;
+                }
+            }
+            let mut record: PeerRecord = match peers.get(from.0).ctx(self, ctx)? {
+                Some(v) => self.decode(|| format!("peers_v1[{from}]"), v.value())?,
+                None => PeerRecord::default(),
+            };
+            moved = after == 0 || (after <= record.received.seq && upto.seq >= record.received.seq);
+            if moved {
+                record.received = upto;
+            }
+            record.changes_in += applied_or_held;
+            record.rejected += rejected;
+            record.duplicates += duplicates;
+            record.last_sync_ms = now_ms;
+            let bytes = postcard::to_stdvec(&record).map_err(|x| self.encode_error(x))?;
+            peers.insert(from.0, bytes.as_slice()).ctx(self, ctx)?;
+        }
+        tx.commit().ctx(self, ctx)?;
+        Ok((seq, moved))
     }
 
     /// Size of the store file in bytes (0 for an in-memory store).

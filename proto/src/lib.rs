@@ -14,4 +14,4 @@ pub mod wire;
 
 pub use change::{SignedChange, VerifiedChange, VerifyError};
 pub use ids::{DocId, IdError, NodeId, ObjectId, TypeName};
-pub use wire::{DecodeError, Message, PROTOCOL_VERSION};
+pub use wire::{Checkpoint, DecodeError, DocHeader, Message, PROTOCOL_VERSION};

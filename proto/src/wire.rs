@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::change::SignedChange;
-use crate::ids::NodeId;
+use crate::ids::{DocId, NodeId, ObjectId, TypeName};
 
 /// Version of the wire protocol spoken by this build. Bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -17,19 +17,56 @@ pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 /// Size of the length prefix, in bytes.
 pub const FRAME_HEADER_BYTES: usize = 4;
 
-/// A message between two nodes.
+/// A position in a node's change log: the SEQ and the hash of the change stored at it.
+/// `seq == 0` (with a zero hash) is the start of the log. Carrying the hash lets a node notice
+/// that a checkpoint does not belong to its log (it was restored from an older copy).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+/// What a receiver needs to know of a document it may not have yet. `DocId::derive(origin, ty,
+/// id)` must equal `doc`, so a header cannot be altered without being noticed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocHeader {
+    pub doc: DocId,
+    pub origin: NodeId,
+    pub ty: TypeName,
+    pub id: ObjectId,
+}
+
+/// A message between two nodes. Requests are `Hello`, `Changes` and `Rewound`; every request is
+/// answered with an `Ack`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
-    /// First message on a connection: who the sender is and what it speaks.
-    Hello { node: NodeId, name: String },
-    /// A batch of signed changes, in an order that respects each document's dependencies.
-    /// `upto` is the sender's change-log SEQ covered by this batch, echoed back in [`Message::Ack`].
-    Changes {
-        changes: Vec<SignedChange>,
-        upto: u64,
+    /// Opens a session. `resume` is where the receiver should start sending its change log to
+    /// the sender (the sender has durably stored everything up to it); `tip` is the sender's
+    /// own last SEQ.
+    Hello {
+        node: NodeId,
+        name: String,
+        resume: Checkpoint,
+        tip: u64,
     },
-    /// The receiver has durably stored everything the sender sent up to `upto`.
-    Ack { upto: u64 },
+    /// Changes from the sender's log after SEQ `after`, up to `upto`, in log order (which
+    /// respects each document's dependencies). `docs` has a header for every document the batch
+    /// touches. Entries the receiver already has may be left out, so `changes` can be empty
+    /// while `upto` advances. The receiver moves its checkpoint only when `after` is where it
+    /// stands (or 0, a sender starting over), so a batch is never skipped.
+    Changes {
+        after: u64,
+        docs: Vec<DocHeader>,
+        changes: Vec<SignedChange>,
+        upto: Checkpoint,
+        tip: u64,
+    },
+    /// The sender of this message was restored from an older copy and lost changes: resend
+    /// your log after `resume`, including what it once received from the sender.
+    Rewound { resume: Checkpoint },
+    /// The answer to every request. For `Changes`: everything up to `upto` is durably stored;
+    /// `rejected` of the batch's changes failed verification or policy.
+    Ack { upto: u64, rejected: u32 },
 }
 
 /// Why bytes could not be decoded into a message.
@@ -139,15 +176,23 @@ pub fn decode_exact(buf: &[u8]) -> Result<Message, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::DocId;
     use proptest::prelude::*;
 
     fn arb_message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (any::<[u8; 32]>(), ".{0,40}").prop_map(|(k, name)| Message::Hello {
-                node: NodeId(k),
-                name
-            }),
+            (
+                any::<[u8; 32]>(),
+                ".{0,40}",
+                any::<u64>(),
+                any::<[u8; 32]>(),
+                any::<u64>()
+            )
+                .prop_map(|(k, name, seq, hash, tip)| Message::Hello {
+                    node: NodeId(k),
+                    name,
+                    resume: Checkpoint { seq, hash },
+                    tip
+                }),
             (
                 proptest::collection::vec(
                     (
@@ -157,9 +202,18 @@ mod tests {
                     ),
                     0..8
                 ),
-                any::<u64>()
+                any::<u64>(),
+                "[A-Z][a-z]{0,8}",
+                "[a-z0-9-]{1,12}"
             )
-                .prop_map(|(cs, upto)| Message::Changes {
+                .prop_map(|(cs, upto, ty, id)| Message::Changes {
+                    after: upto / 2,
+                    docs: vec![DocHeader {
+                        doc: DocId([1; 16]),
+                        origin: NodeId([2; 32]),
+                        ty: TypeName::new(ty).unwrap(),
+                        id: ObjectId::new(id).unwrap(),
+                    }],
                     changes: cs
                         .into_iter()
                         .map(|(d, bytes, s)| {
@@ -172,9 +226,17 @@ mod tests {
                             }
                         })
                         .collect(),
-                    upto,
+                    upto: Checkpoint {
+                        seq: upto,
+                        hash: [3; 32]
+                    },
+                    tip: upto,
                 }),
-            any::<u64>().prop_map(|upto| Message::Ack { upto }),
+            (any::<u64>(), any::<u32>())
+                .prop_map(|(upto, rejected)| Message::Ack { upto, rejected }),
+            any::<u64>().prop_map(|seq| Message::Rewound {
+                resume: Checkpoint { seq, hash: [4; 32] }
+            }),
         ]
     }
 
@@ -201,19 +263,26 @@ mod tests {
         let header = ((MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
         assert!(matches!(decode(&header), Err(DecodeError::TooLarge { .. })));
         let big = Message::Changes {
+            after: 0,
+            docs: vec![],
             changes: vec![SignedChange {
                 doc: DocId([0; 16]),
                 bytes: vec![7; MAX_FRAME_BYTES],
                 signature: [0; 64],
             }],
-            upto: 1,
+            upto: Checkpoint::default(),
+            tip: 1,
         };
         assert!(matches!(encode(&big), Err(EncodeError::TooLarge { .. })));
     }
 
     #[test]
     fn other_versions_and_garbage_are_refused() {
-        let mut frame = encode(&Message::Ack { upto: 5 }).unwrap();
+        let mut frame = encode(&Message::Ack {
+            upto: 5,
+            rejected: 0,
+        })
+        .unwrap();
         frame[FRAME_HEADER_BYTES] = 9; // version varint
         assert_eq!(decode_exact(&frame), Err(DecodeError::Version { got: 9 }));
         let garbage = [0, 0, 0, 3, 1, 0xff, 0xff];

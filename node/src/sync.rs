@@ -1,0 +1,769 @@
+//! Sync sessions: the per-peer state machine that streams the change log to peers and stores
+//! what they stream back, written against the core so that it runs unchanged under the
+//! network shell, in tests and in simulations.
+//!
+//! A session starts when a connection to a configured peer is up. Each side sends `Hello` with
+//! the checkpoint of the other's log it has durably stored. Each side then sends `Changes`
+//! batches from its own log after that checkpoint, one batch in flight at a time; the receiver
+//! verifies, applies and commits a batch and its new checkpoint in one transaction, then answers
+//! `Ack`. New changes (local or received from anyone) are pushed the moment they are
+//! committed. Entries authored by the peer or received from it are not echoed back to it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use automerge::Change;
+use tidesync_proto::{
+    Checkpoint, DocHeader, DocId, Message, NodeId, SignedChange, VerifiedChange, VerifyError,
+};
+
+use crate::core::{Core, system_now_ms};
+use crate::engine::Arrival;
+use crate::store::{LogEntry, ReceivedDoc, StoreError};
+
+/// Most changes in one `Changes` batch.
+pub const SYNC_BATCH_CHANGES: usize = 1_000;
+/// Most change bytes in one batch (well under the frame limit).
+pub const SYNC_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Most log entries scanned for one batch, so that a long run of entries the peer already has
+/// costs a bounded amount of work per step.
+pub const SYNC_SCAN_ENTRIES: usize = 4 * SYNC_BATCH_CHANGES;
+/// Batches sent to one peer and not yet acknowledged. One keeps the receiver's checkpoint
+/// contiguous: request-response delivers each request on its own stream, in no fixed order.
+pub const SYNC_WINDOW_BATCHES: usize = 1;
+/// Batches smaller than this are verified on one thread.
+pub const PARALLEL_VERIFY_MIN: usize = 64;
+
+/// A request to send to a peer.
+pub type Outgoing = (NodeId, Message);
+
+/// Why a sync step failed. Each names the peer.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("peer {peer} sent Hello claiming to be {claimed}")]
+    WrongNode { peer: NodeId, claimed: NodeId },
+    #[error("peer {peer} sent a {what} as a request")]
+    Unexpected { peer: NodeId, what: &'static str },
+    #[error("sync with peer {peer}: {source}")]
+    Store { peer: NodeId, source: StoreError },
+}
+
+/// One connected peer's session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// When the session started, Unix milliseconds.
+    pub since_ms: i64,
+    /// The peer's name from its Hello.
+    pub remote_name: Option<String>,
+    /// The peer's last SEQ, as it last told us.
+    pub remote_tip: u64,
+    /// Whether the peer's Hello arrived, so that we know where to start sending.
+    streaming: bool,
+    /// The last entry of our log scanned for this peer.
+    cursor: u64,
+    /// The checkpoint the peer will hold once every sent batch is stored.
+    sent_upto: u64,
+    /// Sent and unacknowledged batches: (upto, number of changes).
+    inflight: VecDeque<(u64, u64)>,
+    /// Send everything, including what the peer authored or sent us: the peer was restored
+    /// from an older copy and asked for it.
+    unfiltered: bool,
+}
+
+impl Session {
+    fn new(now_ms: i64) -> Session {
+        Session {
+            since_ms: now_ms,
+            remote_name: None,
+            remote_tip: 0,
+            streaming: false,
+            cursor: 0,
+            sent_upto: 0,
+            inflight: VecDeque::new(),
+            unfiltered: false,
+        }
+    }
+}
+
+/// The sessions of all connected peers.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    pub(crate) peers: HashMap<NodeId, Session>,
+    /// Test-only fault: alter relayed changes before sending them (see `net::Fault`).
+    pub(crate) alter_relayed: bool,
+}
+
+/// What storing one received batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiveReport {
+    pub applied: u64,
+    pub held: u64,
+    pub rejected: u64,
+    pub duplicates: u64,
+    pub last_seq: u64,
+}
+
+/// Verify every change, on both cores when the batch is large enough to pay for it.
+fn verify_all(changes: &[SignedChange]) -> Vec<Result<VerifiedChange, VerifyError>> {
+    if changes.len() < PARALLEL_VERIFY_MIN {
+        return changes.iter().map(SignedChange::verify).collect();
+    }
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4);
+    let chunk = changes.len().div_ceil(workers);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = changes
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || part.iter().map(SignedChange::verify).collect::<Vec<_>>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+impl Core {
+    fn store_err(peer: NodeId) -> impl FnOnce(StoreError) -> SyncError {
+        move |source| SyncError::Store { peer, source }
+    }
+
+    /// The session with `peer`, if connected.
+    pub fn session(&self, peer: &NodeId) -> Option<&Session> {
+        self.sync.peers.get(peer)
+    }
+
+    /// Peers with a session.
+    pub fn connected_peers(&self) -> Vec<NodeId> {
+        self.sync.peers.keys().copied().collect()
+    }
+
+    /// A connection to `peer` is up: start a session and say where to resume.
+    pub fn on_connected(&mut self, peer: NodeId) -> Result<Vec<Outgoing>, SyncError> {
+        let now = (self.clock)();
+        self.sync.peers.insert(peer, Session::new(now));
+        let record = self.store.peer(&peer).map_err(Self::store_err(peer))?;
+        let tip = self.store.last_seq().map_err(Self::store_err(peer))?;
+        Ok(vec![(
+            peer,
+            Message::Hello {
+                node: self.node_id(),
+                name: self.name.clone(),
+                resume: record.received,
+                tip,
+            },
+        )])
+    }
+
+    /// The last connection to `peer` is gone.
+    pub fn on_disconnected(&mut self, peer: &NodeId) {
+        self.sync.peers.remove(peer);
+    }
+
+    /// Where to start sending our log to a peer that holds it up to `resume`. A checkpoint
+    /// that is not in our log means this node was restored from an older copy: start over.
+    fn resume_point(&self, peer: NodeId, resume: Checkpoint) -> Result<(u64, bool), SyncError> {
+        if resume.seq == 0 {
+            return Ok((0, false));
+        }
+        match self
+            .store
+            .checkpoint(resume.seq)
+            .map_err(Self::store_err(peer))?
+        {
+            Some(cp) if cp.hash == resume.hash => Ok((resume.seq, false)),
+            _ => Ok((0, true)),
+        }
+    }
+
+    /// A request from `peer`. Returns the response and requests to send (to any peer).
+    pub fn on_request(
+        &mut self,
+        peer: NodeId,
+        msg: Message,
+    ) -> Result<(Message, Vec<Outgoing>), SyncError> {
+        let now = (self.clock)();
+        match msg {
+            Message::Hello {
+                node,
+                name,
+                resume,
+                tip,
+            } => {
+                if node != peer {
+                    return Err(SyncError::WrongNode {
+                        peer,
+                        claimed: node,
+                    });
+                }
+                let (start, rewound) = self.resume_point(peer, resume)?;
+                let session = self
+                    .sync
+                    .peers
+                    .entry(peer)
+                    .or_insert_with(|| Session::new(now));
+                session.remote_name = Some(name);
+                session.remote_tip = tip;
+                session.streaming = true;
+                session.cursor = start;
+                session.sent_upto = start;
+                session.inflight.clear();
+                let mut out = Vec::new();
+                if rewound {
+                    tracing::warn!(%peer, claimed = resume.seq, "peer holds a checkpoint of our log that we no longer have: this node was restored from an older copy; resending everything and asking for what we lost");
+                    let held = self
+                        .store
+                        .peer(&peer)
+                        .map_err(Self::store_err(peer))?
+                        .received;
+                    out.push((peer, Message::Rewound { resume: held }));
+                }
+                out.extend(self.pump(peer)?);
+                Ok((
+                    Message::Ack {
+                        upto: 0,
+                        rejected: 0,
+                    },
+                    out,
+                ))
+            }
+            Message::Changes {
+                after,
+                docs,
+                changes,
+                upto,
+                tip,
+            } => {
+                if let Some(s) = self.sync.peers.get_mut(&peer) {
+                    s.remote_tip = tip;
+                }
+                let report = self.receive_changes(peer, after, docs, changes, upto)?;
+                let out = if report.applied > 0 {
+                    self.pump_all()?
+                } else {
+                    Vec::new()
+                };
+                let rejected = u32::try_from(report.rejected).unwrap_or(u32::MAX);
+                Ok((
+                    Message::Ack {
+                        upto: upto.seq,
+                        rejected,
+                    },
+                    out,
+                ))
+            }
+            Message::Rewound { resume } => {
+                let (start, _) = self.resume_point(peer, resume)?;
+                tracing::warn!(%peer, from = start, "peer was restored from an older copy; resending our log to it in full");
+                if let Some(session) = self.sync.peers.get_mut(&peer) {
+                    session.cursor = start;
+                    session.sent_upto = start;
+                    session.unfiltered = true;
+                }
+                Ok((
+                    Message::Ack {
+                        upto: 0,
+                        rejected: 0,
+                    },
+                    self.pump(peer)?,
+                ))
+            }
+            Message::Ack { .. } => Err(SyncError::Unexpected { peer, what: "Ack" }),
+        }
+    }
+
+    /// The response to a request we sent to `peer`.
+    pub fn on_response(&mut self, peer: NodeId, msg: Message) -> Result<Vec<Outgoing>, SyncError> {
+        let Message::Ack { upto, rejected } = msg else {
+            return Err(SyncError::Unexpected {
+                peer,
+                what: "non-Ack response",
+            });
+        };
+        let Some(session) = self.sync.peers.get_mut(&peer) else {
+            return Ok(Vec::new());
+        };
+        if upto == 0 {
+            return Ok(Vec::new());
+        }
+        let mut sent = 0;
+        while let Some(&(batch_upto, n)) = session.inflight.front() {
+            if batch_upto > upto {
+                break;
+            }
+            sent += n;
+            session.inflight.pop_front();
+        }
+        let now = (self.clock)();
+        self.store
+            .update_peer(&peer, |r| {
+                r.acked = r.acked.max(upto);
+                r.changes_out += sent;
+                r.rejected_by_peer += u64::from(rejected);
+                r.last_sync_ms = now;
+            })
+            .map_err(Self::store_err(peer))?;
+        if rejected > 0 {
+            tracing::warn!(%peer, rejected, "peer rejected changes we sent");
+        }
+        self.pump(peer)
+    }
+
+    /// A request to `peer` failed (timeout, closed stream): what it carried may not have
+    /// arrived, so send again from what the peer acknowledged.
+    pub fn on_request_failed(&mut self, peer: NodeId) -> Result<Vec<Outgoing>, SyncError> {
+        let acked = self.store.peer(&peer).map_err(Self::store_err(peer))?.acked;
+        if let Some(session) = self.sync.peers.get_mut(&peer) {
+            session.cursor = acked;
+            session.sent_upto = acked;
+            session.inflight.clear();
+        }
+        self.pump(peer)
+    }
+
+    /// After a local write: push it to every connected peer.
+    pub fn pump_all(&mut self) -> Result<Vec<Outgoing>, SyncError> {
+        let peers: Vec<NodeId> = self.sync.peers.keys().copied().collect();
+        let mut out = Vec::new();
+        for peer in peers {
+            out.extend(self.pump(peer)?);
+        }
+        Ok(out)
+    }
+
+    /// Send `peer` the next batches of our log, up to the window.
+    pub fn pump(&mut self, peer: NodeId) -> Result<Vec<Outgoing>, SyncError> {
+        let mut out = Vec::new();
+        let last = self.store.last_seq().map_err(Self::store_err(peer))?;
+        loop {
+            let Some(session) = self.sync.peers.get(&peer) else {
+                return Ok(out);
+            };
+            if !session.streaming
+                || session.inflight.len() >= SYNC_WINDOW_BATCHES
+                || session.cursor >= last
+            {
+                return Ok(out);
+            }
+            let (cursor, sent_upto, unfiltered) =
+                (session.cursor, session.sent_upto, session.unfiltered);
+            let skip = |e: &LogEntry| !unfiltered && (e.author == peer || e.from == Some(peer));
+            let mut batch = self
+                .store
+                .read_batch(
+                    cursor,
+                    SYNC_BATCH_CHANGES,
+                    SYNC_BATCH_BYTES,
+                    SYNC_SCAN_ENTRIES,
+                    skip,
+                )
+                .map_err(Self::store_err(peer))?;
+            let scanned = batch.upto.seq.saturating_sub(cursor) as usize;
+            let session = self
+                .sync
+                .peers
+                .get_mut(&peer)
+                .ok_or(SyncError::Unexpected {
+                    peer,
+                    what: "lost session",
+                })?;
+            session.cursor = batch.upto.seq;
+            if batch.changes.is_empty() && scanned < SYNC_SCAN_ENTRIES {
+                // Nothing the peer lacks in this stretch: move on without a message; the
+                // peer's checkpoint catches up with the next batch that carries changes.
+                continue;
+            }
+            if self.sync.alter_relayed {
+                let me = self.node_id();
+                for change in &mut batch.changes {
+                    tamper_if_relayed(change, &me);
+                }
+            }
+            let n = batch.changes.len() as u64;
+            let session = self
+                .sync
+                .peers
+                .get_mut(&peer)
+                .ok_or(SyncError::Unexpected {
+                    peer,
+                    what: "lost session",
+                })?;
+            session.sent_upto = batch.upto.seq;
+            session.inflight.push_back((batch.upto.seq, n));
+            out.push((
+                peer,
+                Message::Changes {
+                    after: sent_upto,
+                    docs: batch.docs,
+                    changes: batch.changes,
+                    upto: batch.upto,
+                    tip: last,
+                },
+            ));
+        }
+    }
+
+    /// Verify, apply and durably store a batch from `peer`.
+    pub fn receive_changes(
+        &mut self,
+        peer: NodeId,
+        after: u64,
+        headers: Vec<DocHeader>,
+        changes: Vec<SignedChange>,
+        upto: Checkpoint,
+    ) -> Result<ReceiveReport, SyncError> {
+        let now = system_now_ms().max((self.clock)());
+        let mut report = ReceiveReport::default();
+        let headers: HashMap<DocId, DocHeader> = headers
+            .into_iter()
+            .filter(|h| {
+                let ok = DocId::derive(&h.origin, &h.ty, &h.id) == h.doc;
+                if !ok {
+                    tracing::warn!(%peer, doc = %h.doc, "document header does not match its id; ignoring it");
+                }
+                ok
+            })
+            .map(|h| (h.doc, h))
+            .collect();
+        let verified = verify_all(&changes);
+        // Group the batch by document, in order of first appearance.
+        let mut order: Vec<DocId> = Vec::new();
+        let mut groups: HashMap<DocId, Vec<(SignedChange, VerifiedChange)>> = HashMap::new();
+        let mut seen = HashSet::new();
+        for (signed, result) in changes.into_iter().zip(verified) {
+            match result {
+                Err(e) => {
+                    report.rejected += 1;
+                    tracing::warn!(%peer, error = %e, "rejected a change");
+                }
+                Ok(v) => {
+                    if !seen.insert((v.doc, v.hash))
+                        || self
+                            .store
+                            .has_change(&v.doc, &v.hash)
+                            .map_err(Self::store_err(peer))?
+                    {
+                        report.duplicates += 1;
+                        continue;
+                    }
+                    if !groups.contains_key(&v.doc) {
+                        order.push(v.doc);
+                    }
+                    groups.entry(v.doc).or_default().push((signed, v));
+                }
+            }
+        }
+        let mut received: Vec<ReceivedDoc> = Vec::with_capacity(order.len());
+        let mut docs_after = Vec::with_capacity(order.len());
+        for doc_id in order {
+            let incoming = groups.remove(&doc_id).unwrap_or_default();
+            let record = self.store.record(&doc_id).map_err(Self::store_err(peer))?;
+            let header = match (&record, headers.get(&doc_id)) {
+                (Some(r), _) => DocHeader {
+                    doc: doc_id,
+                    origin: r.origin,
+                    ty: r.ty.clone(),
+                    id: r.id.clone(),
+                },
+                (None, Some(h)) => h.clone(),
+                (None, None) => {
+                    report.rejected += incoming.len() as u64;
+                    tracing::warn!(%peer, doc = %doc_id, "rejected changes to a document sent without its header");
+                    continue;
+                }
+            };
+            let existing = match record {
+                Some(r) => self
+                    .take_doc(&doc_id)
+                    .map_err(Self::store_err(peer))?
+                    .map(|d| (r, d)),
+                None => None,
+            };
+            let name_taken = existing.is_none()
+                && self
+                    .store
+                    .lookup(&header.ty, &header.id)
+                    .map_err(Self::store_err(peer))?
+                    .is_some_and(|other| other != doc_id);
+            let held = self.store.pending(&doc_id).map_err(Self::store_err(peer))?;
+            let arrived = self.engine.receive(Arrival {
+                header,
+                existing,
+                held,
+                incoming,
+                name_taken,
+            });
+            for (hash, reason) in &arrived.rejected {
+                tracing::warn!(%peer, doc = %doc_id, %hash, %reason, "rejected a change");
+            }
+            report.rejected += arrived.rejected.len() as u64;
+            report.applied += arrived.received.applied.len() as u64;
+            report.held += arrived.received.held.len() as u64;
+            if let Some(record) = &arrived.received.record {
+                if record.local_id != record.id {
+                    tracing::warn!(%peer, doc = %doc_id, ty = %record.ty, id = %record.id, local = %record.local_id, "another document already has this name here; stored under its own name");
+                }
+            }
+            docs_after.push((doc_id, arrived.doc));
+            received.push(arrived.received);
+        }
+        let counts = (
+            report.applied + report.held,
+            report.rejected,
+            report.duplicates,
+        );
+        let (last_seq, moved) = self
+            .store
+            .commit_received(&peer, &received, after, upto, now, counts)
+            .map_err(Self::store_err(peer))?;
+        if !moved {
+            tracing::warn!(%peer, after, "batch does not follow our checkpoint of this peer; stored it without moving the checkpoint");
+        }
+        for (doc_id, doc) in docs_after {
+            if let Some(doc) = doc {
+                self.cache.put(doc_id, doc);
+            }
+        }
+        report.last_seq = last_seq;
+        tracing::debug!(%peer, applied = report.applied, held = report.held, rejected = report.rejected, duplicates = report.duplicates, upto = upto.seq, "stored a batch");
+        Ok(report)
+    }
+}
+
+/// Test-only fault: alter a change this node did not author, keeping it decodable, as a
+/// dishonest relay would.
+fn tamper_if_relayed(change: &mut SignedChange, me: &NodeId) {
+    let Ok(decoded) = Change::from_bytes(change.bytes.clone()) else {
+        return;
+    };
+    if NodeId::from_actor(decoded.actor_id().to_bytes()) == Some(*me) {
+        return;
+    }
+    if let Some(last) = change.bytes.last_mut() {
+        *last ^= 0x01;
+    }
+    if let Ok(altered) = Change::from_bytes(change.bytes.clone()) {
+        let hash = altered.hash();
+        change.bytes[4..8].copy_from_slice(&hash.0[..4]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+    use crate::store::Store;
+    use serde_json::{Value as Json, json};
+    use std::collections::VecDeque;
+    use tidesync_proto::{ObjectId, TypeName};
+
+    fn core(secret: u8, name: &str) -> Core {
+        Core::new(
+            name.into(),
+            Identity::from_secret([secret; 32]),
+            Store::in_memory().unwrap(),
+            64,
+            true,
+        )
+    }
+
+    fn put(c: &mut Core, id: &str, v: Json) {
+        let (t, i) = (TypeName::new("Sample").unwrap(), ObjectId::new(id).unwrap());
+        c.put(&t, &i, v.as_object().unwrap()).unwrap();
+    }
+
+    fn get(c: &mut Core, id: &str) -> Option<Json> {
+        let (t, i) = (TypeName::new("Sample").unwrap(), ObjectId::new(id).unwrap());
+        c.get(&t, &i).ok().map(Json::Object)
+    }
+
+    /// Deliver every request and response until nothing is left; links are (a, b) index pairs.
+    fn settle(cores: &mut [Core], mut queue: VecDeque<(usize, Outgoing)>) -> usize {
+        let mut delivered = 0;
+        while let Some((from, (to_node, msg))) = queue.pop_front() {
+            let to = cores.iter().position(|c| c.node_id() == to_node).unwrap();
+            if cores[to].session(&cores[from].node_id()).is_none() {
+                continue;
+            }
+            delivered += 1;
+            let from_node = cores[from].node_id();
+            let (resp, outs) = cores[to].on_request(from_node, msg).unwrap();
+            queue.extend(outs.into_iter().map(|o| (to, o)));
+            let outs = cores[from].on_response(to_node, resp).unwrap();
+            queue.extend(outs.into_iter().map(|o| (from, o)));
+        }
+        delivered
+    }
+
+    fn connect(cores: &mut [Core], a: usize, b: usize) -> VecDeque<(usize, Outgoing)> {
+        let (na, nb) = (cores[a].node_id(), cores[b].node_id());
+        let mut q = VecDeque::new();
+        q.extend(
+            cores[a]
+                .on_connected(nb)
+                .unwrap()
+                .into_iter()
+                .map(|o| (a, o)),
+        );
+        q.extend(
+            cores[b]
+                .on_connected(na)
+                .unwrap()
+                .into_iter()
+                .map(|o| (b, o)),
+        );
+        q
+    }
+
+    fn push(cores: &mut [Core], i: usize) -> VecDeque<(usize, Outgoing)> {
+        cores[i]
+            .pump_all()
+            .unwrap()
+            .into_iter()
+            .map(|o| (i, o))
+            .collect()
+    }
+
+    #[test]
+    fn two_nodes_converge_both_ways_with_concurrent_edits() {
+        let mut cores = vec![core(1, "a"), core(2, "b")];
+        put(&mut cores[0], "S-A", json!({"from": "a"}));
+        put(&mut cores[1], "S-B", json!({"from": "b"}));
+        let q = connect(&mut cores, 0, 1);
+        settle(&mut cores, q);
+        assert_eq!(get(&mut cores[1], "S-A"), Some(json!({"from": "a"})));
+        assert_eq!(get(&mut cores[0], "S-B"), Some(json!({"from": "b"})));
+        // Concurrent edits of one object on both sides, pushed at the same time.
+        put(&mut cores[0], "S-A", json!({"x": 1, "same": "a"}));
+        put(&mut cores[1], "S-A", json!({"y": 2, "same": "b"}));
+        let mut q = push(&mut cores, 0);
+        q.extend(push(&mut cores, 1));
+        settle(&mut cores, q);
+        let a = get(&mut cores[0], "S-A").unwrap();
+        assert_eq!(Some(a.clone()), get(&mut cores[1], "S-A"));
+        assert_eq!((a["x"].clone(), a["y"].clone()), (json!(1), json!(2)));
+        // Nothing is echoed back: each side stored each change once.
+        let rec = cores[0].store.peer(&cores[1].node_id()).unwrap();
+        assert_eq!(rec.duplicates, 0);
+    }
+
+    #[test]
+    fn a_hub_relays_unaltered_and_a_tampering_hub_is_caught() {
+        for tamper in [false, true] {
+            let mut cores = vec![core(1, "a"), core(2, "hub"), core(3, "b")];
+            cores[1].sync.alter_relayed = tamper;
+            let mut q = connect(&mut cores, 0, 1);
+            q.extend(connect(&mut cores, 1, 2));
+            settle(&mut cores, q);
+            put(&mut cores[0], "S-1", json!({"v": 1}));
+            let q = push(&mut cores, 0);
+            settle(&mut cores, q);
+            assert_eq!(get(&mut cores[1], "S-1"), Some(json!({"v": 1})));
+            let b = cores[2].store.peer(&cores[1].node_id()).unwrap();
+            if tamper {
+                assert_eq!(get(&mut cores[2], "S-1"), None);
+                assert_eq!(b.rejected, 1);
+                assert_eq!(cores[2].store.last_seq().unwrap(), 0);
+            } else {
+                assert_eq!(get(&mut cores[2], "S-1"), Some(json!({"v": 1})));
+                let (t, i) = (
+                    TypeName::new("Sample").unwrap(),
+                    ObjectId::new("S-1").unwrap(),
+                );
+                let h = cores[2].history(&t, &i).unwrap();
+                assert!(h.changes.iter().all(|c| c.verified));
+                assert_eq!(h.changes[0].author, cores[0].node_id().to_string());
+            }
+        }
+    }
+
+    #[test]
+    fn after_a_disconnection_only_the_difference_crosses() {
+        let mut cores = vec![core(1, "a"), core(2, "b")];
+        for i in 0..50 {
+            put(&mut cores[0], &format!("S-{i}"), json!({"i": i}));
+        }
+        let q = connect(&mut cores, 0, 1);
+        settle(&mut cores, q);
+        let b_id = cores[1].node_id();
+        let a_id = cores[0].node_id();
+        assert_eq!(cores[1].store.peer(&a_id).unwrap().changes_in, 50);
+        cores[0].on_disconnected(&b_id);
+        cores[1].on_disconnected(&a_id);
+        for i in 0..3 {
+            put(
+                &mut cores[0],
+                &format!("S-{i}"),
+                json!({"i": i, "again": true}),
+            );
+        }
+        let q = connect(&mut cores, 0, 1);
+        settle(&mut cores, q);
+        let rec = cores[1].store.peer(&a_id).unwrap();
+        assert_eq!(rec.changes_in, 53);
+        assert_eq!(rec.duplicates, 0);
+        assert_eq!(
+            get(&mut cores[1], "S-2"),
+            Some(json!({"i": 2, "again": true}))
+        );
+        // Idle: nothing differs, nothing but the two Hellos crosses.
+        cores[0].on_disconnected(&b_id);
+        cores[1].on_disconnected(&a_id);
+        let q = connect(&mut cores, 0, 1);
+        assert_eq!(settle(&mut cores, q), 2);
+    }
+
+    #[test]
+    fn large_logs_stream_in_bounded_batches() {
+        let mut cores = vec![core(1, "a"), core(2, "b")];
+        for i in 0..(SYNC_BATCH_CHANGES + 10) {
+            put(&mut cores[0], &format!("S-{i}"), json!({"i": i}));
+        }
+        let mut q = connect(&mut cores, 0, 1);
+        let mut max_batch = 0;
+        // Watch every batch go by.
+        while let Some((from, out)) = q.pop_front() {
+            if let Message::Changes { changes, .. } = &out.1 {
+                max_batch = max_batch.max(changes.len());
+            }
+            let to = if from == 0 { 1 } else { 0 };
+            let (from_id, to_id) = (cores[from].node_id(), cores[to].node_id());
+            let (resp, outs) = cores[to].on_request(from_id, out.1).unwrap();
+            q.extend(outs.into_iter().map(|o| (to, o)));
+            q.extend(
+                cores[from]
+                    .on_response(to_id, resp)
+                    .unwrap()
+                    .into_iter()
+                    .map(|o| (from, o)),
+            );
+        }
+        assert_eq!(max_batch, SYNC_BATCH_CHANGES);
+        assert_eq!(
+            cores[1].store.last_seq().unwrap() as usize,
+            SYNC_BATCH_CHANGES + 10
+        );
+    }
+
+    #[test]
+    fn a_sender_restored_from_an_older_copy_starts_over() {
+        let mut cores = vec![core(1, "a"), core(2, "b")];
+        put(&mut cores[0], "S-1", json!({"v": 1}));
+        let q = connect(&mut cores, 0, 1);
+        settle(&mut cores, q);
+        let (a_id, b_id) = (cores[0].node_id(), cores[1].node_id());
+        cores[0].on_disconnected(&b_id);
+        cores[1].on_disconnected(&a_id);
+        // "Restore" a from before its write: a fresh store with the same key, and a new write.
+        cores[0] = core(1, "a");
+        put(&mut cores[0], "S-2", json!({"v": 2}));
+        let q = connect(&mut cores, 0, 1);
+        settle(&mut cores, q);
+        assert_eq!(get(&mut cores[1], "S-2"), Some(json!({"v": 2})));
+        // And a gets back what it lost, from b.
+        assert_eq!(get(&mut cores[0], "S-1"), Some(json!({"v": 1})));
+    }
+}
