@@ -8,6 +8,9 @@
 //! GET    /v1/objects/{type}/{id}/history
 //! GET    /v1/changes?since=SEQ&wait=SECS&limit=N     {"changes": [...], "last": SEQ}
 //! GET    /v1/status
+//! GET    /v1/peers                                    the configured peers and their sync state
+//! PUT    /v1/peers/{name}    body: {"id": PEERID, "addrs": [MULTIADDR, ...]}   add or replace
+//! DELETE /v1/peers/{name}
 //! ```
 //! Errors are `{"error": "..."}` with a 4xx or 5xx status. When a token is configured, every
 //! request must carry `Authorization: Bearer <token>`.
@@ -28,7 +31,7 @@ use tidesync_proto::{ObjectId, TypeName};
 
 use crate::core::{DEFAULT_PAGE_IDS, LocalWriteError, ReadError};
 use crate::engine::WriteError;
-use crate::node::{CallError, NodeHandle};
+use crate::node::{CallError, NodeHandle, PeerError};
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -102,6 +105,11 @@ pub fn router(node: NodeHandle, token: Option<String>) -> Router {
         .route("/v1/objects/{type}", get(list))
         .route("/v1/changes", get(changes))
         .route("/v1/status", get(status))
+        .route("/v1/peers", get(peers))
+        .route(
+            "/v1/peers/{name}",
+            axum::routing::put(set_peer).delete(remove_peer),
+        )
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -244,6 +252,56 @@ async fn changes(
 
 async fn status(State(node): State<NodeHandle>) -> ApiResult<crate::core::Status> {
     Ok(Json(node.status().await?))
+}
+
+async fn peers(State(node): State<NodeHandle>) -> ApiResult<Vec<crate::core::PeerStatus>> {
+    Ok(Json(node.status().await?.peers))
+}
+
+/// The body of `PUT /v1/peers/{name}`.
+#[derive(Debug, Deserialize, serde::Serialize)]
+pub struct PeerBody {
+    pub id: String,
+    #[serde(default)]
+    pub addrs: Vec<libp2p::Multiaddr>,
+}
+
+impl From<CallError<PeerError>> for ApiError {
+    fn from(e: CallError<PeerError>) -> ApiError {
+        let status = match &e {
+            CallError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            CallError::Failed(PeerError::Invalid(_)) => StatusCode::BAD_REQUEST,
+            CallError::Failed(PeerError::Save(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e)
+    }
+}
+
+async fn set_peer(
+    State(node): State<NodeHandle>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let body: PeerBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body must be {{\"id\": PEERID, \"addrs\": [MULTIADDR, ...]}}: {e}"
+        ))
+    })?;
+    node.set_peer(crate::config::PeerConfig {
+        name,
+        id: body.id,
+        addrs: body.addrs,
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn remove_peer(
+    State(node): State<NodeHandle>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    node.remove_peer(name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]

@@ -104,12 +104,40 @@ pub enum Command {
     },
     /// Print this node's id (its libp2p PeerId).
     Id,
+    /// Configure the peers this node syncs with (a running node applies changes at once).
+    Peer {
+        #[command(subcommand)]
+        command: PeerCommand,
+    },
     /// Show the node's id, name, object counts and store size.
     Status {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PeerCommand {
+    /// Add a peer (or replace the one of that name). Only configured peers may connect.
+    Add {
+        /// A local name for the peer, such as hub.
+        name: String,
+        /// The peer's node id, as `tidesync id` prints it on the peer.
+        #[arg(long, value_name = "PEERID")]
+        id: String,
+        /// Where to dial the peer (repeatable). Without one, the peer must dial us.
+        #[arg(long = "addr", value_name = "MULTIADDR")]
+        addrs: Vec<Multiaddr>,
+    },
+    /// List the configured peers and their sync state.
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a peer; its connection is closed.
+    Rm { name: String },
 }
 
 /// Why a command failed; each says what is wrong and what to do.
@@ -279,6 +307,36 @@ async fn object_command(home: &Home, command: Command) -> Result<(), CliError> {
                 Ok(())
             }
         }
+        Command::Peer { command } => match command {
+            PeerCommand::Add { name, id, addrs } => {
+                client
+                    .set_peer(
+                        home,
+                        crate::config::PeerConfig {
+                            name: name.clone(),
+                            id,
+                            addrs,
+                        },
+                    )
+                    .await?;
+                println!("peer {name} configured");
+                Ok(())
+            }
+            PeerCommand::Rm { name } => {
+                client.remove_peer(home, &name).await?;
+                println!("peer {name} removed");
+                Ok(())
+            }
+            PeerCommand::Ls { json } => {
+                let status = client.status().await?;
+                if json {
+                    print_json(&status.peers)
+                } else {
+                    print_peers(&status.peers);
+                    Ok(())
+                }
+            }
+        },
         Command::Init { .. } | Command::Run | Command::Id => {
             Err(CliError::Usage("not an object command".into()))
         }
@@ -321,6 +379,46 @@ fn print_history(h: &History) {
     }
 }
 
+fn format_ms(ms: Option<i64>) -> String {
+    ms.and_then(|ms| u64::try_from(ms).ok())
+        .map(|ms| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+            )
+            .to_string()
+        })
+        .unwrap_or_else(|| "never".into())
+}
+
+fn print_peers(peers: &[crate::core::PeerStatus]) {
+    if peers.is_empty() {
+        println!("no peers configured (add one with `tidesync peer add`)");
+    }
+    for p in peers {
+        let state = if p.connected {
+            format!("connected since {}", format_ms(p.connected_since_ms))
+        } else {
+            "not connected".to_string()
+        };
+        println!("{}  {}  {}", p.name, p.id, state);
+        println!(
+            "    addrs: {}  last sync: {}  pending: {} out, {} in  changes: {} in, {} out  rejected: {} from them, {} by them",
+            if p.addrs.is_empty() {
+                "-".to_string()
+            } else {
+                p.addrs.join(" ")
+            },
+            format_ms(p.last_sync_ms),
+            p.pending_out,
+            p.pending_in,
+            p.changes_in,
+            p.changes_out,
+            p.rejected,
+            p.rejected_by_peer
+        );
+    }
+}
+
 fn print_status(s: &Status) {
     println!("node:    {}", s.node);
     println!("name:    {}", s.name);
@@ -335,6 +433,22 @@ fn print_status(s: &Status) {
     for (ty, c) in &s.objects {
         println!("objects: {ty}: {} live, {} deleted", c.live, c.deleted);
     }
+    if s.held_changes > 0 {
+        println!(
+            "held:    {} changes waiting for their dependencies",
+            s.held_changes
+        );
+    }
+    for addr in &s.listen {
+        println!("listen:  {addr}");
+    }
+    if s.refused_connections > 0 {
+        println!(
+            "refused: {} connections from unconfigured peers",
+            s.refused_connections
+        );
+    }
+    print_peers(&s.peers);
 }
 
 fn init(
@@ -364,6 +478,7 @@ fn init(
         listen,
         api: ApiConfig { listen: api, token },
         store: StoreConfig::default(),
+        peers: vec![],
     };
     config.validate().map_err(CliError::Usage)?;
     std::fs::create_dir_all(&home.dir).map_err(|source| CliError::CreateHome {

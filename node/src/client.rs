@@ -86,14 +86,18 @@ pub struct ApiClient {
 /// The way to the node of one home.
 pub enum Client {
     Api(ApiClient),
-    Local(Box<Core>),
+    /// The home's store, opened in-process, and its configured peers.
+    Local(Box<Core>, Vec<crate::config::PeerConfig>),
 }
 
 impl Client {
     /// Open the home's store, or, when a running node holds it, use that node's API.
     pub fn connect(home: &Home) -> Result<Client, ClientError> {
         match Core::open(home, false) {
-            Ok(core) => Ok(Client::Local(Box::new(core))),
+            Ok(core) => {
+                let peers = Config::load(home).map_err(OpenError::from)?.peers;
+                Ok(Client::Local(Box::new(core), peers))
+            }
             Err(OpenError::Store(StoreError::InUse { .. })) => {
                 let config = Config::load(home).map_err(OpenError::from)?;
                 let addr = std::fs::read_to_string(home.api_file()).map_err(|_| {
@@ -123,7 +127,7 @@ impl Client {
         fields: Map<String, Json>,
     ) -> Result<WriteReply, ClientError> {
         match self {
-            Client::Local(core) => Ok(core.put(ty, id, &fields)?),
+            Client::Local(core, _) => Ok(core.put(ty, id, &fields)?),
             Client::Api(api) => {
                 api.send(
                     reqwest::Method::PUT,
@@ -142,7 +146,7 @@ impl Client {
         id: &ObjectId,
     ) -> Result<WriteReply, ClientError> {
         match self {
-            Client::Local(core) => Ok(core.delete(ty, id)?),
+            Client::Local(core, _) => Ok(core.delete(ty, id)?),
             Client::Api(api) => {
                 api.send(reqwest::Method::DELETE, &object_path(ty, id), None, 0)
                     .await
@@ -156,7 +160,7 @@ impl Client {
         id: &ObjectId,
     ) -> Result<Map<String, Json>, ClientError> {
         match self {
-            Client::Local(core) => Ok(core.get(ty, id)?),
+            Client::Local(core, _) => Ok(core.get(ty, id)?),
             Client::Api(api) => {
                 api.send(reqwest::Method::GET, &object_path(ty, id), None, 0)
                     .await
@@ -171,7 +175,7 @@ impl Client {
         limit: usize,
     ) -> Result<IdPage, ClientError> {
         match self {
-            Client::Local(core) => Ok(core.list(ty, after, limit)?),
+            Client::Local(core, _) => Ok(core.list(ty, after, limit)?),
             Client::Api(api) => {
                 let mut path = format!("/v1/objects/{}?limit={limit}", ty);
                 if let Some(after) = after {
@@ -184,7 +188,7 @@ impl Client {
 
     pub async fn history(&mut self, ty: &TypeName, id: &ObjectId) -> Result<History, ClientError> {
         match self {
-            Client::Local(core) => Ok(core.history(ty, id)?),
+            Client::Local(core, _) => Ok(core.history(ty, id)?),
             Client::Api(api) => {
                 api.send(
                     reqwest::Method::GET,
@@ -205,7 +209,7 @@ impl Client {
         wait_secs: u64,
     ) -> Result<Feed, ClientError> {
         match self {
-            Client::Local(core) => Ok(core.changes(since, limit)?),
+            Client::Local(core, _) => Ok(core.changes(since, limit)?),
             Client::Api(api) => {
                 let path = format!("/v1/changes?since={since}&limit={limit}&wait={wait_secs}");
                 api.send(reqwest::Method::GET, &path, None, wait_secs).await
@@ -213,9 +217,56 @@ impl Client {
         }
     }
 
+    /// Add or replace a peer: in the running node (which saves its config), or in the config.
+    pub async fn set_peer(
+        &mut self,
+        home: &Home,
+        peer: crate::config::PeerConfig,
+    ) -> Result<(), ClientError> {
+        match self {
+            Client::Local(_, peers) => {
+                let mut config = Config::load(home).map_err(OpenError::from)?;
+                config.set_peer(peer).map_err(ClientError::Invalid)?;
+                config.save(home).map_err(OpenError::from)?;
+                *peers = config.peers;
+                Ok(())
+            }
+            Client::Api(api) => {
+                let body = serde_json::json!({"id": peer.id, "addrs": peer.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>()});
+                api.send_empty(
+                    reqwest::Method::PUT,
+                    &format!("/v1/peers/{}", encode(&peer.name)),
+                    Some(&body),
+                )
+                .await
+            }
+        }
+    }
+
+    /// Remove a peer: from the running node, or from the config.
+    pub async fn remove_peer(&mut self, home: &Home, name: &str) -> Result<(), ClientError> {
+        match self {
+            Client::Local(_, peers) => {
+                let mut config = Config::load(home).map_err(OpenError::from)?;
+                config.remove_peer(name).map_err(ClientError::NotFound)?;
+                config.save(home).map_err(OpenError::from)?;
+                *peers = config.peers;
+                Ok(())
+            }
+            Client::Api(api) => {
+                api.send_empty(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/peers/{}", encode(name)),
+                    None,
+                )
+                .await
+            }
+        }
+    }
+
     pub async fn status(&mut self) -> Result<Status, ClientError> {
         match self {
-            Client::Local(core) => Ok(core.status()?),
+            Client::Local(core, peers) => Ok(core.status(peers)?),
             Client::Api(api) => api.send(reqwest::Method::GET, "/v1/status", None, 0).await,
         }
     }
@@ -239,6 +290,16 @@ fn encode(s: &str) -> String {
 }
 
 impl ApiClient {
+    /// A request whose success has no body.
+    async fn send_empty(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Json>,
+    ) -> Result<(), ClientError> {
+        self.send::<Json>(method, path, body, 0).await.map(|_| ())
+    }
+
     async fn send<T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
@@ -266,7 +327,12 @@ impl ApiClient {
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| unreachable(e.to_string()))?;
         if status.is_success() {
-            return serde_json::from_slice(&bytes)
+            let bytes = if bytes.is_empty() {
+                &b"null"[..]
+            } else {
+                &bytes[..]
+            };
+            return serde_json::from_slice(bytes)
                 .map_err(|e| unreachable(format!("unexpected answer: {e}")));
         }
         let message = serde_json::from_slice::<Json>(&bytes)

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
+use tidesync_proto::NodeId;
 
 /// Default number of documents kept decoded in memory.
 pub const DEFAULT_CACHE_DOCS: usize = 1024;
@@ -59,6 +60,31 @@ pub struct Config {
     pub api: ApiConfig,
     #[serde(default)]
     pub store: StoreConfig,
+    /// The peers this node syncs with. Only these may connect.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerConfig>,
+}
+
+/// One configured peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// A local name for the peer, used by `tidesync peer` commands.
+    pub name: String,
+    /// The peer's node id (its libp2p PeerId).
+    pub id: String,
+    /// Where to dial it. A peer with no address is never dialed, but may connect to us.
+    #[serde(default)]
+    pub addrs: Vec<Multiaddr>,
+}
+
+impl PeerConfig {
+    /// The peer's node id; checked by [`Config::validate`].
+    pub fn node_id(&self) -> Result<NodeId, String> {
+        self.id
+            .parse()
+            .map_err(|e: tidesync_proto::IdError| format!("peer {:?}: {e}", self.name))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,7 +163,55 @@ impl Config {
         if self.store.cache_docs == 0 {
             return Err("store.cache_docs must be at least 1".into());
         }
+        let mut names = std::collections::HashSet::new();
+        let mut ids = std::collections::HashSet::new();
+        for peer in &self.peers {
+            let ok_name = !peer.name.is_empty()
+                && peer.name.len() <= 64
+                && peer
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok_name {
+                return Err(format!(
+                    "peer name {:?} must be 1 to 64 ASCII letters, digits, '-' or '_'",
+                    peer.name
+                ));
+            }
+            let id = peer.node_id()?;
+            if !names.insert(peer.name.clone()) {
+                return Err(format!("peer name {:?} appears twice", peer.name));
+            }
+            if !ids.insert(id) {
+                return Err(format!(
+                    "peer id {} appears twice (peer {:?})",
+                    peer.id, peer.name
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Add `peer`, or replace the peer of the same name.
+    pub fn set_peer(&mut self, peer: PeerConfig) -> Result<(), String> {
+        let mut next = self.clone();
+        match next.peers.iter_mut().find(|p| p.name == peer.name) {
+            Some(existing) => *existing = peer,
+            None => next.peers.push(peer),
+        }
+        next.validate()?;
+        *self = next;
+        Ok(())
+    }
+
+    /// Remove the peer called `name`.
+    pub fn remove_peer(&mut self, name: &str) -> Result<PeerConfig, String> {
+        let i = self
+            .peers
+            .iter()
+            .position(|p| p.name == name)
+            .ok_or_else(|| format!("no peer called {name:?} (see `tidesync peer ls`)"))?;
+        Ok(self.peers.remove(i))
     }
 
     pub fn load(home: &Home) -> Result<Config, ConfigError> {
@@ -211,7 +285,50 @@ mod tests {
                 token: None,
             },
             store: StoreConfig::default(),
+            peers: vec![],
         }
+    }
+
+    #[test]
+    fn peers_are_validated() {
+        let id = crate::identity::Identity::from_secret([1; 32])
+            .node_id()
+            .to_string();
+        let mut c = sample();
+        let hub = PeerConfig {
+            name: "hub".into(),
+            id: id.clone(),
+            addrs: vec!["/ip4/127.0.0.1/tcp/7400".parse().unwrap()],
+        };
+        c.set_peer(hub.clone()).unwrap();
+        assert!(
+            c.set_peer(PeerConfig {
+                name: "other".into(),
+                ..hub.clone()
+            })
+            .unwrap_err()
+            .contains("twice")
+        );
+        assert!(
+            c.set_peer(PeerConfig {
+                name: "bad name".into(),
+                ..hub.clone()
+            })
+            .is_err()
+        );
+        assert!(
+            c.set_peer(PeerConfig {
+                id: "nope".into(),
+                ..hub.clone()
+            })
+            .is_err()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::new(dir.path());
+        c.save(&home).unwrap();
+        assert_eq!(Config::load(&home).unwrap().peers, vec![hub]);
+        assert!(c.remove_peer("hub").is_ok());
+        assert!(c.remove_peer("hub").is_err());
     }
 
     #[test]

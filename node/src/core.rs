@@ -106,6 +106,43 @@ pub struct Status {
     pub objects: BTreeMap<String, TypeCount>,
     pub last_seq: u64,
     pub store_bytes: u64,
+    /// Received changes held until their dependencies arrive.
+    pub held_changes: u64,
+    /// Addresses the node listens on for peers (running node only).
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// Connections refused because the peer is not configured (running node, since start).
+    #[serde(default)]
+    pub refused_connections: u64,
+    #[serde(default)]
+    pub peers: Vec<PeerStatus>,
+}
+
+/// The sync state of one configured peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub id: String,
+    pub addrs: Vec<String>,
+    pub connected: bool,
+    /// Since when the peer is connected, Unix milliseconds.
+    pub connected_since_ms: Option<i64>,
+    /// Last time a batch from or to the peer was stored or acknowledged, Unix milliseconds.
+    pub last_sync_ms: Option<i64>,
+    /// At most this many of our log entries have yet to reach the peer.
+    pub pending_out: u64,
+    /// At most this many of the peer's log entries have yet to reach us.
+    pub pending_in: u64,
+    /// Changes received from the peer and stored.
+    pub changes_in: u64,
+    /// Changes sent to the peer and acknowledged.
+    pub changes_out: u64,
+    /// Changes from the peer that failed verification or policy.
+    pub rejected: u64,
+    /// Changes we sent that the peer rejected.
+    pub rejected_by_peer: u64,
+    /// Changes the peer sent that we already had.
+    pub duplicates: u64,
 }
 
 /// Why a node's home could not be opened.
@@ -482,7 +519,8 @@ impl Core {
             .map_err(Self::read_err("the change log"))
     }
 
-    pub fn status(&self) -> Result<Status, ReadError> {
+    /// The node's status, with the sync state of each configured peer.
+    pub fn status(&self, peers: &[crate::config::PeerConfig]) -> Result<Status, ReadError> {
         let what = "the node status";
         Ok(Status {
             node: self.node_id().to_string(),
@@ -491,6 +529,47 @@ impl Core {
             objects: self.store.counts().map_err(Self::read_err(what))?,
             last_seq: self.store.last_seq().map_err(Self::read_err(what))?,
             store_bytes: self.store.size_bytes(),
+            held_changes: self.store.pending_count().map_err(Self::read_err(what))?,
+            listen: Vec::new(),
+            refused_connections: 0,
+            peers: peers
+                .iter()
+                .map(|p| self.peer_status(p))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// The sync state of one configured peer.
+    pub fn peer_status(&self, peer: &crate::config::PeerConfig) -> Result<PeerStatus, ReadError> {
+        let what = format!("the state of peer {}", peer.name);
+        let id = peer.node_id().ok();
+        let record = match id {
+            Some(id) => self.store.peer(&id).map_err(Self::read_err(&what))?,
+            None => Default::default(),
+        };
+        let last = self.store.last_seq().map_err(Self::read_err(&what))?;
+        let session = id.and_then(|id| self.session(&id));
+        let (pending_out, pending_in) = match session {
+            Some(s) => (
+                s.pending_out(last),
+                s.remote_tip.saturating_sub(record.received.seq),
+            ),
+            None => (last.saturating_sub(record.acked), 0),
+        };
+        Ok(PeerStatus {
+            name: peer.name.clone(),
+            id: peer.id.clone(),
+            addrs: peer.addrs.iter().map(|a| a.to_string()).collect(),
+            connected: session.is_some(),
+            connected_since_ms: session.map(|s| s.since_ms),
+            last_sync_ms: (record.last_sync_ms > 0).then_some(record.last_sync_ms),
+            pending_out,
+            pending_in,
+            changes_in: record.changes_in,
+            changes_out: record.changes_out,
+            rejected: record.rejected,
+            rejected_by_peer: record.rejected_by_peer,
+            duplicates: record.duplicates,
         })
     }
 }

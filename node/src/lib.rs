@@ -21,6 +21,7 @@ pub mod core;
 pub mod doc;
 pub mod engine;
 pub mod identity;
+pub mod net;
 pub mod node;
 pub mod store;
 pub mod sync;

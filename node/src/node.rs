@@ -1,17 +1,28 @@
 //! The running node: an actor that owns the core (a cloneable handle, an `Action` enum with
 //! oneshot replies, a private loop), and the `run` lifecycle that starts and stops it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::{PeerId, Swarm, request_response};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 use serde_json::{Map, Value as Json};
-use tidesync_proto::{NodeId, ObjectId, TypeName};
+use tidesync_proto::{Message, NodeId, ObjectId, TypeName};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
-use crate::config::{Config, Home, write_atomic};
+use crate::config::{Config, Home, PeerConfig, write_atomic};
 use crate::core::{Core, Feed, History, LocalWriteError, OpenError, ReadError, Status, WriteReply};
+use crate::net::{
+    Behaviour, BehaviourEvent, DIAL_TICK_MS, Fault, NetError, backoff_ms, build_swarm,
+};
 use crate::store::IdPage;
+use crate::sync::{Outgoing, SyncError};
 
 /// Requests that may wait in the node's queue before callers are made to wait.
 pub const ACTION_QUEUE_LEN: usize = 256;
@@ -57,6 +68,23 @@ enum Action {
     Status {
         reply: Reply<Result<Status, ReadError>>,
     },
+    SetPeer {
+        peer: PeerConfig,
+        reply: Reply<Result<(), PeerError>>,
+    },
+    RemovePeer {
+        name: String,
+        reply: Reply<Result<(), PeerError>>,
+    },
+}
+
+/// Why a peer could not be added or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Save(crate::config::ConfigError),
 }
 
 /// Why a request to the node actor failed. Each names the request.
@@ -160,6 +188,16 @@ impl NodeHandle {
         self.call(|reply| Action::Status { reply }).await
     }
 
+    /// Add or replace a peer; saved to the config file and applied at once.
+    pub async fn set_peer(&self, peer: PeerConfig) -> Result<(), CallError<PeerError>> {
+        self.call(|reply| Action::SetPeer { peer, reply }).await
+    }
+
+    /// Remove a peer; saved to the config file and its connection closed at once.
+    pub async fn remove_peer(&self, name: String) -> Result<(), CallError<PeerError>> {
+        self.call(|reply| Action::RemovePeer { name, reply }).await
+    }
+
     /// The change feed after `since`. When it is empty and `wait` is non-zero, waits up to
     /// `wait` (capped at [`MAX_FEED_WAIT_SECS`]) for a new change before answering.
     pub async fn changes(
@@ -182,21 +220,42 @@ impl NodeHandle {
     }
 }
 
-/// The actor's private state and loop.
+/// A configured peer, as the running node tracks it.
+struct PeerLink {
+    config: PeerConfig,
+    peer_id: PeerId,
+    connected: bool,
+    /// Redials since the last successful connection.
+    attempt: u32,
+    next_dial: Instant,
+}
+
+/// The actor's private state and loop: the core, the libp2p swarm and the configured peers.
 struct NodeActor {
     core: Core,
     rx: mpsc::Receiver<Action>,
     last_seq: watch::Sender<u64>,
+    swarm: Swarm<Behaviour>,
+    home: Home,
+    config: Config,
+    links: HashMap<NodeId, PeerLink>,
+    listen: Vec<String>,
+    refused: u64,
+    rng: StdRng,
 }
 
 impl NodeActor {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(DIAL_TICK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 action = self.rx.recv() => match action {
                     Some(action) => self.on_action(action),
                     None => break,
                 },
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = tick.tick() => self.on_tick(),
                 _ = shutdown.wait_for(|stop| *stop) => break,
             }
         }
@@ -244,25 +303,260 @@ impl NodeActor {
                 let _ = reply.send(self.core.changes(since, limit));
             }
             Action::Status { reply } => {
-                let _ = reply.send(self.core.status());
+                let _ = reply.send(self.status());
+            }
+            Action::SetPeer { peer, reply } => {
+                let _ = reply.send(self.set_peer(peer));
+            }
+            Action::RemovePeer { name, reply } => {
+                let _ = reply.send(self.remove_peer(&name));
             }
         });
     }
 
-    fn after_write(&self, result: &Result<WriteReply, LocalWriteError>) {
+    fn status(&self) -> Result<Status, ReadError> {
+        let mut status = self.core.status(&self.config.peers)?;
+        status.listen = self.listen.clone();
+        status.refused_connections = self.refused;
+        Ok(status)
+    }
+
+    fn after_write(&mut self, result: &Result<WriteReply, LocalWriteError>) {
         match result {
-            Ok(WriteReply { seq: Some(seq), .. }) => {
-                self.last_seq.send_replace(*seq);
+            Ok(WriteReply { seq: Some(_), .. }) => {
+                self.publish_seq();
+                let out = self.core.pump_all();
+                self.send_all(out);
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "local write refused"),
         }
     }
+
+    fn publish_seq(&self) {
+        if let Ok(seq) = self.core.last_seq() {
+            self.last_seq.send_if_modified(|s| {
+                let changed = *s != seq;
+                *s = seq;
+                changed
+            });
+        }
+    }
+
+    fn send_all(&mut self, out: Result<Vec<Outgoing>, SyncError>) {
+        match out {
+            Ok(out) => {
+                for (peer, msg) in out {
+                    if let Some(link) = self.links.get(&peer) {
+                        let peer_id = link.peer_id;
+                        self.swarm.behaviour_mut().sync.send_request(&peer_id, msg);
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "sync step failed"),
+        }
+    }
+
+    /// Add or replace a configured peer, save the config, and apply it now.
+    fn set_peer(&mut self, peer: PeerConfig) -> Result<(), PeerError> {
+        let mut config = self.config.clone();
+        config.set_peer(peer.clone()).map_err(PeerError::Invalid)?;
+        config.save(&self.home).map_err(PeerError::Save)?;
+        let id = peer.node_id().map_err(PeerError::Invalid)?;
+        // A renamed or re-addressed peer keeps its connection; a replaced id drops the old one.
+        let replaced: Vec<NodeId> = self
+            .links
+            .iter()
+            .filter(|(nid, l)| l.config.name == peer.name && **nid != id)
+            .map(|(nid, _)| *nid)
+            .collect();
+        for old in replaced {
+            self.drop_link(&old);
+        }
+        self.config = config;
+        self.add_link(peer, id);
+        tracing::info!(peer = %id, "peer configured");
+        Ok(())
+    }
+
+    fn remove_peer(&mut self, name: &str) -> Result<(), PeerError> {
+        let mut config = self.config.clone();
+        let removed = config.remove_peer(name).map_err(PeerError::Invalid)?;
+        config.save(&self.home).map_err(PeerError::Save)?;
+        self.config = config;
+        if let Ok(id) = removed.node_id() {
+            self.drop_link(&id);
+            tracing::info!(peer = %id, name, "peer removed");
+        }
+        Ok(())
+    }
+
+    fn add_link(&mut self, config: PeerConfig, id: NodeId) {
+        let Some(peer_id) = id.to_peer_id() else {
+            return;
+        };
+        self.swarm.behaviour_mut().allow.allow_peer(peer_id);
+        let connected = self.swarm.is_connected(&peer_id);
+        let link = self.links.entry(id).or_insert(PeerLink {
+            config: config.clone(),
+            peer_id,
+            connected,
+            attempt: 0,
+            next_dial: Instant::now(),
+        });
+        link.config = config;
+        link.next_dial = Instant::now();
+    }
+
+    fn drop_link(&mut self, id: &NodeId) {
+        if let Some(link) = self.links.remove(id) {
+            self.swarm.behaviour_mut().allow.disallow_peer(link.peer_id);
+            let _ = self.swarm.disconnect_peer_id(link.peer_id);
+            self.core.on_disconnected(id);
+        }
+    }
+
+    /// Dial the configured peers that are down and due.
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        for link in self.links.values_mut() {
+            if link.connected || link.config.addrs.is_empty() || link.next_dial > now {
+                continue;
+            }
+            let delay = backoff_ms(link.attempt, &mut self.rng);
+            link.attempt = link.attempt.saturating_add(1);
+            link.next_dial = now + Duration::from_millis(delay);
+            let opts = DialOpts::peer_id(link.peer_id)
+                .addresses(link.config.addrs.clone())
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(peer = %link.config.name, error = %e, "dial not started");
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening for peers");
+                self.listen.push(address.to_string());
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                let Some(id) =
+                    NodeId::from_peer_id(&peer_id).filter(|id| self.links.contains_key(id))
+                else {
+                    tracing::warn!(%peer_id, "closing a connection from a peer that is not configured");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                };
+                if let Some(link) = self.links.get_mut(&id) {
+                    link.connected = true;
+                    link.attempt = 0;
+                }
+                if num_established.get() == 1 {
+                    tracing::info!(peer = %id, "peer connected");
+                    let out = tokio::task::block_in_place(|| self.core.on_connected(id));
+                    self.send_all(out);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                cause,
+                ..
+            } => {
+                if let Some(id) = NodeId::from_peer_id(&peer_id) {
+                    self.core.on_disconnected(&id);
+                    if let Some(link) = self.links.get_mut(&id) {
+                        link.connected = false;
+                        tracing::info!(peer = %id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
+                    }
+                }
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                if matches!(error, libp2p::swarm::ListenError::Denied { .. }) {
+                    self.refused += 1;
+                }
+                tracing::warn!(from = %send_back_addr, error = %error, "refused an incoming connection");
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_sync_event(&mut self, event: request_response::Event<Message, Message>) {
+        use request_response::{Event, Message as Rr};
+        match event {
+            Event::Message { peer, message, .. } => {
+                let Some(id) = NodeId::from_peer_id(&peer).filter(|id| self.links.contains_key(id))
+                else {
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                    return;
+                };
+                match message {
+                    Rr::Request {
+                        request, channel, ..
+                    } => {
+                        let result =
+                            tokio::task::block_in_place(|| self.core.on_request(id, request));
+                        match result {
+                            Ok((response, out)) => {
+                                let _ = self
+                                    .swarm
+                                    .behaviour_mut()
+                                    .sync
+                                    .send_response(channel, response);
+                                self.publish_seq();
+                                self.send_all(Ok(out));
+                            }
+                            Err(e) => {
+                                tracing::warn!(peer = %id, error = %e, "dropping the connection to a peer that broke the protocol");
+                                let _ = self.swarm.disconnect_peer_id(peer);
+                            }
+                        }
+                    }
+                    Rr::Response { response, .. } => {
+                        let out =
+                            tokio::task::block_in_place(|| self.core.on_response(id, response));
+                        self.send_all(out);
+                    }
+                }
+            }
+            Event::OutboundFailure { peer, error, .. } => {
+                tracing::warn!(%peer, error = %error, "a request to the peer failed");
+                if let Some(id) = NodeId::from_peer_id(&peer) {
+                    let out = tokio::task::block_in_place(|| self.core.on_request_failed(id));
+                    self.send_all(out);
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::warn!(%peer, error = %error, "dropping the connection to a peer that sent a bad frame");
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
 }
 
-/// Start the node actor over `core`. It stops when `shutdown` turns true or every handle drops.
+/// Start the node actor over `core` and `swarm`. It stops when `shutdown` turns true or every
+/// handle drops.
 pub fn spawn(
     core: Core,
+    swarm: Swarm<Behaviour>,
+    home: Home,
+    config: Config,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(NodeHandle, tokio::task::JoinHandle<()>), ReadError> {
     let (tx, rx) = mpsc::channel(ACTION_QUEUE_LEN);
@@ -271,11 +565,23 @@ pub fn spawn(
         node: core.node_id(),
         name: core.name().to_string(),
     });
-    let actor = NodeActor {
+    let mut actor = NodeActor {
         core,
         rx,
         last_seq: last_seq_tx,
+        swarm,
+        home,
+        config: config.clone(),
+        links: HashMap::new(),
+        listen: Vec::new(),
+        refused: 0,
+        rng: StdRng::from_rng(&mut rand::rng()),
     };
+    for peer in config.peers {
+        if let Ok(id) = peer.node_id() {
+            actor.add_link(peer, id);
+        }
+    }
     let task = tokio::spawn(actor.run(shutdown).in_current_span());
     Ok((NodeHandle { tx, last_seq, info }, task))
 }
@@ -309,6 +615,8 @@ pub enum RunError {
     Signals(std::io::Error),
     #[error("the HTTP API failed: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Net(#[from] NetError),
 }
 
 /// Run the node on `home` until Ctrl-C or SIGTERM.
@@ -329,11 +637,31 @@ pub async fn run(home: &Home) -> Result<(), RunError> {
     };
     let span = tracing::info_span!("node", name = %config.name, id = %core.node_id().short());
     async move {
+        let mut core = core;
+        let fault = Fault::from_env();
+        if fault != Fault::None {
+            tracing::warn!(
+                ?fault,
+                "TEST FAULT ENABLED: this node misbehaves on purpose"
+            );
+        }
+        core.sync.alter_relayed = fault == Fault::AlterRelayed;
+        let identity = crate::identity::Identity::load(&home.key()).map_err(OpenError::from)?;
+        let mut swarm = build_swarm(&identity, fault)?;
+        for addr in &config.listen {
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| NetError::Listen {
+                    addr: addr.clone(),
+                    detail: e.to_string(),
+                })?;
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
-        let (handle, actor) = spawn(core, stop_rx.clone()).map_err(|source| RunError::Read {
-            home: home.dir.clone(),
-            source,
-        })?;
+        let (handle, actor) = spawn(core, swarm, home.clone(), config.clone(), stop_rx.clone())
+            .map_err(|source| RunError::Read {
+                home: home.dir.clone(),
+                source,
+            })?;
         let listener = tokio::net::TcpListener::bind(config.api.listen)
             .await
             .map_err(|source| RunError::Bind {

@@ -70,6 +70,12 @@ pub struct Session {
 }
 
 impl Session {
+    /// At most how many of our log entries up to `last` have not been acknowledged yet.
+    pub fn pending_out(&self, last: u64) -> u64 {
+        let unacked: u64 = self.inflight.iter().map(|(_, n)| n).sum();
+        last.saturating_sub(self.cursor) + unacked
+    }
+
     fn new(now_ms: i64) -> Session {
         Session {
             since_ms: now_ms,
