@@ -60,6 +60,16 @@ impl Fault {
     }
 }
 
+/// What arrives on a sync stream: a message, or the reason its frame was unusable. The codec
+/// never fails a read, because request-response drops a failed inbound read without telling
+/// anyone which peer sent it; a `Bad` frame instead reaches the node, which logs it and drops
+/// that peer's connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Message(Message),
+    Bad(String),
+}
+
 /// Reads and writes [`Message`] frames on request-response streams.
 #[derive(Debug, Clone, Default)]
 pub struct FrameCodec {
@@ -106,43 +116,66 @@ impl FrameCodec {
     }
 }
 
+async fn read_any<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Frame> {
+    Ok(match read_frame(io).await {
+        Ok(msg) => Frame::Message(msg),
+        Err(e) => Frame::Bad(e.to_string()),
+    })
+}
+
+impl FrameCodec {
+    async fn write_any<T: AsyncWrite + Unpin + Send>(
+        &self,
+        io: &mut T,
+        frame: &Frame,
+    ) -> io::Result<()> {
+        match frame {
+            Frame::Message(msg) => self.write_frame(io, msg).await,
+            Frame::Bad(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a bad frame is never sent",
+            )),
+        }
+    }
+}
+
 impl request_response::Codec for FrameCodec {
     type Protocol = StreamProtocol;
-    type Request = Message;
-    type Response = Message;
+    type Request = Frame;
+    type Response = Frame;
 
     async fn read_request<T: AsyncRead + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-    ) -> io::Result<Message> {
-        read_frame(io).await
+    ) -> io::Result<Frame> {
+        read_any(io).await
     }
 
     async fn read_response<T: AsyncRead + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-    ) -> io::Result<Message> {
-        read_frame(io).await
+    ) -> io::Result<Frame> {
+        read_any(io).await
     }
 
     async fn write_request<T: AsyncWrite + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        req: Message,
+        req: Frame,
     ) -> io::Result<()> {
-        self.write_frame(io, &req).await
+        self.write_any(io, &req).await
     }
 
     async fn write_response<T: AsyncWrite + Unpin + Send>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        res: Message,
+        res: Frame,
     ) -> io::Result<()> {
-        self.write_frame(io, &res).await
+        self.write_any(io, &res).await
     }
 }
 
@@ -261,6 +294,13 @@ mod tests {
                 read_frame(&mut futures::io::Cursor::new(&bad))
                     .await
                     .is_err(),
+                "{fault:?}"
+            );
+            assert!(
+                matches!(
+                    read_any(&mut futures::io::Cursor::new(&bad)).await.unwrap(),
+                    Frame::Bad(_)
+                ),
                 "{fault:?}"
             );
         }

@@ -12,14 +12,14 @@ use libp2p::{PeerId, Swarm, request_response};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde_json::{Map, Value as Json};
-use tidesync_proto::{Message, NodeId, ObjectId, TypeName};
+use tidesync_proto::{NodeId, ObjectId, TypeName};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use crate::config::{Config, Home, PeerConfig, write_atomic};
 use crate::core::{Core, Feed, History, LocalWriteError, OpenError, ReadError, Status, WriteReply};
 use crate::net::{
-    Behaviour, BehaviourEvent, DIAL_TICK_MS, Fault, NetError, backoff_ms, build_swarm,
+    Behaviour, BehaviourEvent, DIAL_TICK_MS, Fault, Frame, NetError, backoff_ms, build_swarm,
 };
 use crate::store::IdPage;
 use crate::sync::{Outgoing, SyncError};
@@ -349,7 +349,10 @@ impl NodeActor {
                 for (peer, msg) in out {
                     if let Some(link) = self.links.get(&peer) {
                         let peer_id = link.peer_id;
-                        self.swarm.behaviour_mut().sync.send_request(&peer_id, msg);
+                        self.swarm
+                            .behaviour_mut()
+                            .sync
+                            .send_request(&peer_id, Frame::Message(msg));
                     }
                 }
             }
@@ -496,7 +499,13 @@ impl NodeActor {
         }
     }
 
-    fn on_sync_event(&mut self, event: request_response::Event<Message, Message>) {
+    /// Log a peer that broke the protocol and drop its connection; the node carries on.
+    fn drop_bad_peer(&mut self, peer: PeerId, why: &str, detail: &str) {
+        tracing::warn!(%peer, error = %detail, "dropping the connection to a peer that {why}");
+        let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
+    fn on_sync_event(&mut self, event: request_response::Event<Frame, Frame>) {
         use request_response::{Event, Message as Rr};
         match event {
             Event::Message { peer, message, .. } => {
@@ -507,30 +516,38 @@ impl NodeActor {
                 };
                 match message {
                     Rr::Request {
-                        request, channel, ..
-                    } => {
-                        let result =
-                            tokio::task::block_in_place(|| self.core.on_request(id, request));
-                        match result {
-                            Ok((response, out)) => {
-                                let _ = self
-                                    .swarm
-                                    .behaviour_mut()
-                                    .sync
-                                    .send_response(channel, response);
-                                self.publish_seq();
-                                self.send_all(Ok(out));
-                            }
-                            Err(e) => {
-                                tracing::warn!(peer = %id, error = %e, "dropping the connection to a peer that broke the protocol");
-                                let _ = self.swarm.disconnect_peer_id(peer);
-                            }
+                        request: Frame::Message(request),
+                        channel,
+                        ..
+                    } => match tokio::task::block_in_place(|| self.core.on_request(id, request)) {
+                        Ok((response, out)) => {
+                            let _ = self
+                                .swarm
+                                .behaviour_mut()
+                                .sync
+                                .send_response(channel, Frame::Message(response));
+                            self.publish_seq();
+                            self.send_all(Ok(out));
                         }
-                    }
-                    Rr::Response { response, .. } => {
+                        Err(e) => self.drop_bad_peer(peer, "broke the protocol", &e.to_string()),
+                    },
+                    Rr::Response {
+                        response: Frame::Message(response),
+                        ..
+                    } => {
                         let out =
                             tokio::task::block_in_place(|| self.core.on_response(id, response));
                         self.send_all(out);
+                    }
+                    Rr::Request {
+                        request: Frame::Bad(why),
+                        ..
+                    }
+                    | Rr::Response {
+                        response: Frame::Bad(why),
+                        ..
+                    } => {
+                        self.drop_bad_peer(peer, "sent a bad frame", &why);
                     }
                 }
             }
@@ -542,8 +559,7 @@ impl NodeActor {
                 }
             }
             Event::InboundFailure { peer, error, .. } => {
-                tracing::warn!(%peer, error = %error, "dropping the connection to a peer that sent a bad frame");
-                let _ = self.swarm.disconnect_peer_id(peer);
+                self.drop_bad_peer(peer, "failed a request", &error.to_string());
             }
             Event::ResponseSent { .. } => {}
         }

@@ -89,6 +89,11 @@ impl TestNode {
 
     /// Start `tidesync run` and wait until its API answers.
     pub fn start(&mut self) {
+        self.start_with_env(&[]);
+    }
+
+    /// Start `tidesync run` with extra environment variables (such as `TIDESYNC_FAULT`).
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "{} already started", self.name);
         let _ = std::fs::remove_file(self.home().join("node.api"));
         let log = std::fs::OpenOptions::new()
@@ -100,6 +105,7 @@ impl TestNode {
             .args(["run", "--home"])
             .arg(self.home())
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -133,6 +139,60 @@ impl TestNode {
             );
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> String {
+        self.ok(&["id"]).trim().to_string()
+    }
+
+    /// The running node's status.
+    pub fn status(&self) -> Value {
+        json(&self.ok(&["status", "--json"]))
+    }
+
+    /// The first address the running node listens on for peers.
+    pub fn listen_addr(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(START_TIMEOUT_SECS);
+        loop {
+            if let Some(a) = self.status()["listen"]
+                .as_array()
+                .and_then(|l| l.first())
+                .and_then(|a| a.as_str())
+            {
+                return a.to_string();
+            }
+            assert!(Instant::now() < deadline, "{} never listened", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Configure `other` as a peer, reachable at its listen address when `dial` is true.
+    pub fn add_peer(&self, other: &TestNode, dial: bool) {
+        let id = other.id();
+        let mut args = vec!["peer", "add", other.name.as_str(), "--id", id.as_str()];
+        let addr;
+        if dial {
+            addr = other.listen_addr();
+            args.extend(["--addr", addr.as_str()]);
+        }
+        self.ok(&args);
+    }
+
+    /// The status entry of the peer called `name`.
+    pub fn peer(&self, name: &str) -> Value {
+        self.status()["peers"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("{} has no peer {name}", self.name))
+    }
+
+    /// The object as JSON, or None if it does not exist here.
+    pub fn get(&self, ty: &str, id: &str) -> Option<Value> {
+        let out = self.cli(&["get", ty, id]);
+        out.status
+            .success()
+            .then(|| json(&String::from_utf8_lossy(&out.stdout)))
     }
 
     /// The node's log so far.
@@ -261,6 +321,20 @@ impl Drop for TestNode {
         }
     }
 }
+
+/// Wait until `cond` holds, polling; panics with `what` after [`CONVERGE_TIMEOUT_SECS`].
+/// Convergence is asserted on state, never on how long it took.
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(CONVERGE_TIMEOUT_SECS);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Longest any test waits for nodes to converge, in seconds (a bound for hung tests, not a
+/// speed goal).
+pub const CONVERGE_TIMEOUT_SECS: u64 = 90;
 
 /// Parse one line of JSON output.
 pub fn json(s: &str) -> Value {
