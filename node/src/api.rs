@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! PUT    /v1/objects/{type}/{id}           body: JSON object of fields; null removes a field
+//! POST   /v1/objects    body: [{"type", "id", "fields"}, ...]: many puts in one transaction
 //! GET    /v1/objects/{type}/{id}           the object; 404 if absent or deleted
 //! DELETE /v1/objects/{type}/{id}
 //! GET    /v1/objects/{type}?after=ID&limit=N        {"ids": [...], "next": ID|null}
@@ -34,7 +35,7 @@ use crate::engine::WriteError;
 use crate::node::{CallError, NodeHandle, PeerError};
 
 /// Largest request body accepted, in bytes.
-pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 /// An error answer: a status and a message for the caller.
 #[derive(Debug)]
@@ -103,6 +104,7 @@ pub fn router(node: NodeHandle, token: Option<String>) -> Router {
         )
         .route("/v1/objects/{type}/{id}/history", get(history))
         .route("/v1/objects/{type}", get(list))
+        .route("/v1/objects", axum::routing::post(put_many))
         .route("/v1/changes", get(changes))
         .route("/v1/status", get(status))
         .route("/v1/peers", get(peers))
@@ -174,14 +176,57 @@ pub fn parse_fields(body: &[u8]) -> Result<Map<String, Value>, String> {
     }
 }
 
+/// Largest single object body accepted by `PUT`, in bytes (a change must fit one frame).
+pub const MAX_OBJECT_BYTES: usize = 4 * 1024 * 1024;
+
 async fn put_object(
     State(node): State<NodeHandle>,
     Path((ty, id)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult<crate::core::WriteReply> {
+    if body.len() > MAX_OBJECT_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("an object may be at most {MAX_OBJECT_BYTES} bytes"),
+        ));
+    }
     let (ty, id) = names(ty, id)?;
     let fields = parse_fields(&body).map_err(ApiError::bad_request)?;
     Ok(Json(node.put(ty, id, fields).await?))
+}
+
+/// Most objects in one `POST /v1/objects`.
+pub const MAX_BATCH_OBJECTS: usize = 10_000;
+
+/// One item of `POST /v1/objects`.
+#[derive(Debug, Deserialize, serde::Serialize)]
+pub struct BatchItem {
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub id: String,
+    pub fields: Map<String, Value>,
+}
+
+async fn put_many(
+    State(node): State<NodeHandle>,
+    body: Bytes,
+) -> ApiResult<Vec<crate::core::WriteReply>> {
+    let items: Vec<BatchItem> = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body must be a JSON array of {{\"type\", \"id\", \"fields\"}}: {e}"
+        ))
+    })?;
+    if items.len() > MAX_BATCH_OBJECTS {
+        return Err(ApiError::bad_request(format!(
+            "{} objects in one batch; at most {MAX_BATCH_OBJECTS}",
+            items.len()
+        )));
+    }
+    let items = items
+        .into_iter()
+        .map(|i| names(i.ty, i.id).map(|(t, id)| (t, id, i.fields)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(node.put_many(items).await?))
 }
 
 async fn get_object(

@@ -104,6 +104,9 @@ pub enum Command {
     },
     /// Print this node's id (its libp2p PeerId).
     Id,
+    /// Start a hub and two labs on 127.0.0.1 in temporary homes, write and concurrently edit
+    /// objects, show them converge, and stop everything (within a minute). Needs no --home.
+    Demo,
     /// Configure the peers this node syncs with (a running node applies changes at once).
     Peer {
         #[command(subcommand)]
@@ -168,6 +171,8 @@ pub enum CliError {
     Runtime(std::io::Error),
     #[error("cannot write to standard output: {0}")]
     Output(std::io::Error),
+    #[error("demo failed: {0}")]
+    Demo(crate::demo::DemoError),
 }
 
 impl CliError {
@@ -206,6 +211,9 @@ pub fn main() -> ExitCode {
 
 /// Run one parsed command.
 pub fn run(cli: Cli) -> Result<(), CliError> {
+    if matches!(cli.command, Command::Demo) {
+        return crate::demo::run().map_err(CliError::Demo);
+    }
     let home = Home::new(cli.home.ok_or(CliError::NoHome)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -337,7 +345,7 @@ async fn object_command(home: &Home, command: Command) -> Result<(), CliError> {
                 }
             }
         },
-        Command::Init { .. } | Command::Run | Command::Id => {
+        Command::Init { .. } | Command::Run | Command::Id | Command::Demo => {
             Err(CliError::Usage("not an object command".into()))
         }
     }

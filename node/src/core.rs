@@ -114,6 +114,9 @@ pub struct Status {
     /// Connections refused because the peer is not configured (running node, since start).
     #[serde(default)]
     pub refused_connections: u64,
+    /// Sync frames and bytes sent and received (running node, since start).
+    #[serde(default)]
+    pub net: crate::net::NetTotals,
     #[serde(default)]
     pub peers: Vec<PeerStatus>,
 }
@@ -314,62 +317,116 @@ impl Core {
         id: &ObjectId,
         op: WriteOp<'_>,
     ) -> Result<WriteReply, LocalWriteError> {
-        let store_err = |source| LocalWriteError::Store {
+        let mut replies = self.write_many(&[(ty, id, op)])?;
+        replies.pop().ok_or_else(|| LocalWriteError::Store {
             ty: ty.clone(),
             id: id.clone(),
-            source,
-        };
-        let existing = match self.find(ty, id).map_err(store_err)? {
-            Some((doc_id, record)) => {
-                let doc = self.take_doc(&doc_id).map_err(store_err)?.ok_or_else(|| {
-                    store_err(StoreError::Decode {
-                        path: self.store.path().into(),
-                        what: format!("doc_state_v1[{doc_id}]"),
-                        detail: "document record without state".into(),
+            source: StoreError::Io {
+                path: self.store.path().into(),
+                context: "committing a write",
+                detail: "no reply".into(),
+            },
+        })
+    }
+
+    /// Put many objects in one durable transaction (bulk loads and migrations). Each name may
+    /// appear once; all are written or none.
+    pub fn put_many(
+        &mut self,
+        items: &[(TypeName, ObjectId, Map<String, Json>)],
+    ) -> Result<Vec<WriteReply>, LocalWriteError> {
+        let ops: Vec<_> = items
+            .iter()
+            .map(|(t, i, f)| (t, i, WriteOp::Put(f)))
+            .collect();
+        self.write_many(&ops)
+    }
+
+    /// Run the engine for each write, commit every change in one transaction, then answer.
+    fn write_many(
+        &mut self,
+        ops: &[(&TypeName, &ObjectId, WriteOp<'_>)],
+    ) -> Result<Vec<WriteReply>, LocalWriteError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut outcomes = Vec::with_capacity(ops.len());
+        for (ty, id, op) in ops {
+            let store_err = |source| LocalWriteError::Store {
+                ty: (*ty).clone(),
+                id: (*id).clone(),
+                source,
+            };
+            if !seen.insert((*ty, *id)) {
+                return Err(LocalWriteError::Refused(WriteError::Fields {
+                    ty: (*ty).clone(),
+                    id: (*id).clone(),
+                    source: crate::doc::FieldsError::Duplicate,
+                }));
+            }
+            let existing = match self.find(ty, id).map_err(store_err)? {
+                Some((doc_id, record)) => {
+                    let doc = self.take_doc(&doc_id).map_err(store_err)?.ok_or_else(|| {
+                        store_err(StoreError::Decode {
+                            path: self.store.path().into(),
+                            what: format!("doc_state_v1[{doc_id}]"),
+                            detail: "document record without state".into(),
+                        })
+                    })?;
+                    Some(Loaded {
+                        doc_id,
+                        record,
+                        doc,
                     })
-                })?;
-                Some(Loaded {
-                    doc_id,
-                    record,
-                    doc,
-                })
-            }
-            None => None,
-        };
-        let is_put = matches!(op, WriteOp::Put(_));
-        match self
-            .engine
-            .local_write((self.clock)(), ty, id, existing, op)?
-        {
-            WriteOutcome::Unchanged(l) => {
-                let reply = WriteReply {
-                    ty: ty.to_string(),
-                    id: id.to_string(),
-                    doc: l.doc_id.to_string(),
-                    changed: false,
-                    seq: None,
-                    hash: None,
-                    object: is_put.then(|| doc::to_json(&l.doc)),
-                };
-                self.cache.put(l.doc_id, l.doc);
-                Ok(reply)
-            }
-            WriteOutcome::Changed(p) => {
-                let seq = self.store.commit_write(&p).map_err(store_err)?;
-                tracing::debug!(%ty, %id, doc = %p.doc_id, seq, hash = %p.hash, "stored local change");
-                let reply = WriteReply {
-                    ty: ty.to_string(),
-                    id: id.to_string(),
-                    doc: p.doc_id.to_string(),
-                    changed: true,
-                    seq: Some(seq),
-                    hash: Some(p.hash.to_string()),
-                    object: is_put.then(|| doc::to_json(&p.doc)),
-                };
-                self.cache.put(p.doc_id, p.doc);
-                Ok(reply)
-            }
+                }
+                None => None,
+            };
+            outcomes.push(
+                self.engine
+                    .local_write((self.clock)(), ty, id, existing, *op)?,
+            );
         }
+        let persists: Vec<&crate::engine::Persist> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                WriteOutcome::Changed(p) => Some(p),
+                WriteOutcome::Unchanged(_) => None,
+            })
+            .collect();
+        let seqs = match (persists.is_empty(), ops.first()) {
+            (false, Some((ty, id, _))) => {
+                self.store
+                    .commit_writes(&persists)
+                    .map_err(|source| LocalWriteError::Store {
+                        ty: (*ty).clone(),
+                        id: (*id).clone(),
+                        source,
+                    })?
+            }
+            _ => Vec::new(),
+        };
+        let mut seqs = seqs.into_iter();
+        let mut replies = Vec::with_capacity(outcomes.len());
+        for ((ty, id, op), outcome) in ops.iter().zip(outcomes) {
+            let is_put = matches!(op, WriteOp::Put(_));
+            let (doc_id, doc, seq, hash) = match outcome {
+                WriteOutcome::Unchanged(l) => (l.doc_id, l.doc, None, None),
+                WriteOutcome::Changed(p) => {
+                    let seq = seqs.next();
+                    tracing::debug!(%ty, %id, doc = %p.doc_id, ?seq, hash = %p.hash, "stored local change");
+                    (p.doc_id, p.doc, seq, Some(p.hash.to_string()))
+                }
+            };
+            replies.push(WriteReply {
+                ty: ty.to_string(),
+                id: id.to_string(),
+                doc: doc_id.to_string(),
+                changed: seq.is_some(),
+                seq,
+                hash,
+                object: is_put.then(|| doc::to_json(&doc)),
+            });
+            self.cache.put(doc_id, doc);
+        }
+        Ok(replies)
     }
 
     fn read_err(what: impl std::fmt::Display) -> impl FnOnce(StoreError) -> ReadError {
@@ -532,6 +589,7 @@ impl Core {
             held_changes: self.store.pending_count().map_err(Self::read_err(what))?,
             listen: Vec::new(),
             refused_connections: 0,
+            net: Default::default(),
             peers: peers
                 .iter()
                 .map(|p| self.peer_status(p))

@@ -40,6 +40,8 @@ pub enum FieldsError {
     TooDeep { field: String },
     #[error("automerge refused the write: {0}")]
     Automerge(#[from] automerge::AutomergeError),
+    #[error("the object appears more than once in one batch")]
+    Duplicate,
 }
 
 /// Check that `fields` can be written as an object's root fields.

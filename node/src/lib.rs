@@ -8,6 +8,9 @@
 //! - [`engine`]: the sans-IO engine that turns inputs into signed changes and durable records.
 //! - [`store`]: the redb tables and the transactions that commit the engine's records.
 //! - [`core`]: engine, store and document cache behind the node's operations.
+//! - [`sync`]: per-peer sync sessions: streaming the change log, storing what peers send.
+//! - [`net`]: the libp2p shell: transport, gating, the request-response codec, backoff.
+//! - [`demo`]: `tidesync demo`, a hub and two labs converging on 127.0.0.1.
 //! - [`node`]: the running node: an actor owning the core, and its lifecycle.
 //! - [`api`]: the HTTP/JSON API served by a running node.
 //! - [`client`]: the CLI's way to a node: its HTTP API when it runs, its store when it does not.
@@ -18,6 +21,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod demo;
 pub mod doc;
 pub mod engine;
 pub mod identity;

@@ -2,7 +2,11 @@
 //! request-response sync protocol with its frame codec, reconnect backoff, and test-only faults.
 
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::allow_block_list::{self, AllowedPeers};
@@ -70,10 +74,40 @@ pub enum Frame {
     Bad(String),
 }
 
+/// Frames and bytes that crossed the wire, counted by the codec since the node started.
+#[derive(Debug, Default)]
+pub struct NetCounters {
+    frames_in: AtomicU64,
+    frames_out: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+/// A reading of [`NetCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetTotals {
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl NetCounters {
+    pub fn totals(&self) -> NetTotals {
+        NetTotals {
+            frames_in: self.frames_in.load(Ordering::Relaxed),
+            frames_out: self.frames_out.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Reads and writes [`Message`] frames on request-response streams.
 #[derive(Debug, Clone, Default)]
 pub struct FrameCodec {
     fault: Fault,
+    counters: Arc<NetCounters>,
 }
 
 async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Message> {
@@ -83,6 +117,42 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Messa
     let mut body = vec![0u8; len];
     io.read_exact(&mut body).await?;
     wire::decode_body(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+impl FrameCodec {
+    async fn read_counted<T: AsyncRead + Unpin + Send>(&self, io: &mut T) -> io::Result<Frame> {
+        let mut counted = CountingReader {
+            inner: io,
+            bytes: 0,
+        };
+        let frame = read_any(&mut counted).await;
+        self.counters.frames_in.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_in
+            .fetch_add(counted.bytes, Ordering::Relaxed);
+        frame
+    }
+}
+
+/// Counts the bytes read through it.
+struct CountingReader<'a, T> {
+    inner: &'a mut T,
+    bytes: u64,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for CountingReader<'_, T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let poll = std::pin::Pin::new(&mut *this.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &poll {
+            this.bytes += *n as u64;
+        }
+        poll
+    }
 }
 
 impl FrameCodec {
@@ -112,6 +182,10 @@ impl FrameCodec {
             }
             Fault::None | Fault::AlterRelayed => io.write_all(&frame).await?,
         }
+        self.counters.frames_out.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_out
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
         io.close().await
     }
 }
@@ -149,7 +223,7 @@ impl request_response::Codec for FrameCodec {
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<Frame> {
-        read_any(io).await
+        self.read_counted(io).await
     }
 
     async fn read_response<T: AsyncRead + Unpin + Send>(
@@ -157,7 +231,7 @@ impl request_response::Codec for FrameCodec {
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<Frame> {
-        read_any(io).await
+        self.read_counted(io).await
     }
 
     async fn write_request<T: AsyncWrite + Unpin + Send>(
@@ -202,7 +276,11 @@ pub enum NetError {
 }
 
 /// Build the swarm for `identity`; its PeerId is the node id.
-pub fn build_swarm(identity: &Identity, fault: Fault) -> Result<Swarm<Behaviour>, NetError> {
+pub fn build_swarm(
+    identity: &Identity,
+    fault: Fault,
+    counters: Arc<NetCounters>,
+) -> Result<Swarm<Behaviour>, NetError> {
     let protocol = StreamProtocol::new(PROTOCOL);
     let swarm = libp2p::SwarmBuilder::with_existing_identity(identity.libp2p_keypair())
         .with_tokio()
@@ -215,7 +293,7 @@ pub fn build_swarm(identity: &Identity, fault: Fault) -> Result<Swarm<Behaviour>
         .with_behaviour(|_| Behaviour {
             allow: allow_block_list::Behaviour::default(),
             sync: request_response::Behaviour::with_codec(
-                FrameCodec { fault },
+                FrameCodec { fault, counters },
                 [(protocol, ProtocolSupport::Full)],
                 request_response::Config::default()
                     .with_request_timeout(Duration::from_secs(REQUEST_TIMEOUT_SECS)),
@@ -286,10 +364,13 @@ mod tests {
             Fault::OversizedFrames,
         ] {
             let mut bad = Vec::new();
-            FrameCodec { fault }
-                .write_frame(&mut futures::io::Cursor::new(&mut bad), &msg)
-                .await
-                .unwrap();
+            FrameCodec {
+                fault,
+                ..FrameCodec::default()
+            }
+            .write_frame(&mut futures::io::Cursor::new(&mut bad), &msg)
+            .await
+            .unwrap();
             assert!(
                 read_frame(&mut futures::io::Cursor::new(&bad))
                     .await

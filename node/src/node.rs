@@ -19,7 +19,8 @@ use tracing::Instrument;
 use crate::config::{Config, Home, PeerConfig, write_atomic};
 use crate::core::{Core, Feed, History, LocalWriteError, OpenError, ReadError, Status, WriteReply};
 use crate::net::{
-    Behaviour, BehaviourEvent, DIAL_TICK_MS, Fault, Frame, NetError, backoff_ms, build_swarm,
+    Behaviour, BehaviourEvent, DIAL_TICK_MS, Fault, Frame, NetCounters, NetError, backoff_ms,
+    build_swarm,
 };
 use crate::store::IdPage;
 use crate::sync::{Outgoing, SyncError};
@@ -38,6 +39,10 @@ enum Action {
         id: ObjectId,
         fields: Map<String, Json>,
         reply: Reply<Result<WriteReply, LocalWriteError>>,
+    },
+    PutMany {
+        items: Vec<(TypeName, ObjectId, Map<String, Json>)>,
+        reply: Reply<Result<Vec<WriteReply>, LocalWriteError>>,
     },
     Delete {
         ty: TypeName,
@@ -145,6 +150,14 @@ impl NodeHandle {
         .await
     }
 
+    /// Put many objects in one transaction.
+    pub async fn put_many(
+        &self,
+        items: Vec<(TypeName, ObjectId, Map<String, Json>)>,
+    ) -> Result<Vec<WriteReply>, CallError<LocalWriteError>> {
+        self.call(|reply| Action::PutMany { items, reply }).await
+    }
+
     pub async fn delete(
         &self,
         ty: TypeName,
@@ -242,6 +255,7 @@ struct NodeActor {
     listen: Vec<String>,
     refused: u64,
     rng: StdRng,
+    counters: Arc<NetCounters>,
 }
 
 impl NodeActor {
@@ -274,6 +288,18 @@ impl NodeActor {
             } => {
                 let r = self.core.put(&ty, &id, &fields);
                 self.after_write(&r);
+                let _ = reply.send(r);
+            }
+            Action::PutMany { items, reply } => {
+                let r = self.core.put_many(&items);
+                let first = r
+                    .as_ref()
+                    .map(|rs| rs.iter().find(|w| w.seq.is_some()).cloned());
+                match first {
+                    Ok(Some(w)) => self.after_write(&Ok(w)),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "batch write refused"),
+                }
                 let _ = reply.send(r);
             }
             Action::Delete { ty, id, reply } => {
@@ -318,6 +344,7 @@ impl NodeActor {
         let mut status = self.core.status(&self.config.peers)?;
         status.listen = self.listen.clone();
         status.refused_connections = self.refused;
+        status.net = self.counters.totals();
         Ok(status)
     }
 
@@ -573,6 +600,7 @@ pub fn spawn(
     swarm: Swarm<Behaviour>,
     home: Home,
     config: Config,
+    counters: Arc<NetCounters>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(NodeHandle, tokio::task::JoinHandle<()>), ReadError> {
     let (tx, rx) = mpsc::channel(ACTION_QUEUE_LEN);
@@ -592,6 +620,7 @@ pub fn spawn(
         listen: Vec::new(),
         refused: 0,
         rng: StdRng::from_rng(&mut rand::rng()),
+        counters,
     };
     for peer in config.peers {
         if let Ok(id) = peer.node_id() {
@@ -663,7 +692,8 @@ pub async fn run(home: &Home) -> Result<(), RunError> {
         }
         core.sync.alter_relayed = fault == Fault::AlterRelayed;
         let identity = crate::identity::Identity::load(&home.key()).map_err(OpenError::from)?;
-        let mut swarm = build_swarm(&identity, fault)?;
+        let counters = Arc::new(NetCounters::default());
+        let mut swarm = build_swarm(&identity, fault, Arc::clone(&counters))?;
         for addr in &config.listen {
             swarm
                 .listen_on(addr.clone())
@@ -673,11 +703,18 @@ pub async fn run(home: &Home) -> Result<(), RunError> {
                 })?;
         }
         let (stop_tx, stop_rx) = watch::channel(false);
-        let (handle, actor) = spawn(core, swarm, home.clone(), config.clone(), stop_rx.clone())
-            .map_err(|source| RunError::Read {
-                home: home.dir.clone(),
-                source,
-            })?;
+        let (handle, actor) = spawn(
+            core,
+            swarm,
+            home.clone(),
+            config.clone(),
+            counters,
+            stop_rx.clone(),
+        )
+        .map_err(|source| RunError::Read {
+            home: home.dir.clone(),
+            source,
+        })?;
         let listener = tokio::net::TcpListener::bind(config.api.listen)
             .await
             .map_err(|source| RunError::Bind {

@@ -294,52 +294,57 @@ impl Store {
     /// Commit a local write: state, change, log entry, record and name, in one durable
     /// transaction. Returns the write's SEQ in the change log.
     pub fn commit_write(&self, p: &Persist) -> Result<u64, StoreError> {
+        let seqs = self.commit_writes(&[p])?;
+        Ok(seqs.first().copied().unwrap_or(0))
+    }
+
+    /// Commit several local writes in one durable transaction; their SEQs, in order.
+    pub fn commit_writes(&self, writes: &[&Persist]) -> Result<Vec<u64>, StoreError> {
         let ctx = "committing a write";
         let tx = self.db.begin_write().ctx(self, ctx)?;
-        let seq;
+        let mut seqs = Vec::with_capacity(writes.len());
         {
             let mut docs = tx.open_table(DOCS).ctx(self, ctx)?;
-            let record = postcard::to_stdvec(&p.record).map_err(|x| self.encode_error(x))?;
-            docs.insert(p.doc_id.0, record.as_slice()).ctx(self, ctx)?;
-
             let mut states = tx.open_table(DOC_STATE).ctx(self, ctx)?;
-            states
-                .insert(p.doc_id.0, p.doc.save().as_slice())
-                .ctx(self, ctx)?;
-
             let mut changes = tx.open_table(CHANGES).ctx(self, ctx)?;
-            let change = postcard::to_stdvec(&p.change).map_err(|x| self.encode_error(x))?;
-            changes
-                .insert((p.doc_id.0, p.hash.0), change.as_slice())
-                .ctx(self, ctx)?;
-
             let mut log = tx.open_table(LOG).ctx(self, ctx)?;
-            seq = log
+            let mut names = tx.open_table(NAMES).ctx(self, ctx)?;
+            let mut seq = log
                 .last()
                 .ctx(self, ctx)?
                 .map(|(k, _)| k.value())
-                .unwrap_or(0)
-                + 1;
-            let entry = LogEntry {
-                doc: p.doc_id,
-                hash: p.hash.0,
-                author: p.author,
-                from: None,
-                time_ms: p.time_ms,
-            };
-            let entry = postcard::to_stdvec(&entry).map_err(|x| self.encode_error(x))?;
-            log.insert(seq, entry.as_slice()).ctx(self, ctx)?;
-
-            let mut names = tx.open_table(NAMES).ctx(self, ctx)?;
-            names
-                .insert(
-                    (p.record.ty.as_str(), p.record.local_id.as_str()),
-                    p.doc_id.0,
-                )
-                .ctx(self, ctx)?;
+                .unwrap_or(0);
+            for p in writes {
+                let record = postcard::to_stdvec(&p.record).map_err(|x| self.encode_error(x))?;
+                docs.insert(p.doc_id.0, record.as_slice()).ctx(self, ctx)?;
+                states
+                    .insert(p.doc_id.0, p.doc.save().as_slice())
+                    .ctx(self, ctx)?;
+                let change = postcard::to_stdvec(&p.change).map_err(|x| self.encode_error(x))?;
+                changes
+                    .insert((p.doc_id.0, p.hash.0), change.as_slice())
+                    .ctx(self, ctx)?;
+                seq += 1;
+                let entry = LogEntry {
+                    doc: p.doc_id,
+                    hash: p.hash.0,
+                    author: p.author,
+                    from: None,
+                    time_ms: p.time_ms,
+                };
+                let entry = postcard::to_stdvec(&entry).map_err(|x| self.encode_error(x))?;
+                log.insert(seq, entry.as_slice()).ctx(self, ctx)?;
+                names
+                    .insert(
+                        (p.record.ty.as_str(), p.record.local_id.as_str()),
+                        p.doc_id.0,
+                    )
+                    .ctx(self, ctx)?;
+                seqs.push(seq);
+            }
         }
         tx.commit().ctx(self, ctx)?;
-        Ok(seq)
+        Ok(seqs)
     }
 
     fn encode_error(&self, e: postcard::Error) -> StoreError {

@@ -248,3 +248,32 @@ fn garbage_truncated_and_oversized_frames_drop_the_connection_but_not_the_node()
         good.stop();
     }
 }
+
+#[test]
+fn the_demo_converges_and_cleans_up_after_itself() {
+    let out = std::process::Command::new(tidesync_tests::tidesync_bin())
+        .arg("demo")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.matches("all three nodes hold the same").count(),
+        2,
+        "{text}"
+    );
+    assert!(!text.contains("SIGNATURE INVALID"), "{text}");
+    let homes = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("homes and logs in "))
+        .unwrap()
+        .to_string();
+    assert!(
+        !std::path::Path::new(&homes).exists(),
+        "the demo left {homes} behind"
+    );
+}

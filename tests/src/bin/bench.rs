@@ -1,0 +1,208 @@
+//! `bench sync --objects N`: two real tidesync nodes on 127.0.0.1; measures the initial sync of
+//! N objects of ten fields, an idle resync, a 1 % delta, the time for one change to become
+//! visible on the peer, and each node's peak memory.
+//!
+//! Run it as `cargo run --release -p tidesync-tests --bin bench -- sync --objects 50000`.
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use tidesync_tests::{TestNode, wait_for};
+
+/// Objects per `POST /v1/objects` while seeding.
+const SEED_BATCH: usize = 2_000;
+/// Changes timed for visibility latency.
+const LATENCY_SAMPLES: usize = 200;
+
+fn fields(i: usize, round: usize) -> Value {
+    json!({
+        "status": if round == 0 { "received" } else { "analysed" },
+        "volume_ml": 1.0 + (i % 100) as f64 / 10.0,
+        "site": format!("site-{}", i % 17),
+        "operator": format!("op-{}", i % 29),
+        "batch": i / 100,
+        "priority": i % 5,
+        "container": "vial-2ml",
+        "received_at": 1_700_000_000 + i as i64,
+        "tags": ["bench", format!("t{}", i % 7)],
+        "round": round,
+    })
+}
+
+fn seed(node: &TestNode, from: usize, to: usize, round: usize) {
+    let mut i = from;
+    while i < to {
+        let end = (i + SEED_BATCH).min(to);
+        let items: Vec<Value> = (i..end)
+            .map(|k| json!({"type": "Sample", "id": format!("S-{k:06}"), "fields": fields(k, round)}))
+            .collect();
+        let (s, v) = node.http(
+            Method::POST,
+            "/v1/objects",
+            Some(&Value::Array(items).to_string()),
+        );
+        assert_eq!(s, 200, "seeding failed: {v}");
+        i = end;
+    }
+}
+
+fn net(node: &TestNode) -> Value {
+    node.status()["net"].clone()
+}
+
+fn delta(after: &Value, before: &Value, key: &str) -> u64 {
+    after[key].as_u64().unwrap_or(0) - before[key].as_u64().unwrap_or(0)
+}
+
+fn peak_rss_kib(node: &TestNode) -> u64 {
+    let pid = node.pid().expect("running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn last_seq(node: &TestNode) -> u64 {
+    node.http(Method::GET, "/v1/status", None).1["last_seq"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let objects = args
+        .iter()
+        .position(|a| a == "--objects")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(50_000);
+    if args.get(1).map(String::as_str) != Some("sync") {
+        eprintln!("usage: bench sync [--objects N]");
+        std::process::exit(2);
+    }
+    println!("bench sync: {objects} objects of 10 fields, two nodes on 127.0.0.1");
+    let mut a = TestNode::init("bench-a");
+    let mut b = TestNode::init("bench-b");
+    a.start();
+    b.start();
+
+    let t = Instant::now();
+    seed(&a, 0, objects, 0);
+    println!(
+        "seeded lab A: {objects} objects in {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // A accepts B but does not dial; B dials A when it is told about it: the clock starts then.
+    a.add_peer(&b, false);
+    let (a_before, b_before) = (net(&a), net(&b));
+    let t = Instant::now();
+    b.add_peer(&a, true);
+    let target = objects as u64;
+    wait_for("initial sync", || last_seq(&b) >= target);
+    let initial = t.elapsed();
+    let (a_after, b_after) = (net(&a), net(&b));
+    println!(
+        "initial sync: {:.2} s ({:.0} objects/s), {} frames, {:.1} MB on the wire",
+        initial.as_secs_f64(),
+        objects as f64 / initial.as_secs_f64(),
+        delta(&a_after, &a_before, "frames_out") + delta(&b_after, &b_before, "frames_out"),
+        (delta(&a_after, &a_before, "bytes_out") + delta(&b_after, &b_before, "bytes_out")) as f64
+            / 1e6
+    );
+
+    // Idle resync: drop the link and bring it back; nothing differs.
+    wait_for("A has nothing pending for B", || {
+        a.peer("bench-b")["pending_out"] == json!(0)
+    });
+    b.ok(&["peer", "rm", "bench-a"]);
+    wait_for("link down", || {
+        a.peer("bench-b")["connected"] == json!(false)
+    });
+    let (a_before, b_before) = (net(&a), net(&b));
+    let t = Instant::now();
+    b.add_peer(&a, true);
+    wait_for("idle resync", || {
+        let bn = net(&b);
+        delta(&bn, &b_before, "frames_in") >= 2 && delta(&bn, &b_before, "frames_out") >= 2
+    });
+    let idle = t.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let (a_after, b_after) = (net(&a), net(&b));
+    println!(
+        "idle resync: {:.1} ms from link up to both Hellos answered, {} frames, {} bytes on the wire",
+        idle.as_secs_f64() * 1e3,
+        delta(&a_after, &a_before, "frames_out") + delta(&b_after, &b_before, "frames_out"),
+        delta(&a_after, &a_before, "bytes_out") + delta(&b_after, &b_before, "bytes_out")
+    );
+
+    // A 1 % delta while the link is down.
+    b.ok(&["peer", "rm", "bench-a"]);
+    wait_for("link down", || {
+        a.peer("bench-b")["connected"] == json!(false)
+    });
+    let changed = (objects / 100).max(1);
+    seed(&a, 0, changed, 1);
+    let (a_before, b_before) = (net(&a), net(&b));
+    let t = Instant::now();
+    b.add_peer(&a, true);
+    let target = (objects + changed) as u64;
+    wait_for("delta sync", || last_seq(&b) >= target);
+    let delta_t = t.elapsed();
+    let (a_after, b_after) = (net(&a), net(&b));
+    println!(
+        "1 % delta ({changed} changed objects): {:.1} ms, {} frames, {:.2} MB on the wire",
+        delta_t.as_secs_f64() * 1e3,
+        delta(&a_after, &a_before, "frames_out") + delta(&b_after, &b_before, "frames_out"),
+        (delta(&a_after, &a_before, "bytes_out") + delta(&b_after, &b_before, "bytes_out")) as f64
+            / 1e6
+    );
+
+    // One change visible on the peer: B long-polls its change feed while A writes.
+    let mut samples = Vec::with_capacity(LATENCY_SAMPLES);
+    let b_url = b.api_url();
+    let poller = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap();
+    for k in 0..LATENCY_SAMPLES {
+        let since = last_seq(&b);
+        let url = format!("{b_url}/v1/changes?since={since}&wait=10&limit=1");
+        let p = poller.clone();
+        let waiter = std::thread::spawn(move || {
+            let v: Value = p.get(url).send().unwrap().json().unwrap();
+            (Instant::now(), v)
+        });
+        std::thread::sleep(Duration::from_millis(5));
+        let t = Instant::now();
+        let (s, _) = a.http(
+            Method::PUT,
+            &format!("/v1/objects/Latency/L-{k}"),
+            Some(r#"{"k":1}"#),
+        );
+        assert_eq!(s, 200);
+        let (seen_at, v) = waiter.join().unwrap();
+        assert_eq!(v["changes"][0]["id"], json!(format!("L-{k}")), "{v}");
+        samples.push(seen_at.duration_since(t).as_secs_f64() * 1e3);
+    }
+    samples.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    println!(
+        "one change visible on the peer (PUT on A until B's feed returns it, {LATENCY_SAMPLES} samples): p50 {:.2} ms, p99 {:.2} ms",
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99)
+    );
+    println!(
+        "peak memory: node A {} MiB, node B {} MiB",
+        peak_rss_kib(&a) / 1024,
+        peak_rss_kib(&b) / 1024
+    );
+}
