@@ -436,6 +436,8 @@ impl NodeActor {
         });
         link.config = config;
         link.next_dial = Instant::now();
+        // Dial now rather than at the next tick.
+        self.on_tick();
     }
 
     fn drop_link(&mut self, id: &NodeId) {

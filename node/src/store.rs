@@ -254,41 +254,43 @@ impl Store {
         }
     }
 
+    /// A read transaction for many lookups (a received batch makes thousands).
+    pub fn reader(&self) -> Result<Reader<'_>, StoreError> {
+        let ctx = "starting a read";
+        let tx = self.db.begin_read().ctx(self, ctx)?;
+        Ok(Reader {
+            store: self,
+            names: tx.open_table(NAMES).ctx(self, ctx)?,
+            docs: tx.open_table(DOCS).ctx(self, ctx)?,
+            states: tx.open_table(DOC_STATE).ctx(self, ctx)?,
+            changes: tx.open_table(CHANGES).ctx(self, ctx)?,
+            pending: tx.open_table(PENDING).ctx(self, ctx)?,
+        })
+    }
+
     /// The document a local name points to.
     pub fn lookup(&self, ty: &TypeName, id: &ObjectId) -> Result<Option<DocId>, StoreError> {
-        let ctx = "looking up a name";
-        let tx = self.db.begin_read().ctx(self, ctx)?;
-        let names = tx.open_table(NAMES).ctx(self, ctx)?;
-        let found = names.get((ty.as_str(), id.as_str())).ctx(self, ctx)?;
-        Ok(found.map(|v| DocId(v.value())))
+        self.reader()?.lookup(ty, id)
     }
 
     /// What is known of a document.
     pub fn record(&self, doc: &DocId) -> Result<Option<DocRecord>, StoreError> {
-        let ctx = "reading a document record";
-        let tx = self.db.begin_read().ctx(self, ctx)?;
-        let docs = tx.open_table(DOCS).ctx(self, ctx)?;
-        let found = docs.get(doc.0).ctx(self, ctx)?;
-        found
-            .map(|v| self.decode(|| format!("docs_v1[{doc}]"), v.value()))
-            .transpose()
+        self.reader()?.record(doc)
     }
 
     /// A document's current Automerge state.
     pub fn load_doc(&self, doc: &DocId) -> Result<Option<Automerge>, StoreError> {
-        let ctx = "reading a document";
-        let tx = self.db.begin_read().ctx(self, ctx)?;
-        let states = tx.open_table(DOC_STATE).ctx(self, ctx)?;
-        let Some(bytes) = states.get(doc.0).ctx(self, ctx)? else {
-            return Ok(None);
-        };
-        Automerge::load(bytes.value())
-            .map(Some)
-            .map_err(|e| StoreError::Decode {
-                path: self.path.clone(),
-                what: format!("doc_state_v1[{doc}]"),
-                detail: e.to_string(),
-            })
+        self.reader()?.load_doc(doc)
+    }
+
+    /// Whether a change is stored (applied or held).
+    pub fn has_change(&self, doc: &DocId, hash: &ChangeHash) -> Result<bool, StoreError> {
+        self.reader()?.has_change(doc, hash)
+    }
+
+    /// The changes of `doc` held for missing dependencies.
+    pub fn pending(&self, doc: &DocId) -> Result<Vec<SignedChange>, StoreError> {
+        self.reader()?.pending(doc)
     }
 
     /// Commit a local write: state, change, log entry, record and name, in one durable
@@ -479,36 +481,6 @@ impl Store {
         Ok(self
             .log_entry(seq)?
             .map(|e| Checkpoint { seq, hash: e.hash }))
-    }
-
-    /// Whether a change is stored (applied or held).
-    pub fn has_change(&self, doc: &DocId, hash: &ChangeHash) -> Result<bool, StoreError> {
-        let ctx = "looking up a change";
-        let tx = self.db.begin_read().ctx(self, ctx)?;
-        let changes = tx.open_table(CHANGES).ctx(self, ctx)?;
-        if changes.get((doc.0, hash.0)).ctx(self, ctx)?.is_some() {
-            return Ok(true);
-        }
-        let pending = tx.open_table(PENDING).ctx(self, ctx)?;
-        Ok(pending.get((doc.0, hash.0)).ctx(self, ctx)?.is_some())
-    }
-
-    /// The changes of `doc` held for missing dependencies.
-    pub fn pending(&self, doc: &DocId) -> Result<Vec<SignedChange>, StoreError> {
-        let ctx = "reading held changes";
-        let tx = self.db.begin_read().ctx(self, ctx)?;
-        let pending = tx.open_table(PENDING).ctx(self, ctx)?;
-        let mut out = Vec::new();
-        for item in pending
-            .range((doc.0, [0u8; 32])..=(doc.0, [0xffu8; 32]))
-            .ctx(self, ctx)?
-        {
-            let (_, v) = item.ctx(self, ctx)?;
-            let (_, change): (DocHeader, SignedChange) =
-                self.decode(|| format!("pending_v1[{doc}]"), v.value())?;
-            out.push(change);
-        }
-        Ok(out)
     }
 
     /// How many changes are held for missing dependencies.
@@ -721,6 +693,92 @@ impl Store {
     /// Size of the store file in bytes (0 for an in-memory store).
     pub fn size_bytes(&self) -> u64 {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// One read transaction over the tables lookups need.
+pub struct Reader<'s> {
+    store: &'s Store,
+    names: redb::ReadOnlyTable<(&'static str, &'static str), [u8; 16]>,
+    docs: redb::ReadOnlyTable<[u8; 16], &'static [u8]>,
+    states: redb::ReadOnlyTable<[u8; 16], &'static [u8]>,
+    changes: redb::ReadOnlyTable<([u8; 16], [u8; 32]), &'static [u8]>,
+    pending: redb::ReadOnlyTable<([u8; 16], [u8; 32]), &'static [u8]>,
+}
+
+impl Reader<'_> {
+    /// The document a local name points to.
+    pub fn lookup(&self, ty: &TypeName, id: &ObjectId) -> Result<Option<DocId>, StoreError> {
+        let found = self
+            .names
+            .get((ty.as_str(), id.as_str()))
+            .ctx(self.store, "looking up a name")?;
+        Ok(found.map(|v| DocId(v.value())))
+    }
+
+    /// What is known of a document.
+    pub fn record(&self, doc: &DocId) -> Result<Option<DocRecord>, StoreError> {
+        let found = self
+            .docs
+            .get(doc.0)
+            .ctx(self.store, "reading a document record")?;
+        found
+            .map(|v| self.store.decode(|| format!("docs_v1[{doc}]"), v.value()))
+            .transpose()
+    }
+
+    /// A document's current Automerge state.
+    pub fn load_doc(&self, doc: &DocId) -> Result<Option<Automerge>, StoreError> {
+        let Some(bytes) = self
+            .states
+            .get(doc.0)
+            .ctx(self.store, "reading a document")?
+        else {
+            return Ok(None);
+        };
+        Automerge::load(bytes.value())
+            .map(Some)
+            .map_err(|e| StoreError::Decode {
+                path: self.store.path.clone(),
+                what: format!("doc_state_v1[{doc}]"),
+                detail: e.to_string(),
+            })
+    }
+
+    /// Whether a change is stored (applied or held).
+    pub fn has_change(&self, doc: &DocId, hash: &ChangeHash) -> Result<bool, StoreError> {
+        let ctx = "looking up a change";
+        if self
+            .changes
+            .get((doc.0, hash.0))
+            .ctx(self.store, ctx)?
+            .is_some()
+        {
+            return Ok(true);
+        }
+        Ok(self
+            .pending
+            .get((doc.0, hash.0))
+            .ctx(self.store, ctx)?
+            .is_some())
+    }
+
+    /// The changes of `doc` held for missing dependencies.
+    pub fn pending(&self, doc: &DocId) -> Result<Vec<SignedChange>, StoreError> {
+        let ctx = "reading held changes";
+        let mut out = Vec::new();
+        for item in self
+            .pending
+            .range((doc.0, [0u8; 32])..=(doc.0, [0xffu8; 32]))
+            .ctx(self.store, ctx)?
+        {
+            let (_, v) = item.ctx(self.store, ctx)?;
+            let (_, change): (DocHeader, SignedChange) = self
+                .store
+                .decode(|| format!("pending_v1[{doc}]"), v.value())?;
+            out.push(change);
+        }
+        Ok(out)
     }
 }
 

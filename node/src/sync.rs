@@ -12,6 +12,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use automerge::Change;
+use ed25519_dalek::VerifyingKey;
 use tidesync_proto::{
     Checkpoint, DocHeader, DocId, Message, NodeId, SignedChange, VerifiedChange, VerifyError,
 };
@@ -27,11 +28,14 @@ pub const SYNC_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Most log entries scanned for one batch, so that a long run of entries the peer already has
 /// costs a bounded amount of work per step.
 pub const SYNC_SCAN_ENTRIES: usize = 4 * SYNC_BATCH_CHANGES;
-/// Batches sent to one peer and not yet acknowledged. One keeps the receiver's checkpoint
-/// contiguous: request-response delivers each request on its own stream, in no fixed order.
-pub const SYNC_WINDOW_BATCHES: usize = 1;
-/// Batches smaller than this are verified on one thread.
-pub const PARALLEL_VERIFY_MIN: usize = 64;
+/// Batches sent to one peer and not yet acknowledged: two, so that the receiver applies one
+/// while the next is read and sent. Request-response gives each request its own stream, so
+/// batches may arrive out of order; the receiver then stores the later one but moves its
+/// checkpoint only across no gap (see `Store::commit_received`), and holds changes whose
+/// dependencies are in the earlier one.
+pub const SYNC_WINDOW_BATCHES: usize = 2;
+/// Work lists shorter than this (changes to verify, documents to apply) stay on one thread.
+pub const PARALLEL_MIN_ITEMS: usize = 64;
 
 /// A request to send to a peer.
 pub type Outgoing = (NodeId, Message);
@@ -108,27 +112,62 @@ pub struct ReceiveReport {
     pub last_seq: u64,
 }
 
-/// Verify every change, on both cores when the batch is large enough to pay for it.
-fn verify_all(changes: &[SignedChange]) -> Vec<Result<VerifiedChange, VerifyError>> {
-    if changes.len() < PARALLEL_VERIFY_MIN {
-        return changes.iter().map(SignedChange::verify).collect();
-    }
+/// Map `f` over `items` on every core (up to four), keeping their order; on one thread when
+/// there are fewer than [`PARALLEL_MIN_ITEMS`]. A panic in a worker is resumed here, never
+/// swallowed, so no item's result can go missing.
+fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .clamp(1, 4);
-    let chunk = changes.len().div_ceil(workers);
+    if items.len() < PARALLEL_MIN_ITEMS || workers == 1 {
+        return items.into_iter().map(f).collect();
+    }
+    let chunk = items.len().div_ceil(workers);
+    let mut parts: Vec<Vec<T>> = Vec::with_capacity(workers);
+    let mut rest = items;
+    while rest.len() > chunk {
+        let tail = rest.split_off(chunk);
+        parts.push(rest);
+        rest = tail;
+    }
+    parts.push(rest);
+    let f = &f;
     std::thread::scope(|scope| {
-        let handles: Vec<_> = changes
-            .chunks(chunk)
-            .map(|part| {
-                scope.spawn(move || part.iter().map(SignedChange::verify).collect::<Vec<_>>())
-            })
-            .collect();
-        handles
+        let handles: Vec<_> = parts
             .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
-            .collect()
+            .map(|part| scope.spawn(move || part.into_iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        let mut out = Vec::new();
+        for h in handles {
+            match h.join() {
+                Ok(results) => out.extend(results),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    })
+}
+
+/// Verify a batch on every core, decompressing each author's public key once.
+fn verify_batch(changes: &[SignedChange]) -> Vec<Result<VerifiedChange, VerifyError>> {
+    let decoded = par_map(changes.iter().collect(), SignedChange::decode);
+    let mut keys: HashMap<NodeId, Option<VerifyingKey>> = HashMap::new();
+    for d in decoded.iter().flatten() {
+        keys.entry(d.author)
+            .or_insert_with(|| VerifyingKey::from_bytes(&d.author.0).ok());
+    }
+    let keys = &keys;
+    par_map(decoded, |d| {
+        let d = d?;
+        match keys.get(&d.author).and_then(Option::as_ref) {
+            Some(key) => d.check(key),
+            None => Err(VerifyError::BadSignature {
+                doc: d.doc,
+                hash: d.hash.to_string(),
+                author: d.author,
+            }),
+        }
     })
 }
 
@@ -367,7 +406,6 @@ impl Core {
                     skip,
                 )
                 .map_err(Self::store_err(peer))?;
-            let scanned = batch.upto.seq.saturating_sub(cursor) as usize;
             let session = self
                 .sync
                 .peers
@@ -377,9 +415,12 @@ impl Core {
                     what: "lost session",
                 })?;
             session.cursor = batch.upto.seq;
-            if batch.changes.is_empty() && scanned < SYNC_SCAN_ENTRIES {
-                // Nothing the peer lacks in this stretch: move on without a message; the
-                // peer's checkpoint catches up with the next batch that carries changes.
+            if batch.changes.is_empty()
+                && batch.upto.seq.saturating_sub(sent_upto) < SYNC_BATCH_CHANGES as u64
+            {
+                // Nothing the peer lacks in this stretch: move on without a message. Once a
+                // batch's worth of such entries has gone by unannounced, an empty batch tells
+                // the peer, so that a reconnect does not rescan them.
                 continue;
             }
             if self.sync.alter_relayed {
@@ -422,6 +463,7 @@ impl Core {
         upto: Checkpoint,
     ) -> Result<ReceiveReport, SyncError> {
         let now = system_now_ms().max((self.clock)());
+        let started = std::time::Instant::now();
         let mut report = ReceiveReport::default();
         let headers: HashMap<DocId, DocHeader> = headers
             .into_iter()
@@ -434,8 +476,10 @@ impl Core {
             })
             .map(|h| (h.doc, h))
             .collect();
-        let verified = verify_all(&changes);
-        // Group the batch by document, in order of first appearance.
+        let verified = verify_batch(&changes);
+        let verified_at = started.elapsed();
+        // Group the batch by document, in order of first appearance, dropping duplicates.
+        let reader = self.store.reader().map_err(Self::store_err(peer))?;
         let mut order: Vec<DocId> = Vec::new();
         let mut groups: HashMap<DocId, Vec<(SignedChange, VerifiedChange)>> = HashMap::new();
         let mut seen = HashSet::new();
@@ -447,8 +491,7 @@ impl Core {
                 }
                 Ok(v) => {
                     if !seen.insert((v.doc, v.hash))
-                        || self
-                            .store
+                        || reader
                             .has_change(&v.doc, &v.hash)
                             .map_err(Self::store_err(peer))?
                     {
@@ -462,11 +505,11 @@ impl Core {
                 }
             }
         }
-        let mut received: Vec<ReceivedDoc> = Vec::with_capacity(order.len());
-        let mut docs_after = Vec::with_capacity(order.len());
+        // Load what each document needs, then let the engine decide, on every core.
+        let mut arrivals = Vec::with_capacity(order.len());
         for doc_id in order {
             let incoming = groups.remove(&doc_id).unwrap_or_default();
-            let record = self.store.record(&doc_id).map_err(Self::store_err(peer))?;
+            let record = reader.record(&doc_id).map_err(Self::store_err(peer))?;
             let header = match (&record, headers.get(&doc_id)) {
                 (Some(r), _) => DocHeader {
                     doc: doc_id,
@@ -482,26 +525,36 @@ impl Core {
                 }
             };
             let existing = match record {
-                Some(r) => self
-                    .take_doc(&doc_id)
-                    .map_err(Self::store_err(peer))?
-                    .map(|d| (r, d)),
+                Some(r) => {
+                    let doc = match self.cache.pop(&doc_id) {
+                        Some(d) => Some(d),
+                        None => reader.load_doc(&doc_id).map_err(Self::store_err(peer))?,
+                    };
+                    doc.map(|d| (r, d))
+                }
                 None => None,
             };
             let name_taken = existing.is_none()
-                && self
-                    .store
+                && reader
                     .lookup(&header.ty, &header.id)
                     .map_err(Self::store_err(peer))?
                     .is_some_and(|other| other != doc_id);
-            let held = self.store.pending(&doc_id).map_err(Self::store_err(peer))?;
-            let arrived = self.engine.receive(Arrival {
+            let held = reader.pending(&doc_id).map_err(Self::store_err(peer))?;
+            arrivals.push(Arrival {
                 header,
                 existing,
                 held,
                 incoming,
                 name_taken,
             });
+        }
+        drop(reader);
+        let engine = &self.engine;
+        let arrived = par_map(arrivals, |a| engine.receive(a));
+        let mut received: Vec<ReceivedDoc> = Vec::with_capacity(arrived.len());
+        let mut docs_after = Vec::with_capacity(arrived.len());
+        for arrived in arrived {
+            let doc_id = arrived.received.doc_id;
             for (hash, reason) in &arrived.rejected {
                 tracing::warn!(%peer, doc = %doc_id, %hash, %reason, "rejected a change");
             }
@@ -516,6 +569,7 @@ impl Core {
             docs_after.push((doc_id, arrived.doc));
             received.push(arrived.received);
         }
+        let applied_at = started.elapsed();
         let counts = (
             report.applied + report.held,
             report.rejected,
@@ -534,7 +588,18 @@ impl Core {
             }
         }
         report.last_seq = last_seq;
-        tracing::debug!(%peer, applied = report.applied, held = report.held, rejected = report.rejected, duplicates = report.duplicates, upto = upto.seq, "stored a batch");
+        tracing::debug!(
+            %peer,
+            applied = report.applied,
+            held = report.held,
+            rejected = report.rejected,
+            duplicates = report.duplicates,
+            upto = upto.seq,
+            verify_ms = verified_at.as_secs_f64() * 1e3,
+            apply_ms = (applied_at - verified_at).as_secs_f64() * 1e3,
+            commit_ms = (started.elapsed() - applied_at).as_secs_f64() * 1e3,
+            "stored a batch"
+        );
         Ok(report)
     }
 }

@@ -93,6 +93,15 @@ impl SignedChange {
     /// change's hash for this document. Altering any byte of the change, the document id or the
     /// signature makes this fail.
     pub fn verify(&self) -> Result<VerifiedChange, VerifyError> {
+        let decoded = self.decode()?;
+        let key =
+            VerifyingKey::from_bytes(&decoded.author.0).map_err(|_| decoded.bad_signature())?;
+        decoded.check(&key)
+    }
+
+    /// Decode the change and name its author, without checking the signature yet (see
+    /// [`DecodedChange::check`]); lets a caller decompress each author's key once per batch.
+    pub fn decode(&self) -> Result<DecodedChange, VerifyError> {
         let change =
             Change::from_bytes(self.bytes.clone()).map_err(|e| VerifyError::Malformed {
                 doc: self.doc,
@@ -115,22 +124,51 @@ impl SignedChange {
                 actor: change.actor_id().to_hex_string(),
             }
         })?;
-        let bad = || VerifyError::BadSignature {
-            doc: self.doc,
-            hash: hash.to_string(),
-            author,
-        };
-        let key = VerifyingKey::from_bytes(&author.0).map_err(|_| bad())?;
-        key.verify_strict(
-            &signing_message(&self.doc, &hash),
-            &Signature::from_bytes(&self.signature),
-        )
-        .map_err(|_| bad())?;
-        Ok(VerifiedChange {
+        Ok(DecodedChange {
             doc: self.doc,
             author,
             hash,
             change,
+            signature: self.signature,
+        })
+    }
+}
+
+/// A change decoded from its envelope whose signature is not checked yet.
+#[derive(Debug, Clone)]
+pub struct DecodedChange {
+    pub doc: DocId,
+    pub author: NodeId,
+    pub hash: ChangeHash,
+    change: Change,
+    signature: [u8; 64],
+}
+
+impl DecodedChange {
+    fn bad_signature(&self) -> VerifyError {
+        VerifyError::BadSignature {
+            doc: self.doc,
+            hash: self.hash.to_string(),
+            author: self.author,
+        }
+    }
+
+    /// Check the signature with `key`, which must be the author's (strict ed25519 rules, the
+    /// same on every node, so that nodes never disagree on which changes are valid).
+    pub fn check(self, key: &VerifyingKey) -> Result<VerifiedChange, VerifyError> {
+        if key.as_bytes() != &self.author.0 {
+            return Err(self.bad_signature());
+        }
+        key.verify_strict(
+            &signing_message(&self.doc, &self.hash),
+            &Signature::from_bytes(&self.signature),
+        )
+        .map_err(|_| self.bad_signature())?;
+        Ok(VerifiedChange {
+            doc: self.doc,
+            author: self.author,
+            hash: self.hash,
+            change: self.change,
         })
     }
 }
