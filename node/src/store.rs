@@ -40,6 +40,9 @@ const NAMES: TableDefinition<(&str, &str), [u8; 16]> = TableDefinition::new("nam
 /// Verified changes held until their dependencies arrive (they are not in the log yet).
 /// Key: (DocId, change hash). Value: postcard `(DocHeader, SignedChange)`.
 const PENDING: TableDefinition<([u8; 16], [u8; 32]), &[u8]> = TableDefinition::new("pending_v1");
+/// Live and deleted objects per type, kept in step with `docs_v1` by every commit.
+/// Key: type name. Value: (live, deleted).
+const COUNTS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counts_v1");
 /// What this node knows of each peer's sync: checkpoints and counters.
 /// Key: peer NodeId (32 bytes). Value: postcard [`PeerRecord`].
 const PEERS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("peers_v1");
@@ -230,6 +233,7 @@ impl Store {
             tx.open_table(NAMES).ctx(self, ctx)?;
             tx.open_table(PENDING).ctx(self, ctx)?;
             tx.open_table(PEERS).ctx(self, ctx)?;
+            tx.open_table(COUNTS).ctx(self, ctx)?;
         }
         tx.commit().ctx(self, ctx)
     }
@@ -316,9 +320,9 @@ impl Store {
                 .ctx(self, ctx)?
                 .map(|(k, _)| k.value())
                 .unwrap_or(0);
+            let mut counts = tx.open_table(COUNTS).ctx(self, ctx)?;
             for p in writes {
-                let record = postcard::to_stdvec(&p.record).map_err(|x| self.encode_error(x))?;
-                docs.insert(p.doc_id.0, record.as_slice()).ctx(self, ctx)?;
+                self.put_record(&mut docs, &mut counts, &p.doc_id, &p.record)?;
                 states
                     .insert(p.doc_id.0, p.doc.save().as_slice())
                     .ctx(self, ctx)?;
@@ -442,24 +446,59 @@ impl Store {
             .unwrap_or(0))
     }
 
-    /// Live and deleted object counts per type.
+    /// Live and deleted object counts per type (read from `counts_v1`, not by scanning).
     pub fn counts(&self) -> Result<BTreeMap<String, TypeCount>, StoreError> {
         let ctx = "counting objects";
         let tx = self.db.begin_read().ctx(self, ctx)?;
-        let docs = tx.open_table(DOCS).ctx(self, ctx)?;
-        let mut out: BTreeMap<String, TypeCount> = BTreeMap::new();
-        for item in docs.iter().ctx(self, ctx)? {
+        let counts = tx.open_table(COUNTS).ctx(self, ctx)?;
+        let mut out = BTreeMap::new();
+        for item in counts.iter().ctx(self, ctx)? {
             let (k, v) = item.ctx(self, ctx)?;
-            let doc = DocId(k.value());
-            let rec: DocRecord = self.decode(|| format!("docs_v1[{doc}]"), v.value())?;
-            let c = out.entry(rec.ty.to_string()).or_default();
-            if rec.live {
-                c.live += 1;
-            } else {
-                c.deleted += 1;
+            let (live, deleted) = v.value();
+            if live + deleted > 0 {
+                out.insert(k.value().to_string(), TypeCount { live, deleted });
             }
         }
         Ok(out)
+    }
+
+    /// Store a document record and keep `counts_v1` in step with it.
+    fn put_record(
+        &self,
+        docs: &mut redb::Table<[u8; 16], &[u8]>,
+        counts: &mut redb::Table<&str, (u64, u64)>,
+        doc: &DocId,
+        record: &DocRecord,
+    ) -> Result<(), StoreError> {
+        let ctx = "storing a document record";
+        let bytes = postcard::to_stdvec(record).map_err(|x| self.encode_error(x))?;
+        let old = docs.insert(doc.0, bytes.as_slice()).ctx(self, ctx)?;
+        let old: Option<DocRecord> = match old {
+            Some(v) => Some(self.decode(|| format!("docs_v1[{doc}]"), v.value())?),
+            None => None,
+        };
+        let mut bump = |ty: &str, live: bool, add: bool| -> Result<(), StoreError> {
+            let (mut l, mut d) = counts
+                .get(ty)
+                .ctx(self, ctx)?
+                .map(|v| v.value())
+                .unwrap_or((0, 0));
+            let slot = if live { &mut l } else { &mut d };
+            *slot = if add {
+                *slot + 1
+            } else {
+                slot.saturating_sub(1)
+            };
+            counts.insert(ty, (l, d)).ctx(self, ctx)?;
+            Ok(())
+        };
+        if let Some(old) = old {
+            if old.live == record.live && old.ty == record.ty {
+                return Ok(());
+            }
+            bump(old.ty.as_str(), old.live, false)?;
+        }
+        bump(record.ty.as_str(), record.live, true)
     }
 
     /// The log entry at `seq`.
@@ -626,6 +665,7 @@ impl Store {
             let mut names = tx.open_table(NAMES).ctx(self, ctx)?;
             let mut pending = tx.open_table(PENDING).ctx(self, ctx)?;
             let mut peers = tx.open_table(PEERS).ctx(self, ctx)?;
+            let mut counts = tx.open_table(COUNTS).ctx(self, ctx)?;
             seq = log
                 .last()
                 .ctx(self, ctx)?
@@ -633,10 +673,7 @@ impl Store {
                 .unwrap_or(0);
             for d in docs {
                 if let Some(record) = &d.record {
-                    let bytes = postcard::to_stdvec(record).map_err(|x| self.encode_error(x))?;
-                    records
-                        .insert(d.doc_id.0, bytes.as_slice())
-                        .ctx(self, ctx)?;
+                    self.put_record(&mut records, &mut counts, &d.doc_id, record)?;
                     names
                         .insert((record.ty.as_str(), record.local_id.as_str()), d.doc_id.0)
                         .ctx(self, ctx)?;

@@ -383,6 +383,7 @@ impl Core {
     pub fn pump(&mut self, peer: NodeId) -> Result<Vec<Outgoing>, SyncError> {
         let mut out = Vec::new();
         let last = self.store.last_seq().map_err(Self::store_err(peer))?;
+        let (me, alter_relayed) = (self.node_id(), self.sync.alter_relayed);
         loop {
             let Some(session) = self.sync.peers.get(&peer) else {
                 return Ok(out);
@@ -423,23 +424,15 @@ impl Core {
                 // the peer, so that a reconnect does not rescan them.
                 continue;
             }
-            if self.sync.alter_relayed {
-                let me = self.node_id();
+            session.sent_upto = batch.upto.seq;
+            session
+                .inflight
+                .push_back((batch.upto.seq, batch.changes.len() as u64));
+            if alter_relayed {
                 for change in &mut batch.changes {
                     tamper_if_relayed(change, &me);
                 }
             }
-            let n = batch.changes.len() as u64;
-            let session = self
-                .sync
-                .peers
-                .get_mut(&peer)
-                .ok_or(SyncError::Unexpected {
-                    peer,
-                    what: "lost session",
-                })?;
-            session.sent_upto = batch.upto.seq;
-            session.inflight.push_back((batch.upto.seq, n));
             out.push((
                 peer,
                 Message::Changes {
