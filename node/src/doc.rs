@@ -68,6 +68,12 @@ fn depth(v: &Json) -> usize {
     }
 }
 
+/// The bytes stored as a document's current state: Automerge's saved form without DEFLATE
+/// (objects are small; compressing every state on every write costs more than it saves).
+pub fn save_state(doc: &automerge::Automerge) -> Vec<u8> {
+    doc.save_nocompress()
+}
+
 /// Whether the document carries the tombstone.
 pub fn is_deleted(doc: &impl ReadDoc) -> bool {
     matches!(doc.get(ROOT, DELETED_KEY), Ok(Some(_)))

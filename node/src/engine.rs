@@ -330,7 +330,7 @@ impl Engine {
                 live: true,
             });
             record.live = !doc::is_deleted(&doc);
-            let state = doc.save();
+            let state = doc::save_state(&doc);
             (Some(record), Some(state), Some(doc))
         };
         Arrived {

@@ -324,7 +324,7 @@ impl Store {
             for p in writes {
                 self.put_record(&mut docs, &mut counts, &p.doc_id, &p.record)?;
                 states
-                    .insert(p.doc_id.0, p.doc.save().as_slice())
+                    .insert(p.doc_id.0, crate::doc::save_state(&p.doc).as_slice())
                     .ctx(self, ctx)?;
                 let change = postcard::to_stdvec(&p.change).map_err(|x| self.encode_error(x))?;
                 changes
