@@ -119,6 +119,11 @@ impl Engine {
         self.identity.node_id()
     }
 
+    /// The key this engine signs with.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
     /// Apply a local write to `existing` (or to a new document when `None`) at time `now_ms`.
     pub fn local_write(
         &self,

@@ -693,9 +693,8 @@ pub async fn run(home: &Home) -> Result<(), RunError> {
             );
         }
         core.sync.alter_relayed = fault == Fault::AlterRelayed;
-        let identity = crate::identity::Identity::load(&home.key()).map_err(OpenError::from)?;
         let counters = Arc::new(NetCounters::default());
-        let mut swarm = build_swarm(&identity, fault, Arc::clone(&counters))?;
+        let mut swarm = build_swarm(core.engine.identity(), fault, Arc::clone(&counters))?;
         for addr in &config.listen {
             swarm
                 .listen_on(addr.clone())

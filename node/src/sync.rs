@@ -17,7 +17,7 @@ use tidesync_proto::{
     Checkpoint, DocHeader, DocId, Message, NodeId, SignedChange, VerifiedChange, VerifyError,
 };
 
-use crate::core::{Core, system_now_ms};
+use crate::core::Core;
 use crate::engine::Arrival;
 use crate::store::{LogEntry, ReceivedDoc, StoreError};
 
@@ -455,7 +455,7 @@ impl Core {
         changes: Vec<SignedChange>,
         upto: Checkpoint,
     ) -> Result<ReceiveReport, SyncError> {
-        let now = system_now_ms().max((self.clock)());
+        let now = (self.clock)();
         let started = std::time::Instant::now();
         let mut report = ReceiveReport::default();
         let headers: HashMap<DocId, DocHeader> = headers

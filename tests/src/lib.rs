@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`tidesync_bin`]: builds (once per test binary) and locates the real `tidesync` binary.
 //! - [`TestNode`]: a node home in a temporary directory, its `run` process, its CLI and its API.
+//! - `src/bin/bench.rs`: the sync benchmark (`cargo run --release -p tidesync-tests --bin bench`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
