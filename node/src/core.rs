@@ -359,7 +359,7 @@ impl Core {
                 return Err(LocalWriteError::Refused(WriteError::Fields {
                     ty: (*ty).clone(),
                     id: (*id).clone(),
-                    source: crate::doc::FieldsError::Duplicate,
+                    source: Box::new(crate::doc::FieldsError::Duplicate),
                 }));
             }
             let existing = match self.find(ty, id).map_err(store_err)? {
@@ -540,19 +540,17 @@ impl Core {
             .log_since(since, limit.clamp(1, MAX_FEED_ENTRIES))
             .map_err(Self::read_err(what))?;
         let mut changes = Vec::with_capacity(log.len());
-        let mut names: BTreeMap<DocId, DocRecord> = BTreeMap::new();
+        let reader = self.store.reader().map_err(Self::read_err(what))?;
+        let mut names: BTreeMap<DocId, Option<DocRecord>> = BTreeMap::new();
         for (seq, entry) in log {
-            if !names.contains_key(&entry.doc) {
-                let rec = self
-                    .store
-                    .record(&entry.doc)
-                    .map_err(Self::read_err(what))?;
-                if let Some(rec) = rec {
-                    names.insert(entry.doc, rec);
+            let record = match names.entry(entry.doc) {
+                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(reader.record(&entry.doc).map_err(Self::read_err(what))?)
                 }
-            }
-            let (ty, id) = names
-                .get(&entry.doc)
+            };
+            let (ty, id) = record
+                .as_ref()
                 .map(|r| (r.ty.to_string(), r.local_id.to_string()))
                 .unwrap_or_default();
             changes.push(FeedEntry {

@@ -96,7 +96,7 @@ pub enum WriteError {
     Fields {
         ty: TypeName,
         id: ObjectId,
-        source: FieldsError,
+        source: Box<FieldsError>,
     },
 }
 
@@ -169,7 +169,7 @@ impl Engine {
             return Err(WriteError::Fields {
                 ty: ty.clone(),
                 id: id.clone(),
-                source,
+                source: Box::new(source),
             });
         }
         let hash = match tx.commit_with(options) {
@@ -193,7 +193,9 @@ impl Engine {
             .ok_or_else(|| WriteError::Fields {
                 ty: ty.clone(),
                 id: id.clone(),
-                source: FieldsError::Automerge(automerge::AutomergeError::InvalidHash(hash)),
+                source: Box::new(FieldsError::Automerge(
+                    automerge::AutomergeError::InvalidHash(hash),
+                )),
             })?;
         record.live = !doc::is_deleted(&doc);
         Ok(WriteOutcome::Changed(Persist {
