@@ -22,7 +22,6 @@ use crate::engine::Arrival;
 use crate::store::{LogEntry, ReceivedDoc, StoreError};
 
 /// Most changes in one `Changes` batch. 2,000 synced 50,000 objects about 10 % faster than
-/// Most changes in one `Changes` batch. 2,000 synced 50,000 objects about 10 % faster than
 /// 1,000 (fewer commits); frames stay near 1 MB, far under `MAX_FRAME_BYTES`.
 pub const SYNC_BATCH_CHANGES: usize = 2_000;
 /// Most change bytes in one batch (well under the frame limit).
