@@ -341,6 +341,9 @@ mod tests {
         }
     }
 
+    // Regression: garbage, truncated and oversized frames from a peer went unnoticed, because
+    // libp2p request-response drops a failed inbound read with only a debug log and no event.
+    // The codec now never fails a read: a bad frame arrives as `Frame::Bad`, with the peer.
     #[tokio::test]
     async fn frames_are_read_back_and_oversized_ones_refused_before_buffering() {
         let msg = Message::Ack {

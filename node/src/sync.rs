@@ -814,6 +814,20 @@ mod tests {
     }
 
     #[test]
+    fn par_map_keeps_every_result_in_order() {
+        // Regression: worker results were joined with `unwrap_or_default`, so a panicking
+        // worker would have dropped its share of a batch silently; now the panic is resumed.
+        let out = par_map((0..1000u32).collect(), |x| x * 2);
+        assert_eq!(out, (0..1000u32).map(|x| x * 2).collect::<Vec<_>>());
+        let caught = std::panic::catch_unwind(|| {
+            par_map((0..1000u32).collect(), |x| {
+                if x == 700 { panic!("boom") } else { x }
+            })
+        });
+        assert!(caught.is_err(), "a worker's panic must not be swallowed");
+    }
+
+    #[test]
     fn a_sender_restored_from_an_older_copy_starts_over() {
         let mut cores = vec![core(1, "a"), core(2, "b")];
         put(&mut cores[0], "S-1", json!({"v": 1}));

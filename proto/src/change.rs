@@ -257,6 +257,9 @@ mod tests {
         );
     }
 
+    // Regression: a change whose 4-byte checksum field was flipped still verified, because
+    // Automerge's `Change::from_bytes` does not insist on the checksum when the body hashes
+    // fine. `decode` now requires the checksum to equal the hash's first four bytes.
     #[test]
     fn altered_changes_are_rejected() {
         let k = key(1);
