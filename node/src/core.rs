@@ -577,12 +577,13 @@ impl Core {
     /// The node's status, with the sync state of each configured peer.
     pub fn status(&self, peers: &[crate::config::PeerConfig]) -> Result<Status, ReadError> {
         let what = "the node status";
+        let last_seq = self.store.last_seq().map_err(Self::read_err(what))?;
         Ok(Status {
             node: self.node_id().to_string(),
             name: self.name.clone(),
             running: self.running,
             objects: self.store.counts().map_err(Self::read_err(what))?,
-            last_seq: self.store.last_seq().map_err(Self::read_err(what))?,
+            last_seq,
             store_bytes: self.store.size_bytes(),
             held_changes: self.store.pending_count().map_err(Self::read_err(what))?,
             listen: Vec::new(),
@@ -590,20 +591,23 @@ impl Core {
             net: Default::default(),
             peers: peers
                 .iter()
-                .map(|p| self.peer_status(p))
+                .map(|p| self.peer_status(p, last_seq))
                 .collect::<Result<_, _>>()?,
         })
     }
 
-    /// The sync state of one configured peer.
-    pub fn peer_status(&self, peer: &crate::config::PeerConfig) -> Result<PeerStatus, ReadError> {
+    /// The sync state of one configured peer, given our log's last SEQ.
+    pub fn peer_status(
+        &self,
+        peer: &crate::config::PeerConfig,
+        last: u64,
+    ) -> Result<PeerStatus, ReadError> {
         let what = format!("the state of peer {}", peer.name);
         let id = peer.node_id().ok();
         let record = match id {
             Some(id) => self.store.peer(&id).map_err(Self::read_err(&what))?,
             None => Default::default(),
         };
-        let last = self.store.last_seq().map_err(Self::read_err(&what))?;
         let session = id.and_then(|id| self.session(&id));
         let (pending_out, pending_in) = match session {
             Some(s) => (

@@ -287,23 +287,6 @@ impl Store {
         self.reader()?.load_doc(doc)
     }
 
-    /// Whether a change is stored (applied or held).
-    pub fn has_change(&self, doc: &DocId, hash: &ChangeHash) -> Result<bool, StoreError> {
-        self.reader()?.has_change(doc, hash)
-    }
-
-    /// The changes of `doc` held for missing dependencies.
-    pub fn pending(&self, doc: &DocId) -> Result<Vec<SignedChange>, StoreError> {
-        self.reader()?.pending(doc)
-    }
-
-    /// Commit a local write: state, change, log entry, record and name, in one durable
-    /// transaction. Returns the write's SEQ in the change log.
-    pub fn commit_write(&self, p: &Persist) -> Result<u64, StoreError> {
-        let seqs = self.commit_writes(&[p])?;
-        Ok(seqs.first().copied().unwrap_or(0))
-    }
-
     /// Commit several local writes in one durable transaction; their SEQs, in order.
     pub fn commit_writes(&self, writes: &[&Persist]) -> Result<Vec<u64>, StoreError> {
         let ctx = "committing a write";
@@ -881,7 +864,7 @@ mod tests {
             WriteOp::Put(v.as_object().unwrap())
         };
         match e.local_write(0, &t, &i, existing, op).unwrap() {
-            WriteOutcome::Changed(p) => store.commit_write(&p).unwrap(),
+            WriteOutcome::Changed(p) => store.commit_writes(&[&p]).unwrap()[0],
             WriteOutcome::Unchanged(_) => panic!("no change"),
         }
     }

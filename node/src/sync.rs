@@ -57,8 +57,6 @@ pub enum SyncError {
 pub struct Session {
     /// When the session started, Unix milliseconds.
     pub since_ms: i64,
-    /// The peer's name from its Hello.
-    pub remote_name: Option<String>,
     /// The peer's last SEQ, as it last told us.
     pub remote_tip: u64,
     /// Whether the peer's Hello arrived, so that we know where to start sending.
@@ -84,7 +82,6 @@ impl Session {
     fn new(now_ms: i64) -> Session {
         Session {
             since_ms: now_ms,
-            remote_name: None,
             remote_tip: 0,
             streaming: false,
             cursor: 0,
@@ -182,11 +179,6 @@ impl Core {
         self.sync.peers.get(peer)
     }
 
-    /// Peers with a session.
-    pub fn connected_peers(&self) -> Vec<NodeId> {
-        self.sync.peers.keys().copied().collect()
-    }
-
     /// A connection to `peer` is up: start a session and say where to resume.
     pub fn on_connected(&mut self, peer: NodeId) -> Result<Vec<Outgoing>, SyncError> {
         let now = (self.clock)();
@@ -235,7 +227,7 @@ impl Core {
         match msg {
             Message::Hello {
                 node,
-                name,
+                name: _,
                 resume,
                 tip,
             } => {
@@ -251,7 +243,6 @@ impl Core {
                     .peers
                     .entry(peer)
                     .or_insert_with(|| Session::new(now));
-                session.remote_name = Some(name);
                 session.remote_tip = tip;
                 session.streaming = true;
                 session.cursor = start;
