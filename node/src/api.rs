@@ -76,6 +76,7 @@ impl From<CallError<LocalWriteError>> for ApiError {
             CallError::Failed(LocalWriteError::Refused(WriteError::Fields { .. })) => {
                 StatusCode::BAD_REQUEST
             }
+            CallError::Failed(LocalWriteError::ReadOnly { .. }) => StatusCode::FORBIDDEN,
             CallError::Failed(LocalWriteError::Store { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e)
@@ -309,6 +310,8 @@ pub struct PeerBody {
     pub id: String,
     #[serde(default)]
     pub addrs: Vec<libp2p::Multiaddr>,
+    #[serde(flatten)]
+    pub policy: crate::policy::Policy,
 }
 
 impl From<CallError<PeerError>> for ApiError {
@@ -329,13 +332,14 @@ async fn set_peer(
 ) -> Result<StatusCode, ApiError> {
     let body: PeerBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
-            "the body must be {{\"id\": PEERID, \"addrs\": [MULTIADDR, ...]}}: {e}"
+            "the body must be {{\"id\": PEERID, \"addrs\": [MULTIADDR, ...], policy fields...}}: {e}"
         ))
     })?;
     node.set_peer(crate::config::PeerConfig {
         name,
         id: body.id,
         addrs: body.addrs,
+        policy: body.policy,
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)

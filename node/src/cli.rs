@@ -132,6 +132,18 @@ pub enum PeerCommand {
         /// Where to dial the peer (repeatable). Without one, the peer must dial us.
         #[arg(long = "addr", value_name = "MULTIADDR")]
         addrs: Vec<Multiaddr>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// Change a configured peer's policy (only the options given change; an empty list,
+    /// such as `--skip ""`, clears one). A running node applies it at once.
+    Set {
+        name: String,
+        /// Replace the addresses to dial (repeatable).
+        #[arg(long = "addr", value_name = "MULTIADDR")]
+        addrs: Vec<Multiaddr>,
+        #[command(flatten)]
+        policy: PolicyArgs,
     },
     /// List the configured peers and their sync state.
     Ls {
@@ -141,6 +153,66 @@ pub enum PeerCommand {
     },
     /// Remove a peer; its connection is closed.
     Rm { name: String },
+}
+
+/// The policy options of `peer add` and `peer set`; type lists are comma-separated.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PolicyArgs {
+    /// Which way objects flow: both, send (we only send to this peer) or receive (we only
+    /// take from it).
+    #[arg(long, value_enum)]
+    direction: Option<crate::policy::Direction>,
+    /// The types exchanged with this peer; empty means all.
+    #[arg(long, value_name = "T,...")]
+    types: Option<String>,
+    /// Types never sent to or taken from this peer.
+    #[arg(long, value_name = "T,...")]
+    skip: Option<String>,
+    /// Types whose objects come from this peer alone; nobody here may change them.
+    #[arg(long, value_name = "T,...")]
+    read_only: Option<String>,
+    /// Types for which we take this peer's changes only to objects this node created.
+    #[arg(long, value_name = "T,...")]
+    update_only: Option<String>,
+    /// Types we send to this peer but never take from it (what it holds read-only).
+    #[arg(long, value_name = "T,...")]
+    send_only: Option<String>,
+    /// Prefix for the local names of this peer's objects of the --prefixed types.
+    #[arg(long, value_name = "P")]
+    prefix: Option<String>,
+    /// Types whose objects from this peer appear here under --prefix.
+    #[arg(long, value_name = "T,...")]
+    prefixed: Option<String>,
+}
+
+impl PolicyArgs {
+    /// Apply the options given to `policy`.
+    pub fn apply(&self, policy: &mut crate::policy::Policy) -> Result<(), CliError> {
+        let list = |s: &Option<String>, into: &mut Vec<TypeName>| -> Result<(), CliError> {
+            if let Some(s) = s {
+                *into = s
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(|t| TypeName::new(t).map_err(|e| CliError::Usage(format!("{t:?}: {e}"))))
+                    .collect::<Result<_, _>>()?;
+            }
+            Ok(())
+        };
+        if let Some(d) = self.direction {
+            policy.direction = d;
+        }
+        list(&self.types, &mut policy.types)?;
+        list(&self.skip, &mut policy.skip)?;
+        list(&self.read_only, &mut policy.read_only)?;
+        list(&self.update_only, &mut policy.update_only)?;
+        list(&self.send_only, &mut policy.send_only)?;
+        list(&self.prefixed, &mut policy.prefixed)?;
+        if let Some(p) = &self.prefix {
+            policy.prefix = (!p.is_empty()).then(|| p.clone());
+        }
+        policy.validate().map_err(CliError::Usage)
+    }
 }
 
 /// Why a command failed; each says what is wrong and what to do.
@@ -193,8 +265,20 @@ pub fn main() -> ExitCode {
     } else {
         "warn"
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log));
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| default_log.into());
+    let mut filter = tracing_subscriber::EnvFilter::builder()
+        .parse(&directives)
+        .unwrap_or_else(|e| {
+            eprintln!("warning: RUST_LOG={directives:?} is not a valid filter ({e}); using {default_log:?}");
+            tracing_subscriber::EnvFilter::new(default_log)
+        });
+    // Automerge opens an info span, with its fields formatted, for every column it parses:
+    // about 5% of a large sync's CPU. It is quiet unless RUST_LOG names it.
+    if !directives.contains("automerge") {
+        if let Ok(quiet) = "automerge=warn".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -316,7 +400,14 @@ async fn object_command(home: &Home, command: Command) -> Result<(), CliError> {
             }
         }
         Command::Peer { command } => match command {
-            PeerCommand::Add { name, id, addrs } => {
+            PeerCommand::Add {
+                name,
+                id,
+                addrs,
+                policy,
+            } => {
+                let mut p = crate::policy::Policy::default();
+                policy.apply(&mut p)?;
                 client
                     .set_peer(
                         home,
@@ -324,10 +415,30 @@ async fn object_command(home: &Home, command: Command) -> Result<(), CliError> {
                             name: name.clone(),
                             id,
                             addrs,
+                            policy: p,
                         },
                     )
                     .await?;
                 println!("peer {name} configured");
+                Ok(())
+            }
+            PeerCommand::Set {
+                name,
+                addrs,
+                policy,
+            } => {
+                let config = Config::load(home)?;
+                let Some(mut peer) = config.peers.into_iter().find(|p| p.name == name) else {
+                    return Err(CliError::Usage(format!(
+                        "no peer named {name:?} (see `tidesync peer ls`)"
+                    )));
+                };
+                policy.apply(&mut peer.policy)?;
+                if !addrs.is_empty() {
+                    peer.addrs = addrs;
+                }
+                client.set_peer(home, peer).await?;
+                println!("peer {name} updated");
                 Ok(())
             }
             PeerCommand::Rm { name } => {
@@ -424,6 +535,24 @@ fn print_peers(peers: &[crate::core::PeerStatus]) {
             p.rejected,
             p.rejected_by_peer
         );
+        let policy = toml::to_string(&p.policy).unwrap_or_default();
+        let policy = policy.trim().replace('\n', "  ");
+        println!(
+            "    policy: {}",
+            if policy.is_empty() {
+                "everything, both ways".to_string()
+            } else {
+                policy
+            }
+        );
+        if !p.rejected_types.is_empty() {
+            let by_type: Vec<String> = p
+                .rejected_types
+                .iter()
+                .map(|(t, n)| format!("{t} {n}"))
+                .collect();
+            println!("    refused by policy: {}", by_type.join(", "));
+        }
     }
 }
 

@@ -38,15 +38,20 @@ pub enum ClientError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// Refused by policy (a read-only type).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Failed(String),
 }
 
 impl ClientError {
-    /// The process exit code for this error: 3 for a missing object, 1 otherwise.
+    /// The process exit code for this error: 3 for a missing object, 4 for a write refused by
+    /// policy, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             ClientError::NotFound(_) => 3,
+            ClientError::Forbidden(_) => 4,
             _ => 1,
         }
     }
@@ -61,6 +66,7 @@ impl From<LocalWriteError> for ClientError {
             LocalWriteError::Refused(WriteError::Fields { .. }) => {
                 ClientError::Invalid(e.to_string())
             }
+            LocalWriteError::ReadOnly { .. } => ClientError::Forbidden(e.to_string()),
             LocalWriteError::Store { .. } => ClientError::Failed(e.to_string()),
         }
     }
@@ -232,7 +238,12 @@ impl Client {
                 Ok(())
             }
             Client::Api(api) => {
-                let body = serde_json::json!({"id": peer.id, "addrs": peer.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>()});
+                let body = serde_json::to_value(crate::api::PeerBody {
+                    id: peer.id,
+                    addrs: peer.addrs,
+                    policy: peer.policy,
+                })
+                .map_err(|e| ClientError::Invalid(e.to_string()))?;
                 api.send_empty(
                     reqwest::Method::PUT,
                     &format!("/v1/peers/{}", encode(&peer.name)),
@@ -341,6 +352,7 @@ impl ApiClient {
             .unwrap_or_else(|| format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)));
         Err(match status {
             StatusCode::NOT_FOUND => ClientError::NotFound(message),
+            StatusCode::FORBIDDEN => ClientError::Forbidden(message),
             s if s.is_client_error() => ClientError::Invalid(message),
             _ => ClientError::Failed(message),
         })

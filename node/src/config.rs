@@ -76,6 +76,9 @@ pub struct PeerConfig {
     /// Where to dial it. A peer with no address is never dialed, but may connect to us.
     #[serde(default)]
     pub addrs: Vec<Multiaddr>,
+    /// What may pass to and from the peer (see [`crate::policy`]).
+    #[serde(flatten)]
+    pub policy: crate::policy::Policy,
 }
 
 impl PeerConfig {
@@ -179,6 +182,9 @@ impl Config {
                 ));
             }
             let id = peer.node_id()?;
+            peer.policy
+                .validate()
+                .map_err(|e| format!("peer {:?}: {e}", peer.name))?;
             if !names.insert(peer.name.clone()) {
                 return Err(format!("peer name {:?} appears twice", peer.name));
             }
@@ -299,6 +305,12 @@ mod tests {
             name: "hub".into(),
             id: id.clone(),
             addrs: vec!["/ip4/127.0.0.1/tcp/7400".parse().unwrap()],
+            policy: crate::policy::Policy {
+                skip: vec![tidesync_proto::TypeName::new("Invoice").unwrap()],
+                prefix: Some("H_".into()),
+                prefixed: vec![tidesync_proto::TypeName::new("Sample").unwrap()],
+                ..Default::default()
+            },
         };
         c.set_peer(hub.clone()).unwrap();
         assert!(
@@ -322,6 +334,17 @@ mod tests {
                 ..hub.clone()
             })
             .is_err()
+        );
+        assert!(
+            c.set_peer(PeerConfig {
+                policy: crate::policy::Policy {
+                    prefix: None,
+                    ..hub.policy.clone()
+                },
+                ..hub.clone()
+            })
+            .unwrap_err()
+            .contains("--prefixed needs --prefix")
         );
         let dir = tempfile::tempdir().unwrap();
         let home = Home::new(dir.path());

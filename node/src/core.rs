@@ -146,6 +146,12 @@ pub struct PeerStatus {
     pub rejected_by_peer: u64,
     /// Changes the peer sent that we already had.
     pub duplicates: u64,
+    /// Changes from the peer refused by policy, per type.
+    #[serde(default)]
+    pub rejected_types: std::collections::BTreeMap<String, u64>,
+    /// What may pass to and from the peer.
+    #[serde(default)]
+    pub policy: crate::policy::Policy,
 }
 
 /// Why a node's home could not be opened.
@@ -172,6 +178,12 @@ pub enum OpenError {
 pub enum LocalWriteError {
     #[error(transparent)]
     Refused(#[from] WriteError),
+    #[error("cannot write {ty}/{id}: {source}")]
+    ReadOnly {
+        ty: TypeName,
+        id: ObjectId,
+        source: crate::policy::ReadOnlyType,
+    },
     #[error("cannot write {ty}/{id}: {source}")]
     Store {
         ty: TypeName,
@@ -210,6 +222,7 @@ pub struct Core {
     pub(crate) clock: Clock,
     pub(crate) running: bool,
     pub(crate) sync: crate::sync::Sessions,
+    pub(crate) policies: crate::policy::Policies,
 }
 
 impl Core {
@@ -218,13 +231,20 @@ impl Core {
         let config = Config::load(home)?;
         let identity = Identity::load(&home.key())?;
         let store = Store::open(&home.store(), config.store.cache_bytes)?;
-        Ok(Core::new(
+        let mut core = Core::new(
             config.name,
             identity,
             store,
             config.store.cache_docs,
             running,
-        ))
+        );
+        for peer in &config.peers {
+            if let Ok(id) = peer.node_id() {
+                core.policies
+                    .set(id, peer.name.clone(), peer.policy.clone());
+            }
+        }
+        Ok(core)
     }
 
     /// A core over an open store, on the system clock, with an epoch from the OS RNG.
@@ -257,8 +277,10 @@ impl Core {
         epoch: u64,
         clock: Clock,
     ) -> Core {
+        let policies = crate::policy::Policies::new(identity.node_id());
         Core {
             name,
+            policies,
             engine: Engine::new(identity, epoch),
             store,
             cache: LruCache::new(NonZeroUsize::new(cache_docs.max(1)).unwrap_or(NonZeroUsize::MIN)),
@@ -275,6 +297,32 @@ impl Core {
 
     pub fn node_id(&self) -> NodeId {
         self.engine.node_id()
+    }
+
+    /// Set a peer's policy. When it lets through more than before, what is now allowed is
+    /// backfilled: our checkpoint of the peer goes back to the start (so the peer resends, and
+    /// we keep what we now accept) and the peer's next Hello gets our whole log again, through
+    /// the new filter. Duplicates are dropped on arrival. Returns whether it widened.
+    pub fn set_policy(
+        &mut self,
+        peer: NodeId,
+        name: String,
+        policy: crate::policy::Policy,
+    ) -> Result<bool, StoreError> {
+        let widened = self.policies.set(peer, name, policy);
+        if widened {
+            self.store.update_peer(&peer, |r| {
+                r.received = Default::default();
+                r.ahead.clear();
+                r.resend_all = true;
+            })?;
+        }
+        Ok(widened)
+    }
+
+    /// Forget a removed peer's policy.
+    pub fn remove_policy(&mut self, peer: &NodeId) {
+        self.policies.remove(peer);
     }
 
     pub fn name(&self) -> &str {
@@ -355,6 +403,13 @@ impl Core {
                 id: (*id).clone(),
                 source,
             };
+            self.policies
+                .may_write(ty)
+                .map_err(|source| LocalWriteError::ReadOnly {
+                    ty: (*ty).clone(),
+                    id: (*id).clone(),
+                    source,
+                })?;
             if !seen.insert((*ty, *id)) {
                 return Err(LocalWriteError::Refused(WriteError::Fields {
                     ty: (*ty).clone(),
@@ -367,7 +422,7 @@ impl Core {
                     let doc = self.take_doc(&doc_id).map_err(store_err)?.ok_or_else(|| {
                         store_err(StoreError::Decode {
                             path: self.store.path().into(),
-                            what: format!("doc_state_v1[{doc_id}]"),
+                            what: format!("the state of document {doc_id} in docs_v2"),
                             detail: "document record without state".into(),
                         })
                     })?;
@@ -630,6 +685,8 @@ impl Core {
             rejected: record.rejected,
             rejected_by_peer: record.rejected_by_peer,
             duplicates: record.duplicates,
+            rejected_types: record.rejected_types,
+            policy: peer.policy.clone(),
         })
     }
 }

@@ -220,7 +220,10 @@ pub struct Arrival {
     pub held: Vec<SignedChange>,
     /// Verified, not yet stored changes from this batch, in the order they arrived.
     pub incoming: Vec<(SignedChange, VerifiedChange)>,
-    /// The name `(header.ty, header.id)` already belongs to another document here.
+    /// The local name the document gets here if it is new: its id, or the id under the
+    /// sending peer's prefix.
+    pub name: ObjectId,
+    /// The name `(header.ty, name)` already belongs to another document here.
     pub name_taken: bool,
 }
 
@@ -232,6 +235,8 @@ pub struct Arrived {
     pub doc: Option<Automerge>,
     /// Changes refused, with the reason.
     pub rejected: Vec<(ChangeHash, String)>,
+    /// Changes of the batch this node already held (counted by the shell, which knows).
+    pub duplicates: u64,
 }
 
 impl Engine {
@@ -244,6 +249,7 @@ impl Engine {
             existing,
             held,
             incoming,
+            name,
             name_taken,
         } = arrival;
         let (record, mut doc) = match existing {
@@ -330,9 +336,9 @@ impl Engine {
                 ty: header.ty.clone(),
                 id: header.id.clone(),
                 local_id: if name_taken {
-                    collision_name(&header)
+                    collision_name(&name, &header.doc)
                 } else {
-                    header.id.clone()
+                    name
                 },
                 live: true,
             });
@@ -352,21 +358,22 @@ impl Engine {
             },
             doc,
             rejected,
+            duplicates: 0,
         }
     }
 }
 
-/// The local name of a received document whose `(type, id)` another document already has
-/// here: the id, `~`, and the first 8 hex digits of its document id. Neither document is lost
+/// The local name of a received document whose `(type, name)` another document already has
+/// here: the name, `~`, and the first 8 hex digits of its document id. Neither document is lost
 /// or merged into the other.
-pub fn collision_name(header: &DocHeader) -> ObjectId {
-    let suffix = &header.doc.to_string()[..8];
+pub fn collision_name(name: &ObjectId, doc: &DocId) -> ObjectId {
+    let suffix = &doc.to_string()[..8];
     let keep = tidesync_proto::ids::MAX_OBJECT_ID_BYTES - 9;
-    let mut base = header.id.as_str().to_string();
+    let mut base = name.as_str().to_string();
     while base.len() > keep {
         base.pop();
     }
-    ObjectId::new(format!("{base}~{suffix}")).unwrap_or_else(|_| header.id.clone())
+    ObjectId::new(format!("{base}~{suffix}")).unwrap_or_else(|_| name.clone())
 }
 
 #[cfg(test)]
@@ -541,6 +548,7 @@ mod tests {
                 .into_iter()
                 .map(|s| (s.clone(), s.verify().unwrap()))
                 .collect(),
+            name: h.id.clone(),
             name_taken: false,
         })
     }
@@ -632,6 +640,7 @@ mod tests {
             existing: None,
             held: vec![],
             incoming: vec![(p.change.clone(), p.change.verify().unwrap())],
+            name: h.id.clone(),
             name_taken: true,
         });
         let local = out.received.record.unwrap().local_id;

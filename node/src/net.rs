@@ -47,6 +47,10 @@ pub enum Fault {
     TruncatedFrames,
     /// Send a frame header announcing more than `MAX_FRAME_BYTES`.
     OversizedFrames,
+    /// Ignore this node's own policies when writing and sending (a misconfigured or
+    /// malicious peer): read-only types can be written, and everything is offered to every
+    /// peer. Receivers must still refuse what their policies do not allow.
+    IgnorePolicy,
 }
 
 impl Fault {
@@ -59,6 +63,7 @@ impl Fault {
             Ok("garbage-frames") => Fault::GarbageFrames,
             Ok("truncated-frames") => Fault::TruncatedFrames,
             Ok("oversized-frames") => Fault::OversizedFrames,
+            Ok("ignore-policy") => Fault::IgnorePolicy,
             _ => Fault::None,
         }
     }
@@ -180,7 +185,7 @@ impl FrameCodec {
                     .await?;
                 io.write_all(&frame[FRAME_HEADER_BYTES..]).await?;
             }
-            Fault::None | Fault::AlterRelayed => io.write_all(&frame).await?,
+            Fault::None | Fault::AlterRelayed | Fault::IgnorePolicy => io.write_all(&frame).await?,
         }
         self.counters.frames_out.fetch_add(1, Ordering::Relaxed);
         self.counters

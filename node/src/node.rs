@@ -404,8 +404,22 @@ impl NodeActor {
             self.drop_link(&old);
         }
         self.config = config;
+        let widened = match self
+            .core
+            .set_policy(id, peer.name.clone(), peer.policy.clone())
+        {
+            Ok(widened) => widened,
+            Err(e) => {
+                tracing::error!(peer = %id, error = %e, "could not record the policy change");
+                false
+            }
+        };
         self.add_link(peer, id);
-        tracing::info!(peer = %id, "peer configured");
+        tracing::info!(peer = %id, widened, "peer configured");
+        if widened {
+            let out = tokio::task::block_in_place(|| self.core.on_policy_widened(id));
+            self.send_all(out);
+        }
         Ok(())
     }
 
@@ -416,6 +430,7 @@ impl NodeActor {
         self.config = config;
         if let Ok(id) = removed.node_id() {
             self.drop_link(&id);
+            self.core.remove_policy(&id);
             tracing::info!(peer = %id, name, "peer removed");
         }
         Ok(())
@@ -693,6 +708,9 @@ pub async fn run(home: &Home) -> Result<(), RunError> {
             );
         }
         core.sync.alter_relayed = fault == Fault::AlterRelayed;
+        if fault == Fault::IgnorePolicy {
+            core.policies.ignore_own();
+        }
         let counters = Arc::new(NetCounters::default());
         let mut swarm = build_swarm(core.engine.identity(), fault, Arc::clone(&counters))?;
         for addr in &config.listen {

@@ -17,23 +17,27 @@ use tidesync_proto::{Checkpoint, DocHeader, DocId, NodeId, ObjectId, SignedChang
 use crate::engine::{DocRecord, Persist};
 
 /// The value of `meta_v1["format"]` this build reads and writes.
-pub const STORE_FORMAT: &str = "tidesync-store-1";
+pub const STORE_FORMAT: &str = "tidesync-store-2";
 
 /// Node-wide settings.
 /// Key: setting name (`format`). Value: UTF-8 bytes.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta_v1");
-/// What is known of each document.
-/// Key: DocId (16 bytes). Value: postcard [`DocRecord`].
-const DOCS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("docs_v1");
-/// Each document's current Automerge state.
-/// Key: DocId (16 bytes). Value: `Automerge::save()` bytes.
-const DOC_STATE: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("doc_state_v1");
-/// Every signed change this node holds.
-/// Key: (DocId, Automerge change hash). Value: postcard [`SignedChange`].
-const CHANGES: TableDefinition<([u8; 16], [u8; 32]), &[u8]> = TableDefinition::new("changes_v1");
-/// The node's change log: every change it stored, local or received, in the order it stored them.
-/// Key: SEQ, dense from 1. Value: postcard [`LogEntry`].
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log_v1");
+/// Which row of `docs_v2` holds each document. DocIds are hashes, so this is the only table a
+/// new document writes at a random place; its entries are small.
+/// Key: DocId (16 bytes). Value: DocNo (u64, dense from 1 in the order documents arrived here).
+const DOC_NOS: TableDefinition<[u8; 16], u64> = TableDefinition::new("doc_nos_v1");
+/// Each document: what is known of it and its current Automerge state, in one row. Keyed by
+/// arrival order, so a batch of new documents appends at the end of the tree.
+/// Key: DocNo (u64). Value: postcard [`DocRow`] `{ doc, record, state: Automerge::save() }`.
+const DOCS: TableDefinition<u64, &[u8]> = TableDefinition::new("docs_v2");
+/// The node's change log: every change it stored, local or received, in the order it stored
+/// them, with the signed change itself (so streaming the log to a peer reads it in order).
+/// Key: SEQ, dense from 1. Value: postcard [`LogRow`] `{ entry: LogEntry, change: SignedChange }`.
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log_v2");
+/// Where each change is in the log.
+/// Key: (DocId, Automerge change hash). Value: SEQ.
+const CHANGE_SEQS: TableDefinition<([u8; 16], [u8; 32]), u64> =
+    TableDefinition::new("change_seqs_v1");
 /// The (type, id) index of the names documents have on this node.
 /// Key: (type name, local object id). Value: DocId (16 bytes).
 const NAMES: TableDefinition<(&str, &str), [u8; 16]> = TableDefinition::new("names_v1");
@@ -59,11 +63,58 @@ pub struct LogEntry {
     pub time_ms: i64,
 }
 
+/// A row of `docs_v2`.
+#[derive(Debug, Serialize, Deserialize)]
+struct DocRow {
+    doc: DocId,
+    record: DocRecord,
+    #[serde(with = "serde_bytes_state")]
+    state: Vec<u8>,
+}
+
+/// A row of `docs_v2` as it is written (the same encoding as [`DocRow`]).
+#[derive(Serialize)]
+struct DocRowRef<'a> {
+    doc: &'a DocId,
+    record: &'a DocRecord,
+    #[serde(with = "serde_bytes_state")]
+    state: &'a [u8],
+}
+
+/// A row of `log_v2`.
+#[derive(Debug, Serialize, Deserialize)]
+struct LogRow {
+    entry: LogEntry,
+    change: SignedChange,
+}
+
+/// A row of `log_v2` as it is written (the same encoding as [`LogRow`]).
+#[derive(Serialize)]
+struct LogRowRef<'a> {
+    entry: &'a LogEntry,
+    change: &'a SignedChange,
+}
+
+mod serde_bytes_state {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        <&[u8]>::deserialize(d).map(<[u8]>::to_vec)
+    }
+}
+
 /// What a node remembers of its sync with one peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerRecord {
     /// The peer's log is durably stored here up to this checkpoint.
     pub received: Checkpoint,
+    /// Batches stored beyond `received` with a gap before them, as `(after, upto)`: batches in
+    /// flight together may arrive out of order. The checkpoint absorbs each one once the gap
+    /// before it is filled. At most [`MAX_AHEAD_BATCHES`] are remembered, and they are
+    /// forgotten when a new connection to the peer starts.
+    pub ahead: Vec<(u64, Checkpoint)>,
     /// The peer acknowledged our log up to this SEQ.
     pub acked: u64,
     /// Changes received from the peer and stored (not counting duplicates).
@@ -72,12 +123,48 @@ pub struct PeerRecord {
     pub changes_out: u64,
     /// Changes from the peer that failed verification or policy.
     pub rejected: u64,
+    /// Of those, the ones refused by policy, per type.
+    pub rejected_types: BTreeMap<String, u64>,
+    /// Send the peer our whole log (through its policy) at its next Hello: its policy was
+    /// widened.
+    pub resend_all: bool,
     /// Changes we sent that the peer reported rejecting.
     pub rejected_by_peer: u64,
     /// Duplicates received (changes already held).
     pub duplicates: u64,
     /// Last time a batch was stored or acknowledged, Unix milliseconds.
     pub last_sync_ms: i64,
+}
+
+/// Out-of-order batches remembered per peer (see [`PeerRecord::ahead`]); a sender keeps only a
+/// few batches in flight, so more than this means the peer started over and they are stale.
+pub const MAX_AHEAD_BATCHES: usize = 8;
+
+impl PeerRecord {
+    /// Record that the peer's log from `after` to `upto` is durably stored here; moves the
+    /// checkpoint when that leaves no gap (or when the peer started its log over, `after` 0),
+    /// absorbing any batches stored ahead of it. Whether the checkpoint moved.
+    pub fn stored(&mut self, after: u64, upto: Checkpoint) -> bool {
+        let before = self.received.seq;
+        if after == 0 || (after <= self.received.seq && upto.seq >= self.received.seq) {
+            self.received = upto;
+        } else if after > self.received.seq {
+            self.ahead.push((after, upto));
+            if self.ahead.len() > MAX_AHEAD_BATCHES {
+                self.ahead.remove(0);
+            }
+        }
+        while let Some(i) = self
+            .ahead
+            .iter()
+            .position(|(a, u)| *a <= self.received.seq && u.seq >= self.received.seq)
+        {
+            self.received = self.ahead.remove(i).1;
+        }
+        let received = self.received.seq;
+        self.ahead.retain(|(_, u)| u.seq > received);
+        self.received.seq != before || after == 0
+    }
 }
 
 /// A range of the log read for one peer.
@@ -226,10 +313,10 @@ impl Store {
             let mut meta = tx.open_table(META).ctx(self, ctx)?;
             meta.insert("format", STORE_FORMAT.as_bytes())
                 .ctx(self, ctx)?;
+            tx.open_table(DOC_NOS).ctx(self, ctx)?;
             tx.open_table(DOCS).ctx(self, ctx)?;
-            tx.open_table(DOC_STATE).ctx(self, ctx)?;
-            tx.open_table(CHANGES).ctx(self, ctx)?;
             tx.open_table(LOG).ctx(self, ctx)?;
+            tx.open_table(CHANGE_SEQS).ctx(self, ctx)?;
             tx.open_table(NAMES).ctx(self, ctx)?;
             tx.open_table(PENDING).ctx(self, ctx)?;
             tx.open_table(PEERS).ctx(self, ctx)?;
@@ -265,9 +352,10 @@ impl Store {
         Ok(Reader {
             store: self,
             names: tx.open_table(NAMES).ctx(self, ctx)?,
+            doc_nos: tx.open_table(DOC_NOS).ctx(self, ctx)?,
             docs: tx.open_table(DOCS).ctx(self, ctx)?,
-            states: tx.open_table(DOC_STATE).ctx(self, ctx)?,
-            changes: tx.open_table(CHANGES).ctx(self, ctx)?,
+            log: tx.open_table(LOG).ctx(self, ctx)?,
+            change_seqs: tx.open_table(CHANGE_SEQS).ctx(self, ctx)?,
             pending: tx.open_table(PENDING).ctx(self, ctx)?,
         })
     }
@@ -293,27 +381,9 @@ impl Store {
         let tx = self.db.begin_write().ctx(self, ctx)?;
         let mut seqs = Vec::with_capacity(writes.len());
         {
-            let mut docs = tx.open_table(DOCS).ctx(self, ctx)?;
-            let mut states = tx.open_table(DOC_STATE).ctx(self, ctx)?;
-            let mut changes = tx.open_table(CHANGES).ctx(self, ctx)?;
-            let mut log = tx.open_table(LOG).ctx(self, ctx)?;
-            let mut names = tx.open_table(NAMES).ctx(self, ctx)?;
-            let mut seq = log
-                .last()
-                .ctx(self, ctx)?
-                .map(|(k, _)| k.value())
-                .unwrap_or(0);
-            let mut counts = tx.open_table(COUNTS).ctx(self, ctx)?;
+            let mut w = Writer::open(self, &tx, ctx)?;
             for p in writes {
-                self.put_record(&mut docs, &mut counts, &p.doc_id, &p.record)?;
-                states
-                    .insert(p.doc_id.0, crate::doc::save_state(&p.doc).as_slice())
-                    .ctx(self, ctx)?;
-                let change = postcard::to_stdvec(&p.change).map_err(|x| self.encode_error(x))?;
-                changes
-                    .insert((p.doc_id.0, p.hash.0), change.as_slice())
-                    .ctx(self, ctx)?;
-                seq += 1;
+                w.put_doc(&p.doc_id, &p.record, &crate::doc::save_state(&p.doc))?;
                 let entry = LogEntry {
                     doc: p.doc_id,
                     hash: p.hash.0,
@@ -321,15 +391,7 @@ impl Store {
                     from: None,
                     time_ms: p.time_ms,
                 };
-                let entry = postcard::to_stdvec(&entry).map_err(|x| self.encode_error(x))?;
-                log.insert(seq, entry.as_slice()).ctx(self, ctx)?;
-                names
-                    .insert(
-                        (p.record.ty.as_str(), p.record.local_id.as_str()),
-                        p.doc_id.0,
-                    )
-                    .ctx(self, ctx)?;
-                seqs.push(seq);
+                seqs.push(w.append(entry, &p.change)?);
             }
         }
         tx.commit().ctx(self, ctx)?;
@@ -354,6 +416,7 @@ impl Store {
         let ctx = "listing objects";
         let tx = self.db.begin_read().ctx(self, ctx)?;
         let names = tx.open_table(NAMES).ctx(self, ctx)?;
+        let doc_nos = tx.open_table(DOC_NOS).ctx(self, ctx)?;
         let docs = tx.open_table(DOCS).ctx(self, ctx)?;
         let start = (ty.as_str(), after.unwrap_or(""));
         let mut ids = Vec::new();
@@ -368,11 +431,10 @@ impl Store {
                 continue;
             }
             let doc = DocId(value.value());
-            let Some(rec) = docs.get(doc.0).ctx(self, ctx)? else {
+            let Some(row) = self.doc_row(&doc_nos, &docs, &doc, ctx)? else {
                 continue;
             };
-            let rec: DocRecord = self.decode(|| format!("docs_v1[{doc}]"), rec.value())?;
-            if !rec.live {
+            if !row.record.live {
                 continue;
             }
             if ids.len() == limit {
@@ -390,13 +452,7 @@ impl Store {
         doc: &DocId,
         hash: &ChangeHash,
     ) -> Result<Option<SignedChange>, StoreError> {
-        let ctx = "reading a change";
-        let tx = self.db.begin_read().ctx(self, ctx)?;
-        let changes = tx.open_table(CHANGES).ctx(self, ctx)?;
-        let found = changes.get((doc.0, hash.0)).ctx(self, ctx)?;
-        found
-            .map(|v| self.decode(|| format!("changes_v1[{doc}, {hash}]"), v.value()))
-            .transpose()
+        self.reader()?.change(doc, hash)
     }
 
     /// Log entries with SEQ greater than `since`, at most `limit`, in order.
@@ -412,7 +468,8 @@ impl Store {
         {
             let (k, v) = item.ctx(self, ctx)?;
             let seq = k.value();
-            out.push((seq, self.decode(|| format!("log_v1[{seq}]"), v.value())?));
+            let row: LogRow = self.decode(|| format!("log_v2[{seq}]"), v.value())?;
+            out.push((seq, row.entry));
         }
         Ok(out)
     }
@@ -445,43 +502,36 @@ impl Store {
         Ok(out)
     }
 
-    /// Store a document record and keep `counts_v1` in step with it.
-    fn put_record(
+    /// The row of `doc` in `docs_v2`, through `doc_nos_v1`.
+    fn doc_row(
         &self,
-        docs: &mut redb::Table<[u8; 16], &[u8]>,
-        counts: &mut redb::Table<&str, (u64, u64)>,
+        doc_nos: &impl ReadableTable<[u8; 16], u64>,
+        docs: &impl ReadableTable<u64, &'static [u8]>,
         doc: &DocId,
-        record: &DocRecord,
-    ) -> Result<(), StoreError> {
-        let ctx = "storing a document record";
-        let bytes = postcard::to_stdvec(record).map_err(|x| self.encode_error(x))?;
-        let old = docs.insert(doc.0, bytes.as_slice()).ctx(self, ctx)?;
-        let old: Option<DocRecord> = match old {
-            Some(v) => Some(self.decode(|| format!("docs_v1[{doc}]"), v.value())?),
-            None => None,
+        ctx: &'static str,
+    ) -> Result<Option<DocRow>, StoreError> {
+        let Some(no) = doc_nos.get(doc.0).ctx(self, ctx)? else {
+            return Ok(None);
         };
-        let mut bump = |ty: &str, live: bool, add: bool| -> Result<(), StoreError> {
-            let (mut l, mut d) = counts
-                .get(ty)
-                .ctx(self, ctx)?
-                .map(|v| v.value())
-                .unwrap_or((0, 0));
-            let slot = if live { &mut l } else { &mut d };
-            *slot = if add {
-                *slot + 1
-            } else {
-                slot.saturating_sub(1)
-            };
-            counts.insert(ty, (l, d)).ctx(self, ctx)?;
-            Ok(())
+        let no = no.value();
+        let Some(row) = docs.get(no).ctx(self, ctx)? else {
+            return Ok(None);
         };
-        if let Some(old) = old {
-            if old.live == record.live && old.ty == record.ty {
-                return Ok(());
-            }
-            bump(old.ty.as_str(), old.live, false)?;
-        }
-        bump(record.ty.as_str(), record.live, true)
+        self.decode(|| format!("docs_v2[{no}] ({doc})"), row.value())
+            .map(Some)
+    }
+
+    /// The row at `seq` of `log_v2`.
+    fn log_row(
+        &self,
+        log: &impl ReadableTable<u64, &'static [u8]>,
+        seq: u64,
+        ctx: &'static str,
+    ) -> Result<Option<LogRow>, StoreError> {
+        let found = log.get(seq).ctx(self, ctx)?;
+        found
+            .map(|v| self.decode(|| format!("log_v2[{seq}]"), v.value()))
+            .transpose()
     }
 
     /// The log entry at `seq`.
@@ -489,10 +539,7 @@ impl Store {
         let ctx = "reading the change log";
         let tx = self.db.begin_read().ctx(self, ctx)?;
         let log = tx.open_table(LOG).ctx(self, ctx)?;
-        let found = log.get(seq).ctx(self, ctx)?;
-        found
-            .map(|v| self.decode(|| format!("log_v1[{seq}]"), v.value()))
-            .transpose()
+        Ok(self.log_row(&log, seq, ctx)?.map(|row| row.entry))
     }
 
     /// The checkpoint naming log position `seq` (the start of the log for 0).
@@ -564,12 +611,12 @@ impl Store {
         max_changes: usize,
         max_bytes: usize,
         max_scan: usize,
-        skip: impl Fn(&LogEntry) -> bool,
+        skip: impl Fn(&LogEntry, &DocRecord) -> bool,
     ) -> Result<OutBatch, StoreError> {
         let ctx = "reading a batch to send";
         let tx = self.db.begin_read().ctx(self, ctx)?;
         let log = tx.open_table(LOG).ctx(self, ctx)?;
-        let changes = tx.open_table(CHANGES).ctx(self, ctx)?;
+        let doc_nos = tx.open_table(DOC_NOS).ctx(self, ctx)?;
         let docs = tx.open_table(DOCS).ctx(self, ctx)?;
         let mut batch = OutBatch {
             upto: Checkpoint {
@@ -579,7 +626,8 @@ impl Store {
             ..OutBatch::default()
         };
         let mut bytes = 0usize;
-        let mut seen_docs = std::collections::HashSet::new();
+        let mut records: std::collections::HashMap<DocId, Option<DocRecord>> = Default::default();
+        let mut headed = std::collections::HashSet::new();
         for item in log
             .range(after.saturating_add(1)..)
             .ctx(self, ctx)?
@@ -590,31 +638,31 @@ impl Store {
             }
             let (k, v) = item.ctx(self, ctx)?;
             let seq = k.value();
-            let entry: LogEntry = self.decode(|| format!("log_v1[{seq}]"), v.value())?;
+            let LogRow { entry, change } = self.decode(|| format!("log_v2[{seq}]"), v.value())?;
             batch.upto = Checkpoint {
                 seq,
                 hash: entry.hash,
             };
-            if skip(&entry) {
-                continue;
+            if let std::collections::hash_map::Entry::Vacant(slot) = records.entry(entry.doc) {
+                let record = self
+                    .doc_row(&doc_nos, &docs, &entry.doc, ctx)?
+                    .map(|row| row.record);
+                slot.insert(record);
             }
-            let Some(raw) = changes.get((entry.doc.0, entry.hash)).ctx(self, ctx)? else {
+            let Some(Some(record)) = records.get(&entry.doc) else {
                 continue;
             };
-            let change: SignedChange =
-                self.decode(|| format!("changes_v1[{}]", entry.doc), raw.value())?;
+            if skip(&entry, record) {
+                continue;
+            }
             bytes += change.bytes.len();
-            if seen_docs.insert(entry.doc) {
-                if let Some(rec) = docs.get(entry.doc.0).ctx(self, ctx)? {
-                    let rec: DocRecord =
-                        self.decode(|| format!("docs_v1[{}]", entry.doc), rec.value())?;
-                    batch.docs.push(DocHeader {
-                        doc: entry.doc,
-                        origin: rec.origin,
-                        ty: rec.ty,
-                        id: rec.id,
-                    });
-                }
+            if headed.insert(entry.doc) {
+                batch.docs.push(DocHeader {
+                    doc: entry.doc,
+                    origin: record.origin,
+                    ty: record.ty.clone(),
+                    id: record.id.clone(),
+                });
             }
             batch.changes.push(change);
         }
@@ -622,54 +670,33 @@ impl Store {
     }
 
     /// Commit a received batch from `from` in one durable transaction: applied changes join
-    /// the log, held ones are kept, and the peer's checkpoint moves to `upto` if the batch
-    /// leaves no gap: it starts at or before the checkpoint (`after`) and ends at or past it,
-    /// or it starts at 0 (the peer starting its log over). Returns the new last SEQ of the log
-    /// and whether the checkpoint moved.
+    /// the log, held ones are kept, and the peer's checkpoint moves as [`PeerRecord::stored`]
+    /// says; `counters` then updates the peer's counters. An error from `docs` aborts the
+    /// transaction. Returns the new last SEQ of the log and whether the checkpoint moved.
     pub fn commit_received(
         &self,
         from: &NodeId,
-        docs: &[ReceivedDoc],
         after: u64,
         upto: Checkpoint,
         now_ms: i64,
-        counts: (u64, u64, u64),
+        docs: impl Iterator<Item = Result<ReceivedDoc, StoreError>>,
+        counters: impl FnOnce(&mut PeerRecord),
     ) -> Result<(u64, bool), StoreError> {
         let ctx = "committing a received batch";
-        let (applied_or_held, rejected, duplicates) = counts;
         let tx = self.db.begin_write().ctx(self, ctx)?;
-        let mut seq;
+        let seq;
         let moved;
         {
-            let mut records = tx.open_table(DOCS).ctx(self, ctx)?;
-            let mut states = tx.open_table(DOC_STATE).ctx(self, ctx)?;
-            let mut changes = tx.open_table(CHANGES).ctx(self, ctx)?;
-            let mut log = tx.open_table(LOG).ctx(self, ctx)?;
-            let mut names = tx.open_table(NAMES).ctx(self, ctx)?;
+            let mut w = Writer::open(self, &tx, ctx)?;
             let mut pending = tx.open_table(PENDING).ctx(self, ctx)?;
             let mut peers = tx.open_table(PEERS).ctx(self, ctx)?;
-            let mut counts = tx.open_table(COUNTS).ctx(self, ctx)?;
-            seq = log
-                .last()
-                .ctx(self, ctx)?
-                .map(|(k, _)| k.value())
-                .unwrap_or(0);
             for d in docs {
-                if let Some(record) = &d.record {
-                    self.put_record(&mut records, &mut counts, &d.doc_id, record)?;
-                    names
-                        .insert((record.ty.as_str(), record.local_id.as_str()), d.doc_id.0)
-                        .ctx(self, ctx)?;
-                }
-                if let Some(state) = &d.state {
-                    states.insert(d.doc_id.0, state.as_slice()).ctx(self, ctx)?;
+                // An error drops the transaction uncommitted: nothing of the batch is stored.
+                let d = d?;
+                if let (Some(record), Some(state)) = (&d.record, &d.state) {
+                    w.put_doc(&d.doc_id, record, state)?;
                 }
                 for (change, hash, author) in &d.applied {
-                    let bytes = postcard::to_stdvec(change).map_err(|x| self.encode_error(x))?;
-                    changes
-                        .insert((d.doc_id.0, hash.0), bytes.as_slice())
-                        .ctx(self, ctx)?;
-                    seq += 1;
                     let entry = LogEntry {
                         doc: d.doc_id,
                         hash: hash.0,
@@ -677,8 +704,7 @@ impl Store {
                         from: Some(*from),
                         time_ms: now_ms,
                     };
-                    let entry = postcard::to_stdvec(&entry).map_err(|x| self.encode_error(x))?;
-                    log.insert(seq, entry.as_slice()).ctx(self, ctx)?;
+                    w.append(entry, change)?;
                 }
                 for hash in &d.released {
                     pending.remove((d.doc_id.0, hash.0)).ctx(self, ctx)?;
@@ -691,17 +717,13 @@ impl Store {
                         .ctx(self, ctx)?;
                 }
             }
+            seq = w.seq;
             let mut record: PeerRecord = match peers.get(from.0).ctx(self, ctx)? {
                 Some(v) => self.decode(|| format!("peers_v1[{from}]"), v.value())?,
                 None => PeerRecord::default(),
             };
-            moved = after == 0 || (after <= record.received.seq && upto.seq >= record.received.seq);
-            if moved {
-                record.received = upto;
-            }
-            record.changes_in += applied_or_held;
-            record.rejected += rejected;
-            record.duplicates += duplicates;
+            moved = record.stored(after, upto);
+            counters(&mut record);
             record.last_sync_ms = now_ms;
             let bytes = postcard::to_stdvec(&record).map_err(|x| self.encode_error(x))?;
             peers.insert(from.0, bytes.as_slice()).ctx(self, ctx)?;
@@ -716,13 +738,145 @@ impl Store {
     }
 }
 
+/// The tables a commit writes documents and log entries to, open in one write transaction.
+struct Writer<'s, 'tx> {
+    store: &'s Store,
+    ctx: &'static str,
+    doc_nos: redb::Table<'tx, [u8; 16], u64>,
+    docs: redb::Table<'tx, u64, &'static [u8]>,
+    log: redb::Table<'tx, u64, &'static [u8]>,
+    change_seqs: redb::Table<'tx, ([u8; 16], [u8; 32]), u64>,
+    names: redb::Table<'tx, (&'static str, &'static str), [u8; 16]>,
+    counts: redb::Table<'tx, &'static str, (u64, u64)>,
+    /// The last DocNo handed out.
+    doc_no: u64,
+    /// The last SEQ of the log.
+    seq: u64,
+}
+
+impl<'s, 'tx> Writer<'s, 'tx> {
+    fn open(
+        store: &'s Store,
+        tx: &'tx redb::WriteTransaction,
+        ctx: &'static str,
+    ) -> Result<Self, StoreError> {
+        let docs = tx.open_table(DOCS).ctx(store, ctx)?;
+        let log = tx.open_table(LOG).ctx(store, ctx)?;
+        let doc_no = docs
+            .last()
+            .ctx(store, ctx)?
+            .map(|(k, _)| k.value())
+            .unwrap_or(0);
+        let seq = log
+            .last()
+            .ctx(store, ctx)?
+            .map(|(k, _)| k.value())
+            .unwrap_or(0);
+        Ok(Writer {
+            store,
+            ctx,
+            doc_nos: tx.open_table(DOC_NOS).ctx(store, ctx)?,
+            docs,
+            log,
+            change_seqs: tx.open_table(CHANGE_SEQS).ctx(store, ctx)?,
+            names: tx.open_table(NAMES).ctx(store, ctx)?,
+            counts: tx.open_table(COUNTS).ctx(store, ctx)?,
+            doc_no,
+            seq,
+        })
+    }
+
+    /// Store a document's record, state and local name, keeping `counts_v1` in step.
+    fn put_doc(&mut self, doc: &DocId, record: &DocRecord, state: &[u8]) -> Result<(), StoreError> {
+        let (store, ctx) = (self.store, self.ctx);
+        let existing = self.doc_nos.get(doc.0).ctx(store, ctx)?.map(|v| v.value());
+        let renamed;
+        let mut record = record;
+        let no = match existing {
+            Some(no) => no,
+            None => {
+                // A new document whose name another took since the engine looked (two
+                // documents of one batch, or a local write meanwhile) gets its own name.
+                let taken = self
+                    .names
+                    .get((record.ty.as_str(), record.local_id.as_str()))
+                    .ctx(store, ctx)?
+                    .is_some_and(|other| other.value() != doc.0);
+                if taken {
+                    renamed = DocRecord {
+                        local_id: crate::engine::collision_name(&record.local_id, doc),
+                        ..record.clone()
+                    };
+                    record = &renamed;
+                }
+                self.doc_no += 1;
+                self.doc_nos.insert(doc.0, self.doc_no).ctx(store, ctx)?;
+                self.doc_no
+            }
+        };
+        let row = DocRowRef { doc, record, state };
+        let bytes = postcard::to_stdvec(&row).map_err(|x| store.encode_error(x))?;
+        let old: Option<DocRow> = match self.docs.insert(no, bytes.as_slice()).ctx(store, ctx)? {
+            Some(v) => Some(store.decode(|| format!("docs_v2[{no}] ({doc})"), v.value())?),
+            None => None,
+        };
+        self.names
+            .insert((record.ty.as_str(), record.local_id.as_str()), doc.0)
+            .ctx(store, ctx)?;
+        if let Some(old) = &old {
+            if old.record.live == record.live && old.record.ty == record.ty {
+                return Ok(());
+            }
+            self.bump(old.record.ty.as_str(), old.record.live, false)?;
+        }
+        self.bump(record.ty.as_str(), record.live, true)
+    }
+
+    fn bump(&mut self, ty: &str, live: bool, add: bool) -> Result<(), StoreError> {
+        let (store, ctx) = (self.store, self.ctx);
+        let (mut l, mut d) = self
+            .counts
+            .get(ty)
+            .ctx(store, ctx)?
+            .map(|v| v.value())
+            .unwrap_or((0, 0));
+        let slot = if live { &mut l } else { &mut d };
+        *slot = if add {
+            *slot + 1
+        } else {
+            slot.saturating_sub(1)
+        };
+        self.counts.insert(ty, (l, d)).ctx(store, ctx)?;
+        Ok(())
+    }
+
+    /// Append a change to the log; its SEQ.
+    fn append(&mut self, entry: LogEntry, change: &SignedChange) -> Result<u64, StoreError> {
+        let (store, ctx) = (self.store, self.ctx);
+        self.seq += 1;
+        let row = LogRowRef {
+            entry: &entry,
+            change,
+        };
+        let bytes = postcard::to_stdvec(&row).map_err(|x| store.encode_error(x))?;
+        self.log
+            .insert(self.seq, bytes.as_slice())
+            .ctx(store, ctx)?;
+        self.change_seqs
+            .insert((entry.doc.0, entry.hash), self.seq)
+            .ctx(store, ctx)?;
+        Ok(self.seq)
+    }
+}
+
 /// One read transaction over the tables lookups need.
 pub struct Reader<'s> {
     store: &'s Store,
     names: redb::ReadOnlyTable<(&'static str, &'static str), [u8; 16]>,
-    docs: redb::ReadOnlyTable<[u8; 16], &'static [u8]>,
-    states: redb::ReadOnlyTable<[u8; 16], &'static [u8]>,
-    changes: redb::ReadOnlyTable<([u8; 16], [u8; 32]), &'static [u8]>,
+    doc_nos: redb::ReadOnlyTable<[u8; 16], u64>,
+    docs: redb::ReadOnlyTable<u64, &'static [u8]>,
+    log: redb::ReadOnlyTable<u64, &'static [u8]>,
+    change_seqs: redb::ReadOnlyTable<([u8; 16], [u8; 32]), u64>,
     pending: redb::ReadOnlyTable<([u8; 16], [u8; 32]), &'static [u8]>,
 }
 
@@ -738,38 +892,49 @@ impl Reader<'_> {
 
     /// What is known of a document.
     pub fn record(&self, doc: &DocId) -> Result<Option<DocRecord>, StoreError> {
-        let found = self
-            .docs
-            .get(doc.0)
-            .ctx(self.store, "reading a document record")?;
-        found
-            .map(|v| self.store.decode(|| format!("docs_v1[{doc}]"), v.value()))
-            .transpose()
+        Ok(self.row(doc)?.map(|row| row.record))
+    }
+
+    fn row(&self, doc: &DocId) -> Result<Option<DocRow>, StoreError> {
+        self.store
+            .doc_row(&self.doc_nos, &self.docs, doc, "reading a document")
     }
 
     /// A document's current Automerge state.
     pub fn load_doc(&self, doc: &DocId) -> Result<Option<Automerge>, StoreError> {
-        let Some(bytes) = self
-            .states
-            .get(doc.0)
-            .ctx(self.store, "reading a document")?
-        else {
+        let Some(row) = self.row(doc)? else {
             return Ok(None);
         };
-        Automerge::load(bytes.value())
+        Automerge::load(&row.state)
             .map(Some)
             .map_err(|e| StoreError::Decode {
                 path: self.store.path.clone(),
-                what: format!("doc_state_v1[{doc}]"),
+                what: format!("the state of document {doc} in docs_v2"),
                 detail: e.to_string(),
             })
+    }
+
+    /// The signed change `hash` of `doc`, if it is in the log.
+    pub fn change(
+        &self,
+        doc: &DocId,
+        hash: &ChangeHash,
+    ) -> Result<Option<SignedChange>, StoreError> {
+        let ctx = "reading a change";
+        let Some(seq) = self.change_seqs.get((doc.0, hash.0)).ctx(self.store, ctx)? else {
+            return Ok(None);
+        };
+        Ok(self
+            .store
+            .log_row(&self.log, seq.value(), ctx)?
+            .map(|row| row.change))
     }
 
     /// Whether a change is stored (applied or held).
     pub fn has_change(&self, doc: &DocId, hash: &ChangeHash) -> Result<bool, StoreError> {
         let ctx = "looking up a change";
         if self
-            .changes
+            .change_seqs
             .get((doc.0, hash.0))
             .ctx(self.store, ctx)?
             .is_some()
@@ -846,6 +1011,32 @@ mod tests {
     use crate::engine::{Engine, WriteOp, WriteOutcome};
     use crate::identity::Identity;
     use serde_json::json;
+
+    // Regression: two batches in flight travel on separate substreams and can arrive out of
+    // order; the later one was stored but the checkpoint never caught up past it, so every
+    // reconnect resent everything after the first gap (an idle resync moved 5.9 MB).
+    #[test]
+    fn the_checkpoint_catches_up_over_batches_that_arrived_early() {
+        let cp = |seq| Checkpoint {
+            seq,
+            hash: [seq as u8; 32],
+        };
+        let mut r = PeerRecord::default();
+        assert!(!r.stored(2000, cp(4000)), "a gap before it: no move yet");
+        assert_eq!(r.received.seq, 0);
+        assert!(r.stored(0, cp(2000)), "the gap filled: both batches count");
+        assert_eq!(r.received, cp(4000));
+        assert!(r.ahead.is_empty());
+        // In order it simply moves; a batch wholly behind the checkpoint changes nothing.
+        assert!(r.stored(4000, cp(6000)));
+        assert!(!r.stored(2000, cp(3000)));
+        assert_eq!(r.received, cp(6000));
+        // Only so many early batches are remembered.
+        for i in 0..(MAX_AHEAD_BATCHES as u64 + 3) {
+            r.stored(10_000 + i * 10, cp(10_005 + i * 10));
+        }
+        assert_eq!(r.ahead.len(), MAX_AHEAD_BATCHES);
+    }
 
     fn write(store: &Store, e: &Engine, id: &str, v: serde_json::Value) -> u64 {
         let t = TypeName::new("Sample").unwrap();

@@ -11,15 +11,16 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use automerge::Change;
-use ed25519_dalek::VerifyingKey;
+use automerge::{Automerge, Change};
 use tidesync_proto::{
-    Checkpoint, DocHeader, DocId, Message, NodeId, SignedChange, VerifiedChange, VerifyError,
+    AuthorKey, Checkpoint, DocHeader, DocId, Message, NodeId, SignedChange, VerifiedChange,
+    VerifyError, check_batch,
 };
 
 use crate::core::Core;
-use crate::engine::Arrival;
-use crate::store::{LogEntry, ReceivedDoc, StoreError};
+use crate::engine::{Arrival, Arrived, DocRecord, Engine};
+use crate::policy::Policies;
+use crate::store::{LogEntry, Reader, Store, StoreError};
 
 /// Most changes in one `Changes` batch. 2,000 synced 50,000 objects about 10 % faster than
 /// 1,000 (fewer commits); frames stay near 1 MB, far under `MAX_FRAME_BYTES`.
@@ -110,16 +111,17 @@ pub struct ReceiveReport {
     pub last_seq: u64,
 }
 
-/// Map `f` over `items` on every core (up to four), keeping their order; on one thread when
-/// there are fewer than [`PARALLEL_MIN_ITEMS`]. A panic in a worker is resumed here, never
-/// swallowed, so no item's result can go missing.
-fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+/// Split `items` into one run per core (up to four), hand each run to `f` on its own thread
+/// and join the results in order; on this thread when there are fewer than
+/// [`PARALLEL_MIN_ITEMS`]. A panic in a worker is resumed here, never swallowed, so no item's
+/// result can go missing.
+fn par_chunks<T: Send, R: Send>(items: Vec<T>, f: impl Fn(Vec<T>) -> Vec<R> + Sync) -> Vec<R> {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .clamp(1, 4);
     if items.len() < PARALLEL_MIN_ITEMS || workers == 1 {
-        return items.into_iter().map(f).collect();
+        return f(items);
     }
     let chunk = items.len().div_ceil(workers);
     let mut parts: Vec<Vec<T>> = Vec::with_capacity(workers);
@@ -134,7 +136,7 @@ fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R>
     std::thread::scope(|scope| {
         let handles: Vec<_> = parts
             .into_iter()
-            .map(|part| scope.spawn(move || part.into_iter().map(f).collect::<Vec<R>>()))
+            .map(|part| scope.spawn(move || f(part)))
             .collect();
         let mut out = Vec::new();
         for h in handles {
@@ -147,26 +149,22 @@ fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R>
     })
 }
 
-/// Verify a batch on every core, decompressing each author's public key once.
+/// Map `f` over `items` on every core, keeping their order (see [`par_chunks`]).
+fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    par_chunks(items, |part| part.into_iter().map(&f).collect())
+}
+
+/// Verify a batch on every core: each core checks its share of the signatures in one batch
+/// equation (see [`check_batch`]), with each author's key decompressed once.
 fn verify_batch(changes: &[SignedChange]) -> Vec<Result<VerifiedChange, VerifyError>> {
     let decoded = par_map(changes.iter().collect(), SignedChange::decode);
-    let mut keys: HashMap<NodeId, Option<VerifyingKey>> = HashMap::new();
+    let mut keys: HashMap<NodeId, Option<AuthorKey>> = HashMap::new();
     for d in decoded.iter().flatten() {
         keys.entry(d.author)
-            .or_insert_with(|| VerifyingKey::from_bytes(&d.author.0).ok());
+            .or_insert_with(|| AuthorKey::new(&d.author));
     }
     let keys = &keys;
-    par_map(decoded, |d| {
-        let d = d?;
-        match keys.get(&d.author).and_then(Option::as_ref) {
-            Some(key) => d.check(key),
-            None => Err(VerifyError::BadSignature {
-                doc: d.doc,
-                hash: d.hash.to_string(),
-                author: d.author,
-            }),
-        }
-    })
+    par_chunks(decoded, |part| check_batch(part, keys))
 }
 
 impl Core {
@@ -183,6 +181,16 @@ impl Core {
     pub fn on_connected(&mut self, peer: NodeId) -> Result<Vec<Outgoing>, SyncError> {
         let now = (self.clock)();
         self.sync.peers.insert(peer, Session::new(now));
+        // Batches that arrived early belong to the last connection's window; what they
+        // carried is stored, and the peer resends from our checkpoint anyway.
+        self.store
+            .update_peer(&peer, |r| r.ahead.clear())
+            .map_err(Self::store_err(peer))?;
+        self.hello(peer)
+    }
+
+    /// A Hello for `peer`: where we hold its log up to, and our tip.
+    fn hello(&self, peer: NodeId) -> Result<Vec<Outgoing>, SyncError> {
         let record = self.store.peer(&peer).map_err(Self::store_err(peer))?;
         let tip = self.store.last_seq().map_err(Self::store_err(peer))?;
         Ok(vec![(
@@ -194,6 +202,26 @@ impl Core {
                 tip,
             },
         )])
+    }
+
+    /// After `peer`'s policy widened (see [`Core::set_policy`]): if a session is up, send our
+    /// log from the start through the new policy and ask the peer, with a fresh Hello, to
+    /// resend its own from where we now hold it (the start).
+    pub fn on_policy_widened(&mut self, peer: NodeId) -> Result<Vec<Outgoing>, SyncError> {
+        let Some(session) = self.sync.peers.get_mut(&peer) else {
+            return Ok(Vec::new());
+        };
+        if session.streaming {
+            session.cursor = 0;
+            session.sent_upto = 0;
+            session.inflight.clear();
+            self.store
+                .update_peer(&peer, |r| r.resend_all = false)
+                .map_err(Self::store_err(peer))?;
+        }
+        let mut out = self.hello(peer)?;
+        out.extend(self.pump(peer)?);
+        Ok(out)
     }
 
     /// The last connection to `peer` is gone.
@@ -237,7 +265,19 @@ impl Core {
                         claimed: node,
                     });
                 }
-                let (start, rewound) = self.resume_point(peer, resume)?;
+                let (mut start, rewound) = self.resume_point(peer, resume)?;
+                if self
+                    .store
+                    .peer(&peer)
+                    .map_err(Self::store_err(peer))?
+                    .resend_all
+                {
+                    tracing::info!(%peer, "the peer's policy was widened: sending it our whole log through the new policy");
+                    start = 0;
+                    self.store
+                        .update_peer(&peer, |r| r.resend_all = false)
+                        .map_err(Self::store_err(peer))?;
+                }
                 let session = self
                     .sync
                     .peers
@@ -388,7 +428,11 @@ impl Core {
             }
             let (cursor, sent_upto, unfiltered) =
                 (session.cursor, session.sent_upto, session.unfiltered);
-            let skip = |e: &LogEntry| !unfiltered && (e.author == peer || e.from == Some(peer));
+            let policies = &self.policies;
+            let skip = |e: &LogEntry, rec: &DocRecord| {
+                (!unfiltered && (e.author == peer || e.from == Some(peer)))
+                    || !policies.may_send(&peer, rec)
+            };
             let mut batch = self
                 .store
                 .read_batch(
@@ -439,6 +483,12 @@ impl Core {
     }
 
     /// Verify, apply and durably store a batch from `peer`.
+    ///
+    /// Verification runs first, on every core. Then a pipeline: workers take the batch's
+    /// documents one at a time, read what the store holds of each and let the engine apply
+    /// the changes, while one writer thread puts the results, in the batch's order, into a
+    /// single redb transaction. The checkpoint moves in that transaction, after everything
+    /// it covers.
     pub fn receive_changes(
         &mut self,
         peer: NodeId,
@@ -450,7 +500,7 @@ impl Core {
         let now = (self.clock)();
         let started = std::time::Instant::now();
         let mut report = ReceiveReport::default();
-        let headers: HashMap<DocId, DocHeader> = headers
+        let mut headers: HashMap<DocId, DocHeader> = headers
             .into_iter()
             .filter(|h| {
                 let ok = DocId::derive(&h.origin, &h.ty, &h.id) == h.doc;
@@ -463,8 +513,8 @@ impl Core {
             .collect();
         let verified = verify_batch(&changes);
         let verified_at = started.elapsed();
-        // Group the batch by document, in order of first appearance, dropping duplicates.
-        let reader = self.store.reader().map_err(Self::store_err(peer))?;
+        // Group the batch by document, in order of first appearance, dropping duplicates
+        // within the batch (the workers drop those already stored).
         let mut order: Vec<DocId> = Vec::new();
         let mut groups: HashMap<DocId, Vec<(SignedChange, VerifiedChange)>> = HashMap::new();
         let mut seen = HashSet::new();
@@ -475,11 +525,7 @@ impl Core {
                     tracing::warn!(%peer, error = %e, "rejected a change");
                 }
                 Ok(v) => {
-                    if !seen.insert((v.doc, v.hash))
-                        || reader
-                            .has_change(&v.doc, &v.hash)
-                            .map_err(Self::store_err(peer))?
-                    {
+                    if !seen.insert((v.doc, v.hash)) {
                         report.duplicates += 1;
                         continue;
                     }
@@ -490,89 +536,46 @@ impl Core {
                 }
             }
         }
-        // Load what each document needs, then let the engine decide, on every core.
-        let mut arrivals = Vec::with_capacity(order.len());
-        for doc_id in order {
-            let incoming = groups.remove(&doc_id).unwrap_or_default();
-            let record = reader.record(&doc_id).map_err(Self::store_err(peer))?;
-            let header = match (&record, headers.get(&doc_id)) {
-                (Some(r), _) => DocHeader {
-                    doc: doc_id,
-                    origin: r.origin,
-                    ty: r.ty.clone(),
-                    id: r.id.clone(),
-                },
-                (None, Some(h)) => h.clone(),
-                (None, None) => {
-                    report.rejected += incoming.len() as u64;
-                    tracing::warn!(%peer, doc = %doc_id, "rejected changes to a document sent without its header");
-                    continue;
-                }
-            };
-            let existing = match record {
-                Some(r) => {
-                    let doc = match self.cache.pop(&doc_id) {
-                        Some(d) => Some(d),
-                        None => reader.load_doc(&doc_id).map_err(Self::store_err(peer))?,
-                    };
-                    doc.map(|d| (r, d))
-                }
-                None => None,
-            };
-            let name_taken = existing.is_none()
-                && reader
-                    .lookup(&header.ty, &header.id)
-                    .map_err(Self::store_err(peer))?
-                    .is_some_and(|other| other != doc_id);
-            let held = reader.pending(&doc_id).map_err(Self::store_err(peer))?;
-            arrivals.push(Arrival {
-                header,
-                existing,
-                held,
-                incoming,
-                name_taken,
-            });
-        }
-        drop(reader);
+        let work: Vec<Work> = order
+            .into_iter()
+            .map(|doc| Work {
+                header: headers.remove(&doc),
+                cached: self.cache.pop(&doc),
+                incoming: groups.remove(&doc).unwrap_or_default(),
+                doc,
+            })
+            .collect();
+        // Only the last documents fit in the cache; the workers drop the others' state.
+        let cache_from = work.len().saturating_sub(self.cache.cap().get());
+        let reader = self.store.reader().map_err(Self::store_err(peer))?;
         let engine = &self.engine;
-        let arrived = par_map(arrivals, |a| engine.receive(a));
-        let mut received: Vec<ReceivedDoc> = Vec::with_capacity(arrived.len());
-        let mut docs_after = Vec::with_capacity(arrived.len());
-        for arrived in arrived {
-            let doc_id = arrived.received.doc_id;
-            for (hash, reason) in &arrived.rejected {
-                tracing::warn!(%peer, doc = %doc_id, %hash, %reason, "rejected a change");
-            }
-            report.rejected += arrived.rejected.len() as u64;
-            report.applied += arrived.received.applied.len() as u64;
-            report.held += arrived.received.held.len() as u64;
-            if let Some(record) = &arrived.received.record {
-                if record.local_id != record.id {
-                    tracing::warn!(%peer, doc = %doc_id, ty = %record.ty, id = %record.id, local = %record.local_id, "another document already has this name here; stored under its own name");
-                }
-            }
-            docs_after.push((doc_id, arrived.doc));
-            received.push(arrived.received);
-        }
+        let policies = &self.policies;
+        let prepared = par_map(work.into_iter().enumerate().collect(), |(i, w)| {
+            prepare(engine, policies, peer, &reader, w, i >= cache_from)
+        });
+        drop(reader);
         let applied_at = started.elapsed();
-        let counts = (
-            report.applied + report.held,
-            report.rejected,
-            report.duplicates,
-        );
-        let (last_seq, moved) = self
-            .store
-            .commit_received(&peer, &received, after, upto, now, counts)
-            .map_err(Self::store_err(peer))?;
-        if !moved {
-            tracing::warn!(%peer, after, "batch does not follow our checkpoint of this peer; stored it without moving the checkpoint");
+        let written = write(
+            &self.store,
+            peer,
+            after,
+            upto,
+            now,
+            (report.rejected, report.duplicates),
+            prepared,
+        )
+        .map_err(Self::store_err(peer))?;
+        report.applied = written.applied;
+        report.held = written.held;
+        report.rejected += written.rejected;
+        report.duplicates += written.duplicates;
+        report.last_seq = written.last_seq;
+        if !written.moved {
+            tracing::debug!(%peer, after, upto = upto.seq, "batch arrived ahead of a gap; the checkpoint moves once the gap is filled");
         }
-        for (doc_id, doc) in docs_after {
-            if let Some(doc) = doc {
-                self.cache.put(doc_id, doc);
-            }
+        for (doc_id, doc) in written.docs {
+            self.cache.put(doc_id, doc);
         }
-        report.last_seq = last_seq;
         tracing::debug!(
             %peer,
             applied = report.applied,
@@ -587,6 +590,198 @@ impl Core {
         );
         Ok(report)
     }
+}
+
+/// One document's share of a received batch, before it is applied.
+struct Work {
+    doc: DocId,
+    header: Option<DocHeader>,
+    cached: Option<Automerge>,
+    incoming: Vec<(SignedChange, VerifiedChange)>,
+}
+
+/// One document's share of a received batch, decided.
+enum Prepared {
+    /// Applied or held, with the changes refused by policy.
+    Arrived(Box<Arrived>, Vec<Refused>),
+    /// Changes to a document we do not have, sent without its header.
+    NoHeader { doc: DocId, changes: u64 },
+    /// Every change refused by policy.
+    Refused(Vec<Refused>),
+}
+
+/// A change refused by our policy for the peer that sent it.
+struct Refused {
+    doc: DocId,
+    hash: automerge::ChangeHash,
+    why: crate::policy::Refusal,
+}
+
+/// Read what the store holds of one document and let the engine apply its changes (on a
+/// worker thread). Changes already stored are dropped as duplicates.
+fn prepare(
+    engine: &Engine,
+    policies: &Policies,
+    from: NodeId,
+    reader: &Reader<'_>,
+    w: Work,
+    keep_doc: bool,
+) -> Result<Prepared, StoreError> {
+    let Work {
+        doc: doc_id,
+        header,
+        cached,
+        incoming,
+    } = w;
+    let record = reader.record(&doc_id)?;
+    let header = match (&record, header) {
+        (Some(r), _) => DocHeader {
+            doc: doc_id,
+            origin: r.origin,
+            ty: r.ty.clone(),
+            id: r.id.clone(),
+        },
+        (None, Some(h)) => h,
+        (None, None) => {
+            return Ok(Prepared::NoHeader {
+                doc: doc_id,
+                changes: incoming.len() as u64,
+            });
+        }
+    };
+    let existing = match record {
+        Some(r) => {
+            let doc = match cached {
+                Some(d) => Some(d),
+                None => reader.load_doc(&doc_id)?,
+            };
+            doc.map(|d| (r, d))
+        }
+        None => None,
+    };
+    let mut duplicates = 0;
+    let mut refused = Vec::new();
+    let mut fresh = Vec::with_capacity(incoming.len());
+    for (signed, v) in incoming {
+        if reader.has_change(&doc_id, &v.hash)? {
+            duplicates += 1;
+        } else if let Err(why) = policies.may_take(&from, &header.ty, &header.origin, &v.author) {
+            refused.push(Refused {
+                doc: doc_id,
+                hash: v.hash,
+                why,
+            });
+        } else {
+            fresh.push((signed, v));
+        }
+    }
+    if fresh.is_empty() && duplicates == 0 {
+        return Ok(Prepared::Refused(refused));
+    }
+    let name = policies.local_name(&from, &header.ty, &header.id);
+    let name_taken = existing.is_none()
+        && reader
+            .lookup(&header.ty, &name)?
+            .is_some_and(|other| other != doc_id);
+    let held = reader.pending(&doc_id)?;
+    let mut arrived = engine.receive(Arrival {
+        header,
+        existing,
+        held,
+        incoming: fresh,
+        name,
+        name_taken,
+    });
+    arrived.duplicates = duplicates;
+    if !keep_doc {
+        arrived.doc = None;
+    }
+    Ok(Prepared::Arrived(Box::new(arrived), refused))
+}
+
+/// What the writer of a received batch did.
+#[derive(Default)]
+struct Written {
+    applied: u64,
+    held: u64,
+    rejected: u64,
+    duplicates: u64,
+    /// Changes refused by policy, per type.
+    rejected_types: std::collections::BTreeMap<String, u64>,
+    last_seq: u64,
+    moved: bool,
+    /// Documents to put in the cache.
+    docs: Vec<(DocId, Automerge)>,
+}
+
+/// Commit the workers' results, in the batch's order, in one transaction. A worker's error
+/// aborts the transaction: nothing of the batch is stored and the checkpoint stays where it
+/// was.
+fn write(
+    store: &Store,
+    peer: NodeId,
+    after: u64,
+    upto: Checkpoint,
+    now: i64,
+    (rejected_before, duplicates_before): (u64, u64),
+    prepared: Vec<Result<Prepared, StoreError>>,
+) -> Result<Written, StoreError> {
+    let tally = std::cell::RefCell::new(Written::default());
+    let refuse = |t: &mut Written, refused: Vec<Refused>| {
+        for r in refused {
+            tracing::warn!(%peer, doc = %r.doc, hash = %r.hash, reason = %r.why, "refused a change by policy");
+            t.rejected += 1;
+            *t.rejected_types.entry(r.why.ty().to_string()).or_default() += 1;
+        }
+    };
+    let mut items = prepared.into_iter();
+    let in_order = std::iter::from_fn(|| {
+        for item in items.by_ref() {
+            let mut t = tally.borrow_mut();
+            match item {
+                Err(e) => return Some(Err(e)),
+                Ok(Prepared::NoHeader { doc, changes }) => {
+                    t.rejected += changes;
+                    tracing::warn!(%peer, %doc, "rejected changes to a document sent without its header");
+                }
+                Ok(Prepared::Refused(refused)) => refuse(&mut t, refused),
+                Ok(Prepared::Arrived(arrived, refused)) => {
+                    refuse(&mut t, refused);
+                    let Arrived {
+                        received,
+                        doc,
+                        rejected,
+                        duplicates,
+                    } = *arrived;
+                    for (hash, reason) in &rejected {
+                        tracing::warn!(%peer, doc = %received.doc_id, %hash, %reason, "rejected a change");
+                    }
+                    t.rejected += rejected.len() as u64;
+                    t.applied += received.applied.len() as u64;
+                    t.held += received.held.len() as u64;
+                    t.duplicates += duplicates;
+                    if let Some(doc) = doc {
+                        t.docs.push((received.doc_id, doc));
+                    }
+                    return Some(Ok(received));
+                }
+            }
+        }
+        None
+    });
+    let (last_seq, moved) = store.commit_received(&peer, after, upto, now, in_order, |r| {
+        let t = tally.borrow();
+        r.changes_in += t.applied + t.held;
+        r.rejected += rejected_before + t.rejected;
+        r.duplicates += duplicates_before + t.duplicates;
+        for (ty, n) in &t.rejected_types {
+            *r.rejected_types.entry(ty.clone()).or_default() += n;
+        }
+    })?;
+    let mut written = tally.into_inner();
+    written.last_seq = last_seq;
+    written.moved = moved;
+    Ok(written)
 }
 
 /// Test-only fault: alter a change this node did not author, keeping it decodable, as a
@@ -800,6 +995,12 @@ mod tests {
         assert_eq!(max_batch, SYNC_BATCH_CHANGES);
         assert_eq!(
             cores[1].store.last_seq().unwrap() as usize,
+            SYNC_BATCH_CHANGES + 10
+        );
+        // Every batch moved B's checkpoint of A, up to A's last SEQ.
+        let a = cores[0].node_id();
+        assert_eq!(
+            cores[1].store.peer(&a).unwrap().received.seq as usize,
             SYNC_BATCH_CHANGES + 10
         );
     }

@@ -7,8 +7,11 @@
 //! separately: it is the key inside the change's Automerge actor id (see [`crate::ids::actor_id`]),
 //! so a relay cannot re-attribute a change without the signature check failing.
 
+use std::collections::HashMap;
+
 use automerge::{Change, ChangeHash};
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use ed25519_dalek::{Signer, SigningKey};
+use ed25519_zebra::{Signature, VerificationKey, VerificationKeyBytes, batch};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{DocId, NodeId};
@@ -94,9 +97,10 @@ impl SignedChange {
     /// signature makes this fail.
     pub fn verify(&self) -> Result<VerifiedChange, VerifyError> {
         let decoded = self.decode()?;
-        let key =
-            VerifyingKey::from_bytes(&decoded.author.0).map_err(|_| decoded.bad_signature())?;
-        decoded.check(&key)
+        match AuthorKey::new(&decoded.author) {
+            Some(key) => decoded.check(&key),
+            None => Err(decoded.bad_signature()),
+        }
     }
 
     /// Decode the change and name its author, without checking the signature yet (see
@@ -153,24 +157,100 @@ impl DecodedChange {
         }
     }
 
-    /// Check the signature with `key`, which must be the author's (strict ed25519 rules, the
-    /// same on every node, so that nodes never disagree on which changes are valid).
-    pub fn check(self, key: &VerifyingKey) -> Result<VerifiedChange, VerifyError> {
-        if key.as_bytes() != &self.author.0 {
-            return Err(self.bad_signature());
-        }
-        key.verify_strict(
-            &signing_message(&self.doc, &self.hash),
-            &Signature::from_bytes(&self.signature),
-        )
-        .map_err(|_| self.bad_signature())?;
-        Ok(VerifiedChange {
+    fn verified(self) -> VerifiedChange {
+        VerifiedChange {
             doc: self.doc,
             author: self.author,
             hash: self.hash,
             change: self.change,
+        }
+    }
+
+    fn batch_item(&self, key: &AuthorKey) -> batch::Item {
+        let message = signing_message(&self.doc, &self.hash);
+        batch::Item::from((
+            key.bytes,
+            Signature::from_bytes(&self.signature),
+            &message[..],
+        ))
+    }
+
+    /// Check the signature with `key`, which must be the author's, by the rule of
+    /// [`AuthorKey`]: the same rule [`check_batch`] applies, so a change is valid or not
+    /// whatever batch it arrives in.
+    pub fn check(self, key: &AuthorKey) -> Result<VerifiedChange, VerifyError> {
+        if key.author != self.author {
+            return Err(self.bad_signature());
+        }
+        match key.key.verify(
+            &Signature::from_bytes(&self.signature),
+            &signing_message(&self.doc, &self.hash),
+        ) {
+            Ok(()) => Ok(self.verified()),
+            Err(_) => Err(self.bad_signature()),
+        }
+    }
+}
+
+/// An author's public key, ready to verify with. Signatures are checked by the ZIP-215 rule
+/// (cofactored equation `[8][s]B = [8]R + [8][k]A`, `s < l`), under which verifying a batch
+/// at once and verifying each change alone always agree, so every node accepts exactly the
+/// same changes. On top of ZIP-215 the key itself must be the canonical encoding of a point
+/// that is not of small order: nobody could hold a weak key's secret, so a change claiming
+/// one as its author is rejected.
+#[derive(Clone)]
+pub struct AuthorKey {
+    author: NodeId,
+    bytes: VerificationKeyBytes,
+    key: VerificationKey,
+}
+
+impl AuthorKey {
+    /// The key of `author`, or `None` when it is not a usable ed25519 public key.
+    pub fn new(author: &NodeId) -> Option<AuthorKey> {
+        let dalek = ed25519_dalek::VerifyingKey::from_bytes(&author.0).ok()?;
+        if dalek.is_weak() || dalek.to_edwards().compress().to_bytes() != author.0 {
+            return None;
+        }
+        let bytes = VerificationKeyBytes::from(author.0);
+        let key = VerificationKey::try_from(bytes).ok()?;
+        Some(AuthorKey {
+            author: *author,
+            bytes,
+            key,
         })
     }
+}
+
+/// Verify many decoded changes at once; a change that failed to decode keeps its error. `keys`
+/// holds each author's key (`None` for an author whose key is unusable). The whole set is
+/// checked in one multiscalar multiplication; only when that fails is each change checked
+/// alone, to find the bad ones. Every result is what [`DecodedChange::check`] would give for
+/// that change.
+pub fn check_batch(
+    changes: Vec<Result<DecodedChange, VerifyError>>,
+    keys: &HashMap<NodeId, Option<AuthorKey>>,
+) -> Vec<Result<VerifiedChange, VerifyError>> {
+    let key_of = |d: &DecodedChange| keys.get(&d.author).and_then(Option::as_ref);
+    let mut batch = batch::Verifier::new();
+    for d in changes.iter().flatten() {
+        if let Some(key) = key_of(d) {
+            batch.queue(d.batch_item(key));
+        }
+    }
+    // Randomness only weights the batch equation; it cannot change which changes pass.
+    let batch_ok = batch.verify(rand::rng()).is_ok();
+    changes
+        .into_iter()
+        .map(|d| {
+            let d = d?;
+            match key_of(&d) {
+                Some(_) if batch_ok => Ok(d.verified()),
+                Some(key) => d.check(key),
+                None => Err(d.bad_signature()),
+            }
+        })
+        .collect()
 }
 
 mod serde_bytes_vec {
@@ -296,5 +376,54 @@ mod tests {
             forged.verify(),
             Err(VerifyError::BadSignature { .. })
         ));
+    }
+
+    #[test]
+    fn a_batch_agrees_with_one_by_one_and_isolates_the_bad_changes() {
+        let keys: Vec<SigningKey> = (1..=3).map(key).collect();
+        let mut signed: Vec<SignedChange> = (0..90)
+            .map(|i| {
+                let k = &keys[i % 3];
+                let (doc, change) = make_change(k);
+                SignedChange::sign(k, doc, &change)
+            })
+            .collect();
+        // Two forgeries (signed by the wrong key) and one altered signature among them.
+        let (doc, change) = make_change(&keys[0]);
+        signed[10] = SignedChange::sign(&keys[1], doc, &change);
+        signed[50].signature[0] ^= 1;
+        signed[77].signature[40] ^= 1;
+        let decoded: Vec<_> = signed.iter().map(SignedChange::decode).collect();
+        let mut author_keys = HashMap::new();
+        for d in decoded.iter().flatten() {
+            author_keys
+                .entry(d.author)
+                .or_insert_with(|| AuthorKey::new(&d.author));
+        }
+        let batch = check_batch(decoded, &author_keys);
+        for (i, (b, s)) in batch.iter().zip(&signed).enumerate() {
+            assert_eq!(
+                b.is_ok(),
+                s.verify().is_ok(),
+                "batch and single disagree at {i}"
+            );
+            assert_eq!(b.is_err(), [10, 50, 77].contains(&i), "change {i}");
+        }
+    }
+
+    #[test]
+    fn a_small_order_or_non_canonical_key_cannot_be_an_author() {
+        // The identity point: anyone could "sign" for it.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert!(AuthorKey::new(&NodeId(identity)).is_none());
+        // A point of order 2 (y = -1).
+        let mut order_two = [0xffu8; 32];
+        order_two[0] = 0xec;
+        order_two[31] = 0x7f;
+        assert!(AuthorKey::new(&NodeId(order_two)).is_none());
+        // A real key is fine.
+        let real = NodeId(key(4).verifying_key().to_bytes());
+        assert!(AuthorKey::new(&real).is_some());
     }
 }

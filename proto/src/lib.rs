@@ -12,6 +12,8 @@ pub mod change;
 pub mod ids;
 pub mod wire;
 
-pub use change::{DecodedChange, SignedChange, VerifiedChange, VerifyError};
+pub use change::{
+    AuthorKey, DecodedChange, SignedChange, VerifiedChange, VerifyError, check_batch,
+};
 pub use ids::{DocId, IdError, NodeId, ObjectId, TypeName};
 pub use wire::{Checkpoint, DecodeError, DocHeader, Message, PROTOCOL_VERSION};

@@ -105,7 +105,10 @@ impl TestNode {
         let child = Command::new(tidesync_bin())
             .args(["run", "--home"])
             .arg(self.home())
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("TIDESYNC_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
@@ -170,6 +173,11 @@ impl TestNode {
 
     /// Configure `other` as a peer, reachable at its listen address when `dial` is true.
     pub fn add_peer(&self, other: &TestNode, dial: bool) {
+        self.add_peer_with(other, dial, &[]);
+    }
+
+    /// Configure `other` as a peer with policy options (`--skip`, `--prefix`, ...).
+    pub fn add_peer_with(&self, other: &TestNode, dial: bool, policy: &[&str]) {
         let id = other.id();
         let mut args = vec!["peer", "add", other.name.as_str(), "--id", id.as_str()];
         let addr;
@@ -177,6 +185,7 @@ impl TestNode {
             addr = other.listen_addr();
             args.extend(["--addr", addr.as_str()]);
         }
+        args.extend_from_slice(policy);
         self.ok(&args);
     }
 

@@ -3,6 +3,7 @@
 //! visible on the peer, and each node's peak memory.
 //!
 //! Run it as `cargo run --release -p tidesync-tests --bin bench -- sync --objects 50000`.
+//! `TIDESYNC_TEST_LOG=debug TIDESYNC_BENCH_LOGS=DIR` also keeps both nodes' logs in DIR.
 
 use std::time::{Duration, Instant};
 
@@ -66,6 +67,20 @@ fn peak_rss_kib(node: &TestNode) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) the node's process has used so far.
+fn cpu_secs(node: &TestNode) -> f64 {
+    let pid = node.pid().expect("running");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime and stime are the 12th
+    // and 13th, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
+}
+
 fn last_seq(node: &TestNode) -> u64 {
     node.http(Method::GET, "/v1/status", None).1["last_seq"]
         .as_u64()
@@ -121,19 +136,23 @@ fn main() {
     // A accepts B but does not dial; B dials A when it is told about it: the clock starts then.
     a.add_peer(&b, false);
     let (a_before, b_before) = (net(&a), net(&b));
+    let (a_cpu, b_cpu) = (cpu_secs(&a), cpu_secs(&b));
     let t = Instant::now();
     b.add_peer(&a, true);
     let target = objects as u64;
     wait_seq(&b, target);
     let initial = t.elapsed();
+    let (a_cpu, b_cpu) = (cpu_secs(&a) - a_cpu, cpu_secs(&b) - b_cpu);
     let (a_after, b_after) = (net(&a), net(&b));
     println!(
-        "initial sync: {:.2} s ({:.0} objects/s), {} frames, {:.1} MB on the wire",
+        "initial sync: {:.2} s ({:.0} objects/s), {} frames, {:.1} MB on the wire; CPU used: sender A {:.2} s, receiver B {:.2} s",
         initial.as_secs_f64(),
         objects as f64 / initial.as_secs_f64(),
         delta(&a_after, &a_before, "frames_out") + delta(&b_after, &b_before, "frames_out"),
         (delta(&a_after, &a_before, "bytes_out") + delta(&b_after, &b_before, "bytes_out")) as f64
-            / 1e6
+            / 1e6,
+        a_cpu,
+        b_cpu
     );
 
     // Idle resync: drop the link and bring it back; nothing differs.
@@ -221,4 +240,13 @@ fn main() {
         peak_rss_kib(&a) / 1024,
         peak_rss_kib(&b) / 1024
     );
+    // `TIDESYNC_BENCH_LOGS=DIR` keeps both nodes' logs (`TIDESYNC_TEST_LOG=debug` shows each
+    // batch's verify, apply and commit times).
+    if let Ok(dir) = std::env::var("TIDESYNC_BENCH_LOGS") {
+        for node in [&a, &b] {
+            let path = std::path::Path::new(&dir).join(format!("{}.log", node.name));
+            std::fs::write(&path, node.log()).expect("writing a node log");
+            println!("log kept: {}", path.display());
+        }
+    }
 }

@@ -1,0 +1,429 @@
+//! Per-peer policies: what each peer may be sent and what is taken from it, decided in pure code.
+//!
+//! A policy lives with its peer in the config file (see [`crate::config::PeerConfig`]). The same
+//! rules run at both ends: the sender filters what it offers (see [`Policies::may_send`]) and the
+//! receiver checks every change against its own policy for the peer that sent it
+//! (see [`Policies::may_take`]), so a misconfigured or malicious peer cannot push what we do not
+//! accept. Local writes are checked by [`Policies::may_write`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tidesync_proto::{NodeId, ObjectId, TypeName};
+
+use crate::engine::DocRecord;
+
+/// Which way objects flow between this node and a peer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    /// Both ways.
+    #[default]
+    Both,
+    /// We only send to this peer: it never changes our data.
+    Send,
+    /// We only take from this peer: it never gets ours.
+    Receive,
+}
+
+/// What may pass between this node and one peer. Empty lists mean "no such rule".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct Policy {
+    pub direction: Direction,
+    /// The types exchanged with this peer; empty means all.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub types: Vec<TypeName>,
+    /// Types never sent to or taken from this peer.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skip: Vec<TypeName>,
+    /// Types whose objects come from this peer alone: nobody here may change them, and changes
+    /// to them from anyone but this peer are rejected.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub read_only: Vec<TypeName>,
+    /// Types for which this peer's changes are taken only to objects this node created.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub update_only: Vec<TypeName>,
+    /// Types sent to this peer but never taken from it (the other side of a peer's
+    /// `read-only`: a hub that owns `Method` sends it and refuses edits to it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub send_only: Vec<TypeName>,
+    /// Prefix for the local names of this peer's objects of the `prefixed` types.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// Types whose objects from this peer appear here under `prefix`. They are this peer's own:
+    /// they are sent back to it and to no other peer.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prefixed: Vec<TypeName>,
+}
+
+impl Policy {
+    /// Whether `ty` is exchanged with this peer at all (`types` and `skip`).
+    pub fn covers(&self, ty: &TypeName) -> bool {
+        (self.types.is_empty() || self.types.contains(ty)) && !self.skip.contains(ty)
+    }
+
+    /// The local name of this peer's object `ty/id`: prefixed if the policy says so (and the
+    /// prefixed name is a valid id), else the id itself.
+    pub fn local_name(&self, ty: &TypeName, id: &ObjectId) -> ObjectId {
+        match &self.prefix {
+            Some(prefix) if self.prefixed.contains(ty) => {
+                ObjectId::new(format!("{prefix}{id}")).unwrap_or_else(|_| id.clone())
+            }
+            _ => id.clone(),
+        }
+    }
+
+    /// Whether `self` lets through everything `old` did (so nothing needs resending).
+    pub fn is_within(&self, old: &Policy) -> bool {
+        let subset = |a: &[TypeName], b: &[TypeName]| a.iter().all(|t| b.contains(t));
+        let dir_ok = self.direction == old.direction || old.direction == Direction::Both;
+        let types_ok = if self.types.is_empty() {
+            old.types.is_empty()
+        } else {
+            old.types.is_empty() || subset(&self.types, &old.types)
+        };
+        dir_ok
+            && types_ok
+            && subset(&old.skip, &self.skip)
+            && subset(&old.update_only, &self.update_only)
+            && subset(&old.send_only, &self.send_only)
+            && self.read_only == old.read_only
+            && self.prefix == old.prefix
+            && self.prefixed == old.prefixed
+    }
+
+    /// Check the policy's own consistency; an error says what to fix.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.prefixed.is_empty() && self.prefix.is_none() {
+            return Err("--prefixed needs --prefix".into());
+        }
+        if let Some(p) = &self.prefix {
+            ObjectId::new(format!("{p}x")).map_err(|e| format!("prefix {p:?}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a change from a peer was not taken. Carries the type, for per-type counts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("this node only sends to that peer (direction send)")]
+    SendOnlyPeer { ty: TypeName },
+    #[error("type {ty} is not exchanged with that peer")]
+    TypeNotExchanged { ty: TypeName },
+    #[error("type {ty} is sent to that peer but never taken from it")]
+    TypeSendOnly { ty: TypeName },
+    #[error("type {ty} is update-only from that peer and this node did not create the object")]
+    NotOurs { ty: TypeName },
+    #[error("type {ty} is read-only here, owned by peer {owner}; this change is by {author}")]
+    ReadOnly {
+        ty: TypeName,
+        owner: String,
+        author: NodeId,
+    },
+}
+
+impl Refusal {
+    pub fn ty(&self) -> &TypeName {
+        match self {
+            Refusal::SendOnlyPeer { ty }
+            | Refusal::TypeNotExchanged { ty }
+            | Refusal::TypeSendOnly { ty }
+            | Refusal::NotOurs { ty }
+            | Refusal::ReadOnly { ty, .. } => ty,
+        }
+    }
+}
+
+/// A local write refused by policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{ty} is read-only on this node: its objects come from peer {owner} and only it may change them"
+)]
+pub struct ReadOnlyType {
+    pub ty: TypeName,
+    pub owner: String,
+}
+
+/// The policies of all configured peers, by node id, with their names.
+#[derive(Debug, Clone, Default)]
+pub struct Policies {
+    me: Option<NodeId>,
+    peers: BTreeMap<NodeId, (String, Policy)>,
+    /// Test-only fault (`TIDESYNC_FAULT=ignore-policy`): write and send as if no policy applied.
+    ignore_own: bool,
+}
+
+impl Policies {
+    pub fn new(me: NodeId) -> Policies {
+        Policies {
+            me: Some(me),
+            peers: BTreeMap::new(),
+            ignore_own: false,
+        }
+    }
+
+    /// Test-only: behave like a peer that ignores its own policies (see `net::Fault`).
+    pub(crate) fn ignore_own(&mut self) {
+        self.ignore_own = true;
+    }
+
+    /// Set one peer's policy; whether it now lets through anything it did not before.
+    pub fn set(&mut self, peer: NodeId, name: String, policy: Policy) -> bool {
+        let widened = match self.peers.get(&peer) {
+            Some((_, old)) => !policy.is_within(old),
+            None => false,
+        };
+        self.peers.insert(peer, (name, policy));
+        widened
+    }
+
+    pub fn remove(&mut self, peer: &NodeId) {
+        self.peers.remove(peer);
+    }
+
+    /// The policy for `peer` (the default, everything both ways, for an unknown one).
+    pub fn of(&self, peer: &NodeId) -> Policy {
+        self.peers
+            .get(peer)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether this node may send `to` the changes of the document `rec`.
+    pub fn may_send(&self, to: &NodeId, rec: &DocRecord) -> bool {
+        if self.ignore_own {
+            return true;
+        }
+        let policy = self.of(to);
+        if policy.direction == Direction::Receive || !policy.covers(&rec.ty) {
+            return false;
+        }
+        // An object that arrived under another peer's prefix is that peer's own: it goes back
+        // to its origin and to nobody else.
+        if rec.origin != *to {
+            if let Some((_, origin)) = self.peers.get(&rec.origin) {
+                if origin.prefixed.contains(&rec.ty) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Whether this node takes, from peer `from`, a change by `author` to a document of type
+    /// `ty` created by `origin`.
+    pub fn may_take(
+        &self,
+        from: &NodeId,
+        ty: &TypeName,
+        origin: &NodeId,
+        author: &NodeId,
+    ) -> Result<(), Refusal> {
+        let policy = self.of(from);
+        let ty_owned = || ty.clone();
+        if policy.direction == Direction::Send {
+            return Err(Refusal::SendOnlyPeer { ty: ty_owned() });
+        }
+        if !policy.covers(ty) {
+            return Err(Refusal::TypeNotExchanged { ty: ty_owned() });
+        }
+        if policy.send_only.contains(ty) {
+            return Err(Refusal::TypeSendOnly { ty: ty_owned() });
+        }
+        if policy.update_only.contains(ty) && Some(*origin) != self.me {
+            return Err(Refusal::NotOurs { ty: ty_owned() });
+        }
+        let owners: Vec<(&NodeId, &String)> = self
+            .peers
+            .iter()
+            .filter(|(_, (_, p))| p.read_only.contains(ty))
+            .map(|(id, (name, _))| (id, name))
+            .collect();
+        if !owners.is_empty() && !owners.iter().any(|(id, _)| *id == from && *id == author) {
+            return Err(Refusal::ReadOnly {
+                ty: ty_owned(),
+                owner: owners
+                    .iter()
+                    .map(|(_, n)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                author: *author,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether a local write to an object of `ty` is allowed.
+    pub fn may_write(&self, ty: &TypeName) -> Result<(), ReadOnlyType> {
+        if self.ignore_own {
+            return Ok(());
+        }
+        match self.peers.values().find(|(_, p)| p.read_only.contains(ty)) {
+            Some((owner, _)) => Err(ReadOnlyType {
+                ty: ty.clone(),
+                owner: owner.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The local name of `from`'s new object `ty/id`.
+    pub fn local_name(&self, from: &NodeId, ty: &TypeName, id: &ObjectId) -> ObjectId {
+        self.of(from).local_name(ty, id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> TypeName {
+        TypeName::new(s).unwrap()
+    }
+    fn n(b: u8) -> NodeId {
+        NodeId([b; 32])
+    }
+    fn rec(origin: NodeId, ty: &str) -> DocRecord {
+        DocRecord {
+            origin,
+            ty: t(ty),
+            id: ObjectId::new("X-1").unwrap(),
+            local_id: ObjectId::new("X-1").unwrap(),
+            live: true,
+        }
+    }
+
+    #[test]
+    fn direction_types_and_skip_hold_both_ways() {
+        let (me, a) = (n(1), n(2));
+        let mut p = Policies::new(me);
+        p.set(
+            a,
+            "a".into(),
+            Policy {
+                types: vec![t("Sample"), t("Method")],
+                skip: vec![t("Method")],
+                ..Policy::default()
+            },
+        );
+        assert!(p.may_send(&a, &rec(me, "Sample")));
+        assert!(!p.may_send(&a, &rec(me, "Method")), "skip wins over types");
+        assert!(!p.may_send(&a, &rec(me, "Invoice")), "not in types");
+        assert!(p.may_take(&a, &t("Sample"), &a, &a).is_ok());
+        assert!(p.may_take(&a, &t("Invoice"), &a, &a).is_err());
+        p.set(
+            a,
+            "a".into(),
+            Policy {
+                direction: Direction::Receive,
+                ..Policy::default()
+            },
+        );
+        assert!(!p.may_send(&a, &rec(me, "Sample")));
+        assert!(p.may_take(&a, &t("Sample"), &a, &a).is_ok());
+        p.set(
+            a,
+            "a".into(),
+            Policy {
+                direction: Direction::Send,
+                ..Policy::default()
+            },
+        );
+        assert!(p.may_send(&a, &rec(me, "Sample")));
+        assert!(matches!(
+            p.may_take(&a, &t("Sample"), &a, &a),
+            Err(Refusal::SendOnlyPeer { .. })
+        ));
+    }
+
+    #[test]
+    fn read_only_types_come_from_their_owner_alone() {
+        let (me, hub, lab) = (n(1), n(2), n(3));
+        let mut p = Policies::new(me);
+        p.set(
+            hub,
+            "hub".into(),
+            Policy {
+                read_only: vec![t("Method")],
+                ..Policy::default()
+            },
+        );
+        p.set(lab, "lab".into(), Policy::default());
+        assert!(p.may_take(&hub, &t("Method"), &hub, &hub).is_ok());
+        // Relayed by the owner but written by someone else, or sent by someone else.
+        assert!(p.may_take(&hub, &t("Method"), &hub, &lab).is_err());
+        assert!(p.may_take(&lab, &t("Method"), &hub, &lab).is_err());
+        assert!(p.may_write(&t("Method")).is_err());
+        assert!(p.may_write(&t("Sample")).is_ok());
+    }
+
+    #[test]
+    fn update_only_takes_changes_to_our_own_objects() {
+        let (me, a) = (n(1), n(2));
+        let mut p = Policies::new(me);
+        p.set(
+            a,
+            "a".into(),
+            Policy {
+                update_only: vec![t("Sample")],
+                ..Policy::default()
+            },
+        );
+        assert!(p.may_take(&a, &t("Sample"), &me, &a).is_ok());
+        assert!(matches!(
+            p.may_take(&a, &t("Sample"), &a, &a),
+            Err(Refusal::NotOurs { .. })
+        ));
+    }
+
+    #[test]
+    fn prefixed_objects_go_back_to_their_origin_only() {
+        let (me, a, b) = (n(1), n(2), n(3));
+        let prefixed = |pre: &str| Policy {
+            prefix: Some(pre.into()),
+            prefixed: vec![t("Sample")],
+            ..Policy::default()
+        };
+        let mut p = Policies::new(me);
+        p.set(a, "a".into(), prefixed("A_"));
+        p.set(b, "b".into(), prefixed("B_"));
+        let id = ObjectId::new("S-001").unwrap();
+        assert_eq!(p.local_name(&a, &t("Sample"), &id).as_str(), "A_S-001");
+        assert_eq!(p.local_name(&a, &t("Department"), &id).as_str(), "S-001");
+        assert!(p.may_send(&a, &rec(a, "Sample")));
+        assert!(!p.may_send(&b, &rec(a, "Sample")));
+        assert!(p.may_send(&b, &rec(a, "Department")));
+        assert!(
+            p.may_send(&b, &rec(me, "Sample")),
+            "our own samples are not A's"
+        );
+    }
+
+    #[test]
+    fn widening_is_noticed_and_narrowing_is_not() {
+        let old = Policy {
+            skip: vec![t("Invoice")],
+            ..Policy::default()
+        };
+        assert!(!Policy::default().is_within(&old), "dropping a skip widens");
+        let narrower = Policy {
+            skip: vec![t("Invoice"), t("User")],
+            ..Policy::default()
+        };
+        assert!(narrower.is_within(&old));
+        let typed = Policy {
+            types: vec![t("Sample")],
+            ..Policy::default()
+        };
+        assert!(typed.is_within(&Policy::default()));
+        assert!(!Policy::default().is_within(&typed));
+        let recv = Policy {
+            direction: Direction::Receive,
+            ..Policy::default()
+        };
+        assert!(recv.is_within(&Policy::default()));
+        assert!(!Policy::default().is_within(&recv));
+    }
+}

@@ -1,0 +1,236 @@
+//! Per-peer policies between real node processes on 127.0.0.1: migration, skipped types,
+//! the SENAITE hub with prefixes and a read-only Method, and policy changes while running.
+//!
+//! A negative check ("B never got X") first waits for a marker written after X on the same
+//! node: logs stream in order, so once the marker is there, X has been offered or filtered.
+
+use serde_json::json;
+use tidesync_tests::{TestNode, wait_for};
+
+fn started(names: &[&str]) -> Vec<TestNode> {
+    let mut nodes: Vec<TestNode> = names.iter().map(|n| TestNode::init(n)).collect();
+    for n in &mut nodes {
+        n.start();
+    }
+    nodes
+}
+
+fn put(node: &TestNode, ty: &str, id: &str, fields: serde_json::Value) {
+    node.ok(&["put", ty, id, &fields.to_string()]);
+}
+
+fn ids(node: &TestNode, ty: &str) -> Vec<String> {
+    let out = node.ok(&["ls", ty]);
+    out.lines().map(str::to_string).collect()
+}
+
+fn refused(node: &TestNode, peer: &str, ty: &str) -> u64 {
+    node.peer(peer)["rejected_types"][ty].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_new_node_migrates_with_direction_receive_and_keeps_tracking() {
+    let n = started(&["old", "new"]);
+    for i in 0..20 {
+        put(&n[0], "Sample", &format!("S-{i}"), json!({"i": i}));
+    }
+    n[0].add_peer(&n[1], true);
+    n[1].add_peer_with(&n[0], true, &["--direction", "receive"]);
+    wait_for("the new node holds all 20", || {
+        ids(&n[1], "Sample").len() == 20
+    });
+    // Writes on the new node never reach the old one; the old one's keep coming.
+    put(&n[1], "Sample", "NEW-1", json!({"here": "new"}));
+    put(&n[0], "Sample", "S-20", json!({"i": 20}));
+    wait_for("tracking", || n[1].get("Sample", "S-20").is_some());
+    put(&n[0], "Sample", "MARK", json!({}));
+    wait_for("marker", || n[1].get("Sample", "MARK").is_some());
+    assert!(n[0].get("Sample", "NEW-1").is_none());
+    let ls = n[1].ok(&["peer", "ls"]);
+    assert!(ls.contains("direction = \"receive\""), "{ls}");
+}
+
+#[test]
+fn two_labs_sync_both_ways_and_each_keeps_one_type_to_itself() {
+    let n = started(&["lab-a", "lab-b"]);
+    n[0].add_peer_with(&n[1], true, &["--skip", "Invoice"]);
+    n[1].add_peer_with(&n[0], true, &["--skip", "Invoice"]);
+    put(&n[0], "Invoice", "I-A", json!({"amount": 100}));
+    put(&n[1], "Invoice", "I-B", json!({"amount": 200}));
+    put(&n[0], "Sample", "S-A", json!({"lab": "a"}));
+    put(&n[1], "Sample", "S-B", json!({"lab": "b"}));
+    wait_for("samples cross both ways", || {
+        n[0].get("Sample", "S-B").is_some() && n[1].get("Sample", "S-A").is_some()
+    });
+    assert!(n[1].get("Invoice", "I-A").is_none());
+    assert!(n[0].get("Invoice", "I-B").is_none());
+}
+
+#[test]
+fn a_receiver_refuses_what_its_policy_excludes_even_from_a_peer_that_sends_it() {
+    let mut n = [TestNode::init("rogue"), TestNode::init("lab")];
+    n[0].start_with_env(&[("TIDESYNC_FAULT", "ignore-policy")]);
+    n[1].start();
+    // The rogue is told to skip Invoice but ignores it; the lab refuses Invoice itself.
+    n[0].add_peer_with(&n[1], true, &["--skip", "Invoice"]);
+    n[1].add_peer_with(&n[0], true, &["--skip", "Invoice"]);
+    put(&n[0], "Invoice", "I-1", json!({"amount": 1}));
+    put(&n[0], "Sample", "MARK", json!({}));
+    wait_for("marker", || n[1].get("Sample", "MARK").is_some());
+    assert!(n[1].get("Invoice", "I-1").is_none());
+    wait_for("the refusal is counted per type", || {
+        refused(&n[1], "rogue", "Invoice") == 1
+    });
+    let ls = n[1].ok(&["peer", "ls"]);
+    assert!(ls.contains("refused by policy: Invoice 1"), "{ls}");
+}
+
+#[test]
+fn update_only_takes_edits_to_our_objects_but_no_new_ones() {
+    let n = started(&["lab", "remote"]);
+    n[0].add_peer_with(&n[1], true, &["--update-only", "Sample"]);
+    n[1].add_peer(&n[0], true);
+    put(&n[0], "Sample", "OURS", json!({"v": 1}));
+    wait_for("ours reaches the remote", || {
+        n[1].get("Sample", "OURS").is_some()
+    });
+    put(&n[1], "Sample", "OURS", json!({"v": 2}));
+    put(&n[1], "Sample", "THEIRS", json!({"v": 1}));
+    put(&n[1], "Department", "MARK", json!({}));
+    wait_for("the edit to ours arrives", || {
+        n[0].get("Sample", "OURS")
+            .is_some_and(|v| v["v"] == json!(2))
+    });
+    wait_for("marker", || n[0].get("Department", "MARK").is_some());
+    assert!(n[0].get("Sample", "THEIRS").is_none());
+    assert_eq!(refused(&n[0], "remote", "Sample"), 1);
+}
+
+/// SENAITE example 1 and 2: hub M with labs A and B. Samples arrive at M under the labs'
+/// prefixes and edits at M go back only to their lab; Department flows among all three;
+/// Method is M's: read-only at the labs, and a lab that edits it anyway is refused by M and
+/// by the other lab.
+#[test]
+fn senaite_hub_with_prefixed_samples_and_a_read_only_method() {
+    let mut n = [
+        TestNode::init("m"),
+        TestNode::init("a"),
+        TestNode::init("b"),
+    ];
+    n[0].start();
+    // Lab A ignores its own policy: it can edit Method and sends everything.
+    n[1].start_with_env(&[("TIDESYNC_FAULT", "ignore-policy")]);
+    n[2].start();
+    for (lab, prefix) in [(1, "A_"), (2, "B_")] {
+        n[0].add_peer_with(
+            &n[lab],
+            true,
+            &[
+                "--prefix",
+                prefix,
+                "--prefixed",
+                "Sample,Analysis",
+                "--send-only",
+                "Method",
+            ],
+        );
+        n[lab].add_peer_with(&n[0], true, &["--read-only", "Method"]);
+    }
+    put(
+        &n[0],
+        "Method",
+        "HPLC-1",
+        json!({"name": "HPLC", "version": 1}),
+    );
+    put(&n[0], "Department", "D-1", json!({"name": "Chemistry"}));
+    put(
+        &n[1],
+        "Sample",
+        "S-001",
+        json!({"lab": "a", "status": "received"}),
+    );
+    put(
+        &n[2],
+        "Sample",
+        "S-001",
+        json!({"lab": "b", "status": "received"}),
+    );
+    wait_for("M holds both labs' samples under their prefixes", || {
+        n[0].get("Sample", "A_S-001")
+            .is_some_and(|v| v["lab"] == json!("a"))
+            && n[0]
+                .get("Sample", "B_S-001")
+                .is_some_and(|v| v["lab"] == json!("b"))
+    });
+    wait_for("both labs hold M's Method and Department", || {
+        (1..=2).all(|i| {
+            n[i].get("Method", "HPLC-1").is_some() && n[i].get("Department", "D-1").is_some()
+        })
+    });
+    // M edits A's sample: only A gets it, under its own name.
+    put(
+        &n[0],
+        "Sample",
+        "A_S-001",
+        json!({"status": "analysed-at-m"}),
+    );
+    put(&n[0], "Department", "MARK", json!({}));
+    wait_for("A gets M's edit as S-001", || {
+        n[1].get("Sample", "S-001")
+            .is_some_and(|v| v["status"] == json!("analysed-at-m"))
+    });
+    wait_for("marker at B", || n[2].get("Department", "MARK").is_some());
+    assert_eq!(ids(&n[2], "Sample"), vec!["S-001".to_string()]);
+    assert_eq!(n[2].get("Sample", "S-001").unwrap()["lab"], json!("b"));
+    assert_eq!(
+        n[2].get("Sample", "S-001").unwrap()["status"],
+        json!("received")
+    );
+
+    // Lab B cannot edit the Method locally.
+    let out = n[2].cli(&["put", "Method", "HPLC-1", r#"{"version": 2}"#]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("read-only"));
+
+    // Lab A edits it anyway and sends it to M and, over a direct link, to B: both refuse.
+    n[2].add_peer(&n[1], true);
+    n[1].add_peer(&n[2], true);
+    put(&n[1], "Method", "HPLC-1", json!({"version": 99}));
+    put(&n[1], "Department", "MARK-A", json!({}));
+    wait_for("marker from A at M and B", || {
+        n[0].get("Department", "MARK-A").is_some() && n[2].get("Department", "MARK-A").is_some()
+    });
+    wait_for("M and B count the refused Method edit", || {
+        refused(&n[0], "a", "Method") >= 1 && refused(&n[2], "a", "Method") >= 1
+    });
+    for i in [0, 2] {
+        assert_eq!(
+            n[i].get("Method", "HPLC-1").unwrap()["version"],
+            json!(1),
+            "{} took the forged Method edit",
+            n[i].name
+        );
+    }
+}
+
+#[test]
+fn widening_a_policy_backfills_without_a_restart() {
+    let n = started(&["lab-a", "lab-b"]);
+    n[0].add_peer_with(&n[1], true, &["--skip", "Invoice"]);
+    n[1].add_peer(&n[0], true);
+    put(&n[0], "Invoice", "I-1", json!({"amount": 5}));
+    put(&n[0], "Sample", "MARK", json!({}));
+    wait_for("marker", || n[1].get("Sample", "MARK").is_some());
+    assert!(n[1].get("Invoice", "I-1").is_none());
+    n[0].ok(&["peer", "set", "lab-b", "--skip", ""]);
+    wait_for("the skipped invoice is backfilled", || {
+        n[1].get("Invoice", "I-1").is_some()
+    });
+    // Narrowing stops further exchange of the type; what was sent stays.
+    n[0].ok(&["peer", "set", "lab-b", "--skip", "Invoice"]);
+    put(&n[0], "Invoice", "I-2", json!({"amount": 6}));
+    put(&n[0], "Sample", "MARK-2", json!({}));
+    wait_for("marker 2", || n[1].get("Sample", "MARK-2").is_some());
+    assert!(n[1].get("Invoice", "I-2").is_none());
+    assert!(n[1].get("Invoice", "I-1").is_some());
+}
