@@ -108,6 +108,7 @@ pub fn router(node: NodeHandle, token: Option<String>) -> Router {
         .route("/v1/objects", axum::routing::post(put_many))
         .route("/v1/changes", get(changes))
         .route("/v1/status", get(status))
+        .route("/v1/conflicts", get(conflicts))
         .route("/v1/peers", get(peers))
         .route(
             "/v1/peers/{name}",
@@ -298,6 +299,10 @@ async fn changes(
 
 async fn status(State(node): State<NodeHandle>) -> ApiResult<crate::core::Status> {
     Ok(Json(node.status().await?))
+}
+
+async fn conflicts(State(node): State<NodeHandle>) -> ApiResult<Vec<crate::core::Conflict>> {
+    Ok(Json(node.conflicts().await?))
 }
 
 async fn peers(State(node): State<NodeHandle>) -> ApiResult<Vec<crate::core::PeerStatus>> {

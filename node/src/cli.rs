@@ -118,6 +118,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List name collisions: two objects that arrived under one type and id (for example two
+    /// labs' `S-001` with no prefix). Both are kept; the second is reachable as `id~<8 hex>`.
+    Conflicts {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -387,6 +394,31 @@ async fn object_command(home: &Home, command: Command) -> Result<(), CliError> {
             let feed = client.changes(since, limit, wait).await?;
             for change in &feed.changes {
                 print_json(change)?;
+            }
+            Ok(())
+        }
+        Command::Conflicts { json } => {
+            let conflicts = client.conflicts().await?;
+            if json {
+                return print_json(&conflicts);
+            }
+            if conflicts.is_empty() {
+                println!("no name collisions");
+            }
+            for c in &conflicts {
+                println!(
+                    "{}/{}: {} (origin {}) is here as {}/{}; {}/{} is {} (origin {})",
+                    c.ty,
+                    c.id,
+                    c.doc,
+                    c.origin,
+                    c.ty,
+                    c.local_id,
+                    c.ty,
+                    c.id,
+                    c.holder.as_deref().unwrap_or("-"),
+                    c.holder_origin.as_deref().unwrap_or("-"),
+                );
             }
             Ok(())
         }

@@ -275,6 +275,17 @@ impl Client {
         }
     }
 
+    /// The node's name collisions.
+    pub async fn conflicts(&mut self) -> Result<Vec<crate::core::Conflict>, ClientError> {
+        match self {
+            Client::Local(core, _) => Ok(core.conflicts()?),
+            Client::Api(api) => {
+                api.send(reqwest::Method::GET, "/v1/conflicts", None, 0)
+                    .await
+            }
+        }
+    }
+
     pub async fn status(&mut self) -> Result<Status, ClientError> {
         match self {
             Client::Local(core, peers) => Ok(core.status(peers)?),

@@ -154,6 +154,23 @@ pub struct PeerStatus {
     pub policy: crate::policy::Policy,
 }
 
+/// Two documents that arrived under one name: the one stored under its own name and the one
+/// renamed `id~<8 hex>`. Both are kept and reachable.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Conflict {
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// The name both documents have at their origins.
+    pub id: String,
+    /// The local name the second document got here.
+    pub local_id: String,
+    pub doc: String,
+    pub origin: String,
+    /// The document holding the plain name here, and its origin.
+    pub holder: Option<String>,
+    pub holder_origin: Option<String>,
+}
+
 /// Why a node's home could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -318,6 +335,28 @@ impl Core {
             })?;
         }
         Ok(widened)
+    }
+
+    /// Every name collision on this node (see [`Conflict`]).
+    pub fn conflicts(&self) -> Result<Vec<Conflict>, ReadError> {
+        let err = |source| ReadError::Store {
+            what: "the name collisions".into(),
+            source,
+        };
+        let mut out = Vec::new();
+        for (doc, rec) in self.store.collisions().map_err(err)? {
+            let holder = self.find(&rec.ty, &rec.id).map_err(err)?;
+            out.push(Conflict {
+                ty: rec.ty.to_string(),
+                id: rec.id.to_string(),
+                local_id: rec.local_id.to_string(),
+                doc: doc.to_string(),
+                origin: rec.origin.to_string(),
+                holder: holder.as_ref().map(|(d, _)| d.to_string()),
+                holder_origin: holder.map(|(_, r)| r.origin.to_string()),
+            });
+        }
+        Ok(out)
     }
 
     /// Forget a removed peer's policy.

@@ -73,6 +73,9 @@ enum Action {
     Status {
         reply: Reply<Result<Status, ReadError>>,
     },
+    Conflicts {
+        reply: Reply<Result<Vec<crate::core::Conflict>, ReadError>>,
+    },
     SetPeer {
         peer: PeerConfig,
         reply: Reply<Result<(), PeerError>>,
@@ -199,6 +202,10 @@ impl NodeHandle {
 
     pub async fn status(&self) -> Result<Status, CallError<ReadError>> {
         self.call(|reply| Action::Status { reply }).await
+    }
+
+    pub async fn conflicts(&self) -> Result<Vec<crate::core::Conflict>, CallError<ReadError>> {
+        self.call(|reply| Action::Conflicts { reply }).await
     }
 
     /// Add or replace a peer; saved to the config file and applied at once.
@@ -330,6 +337,9 @@ impl NodeActor {
             }
             Action::Status { reply } => {
                 let _ = reply.send(self.status());
+            }
+            Action::Conflicts { reply } => {
+                let _ = reply.send(tokio::task::block_in_place(|| self.core.conflicts()));
             }
             Action::SetPeer { peer, reply } => {
                 let _ = reply.send(self.set_peer(peer));

@@ -455,6 +455,28 @@ impl Store {
         self.reader()?.change(doc, hash)
     }
 
+    /// Documents stored under a collision name (`id~<8 hex>`, see
+    /// [`crate::engine::collision_name`]) because another document had their name here. A scan
+    /// of `docs_v2`.
+    pub fn collisions(&self) -> Result<Vec<(DocId, DocRecord)>, StoreError> {
+        let ctx = "listing name collisions";
+        let tx = self.db.begin_read().ctx(self, ctx)?;
+        let docs = tx.open_table(DOCS).ctx(self, ctx)?;
+        let mut out = Vec::new();
+        for item in docs.iter().ctx(self, ctx)? {
+            let (k, v) = item.ctx(self, ctx)?;
+            let no = k.value();
+            let row: DocRow = self.decode(|| format!("docs_v2[{no}]"), v.value())?;
+            let suffix = format!("~{}", &row.doc.to_string()[..8]);
+            if row.record.local_id != row.record.id
+                && row.record.local_id.as_str().ends_with(&suffix)
+            {
+                out.push((row.doc, row.record));
+            }
+        }
+        Ok(out)
+    }
+
     /// Log entries with SEQ greater than `since`, at most `limit`, in order.
     pub fn log_since(&self, since: u64, limit: usize) -> Result<Vec<(u64, LogEntry)>, StoreError> {
         let ctx = "reading the change log";

@@ -234,3 +234,29 @@ fn widening_a_policy_backfills_without_a_restart() {
     assert!(n[1].get("Invoice", "I-2").is_none());
     assert!(n[1].get("Invoice", "I-1").is_some());
 }
+
+#[test]
+fn two_labs_objects_under_one_name_both_survive_and_are_listed_as_a_conflict() {
+    let n = started(&["hub", "lab-a", "lab-b"]);
+    for lab in 1..=2 {
+        n[0].add_peer(&n[lab], true);
+        n[lab].add_peer(&n[0], false);
+    }
+    put(&n[1], "Sample", "S-001", json!({"lab": "a"}));
+    put(&n[2], "Sample", "S-001", json!({"lab": "b"}));
+    wait_for("the hub holds both", || ids(&n[0], "Sample").len() == 2);
+    let listed = n[0].ok(&["conflicts", "--json"]);
+    let conflicts: Vec<serde_json::Value> = serde_json::from_str(&listed).unwrap();
+    assert_eq!(conflicts.len(), 1, "{listed}");
+    let renamed = conflicts[0]["local_id"].as_str().unwrap().to_string();
+    assert!(renamed.starts_with("S-001~"), "{renamed}");
+    let labs: Vec<serde_json::Value> = ["S-001", renamed.as_str()]
+        .iter()
+        .map(|id| n[0].get("Sample", id).unwrap()["lab"].clone())
+        .collect();
+    assert!(
+        labs.contains(&json!("a")) && labs.contains(&json!("b")),
+        "{labs:?}"
+    );
+    assert!(n[0].ok(&["conflicts"]).contains(&renamed));
+}
