@@ -367,13 +367,23 @@ impl Engine {
 /// here: the name, `~`, and the first 8 hex digits of its document id. Neither document is lost
 /// or merged into the other.
 pub fn collision_name(name: &ObjectId, doc: &DocId) -> ObjectId {
-    let suffix = &doc.to_string()[..8];
-    let keep = tidesync_proto::ids::MAX_OBJECT_ID_BYTES - 9;
+    let suffix = collision_suffix(doc);
+    let keep = tidesync_proto::ids::MAX_OBJECT_ID_BYTES - suffix.len();
     let mut base = name.as_str().to_string();
     while base.len() > keep {
         base.pop();
     }
-    ObjectId::new(format!("{base}~{suffix}")).unwrap_or_else(|_| name.clone())
+    ObjectId::new(format!("{base}{suffix}")).unwrap_or_else(|_| name.clone())
+}
+
+/// Whether `local_id` is the collision name [`collision_name`] gives document `doc`.
+pub fn is_collision_name(local_id: &ObjectId, doc: &DocId) -> bool {
+    local_id.as_str().ends_with(&collision_suffix(doc))
+}
+
+/// `~` and the first 8 hex digits of the document id.
+fn collision_suffix(doc: &DocId) -> String {
+    format!("~{}", &doc.to_string()[..8])
 }
 
 #[cfg(test)]

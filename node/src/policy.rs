@@ -147,9 +147,9 @@ pub struct ReadOnlyType {
 }
 
 /// The policies of all configured peers, by node id, with their names.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Policies {
-    me: Option<NodeId>,
+    me: NodeId,
     peers: BTreeMap<NodeId, (String, Policy)>,
     /// Test-only fault (`TIDESYNC_FAULT=ignore-policy`): write and send as if no policy applied.
     ignore_own: bool,
@@ -158,7 +158,7 @@ pub struct Policies {
 impl Policies {
     pub fn new(me: NodeId) -> Policies {
         Policies {
-            me: Some(me),
+            me,
             peers: BTreeMap::new(),
             ignore_own: false,
         }
@@ -232,7 +232,7 @@ impl Policies {
         if policy.send_only.contains(ty) {
             return Err(Refusal::TypeSendOnly { ty: ty_owned() });
         }
-        if policy.update_only.contains(ty) && Some(*origin) != self.me {
+        if policy.update_only.contains(ty) && *origin != self.me {
             return Err(Refusal::NotOurs { ty: ty_owned() });
         }
         let owners: Vec<(&NodeId, &String)> = self

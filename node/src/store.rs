@@ -68,8 +68,16 @@ pub struct LogEntry {
 struct DocRow {
     doc: DocId,
     record: DocRecord,
-    #[serde(with = "serde_bytes_state")]
+    #[serde(with = "tidesync_proto::change::serde_bytes_vec")]
     state: Vec<u8>,
+}
+
+/// The leading fields of a `docs_v2` row: postcard reads them and leaves the state unread, so
+/// looking up a record does not copy the document's state.
+#[derive(Debug, Deserialize)]
+struct DocHead {
+    doc: DocId,
+    record: DocRecord,
 }
 
 /// A row of `docs_v2` as it is written (the same encoding as [`DocRow`]).
@@ -77,7 +85,7 @@ struct DocRow {
 struct DocRowRef<'a> {
     doc: &'a DocId,
     record: &'a DocRecord,
-    #[serde(with = "serde_bytes_state")]
+    #[serde(with = "tidesync_proto::change::serde_bytes_vec")]
     state: &'a [u8],
 }
 
@@ -93,16 +101,6 @@ struct LogRow {
 struct LogRowRef<'a> {
     entry: &'a LogEntry,
     change: &'a SignedChange,
-}
-
-mod serde_bytes_state {
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        <&[u8]>::deserialize(d).map(<[u8]>::to_vec)
-    }
 }
 
 /// What a node remembers of its sync with one peer.
@@ -431,7 +429,7 @@ impl Store {
                 continue;
             }
             let doc = DocId(value.value());
-            let Some(row) = self.doc_row(&doc_nos, &docs, &doc, ctx)? else {
+            let Some(row) = self.doc_row::<DocHead>(&doc_nos, &docs, &doc, ctx)? else {
                 continue;
             };
             if !row.record.live {
@@ -466,11 +464,8 @@ impl Store {
         for item in docs.iter().ctx(self, ctx)? {
             let (k, v) = item.ctx(self, ctx)?;
             let no = k.value();
-            let row: DocRow = self.decode(|| format!("docs_v2[{no}]"), v.value())?;
-            let suffix = format!("~{}", &row.doc.to_string()[..8]);
-            if row.record.local_id != row.record.id
-                && row.record.local_id.as_str().ends_with(&suffix)
-            {
+            let row: DocHead = self.decode(|| format!("docs_v2[{no}]"), v.value())?;
+            if crate::engine::is_collision_name(&row.record.local_id, &row.doc) {
                 out.push((row.doc, row.record));
             }
         }
@@ -524,14 +519,15 @@ impl Store {
         Ok(out)
     }
 
-    /// The row of `doc` in `docs_v2`, through `doc_nos_v1`.
-    fn doc_row(
+    /// The row of `doc` in `docs_v2`, through `doc_nos_v1`: whole ([`DocRow`]) or only its
+    /// record ([`DocHead`]).
+    fn doc_row<T: serde::de::DeserializeOwned>(
         &self,
         doc_nos: &impl ReadableTable<[u8; 16], u64>,
         docs: &impl ReadableTable<u64, &'static [u8]>,
         doc: &DocId,
         ctx: &'static str,
-    ) -> Result<Option<DocRow>, StoreError> {
+    ) -> Result<Option<T>, StoreError> {
         let Some(no) = doc_nos.get(doc.0).ctx(self, ctx)? else {
             return Ok(None);
         };
@@ -626,14 +622,16 @@ impl Store {
 
     /// Read the log after `after` for sending to a peer: at most `max_changes` changes or
     /// `max_bytes` of change bytes, scanning at most `max_scan` entries. Entries for which
-    /// `skip` is true are passed over (but still covered by `upto`).
+    /// `skip_entry` is true, or whose document `skip_doc` refuses, are passed over (but still
+    /// covered by `upto`); `skip_entry` is asked first, so it costs no document lookup.
     pub fn read_batch(
         &self,
         after: u64,
         max_changes: usize,
         max_bytes: usize,
         max_scan: usize,
-        skip: impl Fn(&LogEntry, &DocRecord) -> bool,
+        skip_entry: impl Fn(&LogEntry) -> bool,
+        skip_doc: impl Fn(&DocRecord) -> bool,
     ) -> Result<OutBatch, StoreError> {
         let ctx = "reading a batch to send";
         let tx = self.db.begin_read().ctx(self, ctx)?;
@@ -665,16 +663,19 @@ impl Store {
                 seq,
                 hash: entry.hash,
             };
+            if skip_entry(&entry) {
+                continue;
+            }
             if let std::collections::hash_map::Entry::Vacant(slot) = records.entry(entry.doc) {
                 let record = self
-                    .doc_row(&doc_nos, &docs, &entry.doc, ctx)?
+                    .doc_row::<DocHead>(&doc_nos, &docs, &entry.doc, ctx)?
                     .map(|row| row.record);
                 slot.insert(record);
             }
             let Some(Some(record)) = records.get(&entry.doc) else {
                 continue;
             };
-            if skip(&entry, record) {
+            if skip_doc(record) {
                 continue;
             }
             bytes += change.bytes.len();
@@ -838,7 +839,7 @@ impl<'s, 'tx> Writer<'s, 'tx> {
         };
         let row = DocRowRef { doc, record, state };
         let bytes = postcard::to_stdvec(&row).map_err(|x| store.encode_error(x))?;
-        let old: Option<DocRow> = match self.docs.insert(no, bytes.as_slice()).ctx(store, ctx)? {
+        let old: Option<DocHead> = match self.docs.insert(no, bytes.as_slice()).ctx(store, ctx)? {
             Some(v) => Some(store.decode(|| format!("docs_v2[{no}] ({doc})"), v.value())?),
             None => None,
         };
@@ -914,17 +915,18 @@ impl Reader<'_> {
 
     /// What is known of a document.
     pub fn record(&self, doc: &DocId) -> Result<Option<DocRecord>, StoreError> {
-        Ok(self.row(doc)?.map(|row| row.record))
-    }
-
-    fn row(&self, doc: &DocId) -> Result<Option<DocRow>, StoreError> {
-        self.store
-            .doc_row(&self.doc_nos, &self.docs, doc, "reading a document")
+        let head: Option<DocHead> =
+            self.store
+                .doc_row(&self.doc_nos, &self.docs, doc, "reading a document")?;
+        Ok(head.map(|h| h.record))
     }
 
     /// A document's current Automerge state.
     pub fn load_doc(&self, doc: &DocId) -> Result<Option<Automerge>, StoreError> {
-        let Some(row) = self.row(doc)? else {
+        let row: Option<DocRow> =
+            self.store
+                .doc_row(&self.doc_nos, &self.docs, doc, "reading a document")?;
+        let Some(row) = row else {
             return Ok(None);
         };
         Automerge::load(&row.state)

@@ -429,10 +429,9 @@ impl Core {
             let (cursor, sent_upto, unfiltered) =
                 (session.cursor, session.sent_upto, session.unfiltered);
             let policies = &self.policies;
-            let skip = |e: &LogEntry, rec: &DocRecord| {
-                (!unfiltered && (e.author == peer || e.from == Some(peer)))
-                    || !policies.may_send(&peer, rec)
-            };
+            let skip_entry =
+                |e: &LogEntry| !unfiltered && (e.author == peer || e.from == Some(peer));
+            let skip_doc = |rec: &DocRecord| !policies.may_send(&peer, rec);
             let mut batch = self
                 .store
                 .read_batch(
@@ -440,7 +439,8 @@ impl Core {
                     SYNC_BATCH_CHANGES,
                     SYNC_BATCH_BYTES,
                     SYNC_SCAN_ENTRIES,
-                    skip,
+                    skip_entry,
+                    skip_doc,
                 )
                 .map_err(Self::store_err(peer))?;
             let session = self
@@ -484,11 +484,10 @@ impl Core {
 
     /// Verify, apply and durably store a batch from `peer`.
     ///
-    /// Verification runs first, on every core. Then a pipeline: workers take the batch's
-    /// documents one at a time, read what the store holds of each and let the engine apply
-    /// the changes, while one writer thread puts the results, in the batch's order, into a
-    /// single redb transaction. The checkpoint moves in that transaction, after everything
-    /// it covers.
+    /// Verification runs first, on every core. Then, on every core, each document of the
+    /// batch is read from one read transaction and handed, with our policy for the peer, to
+    /// the engine. Last, one redb transaction stores the results in the batch's order; the
+    /// checkpoint moves in it, after everything it covers.
     pub fn receive_changes(
         &mut self,
         peer: NodeId,
@@ -760,6 +759,11 @@ fn write(
                     t.applied += received.applied.len() as u64;
                     t.held += received.held.len() as u64;
                     t.duplicates += duplicates;
+                    if let Some(r) = &received.record {
+                        if crate::engine::is_collision_name(&r.local_id, &received.doc_id) {
+                            tracing::warn!(%peer, doc = %received.doc_id, ty = %r.ty, id = %r.id, local = %r.local_id, "another document already has this name here; stored under its own name");
+                        }
+                    }
                     if let Some(doc) = doc {
                         t.docs.push((received.doc_id, doc));
                     }

@@ -253,7 +253,9 @@ pub fn check_batch(
         .collect()
 }
 
-mod serde_bytes_vec {
+/// Serde helper for byte vectors: written as bytes (one length prefix, then the bytes) and read
+/// from bytes or a sequence. Use as `#[serde(with = "tidesync_proto::change::serde_bytes_vec")]`.
+pub mod serde_bytes_vec {
     use serde::{Deserializer, Serializer};
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(v)
