@@ -547,7 +547,14 @@ fn print_peers(peers: &[crate::core::PeerStatus]) {
     }
     for p in peers {
         let state = if p.connected {
-            format!("connected since {}", format_ms(p.connected_since_ms))
+            let synced = match p.in_sync_after_ms {
+                Some(ms) => format!(", in sync after {ms} ms"),
+                None => ", catching up".to_string(),
+            };
+            format!(
+                "connected since {}{synced}",
+                format_ms(p.connected_since_ms)
+            )
         } else {
             "not connected".to_string()
         };

@@ -132,6 +132,10 @@ pub struct PeerStatus {
     pub connected_since_ms: Option<i64>,
     /// Last time a batch from or to the peer was stored or acknowledged, Unix milliseconds.
     pub last_sync_ms: Option<i64>,
+    /// How long the current session took to come in sync (both Hellos answered, nothing of
+    /// ours unacknowledged), in milliseconds; none while it has not.
+    #[serde(default)]
+    pub in_sync_after_ms: Option<i64>,
     /// At most this many of our log entries have yet to reach the peer.
     pub pending_out: u64,
     /// At most this many of the peer's log entries have yet to reach us.
@@ -717,6 +721,7 @@ impl Core {
             connected: session.is_some(),
             connected_since_ms: session.map(|s| s.since_ms),
             last_sync_ms: (record.last_sync_ms > 0).then_some(record.last_sync_ms),
+            in_sync_after_ms: session.and_then(|s| s.in_sync_after_ms),
             pending_out,
             pending_in,
             changes_in: record.changes_in,

@@ -71,6 +71,11 @@ pub struct Session {
     /// Send everything, including what the peer authored or sent us: the peer was restored
     /// from an older copy and asked for it.
     unfiltered: bool,
+    /// Whether the peer answered our Hello.
+    hello_answered: bool,
+    /// Milliseconds from the session's start until it was first in sync: both Hellos
+    /// answered and nothing of ours left unacknowledged.
+    pub in_sync_after_ms: Option<i64>,
 }
 
 impl Session {
@@ -89,6 +94,20 @@ impl Session {
             sent_upto: 0,
             inflight: VecDeque::new(),
             unfiltered: false,
+            hello_answered: false,
+            in_sync_after_ms: None,
+        }
+    }
+
+    /// Note the first moment the session is in sync, `now_ms` being the time.
+    fn mark_in_sync(&mut self, last: u64, now_ms: i64) {
+        if self.in_sync_after_ms.is_none()
+            && self.streaming
+            && self.hello_answered
+            && self.inflight.is_empty()
+            && self.cursor >= last
+        {
+            self.in_sync_after_ms = Some(now_ms - self.since_ms);
         }
     }
 }
@@ -299,6 +318,7 @@ impl Core {
                     out.push((peer, Message::Rewound { resume: held }));
                 }
                 out.extend(self.pump(peer)?);
+                self.note_in_sync(peer)?;
                 Ok((
                     Message::Ack {
                         upto: 0,
@@ -364,6 +384,8 @@ impl Core {
             return Ok(Vec::new());
         };
         if upto == 0 {
+            session.hello_answered = true;
+            self.note_in_sync(peer)?;
             return Ok(Vec::new());
         }
         let mut sent = 0;
@@ -386,7 +408,28 @@ impl Core {
         if rejected > 0 {
             tracing::warn!(%peer, rejected, "peer rejected changes we sent");
         }
-        self.pump(peer)
+        let out = self.pump(peer)?;
+        self.note_in_sync(peer)?;
+        Ok(out)
+    }
+
+    /// Record when the session with `peer` first came in sync (see
+    /// [`Session::in_sync_after_ms`]).
+    fn note_in_sync(&mut self, peer: NodeId) -> Result<(), SyncError> {
+        if self
+            .sync
+            .peers
+            .get(&peer)
+            .is_none_or(|s| s.in_sync_after_ms.is_some())
+        {
+            return Ok(());
+        }
+        let last = self.store.last_seq().map_err(Self::store_err(peer))?;
+        let now = (self.clock)();
+        if let Some(session) = self.sync.peers.get_mut(&peer) {
+            session.mark_in_sync(last, now);
+        }
+        Ok(())
     }
 
     /// A request to `peer` failed (timeout, closed stream): what it carried may not have
@@ -968,7 +1011,11 @@ mod tests {
         cores[0].on_disconnected(&b_id);
         cores[1].on_disconnected(&a_id);
         let q = connect(&mut cores, 0, 1);
+        let in_sync = |c: &Core, p: &NodeId| c.session(p).and_then(|s| s.in_sync_after_ms);
+        assert_eq!(in_sync(&cores[0], &b_id), None, "in sync before any Hello");
         assert_eq!(settle(&mut cores, q), 2);
+        assert!(in_sync(&cores[0], &b_id).is_some());
+        assert!(in_sync(&cores[1], &a_id).is_some());
     }
 
     #[test]
