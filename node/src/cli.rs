@@ -190,6 +190,11 @@ pub struct PolicyArgs {
     /// Types whose objects from this peer appear here under --prefix.
     #[arg(long, value_name = "T,...")]
     prefixed: Option<String>,
+    /// Fields of TYPE that reference other objects ("Type/Id" strings, alone or in arrays):
+    /// the objects they reference travel with it, whatever their type. Repeat for more
+    /// types; `TYPE=` alone drops TYPE's references.
+    #[arg(long, value_name = "TYPE=FIELD,...")]
+    refs: Vec<String>,
 }
 
 impl PolicyArgs {
@@ -217,6 +222,24 @@ impl PolicyArgs {
         list(&self.prefixed, &mut policy.prefixed)?;
         if let Some(p) = &self.prefix {
             policy.prefix = (!p.is_empty()).then(|| p.clone());
+        }
+        for r in &self.refs {
+            let (ty, fields) = r
+                .split_once('=')
+                .ok_or_else(|| CliError::Usage(format!("--refs {r:?}: expected TYPE=FIELD,...")))?;
+            let ty = TypeName::new(ty.trim())
+                .map_err(|e| CliError::Usage(format!("--refs {r:?}: {e}")))?;
+            let fields: Vec<String> = fields
+                .split(',')
+                .map(str::trim)
+                .filter(|f| !f.is_empty())
+                .map(str::to_string)
+                .collect();
+            if fields.is_empty() {
+                policy.refs.remove(&ty);
+            } else {
+                policy.refs.insert(ty, fields);
+            }
         }
         policy.validate().map_err(CliError::Usage)
     }

@@ -360,6 +360,23 @@ mod tests {
         let home = Home::new(dir.path());
         sample().save(&home).unwrap();
         assert_eq!(Config::load(&home).unwrap(), sample());
+        // A policy with a table (`refs`) after plain values, as `peer add --refs` writes it.
+        let ty = |t: &str| tidesync_proto::TypeName::new(t).unwrap();
+        let mut c = sample();
+        c.peers.push(PeerConfig {
+            name: "archive".into(),
+            id: crate::identity::Identity::from_secret([2; 32])
+                .node_id()
+                .to_string(),
+            addrs: vec![],
+            policy: crate::policy::Policy {
+                types: vec![ty("Volume")],
+                refs: [(ty("Volume"), vec!["label_trees".into(), "owner".into()])].into(),
+                ..Default::default()
+            },
+        });
+        c.save(&home).unwrap();
+        assert_eq!(Config::load(&home).unwrap(), c);
     }
 
     #[test]

@@ -355,6 +355,7 @@ impl Engine {
                 applied,
                 held: newly_held,
                 released,
+                by_ref: false,
             },
             doc,
             rejected,

@@ -55,12 +55,39 @@ pub struct Policy {
     /// they are sent back to it and to no other peer.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub prefixed: Vec<TypeName>,
+    /// The fields of each type that reference other objects (see [`references`]). An object
+    /// sent to this peer takes the objects it references with it, whatever their type, and
+    /// those then stay up to date at the peer; from this peer we take the objects its objects
+    /// reference in the same way.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub refs: BTreeMap<TypeName, Vec<String>>,
 }
 
 impl Policy {
     /// Whether `ty` is exchanged with this peer at all (`types` and `skip`).
     pub fn covers(&self, ty: &TypeName) -> bool {
         (self.types.is_empty() || self.types.contains(ty)) && !self.skip.contains(ty)
+    }
+
+    /// The objects that `fields`, an object of type `ty`, references through the fields this
+    /// policy names for `ty` in `refs`.
+    pub fn references(
+        &self,
+        ty: &TypeName,
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) -> Vec<(TypeName, ObjectId)> {
+        let Some(names) = self.refs.get(ty) else {
+            return Vec::new();
+        };
+        names
+            .iter()
+            .filter_map(|f| fields.get(f))
+            .flat_map(|v| match v {
+                serde_json::Value::Array(items) => items.iter().collect(),
+                other => vec![other],
+            })
+            .filter_map(|v| parse_reference(v.as_str()?))
+            .collect()
     }
 
     /// The local name of this peer's object `ty/id`: prefixed if the policy says so (and the
@@ -91,6 +118,11 @@ impl Policy {
             && self.read_only == old.read_only
             && self.prefix == old.prefix
             && self.prefixed == old.prefixed
+            && self.refs.iter().all(|(ty, fields)| {
+                old.refs
+                    .get(ty)
+                    .is_some_and(|old_fields| fields.iter().all(|f| old_fields.contains(f)))
+            })
     }
 
     /// Check the policy's own consistency; an error says what to fix.
@@ -103,6 +135,13 @@ impl Policy {
         }
         Ok(())
     }
+}
+
+/// A reference `"Type/Id"`, as a field named in `refs` holds it (alone or in an array), for
+/// example `"Method/HPLC-1"`. Anything else is not a reference.
+pub fn parse_reference(s: &str) -> Option<(TypeName, ObjectId)> {
+    let (ty, id) = s.split_once('/')?;
+    Some((TypeName::new(ty).ok()?, ObjectId::new(id).ok()?))
 }
 
 /// Why a change from a peer was not taken. Carries the type, for per-type counts.
@@ -191,13 +230,14 @@ impl Policies {
             .unwrap_or_default()
     }
 
-    /// Whether this node may send `to` the changes of the document `rec`.
-    pub fn may_send(&self, to: &NodeId, rec: &DocRecord) -> bool {
+    /// Whether this node may send `to` the changes of the document `rec`; `by_ref` when an
+    /// object sent to that peer references it (see [`Policy::refs`]).
+    pub fn may_send(&self, to: &NodeId, rec: &DocRecord, by_ref: bool) -> bool {
         if self.ignore_own {
             return true;
         }
         let policy = self.of(to);
-        if policy.direction == Direction::Receive || !policy.covers(&rec.ty) {
+        if policy.direction == Direction::Receive || !(by_ref || policy.covers(&rec.ty)) {
             return false;
         }
         // An object that arrived under another peer's prefix is that peer's own: it goes back
@@ -213,20 +253,22 @@ impl Policies {
     }
 
     /// Whether this node takes, from peer `from`, a change by `author` to a document of type
-    /// `ty` created by `origin`.
+    /// `ty` created by `origin`; `by_ref` when an object from that peer references the
+    /// document (see [`Policy::refs`]).
     pub fn may_take(
         &self,
         from: &NodeId,
         ty: &TypeName,
         origin: &NodeId,
         author: &NodeId,
+        by_ref: bool,
     ) -> Result<(), Refusal> {
         let policy = self.of(from);
         let ty_owned = || ty.clone();
         if policy.direction == Direction::Send {
             return Err(Refusal::SendOnlyPeer { ty: ty_owned() });
         }
-        if !policy.covers(ty) {
+        if !(by_ref || policy.covers(ty)) {
             return Err(Refusal::TypeNotExchanged { ty: ty_owned() });
         }
         if policy.send_only.contains(ty) {
@@ -308,11 +350,14 @@ mod tests {
                 ..Policy::default()
             },
         );
-        assert!(p.may_send(&a, &rec(me, "Sample")));
-        assert!(!p.may_send(&a, &rec(me, "Method")), "skip wins over types");
-        assert!(!p.may_send(&a, &rec(me, "Invoice")), "not in types");
-        assert!(p.may_take(&a, &t("Sample"), &a, &a).is_ok());
-        assert!(p.may_take(&a, &t("Invoice"), &a, &a).is_err());
+        assert!(p.may_send(&a, &rec(me, "Sample"), false));
+        assert!(
+            !p.may_send(&a, &rec(me, "Method"), false),
+            "skip wins over types"
+        );
+        assert!(!p.may_send(&a, &rec(me, "Invoice"), false), "not in types");
+        assert!(p.may_take(&a, &t("Sample"), &a, &a, false).is_ok());
+        assert!(p.may_take(&a, &t("Invoice"), &a, &a, false).is_err());
         p.set(
             a,
             "a".into(),
@@ -321,8 +366,8 @@ mod tests {
                 ..Policy::default()
             },
         );
-        assert!(!p.may_send(&a, &rec(me, "Sample")));
-        assert!(p.may_take(&a, &t("Sample"), &a, &a).is_ok());
+        assert!(!p.may_send(&a, &rec(me, "Sample"), false));
+        assert!(p.may_take(&a, &t("Sample"), &a, &a, false).is_ok());
         p.set(
             a,
             "a".into(),
@@ -331,9 +376,9 @@ mod tests {
                 ..Policy::default()
             },
         );
-        assert!(p.may_send(&a, &rec(me, "Sample")));
+        assert!(p.may_send(&a, &rec(me, "Sample"), false));
         assert!(matches!(
-            p.may_take(&a, &t("Sample"), &a, &a),
+            p.may_take(&a, &t("Sample"), &a, &a, false),
             Err(Refusal::SendOnlyPeer { .. })
         ));
     }
@@ -351,10 +396,10 @@ mod tests {
             },
         );
         p.set(lab, "lab".into(), Policy::default());
-        assert!(p.may_take(&hub, &t("Method"), &hub, &hub).is_ok());
+        assert!(p.may_take(&hub, &t("Method"), &hub, &hub, false).is_ok());
         // Relayed by the owner but written by someone else, or sent by someone else.
-        assert!(p.may_take(&hub, &t("Method"), &hub, &lab).is_err());
-        assert!(p.may_take(&lab, &t("Method"), &hub, &lab).is_err());
+        assert!(p.may_take(&hub, &t("Method"), &hub, &lab, false).is_err());
+        assert!(p.may_take(&lab, &t("Method"), &hub, &lab, false).is_err());
         assert!(p.may_write(&t("Method")).is_err());
         assert!(p.may_write(&t("Sample")).is_ok());
     }
@@ -371,9 +416,9 @@ mod tests {
                 ..Policy::default()
             },
         );
-        assert!(p.may_take(&a, &t("Sample"), &me, &a).is_ok());
+        assert!(p.may_take(&a, &t("Sample"), &me, &a, false).is_ok());
         assert!(matches!(
-            p.may_take(&a, &t("Sample"), &a, &a),
+            p.may_take(&a, &t("Sample"), &a, &a, false),
             Err(Refusal::NotOurs { .. })
         ));
     }
@@ -392,11 +437,11 @@ mod tests {
         let id = ObjectId::new("S-001").unwrap();
         assert_eq!(p.local_name(&a, &t("Sample"), &id).as_str(), "A_S-001");
         assert_eq!(p.local_name(&a, &t("Department"), &id).as_str(), "S-001");
-        assert!(p.may_send(&a, &rec(a, "Sample")));
-        assert!(!p.may_send(&b, &rec(a, "Sample")));
-        assert!(p.may_send(&b, &rec(a, "Department")));
+        assert!(p.may_send(&a, &rec(a, "Sample"), false));
+        assert!(!p.may_send(&b, &rec(a, "Sample"), false));
+        assert!(p.may_send(&b, &rec(a, "Department"), false));
         assert!(
-            p.may_send(&b, &rec(me, "Sample")),
+            p.may_send(&b, &rec(me, "Sample"), false),
             "our own samples are not A's"
         );
     }
@@ -425,5 +470,58 @@ mod tests {
         };
         assert!(recv.is_within(&Policy::default()));
         assert!(!Policy::default().is_within(&recv));
+    }
+
+    #[test]
+    fn refs_carry_referenced_objects_past_types_and_skip_but_not_direction() {
+        let (me, a) = (n(1), n(2));
+        let mut p = Policies::new(me);
+        let policy = Policy {
+            types: vec![t("Volume")],
+            skip: vec![t("User")],
+            refs: BTreeMap::from([(t("Volume"), vec!["label_trees".into(), "owner".into()])]),
+            ..Policy::default()
+        };
+        let fields = serde_json::json!({
+            "label_trees": ["LabelTree/LT-1", "not a reference", 7],
+            "owner": "User/u-9",
+            "name": "Sample/S-1",
+        });
+        let found = policy.references(&t("Volume"), fields.as_object().unwrap());
+        assert_eq!(
+            found,
+            vec![
+                (t("LabelTree"), ObjectId::new("LT-1").unwrap()),
+                (t("User"), ObjectId::new("u-9").unwrap()),
+            ],
+            "only the named fields, only Type/Id strings"
+        );
+        assert!(
+            policy
+                .references(&t("LabelTree"), fields.as_object().unwrap())
+                .is_empty()
+        );
+        p.set(a, "a".into(), policy.clone());
+        assert!(!p.may_send(&a, &rec(me, "User"), false));
+        assert!(
+            p.may_send(&a, &rec(me, "User"), true),
+            "a reference passes skip"
+        );
+        assert!(p.may_take(&a, &t("LabelTree"), &a, &a, true).is_ok());
+        assert!(p.may_take(&a, &t("LabelTree"), &a, &a, false).is_err());
+        let receive_only = Policy {
+            direction: Direction::Receive,
+            ..policy.clone()
+        };
+        p.set(a, "a".into(), receive_only);
+        assert!(
+            !p.may_send(&a, &rec(me, "User"), true),
+            "nothing is sent to a receive-only peer"
+        );
+        // More reference fields widen a policy; fewer do not.
+        let mut more = policy.clone();
+        more.refs.insert(t("LabelTree"), vec!["users".into()]);
+        assert!(!more.is_within(&policy));
+        assert!(policy.is_within(&more));
     }
 }

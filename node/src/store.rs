@@ -6,7 +6,7 @@
 //! one transaction with immediate durability, so a write acknowledged to its writer survives a
 //! crash and a crash never leaves half of one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use automerge::{Automerge, ChangeHash};
@@ -50,6 +50,11 @@ const COUNTS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counts_v
 /// What this node knows of each peer's sync: checkpoints and counters.
 /// Key: peer NodeId (32 bytes). Value: postcard [`PeerRecord`].
 const PEERS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("peers_v1");
+/// Documents carried to or from a peer only because an object it exchanges references them
+/// (`--refs`): their own type is not exchanged with that peer, yet their changes keep flowing.
+/// Added within format 2: a store without it has no such documents.
+/// Key: (peer NodeId, DocId). Value: unit.
+const BY_REF: TableDefinition<([u8; 32], [u8; 16]), ()> = TableDefinition::new("by_ref_v1");
 
 /// One entry of the change log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,6 +194,8 @@ pub struct ReceivedDoc {
     pub held: Vec<(SignedChange, ChangeHash)>,
     /// Previously held changes that have now been applied.
     pub released: Vec<ChangeHash>,
+    /// Taken only because an object from the same peer references it (see `by_ref_v1`).
+    pub by_ref: bool,
 }
 
 /// Why the store failed. Each names the store file.
@@ -319,6 +326,47 @@ impl Store {
             tx.open_table(PENDING).ctx(self, ctx)?;
             tx.open_table(PEERS).ctx(self, ctx)?;
             tx.open_table(COUNTS).ctx(self, ctx)?;
+            tx.open_table(BY_REF).ctx(self, ctx)?;
+        }
+        tx.commit().ctx(self, ctx)
+    }
+
+    /// The documents carried to or from `peer` by reference (see `by_ref_v1`).
+    pub fn by_ref(&self, peer: &NodeId) -> Result<HashSet<DocId>, StoreError> {
+        let ctx = "reading documents carried by reference";
+        let tx = self.db.begin_read().ctx(self, ctx)?;
+        let table = match tx.open_table(BY_REF) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(HashSet::new()),
+            Err(e) => return Err(classify(&self.path, ctx, e.into())),
+        };
+        let mut out = HashSet::new();
+        for item in table
+            .range((peer.0, [0; 16])..=(peer.0, [0xff; 16]))
+            .ctx(self, ctx)?
+        {
+            let (k, _) = item.ctx(self, ctx)?;
+            out.insert(DocId(k.value().1));
+        }
+        Ok(out)
+    }
+
+    /// Remember that `docs` are carried to `peer` by reference. Not fsynced on its own: if it
+    /// is lost, the next send of an object referencing them carries them again.
+    pub fn add_by_ref(&self, peer: &NodeId, docs: &[DocId]) -> Result<(), StoreError> {
+        let ctx = "recording documents carried by reference";
+        let mut tx = self.db.begin_write().ctx(self, ctx)?;
+        tx.set_durability(redb::Durability::None)
+            .map_err(|e| StoreError::Io {
+                path: self.path.clone(),
+                context: ctx,
+                detail: e.to_string(),
+            })?;
+        {
+            let mut table = tx.open_table(BY_REF).ctx(self, ctx)?;
+            for d in docs {
+                table.insert((peer.0, d.0), ()).ctx(self, ctx)?;
+            }
         }
         tx.commit().ctx(self, ctx)
     }
@@ -631,7 +679,7 @@ impl Store {
         max_bytes: usize,
         max_scan: usize,
         skip_entry: impl Fn(&LogEntry) -> bool,
-        skip_doc: impl Fn(&DocRecord) -> bool,
+        skip_doc: impl Fn(&DocId, &DocRecord) -> bool,
     ) -> Result<OutBatch, StoreError> {
         let ctx = "reading a batch to send";
         let tx = self.db.begin_read().ctx(self, ctx)?;
@@ -675,7 +723,7 @@ impl Store {
             let Some(Some(record)) = records.get(&entry.doc) else {
                 continue;
             };
-            if skip_doc(record) {
+            if skip_doc(&entry.doc, record) {
                 continue;
             }
             bytes += change.bytes.len();
@@ -713,9 +761,13 @@ impl Store {
             let mut w = Writer::open(self, &tx, ctx)?;
             let mut pending = tx.open_table(PENDING).ctx(self, ctx)?;
             let mut peers = tx.open_table(PEERS).ctx(self, ctx)?;
+            let mut by_ref = tx.open_table(BY_REF).ctx(self, ctx)?;
             for d in docs {
                 // An error drops the transaction uncommitted: nothing of the batch is stored.
                 let d = d?;
+                if d.by_ref && d.record.is_some() {
+                    by_ref.insert((from.0, d.doc_id.0), ()).ctx(self, ctx)?;
+                }
                 if let (Some(record), Some(state)) = (&d.record, &d.state) {
                     w.put_doc(&d.doc_id, record, state)?;
                 }

@@ -13,14 +13,14 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use automerge::{Automerge, Change};
 use tidesync_proto::{
-    AuthorKey, Checkpoint, DocHeader, DocId, Message, NodeId, SignedChange, VerifiedChange,
-    VerifyError, check_batch,
+    AuthorKey, Checkpoint, DocHeader, DocId, Message, NodeId, ObjectId, SignedChange, TypeName,
+    VerifiedChange, VerifyError, check_batch,
 };
 
 use crate::core::Core;
 use crate::engine::{Arrival, Arrived, DocRecord, Engine};
-use crate::policy::Policies;
-use crate::store::{LogEntry, Reader, Store, StoreError};
+use crate::policy::{Policies, Policy};
+use crate::store::{LogEntry, OutBatch, Reader, Store, StoreError};
 
 /// Most changes in one `Changes` batch. 2,000 synced 50,000 objects about 10 % faster than
 /// 1,000 (fewer commits); frames stay near 1 MB, far under `MAX_FRAME_BYTES`.
@@ -36,6 +36,12 @@ pub const SYNC_SCAN_ENTRIES: usize = 4 * SYNC_BATCH_CHANGES;
 /// checkpoint only across no gap (see `Store::commit_received`), and holds changes whose
 /// dependencies are in the earlier one.
 pub const SYNC_WINDOW_BATCHES: usize = 2;
+/// Most documents one batch carries because objects in it reference them (see
+/// [`crate::policy::Policy::refs`]).
+pub const MAX_REFERENCED_DOCS_PER_BATCH: usize = 1_000;
+/// Most change bytes one batch carries for referenced documents; with `SYNC_BATCH_BYTES` the
+/// frame stays under `MAX_FRAME_BYTES`.
+pub const MAX_REFERENCED_BYTES_PER_BATCH: usize = 2 * 1024 * 1024;
 /// Work lists shorter than this (changes to verify, documents to apply) stay on one thread.
 pub const PARALLEL_MIN_ITEMS: usize = 64;
 
@@ -459,6 +465,11 @@ impl Core {
         let mut out = Vec::new();
         let last = self.store.last_seq().map_err(Self::store_err(peer))?;
         let (me, alter_relayed) = (self.node_id(), self.sync.alter_relayed);
+        let mut by_ref = if self.policies.of(&peer).refs.is_empty() {
+            HashSet::new()
+        } else {
+            self.store.by_ref(&peer).map_err(Self::store_err(peer))?
+        };
         loop {
             let Some(session) = self.sync.peers.get(&peer) else {
                 return Ok(out);
@@ -474,7 +485,8 @@ impl Core {
             let policies = &self.policies;
             let skip_entry =
                 |e: &LogEntry| !unfiltered && (e.author == peer || e.from == Some(peer));
-            let skip_doc = |rec: &DocRecord| !policies.may_send(&peer, rec);
+            let skip_doc =
+                |doc: &DocId, rec: &DocRecord| !policies.may_send(&peer, rec, by_ref.contains(doc));
             let mut batch = self
                 .store
                 .read_batch(
@@ -486,6 +498,13 @@ impl Core {
                     skip_doc,
                 )
                 .map_err(Self::store_err(peer))?;
+            let carried = self.carry_references(peer, &mut batch)?;
+            if !carried.is_empty() {
+                self.store
+                    .add_by_ref(&peer, &carried)
+                    .map_err(Self::store_err(peer))?;
+                by_ref.extend(carried);
+            }
             let session = self
                 .sync
                 .peers
@@ -523,6 +542,84 @@ impl Core {
                 },
             ));
         }
+    }
+
+    /// Add to `batch` every object that an object in it references through our policy's
+    /// `refs` for `peer` and that is not sent to the peer on its own account (its type is not
+    /// exchanged with it): all of its stored changes, with its header, and in turn what it
+    /// references. Returns the documents carried, which then stay up to date at the peer.
+    fn carry_references(
+        &self,
+        peer: NodeId,
+        batch: &mut OutBatch,
+    ) -> Result<Vec<DocId>, SyncError> {
+        let policy = self.policies.of(&peer);
+        if policy.refs.is_empty() || policy.direction == crate::policy::Direction::Receive {
+            return Ok(Vec::new());
+        }
+        let err = Self::store_err(peer);
+        let reader = self.store.reader().map_err(err)?;
+        let mut headed: HashSet<DocId> = batch.docs.iter().map(|h| h.doc).collect();
+        let mut queue: VecDeque<DocId> = batch
+            .docs
+            .iter()
+            .filter(|h| policy.refs.contains_key(&h.ty))
+            .map(|h| h.doc)
+            .collect();
+        let mut bytes = 0usize;
+        let mut carried = Vec::new();
+        while let Some(doc_id) = queue.pop_front() {
+            let err = Self::store_err(peer);
+            let (Some(rec), Some(doc)) = (
+                reader.record(&doc_id).map_err(err)?,
+                reader.load_doc(&doc_id).map_err(Self::store_err(peer))?,
+            ) else {
+                continue;
+            };
+            for (ty, id) in policy.references(&rec.ty, &crate::doc::to_json(&doc)) {
+                let Some(target) = reader.lookup(&ty, &id).map_err(Self::store_err(peer))? else {
+                    continue;
+                };
+                let Some(target_rec) = reader.record(&target).map_err(Self::store_err(peer))?
+                else {
+                    continue;
+                };
+                if self.policies.may_send(&peer, &target_rec, false) || !headed.insert(target) {
+                    // Sent on its own account, or already in this batch.
+                    continue;
+                }
+                if carried.len() >= MAX_REFERENCED_DOCS_PER_BATCH
+                    || bytes >= MAX_REFERENCED_BYTES_PER_BATCH
+                {
+                    tracing::warn!(%peer, doc = %doc_id, ty = %ty, id = %id, "too many referenced objects for one batch; this one is not carried");
+                    continue;
+                }
+                let Some(target_doc) = reader.load_doc(&target).map_err(Self::store_err(peer))?
+                else {
+                    continue;
+                };
+                for change in target_doc.get_changes(&[]) {
+                    if let Some(signed) = reader
+                        .change(&target, &change.hash())
+                        .map_err(Self::store_err(peer))?
+                    {
+                        bytes += signed.bytes.len();
+                        batch.changes.push(signed);
+                    }
+                }
+                batch.docs.push(DocHeader {
+                    doc: target,
+                    origin: target_rec.origin,
+                    ty: target_rec.ty.clone(),
+                    id: target_rec.id.clone(),
+                });
+                if policy.refs.contains_key(&target_rec.ty) {
+                    queue.push_back(target);
+                }
+                carried.push(target);
+            }
+        }
+        Ok(carried)
     }
 
     /// Verify, apply and durably store a batch from `peer`.
@@ -587,14 +684,73 @@ impl Core {
                 doc,
             })
             .collect();
+        // Documents whose type we do not take from this peer wait until the others are
+        // applied: they are taken if one of those references them (`refs`).
+        let policy = self.policies.of(&peer);
+        let mut by_ref = if policy.refs.is_empty() {
+            HashSet::new()
+        } else {
+            self.store.by_ref(&peer).map_err(Self::store_err(peer))?
+        };
+        let (deferred, work): (Vec<Work>, Vec<Work>) = work.into_iter().partition(|w| {
+            !policy.refs.is_empty()
+                && w.header
+                    .as_ref()
+                    .is_some_and(|h| !policy.covers(&h.ty) && !by_ref.contains(&w.doc))
+        });
         // Only the last documents fit in the cache; the workers drop the others' state.
         let cache_from = work.len().saturating_sub(self.cache.cap().get());
         let reader = self.store.reader().map_err(Self::store_err(peer))?;
         let engine = &self.engine;
         let policies = &self.policies;
-        let prepared = par_map(work.into_iter().enumerate().collect(), |(i, w)| {
-            prepare(engine, policies, peer, &reader, w, i >= cache_from)
+        let mut prepared = par_map(work.into_iter().enumerate().collect(), |(i, w)| {
+            prepare(
+                engine,
+                policies,
+                &policy,
+                peer,
+                &reader,
+                &by_ref,
+                w,
+                i >= cache_from,
+            )
         });
+        // Take deferred documents referenced by what was taken, round by round (a LabelTree a
+        // Volume references may reference Users); what is left over is refused below.
+        let mut deferred = deferred;
+        let mut newly = 0..prepared.len();
+        while !deferred.is_empty() {
+            let referenced: HashSet<(TypeName, ObjectId)> = prepared[newly.clone()]
+                .iter()
+                .flat_map(|p| match p {
+                    Ok(Prepared::Arrived(_, _, refs)) => refs.clone(),
+                    _ => Vec::new(),
+                })
+                .collect();
+            let (taken, rest): (Vec<Work>, Vec<Work>) = deferred.into_iter().partition(|w| {
+                w.header.as_ref().is_some_and(|h| {
+                    let local = policies.local_name(&peer, &h.ty, &h.id);
+                    referenced.contains(&(h.ty.clone(), h.id.clone()))
+                        || referenced.contains(&(h.ty.clone(), local))
+                })
+            });
+            deferred = rest;
+            if taken.is_empty() {
+                break;
+            }
+            by_ref.extend(taken.iter().map(|w| w.doc));
+            newly = prepared.len()..prepared.len() + taken.len();
+            for w in taken {
+                prepared.push(prepare(
+                    engine, policies, &policy, peer, &reader, &by_ref, w, true,
+                ));
+            }
+        }
+        for w in deferred {
+            prepared.push(prepare(
+                engine, policies, &policy, peer, &reader, &by_ref, w, false,
+            ));
+        }
         drop(reader);
         let applied_at = started.elapsed();
         let written = write(
@@ -644,8 +800,9 @@ struct Work {
 
 /// One document's share of a received batch, decided.
 enum Prepared {
-    /// Applied or held, with the changes refused by policy.
-    Arrived(Box<Arrived>, Vec<Refused>),
+    /// Applied or held, with the changes refused by policy and the objects it references
+    /// through our policy's `refs` for the peer.
+    Arrived(Box<Arrived>, Vec<Refused>, Vec<(TypeName, ObjectId)>),
     /// Changes to a document we do not have, sent without its header.
     NoHeader { doc: DocId, changes: u64 },
     /// Every change refused by policy.
@@ -661,11 +818,14 @@ struct Refused {
 
 /// Read what the store holds of one document and let the engine apply its changes (on a
 /// worker thread). Changes already stored are dropped as duplicates.
+#[allow(clippy::too_many_arguments)]
 fn prepare(
     engine: &Engine,
     policies: &Policies,
+    policy: &Policy,
     from: NodeId,
     reader: &Reader<'_>,
+    by_ref: &HashSet<DocId>,
     w: Work,
     keep_doc: bool,
 ) -> Result<Prepared, StoreError> {
@@ -707,7 +867,13 @@ fn prepare(
     for (signed, v) in incoming {
         if reader.has_change(&doc_id, &v.hash)? {
             duplicates += 1;
-        } else if let Err(why) = policies.may_take(&from, &header.ty, &header.origin, &v.author) {
+        } else if let Err(why) = policies.may_take(
+            &from,
+            &header.ty,
+            &header.origin,
+            &v.author,
+            by_ref.contains(&doc_id),
+        ) {
             refused.push(Refused {
                 doc: doc_id,
                 hash: v.hash,
@@ -735,10 +901,18 @@ fn prepare(
         name_taken,
     });
     arrived.duplicates = duplicates;
+    arrived.received.by_ref =
+        by_ref.contains(&doc_id) && !policy.covers(&arrived.received.header.ty);
+    let refs = match &arrived.doc {
+        Some(doc) if policy.refs.contains_key(&arrived.received.header.ty) => {
+            policy.references(&arrived.received.header.ty, &crate::doc::to_json(doc))
+        }
+        _ => Vec::new(),
+    };
     if !keep_doc {
         arrived.doc = None;
     }
-    Ok(Prepared::Arrived(Box::new(arrived), refused))
+    Ok(Prepared::Arrived(Box::new(arrived), refused, refs))
 }
 
 /// What the writer of a received batch did.
@@ -787,7 +961,7 @@ fn write(
                     tracing::warn!(%peer, %doc, "rejected changes to a document sent without its header");
                 }
                 Ok(Prepared::Refused(refused)) => refuse(&mut t, refused),
-                Ok(Prepared::Arrived(arrived, refused)) => {
+                Ok(Prepared::Arrived(arrived, refused, _)) => {
                     refuse(&mut t, refused);
                     let Arrived {
                         received,

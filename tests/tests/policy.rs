@@ -260,3 +260,118 @@ fn two_labs_objects_under_one_name_both_survive_and_are_listed_as_a_conflict() {
     );
     assert!(n[0].ok(&["conflicts"]).contains(&renamed));
 }
+
+/// BIIGLE: the lab sends only Volumes to the archive, and the LabelTrees and Users a Volume
+/// references travel with it (a LabelTree's members in turn); unreferenced ones stay home.
+/// With `rogue`, the lab ignores its own policy and sends everything: the archive's own
+/// `--types Volume --refs ...` then takes the objects referenced within what it receives and
+/// refuses the rest.
+fn volumes_carry_their_references(rogue: bool) {
+    let mut n = [TestNode::init("lab"), TestNode::init("archive")];
+    if rogue {
+        n[0].start_with_env(&[("TIDESYNC_FAULT", "ignore-policy")]);
+    } else {
+        n[0].start();
+    }
+    n[1].start();
+    let policy = [
+        "--types",
+        "Volume",
+        "--refs",
+        "Volume=label_trees,owner",
+        "--refs",
+        "LabelTree=members",
+    ];
+    // The honest lab is linked while it writes, so each object goes out on its own. The
+    // rogue's objects all travel in one batch, as the archive must see a referenced object
+    // with its referrer: one that arrived alone earlier was refused then.
+    let link = |n: &[TestNode; 2]| {
+        n[0].add_peer_with(&n[1], true, &policy);
+        n[1].add_peer_with(&n[0], true, &policy);
+    };
+    if !rogue {
+        link(&n);
+    }
+    for u in ["u-1", "u-2", "u-3"] {
+        put(&n[0], "User", u, json!({"name": u}));
+    }
+    put(&n[0], "LabelTree", "LT-1", json!({"members": ["User/u-2"]}));
+    put(&n[0], "LabelTree", "LT-2", json!({"members": ["User/u-3"]}));
+    put(&n[0], "Sample", "S-1", json!({}));
+    put(
+        &n[0],
+        "Volume",
+        "V-1",
+        json!({"label_trees": ["LabelTree/LT-1"], "owner": "User/u-1"}),
+    );
+    if rogue {
+        link(&n);
+    }
+    wait_for("the volume and its references arrive", || {
+        n[1].get("Volume", "V-1").is_some()
+            && n[1].get("LabelTree", "LT-1").is_some()
+            && n[1].get("User", "u-1").is_some()
+            && n[1].get("User", "u-2").is_some()
+    });
+    // A carried object stays up to date at the peer.
+    put(
+        &n[0],
+        "LabelTree",
+        "LT-1",
+        json!({"members": ["User/u-2"], "v": 2}),
+    );
+    wait_for("the referenced label tree's edit arrives", || {
+        n[1].get("LabelTree", "LT-1").is_some_and(|v| v["v"] == 2)
+    });
+    put(&n[0], "Volume", "MARK", json!({}));
+    wait_for("marker", || n[1].get("Volume", "MARK").is_some());
+    assert!(n[1].get("LabelTree", "LT-2").is_none());
+    assert!(n[1].get("User", "u-3").is_none());
+    assert!(n[1].get("Sample", "S-1").is_none());
+    if rogue {
+        assert!(refused(&n[1], "lab", "LabelTree") >= 1);
+        assert!(refused(&n[1], "lab", "Sample") >= 1);
+    }
+}
+
+#[test]
+fn biigle_volumes_carry_their_label_trees_and_users() {
+    volumes_carry_their_references(false);
+}
+
+#[test]
+fn a_receiver_takes_referenced_objects_and_refuses_unreferenced_ones() {
+    volumes_carry_their_references(true);
+}
+
+/// Two hubs: lab A is attached to hub 1, lab B to hub 2, and the hubs to each other. Each
+/// lab's objects and edits reach the other lab through both hubs, verified at every step.
+#[test]
+fn labs_on_different_hubs_converge_through_the_hub_to_hub_link() {
+    let n = started(&["lab-a", "hub-1", "hub-2", "lab-b"]);
+    for (x, y) in [(0, 1), (1, 2), (2, 3)] {
+        n[x].add_peer(&n[y], true);
+        n[y].add_peer(&n[x], true);
+    }
+    put(&n[0], "Sample", "S-A", json!({"lab": "a"}));
+    put(&n[3], "Sample", "S-B", json!({"lab": "b"}));
+    wait_for("both samples everywhere", || {
+        n.iter()
+            .all(|x| x.get("Sample", "S-A").is_some() && x.get("Sample", "S-B").is_some())
+    });
+    // Concurrent edits to different fields of one object, from both ends.
+    put(&n[0], "Sample", "S-A", json!({"lab": "a", "volume_ml": 2}));
+    put(
+        &n[3],
+        "Sample",
+        "S-A",
+        json!({"lab": "a", "status": "done"}),
+    );
+    wait_for("the edits merge the same everywhere", || {
+        let all: Vec<_> = n.iter().map(|x| x.get("Sample", "S-A")).collect();
+        all.iter().all(|v| v == &all[0])
+            && all[0]
+                .as_ref()
+                .is_some_and(|v| v["volume_ml"] == 2 && v["status"] == "done")
+    });
+}
