@@ -351,10 +351,9 @@ impl Store {
         Ok(out)
     }
 
-    /// Remember that `docs` are carried to `peer` by reference. Not fsynced on its own: if it
-    /// is lost, the next send of an object referencing them carries them again.
-    pub fn add_by_ref(&self, peer: &NodeId, docs: &[DocId]) -> Result<(), StoreError> {
-        let ctx = "recording documents carried by reference";
+    /// A write transaction that is not fsynced on its own: the next durable commit carries
+    /// it, and a crash before then loses it (for state that is safe to redo).
+    fn begin_lazy_write(&self, ctx: &'static str) -> Result<redb::WriteTransaction, StoreError> {
         let mut tx = self.db.begin_write().ctx(self, ctx)?;
         tx.set_durability(redb::Durability::None)
             .map_err(|e| StoreError::Io {
@@ -362,6 +361,14 @@ impl Store {
                 context: ctx,
                 detail: e.to_string(),
             })?;
+        Ok(tx)
+    }
+
+    /// Remember that `docs` are carried to `peer` by reference. Not fsynced on its own: if it
+    /// is lost, the next send of an object referencing them carries them again.
+    pub fn add_by_ref(&self, peer: &NodeId, docs: &[DocId]) -> Result<(), StoreError> {
+        let ctx = "recording documents carried by reference";
+        let tx = self.begin_lazy_write(ctx)?;
         {
             let mut table = tx.open_table(BY_REF).ctx(self, ctx)?;
             for d in docs {
@@ -646,13 +653,7 @@ impl Store {
         f: impl FnOnce(&mut PeerRecord),
     ) -> Result<PeerRecord, StoreError> {
         let ctx = "updating peer state";
-        let mut tx = self.db.begin_write().ctx(self, ctx)?;
-        tx.set_durability(redb::Durability::None)
-            .map_err(|e| StoreError::Io {
-                path: self.path.clone(),
-                context: ctx,
-                detail: e.to_string(),
-            })?;
+        let tx = self.begin_lazy_write(ctx)?;
         let record = {
             let mut peers = tx.open_table(PEERS).ctx(self, ctx)?;
             let mut record: PeerRecord = match peers.get(peer.0).ctx(self, ctx)? {
