@@ -195,6 +195,11 @@ pub struct PolicyArgs {
     /// types; `TYPE=` alone drops TYPE's references.
     #[arg(long, value_name = "TYPE=FIELD,...")]
     refs: Vec<String>,
+    /// The only fields of TYPE this peer is sent: it gets a view of each object, written and
+    /// signed by this node, and never the object's own history. Repeat for more types;
+    /// `TYPE=` alone drops the restriction.
+    #[arg(long, value_name = "TYPE=FIELD,...")]
+    fields: Vec<String>,
 }
 
 impl PolicyArgs {
@@ -223,26 +228,38 @@ impl PolicyArgs {
         if let Some(p) = &self.prefix {
             policy.prefix = (!p.is_empty()).then(|| p.clone());
         }
-        for r in &self.refs {
-            let (ty, fields) = r
-                .split_once('=')
-                .ok_or_else(|| CliError::Usage(format!("--refs {r:?}: expected TYPE=FIELD,...")))?;
-            let ty = TypeName::new(ty.trim())
-                .map_err(|e| CliError::Usage(format!("--refs {r:?}: {e}")))?;
-            let fields: Vec<String> = fields
-                .split(',')
-                .map(str::trim)
-                .filter(|f| !f.is_empty())
-                .map(str::to_string)
-                .collect();
-            if fields.is_empty() {
-                policy.refs.remove(&ty);
-            } else {
-                policy.refs.insert(ty, fields);
-            }
-        }
+        type_fields("--refs", &self.refs, &mut policy.refs)?;
+        type_fields("--fields", &self.fields, &mut policy.fields)?;
         policy.validate().map_err(CliError::Usage)
     }
+}
+
+/// Apply `TYPE=FIELD,...` options (`--refs`, `--fields`) to `into`; `TYPE=` alone removes
+/// TYPE.
+fn type_fields(
+    flag: &str,
+    given: &[String],
+    into: &mut std::collections::BTreeMap<TypeName, Vec<String>>,
+) -> Result<(), CliError> {
+    for r in given {
+        let (ty, fields) = r
+            .split_once('=')
+            .ok_or_else(|| CliError::Usage(format!("{flag} {r:?}: expected TYPE=FIELD,...")))?;
+        let ty =
+            TypeName::new(ty.trim()).map_err(|e| CliError::Usage(format!("{flag} {r:?}: {e}")))?;
+        let fields: Vec<String> = fields
+            .split(',')
+            .map(str::trim)
+            .filter(|f| !f.is_empty())
+            .map(str::to_string)
+            .collect();
+        if fields.is_empty() {
+            into.remove(&ty);
+        } else {
+            into.insert(ty, fields);
+        }
+    }
+    Ok(())
 }
 
 /// Why a command failed; each says what is wrong and what to do.
@@ -636,6 +653,12 @@ fn print_status(s: &Status) {
         println!(
             "held:    {} changes waiting for their dependencies",
             s.held_changes
+        );
+    }
+    if s.collisions > 0 {
+        println!(
+            "conflicts: {} objects kept under their own name because another object had their type and id here (see `tidesync conflicts`)",
+            s.collisions
         );
     }
     for addr in &s.listen {

@@ -108,6 +108,10 @@ pub struct Status {
     pub store_bytes: u64,
     /// Received changes held until their dependencies arrive.
     pub held_changes: u64,
+    /// Objects stored under a collision name because another object had their type and id
+    /// here (listed by `tidesync conflicts`).
+    #[serde(default)]
+    pub collisions: u64,
     /// Addresses the node listens on for peers (running node only).
     #[serde(default)]
     pub listen: Vec<String>,
@@ -684,6 +688,7 @@ impl Core {
             last_seq,
             store_bytes: self.store.size_bytes(),
             held_changes: self.store.pending_count().map_err(Self::read_err(what))?,
+            collisions: self.store.collision_count().map_err(Self::read_err(what))?,
             listen: Vec::new(),
             refused_connections: 0,
             net: Default::default(),

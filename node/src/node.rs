@@ -77,7 +77,7 @@ enum Action {
         reply: Reply<Result<Vec<crate::core::Conflict>, ReadError>>,
     },
     SetPeer {
-        peer: PeerConfig,
+        peer: Box<PeerConfig>,
         reply: Reply<Result<(), PeerError>>,
     },
     RemovePeer {
@@ -210,7 +210,11 @@ impl NodeHandle {
 
     /// Add or replace a peer; saved to the config file and applied at once.
     pub async fn set_peer(&self, peer: PeerConfig) -> Result<(), CallError<PeerError>> {
-        self.call(|reply| Action::SetPeer { peer, reply }).await
+        self.call(|reply| Action::SetPeer {
+            peer: Box::new(peer),
+            reply,
+        })
+        .await
     }
 
     /// Remove a peer; saved to the config file and its connection closed at once.
@@ -342,7 +346,7 @@ impl NodeActor {
                 let _ = reply.send(tokio::task::block_in_place(|| self.core.conflicts()));
             }
             Action::SetPeer { peer, reply } => {
-                let _ = reply.send(self.set_peer(peer));
+                let _ = reply.send(self.set_peer(*peer));
             }
             Action::RemovePeer { name, reply } => {
                 let _ = reply.send(self.remove_peer(&name));

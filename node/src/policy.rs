@@ -61,6 +61,12 @@ pub struct Policy {
     /// reference in the same way.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub refs: BTreeMap<TypeName, Vec<String>>,
+    /// The only fields of each type this peer is sent (one-way publishing). The peer gets a
+    /// view of each such object, a separate document this node writes and signs with just
+    /// those fields, never the object's own changes; changes to these types from the peer
+    /// are refused.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<TypeName, Vec<String>>,
 }
 
 impl Policy {
@@ -123,6 +129,28 @@ impl Policy {
                     .get(ty)
                     .is_some_and(|old_fields| fields.iter().all(|f| old_fields.contains(f)))
             })
+            && old.fields.iter().all(|(ty, old_fields)| {
+                self.fields
+                    .get(ty)
+                    .is_some_and(|fields| fields.iter().all(|f| old_fields.contains(f)))
+            })
+    }
+
+    /// `fields` keeping only what this policy publishes of an object of type `ty`, or `None`
+    /// when the type is not published as a view (see [`Policy::fields`]).
+    pub fn view(
+        &self,
+        ty: &TypeName,
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) -> Option<serde_json::Map<String, serde_json::Value>> {
+        let allowed = self.fields.get(ty)?;
+        Some(
+            fields
+                .iter()
+                .filter(|(k, _)| allowed.contains(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
     }
 
     /// Check the policy's own consistency; an error says what to fix.
@@ -237,7 +265,11 @@ impl Policies {
             return true;
         }
         let policy = self.of(to);
-        if policy.direction == Direction::Receive || !(by_ref || policy.covers(&rec.ty)) {
+        if policy.direction == Direction::Receive
+            || !(by_ref || policy.covers(&rec.ty))
+            || policy.fields.contains_key(&rec.ty)
+        {
+            // A type published as a view never goes out as the object itself.
             return false;
         }
         // An object that arrived under another peer's prefix is that peer's own: it goes back
@@ -271,7 +303,7 @@ impl Policies {
         if !(by_ref || policy.covers(ty)) {
             return Err(Refusal::TypeNotExchanged { ty: ty_owned() });
         }
-        if policy.send_only.contains(ty) {
+        if policy.send_only.contains(ty) || policy.fields.contains_key(ty) {
             return Err(Refusal::TypeSendOnly { ty: ty_owned() });
         }
         if policy.update_only.contains(ty) && *origin != self.me {
@@ -523,5 +555,44 @@ mod tests {
         more.refs.insert(t("LabelTree"), vec!["users".into()]);
         assert!(!more.is_within(&policy));
         assert!(policy.is_within(&more));
+    }
+
+    #[test]
+    fn fields_publish_a_view_and_never_the_object() {
+        let (me, a) = (n(1), n(2));
+        let mut p = Policies::new(me);
+        let policy = Policy {
+            fields: BTreeMap::from([(t("Entity"), vec!["title".into()])]),
+            ..Policy::default()
+        };
+        p.set(a, "a".into(), policy.clone());
+        let obj = serde_json::json!({"title": "T", "secret": "S"});
+        assert_eq!(
+            policy.view(&t("Entity"), obj.as_object().unwrap()),
+            Some(
+                serde_json::json!({"title": "T"})
+                    .as_object()
+                    .unwrap()
+                    .clone()
+            )
+        );
+        assert_eq!(policy.view(&t("Sample"), obj.as_object().unwrap()), None);
+        assert!(!p.may_send(&a, &rec(me, "Entity"), false));
+        assert!(
+            !p.may_send(&a, &rec(me, "Entity"), true),
+            "not even by reference"
+        );
+        assert!(p.may_send(&a, &rec(me, "Sample"), false));
+        assert!(
+            p.may_take(&a, &t("Entity"), &a, &a, false).is_err(),
+            "one way"
+        );
+        // Publishing more fields, or dropping the restriction, widens; fewer fields do not.
+        let mut more = policy.clone();
+        more.fields
+            .insert(t("Entity"), vec!["title".into(), "date".into()]);
+        assert!(!more.is_within(&policy));
+        assert!(policy.is_within(&more));
+        assert!(!Policy::default().is_within(&policy));
     }
 }

@@ -44,9 +44,29 @@ const NAMES: TableDefinition<(&str, &str), [u8; 16]> = TableDefinition::new("nam
 /// Verified changes held until their dependencies arrive (they are not in the log yet).
 /// Key: (DocId, change hash). Value: postcard `(DocHeader, SignedChange)`.
 const PENDING: TableDefinition<([u8; 16], [u8; 32]), &[u8]> = TableDefinition::new("pending_v1");
-/// Live and deleted objects per type, kept in step with `docs_v1` by every commit.
-/// Key: type name. Value: (live, deleted).
+/// Live and deleted objects per type, kept in step with `docs_v2` by every commit; and, under
+/// [`COLLISIONS_KEY`] (never a type name), the documents stored under a collision name.
+/// Key: type name, or `~collisions`. Value: (live, deleted), or (collisions, 0).
 const COUNTS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counts_v1");
+/// The views of objects published to a peer with `fields` (see
+/// [`crate::policy::Policy::fields`]): documents this node writes and signs holding only the
+/// published fields, kept apart from the objects themselves (a view has the id the object has
+/// at the peer, which is the object's own when this node created it).
+/// Key: (peer NodeId, the object's DocId). Value: postcard [`View`].
+const VIEWS: TableDefinition<([u8; 32], [u8; 16]), &[u8]> = TableDefinition::new("views_v1");
+
+/// The view of one object published to one peer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct View {
+    /// The view document's Automerge state.
+    #[serde(with = "tidesync_proto::change::serde_bytes_vec")]
+    pub state: Vec<u8>,
+    /// Every change of the view, signed by this node, in order.
+    pub changes: Vec<SignedChange>,
+}
+
+/// The `counts_v1` key of the collision count (type names cannot hold `~`).
+const COLLISIONS_KEY: &str = "~collisions";
 /// What this node knows of each peer's sync: checkpoints and counters.
 /// Key: peer NodeId (32 bytes). Value: postcard [`PeerRecord`].
 const PEERS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("peers_v1");
@@ -281,7 +301,40 @@ impl Store {
             path: path.into(),
         };
         store.check_format()?;
+        store.ensure_collision_count()?;
         Ok(store)
+    }
+
+    /// Stores made before the collision count was kept get it once, by a scan.
+    fn ensure_collision_count(&self) -> Result<(), StoreError> {
+        let ctx = "counting name collisions";
+        let counted = {
+            let tx = self.db.begin_read().ctx(self, ctx)?;
+            let counts = tx.open_table(COUNTS).ctx(self, ctx)?;
+            counts.get(COLLISIONS_KEY).ctx(self, ctx)?.is_some()
+        };
+        if counted {
+            return Ok(());
+        }
+        let n = self.collisions()?.len() as u64;
+        let tx = self.db.begin_write().ctx(self, ctx)?;
+        tx.open_table(COUNTS)
+            .ctx(self, ctx)?
+            .insert(COLLISIONS_KEY, (n, 0))
+            .ctx(self, ctx)?;
+        tx.commit().ctx(self, ctx)
+    }
+
+    /// How many documents are stored under a collision name (see [`Store::collisions`]).
+    pub fn collision_count(&self) -> Result<u64, StoreError> {
+        let ctx = "counting name collisions";
+        let tx = self.db.begin_read().ctx(self, ctx)?;
+        let counts = tx.open_table(COUNTS).ctx(self, ctx)?;
+        Ok(counts
+            .get(COLLISIONS_KEY)
+            .ctx(self, ctx)?
+            .map(|v| v.value().0)
+            .unwrap_or(0))
     }
 
     /// An in-memory store, for simulations and tests.
@@ -325,8 +378,44 @@ impl Store {
             tx.open_table(NAMES).ctx(self, ctx)?;
             tx.open_table(PENDING).ctx(self, ctx)?;
             tx.open_table(PEERS).ctx(self, ctx)?;
-            tx.open_table(COUNTS).ctx(self, ctx)?;
+            tx.open_table(COUNTS)
+                .ctx(self, ctx)?
+                .insert(COLLISIONS_KEY, (0, 0))
+                .ctx(self, ctx)?;
             tx.open_table(BY_REF).ctx(self, ctx)?;
+            tx.open_table(VIEWS).ctx(self, ctx)?;
+        }
+        tx.commit().ctx(self, ctx)
+    }
+
+    /// The view of object `doc` published to `peer`, if one was written.
+    pub fn view(&self, peer: &NodeId, doc: &DocId) -> Result<Option<View>, StoreError> {
+        let ctx = "reading a published view";
+        let tx = self.db.begin_read().ctx(self, ctx)?;
+        let views = match tx.open_table(VIEWS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(classify(&self.path, ctx, e.into())),
+        };
+        let found = views.get((peer.0, doc.0)).ctx(self, ctx)?;
+        found
+            .map(|v| self.decode(|| format!("views_v1[{peer}, {doc}]"), v.value()))
+            .transpose()
+    }
+
+    /// Store views published to `peer`, durably: a view change must never be made twice
+    /// (once sent, a second, different change with its sequence number would be refused).
+    pub fn put_views(&self, peer: &NodeId, views: &[(DocId, View)]) -> Result<(), StoreError> {
+        let ctx = "storing published views";
+        let tx = self.db.begin_write().ctx(self, ctx)?;
+        {
+            let mut table = tx.open_table(VIEWS).ctx(self, ctx)?;
+            for (doc, view) in views {
+                let bytes = postcard::to_stdvec(view).map_err(|x| self.encode_error(x))?;
+                table
+                    .insert((peer.0, doc.0), bytes.as_slice())
+                    .ctx(self, ctx)?;
+            }
         }
         tx.commit().ctx(self, ctx)
     }
@@ -567,7 +656,7 @@ impl Store {
         for item in counts.iter().ctx(self, ctx)? {
             let (k, v) = item.ctx(self, ctx)?;
             let (live, deleted) = v.value();
-            if live + deleted > 0 {
+            if live + deleted > 0 && k.value() != COLLISIONS_KEY {
                 out.insert(k.value().to_string(), TypeCount { live, deleted });
             }
         }
@@ -884,6 +973,17 @@ impl<'s, 'tx> Writer<'s, 'tx> {
                         ..record.clone()
                     };
                     record = &renamed;
+                }
+                if crate::engine::is_collision_name(&record.local_id, doc) {
+                    let (n, _) = self
+                        .counts
+                        .get(COLLISIONS_KEY)
+                        .ctx(store, ctx)?
+                        .map(|v| v.value())
+                        .unwrap_or((0, 0));
+                    self.counts
+                        .insert(COLLISIONS_KEY, (n + 1, 0))
+                        .ctx(store, ctx)?;
                 }
                 self.doc_no += 1;
                 self.doc_nos.insert(doc.0, self.doc_no).ctx(store, ctx)?;

@@ -57,6 +57,12 @@ pub enum SyncError {
     Unexpected { peer: NodeId, what: &'static str },
     #[error("sync with peer {peer}: {source}")]
     Store { peer: NodeId, source: StoreError },
+    #[error("publishing the view of document {doc} to peer {peer}: {detail}")]
+    View {
+        peer: NodeId,
+        doc: DocId,
+        detail: String,
+    },
 }
 
 /// One connected peer's session.
@@ -465,10 +471,16 @@ impl Core {
         let mut out = Vec::new();
         let last = self.store.last_seq().map_err(Self::store_err(peer))?;
         let (me, alter_relayed) = (self.node_id(), self.sync.alter_relayed);
-        let mut by_ref = if self.policies.of(&peer).refs.is_empty() {
+        let policy = self.policies.of(&peer);
+        let mut by_ref = if policy.refs.is_empty() {
             HashSet::new()
         } else {
             self.store.by_ref(&peer).map_err(Self::store_err(peer))?
+        };
+        let viewed = |ty: &TypeName| {
+            policy.fields.contains_key(ty)
+                && policy.covers(ty)
+                && policy.direction != crate::policy::Direction::Receive
         };
         loop {
             let Some(session) = self.sync.peers.get(&peer) else {
@@ -485,8 +497,15 @@ impl Core {
             let policies = &self.policies;
             let skip_entry =
                 |e: &LogEntry| !unfiltered && (e.author == peer || e.from == Some(peer));
-            let skip_doc =
-                |doc: &DocId, rec: &DocRecord| !policies.may_send(&peer, rec, by_ref.contains(doc));
+            // Objects of types published to this peer as views (`fields`) are noted here,
+            // never sent themselves.
+            let to_view = std::cell::RefCell::new(Vec::new());
+            let skip_doc = |doc: &DocId, rec: &DocRecord| {
+                if viewed(&rec.ty) {
+                    to_view.borrow_mut().push(*doc);
+                }
+                !policies.may_send(&peer, rec, by_ref.contains(doc))
+            };
             let mut batch = self
                 .store
                 .read_batch(
@@ -498,6 +517,7 @@ impl Core {
                     skip_doc,
                 )
                 .map_err(Self::store_err(peer))?;
+            self.publish_views(peer, &mut batch, to_view.into_inner())?;
             let carried = self.carry_references(peer, &mut batch)?;
             if !carried.is_empty() {
                 self.store
@@ -544,6 +564,126 @@ impl Core {
         }
     }
 
+    /// Bring the views of `docs` published to `peer` (see [`crate::policy::Policy::fields`])
+    /// up to date and add each view's signed changes, all of them, to `batch` (the peer drops
+    /// those it has). A view is a document of the same type and id, created and signed by
+    /// this node, holding only the published fields: the peer never receives the object's own
+    /// changes, so no other field's value reaches it, now or in any history. New view changes
+    /// are stored durably before the batch goes out.
+    fn publish_views(
+        &self,
+        peer: NodeId,
+        batch: &mut OutBatch,
+        docs: Vec<DocId>,
+    ) -> Result<(), SyncError> {
+        if docs.is_empty() {
+            return Ok(());
+        }
+        let policy = self.policies.of(&peer);
+        let now = (self.clock)();
+        let mut seen = HashSet::new();
+        let mut updated = Vec::new();
+        for doc_id in docs {
+            if !seen.insert(doc_id) {
+                continue;
+            }
+            let err = Self::store_err(peer);
+            let (Some(rec), Some(doc)) = (
+                self.store.record(&doc_id).map_err(err)?,
+                self.store
+                    .load_doc(&doc_id)
+                    .map_err(Self::store_err(peer))?,
+            ) else {
+                continue;
+            };
+            let Some(published) = policy.view(&rec.ty, &crate::doc::to_json(&doc)) else {
+                continue;
+            };
+            let mut view = self
+                .store
+                .view(&peer, &doc_id)
+                .map_err(Self::store_err(peer))?
+                .unwrap_or_default();
+            let existing = if view.state.is_empty() {
+                None
+            } else {
+                let view_doc = Automerge::load(&view.state).map_err(|e| SyncError::View {
+                    peer,
+                    doc: doc_id,
+                    detail: e.to_string(),
+                })?;
+                Some(crate::engine::Loaded {
+                    doc_id: DocId::derive(&self.node_id(), &rec.ty, &rec.local_id),
+                    record: DocRecord {
+                        origin: self.node_id(),
+                        ty: rec.ty.clone(),
+                        id: rec.local_id.clone(),
+                        local_id: rec.local_id.clone(),
+                        live: !crate::doc::is_deleted(&view_doc),
+                    },
+                    doc: view_doc,
+                })
+            };
+            let deleted = crate::doc::is_deleted(&doc);
+            let outcome = match (&existing, deleted) {
+                (None, true) => continue,
+                (Some(v), true) if !v.record.live => None,
+                (_, true) => Some(self.engine.local_write(
+                    now,
+                    &rec.ty,
+                    &rec.local_id,
+                    existing,
+                    crate::engine::WriteOp::Delete,
+                )),
+                (_, false) => {
+                    // Fields the view has and the object no longer publishes are removed.
+                    let mut fields = published;
+                    if let Some(v) = &existing {
+                        for k in crate::doc::to_json(&v.doc).keys() {
+                            fields.entry(k.clone()).or_insert(serde_json::Value::Null);
+                        }
+                    }
+                    Some(self.engine.local_write(
+                        now,
+                        &rec.ty,
+                        &rec.local_id,
+                        existing,
+                        crate::engine::WriteOp::Put(&fields),
+                    ))
+                }
+            };
+            let view_id = DocId::derive(&self.node_id(), &rec.ty, &rec.local_id);
+            match outcome {
+                Some(Ok(crate::engine::WriteOutcome::Changed(p))) => {
+                    view.state = crate::doc::save_state(&p.doc);
+                    view.changes.push(p.change);
+                    updated.push((doc_id, view.clone()));
+                }
+                Some(Err(e)) => {
+                    return Err(SyncError::View {
+                        peer,
+                        doc: doc_id,
+                        detail: e.to_string(),
+                    });
+                }
+                Some(Ok(crate::engine::WriteOutcome::Unchanged(_))) | None => {}
+            }
+            if view.changes.is_empty() {
+                continue;
+            }
+            batch.docs.push(DocHeader {
+                doc: view_id,
+                origin: self.node_id(),
+                ty: rec.ty.clone(),
+                id: rec.local_id.clone(),
+            });
+            batch.changes.extend(view.changes);
+        }
+        self.store
+            .put_views(&peer, &updated)
+            .map_err(Self::store_err(peer))
+    }
+
     /// Add to `batch` every object that an object in it references through our policy's
     /// `refs` for `peer` and that is not sent to the peer on its own account (its type is not
     /// exchanged with it): all of its stored changes, with its header, and in turn what it
@@ -584,8 +724,12 @@ impl Core {
                 else {
                     continue;
                 };
-                if self.policies.may_send(&peer, &target_rec, false) || !headed.insert(target) {
-                    // Sent on its own account, or already in this batch.
+                if !self.policies.may_send(&peer, &target_rec, true)
+                    || self.policies.may_send(&peer, &target_rec, false)
+                    || !headed.insert(target)
+                {
+                    // Never sent to this peer, sent on its own account, or already in this
+                    // batch.
                     continue;
                 }
                 if carried.len() >= MAX_REFERENCED_DOCS_PER_BATCH

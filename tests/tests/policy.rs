@@ -259,6 +259,9 @@ fn two_labs_objects_under_one_name_both_survive_and_are_listed_as_a_conflict() {
         "{labs:?}"
     );
     assert!(n[0].ok(&["conflicts"]).contains(&renamed));
+    // `status` shows the collision too.
+    assert_eq!(n[0].status()["collisions"], json!(1));
+    assert!(n[0].ok(&["status"]).contains("conflicts: 1 objects"));
 }
 
 /// BIIGLE: the lab sends only Volumes to the archive, and the LabelTrees and Users a Volume
@@ -374,4 +377,137 @@ fn labs_on_different_hubs_converge_through_the_hub_to_hub_link() {
                 .as_ref()
                 .is_some_and(|v| v["volume_ml"] == 2 && v["status"] == "done")
     });
+}
+
+/// `--types` alone, at the sender: only the listed types go out.
+#[test]
+fn types_alone_sends_only_the_listed_types() {
+    let n = started(&["lab-a", "lab-b"]);
+    n[0].add_peer_with(&n[1], true, &["--types", "Sample"]);
+    n[1].add_peer(&n[0], true);
+    put(&n[0], "Method", "M-1", json!({"v": 1}));
+    put(&n[0], "Sample", "S-1", json!({"v": 1}));
+    put(&n[0], "Sample", "MARK", json!({}));
+    wait_for("marker", || n[1].get("Sample", "MARK").is_some());
+    assert!(n[1].get("Sample", "S-1").is_some());
+    assert!(n[1].get("Method", "M-1").is_none());
+}
+
+/// `--types` alone, at the receiver: a peer that sends other types anyway is refused, and the
+/// refusals are counted per type.
+#[test]
+fn types_alone_takes_only_the_listed_types_from_a_peer_that_sends_more() {
+    let mut n = [TestNode::init("rogue"), TestNode::init("lab")];
+    n[0].start_with_env(&[("TIDESYNC_FAULT", "ignore-policy")]);
+    n[1].start();
+    n[0].add_peer(&n[1], true);
+    n[1].add_peer_with(&n[0], true, &["--types", "Sample"]);
+    put(&n[0], "Method", "M-1", json!({"v": 1}));
+    put(&n[0], "Sample", "MARK", json!({}));
+    wait_for("marker", || n[1].get("Sample", "MARK").is_some());
+    assert!(n[1].get("Method", "M-1").is_none());
+    assert_eq!(refused(&n[1], "rogue", "Method"), 1);
+}
+
+/// `--direction send`: we send to the peer and never take from it, even when it sends.
+#[test]
+fn direction_send_publishes_and_refuses_what_comes_back() {
+    let n = started(&["publisher", "mirror"]);
+    n[0].add_peer_with(&n[1], true, &["--direction", "send"]);
+    n[1].add_peer(&n[0], true);
+    put(&n[0], "Sample", "S-P", json!({"from": "publisher"}));
+    wait_for("published", || n[1].get("Sample", "S-P").is_some());
+    // The mirror's own policy lets it send; the publisher refuses its object and its edit.
+    put(&n[1], "Sample", "S-M", json!({"from": "mirror"}));
+    put(&n[1], "Sample", "S-P", json!({"from": "mirror"}));
+    wait_for("the publisher refused both", || {
+        refused(&n[0], "mirror", "Sample") >= 2
+    });
+    assert!(n[0].get("Sample", "S-M").is_none());
+    assert_eq!(
+        n[0].get("Sample", "S-P"),
+        Some(json!({"from": "publisher"}))
+    );
+}
+
+/// Whether `needle` occurs anywhere in the file's bytes.
+fn file_holds(path: &std::path::Path, needle: &str) -> bool {
+    let bytes = std::fs::read(path).unwrap();
+    bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// Uwazi: a private archive publishes Entity with only `title` and `date` to a public node.
+/// No byte of the other fields' values, in any version, is in the public node's redb file;
+/// the published values are (so the scan can find what is there).
+#[test]
+fn uwazi_publishes_only_whitelisted_fields_and_the_public_store_never_holds_the_rest() {
+    let mut n = [TestNode::init("private"), TestNode::init("public")];
+    for x in &mut n {
+        x.start();
+    }
+    n[0].add_peer_with(
+        &n[1],
+        true,
+        &[
+            "--direction",
+            "send",
+            "--types",
+            "Entity,Template",
+            "--fields",
+            "Entity=title,date",
+        ],
+    );
+    n[1].add_peer_with(&n[0], true, &["--direction", "receive"]);
+    put(
+        &n[0],
+        "Template",
+        "T-1",
+        json!({"name": "TEMPLATE-NAME-7f3a"}),
+    );
+    put(
+        &n[0],
+        "Entity",
+        "E-1",
+        json!({"title": "TITLE-ONE-91c2", "date": "2024-05-01", "informant": "SECRET-NAME-a41b"}),
+    );
+    put(
+        &n[0],
+        "Entity",
+        "E-1",
+        json!({"title": "TITLE-TWO-5d0e", "informant": "SECRET-NAME-c7d9"}),
+    );
+    put(&n[0], "Case", "C-1", json!({"note": "SECRET-CASE-33aa"}));
+    wait_for("the second title is public", || {
+        n[1].get("Entity", "E-1")
+            .is_some_and(|v| v["title"] == "TITLE-TWO-5d0e")
+    });
+    assert_eq!(
+        n[1].get("Entity", "E-1"),
+        Some(json!({"title": "TITLE-TWO-5d0e", "date": "2024-05-01"}))
+    );
+    assert!(n[1].get("Template", "T-1").is_some());
+    // The private archive keeps everything.
+    assert_eq!(
+        n[0].get("Entity", "E-1").unwrap()["informant"],
+        "SECRET-NAME-c7d9"
+    );
+    // A deletion is published too.
+    n[0].ok(&["rm", "Entity", "E-1"]);
+    wait_for("the deletion is public", || {
+        n[1].get("Entity", "E-1").is_none()
+    });
+    n[1].stop();
+    let store = n[1].home().join("store.redb");
+    for secret in ["SECRET-NAME-a41b", "SECRET-NAME-c7d9", "SECRET-CASE-33aa"] {
+        assert!(
+            !file_holds(&store, secret),
+            "{secret} is in the public store"
+        );
+    }
+    for public in ["TITLE-ONE-91c2", "TITLE-TWO-5d0e", "TEMPLATE-NAME-7f3a"] {
+        assert!(
+            file_holds(&store, public),
+            "{public} should be in the public store"
+        );
+    }
 }
