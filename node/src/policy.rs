@@ -218,6 +218,8 @@ pub struct ReadOnlyType {
 pub struct Policies {
     me: NodeId,
     peers: BTreeMap<NodeId, (String, Policy)>,
+    /// The policy of a peer that has none configured: everything, both ways.
+    default: Policy,
     /// Test-only fault (`TIDESYNC_FAULT=ignore-policy`): write and send as if no policy applied.
     ignore_own: bool,
 }
@@ -227,6 +229,7 @@ impl Policies {
         Policies {
             me,
             peers: BTreeMap::new(),
+            default: Policy::default(),
             ignore_own: false,
         }
     }
@@ -251,11 +254,11 @@ impl Policies {
     }
 
     /// The policy for `peer` (the default, everything both ways, for an unknown one).
-    pub fn of(&self, peer: &NodeId) -> Policy {
+    pub fn of(&self, peer: &NodeId) -> &Policy {
         self.peers
             .get(peer)
-            .map(|(_, p)| p.clone())
-            .unwrap_or_default()
+            .map(|(_, p)| p)
+            .unwrap_or(&self.default)
     }
 
     /// Whether this node may send `to` the changes of the document `rec`; `by_ref` when an

@@ -851,7 +851,7 @@ impl Core {
             prepare(
                 engine,
                 policies,
-                &policy,
+                policy,
                 peer,
                 &reader,
                 &by_ref,
@@ -886,13 +886,13 @@ impl Core {
             newly = prepared.len()..prepared.len() + taken.len();
             for w in taken {
                 prepared.push(prepare(
-                    engine, policies, &policy, peer, &reader, &by_ref, w, true,
+                    engine, policies, policy, peer, &reader, &by_ref, w, true,
                 ));
             }
         }
         for w in deferred {
             prepared.push(prepare(
-                engine, policies, &policy, peer, &reader, &by_ref, w, false,
+                engine, policies, policy, peer, &reader, &by_ref, w, false,
             ));
         }
         drop(reader);
