@@ -136,6 +136,11 @@ impl Policy {
             })
     }
 
+    /// Whether objects of `ty` go to this peer as views (see [`Policy::fields`]).
+    pub fn publishes_view(&self, ty: &TypeName) -> bool {
+        self.fields.contains_key(ty) && self.covers(ty) && self.direction != Direction::Receive
+    }
+
     /// `fields` keeping only what this policy publishes of an object of type `ty`, or `None`
     /// when the type is not published as a view (see [`Policy::fields`]).
     pub fn view(

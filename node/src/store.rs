@@ -72,7 +72,7 @@ const COLLISIONS_KEY: &str = "~collisions";
 const PEERS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("peers_v1");
 /// Documents carried to or from a peer only because an object it exchanges references them
 /// (`--refs`): their own type is not exchanged with that peer, yet their changes keep flowing.
-/// Added within format 2: a store without it has no such documents.
+/// Added within format 2 (see `Store::upgrade_within_format`).
 /// Key: (peer NodeId, DocId). Value: unit.
 const BY_REF: TableDefinition<([u8; 32], [u8; 16]), ()> = TableDefinition::new("by_ref_v1");
 
@@ -301,19 +301,21 @@ impl Store {
             path: path.into(),
         };
         store.check_format()?;
-        store.ensure_collision_count()?;
+        store.upgrade_within_format()?;
         Ok(store)
     }
 
-    /// Stores made before the collision count was kept get it once, by a scan.
-    fn ensure_collision_count(&self) -> Result<(), StoreError> {
-        let ctx = "counting name collisions";
-        let counted = {
+    /// Bring a format-2 store made before `by_ref_v1`, `views_v1` and the collision count
+    /// existed up to date, once: the tables are created and the count is taken by a scan. A
+    /// store that has the count has all three (`init_tables` writes them together).
+    fn upgrade_within_format(&self) -> Result<(), StoreError> {
+        let ctx = "adding the tables added within format 2";
+        let current = {
             let tx = self.db.begin_read().ctx(self, ctx)?;
             let counts = tx.open_table(COUNTS).ctx(self, ctx)?;
             counts.get(COLLISIONS_KEY).ctx(self, ctx)?.is_some()
         };
-        if counted {
+        if current {
             return Ok(());
         }
         let n = self.collisions()?.len() as u64;
@@ -322,6 +324,8 @@ impl Store {
             .ctx(self, ctx)?
             .insert(COLLISIONS_KEY, (n, 0))
             .ctx(self, ctx)?;
+        tx.open_table(BY_REF).ctx(self, ctx)?;
+        tx.open_table(VIEWS).ctx(self, ctx)?;
         tx.commit().ctx(self, ctx)
     }
 
@@ -392,11 +396,7 @@ impl Store {
     pub fn view(&self, peer: &NodeId, doc: &DocId) -> Result<Option<View>, StoreError> {
         let ctx = "reading a published view";
         let tx = self.db.begin_read().ctx(self, ctx)?;
-        let views = match tx.open_table(VIEWS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(classify(&self.path, ctx, e.into())),
-        };
+        let views = tx.open_table(VIEWS).ctx(self, ctx)?;
         let found = views.get((peer.0, doc.0)).ctx(self, ctx)?;
         found
             .map(|v| self.decode(|| format!("views_v1[{peer}, {doc}]"), v.value()))
@@ -424,11 +424,7 @@ impl Store {
     pub fn by_ref(&self, peer: &NodeId) -> Result<HashSet<DocId>, StoreError> {
         let ctx = "reading documents carried by reference";
         let tx = self.db.begin_read().ctx(self, ctx)?;
-        let table = match tx.open_table(BY_REF) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(HashSet::new()),
-            Err(e) => return Err(classify(&self.path, ctx, e.into())),
-        };
+        let table = tx.open_table(BY_REF).ctx(self, ctx)?;
         let mut out = HashSet::new();
         for item in table
             .range((peer.0, [0; 16])..=(peer.0, [0xff; 16]))
@@ -975,15 +971,8 @@ impl<'s, 'tx> Writer<'s, 'tx> {
                     record = &renamed;
                 }
                 if crate::engine::is_collision_name(&record.local_id, doc) {
-                    let (n, _) = self
-                        .counts
-                        .get(COLLISIONS_KEY)
-                        .ctx(store, ctx)?
-                        .map(|v| v.value())
-                        .unwrap_or((0, 0));
-                    self.counts
-                        .insert(COLLISIONS_KEY, (n + 1, 0))
-                        .ctx(store, ctx)?;
+                    // Counted in the first slot of its `counts_v1` row, as a live object is.
+                    self.bump(COLLISIONS_KEY, true, true)?;
                 }
                 self.doc_no += 1;
                 self.doc_nos.insert(doc.0, self.doc_no).ctx(store, ctx)?;

@@ -477,11 +477,6 @@ impl Core {
         } else {
             self.store.by_ref(&peer).map_err(Self::store_err(peer))?
         };
-        let viewed = |ty: &TypeName| {
-            policy.fields.contains_key(ty)
-                && policy.covers(ty)
-                && policy.direction != crate::policy::Direction::Receive
-        };
         loop {
             let Some(session) = self.sync.peers.get(&peer) else {
                 return Ok(out);
@@ -501,7 +496,7 @@ impl Core {
             // never sent themselves.
             let to_view = std::cell::RefCell::new(Vec::new());
             let skip_doc = |doc: &DocId, rec: &DocRecord| {
-                if viewed(&rec.ty) {
+                if policy.publishes_view(&rec.ty) {
                     to_view.borrow_mut().push(*doc);
                 }
                 !policies.may_send(&peer, rec, by_ref.contains(doc))
@@ -599,6 +594,7 @@ impl Core {
             let Some(published) = policy.view(&rec.ty, &crate::doc::to_json(&doc)) else {
                 continue;
             };
+            let view_id = DocId::derive(&self.node_id(), &rec.ty, &rec.local_id);
             let mut view = self
                 .store
                 .view(&peer, &doc_id)
@@ -613,7 +609,7 @@ impl Core {
                     detail: e.to_string(),
                 })?;
                 Some(crate::engine::Loaded {
-                    doc_id: DocId::derive(&self.node_id(), &rec.ty, &rec.local_id),
+                    doc_id: view_id,
                     record: DocRecord {
                         origin: self.node_id(),
                         ty: rec.ty.clone(),
@@ -652,7 +648,6 @@ impl Core {
                     ))
                 }
             };
-            let view_id = DocId::derive(&self.node_id(), &rec.ty, &rec.local_id);
             match outcome {
                 Some(Ok(crate::engine::WriteOutcome::Changed(p))) => {
                     view.state = crate::doc::save_state(&p.doc);
@@ -716,7 +711,10 @@ impl Core {
             ) else {
                 continue;
             };
-            for (ty, id) in policy.references(&rec.ty, &crate::doc::to_json(&doc)) {
+            // A view's references are those of its published fields only.
+            let fields = crate::doc::to_json(&doc);
+            let fields = policy.view(&rec.ty, &fields).unwrap_or(fields);
+            for (ty, id) in policy.references(&rec.ty, &fields) {
                 let Some(target) = reader.lookup(&ty, &id).map_err(Self::store_err(peer))? else {
                     continue;
                 };
