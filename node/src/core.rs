@@ -64,6 +64,28 @@ pub struct HistoryEntry {
 }
 
 /// An object's history, oldest change first (causal order).
+/// One document as [`Core::audit`] found it.
+#[derive(Debug, Clone)]
+pub struct DocAudit {
+    pub doc: DocId,
+    pub record: DocRecord,
+    /// The document's heads, sorted.
+    pub heads: Vec<automerge::ChangeHash>,
+    pub json: Map<String, Json>,
+    pub deleted: bool,
+    pub changes: Vec<AuditedChange>,
+}
+
+/// One change of an audited document.
+#[derive(Debug, Clone)]
+pub struct AuditedChange {
+    pub hash: automerge::ChangeHash,
+    /// The node whose key is in the change's actor id, if it is one.
+    pub author: Option<NodeId>,
+    /// Whether the stored signed copy verifies, or why not.
+    pub signature: Result<(), String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct History {
     #[serde(rename = "type")]
@@ -248,6 +270,8 @@ pub struct Core {
     pub(crate) running: bool,
     pub(crate) sync: crate::sync::Sessions,
     pub(crate) policies: crate::policy::Policies,
+    /// Deliberate bugs, for simulations only (see [`crate::fault`]).
+    pub(crate) faults: crate::fault::Faults,
 }
 
 impl Core {
@@ -312,7 +336,17 @@ impl Core {
             clock,
             running,
             sync: crate::sync::Sessions::default(),
+            faults: crate::fault::Faults::default(),
         }
+    }
+
+    /// Switch on a deliberate bug (simulations only: see [`crate::fault`]).
+    pub fn inject_fault(&mut self, fault: crate::fault::EngineFault) {
+        tracing::warn!(%fault, "ENGINE FAULT ENABLED: this core misbehaves on purpose");
+        if fault == crate::fault::EngineFault::IgnoreSkip {
+            self.policies.ignore_skip();
+        }
+        self.faults.set(fault);
     }
 
     /// Give up the core, returning its store (as a crash-and-restart in a simulation does).
@@ -322,6 +356,16 @@ impl Core {
 
     pub fn node_id(&self) -> NodeId {
         self.engine.node_id()
+    }
+
+    /// The store, for reading (audits, simulations and tests).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The node's identity (its signing key).
+    pub fn identity(&self) -> &Identity {
+        self.engine.identity()
     }
 
     /// Set a peer's policy. When it lets through more than before, what is now allowed is
@@ -384,7 +428,12 @@ impl Core {
         }
     }
 
-    fn find(&self, ty: &TypeName, id: &ObjectId) -> Result<Option<(DocId, DocRecord)>, StoreError> {
+    /// The document that the local name `ty/id` points to, with its record.
+    pub fn find(
+        &self,
+        ty: &TypeName,
+        id: &ObjectId,
+    ) -> Result<Option<(DocId, DocRecord)>, StoreError> {
         let Some(doc_id) = self.store.lookup(ty, id)? else {
             return Ok(None);
         };
@@ -596,20 +645,9 @@ impl Core {
         let mut entries = Vec::with_capacity(changes.len());
         for change in changes {
             let hash = change.hash();
-            let signed = self
-                .store
-                .change(&doc_id, &hash)
+            let checked = self
+                .check_stored(&doc_id, &hash)
                 .map_err(Self::read_err(&what))?;
-            let checked = match &signed {
-                None => Err("no signed copy of this change is stored".to_string()),
-                Some(s) => s.verify().map_err(|e| e.to_string()).and_then(|v| {
-                    if v.hash == hash {
-                        Ok(v.author)
-                    } else {
-                        Err("stored signed change has a different hash".into())
-                    }
-                }),
-            };
             entries.push(HistoryEntry {
                 hash: hash.to_string(),
                 author: NodeId::from_actor(change.actor_id().to_bytes())
@@ -632,6 +670,74 @@ impl Core {
             deleted,
             changes: entries,
         })
+    }
+
+    /// Whether the stored signed copy of change `hash` of `doc_id` verifies: its author, or
+    /// why not.
+    fn check_stored(
+        &self,
+        doc_id: &DocId,
+        hash: &automerge::ChangeHash,
+    ) -> Result<Result<NodeId, String>, StoreError> {
+        Ok(match self.store.change(doc_id, hash)? {
+            None => Err("no signed copy of this change is stored".to_string()),
+            Some(s) => s.verify().map_err(|e| e.to_string()).and_then(|v| {
+                if v.hash == *hash {
+                    Ok(v.author)
+                } else {
+                    Err("stored signed change has a different hash".into())
+                }
+            }),
+        })
+    }
+
+    /// Every document this node holds, with its heads, its JSON and every change checked
+    /// against its stored signature: what simulations compare across nodes.
+    pub fn audit(&mut self) -> Result<Vec<DocAudit>, ReadError> {
+        let what = "the audit of every document";
+        let docs = self.store.docs().map_err(Self::read_err(what))?;
+        let mut out = Vec::with_capacity(docs.len());
+        for (doc_id, record) in docs {
+            let doc = self
+                .document(&doc_id)?
+                .ok_or_else(|| ReadError::NotFound {
+                    ty: record.ty.clone(),
+                    id: record.local_id.clone(),
+                })?;
+            let mut heads = doc.get_heads();
+            heads.sort();
+            let mut changes = Vec::new();
+            for change in doc.get_changes(&[]) {
+                let hash = change.hash();
+                let checked = self
+                    .check_stored(&doc_id, &hash)
+                    .map_err(Self::read_err(what))?;
+                changes.push(AuditedChange {
+                    hash,
+                    author: NodeId::from_actor(change.actor_id().to_bytes()),
+                    signature: checked.map(|_| ()),
+                });
+            }
+            out.push(DocAudit {
+                doc: doc_id,
+                deleted: doc::is_deleted(&doc),
+                json: doc::to_json(&doc),
+                record,
+                heads,
+                changes,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A copy of document `doc_id`, if this node holds it.
+    pub fn document(&self, doc_id: &DocId) -> Result<Option<Automerge>, ReadError> {
+        if let Some(d) = self.cache.peek(doc_id) {
+            return Ok(Some(d.clone()));
+        }
+        self.store
+            .load_doc(doc_id)
+            .map_err(Self::read_err(format!("document {doc_id}")))
     }
 
     /// The change feed after `since`, at most `limit` entries.

@@ -8,6 +8,7 @@
 //! - [`engine`]: the sans-IO engine that turns inputs into signed changes and durable records.
 //! - [`store`]: the redb tables and the transactions that commit the engine's records.
 //! - [`core`]: engine, store and document cache behind the node's operations.
+//! - [`fault`]: deliberate engine faults that simulations switch on to prove their invariants.
 //! - [`sync`]: per-peer sync sessions: streaming the change log, storing what peers send.
 //! - [`net`]: the libp2p shell: transport, gating, the request-response codec, backoff.
 //! - [`demo`]: `tidesync demo`, a hub and two labs converging on 127.0.0.1.
@@ -25,6 +26,7 @@ pub mod core;
 pub mod demo;
 pub mod doc;
 pub mod engine;
+pub mod fault;
 pub mod identity;
 pub mod net;
 pub mod node;

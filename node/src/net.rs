@@ -352,6 +352,7 @@ mod tests {
     #[tokio::test]
     async fn frames_are_read_back_and_oversized_ones_refused_before_buffering() {
         let msg = Message::Ack {
+            batch: 1,
             upto: 9,
             rejected: 1,
         };

@@ -721,7 +721,7 @@ pub async fn run(home: &Home) -> Result<(), RunError> {
                 "TEST FAULT ENABLED: this node misbehaves on purpose"
             );
         }
-        core.sync.alter_relayed = fault == Fault::AlterRelayed;
+        core.faults.alter_relayed = fault == Fault::AlterRelayed;
         if fault == Fault::IgnorePolicy {
             core.policies.ignore_own();
         }

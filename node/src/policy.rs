@@ -227,6 +227,9 @@ pub struct Policies {
     default: Policy,
     /// Test-only fault (`TIDESYNC_FAULT=ignore-policy`): write and send as if no policy applied.
     ignore_own: bool,
+    /// Simulation-only fault ([`crate::fault::EngineFault::IgnoreSkip`]): `skip` lists are
+    /// ignored on both ends.
+    ignore_skip: bool,
 }
 
 impl Policies {
@@ -236,7 +239,21 @@ impl Policies {
             peers: BTreeMap::new(),
             default: Policy::default(),
             ignore_own: false,
+            ignore_skip: false,
         }
+    }
+
+    /// Simulation-only: ignore every `skip` list (see [`crate::fault::EngineFault::IgnoreSkip`]).
+    pub(crate) fn ignore_skip(&mut self) {
+        self.ignore_skip = true;
+    }
+
+    /// Whether `policy` exchanges `ty` at all ([`Policy::covers`], unless a fault is on).
+    fn covers(&self, policy: &Policy, ty: &TypeName) -> bool {
+        if self.ignore_skip {
+            return policy.types.is_empty() || policy.types.contains(ty);
+        }
+        policy.covers(ty)
     }
 
     /// Test-only: behave like a peer that ignores its own policies (see `net::Fault`).
@@ -274,7 +291,7 @@ impl Policies {
         }
         let policy = self.of(to);
         if policy.direction == Direction::Receive
-            || !(by_ref || policy.covers(&rec.ty))
+            || !(by_ref || self.covers(policy, &rec.ty))
             || policy.fields.contains_key(&rec.ty)
         {
             // A type published as a view never goes out as the object itself.
@@ -308,7 +325,7 @@ impl Policies {
         if policy.direction == Direction::Send {
             return Err(Refusal::SendOnlyPeer { ty: ty_owned() });
         }
-        if !(by_ref || policy.covers(ty)) {
+        if !(by_ref || self.covers(policy, ty)) {
             return Err(Refusal::TypeNotExchanged { ty: ty_owned() });
         }
         if policy.send_only.contains(ty) || policy.fields.contains_key(ty) {

@@ -597,7 +597,22 @@ impl Store {
     /// [`crate::engine::collision_name`]) because another document had their name here. A scan
     /// of `docs_v2`.
     pub fn collisions(&self) -> Result<Vec<(DocId, DocRecord)>, StoreError> {
-        let ctx = "listing name collisions";
+        self.docs_where("listing name collisions", |doc, rec| {
+            crate::engine::is_collision_name(&rec.local_id, doc)
+        })
+    }
+
+    /// Every document, in arrival order: a scan of `docs_v2` (audits and simulations).
+    pub fn docs(&self) -> Result<Vec<(DocId, DocRecord)>, StoreError> {
+        self.docs_where("listing documents", |_, _| true)
+    }
+
+    /// The documents whose record `keep` accepts, in arrival order; a scan of `docs_v2`.
+    fn docs_where(
+        &self,
+        ctx: &'static str,
+        keep: impl Fn(&DocId, &DocRecord) -> bool,
+    ) -> Result<Vec<(DocId, DocRecord)>, StoreError> {
         let tx = self.db.begin_read().ctx(self, ctx)?;
         let docs = tx.open_table(DOCS).ctx(self, ctx)?;
         let mut out = Vec::new();
@@ -605,7 +620,7 @@ impl Store {
             let (k, v) = item.ctx(self, ctx)?;
             let no = k.value();
             let row: DocHead = self.decode(|| format!("docs_v2[{no}]"), v.value())?;
-            if crate::engine::is_collision_name(&row.record.local_id, &row.doc) {
+            if keep(&row.doc, &row.record) {
                 out.push((row.doc, row.record));
             }
         }

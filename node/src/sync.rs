@@ -9,7 +9,7 @@
 //! `Ack`. New changes (local or received from anyone) are pushed the moment they are
 //! committed. Entries authored by the peer or received from it are not echoed back to it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use automerge::{Automerge, Change};
 use tidesync_proto::{
@@ -78,13 +78,25 @@ pub struct Session {
     cursor: u64,
     /// The checkpoint the peer will hold once every sent batch is stored.
     sent_upto: u64,
-    /// Sent and unacknowledged batches: (upto, number of changes).
-    inflight: VecDeque<(u64, u64)>,
+    /// Sent batches not yet acknowledged together with every batch before them, oldest
+    /// first.
+    inflight: VecDeque<Inflight>,
+    /// The end of the last batch acknowledged with every batch before it: where sending
+    /// resumes when a request fails. A later batch's Ack does not move it past an earlier
+    /// batch that is still unanswered (that one may be lost).
+    acked: u64,
+    /// The number of the last batch sent in this session. Never reused, even when sending
+    /// restarts, so that a late Ack for an abandoned batch matches nothing.
+    last_batch: u64,
     /// Send everything, including what the peer authored or sent us: the peer was restored
     /// from an older copy and asked for it.
     unfiltered: bool,
     /// Whether the peer answered our Hello.
     hello_answered: bool,
+    /// Whether we are sending our whole log again after the peer's policy widened; the
+    /// stored `resend_all` flag is cleared only once all of it is acknowledged, so a
+    /// connection lost midway starts the resend over instead of skipping what it missed.
+    resending: bool,
     /// Milliseconds from the session's start until it was first in sync: both Hellos
     /// answered and nothing of ours left unacknowledged.
     pub in_sync_after_ms: Option<i64>,
@@ -93,7 +105,7 @@ pub struct Session {
 impl Session {
     /// At most how many of our log entries up to `last` have not been acknowledged yet.
     pub fn pending_out(&self, last: u64) -> u64 {
-        let unacked: u64 = self.inflight.iter().map(|(_, n)| n).sum();
+        let unacked: u64 = self.inflight.iter().map(|b| b.changes).sum();
         last.saturating_sub(self.cursor) + unacked
     }
 
@@ -105,10 +117,21 @@ impl Session {
             cursor: 0,
             sent_upto: 0,
             inflight: VecDeque::new(),
+            acked: 0,
+            last_batch: 0,
+            resending: false,
             unfiltered: false,
             hello_answered: false,
             in_sync_after_ms: None,
         }
+    }
+
+    /// Start sending again from `seq`, forgetting every batch in flight.
+    fn restart_from(&mut self, seq: u64) {
+        self.cursor = seq;
+        self.sent_upto = seq;
+        self.acked = seq;
+        self.inflight.clear();
     }
 
     /// Note the first moment the session is in sync, `now_ms` being the time.
@@ -124,12 +147,23 @@ impl Session {
     }
 }
 
-/// The sessions of all connected peers.
+/// One sent batch awaiting its Ack.
+#[derive(Debug, Clone, Copy)]
+struct Inflight {
+    /// The batch's number in its session: its Ack names it.
+    batch: u64,
+    /// The batch's `upto`: where the peer's checkpoint stands once it and all before it
+    /// are stored.
+    upto: u64,
+    changes: u64,
+    acked: bool,
+}
+
+/// The sessions of all connected peers, in node id order, so that pushing to every peer
+/// happens in the same order on every run (simulations replay a seed exactly).
 #[derive(Debug, Default)]
 pub struct Sessions {
-    pub(crate) peers: HashMap<NodeId, Session>,
-    /// Test-only fault: alter relayed changes before sending them (see `net::Fault`).
-    pub(crate) alter_relayed: bool,
+    pub(crate) peers: BTreeMap<NodeId, Session>,
 }
 
 /// What storing one received batch did.
@@ -187,8 +221,17 @@ fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R>
 
 /// Verify a batch on every core: each core checks its share of the signatures in one batch
 /// equation (see [`check_batch`]), with each author's key decompressed once.
-fn verify_batch(changes: &[SignedChange]) -> Vec<Result<VerifiedChange, VerifyError>> {
+fn verify_batch(
+    changes: &[SignedChange],
+    faults: &crate::fault::Faults,
+) -> Vec<Result<VerifiedChange, VerifyError>> {
     let decoded = par_map(changes.iter().collect(), SignedChange::decode);
+    if faults.accept_unsigned {
+        return decoded
+            .into_iter()
+            .map(|d| d.map(|d| d.unchecked_for_fault_injection()))
+            .collect();
+    }
     let mut keys: HashMap<NodeId, Option<AuthorKey>> = HashMap::new();
     for d in decoded.iter().flatten() {
         keys.entry(d.author)
@@ -243,12 +286,8 @@ impl Core {
             return Ok(Vec::new());
         };
         if session.streaming {
-            session.cursor = 0;
-            session.sent_upto = 0;
-            session.inflight.clear();
-            self.store
-                .update_peer(&peer, |r| r.resend_all = false)
-                .map_err(Self::store_err(peer))?;
+            session.restart_from(0);
+            session.resending = true;
         }
         let mut out = self.hello(peer)?;
         out.extend(self.pump(peer)?);
@@ -297,17 +336,14 @@ impl Core {
                     });
                 }
                 let (mut start, rewound) = self.resume_point(peer, resume)?;
-                if self
+                let resending = self
                     .store
                     .peer(&peer)
                     .map_err(Self::store_err(peer))?
-                    .resend_all
-                {
+                    .resend_all;
+                if resending {
                     tracing::info!(%peer, "the peer's policy was widened: sending it our whole log through the new policy");
                     start = 0;
-                    self.store
-                        .update_peer(&peer, |r| r.resend_all = false)
-                        .map_err(Self::store_err(peer))?;
                 }
                 let session = self
                     .sync
@@ -316,9 +352,8 @@ impl Core {
                     .or_insert_with(|| Session::new(now));
                 session.remote_tip = tip;
                 session.streaming = true;
-                session.cursor = start;
-                session.sent_upto = start;
-                session.inflight.clear();
+                session.restart_from(start);
+                session.resending = resending;
                 let mut out = Vec::new();
                 if rewound {
                     tracing::warn!(%peer, claimed = resume.seq, "peer holds a checkpoint of our log that we no longer have: this node was restored from an older copy; resending everything and asking for what we lost");
@@ -333,6 +368,7 @@ impl Core {
                 self.note_in_sync(peer)?;
                 Ok((
                     Message::Ack {
+                        batch: 0,
                         upto: 0,
                         rejected: 0,
                     },
@@ -340,6 +376,7 @@ impl Core {
                 ))
             }
             Message::Changes {
+                batch,
                 after,
                 docs,
                 changes,
@@ -358,6 +395,7 @@ impl Core {
                 let rejected = u32::try_from(report.rejected).unwrap_or(u32::MAX);
                 Ok((
                     Message::Ack {
+                        batch,
                         upto: upto.seq,
                         rejected,
                     },
@@ -368,12 +406,12 @@ impl Core {
                 let (start, _) = self.resume_point(peer, resume)?;
                 tracing::warn!(%peer, from = start, "peer was restored from an older copy; resending our log to it in full");
                 if let Some(session) = self.sync.peers.get_mut(&peer) {
-                    session.cursor = start;
-                    session.sent_upto = start;
+                    session.restart_from(start);
                     session.unfiltered = true;
                 }
                 Ok((
                     Message::Ack {
+                        batch: 0,
                         upto: 0,
                         rejected: 0,
                     },
@@ -386,7 +424,12 @@ impl Core {
 
     /// The response to a request we sent to `peer`.
     pub fn on_response(&mut self, peer: NodeId, msg: Message) -> Result<Vec<Outgoing>, SyncError> {
-        let Message::Ack { upto, rejected } = msg else {
+        let Message::Ack {
+            batch: answered,
+            upto,
+            rejected,
+        } = msg
+        else {
             return Err(SyncError::Unexpected {
                 peer,
                 what: "non-Ack response",
@@ -395,23 +438,31 @@ impl Core {
         let Some(session) = self.sync.peers.get_mut(&peer) else {
             return Ok(Vec::new());
         };
-        if upto == 0 {
+        if answered == 0 {
             session.hello_answered = true;
             self.note_in_sync(peer)?;
             return Ok(Vec::new());
         }
+        // Batches travel on separate streams, so Acks come in any order: mark this batch,
+        // then let go of the batches acknowledged together with all before them.
         let mut sent = 0;
-        while let Some(&(batch_upto, n)) = session.inflight.front() {
-            if batch_upto > upto {
-                break;
-            }
-            sent += n;
+        if let Some(batch) = session
+            .inflight
+            .iter_mut()
+            .find(|b| b.batch == answered && b.upto == upto && !b.acked)
+        {
+            batch.acked = true;
+            sent = batch.changes;
+        }
+        while let Some(batch) = session.inflight.front().filter(|b| b.acked) {
+            session.acked = batch.upto;
             session.inflight.pop_front();
         }
+        let acked = session.acked;
         let now = (self.clock)();
         self.store
             .update_peer(&peer, |r| {
-                r.acked = r.acked.max(upto);
+                r.acked = r.acked.max(acked);
                 r.changes_out += sent;
                 r.rejected_by_peer += u64::from(rejected);
                 r.last_sync_ms = now;
@@ -422,7 +473,23 @@ impl Core {
         }
         let out = self.pump(peer)?;
         self.note_in_sync(peer)?;
+        self.note_resent(peer)?;
         Ok(out)
+    }
+
+    /// Once a resend after a widening is wholly acknowledged, clear `resend_all`.
+    fn note_resent(&mut self, peer: NodeId) -> Result<(), SyncError> {
+        let last = self.store.last_seq().map_err(Self::store_err(peer))?;
+        let Some(session) = self.sync.peers.get_mut(&peer) else {
+            return Ok(());
+        };
+        if session.resending && session.inflight.is_empty() && session.cursor >= last {
+            session.resending = false;
+            self.store
+                .update_peer(&peer, |r| r.resend_all = false)
+                .map_err(Self::store_err(peer))?;
+        }
+        Ok(())
     }
 
     /// Record when the session with `peer` first came in sync (see
@@ -445,15 +512,20 @@ impl Core {
     }
 
     /// A request to `peer` failed (timeout, closed stream): what it carried may not have
-    /// arrived, so send again from what the peer acknowledged.
+    /// arrived, so send again from the end of the batches it acknowledged without a gap.
+    /// Our Hello is sent again while it is unanswered: without it the peer never starts
+    /// sending us its log on this connection.
     pub fn on_request_failed(&mut self, peer: NodeId) -> Result<Vec<Outgoing>, SyncError> {
-        let acked = self.store.peer(&peer).map_err(Self::store_err(peer))?.acked;
+        let mut out = Vec::new();
         if let Some(session) = self.sync.peers.get_mut(&peer) {
-            session.cursor = acked;
-            session.sent_upto = acked;
-            session.inflight.clear();
+            let acked = session.acked;
+            session.restart_from(acked);
+            if !session.hello_answered {
+                out = self.hello(peer)?;
+            }
         }
-        self.pump(peer)
+        out.extend(self.pump(peer)?);
+        Ok(out)
     }
 
     /// After a local write: push it to every connected peer.
@@ -470,7 +542,7 @@ impl Core {
     pub fn pump(&mut self, peer: NodeId) -> Result<Vec<Outgoing>, SyncError> {
         let mut out = Vec::new();
         let last = self.store.last_seq().map_err(Self::store_err(peer))?;
-        let (me, alter_relayed) = (self.node_id(), self.sync.alter_relayed);
+        let (me, alter_relayed) = (self.node_id(), self.faults.alter_relayed);
         let policy = self.policies.of(&peer);
         let mut by_ref = if policy.refs.is_empty() {
             HashSet::new()
@@ -538,9 +610,14 @@ impl Core {
                 continue;
             }
             session.sent_upto = batch.upto.seq;
-            session
-                .inflight
-                .push_back((batch.upto.seq, batch.changes.len() as u64));
+            session.last_batch += 1;
+            let number = session.last_batch;
+            session.inflight.push_back(Inflight {
+                batch: number,
+                upto: batch.upto.seq,
+                changes: batch.changes.len() as u64,
+                acked: false,
+            });
             if alter_relayed {
                 for change in &mut batch.changes {
                     tamper_if_relayed(change, &me);
@@ -549,6 +626,7 @@ impl Core {
             out.push((
                 peer,
                 Message::Changes {
+                    batch: number,
                     after: sent_upto,
                     docs: batch.docs,
                     changes: batch.changes,
@@ -792,7 +870,7 @@ impl Core {
             })
             .map(|h| (h.doc, h))
             .collect();
-        let verified = verify_batch(&changes);
+        let verified = verify_batch(&changes, &self.faults);
         let verified_at = started.elapsed();
         // Group the batch by document, in order of first appearance, dropping duplicates
         // within the batch (the workers drop those already stored).
@@ -898,11 +976,11 @@ impl Core {
         let written = write(
             &self.store,
             peer,
-            after,
-            upto,
+            (after, upto),
             now,
             (report.rejected, report.duplicates),
             prepared,
+            &self.faults,
         )
         .map_err(Self::store_err(peer))?;
         report.applied = written.applied;
@@ -1078,12 +1156,18 @@ struct Written {
 fn write(
     store: &Store,
     peer: NodeId,
-    after: u64,
-    upto: Checkpoint,
+    (after, upto): (u64, Checkpoint),
     now: i64,
     (rejected_before, duplicates_before): (u64, u64),
     prepared: Vec<Result<Prepared, StoreError>>,
+    faults: &crate::fault::Faults,
 ) -> Result<Written, StoreError> {
+    // The checkpoint before this batch, which `forget-checkpoint` keeps forever.
+    let forgotten = if faults.forget_checkpoint {
+        Some(store.peer(&peer)?.received)
+    } else {
+        None
+    };
     let tally = std::cell::RefCell::new(Written::default());
     let refuse = |t: &mut Written, refused: Vec<Refused>| {
         for r in refused {
@@ -1106,11 +1190,14 @@ fn write(
                 Ok(Prepared::Arrived(arrived, refused, _)) => {
                     refuse(&mut t, refused);
                     let Arrived {
-                        received,
+                        mut received,
                         doc,
                         rejected,
                         duplicates,
                     } = *arrived;
+                    if faults.drop_held {
+                        received.held.clear();
+                    }
                     for (hash, reason) in &rejected {
                         tracing::warn!(%peer, doc = %received.doc_id, %hash, %reason, "rejected a change");
                     }
@@ -1139,6 +1226,13 @@ fn write(
         r.duplicates += duplicates_before + t.duplicates;
         for (ty, n) in &t.rejected_types {
             *r.rejected_types.entry(ty.clone()).or_default() += n;
+        }
+        if let Some(kept) = forgotten {
+            r.received = kept;
+            r.ahead.clear();
+        } else if faults.checkpoint_skips_gaps {
+            r.received = upto;
+            r.ahead.clear();
         }
     })?;
     let mut written = tally.into_inner();
@@ -1268,7 +1362,7 @@ mod tests {
     fn a_hub_relays_unaltered_and_a_tampering_hub_is_caught() {
         for tamper in [false, true] {
             let mut cores = vec![core(1, "a"), core(2, "hub"), core(3, "b")];
-            cores[1].sync.alter_relayed = tamper;
+            cores[1].faults.alter_relayed = tamper;
             let mut q = connect(&mut cores, 0, 1);
             q.extend(connect(&mut cores, 1, 2));
             settle(&mut cores, q);

@@ -11,7 +11,11 @@ use crate::change::SignedChange;
 use crate::ids::{DocId, NodeId, ObjectId, TypeName};
 
 /// Version of the wire protocol spoken by this build. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// - 1: the first protocol.
+/// - 2: `Changes` and `Ack` carry the sender's batch number, so that an Ack names exactly the
+///   batch it answers (version 1 matched Acks by `upto`, which two batches can share).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame body accepted or produced, in bytes.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 /// Size of the length prefix, in bytes.
@@ -55,6 +59,9 @@ pub enum Message {
     /// while `upto` advances. The receiver moves its checkpoint only when `after` is where it
     /// stands (or 0, a sender starting over), so a batch is never skipped.
     Changes {
+        /// The sender's number for this batch, unique within its session (from 1); the
+        /// batch's Ack carries it back.
+        batch: u64,
         after: u64,
         docs: Vec<DocHeader>,
         changes: Vec<SignedChange>,
@@ -66,7 +73,12 @@ pub enum Message {
     Rewound { resume: Checkpoint },
     /// The answer to every request. For `Changes`: everything up to `upto` is durably stored;
     /// `rejected` of the batch's changes failed verification or policy.
-    Ack { upto: u64, rejected: u32 },
+    Ack {
+        /// The batch answered, or 0 for a Hello or a Rewound.
+        batch: u64,
+        upto: u64,
+        rejected: u32,
+    },
 }
 
 /// Why bytes could not be decoded into a message.
@@ -207,6 +219,7 @@ mod tests {
                 "[a-z0-9-]{1,12}"
             )
                 .prop_map(|(cs, upto, ty, id)| Message::Changes {
+                    batch: upto / 3,
                     after: upto / 2,
                     docs: vec![DocHeader {
                         doc: DocId([1; 16]),
@@ -232,8 +245,13 @@ mod tests {
                     },
                     tip: upto,
                 }),
-            (any::<u64>(), any::<u32>())
-                .prop_map(|(upto, rejected)| Message::Ack { upto, rejected }),
+            (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(batch, upto, rejected)| {
+                Message::Ack {
+                    batch,
+                    upto,
+                    rejected,
+                }
+            }),
             any::<u64>().prop_map(|seq| Message::Rewound {
                 resume: Checkpoint { seq, hash: [4; 32] }
             }),
@@ -263,6 +281,7 @@ mod tests {
         let header = ((MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
         assert!(matches!(decode(&header), Err(DecodeError::TooLarge { .. })));
         let big = Message::Changes {
+            batch: 1,
             after: 0,
             docs: vec![],
             changes: vec![SignedChange {
@@ -279,6 +298,7 @@ mod tests {
     #[test]
     fn other_versions_and_garbage_are_refused() {
         let mut frame = encode(&Message::Ack {
+            batch: 0,
             upto: 5,
             rejected: 0,
         })

@@ -1,10 +1,18 @@
-//! Deterministic simulations of tidesync nodes: every run is driven by one seed and runs the
-//! node's real core, engine and redb store (in memory) under a simulated clock.
+//! Deterministic simulations of tidesync: many nodes in one process, each running the daemon's
+//! own core, sync sessions, policies and redb store (in memory), wired through a simulated
+//! network on a simulated clock, all driven by one seed.
 //!
 //! # Layout
-//! - [`world`]: one seeded world, its workload, its crashes and the invariants checked.
-//!
-//! Today a world holds one node; multi-node topologies and a simulated network arrive with the
-//! sync engine.
+//! - [`topology`]: shapes of worlds (star, mesh, line, two hubs, ships), each node's policies,
+//!   and the same rules restated as what the invariants expect.
+//! - [`net`]: the simulated network: links, connections, and packets that are delayed,
+//!   reordered, duplicated and dropped.
+//! - [`world`]: one seeded world of many nodes: workload, forgeries, crashes, partitions,
+//!   policy changes, the heal and the invariants.
+//! - [`solo`]: one node alone under crashes, checked after every step against a model of its
+//!   acknowledged writes.
 
+pub mod net;
+pub mod solo;
+pub mod topology;
 pub mod world;

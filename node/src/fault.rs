@@ -1,0 +1,106 @@
+//! Deliberate engine faults, switched on only by simulations and tests, to prove that the
+//! invariants they check catch real bugs.
+//!
+//! Each fault breaks one rule the sync engine relies on. A normal node never turns any on:
+//! nothing in the config file or the API can, and `tidesync run` only knows the network-level
+//! faults of `net::Fault`. `tidesync-sim --fault NAME` turns one on in every simulated node
+//! and expects an invariant to fail (see `simulations/`).
+
+use std::fmt;
+use std::str::FromStr;
+
+/// One deliberate bug in the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EngineFault {
+    /// Store received changes whose signature does not verify (decoded, author unchecked).
+    AcceptUnsigned,
+    /// Never persist the checkpoint of a peer's log: every reconnect starts from nothing.
+    ForgetCheckpoint,
+    /// Move the checkpoint to the end of every received batch, even across a gap left by a
+    /// batch that has not arrived.
+    CheckpointSkipsGaps,
+    /// Drop changes whose dependencies have not arrived instead of holding them.
+    DropHeld,
+    /// Ignore `skip` lists on both ends: skipped types are sent and taken.
+    IgnoreSkip,
+}
+
+impl EngineFault {
+    /// Every fault, in the order the simulation's fault test runs them.
+    pub const ALL: [EngineFault; 5] = [
+        EngineFault::AcceptUnsigned,
+        EngineFault::ForgetCheckpoint,
+        EngineFault::CheckpointSkipsGaps,
+        EngineFault::DropHeld,
+        EngineFault::IgnoreSkip,
+    ];
+
+    /// The fault's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineFault::AcceptUnsigned => "accept-unsigned",
+            EngineFault::ForgetCheckpoint => "forget-checkpoint",
+            EngineFault::CheckpointSkipsGaps => "checkpoint-skips-gaps",
+            EngineFault::DropHeld => "drop-held",
+            EngineFault::IgnoreSkip => "ignore-skip",
+        }
+    }
+}
+
+impl fmt::Display for EngineFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A fault name that is not one of [`EngineFault::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown engine fault {0:?} (known: accept-unsigned, forget-checkpoint, checkpoint-skips-gaps, drop-held, ignore-skip)")]
+pub struct UnknownFault(pub String);
+
+impl FromStr for EngineFault {
+    type Err = UnknownFault;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EngineFault::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| UnknownFault(s.to_string()))
+    }
+}
+
+/// The faults switched on in one core; all off by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Alter changes relayed from other authors before sending them (`net::Fault::AlterRelayed`).
+    pub alter_relayed: bool,
+    pub accept_unsigned: bool,
+    pub forget_checkpoint: bool,
+    pub checkpoint_skips_gaps: bool,
+    pub drop_held: bool,
+}
+
+impl Faults {
+    /// Switch `fault` on (`IgnoreSkip` lives in the policies, see `Core::inject_fault`).
+    pub fn set(&mut self, fault: EngineFault) {
+        match fault {
+            EngineFault::AcceptUnsigned => self.accept_unsigned = true,
+            EngineFault::ForgetCheckpoint => self.forget_checkpoint = true,
+            EngineFault::CheckpointSkipsGaps => self.checkpoint_skips_gaps = true,
+            EngineFault::DropHeld => self.drop_held = true,
+            EngineFault::IgnoreSkip => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fault_parses_from_its_name() {
+        for f in EngineFault::ALL {
+            assert_eq!(f.name().parse::<EngineFault>(), Ok(f));
+        }
+        assert!("no-such-fault".parse::<EngineFault>().is_err());
+    }
+}
