@@ -698,12 +698,10 @@ impl Core {
         let docs = self.store.docs().map_err(Self::read_err(what))?;
         let mut out = Vec::with_capacity(docs.len());
         for (doc_id, record) in docs {
-            let doc = self
-                .document(&doc_id)?
-                .ok_or_else(|| ReadError::NotFound {
-                    ty: record.ty.clone(),
-                    id: record.local_id.clone(),
-                })?;
+            let doc = self.document(&doc_id)?.ok_or_else(|| ReadError::NotFound {
+                ty: record.ty.clone(),
+                id: record.local_id.clone(),
+            })?;
             let mut heads = doc.get_heads();
             heads.sort();
             let mut changes = Vec::new();

@@ -55,7 +55,9 @@ impl fmt::Display for EngineFault {
 
 /// A fault name that is not one of [`EngineFault::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown engine fault {0:?} (known: accept-unsigned, forget-checkpoint, checkpoint-skips-gaps, drop-held, ignore-skip)")]
+#[error(
+    "unknown engine fault {0:?} (known: accept-unsigned, forget-checkpoint, checkpoint-skips-gaps, drop-held, ignore-skip)"
+)]
 pub struct UnknownFault(pub String);
 
 impl FromStr for EngineFault {

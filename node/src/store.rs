@@ -165,11 +165,14 @@ pub const MAX_AHEAD_BATCHES: usize = 8;
 
 impl PeerRecord {
     /// Record that the peer's log from `after` to `upto` is durably stored here; moves the
-    /// checkpoint when that leaves no gap (or when the peer started its log over, `after` 0),
-    /// absorbing any batches stored ahead of it. Whether the checkpoint moved.
-    pub fn stored(&mut self, after: u64, upto: Checkpoint) -> bool {
+    /// checkpoint when that leaves no gap, or when `restart` (a batch from the start of the
+    /// peer's log, `after` 0, newer than any other of its session: the peer started its log
+    /// over, and the checkpoint may move back), absorbing any batches stored ahead of it.
+    /// Whether the checkpoint moved.
+    pub fn stored(&mut self, after: u64, upto: Checkpoint, restart: bool) -> bool {
         let before = self.received.seq;
-        if after == 0 || (after <= self.received.seq && upto.seq >= self.received.seq) {
+        let restart = restart && after == 0;
+        if restart || (after <= self.received.seq && upto.seq >= self.received.seq) {
             self.received = upto;
         } else if after > self.received.seq {
             self.ahead.push((after, upto));
@@ -186,7 +189,7 @@ impl PeerRecord {
         }
         let received = self.received.seq;
         self.ahead.retain(|(_, u)| u.seq > received);
-        self.received.seq != before || after == 0
+        self.received.seq != before || restart
     }
 }
 
@@ -733,6 +736,19 @@ impl Store {
         pending.len().ctx(self, ctx)
     }
 
+    /// Every change held for missing dependencies, with its document's header (audits).
+    pub fn held_changes(&self) -> Result<Vec<(DocHeader, SignedChange)>, StoreError> {
+        let ctx = "listing held changes";
+        let tx = self.db.begin_read().ctx(self, ctx)?;
+        let pending = tx.open_table(PENDING).ctx(self, ctx)?;
+        let mut out = Vec::new();
+        for item in pending.iter().ctx(self, ctx)? {
+            let (_, v) = item.ctx(self, ctx)?;
+            out.push(self.decode(|| "a pending_v1 row".to_string(), v.value())?);
+        }
+        Ok(out)
+    }
+
     /// What this node remembers of `peer` (defaults for a peer never synced).
     pub fn peer(&self, peer: &NodeId) -> Result<PeerRecord, StoreError> {
         let ctx = "reading peer state";
@@ -848,8 +864,7 @@ impl Store {
     pub fn commit_received(
         &self,
         from: &NodeId,
-        after: u64,
-        upto: Checkpoint,
+        (after, upto, restart): (u64, Checkpoint, bool),
         now_ms: i64,
         docs: impl Iterator<Item = Result<ReceivedDoc, StoreError>>,
         counters: impl FnOnce(&mut PeerRecord),
@@ -898,7 +913,7 @@ impl Store {
                 Some(v) => self.decode(|| format!("peers_v1[{from}]"), v.value())?,
                 None => PeerRecord::default(),
             };
-            moved = record.stored(after, upto);
+            moved = record.stored(after, upto, restart);
             counters(&mut record);
             record.last_sync_ms = now_ms;
             let bytes = postcard::to_stdvec(&record).map_err(|x| self.encode_error(x))?;
@@ -1203,20 +1218,46 @@ mod tests {
             hash: [seq as u8; 32],
         };
         let mut r = PeerRecord::default();
-        assert!(!r.stored(2000, cp(4000)), "a gap before it: no move yet");
+        assert!(
+            !r.stored(2000, cp(4000), false),
+            "a gap before it: no move yet"
+        );
         assert_eq!(r.received.seq, 0);
-        assert!(r.stored(0, cp(2000)), "the gap filled: both batches count");
+        assert!(
+            r.stored(0, cp(2000), true),
+            "the gap filled: both batches count"
+        );
         assert_eq!(r.received, cp(4000));
         assert!(r.ahead.is_empty());
         // In order it simply moves; a batch wholly behind the checkpoint changes nothing.
-        assert!(r.stored(4000, cp(6000)));
-        assert!(!r.stored(2000, cp(3000)));
+        assert!(r.stored(4000, cp(6000), false));
+        assert!(!r.stored(2000, cp(3000), false));
         assert_eq!(r.received, cp(6000));
         // Only so many early batches are remembered.
         for i in 0..(MAX_AHEAD_BATCHES as u64 + 3) {
-            r.stored(10_000 + i * 10, cp(10_005 + i * 10));
+            r.stored(10_000 + i * 10, cp(10_005 + i * 10), false);
         }
         assert_eq!(r.ahead.len(), MAX_AHEAD_BATCHES);
+    }
+
+    // Regression (found by the simulation, seed 1029 of the star sweep): a batch from the
+    // start of the log (`after` 0) always reset the checkpoint to its end, so a copy of a
+    // session's first batch arriving late moved it back; every later batch then waited
+    // "ahead" of a gap that never filled, and each reconnect resent the whole log.
+    #[test]
+    fn a_late_copy_of_a_first_batch_does_not_move_the_checkpoint_back() {
+        let cp = |seq| Checkpoint {
+            seq,
+            hash: [seq as u8; 32],
+        };
+        let mut r = PeerRecord::default();
+        assert!(r.stored(0, cp(2), true));
+        assert!(r.stored(2, cp(5), false));
+        assert!(!r.stored(0, cp(2), false), "an old copy: no move");
+        assert_eq!(r.received, cp(5));
+        // A peer that really starts over (a newer batch from 0) moves it back.
+        assert!(r.stored(0, cp(3), true));
+        assert_eq!(r.received, cp(3));
     }
 
     fn write(store: &Store, e: &Engine, id: &str, v: serde_json::Value) -> u64 {

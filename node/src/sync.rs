@@ -85,6 +85,8 @@ pub struct Session {
     /// resumes when a request fails. A later batch's Ack does not move it past an earlier
     /// batch that is still unanswered (that one may be lost).
     acked: u64,
+    /// The highest batch number received from the peer in this session.
+    newest_batch_in: u64,
     /// The number of the last batch sent in this session. Never reused, even when sending
     /// restarts, so that a late Ack for an abandoned batch matches nothing.
     last_batch: u64,
@@ -119,6 +121,7 @@ impl Session {
             inflight: VecDeque::new(),
             acked: 0,
             last_batch: 0,
+            newest_batch_in: 0,
             resending: false,
             unfiltered: false,
             hello_answered: false,
@@ -383,10 +386,16 @@ impl Core {
                 upto,
                 tip,
             } => {
+                // A batch from the start of the peer's log moves our checkpoint back only if
+                // it is newer than every batch of this session so far: a late copy of an
+                // earlier one must not undo what later batches stored.
+                let mut restart = true;
                 if let Some(s) = self.sync.peers.get_mut(&peer) {
                     s.remote_tip = tip;
+                    restart = batch > s.newest_batch_in;
+                    s.newest_batch_in = s.newest_batch_in.max(batch);
                 }
-                let report = self.receive_changes(peer, after, docs, changes, upto)?;
+                let report = self.receive_changes(peer, (after, restart), docs, changes, upto)?;
                 let out = if report.applied > 0 {
                     self.pump_all()?
                 } else {
@@ -851,7 +860,7 @@ impl Core {
     pub fn receive_changes(
         &mut self,
         peer: NodeId,
-        after: u64,
+        (after, restart): (u64, bool),
         headers: Vec<DocHeader>,
         changes: Vec<SignedChange>,
         upto: Checkpoint,
@@ -976,7 +985,7 @@ impl Core {
         let written = write(
             &self.store,
             peer,
-            (after, upto),
+            (after, upto, restart),
             now,
             (report.rejected, report.duplicates),
             prepared,
@@ -1156,7 +1165,7 @@ struct Written {
 fn write(
     store: &Store,
     peer: NodeId,
-    (after, upto): (u64, Checkpoint),
+    (after, upto, restart): (u64, Checkpoint, bool),
     now: i64,
     (rejected_before, duplicates_before): (u64, u64),
     prepared: Vec<Result<Prepared, StoreError>>,
@@ -1219,22 +1228,23 @@ fn write(
         }
         None
     });
-    let (last_seq, moved) = store.commit_received(&peer, after, upto, now, in_order, |r| {
-        let t = tally.borrow();
-        r.changes_in += t.applied + t.held;
-        r.rejected += rejected_before + t.rejected;
-        r.duplicates += duplicates_before + t.duplicates;
-        for (ty, n) in &t.rejected_types {
-            *r.rejected_types.entry(ty.clone()).or_default() += n;
-        }
-        if let Some(kept) = forgotten {
-            r.received = kept;
-            r.ahead.clear();
-        } else if faults.checkpoint_skips_gaps {
-            r.received = upto;
-            r.ahead.clear();
-        }
-    })?;
+    let (last_seq, moved) =
+        store.commit_received(&peer, (after, upto, restart), now, in_order, |r| {
+            let t = tally.borrow();
+            r.changes_in += t.applied + t.held;
+            r.rejected += rejected_before + t.rejected;
+            r.duplicates += duplicates_before + t.duplicates;
+            for (ty, n) in &t.rejected_types {
+                *r.rejected_types.entry(ty.clone()).or_default() += n;
+            }
+            if let Some(kept) = forgotten {
+                r.received = kept;
+                r.ahead.clear();
+            } else if faults.checkpoint_skips_gaps {
+                r.received = upto;
+                r.ahead.clear();
+            }
+        })?;
     let mut written = tally.into_inner();
     written.last_seq = last_seq;
     written.moved = moved;
@@ -1356,6 +1366,79 @@ mod tests {
         // Nothing is echoed back: each side stored each change once.
         let rec = cores[0].store.peer(&cores[1].node_id()).unwrap();
         assert_eq!(rec.duplicates, 0);
+    }
+
+    /// Deliver one request from `from`'s queue entry and its response; returns what both
+    /// sides want sent next.
+    fn deliver_one(
+        cores: &mut [Core],
+        (from, (to_node, msg)): (usize, Outgoing),
+    ) -> VecDeque<(usize, Outgoing)> {
+        let to = cores.iter().position(|c| c.node_id() == to_node).unwrap();
+        let from_node = cores[from].node_id();
+        let (resp, outs) = cores[to].on_request(from_node, msg).unwrap();
+        let mut q: VecDeque<_> = outs.into_iter().map(|o| (to, o)).collect();
+        let outs = cores[from].on_response(to_node, resp).unwrap();
+        q.extend(outs.into_iter().map(|o| (from, o)));
+        q
+    }
+
+    // Regression (found by the simulation, seed 1): batches travel on separate streams, so the
+    // Ack of a later batch can come first. It used to count as acknowledging every earlier
+    // batch too, so when an earlier batch was lost and its request failed, sending resumed
+    // after the later one and the lost batch's changes never reached the peer while the
+    // connection stayed up.
+    #[test]
+    fn a_lost_batch_is_resent_even_when_a_later_batch_was_acknowledged() {
+        let mut cores = vec![core(1, "a"), core(2, "b")];
+        let q = connect(&mut cores, 0, 1);
+        settle(&mut cores, q);
+        put(&mut cores[0], "S-1", json!({"v": 1}));
+        let first = push(&mut cores, 0);
+        put(&mut cores[0], "S-2", json!({"v": 2}));
+        let second = push(&mut cores, 0);
+        assert_eq!((first.len(), second.len()), (1, 1), "two batches in flight");
+        // The first batch is lost; the second arrives and is acknowledged.
+        let q = deliver_one(&mut cores, second.into_iter().next().unwrap());
+        settle(&mut cores, q);
+        // The first one's request fails: what it carried is sent again.
+        let b = cores[1].node_id();
+        let q: VecDeque<_> = cores[0]
+            .on_request_failed(b)
+            .unwrap()
+            .into_iter()
+            .map(|o| (0, o))
+            .collect();
+        settle(&mut cores, q);
+        assert_eq!(get(&mut cores[1], "S-1"), Some(json!({"v": 1})));
+        assert_eq!(get(&mut cores[1], "S-2"), Some(json!({"v": 2})));
+    }
+
+    // Regression (found by the simulation, seed 8): a Hello whose request failed was never
+    // sent again, so the peer never started streaming its log to us on that connection.
+    #[test]
+    fn a_lost_hello_is_sent_again() {
+        let mut cores = vec![core(1, "a"), core(2, "b")];
+        put(&mut cores[1], "S-B", json!({"from": "b"}));
+        let (a, b) = (cores[0].node_id(), cores[1].node_id());
+        let lost = cores[0].on_connected(b).unwrap();
+        assert!(matches!(lost[0].1, Message::Hello { .. }));
+        let q: VecDeque<_> = cores[1]
+            .on_connected(a)
+            .unwrap()
+            .into_iter()
+            .map(|o| (1, o))
+            .collect();
+        settle(&mut cores, q);
+        assert_eq!(get(&mut cores[0], "S-B"), None, "b waits for a's Hello");
+        let q: VecDeque<_> = cores[0]
+            .on_request_failed(b)
+            .unwrap()
+            .into_iter()
+            .map(|o| (0, o))
+            .collect();
+        settle(&mut cores, q);
+        assert_eq!(get(&mut cores[0], "S-B"), Some(json!({"from": "b"})));
     }
 
     #[test]

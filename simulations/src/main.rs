@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use tidesync::fault::EngineFault;
+use tidesync_sim::solo;
 use tidesync_sim::topology::Topology;
 use tidesync_sim::world::{self, Given, Options};
-use tidesync_sim::solo;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -100,7 +100,10 @@ fn main() -> ExitCode {
             }
             Err(v) if opts.fault.is_some() => {
                 caught += 1;
-                println!("  fault {} caught: {v}", opts.fault.map(|f| f.name()).unwrap_or(""));
+                println!(
+                    "  fault {} caught: {v}",
+                    opts.fault.map(|f| f.name()).unwrap_or("")
+                );
             }
             Err(v) => {
                 println!("  FAILED: {v}");

@@ -39,10 +39,18 @@ impl NetFaults {
 /// What travels.
 #[derive(Debug, Clone)]
 pub enum Packet {
-    Request { id: u64, msg: Message },
-    Response { id: u64, msg: Message },
+    Request {
+        id: u64,
+        msg: Message,
+    },
+    Response {
+        id: u64,
+        msg: Message,
+    },
     /// The sender's request `id` got no response in time.
-    Failed { id: u64 },
+    Failed {
+        id: u64,
+    },
 }
 
 /// One packet in flight: from node `from` to node `to` over connection `conn` of `link`.

@@ -336,7 +336,10 @@ impl World {
             .map_err(|e| fail(phase, e.to_string()))?;
         for (doc, hash) in &self.nodes[i].acked {
             let (Ok(d), Ok(h)) = (doc.parse(), hash.parse()) else {
-                return Err(fail(phase, format!("node {i}: unparsable ack {doc} {hash}")));
+                return Err(fail(
+                    phase,
+                    format!("node {i}: unparsable ack {doc} {hash}"),
+                ));
             };
             if !reader
                 .has_change(&d, &h)
@@ -473,8 +476,7 @@ impl World {
                     .line(&format!("{} request {from}->{to} {}", self.now, kind(msg)));
                 match core.on_request(peer, msg.clone()) {
                     Ok((response, out)) => {
-                        self.net
-                            .respond(&mut self.rng, self.now, &event, response);
+                        self.net.respond(&mut self.rng, self.now, &event, response);
                         self.route(to, Ok(out), phase)
                     }
                     Err(e) => {
@@ -492,7 +494,8 @@ impl World {
                 self.route(to, out, phase)
             }
             Packet::Failed { .. } => {
-                self.trace.line(&format!("{} failed {to}->{from}", self.now));
+                self.trace
+                    .line(&format!("{} failed {to}->{from}", self.now));
                 let out = core.on_request_failed(peer);
                 self.route(to, out, phase)
             }
@@ -519,7 +522,8 @@ impl World {
             let i = self.rng.random_range(0..self.nodes.len());
             if self.nodes[i].core.is_some() {
                 let until = step + self.rng.random_range(1..=30);
-                self.trace.line(&format!("{} crash {i} until {until}", self.now));
+                self.trace
+                    .line(&format!("{} crash {i} until {until}", self.now));
                 self.crash(i, until);
             }
         } else if roll < crash + 15 {
@@ -528,7 +532,8 @@ impl World {
             let l = self.rng.random_range(0..self.net.links.len());
             let until = step + self.rng.random_range(1..=20);
             self.net.links[l].down_until = until;
-            self.trace.line(&format!("{} flap {l} until {until}", self.now));
+            self.trace
+                .line(&format!("{} flap {l} until {until}", self.now));
         } else if roll < crash + 40 {
             self.change_policy(&phase)?;
         } else if roll < crash + 60 {
@@ -547,11 +552,15 @@ impl World {
                 && step >= self.net.links[l].down_until
                 && self.rng.random_range(0..1000) < 10
             {
-                let voyage =
-                    self.rng.random_range(self.opts.steps / 5..=self.opts.steps / 2).max(1);
+                let voyage = self
+                    .rng
+                    .random_range(self.opts.steps / 5..=self.opts.steps / 2)
+                    .max(1);
                 self.net.links[l].down_until = step + voyage;
-                self.trace
-                    .line(&format!("{} ship {ship} sails for {voyage} steps", self.now));
+                self.trace.line(&format!(
+                    "{} ship {ship} sails for {voyage} steps",
+                    self.now
+                ));
             }
         }
     }
@@ -594,7 +603,11 @@ impl World {
     fn change_policy(&mut self, phase: &str) -> Result<(), Violation> {
         let l = self.rng.random_range(0..self.net.links.len());
         let (a, b) = (self.net.links[l].a, self.net.links[l].b);
-        let (me, peer) = if self.rng.random_bool(0.5) { (a, b) } else { (b, a) };
+        let (me, peer) = if self.rng.random_bool(0.5) {
+            (a, b)
+        } else {
+            (b, a)
+        };
         if self.nodes[me].core.is_none() {
             // A stopped node's policy changes through its config file and the CLI, which
             // open its store as `tidesync peer set` does; the simulation changes running
@@ -691,7 +704,8 @@ impl World {
                     .map_err(|e| fail(phase, e.to_string()))?;
                 if !page.ids.is_empty() {
                     let k = self.rng.random_range(0..page.ids.len());
-                    return ObjectId::new(page.ids[k].as_str()).map_err(|e| fail(phase, e.to_string()));
+                    return ObjectId::new(page.ids[k].as_str())
+                        .map_err(|e| fail(phase, e.to_string()));
                 }
             }
         }
@@ -753,11 +767,16 @@ impl World {
             .peer(&self.node_id(f))
             .map_err(|e| fail(phase, e.to_string()))?
             .received;
-        let tip = fc.store().last_seq().map_err(|e| fail(phase, e.to_string()))?;
+        let tip = fc
+            .store()
+            .last_seq()
+            .map_err(|e| fail(phase, e.to_string()))?;
         let msg = Message::Changes {
             // A number no real batch of the forger's session has, so its Ack matches nothing.
             batch: u64::MAX,
-            after: held.seq,
+            // Claims no stretch of the forger's log (nothing is after the last SEQ), so the
+            // receiver's checkpoint stays where it is.
+            after: u64::MAX,
             docs: vec![DocHeader {
                 doc: doc_id,
                 origin: rec.origin,
@@ -769,8 +788,10 @@ impl World {
             tip,
         };
         self.report.forgeries += 1;
-        self.trace
-            .line(&format!("{} forge {f}->{g} as {victim} on {doc_id}", self.now));
+        self.trace.line(&format!(
+            "{} forge {f}->{g} as {victim} on {doc_id}",
+            self.now
+        ));
         self.net.request(&mut self.rng, self.now, f, g, msg);
         Ok(())
     }
@@ -825,44 +846,6 @@ impl World {
         let mut audits: Vec<BTreeMap<tidesync_proto::DocId, DocAudit>> = Vec::new();
         for i in 0..self.nodes.len() {
             self.check_acked(i, phase)?;
-            let core = self.nodes[i]
-                .core
-                .as_mut()
-                .ok_or_else(|| fail(phase, format!("node {i} is not running")))?;
-            let held = core
-                .store()
-                .pending_count()
-                .map_err(|e| fail(phase, e.to_string()))?;
-            let _ = core;
-            if held > 0 && std::env::var_os("TIDESYNC_SIM_TRACE").is_some() {
-                let mut known = Vec::new();
-                for n in &self.nodes {
-                    if let Some(c) = &n.core {
-                        known.extend(c.store().docs().unwrap());
-                    }
-                }
-                let r = self.nodes[i].core.as_ref().unwrap().store().reader().unwrap();
-                for (d, rec) in known {
-                    let p = r.pending(&d).unwrap();
-                    if !p.is_empty() {
-                        eprintln!("held at {i}: {} {}/{} origin {}: {}", d, rec.ty, rec.id, self.ids[&rec.origin], p.len());
-                        for q in self.neighbours(i) {
-                            let c = self.nodes[q].core.as_ref().unwrap();
-                            eprintln!("  node {q} log: {:?}", c.store().log_since(0, 100000).unwrap().iter().filter(|(_, e)| e.doc == d).map(|(s, e)| (s, hex::encode(&e.hash[..4]), e.from.map(|f| self.ids[&f]))).collect::<Vec<_>>());
-                            eprintln!("  node {q} record of {i}: {:?}", c.store().peer(&self.node_id(i)).map(|r| (r.received.seq, r.acked, r.resend_all, r.ahead.iter().map(|(a, u)| (*a, u.seq)).collect::<Vec<_>>())));
-                            let c = self.nodes[i].core.as_ref().unwrap();
-                            eprintln!("  node {i} record of {q}: {:?}", c.store().peer(&self.node_id(q)).map(|r| (r.received.seq, r.acked, r.resend_all, r.ahead.iter().map(|(a, u)| (*a, u.seq)).collect::<Vec<_>>())));
-                        }
-                        for c in p { eprintln!("  held {:?}", c.verify().map(|v| (hex::encode(&v.hash.0[..4]), v.change.deps().iter().map(|d| hex::encode(&d.0[..4])).collect::<Vec<_>>()))); }
-                    }
-                }
-            }
-            if held > 0 {
-                return Err(fail(
-                    phase,
-                    format!("node {i} still holds {held} changes waiting for dependencies"),
-                ));
-            }
             let audit = self.nodes[i]
                 .core
                 .as_mut()
@@ -911,23 +894,48 @@ impl World {
                     match self.layout.passes(x, y, d.record.ty.as_str(), origin) {
                         Pass::No => {}
                         Pass::Yes => {
-                            let back = audits[y].get(&d.doc).map(|e| {
-                                self.layout.passes(y, x, e.record.ty.as_str(), origin)
-                            });
-                            if let Err(v) = agree(x, y, d, audits[y].get(&d.doc), back == Some(Pass::Yes)) {
-                                if std::env::var_os("TIDESYNC_SIM_TRACE").is_some() {
-                                    for (p, q) in [(x, y), (y, x)] {
-                                        let c = self.nodes[p].core.as_ref().unwrap();
-                                        eprintln!("node {p} record of {q}: {:?}", c.store().peer(&self.node_id(q)));
-                                        eprintln!("node {p} log: {:?}", c.store().log_since(0, 100000).unwrap().iter().filter(|(_, e)| e.doc == d.doc).map(|(s, e)| (s, hex::encode(&e.hash[..4]), e.from.map(|f| self.ids[&f]))).collect::<Vec<_>>());
-                                    }
-                                }
-                                return Err(v);
-                            }
+                            let back = audits[y]
+                                .get(&d.doc)
+                                .map(|e| self.layout.passes(y, x, e.record.ty.as_str(), origin));
+                            agree(x, y, d, audits[y].get(&d.doc), back == Some(Pass::Yes))?;
                         }
                         Pass::View => self.check_view(x, y, d, &audits[y])?,
                     }
                 }
+            }
+        }
+        // Nothing is left waiting for dependencies, and what waited was signed too.
+        for i in 0..self.nodes.len() {
+            let Some(core) = &self.nodes[i].core else {
+                continue;
+            };
+            let held = core
+                .store()
+                .held_changes()
+                .map_err(|e| fail(phase, e.to_string()))?;
+            if let Some((h, c)) = held.iter().find(|(_, c)| c.verify().is_err()) {
+                return Err(fail(
+                    phase,
+                    format!(
+                        "node {i} holds a change of {}/{} ({}) whose signature does not verify: {:?}",
+                        h.ty,
+                        h.id,
+                        h.doc,
+                        c.verify().err()
+                    ),
+                ));
+            }
+            if let Some((h, _)) = held.first() {
+                return Err(fail(
+                    phase,
+                    format!(
+                        "node {i} still holds {} changes waiting for dependencies, the first of {}/{} ({})",
+                        held.len(),
+                        h.ty,
+                        h.id,
+                        h.doc
+                    ),
+                ));
             }
         }
         Ok(())
@@ -952,7 +960,9 @@ impl World {
             if origin != publisher {
                 Some("Template reaches the archive only as its neighbour's view")
             } else if a.json.keys().any(|k| k != PUBLISHED_FIELD)
-                || a.changes.iter().any(|c| c.author != origin.map(|o| self.node_id(o)))
+                || a.changes
+                    .iter()
+                    .any(|c| c.author != origin.map(|o| self.node_id(o)))
             {
                 Some("a view holds the published field alone, written by the publisher")
             } else {
@@ -1053,7 +1063,10 @@ fn agree(
     if let Some(c) = d.changes.iter().find(|c| !theirs.contains(&c.hash)) {
         return Err(fail(
             "check",
-            format!("node {y} lacks change {} of {name}, which node {x} holds", c.hash),
+            format!(
+                "node {y} lacks change {} of {name}, which node {x} holds",
+                c.hash
+            ),
         ));
     }
     if both_ways && (d.heads != e.heads || d.json != e.json || d.deleted != e.deleted) {
@@ -1091,27 +1104,148 @@ fn kind(msg: &Message) -> String {
 mod tests {
     use super::*;
 
-    fn opts(seed: u64, topology: Topology) -> Options {
+    /// Steps per world in the suite's sweeps: enough for every kind of event to happen many
+    /// times in each world, few enough that a few hundred worlds run in about a minute.
+    const SWEEP_STEPS: u32 = 150;
+    /// Worlds per topology in the suite's sweep (five topologies).
+    const SWEEP_SEEDS: u64 = 50;
+
+    fn opts(seed: u64, topology: Topology, steps: u32) -> Options {
         Options::derive(
             seed,
             &Given {
                 topology: Some(topology),
-                steps: Some(250),
+                steps: Some(steps),
                 ..Given::default()
             },
         )
     }
 
+    fn must_pass(o: &Options) -> Report {
+        run(o).unwrap_or_else(|v| panic!("{v}\nreproduce: {}", o.command()))
+    }
+
     #[test]
     fn one_seed_gives_one_trace() {
         for t in Topology::ALL {
-            let o = opts(11, t);
-            let a = run(&o).unwrap_or_else(|v| panic!("{v}\nreproduce: {}", o.command()));
-            let b = run(&o).unwrap_or_else(|v| panic!("{v}\nreproduce: {}", o.command()));
+            let o = opts(11, t, 250);
+            let (a, b) = (must_pass(&o), must_pass(&o));
             assert_eq!(a, b, "{t}");
             assert!(a.writes_acked > 0 && a.messages > 0, "{t}: {a:?}");
         }
-        let other = run(&opts(12, Topology::Star)).unwrap();
-        assert_ne!(other.trace_hash, run(&opts(11, Topology::Star)).unwrap().trace_hash);
+        let other = must_pass(&opts(12, Topology::Star, 250));
+        assert_ne!(
+            other.trace_hash,
+            must_pass(&opts(11, Topology::Star, 250)).trace_hash
+        );
+    }
+
+    fn sweep(t: Topology) {
+        let mut worst = 0;
+        for seed in 0..SWEEP_SEEDS {
+            let r = must_pass(&opts(1_000 + seed, t, SWEEP_STEPS));
+            worst = worst.max(r.heal_rounds);
+        }
+        assert!(worst <= MAX_HEAL_ROUNDS);
+    }
+
+    #[test]
+    fn star_worlds_converge() {
+        sweep(Topology::Star);
+    }
+
+    #[test]
+    fn mesh_worlds_converge() {
+        sweep(Topology::Mesh);
+    }
+
+    #[test]
+    fn line_worlds_converge() {
+        sweep(Topology::Line);
+    }
+
+    #[test]
+    fn two_hub_worlds_converge() {
+        sweep(Topology::TwoHubs);
+    }
+
+    #[test]
+    fn ship_worlds_converge() {
+        sweep(Topology::Ships);
+    }
+
+    /// Each deliberate engine bug is caught by an invariant within a few worlds: the
+    /// simulation can fail.
+    #[test]
+    fn every_engine_fault_is_caught() {
+        for fault in EngineFault::ALL {
+            let caught = (0..12).find_map(|seed| {
+                let t = Topology::ALL[seed as usize % Topology::ALL.len()];
+                let o = Options {
+                    fault: Some(fault),
+                    ..opts(seed, t, 200)
+                };
+                run(&o).err()
+            });
+            assert!(caught.is_some(), "fault {fault} was never caught");
+        }
+    }
+
+    // Regression (seed 1): a lost batch was never resent while the connection stayed up,
+    // once a later batch had been acknowledged (the later Ack counted for both).
+    #[test]
+    fn regression_seed_1_lost_batch_behind_an_acknowledged_one() {
+        must_pass(&Options {
+            seed: 1,
+            topology: Topology::TwoHubs,
+            nodes: 6,
+            steps: 451,
+            crash_per_mille: 15,
+            net: NetFaults {
+                max_delay_ms: 35,
+                drop_per_mille: 15,
+                dup_per_mille: 36,
+            },
+            fault: None,
+        });
+    }
+
+    // Regression (seed 8): a lost Hello was never sent again, so the peer never streamed its
+    // log to this node on that connection.
+    #[test]
+    fn regression_seed_8_lost_hello() {
+        must_pass(&Options {
+            seed: 8,
+            topology: Topology::TwoHubs,
+            nodes: 6,
+            steps: 441,
+            crash_per_mille: 10,
+            net: NetFaults {
+                max_delay_ms: 39,
+                drop_per_mille: 34,
+                dup_per_mille: 39,
+            },
+            fault: None,
+        });
+    }
+
+    // Regression (seed 54): after a widening, the resend of the whole log was marked done by
+    // a late Ack of an older batch with the same `upto` (Acks named no batch), so changes the
+    // narrowed policy had held back never reached the archive. Protocol 2 numbers batches.
+    #[test]
+    fn regression_seed_54_widening_resend_acknowledged_by_a_stale_ack() {
+        must_pass(&Options {
+            seed: 54,
+            topology: Topology::Line,
+            nodes: 5,
+            steps: 323,
+            crash_per_mille: 8,
+            net: NetFaults {
+                max_delay_ms: 6,
+                drop_per_mille: 43,
+                dup_per_mille: 29,
+            },
+            fault: None,
+        });
     }
 }
