@@ -1208,15 +1208,19 @@ mod tests {
     use crate::identity::Identity;
     use serde_json::json;
 
+    /// A checkpoint at `seq` with a hash made from it.
+    fn cp(seq: u64) -> Checkpoint {
+        Checkpoint {
+            seq,
+            hash: [seq as u8; 32],
+        }
+    }
+
     // Regression: two batches in flight travel on separate substreams and can arrive out of
     // order; the later one was stored but the checkpoint never caught up past it, so every
     // reconnect resent everything after the first gap (an idle resync moved 5.9 MB).
     #[test]
     fn the_checkpoint_catches_up_over_batches_that_arrived_early() {
-        let cp = |seq| Checkpoint {
-            seq,
-            hash: [seq as u8; 32],
-        };
         let mut r = PeerRecord::default();
         assert!(
             !r.stored(2000, cp(4000), false),
@@ -1246,10 +1250,6 @@ mod tests {
     // "ahead" of a gap that never filled, and each reconnect resent the whole log.
     #[test]
     fn a_late_copy_of_a_first_batch_does_not_move_the_checkpoint_back() {
-        let cp = |seq| Checkpoint {
-            seq,
-            hash: [seq as u8; 32],
-        };
         let mut r = PeerRecord::default();
         assert!(r.stored(0, cp(2), true));
         assert!(r.stored(2, cp(5), false));

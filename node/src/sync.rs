@@ -1368,6 +1368,11 @@ mod tests {
         assert_eq!(rec.duplicates, 0);
     }
 
+    /// What core `i` wants sent, queued for `settle`.
+    fn from(i: usize, out: Result<Vec<Outgoing>, SyncError>) -> VecDeque<(usize, Outgoing)> {
+        out.unwrap().into_iter().map(|o| (i, o)).collect()
+    }
+
     /// Deliver one request from `from`'s queue entry and its response; returns what both
     /// sides want sent next.
     fn deliver_one(
@@ -1403,12 +1408,7 @@ mod tests {
         settle(&mut cores, q);
         // The first one's request fails: what it carried is sent again.
         let b = cores[1].node_id();
-        let q: VecDeque<_> = cores[0]
-            .on_request_failed(b)
-            .unwrap()
-            .into_iter()
-            .map(|o| (0, o))
-            .collect();
+        let q = from(0, cores[0].on_request_failed(b));
         settle(&mut cores, q);
         assert_eq!(get(&mut cores[1], "S-1"), Some(json!({"v": 1})));
         assert_eq!(get(&mut cores[1], "S-2"), Some(json!({"v": 2})));
@@ -1423,20 +1423,10 @@ mod tests {
         let (a, b) = (cores[0].node_id(), cores[1].node_id());
         let lost = cores[0].on_connected(b).unwrap();
         assert!(matches!(lost[0].1, Message::Hello { .. }));
-        let q: VecDeque<_> = cores[1]
-            .on_connected(a)
-            .unwrap()
-            .into_iter()
-            .map(|o| (1, o))
-            .collect();
+        let q = from(1, cores[1].on_connected(a));
         settle(&mut cores, q);
         assert_eq!(get(&mut cores[0], "S-B"), None, "b waits for a's Hello");
-        let q: VecDeque<_> = cores[0]
-            .on_request_failed(b)
-            .unwrap()
-            .into_iter()
-            .map(|o| (0, o))
-            .collect();
+        let q = from(0, cores[0].on_request_failed(b));
         settle(&mut cores, q);
         assert_eq!(get(&mut cores[0], "S-B"), Some(json!({"from": "b"})));
     }

@@ -305,7 +305,7 @@ mod tests {
         .unwrap();
         frame[FRAME_HEADER_BYTES] = 9; // version varint
         assert_eq!(decode_exact(&frame), Err(DecodeError::Version { got: 9 }));
-        let garbage = [0, 0, 0, 3, 1, 0xff, 0xff];
+        let garbage = [0, 0, 0, 3, PROTOCOL_VERSION as u8, 0xff, 0xff];
         assert!(matches!(
             decode_exact(&garbage),
             Err(DecodeError::Malformed(_))

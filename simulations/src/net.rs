@@ -143,8 +143,22 @@ impl Net {
         l.outstanding.clear();
     }
 
-    fn push(&mut self, at: i64, event: Event) {
+    fn push(
+        &mut self,
+        at: i64,
+        link: usize,
+        conn: u64,
+        (from, to): (usize, usize),
+        packet: Packet,
+    ) {
         self.next += 1;
+        let event = Event {
+            link,
+            conn,
+            from,
+            to,
+            packet,
+        };
         self.queue.insert((at, self.next), event);
     }
 
@@ -178,15 +192,8 @@ impl Net {
         self.links[link].outstanding.insert(id);
         if self.lost(rng) {
             self.dropped += 1;
-            let packet = Packet::Failed { id };
-            let event = Event {
-                link,
-                conn,
-                from: to,
-                to: from,
-                packet,
-            };
-            self.push(now + REQUEST_TIMEOUT_MS, event);
+            let failed = Packet::Failed { id };
+            self.push(now + REQUEST_TIMEOUT_MS, link, conn, (to, from), failed);
             return true;
         }
         let copies = if self.faults.dup_per_mille > 0
@@ -203,16 +210,7 @@ impl Net {
                 id,
                 msg: msg.clone(),
             };
-            self.push(
-                at,
-                Event {
-                    link,
-                    conn,
-                    from,
-                    to,
-                    packet,
-                },
-            );
+            self.push(at, link, conn, (from, to), packet);
         }
         true
     }
@@ -235,16 +233,7 @@ impl Net {
         } else {
             (now + self.delay(rng), Packet::Response { id, msg })
         };
-        self.push(
-            at,
-            Event {
-                link,
-                conn,
-                from,
-                to,
-                packet,
-            },
-        );
+        self.push(at, link, conn, (from, to), packet);
     }
 
     /// The next packet due by `now` that still belongs to a live connection, with responses

@@ -217,7 +217,7 @@ impl Layout {
 
     /// Whether a local write of `ty` at node `i` must be refused: `Method` next to its owner.
     pub fn refuses_write(&self, i: usize, ty: &str) -> bool {
-        ty == "Method" && i != 0 && self.links.iter().any(|&l| l == (0, i))
+        ty == "Method" && i != 0 && self.links.contains(&(0, i))
     }
 
     /// What the final policies let pass from `x` to its neighbour `y` for a document of type
