@@ -9,6 +9,7 @@
 //! - [`store`]: the redb tables and the transactions that commit the engine's records.
 //! - [`core`]: engine, store and document cache behind the node's operations.
 //! - [`fault`]: deliberate engine faults that simulations switch on to prove their invariants.
+//! - [`bundle`]: signed, encrypted export bundles of changes for one peer, and their import.
 //! - [`sync`]: per-peer sync sessions: streaming the change log, storing what peers send.
 //! - [`net`]: the libp2p shell: transport, gating, the request-response codec, backoff.
 //! - [`demo`]: `tidesync demo`, a hub and two labs converging on 127.0.0.1.
@@ -19,6 +20,7 @@
 //! - [`cli`]: the `tidesync` command line.
 
 pub mod api;
+pub mod bundle;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -271,6 +271,19 @@ impl Policies {
         widened
     }
 
+    /// The name of `peer`, if it is configured.
+    pub fn name_of(&self, peer: &NodeId) -> Option<&str> {
+        self.peers.get(peer).map(|(name, _)| name.as_str())
+    }
+
+    /// The configured peer called `name`.
+    pub fn named(&self, name: &str) -> Option<NodeId> {
+        self.peers
+            .iter()
+            .find(|(_, (n, _))| n == name)
+            .map(|(id, _)| *id)
+    }
+
     pub fn remove(&mut self, peer: &NodeId) {
         self.peers.remove(peer);
     }

@@ -193,6 +193,17 @@ impl PeerRecord {
     }
 }
 
+/// What a received batch says of the sender's log: it holds the entries from `after` to
+/// `upto` (those the receiver may have; see [`PeerRecord::stored`]). A batch without a claim
+/// (an export bundle's, but for its last part) leaves the checkpoint where it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub after: u64,
+    pub upto: Checkpoint,
+    /// The batch may start the sender's log over (see [`PeerRecord::stored`]).
+    pub restart: bool,
+}
+
 /// A range of the log read for one peer.
 #[derive(Debug, Default)]
 pub struct OutBatch {
@@ -864,7 +875,7 @@ impl Store {
     pub fn commit_received(
         &self,
         from: &NodeId,
-        (after, upto, restart): (u64, Checkpoint, bool),
+        claim: Option<Claim>,
         now_ms: i64,
         docs: impl Iterator<Item = Result<ReceivedDoc, StoreError>>,
         counters: impl FnOnce(&mut PeerRecord),
@@ -913,7 +924,7 @@ impl Store {
                 Some(v) => self.decode(|| format!("peers_v1[{from}]"), v.value())?,
                 None => PeerRecord::default(),
             };
-            moved = record.stored(after, upto, restart);
+            moved = claim.is_some_and(|c| record.stored(c.after, c.upto, c.restart));
             counters(&mut record);
             record.last_sync_ms = now_ms;
             let bytes = postcard::to_stdvec(&record).map_err(|x| self.encode_error(x))?;

@@ -20,7 +20,7 @@ use tidesync_proto::{
 use crate::core::Core;
 use crate::engine::{Arrival, Arrived, DocRecord, Engine};
 use crate::policy::{Policies, Policy};
-use crate::store::{LogEntry, OutBatch, Reader, Store, StoreError};
+use crate::store::{Claim, LogEntry, OutBatch, Reader, Store, StoreError};
 
 /// Most changes in one `Changes` batch. 2,000 synced 50,000 objects about 10 % faster than
 /// 1,000 (fewer commits); frames stay near 1 MB, far under `MAX_FRAME_BYTES`.
@@ -357,6 +357,13 @@ impl Core {
                 session.streaming = true;
                 session.restart_from(start);
                 session.resending = resending;
+                if !rewound && start > 0 {
+                    // The peer durably holds our log up to `start`: that acknowledges it (an
+                    // export for the peer starts there too).
+                    self.store
+                        .update_peer(&peer, |r| r.acked = r.acked.max(start))
+                        .map_err(Self::store_err(peer))?;
+                }
                 let mut out = Vec::new();
                 if rewound {
                     tracing::warn!(%peer, claimed = resume.seq, "peer holds a checkpoint of our log that we no longer have: this node was restored from an older copy; resending everything and asking for what we lost");
@@ -395,7 +402,12 @@ impl Core {
                     restart = batch > s.newest_batch_in;
                     s.newest_batch_in = s.newest_batch_in.max(batch);
                 }
-                let report = self.receive_changes(peer, (after, restart), docs, changes, upto)?;
+                let claim = Claim {
+                    after,
+                    upto,
+                    restart,
+                };
+                let report = self.receive_changes(peer, Some(claim), docs, changes)?;
                 let out = if report.applied > 0 {
                     self.pump_all()?
                 } else {
@@ -552,12 +564,7 @@ impl Core {
         let mut out = Vec::new();
         let last = self.store.last_seq().map_err(Self::store_err(peer))?;
         let (me, alter_relayed) = (self.node_id(), self.faults.alter_relayed);
-        let policy = self.policies.of(&peer);
-        let mut by_ref = if policy.refs.is_empty() {
-            HashSet::new()
-        } else {
-            self.store.by_ref(&peer).map_err(Self::store_err(peer))?
-        };
+        let mut by_ref = self.carried_to(peer)?;
         loop {
             let Some(session) = self.sync.peers.get(&peer) else {
                 return Ok(out);
@@ -570,37 +577,7 @@ impl Core {
             }
             let (cursor, sent_upto, unfiltered) =
                 (session.cursor, session.sent_upto, session.unfiltered);
-            let policies = &self.policies;
-            let skip_entry =
-                |e: &LogEntry| !unfiltered && (e.author == peer || e.from == Some(peer));
-            // Objects of types published to this peer as views (`fields`) are noted here,
-            // never sent themselves.
-            let to_view = std::cell::RefCell::new(Vec::new());
-            let skip_doc = |doc: &DocId, rec: &DocRecord| {
-                if policy.publishes_view(&rec.ty) {
-                    to_view.borrow_mut().push(*doc);
-                }
-                !policies.may_send(&peer, rec, by_ref.contains(doc))
-            };
-            let mut batch = self
-                .store
-                .read_batch(
-                    cursor,
-                    SYNC_BATCH_CHANGES,
-                    SYNC_BATCH_BYTES,
-                    SYNC_SCAN_ENTRIES,
-                    skip_entry,
-                    skip_doc,
-                )
-                .map_err(Self::store_err(peer))?;
-            self.publish_views(peer, &mut batch, to_view.into_inner())?;
-            let carried = self.carry_references(peer, &mut batch)?;
-            if !carried.is_empty() {
-                self.store
-                    .add_by_ref(&peer, &carried)
-                    .map_err(Self::store_err(peer))?;
-                by_ref.extend(carried);
-            }
+            let mut batch = self.read_for(peer, cursor, unfiltered, &mut by_ref)?;
             let session = self
                 .sync
                 .peers
@@ -644,6 +621,60 @@ impl Core {
                 },
             ));
         }
+    }
+
+    /// The documents carried to `peer` because objects sent to it reference them.
+    pub(crate) fn carried_to(&self, peer: NodeId) -> Result<HashSet<DocId>, SyncError> {
+        if self.policies.of(&peer).refs.is_empty() {
+            return Ok(HashSet::new());
+        }
+        self.store.by_ref(&peer).map_err(Self::store_err(peer))
+    }
+
+    /// The next stretch of our log after `cursor` that `peer` may have, by our policy for it
+    /// (bounded by `SYNC_BATCH_CHANGES` and `SYNC_BATCH_BYTES`): entries authored by or
+    /// received from the peer are left out unless `unfiltered`, views are brought up to date
+    /// and referenced objects carried (recorded in `by_ref`). Sync batches and export bundles
+    /// are both read this way.
+    pub(crate) fn read_for(
+        &self,
+        peer: NodeId,
+        cursor: u64,
+        unfiltered: bool,
+        by_ref: &mut HashSet<DocId>,
+    ) -> Result<OutBatch, SyncError> {
+        let policy = self.policies.of(&peer);
+        let policies = &self.policies;
+        let skip_entry = |e: &LogEntry| !unfiltered && (e.author == peer || e.from == Some(peer));
+        // Objects of types published to this peer as views (`fields`) are noted here, never
+        // sent themselves.
+        let to_view = std::cell::RefCell::new(Vec::new());
+        let skip_doc = |doc: &DocId, rec: &DocRecord| {
+            if policy.publishes_view(&rec.ty) {
+                to_view.borrow_mut().push(*doc);
+            }
+            !policies.may_send(&peer, rec, by_ref.contains(doc))
+        };
+        let mut batch = self
+            .store
+            .read_batch(
+                cursor,
+                SYNC_BATCH_CHANGES,
+                SYNC_BATCH_BYTES,
+                SYNC_SCAN_ENTRIES,
+                skip_entry,
+                skip_doc,
+            )
+            .map_err(Self::store_err(peer))?;
+        self.publish_views(peer, &mut batch, to_view.into_inner())?;
+        let carried = self.carry_references(peer, &mut batch)?;
+        if !carried.is_empty() {
+            self.store
+                .add_by_ref(&peer, &carried)
+                .map_err(Self::store_err(peer))?;
+            by_ref.extend(carried);
+        }
+        Ok(batch)
     }
 
     /// Bring the views of `docs` published to `peer` (see [`crate::policy::Policy::fields`])
@@ -860,10 +891,9 @@ impl Core {
     pub fn receive_changes(
         &mut self,
         peer: NodeId,
-        (after, restart): (u64, bool),
+        claim: Option<Claim>,
         headers: Vec<DocHeader>,
         changes: Vec<SignedChange>,
-        upto: Checkpoint,
     ) -> Result<ReceiveReport, SyncError> {
         let now = (self.clock)();
         let started = std::time::Instant::now();
@@ -985,7 +1015,7 @@ impl Core {
         let written = write(
             &self.store,
             peer,
-            (after, upto, restart),
+            claim,
             now,
             (report.rejected, report.duplicates),
             prepared,
@@ -997,8 +1027,8 @@ impl Core {
         report.rejected += written.rejected;
         report.duplicates += written.duplicates;
         report.last_seq = written.last_seq;
-        if !written.moved {
-            tracing::debug!(%peer, after, upto = upto.seq, "batch arrived ahead of a gap; the checkpoint moves once the gap is filled");
+        if let (Some(c), false) = (&claim, written.moved) {
+            tracing::debug!(%peer, after = c.after, upto = c.upto.seq, "batch arrived ahead of a gap; the checkpoint moves once the gap is filled");
         }
         for (doc_id, doc) in written.docs {
             self.cache.put(doc_id, doc);
@@ -1009,7 +1039,7 @@ impl Core {
             held = report.held,
             rejected = report.rejected,
             duplicates = report.duplicates,
-            upto = upto.seq,
+            upto = claim.map(|c| c.upto.seq),
             verify_ms = verified_at.as_secs_f64() * 1e3,
             apply_ms = (applied_at - verified_at).as_secs_f64() * 1e3,
             commit_ms = (started.elapsed() - applied_at).as_secs_f64() * 1e3,
@@ -1165,7 +1195,7 @@ struct Written {
 fn write(
     store: &Store,
     peer: NodeId,
-    (after, upto, restart): (u64, Checkpoint, bool),
+    claim: Option<Claim>,
     now: i64,
     (rejected_before, duplicates_before): (u64, u64),
     prepared: Vec<Result<Prepared, StoreError>>,
@@ -1228,23 +1258,22 @@ fn write(
         }
         None
     });
-    let (last_seq, moved) =
-        store.commit_received(&peer, (after, upto, restart), now, in_order, |r| {
-            let t = tally.borrow();
-            r.changes_in += t.applied + t.held;
-            r.rejected += rejected_before + t.rejected;
-            r.duplicates += duplicates_before + t.duplicates;
-            for (ty, n) in &t.rejected_types {
-                *r.rejected_types.entry(ty.clone()).or_default() += n;
-            }
-            if let Some(kept) = forgotten {
-                r.received = kept;
-                r.ahead.clear();
-            } else if faults.checkpoint_skips_gaps {
-                r.received = upto;
-                r.ahead.clear();
-            }
-        })?;
+    let (last_seq, moved) = store.commit_received(&peer, claim, now, in_order, |r| {
+        let t = tally.borrow();
+        r.changes_in += t.applied + t.held;
+        r.rejected += rejected_before + t.rejected;
+        r.duplicates += duplicates_before + t.duplicates;
+        for (ty, n) in &t.rejected_types {
+            *r.rejected_types.entry(ty.clone()).or_default() += n;
+        }
+        if let Some(kept) = forgotten {
+            r.received = kept;
+            r.ahead.clear();
+        } else if let (true, Some(c)) = (faults.checkpoint_skips_gaps, claim) {
+            r.received = c.upto;
+            r.ahead.clear();
+        }
+    })?;
     let mut written = tally.into_inner();
     written.last_seq = last_seq;
     written.moved = moved;

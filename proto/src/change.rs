@@ -296,7 +296,9 @@ pub mod serde_bytes_vec {
     }
 }
 
-mod serde_bytes_64 {
+/// Serde helper for 64-byte signatures, written as bytes. Use as
+/// `#[serde(with = "tidesync_proto::change::serde_bytes_64")]`.
+pub mod serde_bytes_64 {
     use serde::{Deserializer, Serializer};
     pub fn serialize<S: Serializer>(v: &[u8; 64], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(v)
