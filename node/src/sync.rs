@@ -93,8 +93,10 @@ pub struct Session {
     /// Send everything, including what the peer authored or sent us: the peer was restored
     /// from an older copy and asked for it.
     unfiltered: bool,
-    /// Whether the peer answered our Hello.
+    /// Whether the peer answered our latest Hello.
     hello_answered: bool,
+    /// The number of our latest Hello.
+    hello: u64,
     /// Whether we are sending our whole log again after the peer's policy widened; the
     /// stored `resend_all` flag is cleared only once all of it is acknowledged, so a
     /// connection lost midway starts the resend over instead of skipping what it missed.
@@ -121,6 +123,7 @@ impl Session {
             inflight: VecDeque::new(),
             acked: 0,
             last_batch: 0,
+            hello: 0,
             newest_batch_in: 0,
             resending: false,
             unfiltered: false,
@@ -266,13 +269,21 @@ impl Core {
         self.hello(peer)
     }
 
-    /// A Hello for `peer`: where we hold its log up to, and our tip.
-    fn hello(&self, peer: NodeId) -> Result<Vec<Outgoing>, SyncError> {
+    /// A Hello for `peer`: where we hold its log up to, and our tip. Only the answer to the
+    /// latest Hello counts as answered (see [`Session::hello_answered`]).
+    fn hello(&mut self, peer: NodeId) -> Result<Vec<Outgoing>, SyncError> {
         let record = self.store.peer(&peer).map_err(Self::store_err(peer))?;
         let tip = self.store.last_seq().map_err(Self::store_err(peer))?;
+        let Some(session) = self.sync.peers.get_mut(&peer) else {
+            return Ok(Vec::new());
+        };
+        session.last_batch += 1;
+        session.hello = session.last_batch;
+        session.hello_answered = false;
         Ok(vec![(
             peer,
             Message::Hello {
+                number: session.hello,
                 node: self.node_id(),
                 name: self.name.clone(),
                 resume: record.received,
@@ -292,6 +303,7 @@ impl Core {
             session.restart_from(0);
             session.resending = true;
         }
+        // The new Hello must arrive, or the peer never resends: it is sent again if it fails.
         let mut out = self.hello(peer)?;
         out.extend(self.pump(peer)?);
         Ok(out)
@@ -327,6 +339,7 @@ impl Core {
         let now = (self.clock)();
         match msg {
             Message::Hello {
+                number,
                 node,
                 name: _,
                 resume,
@@ -378,7 +391,7 @@ impl Core {
                 self.note_in_sync(peer)?;
                 Ok((
                     Message::Ack {
-                        batch: 0,
+                        batch: number,
                         upto: 0,
                         rejected: 0,
                     },
@@ -460,6 +473,10 @@ impl Core {
             return Ok(Vec::new());
         };
         if answered == 0 {
+            // A Rewound's answer.
+            return Ok(Vec::new());
+        }
+        if answered == session.hello {
             session.hello_answered = true;
             self.note_in_sync(peer)?;
             return Ok(Vec::new());

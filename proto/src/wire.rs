@@ -13,8 +13,9 @@ use crate::ids::{DocId, NodeId, ObjectId, TypeName};
 /// Version of the wire protocol spoken by this build. Bumped on any incompatible change.
 ///
 /// - 1: the first protocol.
-/// - 2: `Changes` and `Ack` carry the sender's batch number, so that an Ack names exactly the
-///   batch it answers (version 1 matched Acks by `upto`, which two batches can share).
+/// - 2: `Hello` and `Changes` carry the sender's number for them and `Ack` echoes it, so that
+///   an Ack names exactly the request it answers (version 1 matched Acks by `upto`, which two
+///   batches can share, and could not tell a stale Hello's answer from the latest one's).
 pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame body accepted or produced, in bytes.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
@@ -48,6 +49,9 @@ pub enum Message {
     /// the sender (the sender has durably stored everything up to it); `tip` is the sender's
     /// own last SEQ.
     Hello {
+        /// The sender's number for this Hello, from the same sequence as its batch numbers;
+        /// the Ack carries it back, so that only the answer to the latest Hello counts.
+        number: u64,
         node: NodeId,
         name: String,
         resume: Checkpoint,
@@ -74,7 +78,7 @@ pub enum Message {
     /// The answer to every request. For `Changes`: everything up to `upto` is durably stored;
     /// `rejected` of the batch's changes failed verification or policy.
     Ack {
-        /// The batch answered, or 0 for a Hello or a Rewound.
+        /// The batch or Hello answered (its number), or 0 for a Rewound.
         batch: u64,
         upto: u64,
         rejected: u32,
@@ -200,6 +204,7 @@ mod tests {
                 any::<u64>()
             )
                 .prop_map(|(k, name, seq, hash, tip)| Message::Hello {
+                    number: tip / 2,
                     node: NodeId(k),
                     name,
                     resume: Checkpoint { seq, hash },

@@ -76,6 +76,7 @@ fn main() -> ExitCode {
     println!("seed {first} seeds {}", args.seeds);
     let started = Instant::now();
     let (mut worst_rounds, mut caught) = (0, 0);
+    let mut failed = Vec::new();
     for seed in first..first.saturating_add(args.seeds) {
         let opts = Options::derive(seed, &given);
         println!("{opts}");
@@ -108,9 +109,20 @@ fn main() -> ExitCode {
             Err(v) => {
                 println!("  FAILED: {v}");
                 println!("reproduce: {}", opts.command());
-                return ExitCode::FAILURE;
+                failed.push(opts.command());
             }
         }
+    }
+    if !failed.is_empty() {
+        println!(
+            "{} of {} worlds FAILED; reproduce each with:",
+            failed.len(),
+            args.seeds
+        );
+        for c in &failed {
+            println!("  {c}");
+        }
+        return ExitCode::FAILURE;
     }
     println!(
         "{} worlds in {:.1} s; most rounds to converge after a heal: {worst_rounds} (limit {})",

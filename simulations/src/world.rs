@@ -1232,6 +1232,23 @@ mod tests {
         must_pass(&pinned(54, Topology::Line, 5, 323, [8, 43, 29, 6]));
     }
 
+    // Regression (seed 343, found by the 10,000-seed run): a widening at the receiving end
+    // sent a fresh Hello asking for the whole log, but the answer to the session's first
+    // Hello counted as its answer (Acks of Hellos named no Hello), so when the fresh one was
+    // lost it was never sent again, and what the narrow policy had refused never came.
+    #[test]
+    fn regression_seed_343_lost_hello_after_a_widening() {
+        must_pass(&pinned(343, Topology::Line, 3, 331, [15, 5, 3, 38]));
+    }
+
+    // Regression (seed 5633, found by the 10,000-seed run): a widening while the peer's Hello
+    // had not arrived yet left our fresh Hello marked as answered; when it was lost, the peer
+    // never resent what our narrow policy had refused.
+    #[test]
+    fn regression_seed_5633_widening_before_the_peer_hello() {
+        must_pass(&pinned(5633, Topology::Star, 4, 464, [9, 56, 23, 55]));
+    }
+
     // Regression (seed 1029, star sweep): a late copy of a session's first batch moved the
     // receiver's checkpoint back, and every later batch then waited behind a gap that never
     // filled (an idle resync moved 58 changes). The forged batch of that run is now framed
