@@ -30,6 +30,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use tidesync_proto::{ObjectId, TypeName};
 
+use crate::bundle::{BundleError, ImportReport};
 use crate::core::{DEFAULT_PAGE_IDS, LocalWriteError, ReadError};
 use crate::engine::WriteError;
 use crate::node::{CallError, NodeHandle, PeerError};
@@ -113,6 +114,11 @@ pub fn router(node: NodeHandle, token: Option<String>) -> Router {
         .route(
             "/v1/peers/{name}",
             axum::routing::put(set_peer).delete(remove_peer),
+        )
+        .route("/v1/bundles/export", axum::routing::post(export_bundle))
+        .route(
+            "/v1/bundles/import",
+            axum::routing::post(import_bundle).layer(DefaultBodyLimit::max(MAX_API_BUNDLE_BYTES)),
         )
         .fallback(|| async {
             ApiError::new(
@@ -307,6 +313,77 @@ async fn conflicts(State(node): State<NodeHandle>) -> ApiResult<Vec<crate::core:
 
 async fn peers(State(node): State<NodeHandle>) -> ApiResult<Vec<crate::core::PeerStatus>> {
     Ok(Json(node.status().await?.peers))
+}
+
+/// Largest bundle `POST /v1/bundles/import` takes, in bytes; larger ones are imported with
+/// the node stopped (`tidesync import` then opens the store itself).
+pub const MAX_API_BUNDLE_BYTES: usize = 1024 * 1024 * 1024;
+/// The response header of `POST /v1/bundles/export` that carries the export's report (JSON).
+pub const EXPORT_REPORT_HEADER: &str = "x-tidesync-export";
+
+impl From<CallError<BundleError>> for ApiError {
+    fn from(e: CallError<BundleError>) -> ApiError {
+        let status = match &e {
+            CallError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            CallError::Failed(BundleError::UnknownPeer { .. }) => StatusCode::NOT_FOUND,
+            CallError::Failed(BundleError::Store { .. } | BundleError::Sync(_)) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            CallError::Failed(BundleError::Encrypt { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+            CallError::Failed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        ApiError::new(status, e)
+    }
+}
+
+#[derive(Deserialize)]
+struct ExportQuery {
+    #[serde(rename = "for")]
+    peer: String,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    plain: bool,
+}
+
+/// `POST /v1/bundles/export?for=PEER[&all=true][&plain=true]`: the bundle's bytes, with the
+/// report in the `x-tidesync-export` header.
+async fn export_bundle(
+    State(node): State<NodeHandle>,
+    Query(q): Query<ExportQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    let (bytes, report) = node.export_bundle(q.peer, q.all, !q.plain).await?;
+    let report = serde_json::to_string(&report)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/octet-stream".to_string(),
+            ),
+            (
+                axum::http::HeaderName::from_static(EXPORT_REPORT_HEADER),
+                report,
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct ImportQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// `POST /v1/bundles/import[?dry_run=true]` with the bundle as the body: the import report.
+async fn import_bundle(
+    State(node): State<NodeHandle>,
+    Query(q): Query<ImportQuery>,
+    body: Bytes,
+) -> ApiResult<ImportReport> {
+    Ok(Json(node.import_bundle(body.to_vec(), q.dry_run).await?))
 }
 
 /// The body of `PUT /v1/peers/{name}`.

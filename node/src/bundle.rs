@@ -90,7 +90,9 @@ pub enum BundleError {
     WrongRecipient { to: NodeId, me: NodeId },
     #[error("the bundle comes from node {from}, which is not a configured peer")]
     UnknownExporter { from: NodeId },
-    #[error("the bundle from {from} cannot be decrypted with this node's key: {detail}")]
+    #[error(
+        "the bundle from {from} cannot be decrypted: it is damaged, or was not encrypted to this node's key ({detail})"
+    )]
     Decrypt { from: NodeId, detail: String },
     #[error("the bundle from {from} is damaged or was altered: {detail}")]
     Damaged { from: NodeId, detail: String },
@@ -270,7 +272,7 @@ pub fn open(
         let key = age_identity(identity).map_err(|detail| BundleError::Decrypt { from, detail })?;
         decrypted = age::decrypt(&key, payload).map_err(|e| BundleError::Decrypt {
             from,
-            detail: e.to_string(),
+            detail: e.to_string().lines().next().unwrap_or_default().to_string(),
         })?;
         &decrypted[..]
     } else {
@@ -544,6 +546,49 @@ mod tests {
         // The hub now holds the ship's log to the bundle's end.
         let rec = hub.store().peer(&ship.node_id()).unwrap();
         assert_eq!(rec.received.seq, 2);
+    }
+
+    fn state(c: &mut Core) -> Vec<(DocId, Vec<automerge::ChangeHash>, String)> {
+        let mut v: Vec<_> = c
+            .audit()
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.doc, a.heads, serde_json::to_string(&a.json).unwrap()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn two_incremental_bundles_end_the_same_in_either_order() {
+        let (mut ship, mut hub_x) = pair();
+        // The same hub twice (one key, two stores), to import in both orders.
+        let mut hub_y = core(2, "hub");
+        hub_y
+            .set_policy(ship.node_id(), "ship".into(), Default::default())
+            .unwrap();
+        put(&mut ship, "S-1", json!({"depth": 1}));
+        put(&mut ship, "S-2", json!({"depth": 2}));
+        let (b1, _) = ship.export_bundle("hub", false, true, &|_| {}).unwrap();
+        hub_x.import_bundle(&b1, false, &|_, _| {}).unwrap();
+        // The hub's bundle back is the ship's receipt: the next export starts after b1.
+        let (receipt, _) = hub_x.export_bundle("ship", false, true, &|_| {}).unwrap();
+        ship.import_bundle(&receipt, false, &|_, _| {}).unwrap();
+        put(&mut ship, "S-1", json!({"depth": 10, "note": "rechecked"}));
+        put(&mut ship, "S-3", json!({"depth": 3}));
+        let (b2, ex2) = ship.export_bundle("hub", false, true, &|_| {}).unwrap();
+        assert_eq!(
+            (ex2.after, ex2.changes),
+            (2, 2),
+            "b2 carries only what b1 did not"
+        );
+        hub_x.import_bundle(&b2, false, &|_, _| {}).unwrap();
+        let r = hub_y.import_bundle(&b2, false, &|_, _| {}).unwrap();
+        assert_eq!(r.held, 1, "S-1's edit waits for its creation, in b1");
+        hub_y.import_bundle(&b1, false, &|_, _| {}).unwrap();
+        assert_eq!(hub_y.store().pending_count().unwrap(), 0);
+        assert_eq!(state(&mut hub_x), state(&mut hub_y));
+        assert_eq!(hub_y.store().peer(&ship.node_id()).unwrap().received.seq, 4);
     }
 
     #[test]

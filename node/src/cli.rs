@@ -125,6 +125,37 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a bundle for a peer: the signed changes it has not acknowledged, filtered by this
+    /// node's policy for it, signed by this node and encrypted to the peer's key.
+    Export {
+        /// The configured peer the bundle is for.
+        #[arg(long = "for", value_name = "PEER")]
+        peer: String,
+        /// The bundle file to write (replaced only once the bundle is complete).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Everything the policy lets out, not only what the peer has not acknowledged.
+        #[arg(long)]
+        all: bool,
+        /// Do not encrypt (the bundle is still signed; anyone holding it can read it).
+        #[arg(long)]
+        plain: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import a bundle from a configured peer: verify it and every change in it, check them
+    /// against this node's policy for that peer, and store them. A bad bundle is refused whole.
+    Import {
+        /// The bundle file.
+        file: PathBuf,
+        /// Report what the import would add, update and reject, and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -292,6 +323,16 @@ pub enum CliError {
     Output(std::io::Error),
     #[error("demo failed: {0}")]
     Demo(crate::demo::DemoError),
+    #[error("cannot read the bundle {file}: {source}")]
+    ReadBundle {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write the bundle {file}: {source}")]
+    WriteBundle {
+        file: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl CliError {
@@ -375,6 +416,70 @@ fn parse_names(ty: String, id: String) -> Result<(TypeName, ObjectId), CliError>
     Ok((ty, id))
 }
 
+/// Operations of fewer changes than this show no progress bar.
+pub const PROGRESS_MIN_CHANGES: u64 = 2_000;
+
+/// A progress bar on standard error, drawn only on a terminal and only once the count passes
+/// `PROGRESS_MIN_CHANGES`, so small bundles draw nothing.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    shown: std::cell::Cell<bool>,
+}
+
+impl Progress {
+    /// A bar for `what`; `counted` when the total is known (it is set by `update`).
+    fn new(counted: bool, what: &'static str) -> Progress {
+        let bar = indicatif::ProgressBar::with_draw_target(
+            counted.then_some(0),
+            indicatif::ProgressDrawTarget::hidden(),
+        );
+        let template = if counted {
+            "{bar:40} {pos}/{len} {msg} ({eta} left)"
+        } else {
+            "{spinner} {pos} {msg}"
+        };
+        if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+            bar.set_style(style);
+        }
+        bar.set_message(what);
+        Progress {
+            bar,
+            shown: std::cell::Cell::new(false),
+        }
+    }
+
+    fn update(&self, done: u64, total: Option<u64>) {
+        if !self.shown.get() && total.unwrap_or(done) >= PROGRESS_MIN_CHANGES {
+            self.bar
+                .set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            self.shown.set(true);
+        }
+        if let Some(total) = total {
+            self.bar.set_length(total);
+        }
+        self.bar.set_position(done);
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Write `bytes` to `path` through a temporary file in the same folder, renamed into place
+/// once complete and flushed, so a crash never leaves half a bundle under its name.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
 fn print_json(v: &impl serde::Serialize) -> Result<(), CliError> {
     let line = serde_json::to_string(v).map_err(|e| CliError::Output(std::io::Error::other(e)))?;
     println!("{line}");
@@ -435,6 +540,74 @@ async fn object_command(home: &Home, command: Command) -> Result<(), CliError> {
             for change in &feed.changes {
                 print_json(change)?;
             }
+            Ok(())
+        }
+        Command::Export {
+            peer,
+            out,
+            all,
+            plain,
+            json,
+        } => {
+            let bar = Progress::new(false, "changes gathered");
+            let tick = |n: u64| bar.update(n, None);
+            let (bytes, report) = client.export_bundle(&peer, all, !plain, &tick).await?;
+            bar.finish();
+            write_atomically(&out, &bytes).map_err(|source| CliError::WriteBundle {
+                file: out.clone(),
+                source,
+            })?;
+            if json {
+                return print_json(&report);
+            }
+            println!(
+                "wrote {}: {} changes of {} objects for {} (log {}..{}), {} bytes, {}",
+                out.display(),
+                report.changes,
+                report.documents,
+                report.peer,
+                report.after,
+                report.upto,
+                report.bytes,
+                if report.encrypted {
+                    "encrypted to the peer's key"
+                } else {
+                    "NOT encrypted"
+                }
+            );
+            Ok(())
+        }
+        Command::Import {
+            file,
+            dry_run,
+            json,
+        } => {
+            let bytes = std::fs::read(&file).map_err(|source| CliError::ReadBundle {
+                file: file.clone(),
+                source,
+            })?;
+            let bar = Progress::new(true, "changes stored");
+            let tick = |done: u64, total: u64| bar.update(done, Some(total));
+            let report = client.import_bundle(bytes, dry_run, &tick).await?;
+            bar.finish();
+            if json {
+                return print_json(&report);
+            }
+            println!(
+                "{}{}: {} objects added, {} updated; {} new changes ({} waiting for earlier ones), {} already here, {} rejected",
+                if report.dry_run {
+                    "dry run, nothing written: "
+                } else {
+                    ""
+                },
+                file.display(),
+                report.added,
+                report.updated,
+                report.new_changes,
+                report.held,
+                report.duplicates,
+                report.rejected
+            );
             Ok(())
         }
         Command::Conflicts { json } => {

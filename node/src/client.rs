@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value as Json};
 use tidesync_proto::{ObjectId, TypeName};
 
+use crate::bundle::{BundleError, ExportReport, ImportReport};
 use crate::config::{Config, Home};
 use crate::core::{Core, Feed, History, LocalWriteError, OpenError, ReadError, Status, WriteReply};
 use crate::engine::WriteError;
@@ -15,6 +16,8 @@ use crate::store::{IdPage, StoreError};
 
 /// How long the CLI waits for an answer from a running node, beyond any long-poll wait.
 pub const API_TIMEOUT_SECS: u64 = 30;
+/// How much longer it waits for a running node to export or import a bundle.
+pub const BUNDLE_WAIT_SECS: u64 = 600;
 
 /// Why a CLI request failed.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +71,18 @@ impl From<LocalWriteError> for ClientError {
             }
             LocalWriteError::ReadOnly { .. } => ClientError::Forbidden(e.to_string()),
             LocalWriteError::Store { .. } => ClientError::Failed(e.to_string()),
+        }
+    }
+}
+
+impl From<BundleError> for ClientError {
+    fn from(e: BundleError) -> Self {
+        match e {
+            BundleError::UnknownPeer { .. } => ClientError::NotFound(e.to_string()),
+            BundleError::Store { .. } | BundleError::Sync(_) | BundleError::Encrypt { .. } => {
+                ClientError::Failed(e.to_string())
+            }
+            _ => ClientError::Invalid(e.to_string()),
         }
     }
 }
@@ -286,12 +301,79 @@ impl Client {
         }
     }
 
+    /// A bundle for peer `name`; `progress` is told the changes gathered (stopped node only;
+    /// a running node answers when it is done).
+    pub async fn export_bundle(
+        &mut self,
+        name: &str,
+        all: bool,
+        encrypt: bool,
+        progress: &dyn Fn(u64),
+    ) -> Result<(Vec<u8>, ExportReport), ClientError> {
+        match self {
+            Client::Local(core, _) => Ok(core.export_bundle(name, all, encrypt, progress)?),
+            Client::Api(api) => {
+                let path = format!(
+                    "/v1/bundles/export?for={}&all={all}&plain={}",
+                    encode(name),
+                    !encrypt
+                );
+                // Exports of large stores take a while: allow for it beyond the usual timeout.
+                let (headers, bytes) = api
+                    .request(reqwest::Method::POST, &path, Body::None, BUNDLE_WAIT_SECS)
+                    .await?;
+                let report = headers
+                    .get(crate::api::EXPORT_REPORT_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| serde_json::from_str(v).ok())
+                    .ok_or_else(|| {
+                        ClientError::Failed("the node's export came without its report".into())
+                    })?;
+                Ok((bytes, report))
+            }
+        }
+    }
+
+    /// Import a bundle; `progress` is told the changes stored and their total (stopped node
+    /// only).
+    pub async fn import_bundle(
+        &mut self,
+        bytes: Vec<u8>,
+        dry_run: bool,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<ImportReport, ClientError> {
+        match self {
+            Client::Local(core, _) => Ok(core.import_bundle(&bytes, dry_run, progress)?),
+            Client::Api(api) => {
+                let path = format!("/v1/bundles/import?dry_run={dry_run}");
+                let (_, answer) = api
+                    .request(
+                        reqwest::Method::POST,
+                        &path,
+                        Body::Bytes(bytes),
+                        BUNDLE_WAIT_SECS,
+                    )
+                    .await?;
+                serde_json::from_slice(&answer).map_err(|e| {
+                    ClientError::Failed(format!("unexpected answer to an import: {e}"))
+                })
+            }
+        }
+    }
+
     pub async fn status(&mut self) -> Result<Status, ClientError> {
         match self {
             Client::Local(core, peers) => Ok(core.status(peers)?),
             Client::Api(api) => api.send(reqwest::Method::GET, "/v1/status", None, 0).await,
         }
     }
+}
+
+/// A request body.
+enum Body {
+    None,
+    Json(Json),
+    Bytes(Vec<u8>),
 }
 
 fn object_path(ty: &TypeName, id: &ObjectId) -> String {
@@ -329,6 +411,28 @@ impl ApiClient {
         body: Option<&Json>,
         wait_secs: u64,
     ) -> Result<T, ClientError> {
+        let body = body.map(|b| Body::Json(b.clone())).unwrap_or(Body::None);
+        let (_, bytes) = self.request(method, path, body, wait_secs).await?;
+        let bytes = if bytes.is_empty() {
+            &b"null"[..]
+        } else {
+            &bytes[..]
+        };
+        serde_json::from_slice(bytes).map_err(|e| ClientError::Unreachable {
+            home: self.home.clone(),
+            url: format!("{}{path}", self.base),
+            detail: format!("unexpected answer: {e}"),
+        })
+    }
+
+    /// One request; a successful answer's headers and body, or the node's error.
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Body,
+        wait_secs: u64,
+    ) -> Result<(reqwest::header::HeaderMap, Vec<u8>), ClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = self
             .http
@@ -337,9 +441,11 @@ impl ApiClient {
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
         }
-        if let Some(body) = body {
-            req = req.json(body);
-        }
+        req = match body {
+            Body::None => req,
+            Body::Json(body) => req.json(&body),
+            Body::Bytes(bytes) => req.body(bytes),
+        };
         let unreachable = |detail: String| ClientError::Unreachable {
             home: self.home.clone(),
             url: url.clone(),
@@ -347,15 +453,10 @@ impl ApiClient {
         };
         let resp = req.send().await.map_err(|e| unreachable(e.to_string()))?;
         let status = resp.status();
+        let headers = resp.headers().clone();
         let bytes = resp.bytes().await.map_err(|e| unreachable(e.to_string()))?;
         if status.is_success() {
-            let bytes = if bytes.is_empty() {
-                &b"null"[..]
-            } else {
-                &bytes[..]
-            };
-            return serde_json::from_slice(bytes)
-                .map_err(|e| unreachable(format!("unexpected answer: {e}")));
+            return Ok((headers, bytes.to_vec()));
         }
         let message = serde_json::from_slice::<Json>(&bytes)
             .ok()

@@ -1,6 +1,7 @@
 //! The running node: an actor that owns the core (a cloneable handle, an `Action` enum with
 //! oneshot replies, a private loop), and the `run` lifecycle that starts and stops it.
 
+use crate::bundle::{BundleError, ExportReport, ImportReport};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,6 +84,17 @@ enum Action {
     RemovePeer {
         name: String,
         reply: Reply<Result<(), PeerError>>,
+    },
+    ExportBundle {
+        peer: String,
+        all: bool,
+        encrypt: bool,
+        reply: Reply<Result<(Vec<u8>, ExportReport), BundleError>>,
+    },
+    ImportBundle {
+        bytes: Vec<u8>,
+        dry_run: bool,
+        reply: Reply<Result<ImportReport, BundleError>>,
     },
 }
 
@@ -206,6 +218,36 @@ impl NodeHandle {
 
     pub async fn conflicts(&self) -> Result<Vec<crate::core::Conflict>, CallError<ReadError>> {
         self.call(|reply| Action::Conflicts { reply }).await
+    }
+
+    /// A bundle for the configured peer `peer` (see [`Core::export_bundle`]).
+    pub async fn export_bundle(
+        &self,
+        peer: String,
+        all: bool,
+        encrypt: bool,
+    ) -> Result<(Vec<u8>, ExportReport), CallError<BundleError>> {
+        self.call(|reply| Action::ExportBundle {
+            peer,
+            all,
+            encrypt,
+            reply,
+        })
+        .await
+    }
+
+    /// Import a bundle (see [`Core::import_bundle`]); what it adds is relayed to the peers.
+    pub async fn import_bundle(
+        &self,
+        bytes: Vec<u8>,
+        dry_run: bool,
+    ) -> Result<ImportReport, CallError<BundleError>> {
+        self.call(|reply| Action::ImportBundle {
+            bytes,
+            dry_run,
+            reply,
+        })
+        .await
     }
 
     /// Add or replace a peer; saved to the config file and applied at once.
@@ -344,6 +386,32 @@ impl NodeActor {
             }
             Action::Conflicts { reply } => {
                 let _ = reply.send(tokio::task::block_in_place(|| self.core.conflicts()));
+            }
+            Action::ExportBundle {
+                peer,
+                all,
+                encrypt,
+                reply,
+            } => {
+                let result = tokio::task::block_in_place(|| {
+                    self.core.export_bundle(&peer, all, encrypt, &|_| {})
+                });
+                let _ = reply.send(result);
+            }
+            Action::ImportBundle {
+                bytes,
+                dry_run,
+                reply,
+            } => {
+                let result = tokio::task::block_in_place(|| {
+                    self.core.import_bundle(&bytes, dry_run, &|_, _| {})
+                });
+                if matches!(&result, Ok(r) if !r.dry_run && r.new_changes > 0) {
+                    self.publish_seq();
+                    let out = self.core.pump_all();
+                    self.send_all(out);
+                }
+                let _ = reply.send(result);
             }
             Action::SetPeer { peer, reply } => {
                 let _ = reply.send(self.set_peer(*peer));

@@ -1,0 +1,204 @@
+//! Ships: export bundles carried between real node processes, alone and mixed with network
+//! sync, and every kind of bad bundle refused whole.
+
+use serde_json::json;
+use tidesync_tests::{TestNode, json, wait_for};
+
+fn put(n: &TestNode, id: &str, body: &str) {
+    n.ok(&["put", "Sample", id, body]);
+}
+
+/// What a node's store holds: its change feed, its object counts, held changes and what it
+/// knows of its peers.
+fn held(n: &TestNode) -> (String, serde_json::Value) {
+    let mut status = json(&n.ok(&["status", "--json"]));
+    let feed = n.ok(&["changes", "--since", "0"]);
+    let keep = |k: &str| ["objects", "last_seq", "held_changes", "peers"].contains(&k);
+    if let Some(m) = status.as_object_mut() {
+        m.retain(|k, _| keep(k));
+    }
+    (feed, status)
+}
+
+fn out_path(n: &TestNode, file: &str) -> String {
+    n.home()
+        .parent()
+        .expect("home has a parent")
+        .join(file)
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn a_voyage_bundle_carries_the_ships_work_and_the_next_sync_sends_only_the_rest() {
+    let mut ship = TestNode::init("ship");
+    let mut hub = TestNode::init("hub");
+    ship.start();
+    hub.start();
+    ship.add_peer(&hub, true);
+    hub.add_peer(&ship, false);
+    put(&ship, "S-shared", r#"{"station":"A1"}"#);
+    wait_for("the hub holds the shared sample", || {
+        hub.get("Sample", "S-shared").is_some()
+    });
+
+    // The ship sails: it stops, and both sides work on their own, on the same object too.
+    ship.stop();
+    put(&hub, "S-shared", r#"{"checked_by":"hub"}"#);
+    put(&hub, "H-1", r#"{"from":"hub"}"#);
+    put(&ship, "S-shared", r#"{"depth":120}"#);
+    for i in 0..10 {
+        put(
+            &ship,
+            &format!("S-{i}"),
+            &format!(r#"{{"i":{i},"note":"voyage"}}"#),
+        );
+    }
+
+    // Ashore: the stopped ship exports, the running hub imports (a dry run first).
+    let bundle = out_path(&ship, "voyage-12.tsb");
+    let exported = json(&ship.ok(&["export", "--for", "hub", "--out", &bundle, "--json"]));
+    assert_eq!(
+        exported["changes"],
+        json!(11),
+        "10 new samples and the edit"
+    );
+    assert_eq!(exported["encrypted"], json!(true));
+    let raw = std::fs::read(&bundle).unwrap();
+    assert!(
+        !raw.windows(6).any(|w| w == b"voyage"),
+        "an encrypted bundle shows no field value"
+    );
+    let seq_before = hub.status()["last_seq"].clone();
+    let dry = json(&hub.ok(&["import", "--dry-run", "--json", &bundle]));
+    assert_eq!(
+        (dry["added"].clone(), dry["updated"].clone()),
+        (json!(10), json!(1))
+    );
+    assert_eq!(
+        hub.status()["last_seq"],
+        seq_before,
+        "a dry run writes nothing"
+    );
+    let imported = json(&hub.ok(&["import", "--json", &bundle]));
+    assert_eq!(
+        imported,
+        json!({
+            "peer": "ship", "dry_run": false, "added": 10, "updated": 1, "new_changes": 11,
+            "duplicates": 0, "rejected": 0, "held": 0
+        })
+    );
+    let shared = hub.get("Sample", "S-shared").unwrap();
+    assert_eq!(
+        (shared["depth"].clone(), shared["checked_by"].clone()),
+        (json!(120), json!("hub")),
+        "both sides' edits of the shared sample survive"
+    );
+    // The same bundle again changes nothing.
+    let seq = hub.status()["last_seq"].clone();
+    let again = json(&hub.ok(&["import", "--json", &bundle]));
+    assert_eq!(
+        (again["new_changes"].clone(), again["duplicates"].clone()),
+        (json!(0), json!(11))
+    );
+    assert_eq!(hub.status()["last_seq"], seq);
+    let in_before = hub.peer("ship")["changes_in"].clone();
+
+    // Back in range: they converge, and only what the bundle did not carry crosses.
+    ship.start();
+    wait_for("the ship gets the hub's work", || {
+        ship.get("Sample", "H-1").is_some()
+            && ship
+                .get("Sample", "S-shared")
+                .is_some_and(|v| v["checked_by"] == json!("hub"))
+    });
+    wait_for("both are in sync", || {
+        ship.peer("hub")["pending_out"] == json!(0) && hub.peer("ship")["pending_out"] == json!(0)
+    });
+    assert_eq!(
+        ship.get("Sample", "S-shared"),
+        hub.get("Sample", "S-shared"),
+        "the same JSON on both"
+    );
+    let after = hub.peer("ship");
+    assert_eq!(
+        after["changes_in"], in_before,
+        "no change the bundle carried was sent again"
+    );
+    assert_eq!(after["duplicates"], json!(0));
+}
+
+#[test]
+fn bad_bundles_are_refused_whole_and_leave_the_store_as_it_was() {
+    let ship = TestNode::init("ship");
+    let hub = TestNode::init("hub");
+    let lab = TestNode::init("lab");
+    ship.add_peer(&hub, false);
+    hub.add_peer(&ship, false);
+    lab.add_peer(&ship, false);
+    put(
+        &ship,
+        "S-1",
+        r#"{"depth":5,"password_hash":"not-for-strangers"}"#,
+    );
+    let bundle = out_path(&ship, "ok.tsb");
+    ship.ok(&["export", "--for", "hub", "--out", &bundle]);
+    let plain = out_path(&ship, "plain.tsb");
+    ship.ok(&["export", "--for", "hub", "--out", &plain, "--plain"]);
+    let good = std::fs::read(&bundle).unwrap();
+    let good_plain = std::fs::read(&plain).unwrap();
+
+    let mut flipped = good.clone();
+    let at = good.len() - 20;
+    flipped[at] ^= 0x40;
+    // A plain bundle can be read, but not changed: any byte altered breaks its signature.
+    assert!(good_plain.windows(5).any(|w| w == b"depth"));
+    let mut tampered = good_plain.clone();
+    let at = tampered.len() / 2;
+    tampered[at] ^= 0x01;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("corrupt", flipped, "damaged"),
+        ("truncated", good[..good.len() / 2].to_vec(), "truncated"),
+        ("tampered", tampered, "damaged or was altered"),
+        (
+            "not a bundle",
+            b"PK\x03\x04 a zip file".to_vec(),
+            "not a tidesync bundle",
+        ),
+        ("empty", Vec::new(), "not a tidesync bundle"),
+    ];
+    // Every open of a redb file rewrites its header, so what must not change is what the
+    // store holds: its log, its objects and what it knows of the ship.
+    let before = held(&hub);
+    for (what, bytes, says) in &cases {
+        let file = out_path(&hub, "bad.tsb");
+        std::fs::write(&file, bytes).unwrap();
+        let out = hub.cli(&["import", &file]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what} bundle was accepted");
+        assert!(err.contains(says), "{what}: {err}");
+        assert_eq!(held(&hub), before, "{what} changed the store");
+    }
+    // A bundle for the hub, at another node that knows the ship.
+    let lab_before = held(&lab);
+    let out = lab.cli(&["import", &bundle]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not for this node"),
+        "{err}"
+    );
+    assert_eq!(held(&lab), lab_before, "the lab's store changed");
+    // From a node that is not a configured peer: the lab exports for the ship... at the hub.
+    let stranger = out_path(&lab, "stranger.tsb");
+    lab.ok(&["export", "--for", "ship", "--out", &stranger]);
+    let out = ship.cli(&["import", &stranger]);
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("not a configured peer"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And the good one still imports.
+    let report = json(&hub.ok(&["import", "--json", &bundle]));
+    assert_eq!(report["added"], json!(1));
+}
