@@ -126,6 +126,12 @@ fn a_voyage_bundle_carries_the_ships_work_and_the_next_sync_sends_only_the_rest(
         "no change the bundle carried was sent again"
     );
     assert_eq!(after["duplicates"], json!(0));
+    // A running node exports too (through its API); the ship already has it all.
+    let back = out_path(&hub, "back.tsb");
+    let report = json(&hub.ok(&["export", "--for", "ship", "--all", "--out", &back, "--json"]));
+    assert!(report["changes"].as_u64().unwrap() >= 2, "{report}");
+    let imported = json(&ship.ok(&["import", "--json", &back]));
+    assert_eq!(imported["new_changes"], json!(0), "{imported}");
 }
 
 #[test]
@@ -201,4 +207,68 @@ fn bad_bundles_are_refused_whole_and_leave_the_store_as_it_was() {
     // And the good one still imports.
     let report = json(&hub.ok(&["import", "--json", &bundle]));
     assert_eq!(report["added"], json!(1));
+}
+
+#[test]
+fn a_large_sync_over_a_link_that_keeps_breaking_completes_by_resuming() {
+    const OBJECTS: usize = 20_000;
+    let mut ship = TestNode::init("ship");
+    let mut hub = TestNode::init("hub");
+    hub.start();
+    ship.start();
+    let mut i = 0;
+    while i < OBJECTS {
+        let end = (i + 2_000).min(OBJECTS);
+        let items: Vec<serde_json::Value> = (i..end)
+            .map(|k| json!({"type": "Sample", "id": format!("S-{k:05}"), "fields": {"k": k}}))
+            .collect();
+        let (status, body) = hub.http(
+            reqwest::Method::POST,
+            "/v1/objects",
+            Some(&serde_json::Value::Array(items).to_string()),
+        );
+        assert_eq!(status, 200, "{body}");
+        i = end;
+    }
+    // The ship reaches the hub only through a link that drops every 1.5 MiB: less than the
+    // whole sync, more than the two batches in flight, so each connection gets further.
+    let hub_addr = hub.listen_addr();
+    let port: u16 = hub_addr.rsplit('/').next().unwrap().parse().unwrap();
+    let proxy = tidesync_tests::proxy::FlakyProxy::start(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        1536 * 1024,
+    );
+    let via = format!("/ip4/127.0.0.1/tcp/{}", proxy.addr().port());
+    hub.add_peer(&ship, false);
+    ship.ok(&["peer", "add", "hub", "--id", &hub.id(), "--addr", &via]);
+    wait_for("the ship holds every object", || {
+        ship.status()["objects"]["Sample"]["live"] == json!(OBJECTS)
+    });
+    let from_hub = ship.peer("hub");
+    eprintln!(
+        "flaky link: {} connections, {} cut midway; {} changes stored, {} came twice",
+        proxy.connections(),
+        proxy.cuts(),
+        from_hub["changes_in"],
+        from_hub["duplicates"]
+    );
+    assert!(
+        proxy.cuts() >= 2,
+        "the link never broke ({} connections)",
+        proxy.connections()
+    );
+    assert_eq!(
+        from_hub["changes_in"],
+        json!(OBJECTS),
+        "each change stored once"
+    );
+    // Resuming, not restarting: at most the batches in flight at each cut come again.
+    let resent = from_hub["duplicates"].as_u64().unwrap();
+    assert!(
+        resent <= proxy.cuts() * 2 * 2_000,
+        "{resent} changes resent over {} cuts",
+        proxy.cuts()
+    );
+    ship.stop();
+    hub.stop();
 }
