@@ -495,18 +495,11 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Store;
     use serde_json::json;
     use tidesync_proto::{ObjectId, TypeName};
 
     fn core(secret: u8, name: &str) -> Core {
-        Core::new(
-            name.into(),
-            Identity::from_secret([secret; 32]),
-            Store::in_memory().unwrap(),
-            64,
-            false,
-        )
+        Core::in_memory(secret, name)
     }
 
     fn pair() -> (Core, Core) {

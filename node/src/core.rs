@@ -349,6 +349,18 @@ impl Core {
         self.faults.set(fault);
     }
 
+    /// A core over a new in-memory store, with the key `[secret; 32]` (tests).
+    #[cfg(test)]
+    pub(crate) fn in_memory(secret: u8, name: &str) -> Core {
+        Core::new(
+            name.into(),
+            Identity::from_secret([secret; 32]),
+            Store::in_memory().expect("an in-memory store"),
+            64,
+            true,
+        )
+    }
+
     /// Give up the core, returning its store (as a crash-and-restart in a simulation does).
     pub fn into_store(self) -> Store {
         self.store

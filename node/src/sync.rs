@@ -1318,20 +1318,12 @@ fn tamper_if_relayed(change: &mut SignedChange, me: &NodeId) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::Identity;
-    use crate::store::Store;
     use serde_json::{Value as Json, json};
     use std::collections::VecDeque;
     use tidesync_proto::{ObjectId, TypeName};
 
     fn core(secret: u8, name: &str) -> Core {
-        Core::new(
-            name.into(),
-            Identity::from_secret([secret; 32]),
-            Store::in_memory().unwrap(),
-            64,
-            true,
-        )
+        Core::in_memory(secret, name)
     }
 
     fn put(c: &mut Core, id: &str, v: Json) {
