@@ -63,7 +63,6 @@ pub struct HistoryEntry {
     pub error: Option<String>,
 }
 
-/// An object's history, oldest change first (causal order).
 /// One document as [`Core::audit`] found it.
 #[derive(Debug, Clone)]
 pub struct DocAudit {
@@ -86,6 +85,7 @@ pub struct AuditedChange {
     pub signature: Result<(), String>,
 }
 
+/// An object's history, oldest change first (causal order).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct History {
     #[serde(rename = "type")]

@@ -227,7 +227,7 @@ fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R>
 
 /// Verify a batch on every core: each core checks its share of the signatures in one batch
 /// equation (see [`check_batch`]), with each author's key decompressed once.
-fn verify_batch(
+pub(crate) fn verify_batch(
     changes: &[SignedChange],
     faults: &crate::fault::Faults,
 ) -> Vec<Result<VerifiedChange, VerifyError>> {
@@ -517,11 +517,14 @@ impl Core {
 
     /// Once a resend after a widening is wholly acknowledged, clear `resend_all`.
     fn note_resent(&mut self, peer: NodeId) -> Result<(), SyncError> {
+        if !self.sync.peers.get(&peer).is_some_and(|s| s.resending) {
+            return Ok(());
+        }
         let last = self.store.last_seq().map_err(Self::store_err(peer))?;
         let Some(session) = self.sync.peers.get_mut(&peer) else {
             return Ok(());
         };
-        if session.resending && session.inflight.is_empty() && session.cursor >= last {
+        if session.inflight.is_empty() && session.cursor >= last {
             session.resending = false;
             self.store
                 .update_peer(&peer, |r| r.resend_all = false)
@@ -1345,11 +1348,7 @@ mod tests {
                 continue;
             }
             delivered += 1;
-            let from_node = cores[from].node_id();
-            let (resp, outs) = cores[to].on_request(from_node, msg).unwrap();
-            queue.extend(outs.into_iter().map(|o| (to, o)));
-            let outs = cores[from].on_response(to_node, resp).unwrap();
-            queue.extend(outs.into_iter().map(|o| (from, o)));
+            queue.extend(deliver_one(cores, (from, (to_node, msg))));
         }
         delivered
     }

@@ -260,11 +260,6 @@ impl Net {
         }
     }
 
-    /// The time of the next packet in flight.
-    pub fn next_due(&self) -> Option<i64> {
-        self.queue.keys().next().map(|k| k.0)
-    }
-
     pub fn in_flight(&self) -> usize {
         self.queue.len()
     }
