@@ -18,7 +18,10 @@ use serde_json::Value;
 /// Longest a node may take to start answering its API, in seconds.
 pub const START_TIMEOUT_SECS: u64 = 60;
 
-/// The `tidesync` binary, built from this workspace in the current profile.
+/// The `tidesync` binary, built from this workspace in the current profile. It is built for the
+/// host without an explicit `--target`, so it lands in the same target directory as the tests
+/// and reuses their compiled dependencies (with `--target` cargo compiles the whole dependency
+/// tree a second time).
 pub fn tidesync_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -26,7 +29,6 @@ pub fn tidesync_bin() -> &'static Path {
             .package("tidesync")
             .bin("tidesync")
             .current_release()
-            .current_target()
             .manifest_path(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"))
             .run()
             .expect("building the tidesync binary");
