@@ -235,7 +235,7 @@ pub(crate) fn verify_batch(
     if faults.accept_unsigned {
         return decoded
             .into_iter()
-            .map(|d| d.map(|d| d.unchecked_for_fault_injection()))
+            .map(|d| d.and_then(|d| d.unchecked_for_fault_injection()))
             .collect();
     }
     let mut keys: HashMap<NodeId, Option<AuthorKey>> = HashMap::new();

@@ -14,6 +14,7 @@ use ed25519_dalek::{Signer, SigningKey};
 use ed25519_zebra::{Signature, VerificationKey, VerificationKeyBytes, batch};
 use serde::{Deserialize, Serialize};
 
+use crate::chunk::{ChangeHeader, ChunkError};
 use crate::ids::{DocId, NodeId};
 
 /// Domain separator prefixed to every signed message.
@@ -103,39 +104,57 @@ impl SignedChange {
         }
     }
 
-    /// Decode the change and name its author, without checking the signature yet (see
-    /// [`DecodedChange::check`]); lets a caller decompress each author's key once per batch.
+    /// Read the change's header and name its author, without checking the signature yet (see
+    /// [`DecodedChange::check`]) and without decoding a single op: the hash and the author come
+    /// from our own bounded reader ([`ChangeHeader::parse`]), so hostile bytes cost at most
+    /// one pass over [`MAX_CHANGE_BYTES`](crate::chunk::MAX_CHANGE_BYTES). Only an
+    /// uncompressed change chunk whose checksum matches its hash is accepted, so what is stored
+    /// and relayed is byte for byte what the author signed.
     pub fn decode(&self) -> Result<DecodedChange, VerifyError> {
-        let change =
-            Change::from_bytes(self.bytes.clone()).map_err(|e| VerifyError::Malformed {
-                doc: self.doc,
-                reason: e.to_string(),
-            })?;
-        let hash = change.hash();
-        // An Automerge chunk is magic (4 bytes), checksum (4 bytes, the hash's first 4), body.
-        // Automerge does not insist on the checksum when the body hashes fine; we do, so that
-        // what is stored and relayed is byte-for-byte what the author produced.
-        if self.bytes.get(4..8) != Some(&hash.0[..4]) {
-            return Err(VerifyError::Malformed {
-                doc: self.doc,
-                reason: format!("checksum does not match change hash {hash}"),
-            });
-        }
-        let author = NodeId::from_actor(change.actor_id().to_bytes()).ok_or_else(|| {
-            VerifyError::ForeignActor {
+        let header = ChangeHeader::parse(&self.bytes).map_err(|e| self.malformed(e))?;
+        let hash = ChangeHash(header.hash);
+        let author =
+            NodeId::from_actor(&header.actor).ok_or_else(|| VerifyError::ForeignActor {
                 doc: self.doc,
                 hash: hash.to_string(),
-                actor: change.actor_id().to_hex_string(),
-            }
-        })?;
+                actor: hex::encode(&header.actor),
+            })?;
         Ok(DecodedChange {
             doc: self.doc,
             author,
             hash,
-            change,
+            header,
+            bytes: self.bytes.clone(),
             signature: self.signature,
         })
     }
+
+    fn malformed(&self, e: ChunkError) -> VerifyError {
+        VerifyError::Malformed {
+            doc: self.doc,
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// Parse change bytes with Automerge, after our own bounded reader has checked the header and
+/// every op column ([`ChangeHeader::check_ops`]), and under `catch_unwind`: should Automerge
+/// still panic on some input, the change is refused instead of the thread dying. This is the
+/// only way tidesync hands stored or received change bytes to Automerge.
+pub fn parse_change(bytes: Vec<u8>) -> Result<Change, ChunkError> {
+    let header = ChangeHeader::parse(&bytes)?;
+    header.check_ops(&bytes)?;
+    parse_checked(&header, bytes)
+}
+
+fn parse_checked(header: &ChangeHeader, bytes: Vec<u8>) -> Result<Change, ChunkError> {
+    let parsed = std::panic::catch_unwind(move || Change::from_bytes(bytes))
+        .map_err(|_| ChunkError::Malformed("Automerge panicked while decoding the change"))?
+        .map_err(|_| ChunkError::Malformed("Automerge refused the change's ops"))?;
+    if parsed.hash().0 != header.hash {
+        return Err(ChunkError::Malformed("Automerge read another hash"));
+    }
+    Ok(parsed)
 }
 
 /// A change decoded from its envelope whose signature is not checked yet.
@@ -144,7 +163,8 @@ pub struct DecodedChange {
     pub doc: DocId,
     pub author: NodeId,
     pub hash: ChangeHash,
-    change: Change,
+    header: ChangeHeader,
+    bytes: Vec<u8>,
     signature: [u8; 64],
 }
 
@@ -157,20 +177,29 @@ impl DecodedChange {
         }
     }
 
-    fn verified(self) -> VerifiedChange {
-        VerifiedChange {
+    /// The signature is good: now, and only now, bound the op columns and let Automerge
+    /// decode the ops.
+    fn verified(self) -> Result<VerifiedChange, VerifyError> {
+        let doc = self.doc;
+        let malformed = |e: ChunkError| VerifyError::Malformed {
+            doc,
+            reason: e.to_string(),
+        };
+        self.header.check_ops(&self.bytes).map_err(malformed)?;
+        let change = parse_checked(&self.header, self.bytes).map_err(malformed)?;
+        Ok(VerifiedChange {
             doc: self.doc,
             author: self.author,
             hash: self.hash,
-            change: self.change,
-        }
+            change,
+        })
     }
 
     /// Treat the change as verified without checking its signature. Only a deliberately
     /// broken node does this (the simulations' `accept-unsigned` fault, which must be caught
     /// by their signature invariant); nothing else may call it.
     #[doc(hidden)]
-    pub fn unchecked_for_fault_injection(self) -> VerifiedChange {
+    pub fn unchecked_for_fault_injection(self) -> Result<VerifiedChange, VerifyError> {
         self.verified()
     }
 
@@ -194,7 +223,7 @@ impl DecodedChange {
             &Signature::from_bytes(&self.signature),
             &signing_message(&self.doc, &self.hash),
         ) {
-            Ok(()) => Ok(self.verified()),
+            Ok(()) => self.verified(),
             Err(_) => Err(self.bad_signature()),
         }
     }
@@ -253,7 +282,7 @@ pub fn check_batch(
         .map(|d| {
             let d = d?;
             match key_of(&d) {
-                Some(_) if batch_ok => Ok(d.verified()),
+                Some(_) if batch_ok => d.verified(),
                 Some(key) => d.check(key),
                 None => Err(d.bad_signature()),
             }
