@@ -10,6 +10,8 @@
 //! answering with the records to persist and the messages to send.
 
 use automerge::transaction::CommitOptions;
+use std::collections::HashMap;
+
 use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
@@ -214,10 +216,13 @@ impl Engine {
 #[derive(Debug)]
 pub struct Arrival {
     pub header: DocHeader,
+    /// The peer (or bundle exporter) whose batch this is.
+    pub from: NodeId,
     /// The document as this node has it, if it has it.
     pub existing: Option<(DocRecord, Automerge)>,
-    /// Changes of this document held from earlier batches for missing dependencies.
-    pub held: Vec<SignedChange>,
+    /// Changes of this document held from earlier batches for missing dependencies, each with
+    /// the peer it came from (`None` for one held before senders were recorded).
+    pub held: Vec<(SignedChange, Option<NodeId>)>,
     /// Verified, not yet stored changes from this batch, in the order they arrived.
     pub incoming: Vec<(SignedChange, VerifiedChange)>,
     /// The local name the document gets here if it is new: its id, or the id under the
@@ -237,15 +242,43 @@ pub struct Arrived {
     pub rejected: Vec<(ChangeHash, String)>,
     /// Changes of the batch this node already held (counted by the shell, which knows).
     pub duplicates: u64,
+    /// Automerge panicked applying this change: the document in memory may be damaged, so
+    /// nothing of this arrival may be stored. The shell reloads the document from the store
+    /// and receives the other changes (`retry`, the batch's own) again without this one.
+    pub poisoned: Option<Poisoned>,
+}
+
+/// A change whose application made Automerge panic, and the batch's other changes of the
+/// same document, to receive again on a freshly loaded document.
+#[derive(Debug)]
+pub struct Poisoned {
+    pub hash: ChangeHash,
+    pub retry: Vec<SignedChange>,
+}
+
+/// A change waiting to be applied in [`Engine::receive`].
+struct Waiting {
+    signed: SignedChange,
+    change: Change,
+    hash: ChangeHash,
+    author: NodeId,
+    /// The peer it came from; `held` when it was held by an earlier batch.
+    from: Option<NodeId>,
+    held: bool,
 }
 
 impl Engine {
     /// Apply received changes to one document. A change is applied once every change it
     /// depends on is in the document; until then it is held (durably, by the shell). Only the
     /// document's origin may make a change with no dependencies (the document's creation).
+    ///
+    /// Release follows dependency order: each waiting change counts its missing dependencies,
+    /// and applying a change wakes exactly the changes waiting for its hash, so a chain that
+    /// arrived in reverse order is released in time linear in its length.
     pub fn receive(&self, arrival: Arrival) -> Arrived {
         let Arrival {
             header,
+            from,
             existing,
             held,
             incoming,
@@ -257,15 +290,21 @@ impl Engine {
             None => (None, Automerge::new()),
         };
         let mut rejected = Vec::new();
-        // (signed, decoded change, hash, author, was held before)
-        let mut waiting: Vec<(SignedChange, Change, ChangeHash, NodeId, bool)> = Vec::new();
-        for signed in held {
-            match Change::from_bytes(signed.bytes.clone()) {
+        let mut waiting: Vec<Option<Waiting>> = Vec::new();
+        for (signed, sender) in held {
+            match tidesync_proto::parse_change(signed.bytes.clone()) {
                 Ok(change) => {
                     let author =
-                        NodeId::from_actor(change.actor_id().to_bytes()).unwrap_or(header.origin);
+                        NodeId::from_actor(&change.actor_id().to_bytes()).unwrap_or(header.origin);
                     let hash = change.hash();
-                    waiting.push((signed, change, hash, author, true));
+                    waiting.push(Some(Waiting {
+                        signed,
+                        change,
+                        hash,
+                        author,
+                        from: sender,
+                        held: true,
+                    }));
                 }
                 Err(e) => {
                     tracing::warn!(doc = %header.doc, error = %e, "dropping an undecodable held change")
@@ -283,50 +322,87 @@ impl Engine {
                 ));
                 continue;
             }
-            waiting.push((
+            waiting.push(Some(Waiting {
                 signed,
-                verified.change,
-                verified.hash,
-                verified.author,
-                false,
-            ));
+                change: verified.change,
+                hash: verified.hash,
+                author: verified.author,
+                from: Some(from),
+                held: false,
+            }));
+        }
+        // Index the waiting changes by the dependencies they still lack.
+        let mut missing = vec![0usize; waiting.len()];
+        let mut waiters: HashMap<ChangeHash, Vec<usize>> = HashMap::new();
+        let mut ready = std::collections::VecDeque::new();
+        for (i, w) in waiting.iter().enumerate() {
+            let Some(w) = w else { continue };
+            for dep in w.change.deps() {
+                if doc.get_change_by_hash(dep).is_none() {
+                    missing[i] += 1;
+                    waiters.entry(*dep).or_default().push(i);
+                }
+            }
+            if missing[i] == 0 {
+                ready.push_back(i);
+            }
         }
         let mut applied = Vec::new();
         let mut released = Vec::new();
-        loop {
-            let mut progress = false;
-            let mut still = Vec::with_capacity(waiting.len());
-            for (signed, change, hash, author, was_held) in waiting {
-                let ready = change
-                    .deps()
-                    .iter()
-                    .all(|d| doc.get_change_by_hash(d).is_some());
-                if !ready {
-                    still.push((signed, change, hash, author, was_held));
-                    continue;
-                }
-                match doc.apply_changes([change]) {
-                    Ok(()) => {
-                        progress = true;
-                        if was_held {
-                            released.push(hash);
+        while let Some(i) = ready.pop_front() {
+            let Some(w) = waiting[i].take() else { continue };
+            let change = w.change.clone();
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                doc.apply_changes([change])
+            }));
+            match outcome {
+                Ok(Ok(())) => {
+                    if w.held {
+                        released.push(w.hash);
+                    }
+                    for j in waiters.remove(&w.hash).unwrap_or_default() {
+                        missing[j] -= 1;
+                        if missing[j] == 0 {
+                            ready.push_back(j);
                         }
-                        applied.push((signed, hash, author));
                     }
-                    Err(e) => {
-                        rejected.push((hash, format!("automerge refused change {hash}: {e}")))
-                    }
+                    applied.push((w.signed, w.hash, w.author, w.from));
                 }
-            }
-            waiting = still;
-            if !progress {
-                break;
+                Ok(Err(e)) => {
+                    rejected.push((w.hash, format!("automerge refused change {}: {e}", w.hash)))
+                }
+                Err(_) => {
+                    tracing::error!(doc = %header.doc, hash = %w.hash, "Automerge panicked applying a change; the document is reloaded from the store and the change refused");
+                    let retry = applied
+                        .into_iter()
+                        .filter(|(_, _, _, f)| *f == Some(from))
+                        .map(|(s, _, _, _)| s)
+                        .chain(
+                            waiting
+                                .into_iter()
+                                .flatten()
+                                .filter(|w| !w.held)
+                                .map(|w| w.signed),
+                        )
+                        .collect();
+                    return Arrived {
+                        received: ReceivedDoc::nothing(header),
+                        doc: None,
+                        rejected,
+                        duplicates: 0,
+                        poisoned: Some(Poisoned {
+                            hash: w.hash,
+                            retry,
+                        }),
+                    };
+                }
             }
         }
         let newly_held: Vec<(SignedChange, ChangeHash)> = waiting
             .into_iter()
-            .filter(|(_, _, _, _, was_held)| !was_held)
-            .map(|(signed, _, hash, _, _)| (signed, hash))
+            .flatten()
+            .filter(|w| !w.held)
+            .map(|w| (w.signed, w.hash))
             .collect();
         let (record, state, doc) = if applied.is_empty() {
             (None, None, None)
@@ -355,11 +431,13 @@ impl Engine {
                 applied,
                 held: newly_held,
                 released,
+                dropped: Vec::new(),
                 by_ref: false,
             },
             doc,
             rejected,
             duplicates: 0,
+            poisoned: None,
         }
     }
 }
@@ -553,8 +631,9 @@ mod tests {
     ) -> Arrived {
         e.receive(Arrival {
             header: h.clone(),
+            from: h.origin,
             existing,
-            held,
+            held: held.into_iter().map(|c| (c, None)).collect(),
             incoming: incoming
                 .into_iter()
                 .map(|s| (s.clone(), s.verify().unwrap()))
@@ -599,7 +678,12 @@ mod tests {
         assert_eq!(first.received.held.len(), 1);
         // Then the first: both apply, in order, and the held one is released.
         let second = arrive(&b, &h, None, vec![p2.change.clone()], vec![&c1]);
-        let hashes: Vec<_> = second.received.applied.iter().map(|(_, h, _)| *h).collect();
+        let hashes: Vec<_> = second
+            .received
+            .applied
+            .iter()
+            .map(|(_, h, _, _)| *h)
+            .collect();
         assert_eq!(hashes, vec![p1.hash, p2.hash]);
         assert_eq!(second.received.released, vec![p2.hash]);
         assert!(second.received.held.is_empty());
@@ -648,6 +732,7 @@ mod tests {
         let h = header(&p);
         let out = engine(2, 1).receive(Arrival {
             header: h.clone(),
+            from: h.origin,
             existing: None,
             held: vec![],
             incoming: vec![(p.change.clone(), p.change.verify().unwrap())],
@@ -668,5 +753,69 @@ mod tests {
         );
         assert!(p.record.live);
         assert!(p.change.verify().is_ok());
+    }
+
+    // Regression: releasing a chain that arrived in reverse order rescanned every waiting
+    // change after each apply (quadratic: 10,000 took 24 s on the actor), and a released change
+    // was logged as sent by the peer of the batch that released it, so it was never sent back
+    // to its real sender. Release now follows dependency order, and keeps each sender.
+    #[test]
+    fn a_reversed_chain_is_released_in_dependency_order_keeping_its_senders() {
+        let (t, i) = names();
+        let a = engine(1, 1);
+        let mut changes = Vec::new();
+        let mut loaded: Option<Loaded> = None;
+        for n in 0..300 {
+            let f = json!({ "n": n });
+            let p = changed(
+                a.local_write(
+                    0,
+                    &t,
+                    &i,
+                    loaded.take(),
+                    WriteOp::Put(f.as_object().unwrap()),
+                )
+                .unwrap(),
+            );
+            changes.push((p.change.clone(), p.hash));
+            loaded = Some(Loaded {
+                doc_id: p.doc_id,
+                record: p.record.clone(),
+                doc: p.doc,
+            });
+        }
+        let h = DocHeader {
+            doc: loaded.as_ref().unwrap().doc_id,
+            origin: a.node_id(),
+            ty: t.clone(),
+            id: i.clone(),
+        };
+        let b = engine(2, 1);
+        let early = NodeId([9; 32]);
+        // Everything but the creation arrived earlier, newest first, from `early`.
+        let held: Vec<(SignedChange, Option<NodeId>)> = changes[1..]
+            .iter()
+            .rev()
+            .map(|(c, _)| (c.clone(), Some(early)))
+            .collect();
+        let out = b.receive(Arrival {
+            header: h.clone(),
+            from: h.origin,
+            existing: None,
+            held,
+            incoming: vec![(changes[0].0.clone(), changes[0].0.verify().unwrap())],
+            name: h.id.clone(),
+            name_taken: false,
+        });
+        let order: Vec<_> = out.received.applied.iter().map(|(_, h, _, _)| *h).collect();
+        let expected: Vec<_> = changes.iter().map(|(_, h)| *h).collect();
+        assert_eq!(order, expected);
+        assert_eq!(out.received.released.len(), 299);
+        assert_eq!(out.received.applied[0].3, Some(h.origin));
+        assert!(out.received.applied[1..].iter().all(|a| a.3 == Some(early)));
+        assert_eq!(
+            Json::Object(doc::to_json(&out.doc.unwrap())),
+            json!({ "n": 299 })
+        );
     }
 }

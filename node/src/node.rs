@@ -759,6 +759,10 @@ pub enum RunError {
     Signals(std::io::Error),
     #[error("the HTTP API failed: {0}")]
     Serve(std::io::Error),
+    #[error(
+        "the node's actor stopped unexpectedly ({0}); the node exits rather than answer 503 for ever"
+    )]
+    ActorDied(String),
     #[error(transparent)]
     Net(#[from] NetError),
 }
@@ -843,9 +847,38 @@ pub async fn run(home: &Home) -> Result<(), RunError> {
             })
             .into_future();
         let served = tokio::spawn(served.in_current_span());
-        signals.await;
-        tracing::info!("stopping");
+        // The actor is supervised: should it ever stop before we ask it to (a panic that
+        // escaped every guard), the process logs why and exits non-zero, rather than keep
+        // an API that answers 503 to everything. Its store is released only as the
+        // process ends.
+        let mut actor = actor;
+        let died = tokio::select! {
+            _ = signals => None,
+            ended = &mut actor => Some(match ended {
+                Err(e) if e.is_panic() => {
+                    let panic = e.into_panic();
+                    panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .map(|m| format!("it panicked: {m}"))
+                        .unwrap_or_else(|| "it panicked".to_string())
+                }
+                Err(e) => format!("it was cancelled: {e}"),
+                Ok(()) => "it returned".to_string(),
+            }),
+        };
+        if let Some(why) = &died {
+            tracing::error!(reason = %why, "the node's actor stopped; exiting");
+        } else {
+            tracing::info!("stopping");
+        }
         let _ = stop_tx.send(true);
+        if let Some(why) = died {
+            served.abort();
+            let _ = std::fs::remove_file(home.api_file());
+            return Err(RunError::ActorDied(why));
+        }
         let served = served.await;
         let _ = actor.await;
         let _ = std::fs::remove_file(home.api_file());

@@ -10,14 +10,21 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use automerge::{Automerge, ChangeHash};
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tidesync_proto::{Checkpoint, DocHeader, DocId, NodeId, ObjectId, SignedChange, TypeName};
 
 use crate::engine::{DocRecord, Persist};
 
+mod held;
+use held::{HELD, HELD_COUNTS, HeldTables};
+pub use held::{HeldFilter, HeldRow, HeldTally};
+
 /// The value of `meta_v1["format"]` this build reads and writes.
-pub const STORE_FORMAT: &str = "tidesync-store-2";
+pub const STORE_FORMAT: &str = "tidesync-store-3";
+
+/// The format before held changes recorded their sender (`pending_v1`); opened and migrated.
+const STORE_FORMAT_2: &str = "tidesync-store-2";
 
 /// Node-wide settings.
 /// Key: setting name (`format`). Value: UTF-8 bytes.
@@ -41,9 +48,7 @@ const CHANGE_SEQS: TableDefinition<([u8; 16], [u8; 32]), u64> =
 /// The (type, id) index of the names documents have on this node.
 /// Key: (type name, local object id). Value: DocId (16 bytes).
 const NAMES: TableDefinition<(&str, &str), [u8; 16]> = TableDefinition::new("names_v1");
-/// Verified changes held until their dependencies arrive (they are not in the log yet).
-/// Key: (DocId, change hash). Value: postcard `(DocHeader, SignedChange)`.
-const PENDING: TableDefinition<([u8; 16], [u8; 32]), &[u8]> = TableDefinition::new("pending_v1");
+// Held changes (`pending_v2`, `held_counts_v1`) are defined in `held`.
 /// Live and deleted objects per type, kept in step with `docs_v2` by every commit; and, under
 /// [`COLLISIONS_KEY`] (never a type name), the documents stored under a collision name.
 /// Key: type name, or `~collisions`. Value: (live, deleted), or (collisions, 0).
@@ -222,14 +227,34 @@ pub struct ReceivedDoc {
     pub record: Option<DocRecord>,
     /// The new document state, when at least one change was applied.
     pub state: Option<Vec<u8>>,
-    /// Applied changes, in the order they were applied: these join the log.
-    pub applied: Vec<(SignedChange, ChangeHash, NodeId)>,
-    /// Changes to hold until their dependencies arrive.
+    /// Applied changes, in the order they were applied: these join the log, each with its
+    /// author and the peer it came from (a released change keeps the sender it was held for).
+    pub applied: Vec<(SignedChange, ChangeHash, NodeId, Option<NodeId>)>,
+    /// Changes to hold until their dependencies arrive (from the batch's sender).
     pub held: Vec<(SignedChange, ChangeHash)>,
     /// Previously held changes that have now been applied.
     pub released: Vec<ChangeHash>,
+    /// Previously held changes that our current policy for their sender now refuses.
+    pub dropped: Vec<ChangeHash>,
     /// Taken only because an object from the same peer references it (see `by_ref_v1`).
     pub by_ref: bool,
+}
+
+impl ReceivedDoc {
+    /// A document of which nothing is stored.
+    pub fn nothing(header: DocHeader) -> ReceivedDoc {
+        ReceivedDoc {
+            doc_id: header.doc,
+            header,
+            record: None,
+            state: None,
+            applied: Vec::new(),
+            held: Vec::new(),
+            released: Vec::new(),
+            dropped: Vec::new(),
+            by_ref: false,
+        }
+    }
 }
 
 /// Why the store failed. Each names the store file.
@@ -314,8 +339,11 @@ impl Store {
             db,
             path: path.into(),
         };
-        store.check_format()?;
+        let format = store.check_format()?;
         store.upgrade_within_format()?;
+        if format == STORE_FORMAT_2 {
+            store.migrate_2_to_3()?;
+        }
         Ok(store)
     }
 
@@ -394,7 +422,8 @@ impl Store {
             tx.open_table(LOG).ctx(self, ctx)?;
             tx.open_table(CHANGE_SEQS).ctx(self, ctx)?;
             tx.open_table(NAMES).ctx(self, ctx)?;
-            tx.open_table(PENDING).ctx(self, ctx)?;
+            tx.open_table(HELD).ctx(self, ctx)?;
+            tx.open_table(HELD_COUNTS).ctx(self, ctx)?;
             tx.open_table(PEERS).ctx(self, ctx)?;
             tx.open_table(COUNTS)
                 .ctx(self, ctx)?
@@ -477,7 +506,23 @@ impl Store {
         tx.commit().ctx(self, ctx)
     }
 
-    fn check_format(&self) -> Result<(), StoreError> {
+    /// Format 2 → 3: held changes record their sender. One transaction: the held rows move
+    /// from `pending_v1` to `pending_v2` and the format is set, or nothing changes.
+    fn migrate_2_to_3(&self) -> Result<(), StoreError> {
+        let ctx = "migrating the store from format 2 to 3";
+        let tx = self.db.begin_write().ctx(self, ctx)?;
+        self.migrate_held_v1(&tx)?;
+        tx.open_table(META)
+            .ctx(self, ctx)?
+            .insert("format", STORE_FORMAT.as_bytes())
+            .ctx(self, ctx)?;
+        tx.commit().ctx(self, ctx)?;
+        tracing::info!(path = %self.path.display(), "store migrated from {STORE_FORMAT_2} to {STORE_FORMAT}");
+        Ok(())
+    }
+
+    /// The store's format: this build's, or format 2, which `open` migrates.
+    fn check_format(&self) -> Result<&'static str, StoreError> {
         let ctx = "reading the format";
         let tx = self.db.begin_read().ctx(self, ctx)?;
         let found = match tx.open_table(META) {
@@ -489,7 +534,8 @@ impl Store {
             Err(e) => return Err(classify(&self.path, ctx, e.into())),
         };
         match found {
-            Some(f) if f == STORE_FORMAT => Ok(()),
+            Some(f) if f == STORE_FORMAT => Ok(STORE_FORMAT),
+            Some(f) if f == STORE_FORMAT_2 => Ok(STORE_FORMAT_2),
             other => Err(StoreError::Format {
                 path: self.path.clone(),
                 found: other.unwrap_or_else(|| "none".into()),
@@ -508,7 +554,8 @@ impl Store {
             docs: tx.open_table(DOCS).ctx(self, ctx)?,
             log: tx.open_table(LOG).ctx(self, ctx)?,
             change_seqs: tx.open_table(CHANGE_SEQS).ctx(self, ctx)?,
-            pending: tx.open_table(PENDING).ctx(self, ctx)?,
+            held: tx.open_table(HELD).ctx(self, ctx)?,
+            held_counts: tx.open_table(HELD_COUNTS).ctx(self, ctx)?,
         })
     }
 
@@ -739,27 +786,6 @@ impl Store {
             .map(|e| Checkpoint { seq, hash: e.hash }))
     }
 
-    /// How many changes are held for missing dependencies.
-    pub fn pending_count(&self) -> Result<u64, StoreError> {
-        let ctx = "counting held changes";
-        let tx = self.db.begin_read().ctx(self, ctx)?;
-        let pending = tx.open_table(PENDING).ctx(self, ctx)?;
-        pending.len().ctx(self, ctx)
-    }
-
-    /// Every change held for missing dependencies, with its document's header (audits).
-    pub fn held_changes(&self) -> Result<Vec<(DocHeader, SignedChange)>, StoreError> {
-        let ctx = "listing held changes";
-        let tx = self.db.begin_read().ctx(self, ctx)?;
-        let pending = tx.open_table(PENDING).ctx(self, ctx)?;
-        let mut out = Vec::new();
-        for item in pending.iter().ctx(self, ctx)? {
-            let (_, v) = item.ctx(self, ctx)?;
-            out.push(self.decode(|| "a pending_v1 row".to_string(), v.value())?);
-        }
-        Ok(out)
-    }
-
     /// What this node remembers of `peer` (defaults for a peer never synced).
     pub fn peer(&self, peer: &NodeId) -> Result<PeerRecord, StoreError> {
         let ctx = "reading peer state";
@@ -870,13 +896,15 @@ impl Store {
 
     /// Commit a received batch from `from` in one durable transaction: applied changes join
     /// the log, held ones are kept, and the peer's checkpoint moves as [`PeerRecord::stored`]
-    /// says; `counters` then updates the peer's counters. An error from `docs` aborts the
-    /// transaction. Returns the new last SEQ of the log and whether the checkpoint moved.
+    /// says; `counters` then updates the peer's counters, and `refused_for_room` its tally of
+    /// changes that found no room to be held. An error from `docs` aborts the transaction.
+    /// Returns the new last SEQ of the log and whether the checkpoint moved.
     pub fn commit_received(
         &self,
         from: &NodeId,
         claim: Option<Claim>,
         now_ms: i64,
+        refused_for_room: u64,
         docs: impl Iterator<Item = Result<ReceivedDoc, StoreError>>,
         counters: impl FnOnce(&mut PeerRecord),
     ) -> Result<(u64, bool), StoreError> {
@@ -886,7 +914,7 @@ impl Store {
         let moved;
         {
             let mut w = Writer::open(self, &tx, ctx)?;
-            let mut pending = tx.open_table(PENDING).ctx(self, ctx)?;
+            let mut held = HeldTables::open(self, &tx, ctx)?;
             let mut peers = tx.open_table(PEERS).ctx(self, ctx)?;
             let mut by_ref = tx.open_table(BY_REF).ctx(self, ctx)?;
             for d in docs {
@@ -898,27 +926,30 @@ impl Store {
                 if let (Some(record), Some(state)) = (&d.record, &d.state) {
                     w.put_doc(&d.doc_id, record, state)?;
                 }
-                for (change, hash, author) in &d.applied {
+                for (change, hash, author, sender) in &d.applied {
                     let entry = LogEntry {
                         doc: d.doc_id,
                         hash: hash.0,
                         author: *author,
-                        from: Some(*from),
+                        from: *sender,
                         time_ms: now_ms,
                     };
                     w.append(entry, change)?;
                 }
-                for hash in &d.released {
-                    pending.remove((d.doc_id.0, hash.0)).ctx(self, ctx)?;
+                for hash in d.released.iter().chain(&d.dropped) {
+                    held.unhold(self, &d.doc_id, hash.0)?;
                 }
                 for (change, hash) in &d.held {
-                    let bytes = postcard::to_stdvec(&(&d.header, change))
-                        .map_err(|x| self.encode_error(x))?;
-                    pending
-                        .insert((d.doc_id.0, hash.0), bytes.as_slice())
-                        .ctx(self, ctx)?;
+                    let row = HeldRow {
+                        header: d.header.clone(),
+                        change: change.clone(),
+                        from: Some(*from),
+                        since_ms: now_ms,
+                    };
+                    held.hold(self, hash.0, &row)?;
                 }
             }
+            held.refused_for_room(self, from, refused_for_room)?;
             seq = w.seq;
             let mut record: PeerRecord = match peers.get(from.0).ctx(self, ctx)? {
                 Some(v) => self.decode(|| format!("peers_v1[{from}]"), v.value())?,
@@ -1083,7 +1114,8 @@ pub struct Reader<'s> {
     docs: redb::ReadOnlyTable<u64, &'static [u8]>,
     log: redb::ReadOnlyTable<u64, &'static [u8]>,
     change_seqs: redb::ReadOnlyTable<([u8; 16], [u8; 32]), u64>,
-    pending: redb::ReadOnlyTable<([u8; 16], [u8; 32]), &'static [u8]>,
+    held: redb::ReadOnlyTable<([u8; 16], [u8; 32]), &'static [u8]>,
+    held_counts: redb::ReadOnlyTable<[u8; 32], (u64, u64, u64)>,
 }
 
 impl Reader<'_> {
@@ -1149,28 +1181,10 @@ impl Reader<'_> {
             return Ok(true);
         }
         Ok(self
-            .pending
+            .held
             .get((doc.0, hash.0))
             .ctx(self.store, ctx)?
             .is_some())
-    }
-
-    /// The changes of `doc` held for missing dependencies.
-    pub fn pending(&self, doc: &DocId) -> Result<Vec<SignedChange>, StoreError> {
-        let ctx = "reading held changes";
-        let mut out = Vec::new();
-        for item in self
-            .pending
-            .range((doc.0, [0u8; 32])..=(doc.0, [0xffu8; 32]))
-            .ctx(self.store, ctx)?
-        {
-            let (_, v) = item.ctx(self.store, ctx)?;
-            let (_, change): (DocHeader, SignedChange) = self
-                .store
-                .decode(|| format!("pending_v1[{doc}]"), v.value())?;
-            out.push(change);
-        }
-        Ok(out)
     }
 }
 

@@ -45,6 +45,18 @@ pub const MAX_REFERENCED_BYTES_PER_BATCH: usize = 2 * 1024 * 1024;
 /// Work lists shorter than this (changes to verify, documents to apply) stay on one thread.
 pub const PARALLEL_MIN_ITEMS: usize = 64;
 
+/// Most changes one peer may have held here, waiting for dependencies. An honest peer holds
+/// at most its two batches in flight (`SYNC_WINDOW_BATCHES` × `SYNC_BATCH_CHANGES` = 4,000)
+/// plus what arrives ahead of a relay's gap; past this, its changes that would be held are
+/// refused for room, its checkpoint stays before them, and they arrive again (see
+/// [`Session::stalled`]).
+pub const MAX_HELD_CHANGES_PER_PEER: u64 = 10_000;
+/// Most bytes of held changes per peer: a peer's held changes cost at most this much disk.
+pub const MAX_HELD_BYTES_PER_PEER: u64 = 64 * 1024 * 1024;
+/// Most changes held for one document, from all peers together: one document's share of two
+/// full batches in flight.
+pub const MAX_HELD_CHANGES_PER_DOC: usize = 2 * SYNC_BATCH_CHANGES;
+
 /// A request to send to a peer.
 pub type Outgoing = (NodeId, Message);
 
@@ -104,6 +116,11 @@ pub struct Session {
     /// Milliseconds from the session's start until it was first in sync: both Hellos
     /// answered and nothing of ours left unacknowledged.
     pub in_sync_after_ms: Option<i64>,
+    /// Some of the peer's changes were refused for lack of room to hold them, so our
+    /// checkpoint of its log stays before them. A fresh Hello asks the peer to resend from
+    /// there (in log order, in which they apply at once) when room frees up or when the peer
+    /// has sent everything it has.
+    pub stalled: bool,
 }
 
 impl Session {
@@ -129,6 +146,7 @@ impl Session {
             unfiltered: false,
             hello_answered: false,
             in_sync_after_ms: None,
+            stalled: false,
         }
     }
 
@@ -180,6 +198,8 @@ pub struct ReceiveReport {
     pub rejected: u64,
     pub duplicates: u64,
     pub last_seq: u64,
+    /// Changes that would have been held but found no room (see [`MAX_HELD_CHANGES_PER_PEER`]).
+    pub refused_for_room: u64,
 }
 
 /// Split `items` into one run per core (up to four), hand each run to `f` on its own thread
@@ -309,6 +329,46 @@ impl Core {
         Ok(out)
     }
 
+    /// Keep the link moving when changes were refused for lack of room to hold them: mark the
+    /// sender stalled, and send a fresh Hello to every stalled peer once room is back (below
+    /// half its quota) or, for the batch's sender, once it has sent all it has (`at_tip`).
+    fn after_held_refusals(
+        &mut self,
+        from: NodeId,
+        report: &ReceiveReport,
+        at_tip: bool,
+    ) -> Result<Vec<Outgoing>, SyncError> {
+        if report.refused_for_room > 0 {
+            if let Some(s) = self.sync.peers.get_mut(&from) {
+                s.stalled = true;
+            }
+            return Ok(Vec::new());
+        }
+        let stalled: Vec<NodeId> = self
+            .sync
+            .peers
+            .iter()
+            .filter(|(_, s)| s.stalled)
+            .map(|(p, _)| *p)
+            .collect();
+        let mut out = Vec::new();
+        for peer in stalled {
+            let tally = self
+                .store
+                .reader()
+                .and_then(|r| r.held_tally(&peer))
+                .map_err(Self::store_err(peer))?;
+            if (peer == from && at_tip) || tally.changes < MAX_HELD_CHANGES_PER_PEER / 2 {
+                if let Some(s) = self.sync.peers.get_mut(&peer) {
+                    s.stalled = false;
+                }
+                tracing::info!(%peer, "asking the peer to resend what found no room to be held");
+                out.extend(self.hello(peer)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// The last connection to `peer` is gone.
     pub fn on_disconnected(&mut self, peer: &NodeId) {
         self.sync.peers.remove(peer);
@@ -421,11 +481,12 @@ impl Core {
                     restart,
                 };
                 let report = self.receive_changes(peer, Some(claim), docs, changes)?;
-                let out = if report.applied > 0 {
+                let mut out = if report.applied > 0 {
                     self.pump_all()?
                 } else {
                     Vec::new()
                 };
+                out.extend(self.after_held_refusals(peer, &report, upto.seq >= tip)?);
                 let rejected = u32::try_from(report.rejected).unwrap_or(u32::MAX);
                 Ok((
                     Message::Ack {
@@ -1002,7 +1063,7 @@ impl Core {
             let referenced: HashSet<(TypeName, ObjectId)> = prepared[newly.clone()]
                 .iter()
                 .flat_map(|p| match p {
-                    Ok(Prepared::Arrived(_, _, refs)) => refs.clone(),
+                    Ok(Prepared::Arrived(_, _, refs, _)) => refs.clone(),
                     _ => Vec::new(),
                 })
                 .collect();
@@ -1030,6 +1091,7 @@ impl Core {
                 engine, policies, policy, peer, &reader, &by_ref, w, false,
             ));
         }
+        let tally = reader.held_tally(&peer).map_err(Self::store_err(peer))?;
         drop(reader);
         let applied_at = started.elapsed();
         let written = write(
@@ -1039,9 +1101,11 @@ impl Core {
             now,
             (report.rejected, report.duplicates),
             prepared,
+            tally,
             &self.faults,
         )
         .map_err(Self::store_err(peer))?;
+        report.refused_for_room = written.refused_for_room;
         report.applied = written.applied;
         report.held = written.held;
         report.rejected += written.rejected;
@@ -1079,9 +1143,10 @@ struct Work {
 
 /// One document's share of a received batch, decided.
 enum Prepared {
-    /// Applied or held, with the changes refused by policy and the objects it references
-    /// through our policy's `refs` for the peer.
-    Arrived(Box<Arrived>, Vec<Refused>, Vec<(TypeName, ObjectId)>),
+    /// Applied or held, with the changes refused by policy, the objects it references
+    /// through our policy's `refs` for the peer, and how many changes found no room to be
+    /// held.
+    Arrived(Box<Arrived>, Vec<Refused>, Vec<(TypeName, ObjectId)>, u64),
     /// Changes to a document we do not have, sent without its header.
     NoHeader { doc: DocId, changes: u64 },
     /// Every change refused by policy.
@@ -1170,15 +1235,119 @@ fn prepare(
         && reader
             .lookup(&header.ty, &name)?
             .is_some_and(|other| other != doc_id);
-    let held = reader.pending(&doc_id)?;
-    let mut arrived = engine.receive(Arrival {
+    // Held changes are checked again against our current policy for the peer that sent them.
+    let mut held = Vec::new();
+    let mut dropped = Vec::new();
+    for (signed, sender) in reader.pending(&doc_id)? {
+        let author = tidesync_proto::chunk::ChangeHeader::parse(&signed.bytes)
+            .ok()
+            .and_then(|h| NodeId::from_actor(&h.actor).map(|a| (h.hash, a)));
+        match (sender, author) {
+            (Some(sender), Some((hash, author))) => {
+                if let Err(why) = policies.may_take(
+                    &sender,
+                    &header.ty,
+                    &header.origin,
+                    &author,
+                    by_ref.contains(&doc_id),
+                ) {
+                    tracing::info!(peer = %sender, doc = %doc_id, reason = %why, "dropping a held change our policy for its sender now refuses");
+                    dropped.push(automerge::ChangeHash(hash));
+                } else {
+                    held.push((signed, Some(sender)));
+                }
+            }
+            (sender, _) => held.push((signed, sender)),
+        }
+    }
+    let held_before = held.len() + dropped.len();
+    let is_new = existing.is_none();
+    let mut arrival = Arrival {
         header,
+        from,
         existing,
         held,
         incoming: fresh,
         name,
         name_taken,
-    });
+    };
+    // Should Automerge panic applying a change, the document in memory is thrown away: load
+    // it again from the store and receive the batch's other changes without that one. Each
+    // round drops one change, so this ends.
+    let mut panicked = Vec::new();
+    let mut arrived = loop {
+        let header = arrival.header.clone();
+        let (name, name_taken) = (arrival.name.clone(), arrival.name_taken);
+        let mut arrived = engine.receive(arrival);
+        let Some(poisoned) = arrived.poisoned.take() else {
+            break arrived;
+        };
+        panicked.push(poisoned.hash);
+        let existing = match reader.record(&doc_id)? {
+            Some(r) => reader.load_doc(&doc_id)?.map(|d| (r, d)),
+            None => None,
+        };
+        let incoming = poisoned
+            .retry
+            .into_iter()
+            .filter_map(|signed| {
+                let change = tidesync_proto::parse_change(signed.bytes.clone()).ok()?;
+                let author = NodeId::from_actor(&change.actor_id().to_bytes())?;
+                let verified = tidesync_proto::VerifiedChange {
+                    doc: doc_id,
+                    author,
+                    hash: change.hash(),
+                    change,
+                };
+                Some((signed, verified))
+            })
+            .collect();
+        arrival = Arrival {
+            header,
+            from,
+            existing,
+            held: reader.pending(&doc_id)?,
+            incoming,
+            name,
+            name_taken,
+        };
+    };
+    arrived.rejected.extend(panicked.into_iter().map(|h| {
+        (
+            h,
+            format!("Automerge panicked applying change {h}; it is refused"),
+        )
+    }));
+    arrived.received.dropped = dropped;
+    let r = &mut arrived.received;
+    let mut refused_for_room = 0;
+    // A document we do not hold gets held changes only where its header allows its creation
+    // from this peer.
+    if is_new && r.record.is_none() && !r.held.is_empty() {
+        if let Err(why) = policies.may_take(
+            &from,
+            &r.header.ty,
+            &r.header.origin,
+            &r.header.origin,
+            by_ref.contains(&doc_id),
+        ) {
+            for (_, hash) in r.held.drain(..) {
+                refused.push(Refused {
+                    doc: doc_id,
+                    hash,
+                    why: why.clone(),
+                });
+            }
+        }
+    }
+    // The document's quota, over every sender.
+    let still_held = held_before - r.released.len() - r.dropped.len();
+    let room = MAX_HELD_CHANGES_PER_DOC.saturating_sub(still_held);
+    if r.held.len() > room {
+        refused_for_room += (r.held.len() - room) as u64;
+        tracing::warn!(peer = %from, doc = %doc_id, refused = r.held.len() - room, "no room to hold more changes for this document; they will be asked for again");
+        r.held.truncate(room);
+    }
     arrived.duplicates = duplicates;
     arrived.received.by_ref =
         by_ref.contains(&doc_id) && !policy.covers(&arrived.received.header.ty);
@@ -1191,7 +1360,12 @@ fn prepare(
     if !keep_doc {
         arrived.doc = None;
     }
-    Ok(Prepared::Arrived(Box::new(arrived), refused, refs))
+    Ok(Prepared::Arrived(
+        Box::new(arrived),
+        refused,
+        refs,
+        refused_for_room,
+    ))
 }
 
 /// What the writer of a received batch did.
@@ -1205,13 +1379,18 @@ struct Written {
     rejected_types: std::collections::BTreeMap<String, u64>,
     last_seq: u64,
     moved: bool,
+    /// Changes that found no room to be held.
+    refused_for_room: u64,
     /// Documents to put in the cache.
     docs: Vec<(DocId, Automerge)>,
 }
 
 /// Commit the workers' results, in the batch's order, in one transaction. A worker's error
 /// aborts the transaction: nothing of the batch is stored and the checkpoint stays where it
-/// was.
+/// was. The peer's held-change quota is applied here, in batch order, from `tally` (what it
+/// had held before the batch); a batch of which some change found no room does not move the
+/// checkpoint, so that change arrives again.
+#[allow(clippy::too_many_arguments)]
 fn write(
     store: &Store,
     peer: NodeId,
@@ -1219,8 +1398,19 @@ fn write(
     now: i64,
     (rejected_before, duplicates_before): (u64, u64),
     prepared: Vec<Result<Prepared, StoreError>>,
+    tally: crate::store::HeldTally,
     faults: &crate::fault::Faults,
 ) -> Result<Written, StoreError> {
+    // Room left under the peer's quota, and what each document's share freed.
+    let mut held_changes = tally.changes;
+    let mut held_bytes = tally.bytes;
+    let mut room_refused: u64 = prepared
+        .iter()
+        .map(|p| match p {
+            Ok(Prepared::Arrived(_, _, _, n)) => *n,
+            _ => 0,
+        })
+        .sum();
     // The checkpoint before this batch, which `forget-checkpoint` keeps forever.
     let forgotten = if faults.forget_checkpoint {
         Some(store.peer(&peer)?.received)
@@ -1246,16 +1436,38 @@ fn write(
                     tracing::warn!(%peer, %doc, "rejected changes to a document sent without its header");
                 }
                 Ok(Prepared::Refused(refused)) => refuse(&mut t, refused),
-                Ok(Prepared::Arrived(arrived, refused, _)) => {
+                Ok(Prepared::Arrived(arrived, refused, _, _)) => {
                     refuse(&mut t, refused);
                     let Arrived {
                         mut received,
                         doc,
                         rejected,
                         duplicates,
+                        poisoned: _,
                     } = *arrived;
                     if faults.drop_held {
                         received.held.clear();
+                    }
+                    // Released changes free room only if they were this peer's; counting
+                    // them all would only make the quota looser, never lose a change.
+                    held_changes = held_changes.saturating_sub(received.released.len() as u64);
+                    let mut keep = 0;
+                    for (change, _) in &received.held {
+                        let len = change.bytes.len() as u64;
+                        if held_changes >= MAX_HELD_CHANGES_PER_PEER
+                            || held_bytes + len > MAX_HELD_BYTES_PER_PEER
+                        {
+                            break;
+                        }
+                        held_changes += 1;
+                        held_bytes += len;
+                        keep += 1;
+                    }
+                    if keep < received.held.len() {
+                        let n = received.held.len() - keep;
+                        tracing::warn!(%peer, doc = %received.doc_id, refused = n, "the peer's quota of held changes is full; they will be asked for again");
+                        room_refused += n as u64;
+                        received.held.truncate(keep);
                     }
                     for (hash, reason) in &rejected {
                         tracing::warn!(%peer, doc = %received.doc_id, %hash, %reason, "rejected a change");
@@ -1278,25 +1490,31 @@ fn write(
         }
         None
     });
-    let (last_seq, moved) = store.commit_received(&peer, claim, now, in_order, |r| {
-        let t = tally.borrow();
-        r.changes_in += t.applied + t.held;
-        r.rejected += rejected_before + t.rejected;
-        r.duplicates += duplicates_before + t.duplicates;
-        for (ty, n) in &t.rejected_types {
-            *r.rejected_types.entry(ty.clone()).or_default() += n;
-        }
-        if let Some(kept) = forgotten {
-            r.received = kept;
-            r.ahead.clear();
-        } else if let (true, Some(c)) = (faults.checkpoint_skips_gaps, claim) {
-            r.received = c.upto;
-            r.ahead.clear();
-        }
-    })?;
+    // The claim is decided after the documents are read, so the iterator is drained first
+    // into the documents to commit (they are already in memory; this copies no state).
+    let docs: Vec<Result<crate::store::ReceivedDoc, StoreError>> = in_order.collect();
+    let claim = if room_refused > 0 { None } else { claim };
+    let (last_seq, moved) =
+        store.commit_received(&peer, claim, now, room_refused, docs.into_iter(), |r| {
+            let t = tally.borrow();
+            r.changes_in += t.applied + t.held;
+            r.rejected += rejected_before + t.rejected;
+            r.duplicates += duplicates_before + t.duplicates;
+            for (ty, n) in &t.rejected_types {
+                *r.rejected_types.entry(ty.clone()).or_default() += n;
+            }
+            if let Some(kept) = forgotten {
+                r.received = kept;
+                r.ahead.clear();
+            } else if let (true, Some(c)) = (faults.checkpoint_skips_gaps, claim) {
+                r.received = c.upto;
+                r.ahead.clear();
+            }
+        })?;
     let mut written = tally.into_inner();
     written.last_seq = last_seq;
     written.moved = moved;
+    written.refused_for_room = room_refused;
     Ok(written)
 }
 
