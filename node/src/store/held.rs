@@ -326,3 +326,89 @@ impl Reader<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{META, STORE_FORMAT, STORE_FORMAT_2};
+    use redb::ReadableDatabase;
+    use tidesync_proto::{ObjectId, TypeName};
+
+    fn row(n: u8) -> (DocHeader, SignedChange) {
+        let origin = NodeId([n; 32]);
+        let ty = TypeName::new("Sample").unwrap();
+        let id = ObjectId::new(format!("S-{n}")).unwrap();
+        let doc = DocId::derive(&origin, &ty, &id);
+        let header = DocHeader {
+            doc,
+            origin,
+            ty,
+            id,
+        };
+        let change = SignedChange {
+            doc,
+            bytes: vec![n; 10],
+            signature: [n; 64],
+        };
+        (header, change)
+    }
+
+    // A format-2 store's held changes (pending_v1, without their sender) move to pending_v2
+    // with an unknown sender when a format-3 build opens it, and the format is raised.
+    #[test]
+    fn a_format_2_store_is_migrated_with_its_held_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        {
+            let store = Store::create(&path).unwrap();
+            let tx = store.db.begin_write().unwrap();
+            {
+                tx.open_table(META)
+                    .unwrap()
+                    .insert("format", STORE_FORMAT_2.as_bytes())
+                    .unwrap();
+                tx.delete_table(HELD).unwrap();
+                tx.delete_table(HELD_COUNTS).unwrap();
+                let mut old = tx.open_table(HELD_V1).unwrap();
+                for n in 1..=3 {
+                    let (h, c) = row(n);
+                    let bytes = postcard::to_stdvec(&(&h, &c)).unwrap();
+                    old.insert((h.doc.0, [n; 32]), bytes.as_slice()).unwrap();
+                }
+            }
+            tx.commit().unwrap();
+        }
+        let store = Store::open(&path, 1 << 20).unwrap();
+        assert_eq!(store.pending_count().unwrap(), 3);
+        let rows = store.held_rows(HeldFilter::default(), 10).unwrap();
+        assert!(rows.iter().all(|(_, r)| r.from.is_none()));
+        assert_eq!(
+            store.held_tallies().unwrap(),
+            vec![(
+                None,
+                HeldTally {
+                    changes: 3,
+                    bytes: 30,
+                    refused_for_room: 0
+                }
+            )]
+        );
+        let tx = store.db.begin_read().unwrap();
+        let format = tx.open_table(META).unwrap().get("format").unwrap().unwrap();
+        assert_eq!(format.value(), STORE_FORMAT.as_bytes());
+        assert!(tx.open_table(HELD_V1).is_err(), "pending_v1 is gone");
+        drop(format);
+        drop(tx);
+        // Purging by document removes exactly that document's rows and their tally.
+        let doc = row(2).0.doc;
+        let removed = store
+            .purge_held(HeldFilter {
+                from: None,
+                doc: Some(doc),
+            })
+            .unwrap();
+        assert_eq!(removed, 1);
+        assert_eq!(store.pending_count().unwrap(), 2);
+        assert_eq!(store.held_tallies().unwrap()[0].1.changes, 2);
+    }
+}
