@@ -110,6 +110,7 @@ pub fn router(node: NodeHandle, token: Option<String>) -> Router {
         .route("/v1/changes", get(changes))
         .route("/v1/status", get(status))
         .route("/v1/conflicts", get(conflicts))
+        .route("/v1/held", axum::routing::post(held))
         .route("/v1/peers", get(peers))
         .route(
             "/v1/peers/{name}",
@@ -301,6 +302,28 @@ async fn changes(
         )
         .await?,
     ))
+}
+
+impl From<CallError<crate::held::HeldError>> for ApiError {
+    fn from(e: CallError<crate::held::HeldError>) -> ApiError {
+        use crate::held::HeldError;
+        let status = match &e {
+            CallError::Failed(HeldError::UnknownPeer(_)) => StatusCode::NOT_FOUND,
+            CallError::Failed(HeldError::Read(ReadError::NotFound { .. })) => StatusCode::NOT_FOUND,
+            CallError::Failed(HeldError::Invalid(_)) => StatusCode::BAD_REQUEST,
+            CallError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            CallError::Failed(HeldError::Read(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e)
+    }
+}
+
+/// `POST /v1/held` with a JSON [`crate::held::HeldQuery`]: list, or purge, held changes.
+async fn held(
+    State(node): State<NodeHandle>,
+    Json(query): Json<crate::held::HeldQuery>,
+) -> ApiResult<crate::held::HeldReport> {
+    Ok(Json(node.held(query).await?))
 }
 
 async fn status(State(node): State<NodeHandle>) -> ApiResult<crate::core::Status> {

@@ -35,6 +35,21 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What `tidesync held` does besides listing.
+#[derive(Debug, Subcommand)]
+pub enum HeldAction {
+    /// Remove the held changes named (all of them when neither --peer nor --object is given).
+    Purge {
+        /// Only what this configured peer sent.
+        #[arg(long)]
+        peer: Option<String>,
+        /// Only changes to this object: TYPE and ID.
+        #[arg(long, num_args = 2, value_names = ["TYPE", "ID"])]
+        object: Option<Vec<String>>,
+    },
+}
+
+/// A `tidesync` subcommand.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a new node in --home: its key, config and empty store.
@@ -117,6 +132,21 @@ pub enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// List changes held for missing dependencies (by peer or by object), with each sender's
+    /// tally against its quota; `held purge` removes them.
+    Held {
+        /// Only what this configured peer sent.
+        #[arg(long)]
+        peer: Option<String>,
+        /// Only changes to this object: TYPE and ID.
+        #[arg(long, num_args = 2, value_names = ["TYPE", "ID"])]
+        object: Option<Vec<String>>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<HeldAction>,
     },
     /// List name collisions: two objects that arrived under one type and id (for example two
     /// labs' `S-001` with no prefix). Both are kept; the second is reachable as `id~<8 hex>`.
@@ -608,6 +638,49 @@ async fn object_command(home: &Home, command: Command) -> Result<(), CliError> {
                 report.duplicates,
                 report.rejected
             );
+            Ok(())
+        }
+        Command::Held {
+            peer,
+            object,
+            json,
+            action,
+        } => {
+            let purge = action.is_some();
+            let (peer, object) = match action {
+                Some(HeldAction::Purge { peer, object }) => (peer, object),
+                None => (peer, object),
+            };
+            let (ty, id) = match object.as_deref() {
+                Some([ty, id]) => (Some(ty.clone()), Some(id.clone())),
+                _ => (None, None),
+            };
+            let query = crate::held::HeldQuery {
+                peer,
+                ty,
+                id,
+                purge,
+            };
+            let report = client.held(&query).await?;
+            if json {
+                return print_json(&report);
+            }
+            if let Some(n) = report.removed {
+                println!("removed {n} held changes");
+                return Ok(());
+            }
+            for t in &report.tallies {
+                println!(
+                    "{}: {} held ({} bytes), {} refused for lack of room",
+                    t.from, t.changes, t.bytes, t.refused_for_room
+                );
+            }
+            for h in &report.held {
+                println!("{}/{} {} from {}", h.ty, h.id, h.hash, h.from);
+            }
+            if report.held.is_empty() {
+                println!("no held changes");
+            }
             Ok(())
         }
         Command::Conflicts { json } => {

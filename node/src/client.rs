@@ -87,6 +87,17 @@ impl From<BundleError> for ClientError {
     }
 }
 
+impl From<crate::held::HeldError> for ClientError {
+    fn from(e: crate::held::HeldError) -> ClientError {
+        use crate::held::HeldError;
+        match e {
+            HeldError::UnknownPeer(_) => ClientError::NotFound(e.to_string()),
+            HeldError::Invalid(_) => ClientError::Invalid(e.to_string()),
+            HeldError::Read(r) => r.into(),
+        }
+    }
+}
+
 impl From<ReadError> for ClientError {
     fn from(e: ReadError) -> Self {
         match e {
@@ -286,6 +297,22 @@ impl Client {
                     None,
                 )
                 .await
+            }
+        }
+    }
+
+    /// List, or purge, held changes.
+    pub async fn held(
+        &mut self,
+        query: &crate::held::HeldQuery,
+    ) -> Result<crate::held::HeldReport, ClientError> {
+        match self {
+            Client::Local(core, _) => Ok(crate::held::held(core, query)?),
+            Client::Api(api) => {
+                let body =
+                    serde_json::to_value(query).map_err(|e| ClientError::Failed(e.to_string()))?;
+                api.send(reqwest::Method::POST, "/v1/held", Some(&body), 0)
+                    .await
             }
         }
     }

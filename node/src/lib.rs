@@ -9,6 +9,7 @@
 //! - [`store`]: the redb tables and the transactions that commit the engine's records.
 //! - [`core`]: engine, store and document cache behind the node's operations.
 //! - [`fault`]: deliberate engine faults that simulations switch on to prove their invariants.
+//! - [`held`]: `tidesync held`: listing and purging held changes, with each sender's quota.
 //! - [`bundle`]: signed, encrypted export bundles of changes for one peer, and their import.
 //! - [`sync`]: per-peer sync sessions: streaming the change log, storing what peers send.
 //! - [`net`]: the libp2p shell: transport, gating, the request-response codec, backoff.
@@ -29,6 +30,7 @@ pub mod demo;
 pub mod doc;
 pub mod engine;
 pub mod fault;
+pub mod held;
 pub mod identity;
 pub mod net;
 pub mod node;

@@ -74,6 +74,10 @@ enum Action {
     Status {
         reply: Reply<Result<Status, ReadError>>,
     },
+    Held {
+        query: crate::held::HeldQuery,
+        reply: Reply<Result<crate::held::HeldReport, crate::held::HeldError>>,
+    },
     Conflicts {
         reply: Reply<Result<Vec<crate::core::Conflict>, ReadError>>,
     },
@@ -210,6 +214,14 @@ impl NodeHandle {
         id: ObjectId,
     ) -> Result<History, CallError<ReadError>> {
         self.call(|reply| Action::History { ty, id, reply }).await
+    }
+
+    /// List, or purge, held changes.
+    pub async fn held(
+        &self,
+        query: crate::held::HeldQuery,
+    ) -> Result<crate::held::HeldReport, CallError<crate::held::HeldError>> {
+        self.call(|reply| Action::Held { query, reply }).await
     }
 
     pub async fn status(&self) -> Result<Status, CallError<ReadError>> {
@@ -383,6 +395,9 @@ impl NodeActor {
             }
             Action::Status { reply } => {
                 let _ = reply.send(self.status());
+            }
+            Action::Held { query, reply } => {
+                let _ = reply.send(crate::held::held(&self.core, &query));
             }
             Action::Conflicts { reply } => {
                 let _ = reply.send(tokio::task::block_in_place(|| self.core.conflicts()));

@@ -428,5 +428,7 @@ fn walk_bool(data: &[u8]) -> Result<u64, ChunkError> {
     Ok(rows)
 }
 
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod craft;
 #[cfg(test)]
 mod tests;

@@ -2,10 +2,10 @@
 //! crafted bomb refused before Automerge sees it.
 
 use super::*;
-use crate::change::{SignedChange, VerifyError, signing_message};
+use crate::change::{SignedChange, VerifyError};
 use crate::ids::{DocId, NodeId, ObjectId, TypeName, actor_id};
 use automerge::{Automerge, ROOT, transaction::Transactable};
-use ed25519_dalek::{Signer, SigningKey};
+use ed25519_dalek::SigningKey;
 use proptest::prelude::*;
 
 fn key() -> SigningKey {
@@ -24,78 +24,15 @@ fn doc_id() -> DocId {
     )
 }
 
-fn sleb(mut n: i64, out: &mut Vec<u8>) {
-    loop {
-        let byte = (n & 0x7f) as u8;
-        n >>= 7;
-        let done = (n == 0 && byte & 0x40 == 0) || (n == -1 && byte & 0x40 != 0);
-        out.push(if done { byte } else { byte | 0x80 });
-        if done {
-            return;
-        }
-    }
+fn crafted(columns: &[(u32, Vec<u8>)], compressed: bool) -> Vec<u8> {
+    craft::chunk(&actor_id(&node(), 1), &[], columns, compressed)
 }
 
-/// A change chunk by `node()` with the given op columns `(spec, data)`, correctly framed and
-/// checksummed, so that only its columns are hostile.
-pub(crate) fn crafted(columns: &[(u32, Vec<u8>)], compressed: bool) -> Vec<u8> {
-    let mut body = Vec::new();
-    uleb_bytes(0, &mut body); // deps
-    let actor = actor_id(&node(), 1);
-    uleb_bytes(actor.len() as u64, &mut body);
-    body.extend_from_slice(&actor);
-    uleb_bytes(1, &mut body); // seq
-    uleb_bytes(1, &mut body); // start op
-    sleb(0, &mut body); // time
-    uleb_bytes(0, &mut body); // message
-    uleb_bytes(0, &mut body); // other actors
-    uleb_bytes(columns.len() as u64, &mut body);
-    for (spec, data) in columns {
-        uleb_bytes(u64::from(*spec), &mut body);
-        uleb_bytes(data.len() as u64, &mut body);
-    }
-    for (_, data) in columns {
-        body.extend_from_slice(data);
-    }
-    let ty = if compressed {
-        CHUNK_COMPRESSED
-    } else {
-        CHUNK_CHANGE
-    };
-    let mut prefix = vec![ty];
-    uleb_bytes(body.len() as u64, &mut prefix);
-    let hash: [u8; 32] = Sha256::new()
-        .chain_update(&prefix)
-        .chain_update(&body)
-        .finalize()
-        .into();
-    let mut out = MAGIC.to_vec();
-    out.extend_from_slice(&hash[..4]);
-    out.extend_from_slice(&prefix);
-    out.extend_from_slice(&body);
-    out
+fn signed(bytes: Vec<u8>) -> SignedChange {
+    craft::sign(&key(), doc_id(), bytes)
 }
 
-/// `bytes` signed by `node()` for `doc_id()`, as a hostile but configured peer would send it.
-pub(crate) fn signed(bytes: Vec<u8>) -> SignedChange {
-    let header = ChangeHeader::parse(&bytes).expect("a well-framed chunk");
-    let doc = doc_id();
-    let signature = key()
-        .sign(&signing_message(&doc, &automerge::ChangeHash(header.hash)))
-        .to_bytes();
-    SignedChange {
-        doc,
-        bytes,
-        signature,
-    }
-}
-
-fn run(n: i64, value: u64) -> Vec<u8> {
-    let mut out = Vec::new();
-    sleb(n, &mut out);
-    uleb_bytes(value, &mut out);
-    out
-}
+use super::craft::{self, run, sleb};
 
 fn real_change(fields: &[(String, i64)], seq_changes: usize) -> Vec<automerge::Change> {
     let mut doc = Automerge::new().with_actor(actor_id(&node(), 3).into());

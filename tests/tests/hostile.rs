@@ -1,0 +1,194 @@
+//! Attacks by a configured peer through the bundles it signs: changes crafted to panic, spin
+//! or inflate Automerge, a flood of held changes, and a chain sent in reverse. After each, the
+//! victim still answers its API, keeps syncing with an honest peer, and has lost nothing.
+
+use std::path::PathBuf;
+
+use automerge::{Automerge, ROOT, transaction::Transactable};
+use serde_json::json;
+use tidesync::bundle::{BundleBody, seal};
+use tidesync::identity::Identity;
+use tidesync_proto::chunk::craft;
+use tidesync_proto::ids::actor_id;
+use tidesync_proto::{Checkpoint, DocHeader, DocId, NodeId, ObjectId, SignedChange, TypeName};
+use tidesync_tests::{TestNode, wait_for};
+
+struct Mallory {
+    identity: Identity,
+    victim: NodeId,
+    dir: tempfile::TempDir,
+    n: usize,
+}
+
+impl Mallory {
+    fn new(mallory: &TestNode, victim: &TestNode) -> Mallory {
+        Mallory {
+            identity: Identity::load(&mallory.home().join("identity.key")).expect("mallory's key"),
+            victim: victim.id().parse().expect("victim id"),
+            dir: tempfile::tempdir().expect("temporary directory"),
+            n: 0,
+        }
+    }
+
+    fn me(&self) -> NodeId {
+        self.identity.node_id()
+    }
+
+    fn header(&self, id: &str) -> DocHeader {
+        let ty = TypeName::new("Sample").expect("type");
+        let id = ObjectId::new(id).expect("id");
+        DocHeader {
+            doc: DocId::derive(&self.me(), &ty, &id),
+            origin: self.me(),
+            ty,
+            id,
+        }
+    }
+
+    /// A bundle signed by mallory, to the victim, carrying `changes`.
+    fn bundle(&mut self, docs: Vec<DocHeader>, changes: Vec<SignedChange>) -> String {
+        let body = BundleBody {
+            from: self.me(),
+            to: self.victim,
+            created_ms: 0,
+            after: 0,
+            upto: Checkpoint::default(),
+            holds: Checkpoint::default(),
+            docs,
+            changes,
+        };
+        let bytes = seal(&self.identity, &body, true).expect("sealing a bundle");
+        self.n += 1;
+        let path: PathBuf = self.dir.path().join(format!("attack-{}.bundle", self.n));
+        std::fs::write(&path, bytes).expect("writing a bundle");
+        path.display().to_string()
+    }
+
+    /// One hand-made change to mallory's document `id`, with `columns`.
+    fn crafted(&self, id: &str, deps: &[[u8; 32]], columns: &[(u32, Vec<u8>)]) -> SignedChange {
+        let bytes = craft::chunk(&actor_id(&self.me(), 7), deps, columns, false);
+        craft::sign(self.identity.signing_key(), self.header(id).doc, bytes)
+    }
+}
+
+fn setup() -> (TestNode, TestNode, TestNode) {
+    let mut hub = TestNode::init("hub");
+    let mut lab = TestNode::init("lab");
+    let mallory = TestNode::init("mallory");
+    hub.start();
+    lab.start();
+    hub.add_peer(&lab, false);
+    hub.add_peer(&mallory, false);
+    lab.add_peer(&hub, true);
+    lab.ok(&["put", "Sample", "S-before", r#"{"status":"received"}"#]);
+    wait_for("the hub to receive the lab's sample", || {
+        hub.get("Sample", "S-before").is_some()
+    });
+    (hub, lab, mallory)
+}
+
+/// The hub still answers, still syncs with the honest lab, and kept what it had.
+fn still_healthy(hub: &TestNode, lab: &TestNode, tag: &str) {
+    assert!(hub.status()["node"].is_string(), "the hub's API answers");
+    assert_eq!(
+        hub.get("Sample", "S-before"),
+        Some(json!({"status":"received"}))
+    );
+    let id = format!("S-after-{tag}");
+    lab.ok(&["put", "Sample", &id, r#"{"status":"analysed"}"#]);
+    wait_for("the hub to keep syncing with the lab", || {
+        hub.get("Sample", &id).is_some()
+    });
+}
+
+// Regression: one change of about 100 bytes whose op names a counter of 2^32 made Automerge
+// 0.12 panic on the node's actor (the process then answered 503 for ever); one whose action
+// column claims 2^62 ops made decode loop for ever; compressed chunks inflated without limit.
+// Each now gets a clear refusal, from `import --dry-run` and a real import alike.
+#[test]
+fn crafted_changes_are_refused_and_the_node_keeps_running() {
+    let (hub, lab, mallory) = setup();
+    let mut m = Mallory::new(&mallory, &hub);
+    let attacks = [
+        (
+            "panic",
+            vec![
+                (1, craft::run(1, 0)),
+                (2, craft::run(1, 1 << 32)),
+                (4 << 4 | 2, craft::run(1, 1)),
+            ],
+        ),
+        ("spin", vec![(4 << 4 | 2, craft::run(1 << 62, 1))]),
+        ("nulls", vec![(4 << 4 | 2, craft::run(0, 1 << 50))]),
+    ];
+    for (name, columns) in attacks {
+        let change = m.crafted(&format!("S-{name}"), &[], &columns);
+        let file = m.bundle(vec![m.header(&format!("S-{name}"))], vec![change]);
+        let dry = json_of(&hub.ok(&["import", "--dry-run", "--json", &file]));
+        assert_eq!(dry["rejected"], json!(1), "{name}: {dry}");
+        let real = json_of(&hub.ok(&["import", "--json", &file]));
+        assert_eq!(real["rejected"], json!(1), "{name}: {real}");
+        assert_eq!(real["new_changes"], json!(0), "{name}: {real}");
+        still_healthy(&hub, &lab, name);
+    }
+    // A compressed chunk is refused whole, whatever it would inflate to.
+    let bytes = craft::chunk(&actor_id(&m.me(), 7), &[], &[], true);
+    let change = craft::sign(m.identity.signing_key(), m.header("S-zip").doc, bytes);
+    let file = m.bundle(vec![m.header("S-zip")], vec![change]);
+    let real = json_of(&hub.ok(&["import", "--json", &file]));
+    assert_eq!(real["rejected"], json!(1), "{real}");
+    still_healthy(&hub, &lab, "zip");
+}
+
+// Regression: held changes had no quota (20,000 with invented dependencies grew a store from
+// 73 KB to 17.8 MB, for good), and a chain that arrived in reverse was released in quadratic
+// time on the actor. Held changes are now bounded per peer and released in dependency order.
+#[test]
+fn a_flood_of_held_changes_is_bounded_and_a_reversed_chain_is_released() {
+    let (hub, lab, mallory) = setup();
+    let mut m = Mallory::new(&mallory, &hub);
+    // 12,000 changes to one of mallory's documents, each waiting for a change that will never
+    // come: more than a peer may have held.
+    let flood: Vec<SignedChange> = (0..12_000u32)
+        .map(|i| {
+            let mut dep = [0u8; 32];
+            dep[..4].copy_from_slice(&i.to_be_bytes());
+            m.crafted("S-flood", &[dep], &[(4 << 4 | 2, craft::run(1, 1))])
+        })
+        .collect();
+    let file = m.bundle(vec![m.header("S-flood")], flood);
+    let _ = hub.ok(&["import", "--json", &file]);
+    let held = hub.status()["held_changes"].as_u64().unwrap_or(u64::MAX);
+    assert!(held <= 10_000, "held {held} changes for one peer");
+    still_healthy(&hub, &lab, "flood");
+    let purged = hub.ok(&["held", "purge", "--peer", "mallory"]);
+    assert!(purged.contains("removed"), "{purged}");
+    assert_eq!(hub.status()["held_changes"], json!(0));
+
+    // A real chain of 3,000 edits by mallory, sent newest first: all of it applies.
+    let header = m.header("S-chain");
+    let mut doc = Automerge::new().with_actor(actor_id(&m.me(), 9).into());
+    let mut chain = Vec::new();
+    for n in 0..3_000i64 {
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "n", n).expect("put");
+        tx.commit();
+        let change = doc.get_last_local_change().expect("a change");
+        chain.push(SignedChange::sign(
+            m.identity.signing_key(),
+            header.doc,
+            &change,
+        ));
+    }
+    chain.reverse();
+    let file = m.bundle(vec![header], chain);
+    let imported = json_of(&hub.ok(&["import", "--json", &file]));
+    assert_eq!(imported["new_changes"], json!(3_000), "{imported}");
+    assert_eq!(hub.get("Sample", "S-chain"), Some(json!({"n": 2_999})));
+    assert_eq!(hub.status()["held_changes"], json!(0));
+    still_healthy(&hub, &lab, "chain");
+}
+
+fn json_of(s: &str) -> serde_json::Value {
+    serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
