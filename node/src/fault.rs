@@ -5,6 +5,9 @@
 //! nothing in the config file or the API can, and `tidesync run` only knows the network-level
 //! faults of `net::Fault`. `tidesync-sim --fault NAME` turns one on in every simulated node
 //! and expects an invariant to fail (see `simulations/`).
+//!
+//! Faults take effect only in builds with the `fault-injection` cargo feature, which the
+//! simulations and the integration tests turn on: without it [`Faults::set`] does nothing.
 
 use std::fmt;
 use std::str::FromStr;
@@ -82,8 +85,12 @@ pub struct Faults {
 }
 
 impl Faults {
-    /// Switch `fault` on (`IgnoreSkip` lives in the policies, see `Core::inject_fault`).
+    /// Switch `fault` on (`IgnoreSkip` lives in the policies, see `Core::inject_fault`); does
+    /// nothing without the `fault-injection` feature.
     pub fn set(&mut self, fault: EngineFault) {
+        if !cfg!(feature = "fault-injection") {
+            return;
+        }
         match fault {
             EngineFault::AcceptUnsigned => self.accept_unsigned = true,
             EngineFault::ForgetCheckpoint => self.forget_checkpoint = true,

@@ -16,6 +16,7 @@
 //! - [`demo`]: `tidesync demo`, a hub and two labs converging on 127.0.0.1.
 //! - [`node`]: the running node: an actor owning the core, and its lifecycle.
 //! - [`policy`]: per-peer policies: what may be sent to and taken from each peer.
+//! - [`ratelog`]: per-peer rate limits for log lines a peer can provoke (refused changes).
 //! - [`api`]: the HTTP/JSON API served by a running node.
 //! - [`client`]: the CLI's way to a node: its HTTP API when it runs, its store when it does not.
 //! - [`cli`]: the `tidesync` command line.
@@ -35,5 +36,6 @@ pub mod identity;
 pub mod net;
 pub mod node;
 pub mod policy;
+pub mod ratelog;
 pub mod store;
 pub mod sync;

@@ -1,5 +1,6 @@
-//! The libp2p shell: TCP + Noise + Yamux, connection gating to configured peers, the
-//! request-response sync protocol with its frame codec, reconnect backoff, and test-only faults.
+//! The libp2p shell: TCP + Noise + Yamux with connection and stream limits, gating to
+//! configured peers, the request-response sync protocol with its frame codec, reconnect
+//! backoff, and the test-only faults of builds with the `fault-injection` feature.
 
 use std::io;
 use std::sync::Arc;
@@ -10,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::allow_block_list::{self, AllowedPeers};
+use libp2p::connection_limits::{self, ConnectionLimits};
+use libp2p::core::Transport;
+use libp2p::core::upgrade::Version;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, Swarm, noise, ping, tcp, yamux};
@@ -32,9 +36,45 @@ pub const RECONNECT_BACKOFF_MIN_MS: u64 = 250;
 pub const RECONNECT_BACKOFF_MAX_MS: u64 = 30_000;
 /// How often the node checks for peers due a redial, in milliseconds.
 pub const DIAL_TICK_MS: u64 = 100;
+/// Longest a TCP connection may take, in seconds, from accept (or dial) to a finished
+/// protocol negotiation, Noise handshake and Yamux setup. Without it a socket that never
+/// speaks holds its pending-connection slot for good.
+pub const HANDSHAKE_TIMEOUT_SECS: u64 = 10;
+/// Most incoming connections that have not finished their handshake, all remotes together;
+/// more are closed at once. With [`HANDSHAKE_TIMEOUT_SECS`] a flood of silent sockets holds
+/// at most this many slots for at most that long, and never blocks our own dials to peers.
+pub const MAX_PENDING_INCOMING_CONNECTIONS: u32 = 16;
+/// Most established connections to one peer. Two, so that both sides dialing each other at
+/// once is not refused; a session runs over all of them.
+pub const MAX_CONNECTIONS_PER_PEER: u32 = 2;
+/// Sync streams one side opens on a connection in honest use: `SYNC_WINDOW_BATCHES` (2)
+/// batches, a Hello and a Rewound.
+pub const MAX_SYNC_STREAMS_PER_DIRECTION: usize = 4;
+/// Most sync streams open at once on one connection, inbound and outbound together
+/// (request-response counts both in one limit; its default is 100). An inbound stream beyond
+/// it is dropped unread and the peer's request fails. Each stream buffers at most one frame
+/// (`MAX_FRAME_BYTES`), so this bounds what one connection can make us hold.
+pub const MAX_SYNC_STREAMS_PER_CONNECTION: usize = 2 * MAX_SYNC_STREAMS_PER_DIRECTION;
+/// Most inbound streams still negotiating their protocol on one connection (libp2p's default
+/// is 128).
+pub const MAX_NEGOTIATING_INBOUND_STREAMS: usize = 8;
+/// Most Yamux streams on one connection, both directions and every protocol (Yamux's default
+/// is 512). Each may buffer up to its 256 KiB receive window before it is read.
+pub const MAX_YAMUX_STREAMS: usize = 32;
+// Honest use must fit the stream caps: both sides' window, Hello and Rewound at once, and the
+// negotiating ones within Yamux's.
+const _: () = assert!(
+    MAX_SYNC_STREAMS_PER_DIRECTION >= crate::sync::SYNC_WINDOW_BATCHES + 2
+        && MAX_YAMUX_STREAMS >= MAX_SYNC_STREAMS_PER_CONNECTION + MAX_NEGOTIATING_INBOUND_STREAMS
+);
+/// A frame body is read in pieces of at most this many bytes, so that a header that announces
+/// a large frame costs memory only as its bytes actually arrive.
+pub const FRAME_READ_CHUNK_BYTES: usize = 64 * 1024;
 
-/// Test-only faults, chosen with the environment variable `TIDESYNC_FAULT`. They exist so
-/// that integration tests can make a real node misbehave; never set it in production.
+/// Test-only faults, chosen with the environment variable `TIDESYNC_FAULT` in builds with the
+/// `fault-injection` cargo feature (the integration tests turn it on). They exist so that
+/// integration tests can make a real node misbehave. A build without the feature, such as
+/// `cargo build --release -p tidesync`, ignores the variable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Fault {
     #[default]
@@ -56,14 +96,23 @@ pub enum Fault {
 impl Fault {
     pub const ENV: &'static str = "TIDESYNC_FAULT";
 
-    /// The fault named by `TIDESYNC_FAULT`, if any.
+    /// The fault named by `TIDESYNC_FAULT`, if any; always `None` without the
+    /// `fault-injection` feature.
     pub fn from_env() -> Fault {
-        match std::env::var(Self::ENV).as_deref() {
-            Ok("alter-relayed") => Fault::AlterRelayed,
-            Ok("garbage-frames") => Fault::GarbageFrames,
-            Ok("truncated-frames") => Fault::TruncatedFrames,
-            Ok("oversized-frames") => Fault::OversizedFrames,
-            Ok("ignore-policy") => Fault::IgnorePolicy,
+        if !cfg!(feature = "fault-injection") {
+            return Fault::None;
+        }
+        Self::named(std::env::var(Self::ENV).ok().as_deref())
+    }
+
+    /// The fault called `name` (as in `TIDESYNC_FAULT`); `None` for anything else.
+    fn named(name: Option<&str>) -> Fault {
+        match name {
+            Some("alter-relayed") => Fault::AlterRelayed,
+            Some("garbage-frames") => Fault::GarbageFrames,
+            Some("truncated-frames") => Fault::TruncatedFrames,
+            Some("oversized-frames") => Fault::OversizedFrames,
+            Some("ignore-policy") => Fault::IgnorePolicy,
             _ => Fault::None,
         }
     }
@@ -119,8 +168,18 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Messa
     let mut header = [0u8; FRAME_HEADER_BYTES];
     io.read_exact(&mut header).await?;
     let len = wire::frame_len(header).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let mut body = vec![0u8; len];
-    io.read_exact(&mut body).await?;
+    // Grow the buffer as bytes arrive rather than trusting the announced length: a peer that
+    // announces `MAX_FRAME_BYTES` and sends nothing costs one chunk, not the whole frame.
+    let mut body = Vec::new();
+    while body.len() < len {
+        let start = body.len();
+        body.resize(start + (len - start).min(FRAME_READ_CHUNK_BYTES), 0);
+        let n = io.read(&mut body[start..]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        body.truncate(start + n);
+    }
     wire::decode_body(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
@@ -261,6 +320,8 @@ impl request_response::Codec for FrameCodec {
 /// The node's libp2p behaviours.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// Caps on pending and established connections (see [`connection_limits_config`]).
+    pub limits: connection_limits::Behaviour,
     /// Only configured peers may connect: others are refused once Noise has proven who they
     /// are, before any protocol stream opens.
     pub allow: allow_block_list::Behaviour<AllowedPeers>,
@@ -280,34 +341,73 @@ pub enum NetError {
     },
 }
 
+/// The connection caps: pending incoming connections and connections per peer.
+pub fn connection_limits_config() -> ConnectionLimits {
+    ConnectionLimits::default()
+        .with_max_pending_incoming(Some(MAX_PENDING_INCOMING_CONNECTIONS))
+        .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+}
+
+/// Yamux with at most [`MAX_YAMUX_STREAMS`] streams per connection.
+fn yamux_config() -> yamux::Config {
+    let mut config = yamux::Config::default();
+    config.set_max_num_streams(MAX_YAMUX_STREAMS);
+    config
+}
+
+/// Request-response settings of the sync protocol.
+fn sync_config() -> request_response::Config {
+    request_response::Config::default()
+        .with_request_timeout(Duration::from_secs(REQUEST_TIMEOUT_SECS))
+        .with_max_concurrent_streams(MAX_SYNC_STREAMS_PER_CONNECTION)
+}
+
 /// Build the swarm for `identity`; its PeerId is the node id.
 pub fn build_swarm(
     identity: &Identity,
     fault: Fault,
     counters: Arc<NetCounters>,
 ) -> Result<Swarm<Behaviour>, NetError> {
+    build_swarm_with(identity, fault, counters, sync_config())
+}
+
+/// [`build_swarm`] with the given request-response settings (tests build a peer that opens
+/// more streams than ours would).
+fn build_swarm_with(
+    identity: &Identity,
+    fault: Fault,
+    counters: Arc<NetCounters>,
+    sync: request_response::Config,
+) -> Result<Swarm<Behaviour>, NetError> {
     let protocol = StreamProtocol::new(PROTOCOL);
+    // The stock `with_tcp` has no handshake timeout, so the same transport is built here with
+    // one.
     let swarm = libp2p::SwarmBuilder::with_existing_identity(identity.libp2p_keypair())
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
+        .with_other_transport(|key| {
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                    .upgrade(Version::V1Lazy)
+                    .authenticate(noise::Config::new(key)?)
+                    .multiplex(yamux_config())
+                    .timeout(Duration::from_secs(HANDSHAKE_TIMEOUT_SECS)),
+            )
+        })
         .map_err(|e| NetError::Transport(e.to_string()))?
         .with_behaviour(|_| Behaviour {
+            limits: connection_limits::Behaviour::new(connection_limits_config()),
             allow: allow_block_list::Behaviour::default(),
             sync: request_response::Behaviour::with_codec(
                 FrameCodec { fault, counters },
                 [(protocol, ProtocolSupport::Full)],
-                request_response::Config::default()
-                    .with_request_timeout(Duration::from_secs(REQUEST_TIMEOUT_SECS)),
+                sync,
             ),
             ping: ping::Behaviour::default(),
         })
         .map_err(|e| NetError::Transport(e.to_string()))?
         .with_swarm_config(|c| {
             c.with_idle_connection_timeout(Duration::from_secs(IDLE_CONNECTION_TIMEOUT_SECS))
+                .with_max_negotiating_inbound_streams(MAX_NEGOTIATING_INBOUND_STREAMS)
         })
         .build();
     Ok(swarm)
@@ -327,7 +427,89 @@ pub fn backoff_ms(attempt: u32, rng: &mut impl Rng) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
+    use libp2p::multiaddr::Protocol;
+    use libp2p::swarm::SwarmEvent;
     use rand::SeedableRng;
+
+    #[test]
+    fn faults_are_named_and_off_by_default() {
+        assert_eq!(Fault::named(Some("garbage-frames")), Fault::GarbageFrames);
+        assert_eq!(Fault::named(Some("no-such-fault")), Fault::None);
+        assert_eq!(Fault::named(None), Fault::None);
+    }
+
+    // Regression: request-response's default let one connection hold 100 sync streams, each
+    // buffering up to `MAX_FRAME_BYTES` (800 MiB). A peer built to open many more streams than
+    // ours gets at most `MAX_SYNC_STREAMS_PER_CONNECTION` read; the rest are dropped unread and
+    // its requests fail.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_connection_gets_at_most_the_stream_cap_read() {
+        let cap = MAX_SYNC_STREAMS_PER_CONNECTION;
+        let sent = 3 * cap;
+        let mut victim =
+            build_swarm(&Identity::from_secret([1; 32]), Fault::None, Arc::default()).unwrap();
+        let mut attacker = build_swarm_with(
+            &Identity::from_secret([2; 32]),
+            Fault::None,
+            Arc::default(),
+            request_response::Config::default().with_max_concurrent_streams(10 * sent),
+        )
+        .unwrap();
+        let (v_peer, a_peer) = (*victim.local_peer_id(), *attacker.local_peer_id());
+        victim.behaviour_mut().allow.allow_peer(a_peer);
+        attacker.behaviour_mut().allow.allow_peer(v_peer);
+        victim
+            .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+            .unwrap();
+        let addr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = victim.select_next_some().await {
+                break address;
+            }
+        };
+        attacker.dial(addr.with(Protocol::P2p(v_peer))).unwrap();
+        let request = Frame::Message(Message::Ack {
+            batch: 1,
+            upto: 0,
+            rejected: 0,
+        });
+        // Response channels are kept, so every stream the victim reads stays open.
+        let mut held = Vec::new();
+        let mut refused = 0;
+        let deadline = tokio::time::sleep(Duration::from_secs(60));
+        tokio::pin!(deadline);
+        while held.len() + refused < sent {
+            tokio::select! {
+                _ = &mut deadline => panic!("stuck: {} read, {refused} refused", held.len()),
+                e = victim.select_next_some() => {
+                    if let SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::Message {
+                        message: request_response::Message::Request { channel, .. },
+                        ..
+                    })) = e
+                    {
+                        held.push(channel);
+                        assert!(held.len() <= cap, "more than {cap} streams read at once");
+                    }
+                }
+                e = attacker.select_next_some() => match e {
+                    SwarmEvent::ConnectionEstablished { .. } => {
+                        for _ in 0..sent {
+                            attacker.behaviour_mut().sync.send_request(&v_peer, request.clone());
+                        }
+                    }
+                    SwarmEvent::Behaviour(BehaviourEvent::Sync(
+                        request_response::Event::OutboundFailure { .. }
+                        | request_response::Event::Message {
+                            message: request_response::Message::Response { response: Frame::Bad(_), .. },
+                            ..
+                        },
+                    )) => refused += 1,
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!((held.len(), refused), (cap, sent - cap));
+    }
 
     #[test]
     fn backoff_grows_is_capped_and_jittered() {

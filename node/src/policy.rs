@@ -244,8 +244,9 @@ impl Policies {
     }
 
     /// Simulation-only: ignore every `skip` list (see [`crate::fault::EngineFault::IgnoreSkip`]).
+    /// Does nothing without the `fault-injection` feature.
     pub(crate) fn ignore_skip(&mut self) {
-        self.ignore_skip = true;
+        self.ignore_skip = cfg!(feature = "fault-injection");
     }
 
     /// Whether `policy` exchanges `ty` at all ([`Policy::covers`], unless a fault is on).
@@ -256,9 +257,10 @@ impl Policies {
         policy.covers(ty)
     }
 
-    /// Test-only: behave like a peer that ignores its own policies (see `net::Fault`).
+    /// Test-only: behave like a peer that ignores its own policies (see `net::Fault`). Does
+    /// nothing without the `fault-injection` feature.
     pub(crate) fn ignore_own(&mut self) {
-        self.ignore_own = true;
+        self.ignore_own = cfg!(feature = "fault-injection");
     }
 
     /// Set one peer's policy; whether it now lets through anything it did not before.

@@ -151,7 +151,9 @@ pub struct PeerRecord {
     pub changes_out: u64,
     /// Changes from the peer that failed verification or policy.
     pub rejected: u64,
-    /// Of those, the ones refused by policy, per type.
+    /// Of those, the ones refused by policy, per type: at most [`MAX_REJECTED_TYPES`] keys,
+    /// the smallest counts folded into [`OTHER_REJECTED_TYPES`] (see
+    /// [`PeerRecord::bound_rejected_types`]).
     pub rejected_types: BTreeMap<String, u64>,
     /// Send the peer our whole log (through its policy) at its next Hello: its policy was
     /// widened.
@@ -164,11 +166,44 @@ pub struct PeerRecord {
     pub last_sync_ms: i64,
 }
 
+/// Most keys of [`PeerRecord::rejected_types`], the `(other)` bucket included. A peer may send
+/// changes of any number of type names; without a bound one sending 20,000 names grew its
+/// record, and every `status`, to 1.26 MB.
+pub const MAX_REJECTED_TYPES: usize = 64;
+/// The key of [`PeerRecord::rejected_types`] that counts the refusals of every type that did
+/// not keep a key of its own. Parentheses are not allowed in type names, so no type can take it.
+pub const OTHER_REJECTED_TYPES: &str = "(other)";
+
 /// Out-of-order batches remembered per peer (see [`PeerRecord::ahead`]); a sender keeps only a
 /// few batches in flight, so more than this means the peer started over and they are stale.
 pub const MAX_AHEAD_BATCHES: usize = 8;
 
 impl PeerRecord {
+    /// Keep at most [`MAX_REJECTED_TYPES`] keys in `rejected_types`: the types with the most
+    /// refusals keep theirs (ties by name), the rest are added to [`OTHER_REJECTED_TYPES`].
+    /// The total stays the same. Applied whenever a record is read or written, so records
+    /// written before the bound are cut down too.
+    pub fn bound_rejected_types(&mut self) {
+        if self.rejected_types.len() <= MAX_REJECTED_TYPES {
+            return;
+        }
+        let mut other = self
+            .rejected_types
+            .remove(OTHER_REJECTED_TYPES)
+            .unwrap_or(0);
+        let mut by_count: Vec<(String, u64)> = std::mem::take(&mut self.rejected_types)
+            .into_iter()
+            .collect();
+        by_count.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let folded = by_count.split_off((MAX_REJECTED_TYPES - 1).min(by_count.len()));
+        for (_, n) in folded {
+            other = other.saturating_add(n);
+        }
+        self.rejected_types = by_count.into_iter().collect();
+        self.rejected_types
+            .insert(OTHER_REJECTED_TYPES.to_string(), other);
+    }
+
     /// Record that the peer's log from `after` to `upto` is durably stored here; moves the
     /// checkpoint when that leaves no gap, or when `restart` (a batch from the start of the
     /// peer's log, `after` 0, newer than any other of its session: the peer started its log
@@ -792,10 +827,12 @@ impl Store {
         let tx = self.db.begin_read().ctx(self, ctx)?;
         let peers = tx.open_table(PEERS).ctx(self, ctx)?;
         let found = peers.get(peer.0).ctx(self, ctx)?;
-        Ok(found
+        let mut record: PeerRecord = found
             .map(|v| self.decode(|| format!("peers_v1[{peer}]"), v.value()))
             .transpose()?
-            .unwrap_or_default())
+            .unwrap_or_default();
+        record.bound_rejected_types();
+        Ok(record)
     }
 
     /// Update what this node remembers of `peer`. Not fsynced on its own: the next durable
@@ -814,6 +851,7 @@ impl Store {
                 None => PeerRecord::default(),
             };
             f(&mut record);
+            record.bound_rejected_types();
             let bytes = postcard::to_stdvec(&record).map_err(|x| self.encode_error(x))?;
             peers.insert(peer.0, bytes.as_slice()).ctx(self, ctx)?;
             record
@@ -957,6 +995,7 @@ impl Store {
             };
             moved = claim.is_some_and(|c| record.stored(c.after, c.upto, c.restart));
             counters(&mut record);
+            record.bound_rejected_types();
             record.last_sync_ms = now_ms;
             let bytes = postcard::to_stdvec(&record).map_err(|x| self.encode_error(x))?;
             peers.insert(from.0, bytes.as_slice()).ctx(self, ctx)?;
@@ -1283,6 +1322,56 @@ mod tests {
         // A peer that really starts over (a newer batch from 0) moves it back.
         assert!(r.stored(0, cp(3), true));
         assert_eq!(r.received, cp(3));
+    }
+
+    // Regression: `rejected_types` had no bound, so a peer that sent changes of 20,000 type
+    // names grew its record (and every `status`) to 1.26 MB. Records are cut down when read,
+    // including ones written before the bound, and when written; the total is kept.
+    #[test]
+    fn refusal_counts_keep_a_bounded_number_of_types_and_their_total() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let store = Store::create(&path).unwrap();
+        let peer = NodeId([7; 32]);
+        let mut old = PeerRecord::default();
+        for i in 0..20_000u64 {
+            old.rejected_types.insert(format!("T{i:05}"), 1 + i % 3);
+        }
+        let total: u64 = old.rejected_types.values().sum();
+        // A record as an unbounded build wrote it.
+        {
+            let tx = store.db.begin_write().unwrap();
+            let mut peers = tx.open_table(PEERS).unwrap();
+            let bytes = postcard::to_stdvec(&old).unwrap();
+            peers.insert(peer.0, bytes.as_slice()).unwrap();
+            drop(peers);
+            tx.commit().unwrap();
+        }
+        let read = store.peer(&peer).unwrap();
+        assert_eq!(read.rejected_types.len(), MAX_REJECTED_TYPES);
+        assert_eq!(read.rejected_types.values().sum::<u64>(), total);
+        // The biggest counts keep their names.
+        assert!(read.rejected_types.contains_key("T00002"));
+        assert!(read.rejected_types[OTHER_REJECTED_TYPES] > 0);
+        // Writing adds new names and still keeps the bound, counting into `(other)`.
+        let written = store
+            .update_peer(&peer, |r| {
+                for i in 0..500u64 {
+                    *r.rejected_types.entry(format!("New{i}")).or_default() += 1;
+                }
+            })
+            .unwrap();
+        assert_eq!(written.rejected_types.len(), MAX_REJECTED_TYPES);
+        assert_eq!(written.rejected_types.values().sum::<u64>(), total + 500);
+        drop(store);
+        let store = Store::open(&path, 1 << 20).unwrap();
+        assert_eq!(store.peer(&peer).unwrap(), written);
+        // A few types are left alone.
+        let mut small = PeerRecord::default();
+        small.rejected_types.insert("Invoice".into(), 3);
+        let before = small.clone();
+        small.bound_rejected_types();
+        assert_eq!(small, before);
     }
 
     fn write(store: &Store, e: &Engine, id: &str, v: serde_json::Value) -> u64 {

@@ -121,6 +121,18 @@ pub struct Session {
     /// there (in log order, in which they apply at once) when room frees up or when the peer
     /// has sent everything it has.
     pub stalled: bool,
+    /// Where the peer asked us (Hello, Rewound) to start sending again, while batches were
+    /// in flight: the restart waits until they are acknowledged or failed, so that requests
+    /// repeated at will cost at most one window of reading each, at the peer's own pace.
+    restart_wanted: Option<u64>,
+    /// Whether a Hello with a checkpoint we never had already made us send `Rewound` and
+    /// start over in this session. A restored node reconnects, so once per session suffices.
+    rewound_sent: bool,
+    /// Whether the peer answered our `Rewound`; until then a failed request sends it again.
+    rewound_answered: bool,
+    /// Whether the peer's `Rewound` already made us resend our log to it, unfiltered, in this
+    /// session; later ones in the same session are acknowledged and ignored.
+    resend_granted: bool,
 }
 
 impl Session {
@@ -147,6 +159,35 @@ impl Session {
             hello_answered: false,
             in_sync_after_ms: None,
             stalled: false,
+            restart_wanted: None,
+            rewound_sent: false,
+            rewound_answered: false,
+            resend_granted: false,
+        }
+    }
+
+    /// The peer asked us to send again from `seq`: at once when nothing is in flight,
+    /// otherwise once the batches in flight are answered (see [`Session::restart_wanted`]).
+    fn restart_on_request(&mut self, seq: u64) {
+        let seq = self.restart_wanted.take().map_or(seq, |w| w.min(seq));
+        if self.inflight.is_empty() {
+            self.restart_from(seq);
+        } else {
+            self.restart_wanted = Some(seq);
+        }
+    }
+
+    /// Apply a restart the peer asked for once nothing is in flight; whether sending may go
+    /// on (no restart still waits).
+    fn apply_wanted_restart(&mut self) -> bool {
+        match self.restart_wanted {
+            Some(seq) if self.inflight.is_empty() => {
+                self.restart_wanted = None;
+                self.restart_from(seq);
+                true
+            }
+            Some(_) => false,
+            None => true,
         }
     }
 
@@ -247,11 +288,13 @@ fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R>
 
 /// Verify a batch on every core: each core checks its share of the signatures in one batch
 /// equation (see [`check_batch`]), with each author's key decompressed once.
+#[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))]
 pub(crate) fn verify_batch(
     changes: &[SignedChange],
     faults: &crate::fault::Faults,
 ) -> Vec<Result<VerifiedChange, VerifyError>> {
     let decoded = par_map(changes.iter().collect(), SignedChange::decode);
+    #[cfg(feature = "fault-injection")]
     if faults.accept_unsigned {
         return decoded
             .into_iter()
@@ -427,10 +470,21 @@ impl Core {
                     .entry(peer)
                     .or_insert_with(|| Session::new(now));
                 session.remote_tip = tip;
-                session.streaming = true;
-                session.restart_from(start);
-                session.resending = resending;
-                if !rewound && start > 0 {
+                // A checkpoint we never had was answered once in this session already: a
+                // repeat cannot make us start over again (a restored node reconnects).
+                let repeat = rewound && session.rewound_sent;
+                if repeat {
+                    tracing::debug!(%peer, claimed = resume.seq, "repeated Hello with a checkpoint we never had; already answered in this session");
+                } else {
+                    session.streaming = true;
+                    session.restart_on_request(start);
+                    session.resending = resending;
+                }
+                let rewound = rewound && !repeat;
+                if rewound {
+                    session.rewound_sent = true;
+                }
+                if !rewound && !repeat && start > 0 {
                     // The peer durably holds our log up to `start`: that acknowledges it (an
                     // export for the peer starts there too).
                     self.store
@@ -499,10 +553,17 @@ impl Core {
             }
             Message::Rewound { resume } => {
                 let (start, _) = self.resume_point(peer, resume)?;
-                tracing::warn!(%peer, from = start, "peer was restored from an older copy; resending our log to it in full");
                 if let Some(session) = self.sync.peers.get_mut(&peer) {
-                    session.restart_from(start);
-                    session.unfiltered = true;
+                    // Once per session: a restored node reconnects, so a repeat in the same
+                    // session is acknowledged and changes nothing.
+                    if session.resend_granted {
+                        tracing::debug!(%peer, "repeated Rewound in this session; ignored");
+                    } else {
+                        tracing::warn!(%peer, from = start, "peer was restored from an older copy; resending our log to it in full");
+                        session.resend_granted = true;
+                        session.unfiltered = true;
+                        session.restart_on_request(start);
+                    }
                 }
                 Ok((
                     Message::Ack {
@@ -535,6 +596,7 @@ impl Core {
         };
         if answered == 0 {
             // A Rewound's answer.
+            session.rewound_answered = true;
             return Ok(Vec::new());
         }
         if answered == session.hello {
@@ -620,10 +682,23 @@ impl Core {
     pub fn on_request_failed(&mut self, peer: NodeId) -> Result<Vec<Outgoing>, SyncError> {
         let mut out = Vec::new();
         if let Some(session) = self.sync.peers.get_mut(&peer) {
-            let acked = session.acked;
+            let acked = session
+                .restart_wanted
+                .take()
+                .map_or(session.acked, |w| w.min(session.acked));
             session.restart_from(acked);
+            let rewound_lost = session.rewound_sent && !session.rewound_answered;
             if !session.hello_answered {
                 out = self.hello(peer)?;
+            }
+            if rewound_lost {
+                // Our Rewound may be what failed: without it the peer never resends.
+                let held = self
+                    .store
+                    .peer(&peer)
+                    .map_err(Self::store_err(peer))?
+                    .received;
+                out.push((peer, Message::Rewound { resume: held }));
             }
         }
         out.extend(self.pump(peer)?);
@@ -646,6 +721,14 @@ impl Core {
         let last = self.store.last_seq().map_err(Self::store_err(peer))?;
         let (me, alter_relayed) = (self.node_id(), self.faults.alter_relayed);
         let mut by_ref = self.carried_to(peer)?;
+        if !self
+            .sync
+            .peers
+            .get_mut(&peer)
+            .is_none_or(|s| s.apply_wanted_restart())
+        {
+            return Ok(out);
+        }
         loop {
             let Some(session) = self.sync.peers.get(&peer) else {
                 return Ok(out);
@@ -1420,7 +1503,9 @@ fn write(
     let tally = std::cell::RefCell::new(Written::default());
     let refuse = |t: &mut Written, refused: Vec<Refused>| {
         for r in refused {
-            tracing::warn!(%peer, doc = %r.doc, hash = %r.hash, reason = %r.why, "refused a change by policy");
+            if crate::ratelog::REFUSALS.allow(&peer) {
+                tracing::warn!(%peer, doc = %r.doc, hash = %r.hash, reason = %r.why, "refused a change by policy");
+            }
             t.rejected += 1;
             *t.rejected_types.entry(r.why.ty().to_string()).or_default() += 1;
         }
@@ -1433,7 +1518,9 @@ fn write(
                 Err(e) => return Some(Err(e)),
                 Ok(Prepared::NoHeader { doc, changes }) => {
                     t.rejected += changes;
-                    tracing::warn!(%peer, %doc, "rejected changes to a document sent without its header");
+                    if crate::ratelog::REFUSALS.allow(&peer) {
+                        tracing::warn!(%peer, %doc, "rejected changes to a document sent without its header");
+                    }
                 }
                 Ok(Prepared::Refused(refused)) => refuse(&mut t, refused),
                 Ok(Prepared::Arrived(arrived, refused, _, _)) => {
@@ -1470,7 +1557,9 @@ fn write(
                         received.held.truncate(keep);
                     }
                     for (hash, reason) in &rejected {
-                        tracing::warn!(%peer, doc = %received.doc_id, %hash, %reason, "rejected a change");
+                        if crate::ratelog::REFUSALS.allow(&peer) {
+                            tracing::warn!(%peer, doc = %received.doc_id, %hash, %reason, "rejected a change");
+                        }
                     }
                     t.rejected += rejected.len() as u64;
                     t.applied += received.applied.len() as u64;
@@ -1806,6 +1895,94 @@ mod tests {
             })
         });
         assert!(caught.is_err(), "a worker's panic must not be swallowed");
+    }
+
+    // Regression: every Hello with a checkpoint we never had, every Rewound and every Hello
+    // from the start restarted the stream from the start and read a fresh window of batches at
+    // once, so a peer repeating them made us rescan and resend the start of the log over and
+    // over. Now a rewound answer and a resend happen once per session, and a restart waits for
+    // the batches in flight.
+    #[test]
+    fn repeated_hellos_and_rewounds_do_not_rescan_the_log_again_and_again() {
+        let mut cores = vec![core(1, "a"), core(2, "b")];
+        for i in 0..5 {
+            put(&mut cores[0], &format!("S-{i}"), json!({"i": i}));
+        }
+        let q = connect(&mut cores, 0, 1);
+        settle(&mut cores, q);
+        let b = cores[1].node_id();
+        let count = |out: &[Outgoing]| {
+            let changes = out
+                .iter()
+                .filter(|(_, m)| matches!(m, Message::Changes { .. }))
+                .count();
+            let rewound = out
+                .iter()
+                .filter(|(_, m)| matches!(m, Message::Rewound { .. }))
+                .count();
+            (changes, rewound)
+        };
+        let hello = |number: u64, resume: Checkpoint| Message::Hello {
+            number,
+            node: b,
+            name: "b".into(),
+            resume,
+            tip: 0,
+        };
+        let bogus = Checkpoint {
+            seq: 999,
+            hash: [9; 32],
+        };
+        let mut out = Vec::new();
+        for n in 0..50 {
+            out.extend(cores[0].on_request(b, hello(100 + n, bogus)).unwrap().1);
+        }
+        assert_eq!(count(&out), (1, 1), "one restart and one Rewound");
+        let mut out = Vec::new();
+        for _ in 0..50 {
+            let rewound = Message::Rewound {
+                resume: Checkpoint::default(),
+            };
+            out.extend(cores[0].on_request(b, rewound).unwrap().1);
+        }
+        assert_eq!(count(&out), (0, 0), "the batch in flight is not read again");
+        let mut out = Vec::new();
+        for n in 0..50 {
+            let from_start = hello(200 + n, Checkpoint::default());
+            out.extend(cores[0].on_request(b, from_start).unwrap().1);
+        }
+        assert_eq!(count(&out), (0, 0), "restarts wait for the batch in flight");
+    }
+
+    // The restart a peer asks for while batches are in flight still happens once they are
+    // answered, so a peer whose policy widened gets the whole log.
+    #[test]
+    fn a_restart_asked_for_during_a_window_follows_it() {
+        let mut cores = vec![core(1, "a"), core(2, "b")];
+        put(&mut cores[0], "S-1", json!({"v": 1}));
+        let q = connect(&mut cores, 0, 1);
+        settle(&mut cores, q);
+        let (a, b) = (cores[0].node_id(), cores[1].node_id());
+        put(&mut cores[0], "S-2", json!({"v": 2}));
+        let sent = cores[0].pump(b).unwrap();
+        assert!(matches!(sent[..], [(_, Message::Changes { .. })]));
+        // b asks for everything again while that batch is in flight: nothing more yet.
+        let hello = Message::Hello {
+            number: 99,
+            node: b,
+            name: "b".into(),
+            resume: Checkpoint::default(),
+            tip: 0,
+        };
+        let (_, out) = cores[0].on_request(b, hello).unwrap();
+        assert!(out.is_empty(), "{out:?}");
+        // Once the batch is answered, sending starts over from the start of the log.
+        let (ack, _) = cores[1].on_request(a, sent[0].1.clone()).unwrap();
+        let out = cores[0].on_response(b, ack).unwrap();
+        assert!(
+            matches!(out[..], [(_, Message::Changes { after: 0, .. })]),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -197,7 +197,9 @@ impl DecodedChange {
 
     /// Treat the change as verified without checking its signature. Only a deliberately
     /// broken node does this (the simulations' `accept-unsigned` fault, which must be caught
-    /// by their signature invariant); nothing else may call it.
+    /// by their signature invariant); nothing else may call it. It exists only with the
+    /// `fault-injection` feature.
+    #[cfg(feature = "fault-injection")]
     #[doc(hidden)]
     pub fn unchecked_for_fault_injection(self) -> Result<VerifiedChange, VerifyError> {
         self.verified()

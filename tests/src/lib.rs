@@ -28,6 +28,7 @@ pub fn tidesync_bin() -> &'static Path {
         let build = escargot::CargoBuild::new()
             .package("tidesync")
             .bin("tidesync")
+            .features("fault-injection")
             .current_release()
             .manifest_path(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"))
             .run()
