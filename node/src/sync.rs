@@ -1084,7 +1084,9 @@ impl Core {
             match result {
                 Err(e) => {
                     report.rejected += 1;
-                    tracing::warn!(%peer, error = %e, "rejected a change");
+                    if crate::ratelog::REFUSALS.allow(&peer) {
+                        tracing::warn!(%peer, error = %e, "rejected a change");
+                    }
                 }
                 Ok(v) => {
                     if !seen.insert((v.doc, v.hash)) {

@@ -3,9 +3,12 @@
 //! # Layout
 //! - [`tidesync_bin`]: builds (once per test binary) and locates the real `tidesync` binary.
 //! - [`TestNode`]: a node home in a temporary directory, its `run` process, its CLI and its API.
+//! - [`mallory`]: a hostile peer: a real libp2p node with a configured peer's key that sends
+//!   crafted frames.
 //! - [`proxy`]: a TCP proxy that cuts every connection after so many bytes (flaky links).
 //! - `src/bin/bench.rs`: the sync benchmark (`cargo run --release -p tidesync-tests --bin bench`).
 
+pub mod mallory;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};

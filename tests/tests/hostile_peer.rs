@@ -1,0 +1,164 @@
+//! A configured peer turned hostile, over a real libp2p connection to a real node process:
+//! crafted changes, bogus Hellos, thousands of type names and many streams at once. After each
+//! attack the victim still answers its API, keeps syncing with an honest peer, and has lost
+//! nothing it acknowledged.
+
+use serde_json::json;
+use tidesync_proto::chunk::craft;
+use tidesync_proto::ids::actor_id;
+use tidesync_proto::{Checkpoint, DocHeader, DocId, Message, ObjectId, SignedChange, TypeName};
+use tidesync_tests::mallory::{Answer, Mallory};
+use tidesync_tests::{TestNode, wait_for};
+
+fn header(m: &Mallory, ty: &str, id: &str) -> DocHeader {
+    let ty = TypeName::new(ty).expect("type");
+    let id = ObjectId::new(id).expect("id");
+    DocHeader {
+        doc: DocId::derive(&m.me(), &ty, &id),
+        origin: m.me(),
+        ty,
+        id,
+    }
+}
+
+fn crafted(m: &Mallory, h: &DocHeader, columns: &[(u32, Vec<u8>)]) -> SignedChange {
+    let bytes = craft::chunk(&actor_id(&m.me(), 7), &[], columns, false);
+    craft::sign(m.identity.signing_key(), h.doc, bytes)
+}
+
+fn batch(n: u64, docs: Vec<DocHeader>, changes: Vec<SignedChange>) -> Message {
+    Message::Changes {
+        batch: n,
+        after: 0,
+        docs,
+        changes,
+        upto: Checkpoint::default(),
+        tip: 0,
+    }
+}
+
+fn still_healthy(hub: &TestNode, lab: &TestNode, tag: &str) {
+    assert!(hub.status()["node"].is_string(), "the hub's API answers");
+    assert_eq!(
+        hub.get("Sample", "S-before"),
+        Some(json!({"status":"received"}))
+    );
+    let id = format!("S-after-{tag}");
+    lab.ok(&["put", "Sample", &id, r#"{"status":"analysed"}"#]);
+    wait_for("the hub to keep syncing with the lab", || {
+        hub.get("Sample", &id).is_some()
+    });
+}
+
+// Regression: a peer's change naming a counter of 2^32 panicked Automerge on the node's actor
+// (503 for ever after), one claiming 2^62 ops made decode spin, the peer could hold 100 streams
+// of 8 MiB on one connection, repeated bogus Hellos made the node rescan its log each time,
+// and 20,000 type names grew a 1.26 MB status. Each is now refused or bounded.
+#[test]
+fn a_hostile_configured_peer_cannot_crash_stall_or_bloat_the_node() {
+    let mut hub = TestNode::init("hub");
+    let mut lab = TestNode::init("lab");
+    let mallory_home = TestNode::init("mallory");
+    hub.start();
+    lab.start();
+    hub.add_peer(&lab, false);
+    hub.add_peer_with(&mallory_home, false, &["--direction", "send"]);
+    lab.add_peer(&hub, true);
+    lab.ok(&["put", "Sample", "S-before", r#"{"status":"received"}"#]);
+    wait_for("the hub to receive the lab's sample", || {
+        hub.get("Sample", "S-before").is_some()
+    });
+    let victim = hub.id().parse().expect("hub id");
+    let mut m = Mallory::connect(
+        &mallory_home.home().join("identity.key"),
+        victim,
+        &hub.listen_addr(),
+    );
+
+    // Crafted changes over the wire: each is refused, the batch is answered.
+    let attacks: Vec<(&str, Vec<(u32, Vec<u8>)>)> = vec![
+        (
+            "panic",
+            vec![
+                (1, craft::run(1, 0)),
+                (2, craft::run(1, 1 << 32)),
+                (4 << 4 | 2, craft::run(1, 1)),
+            ],
+        ),
+        ("spin", vec![(4 << 4 | 2, craft::run(1 << 62, 1))]),
+    ];
+    for (i, (name, columns)) in attacks.into_iter().enumerate() {
+        let h = header(&m, "Sample", &format!("S-{name}"));
+        let change = crafted(&m, &h, &columns);
+        let answers = m.send_all(vec![batch(i as u64 + 1, vec![h], vec![change])]);
+        assert!(
+            matches!(
+                answers[0],
+                Answer::Response(Message::Ack { rejected: 1, .. })
+            ),
+            "{name}: {:?}",
+            answers[0]
+        );
+        still_healthy(&hub, &lab, name);
+    }
+
+    // Bogus Hellos with checkpoints the hub never had, many at once.
+    let hellos: Vec<Message> = (0..20u64)
+        .map(|n| Message::Hello {
+            number: 100 + n,
+            node: m.me(),
+            name: "mallory".into(),
+            resume: Checkpoint {
+                seq: 1_000_000 + n,
+                hash: [n as u8; 32],
+            },
+            tip: 0,
+        })
+        .collect();
+    let answered = m
+        .send_all(hellos)
+        .iter()
+        .filter(|a| matches!(a, Answer::Response(_)))
+        .count();
+    assert!(answered >= 1, "the hub answers a Hello");
+    still_healthy(&hub, &lab, "hellos");
+
+    // Thousands of type names from a send-only peer: every change is refused, and the refusal
+    // counts stay bounded.
+    let mut docs = Vec::new();
+    let mut changes = Vec::new();
+    for n in 0..3_000 {
+        let h = header(&m, &format!("T{n}"), "x");
+        changes.push(crafted(&m, &h, &[(4 << 4 | 2, craft::run(1, 1))]));
+        docs.push(h);
+    }
+    let answers = m.send_all(vec![batch(50, docs, changes)]);
+    assert!(
+        matches!(
+            answers[0],
+            Answer::Response(Message::Ack {
+                rejected: 3_000,
+                ..
+            })
+        ),
+        "{:?}",
+        answers[0]
+    );
+    let peer = hub.peer("mallory");
+    let types = peer["rejected_types"].as_object().map_or(0, |t| t.len());
+    assert!(types <= 65, "{types} refusal keys for one peer");
+    still_healthy(&hub, &lab, "types");
+
+    // Many streams at once on one connection: past the cap the hub drops the streams (and the
+    // connection of the peer that opened them), and is unharmed.
+    let many: Vec<Message> = (0..40u64)
+        .map(|n| batch(1_000 + n, Vec::new(), Vec::new()))
+        .collect();
+    let answers = m.send_all(many);
+    let failed = answers
+        .iter()
+        .filter(|a| matches!(a, Answer::Failed(_)))
+        .count();
+    assert!(failed > 0, "40 streams at once were all served: {answers:?}");
+    still_healthy(&hub, &lab, "streams");
+}
