@@ -12,8 +12,6 @@ use serde::{Deserialize, Serialize};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::allow_block_list::{self, AllowedPeers};
 use libp2p::connection_limits::{self, ConnectionLimits};
-use libp2p::core::Transport;
-use libp2p::core::upgrade::Version;
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{StreamProtocol, Swarm, noise, ping, tcp, yamux};
@@ -37,8 +35,9 @@ pub const RECONNECT_BACKOFF_MAX_MS: u64 = 30_000;
 /// How often the node checks for peers due a redial, in milliseconds.
 pub const DIAL_TICK_MS: u64 = 100;
 /// Longest a TCP connection may take, in seconds, from accept (or dial) to a finished
-/// protocol negotiation, Noise handshake and Yamux setup. Without it a socket that never
-/// speaks holds its pending-connection slot for good.
+/// protocol negotiation, Noise handshake and Yamux setup, so that a socket that never speaks
+/// holds its pending-connection slot only this long. libp2p 0.57's `SwarmBuilder` already
+/// applies 10 s by default; it is set here by name so that it cannot change unnoticed.
 pub const HANDSHAKE_TIMEOUT_SECS: u64 = 10;
 /// Most incoming connections that have not finished their handshake, all remotes together;
 /// more are closed at once. With [`HANDSHAKE_TIMEOUT_SECS`] a flood of silent sockets holds
@@ -380,19 +379,13 @@ fn build_swarm_with(
     sync: request_response::Config,
 ) -> Result<Swarm<Behaviour>, NetError> {
     let protocol = StreamProtocol::new(PROTOCOL);
-    // The stock `with_tcp` has no handshake timeout, so the same transport is built here with
-    // one.
     let swarm = libp2p::SwarmBuilder::with_existing_identity(identity.libp2p_keypair())
         .with_tokio()
-        .with_other_transport(|key| {
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
-                    .upgrade(Version::V1Lazy)
-                    .authenticate(noise::Config::new(key)?)
-                    .multiplex(yamux_config())
-                    .timeout(Duration::from_secs(HANDSHAKE_TIMEOUT_SECS)),
-            )
-        })
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux_config,
+        )
         .map_err(|e| NetError::Transport(e.to_string()))?
         .with_behaviour(|_| Behaviour {
             limits: connection_limits::Behaviour::new(connection_limits_config()),
@@ -409,6 +402,9 @@ fn build_swarm_with(
             c.with_idle_connection_timeout(Duration::from_secs(IDLE_CONNECTION_TIMEOUT_SECS))
                 .with_max_negotiating_inbound_streams(MAX_NEGOTIATING_INBOUND_STREAMS)
         })
+        // The `TransportTimeout` the builder wraps around the whole transport: it bounds the
+        // TCP upgrade (multistream-select, Noise, Yamux) of every connection.
+        .with_connection_timeout(Duration::from_secs(HANDSHAKE_TIMEOUT_SECS))
         .build();
     Ok(swarm)
 }

@@ -14,6 +14,9 @@ use tidesync_tests::{TestNode, wait_for};
 /// Silent sockets opened at once by the flood below: more than the node's pending-connection
 /// cap (16), so that some are refused at once and the rest must time out.
 const SILENT_SOCKETS: usize = 64;
+/// The node's cap on incoming connections still in their handshake
+/// (`net::MAX_PENDING_INCOMING_CONNECTIONS`).
+const MAX_PENDING_INCOMING_CONNECTIONS: usize = 16;
 /// Silent sockets the flood keeps open while the honest peer syncs: enough to hold every
 /// pending slot.
 const FLOOD_SOCKETS: usize = 24;
@@ -48,11 +51,11 @@ fn silent_socket(port: u16) -> TcpStream {
     s
 }
 
-// Regression: the TCP transport had no handshake timeout and no cap on pending incoming
-// connections, so sockets that connect and never speak were held open forever, each one
-// a file descriptor and a pending upgrade; enough of them exhaust the node. Now the node
-// closes the ones over the cap at once and the rest after the handshake timeout, while an
-// honest peer still connects and syncs and the API answers.
+// Regression: there was no cap on incoming connections still in their handshake, so every
+// socket that connects and never speaks was held for the whole 10 s handshake timeout, each
+// one a file descriptor and a pending upgrade; a fast enough flood exhausts the node. Now the
+// node refuses (and counts) the ones over the cap at once and closes the rest after the
+// timeout, while an honest peer still connects and syncs and the API answers.
 #[test]
 fn silent_sockets_are_closed_and_an_honest_peer_still_syncs() {
     let mut n = [TestNode::init("victim"), TestNode::init("honest")];
@@ -61,6 +64,12 @@ fn silent_sockets_are_closed_and_an_honest_peer_still_syncs() {
     }
     let port = libp2p_port(&n[0]);
     let mut sockets: Vec<TcpStream> = (0..SILENT_SOCKETS).map(|_| silent_socket(port)).collect();
+    // The sockets over the cap are refused while the first ones are still pending (they hold
+    // their slots for the handshake timeout), and the node counts each refusal.
+    wait_for("the node refuses the sockets over its pending cap", || {
+        n[0].status()["refused_connections"].as_u64().unwrap_or(0)
+            >= (SILENT_SOCKETS - MAX_PENDING_INCOMING_CONNECTIONS) as u64
+    });
     wait_for(
         "the node closes every socket that never finishes a handshake",
         || {
