@@ -288,6 +288,11 @@ impl TestNode {
     }
 
     /// The API base URL of the running node.
+    /// The API token the CLI and tests send, if the node has one.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     pub fn api_url(&self) -> String {
         format!("http://{}", self.api.as_deref().expect("node not running"))
     }

@@ -159,6 +159,9 @@ fn a_hostile_configured_peer_cannot_crash_stall_or_bloat_the_node() {
         .iter()
         .filter(|a| matches!(a, Answer::Failed(_)))
         .count();
-    assert!(failed > 0, "40 streams at once were all served: {answers:?}");
+    assert!(
+        failed > 0,
+        "40 streams at once were all served: {answers:?}"
+    );
     still_healthy(&hub, &lab, "streams");
 }

@@ -1,3 +1,6 @@
+//! `bench held-release --changes N`: the engine releasing a chain of N held changes that arrived
+//! in reverse (run it as `cargo run --release -p tidesync-tests --bin bench -- held-release`).
+//!
 //! `bench sync --objects N`: two real tidesync nodes on 127.0.0.1; measures the initial sync of
 //! N objects of ten fields, an idle resync, a 1 % delta, the time for one change to become
 //! visible on the peer, and each node's peak memory.
@@ -108,8 +111,90 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// `GET url` every 20 ms until `stop`: each request's latency in milliseconds.
+fn api_latencies(url: &str, token: Option<&str>, stop: &std::sync::atomic::AtomicBool) -> Vec<f64> {
+    let client = reqwest::blocking::Client::new();
+    let mut out = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let t = Instant::now();
+        let mut req = client.get(url);
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if req.send().is_ok_and(|r| r.status().is_success()) {
+            out.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    out
+}
+
+/// `bench held-release --changes N`: the engine releases a chain of N changes to one document
+/// that arrived newest first (all held), once its first change arrives.
+fn held_release(n: usize) {
+    use automerge::{Automerge, ROOT, transaction::Transactable};
+    use tidesync::engine::{Arrival, Engine};
+    use tidesync::identity::Identity;
+    use tidesync_proto::{DocHeader, DocId, ObjectId, SignedChange, TypeName};
+    let author = Identity::from_secret([1; 32]);
+    let me = author.node_id();
+    let ty = TypeName::new("Sample").expect("type");
+    let id = ObjectId::new("S-chain").expect("id");
+    let header = DocHeader {
+        doc: DocId::derive(&me, &ty, &id),
+        origin: me,
+        ty,
+        id,
+    };
+    let t = Instant::now();
+    let mut doc = Automerge::new().with_actor(tidesync_proto::ids::actor_id(&me, 1).into());
+    let mut chain: Vec<SignedChange> = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "n", i as i64).expect("put");
+        tx.commit();
+        let c = doc.get_last_local_change().expect("a change");
+        chain.push(SignedChange::sign(author.signing_key(), header.doc, &c));
+    }
+    println!(
+        "built a chain of {n} signed changes in {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    let first = chain.remove(0);
+    let verified = first.verify().expect("verifies");
+    let held = chain.into_iter().rev().map(|c| (c, Some(me))).collect();
+    let engine = Engine::new(Identity::from_secret([2; 32]), 1);
+    let t = Instant::now();
+    let arrived = engine.receive(Arrival {
+        header: header.clone(),
+        from: me,
+        existing: None,
+        held,
+        incoming: vec![(first, verified)],
+        name: header.id.clone(),
+        name_taken: false,
+    });
+    let took = t.elapsed();
+    assert_eq!(arrived.received.applied.len(), n, "every change applied");
+    println!(
+        "released a reversed chain of {n} changes in {:.2} s ({:.1} µs per change)",
+        took.as_secs_f64(),
+        took.as_secs_f64() * 1e6 / n as f64
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("held-release") {
+        let n = args
+            .iter()
+            .position(|a| a == "--changes")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(100_000);
+        held_release(n);
+        return;
+    }
     let objects = args
         .iter()
         .position(|a| a == "--objects")
@@ -117,7 +202,7 @@ fn main() {
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(50_000);
     if args.get(1).map(String::as_str) != Some("sync") {
-        eprintln!("usage: bench sync [--objects N]");
+        eprintln!("usage: bench sync [--objects N] | bench held-release [--changes N]");
         std::process::exit(2);
     }
     println!("bench sync: {objects} objects of 10 fields, two nodes on 127.0.0.1");
@@ -140,8 +225,19 @@ fn main() {
     let t = Instant::now();
     b.add_peer(&a, true);
     let target = objects as u64;
+    // While B receives, a client asks B's API for its status every 20 ms: how long the API
+    // keeps people waiting during an initial sync.
+    let probe_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = {
+        let stop = std::sync::Arc::clone(&probe_stop);
+        let url = format!("{}/v1/status", b.api_url());
+        let token = b.token().map(str::to_string);
+        std::thread::spawn(move || api_latencies(&url, token.as_deref(), &stop))
+    };
     wait_seq(&b, target);
     let initial = t.elapsed();
+    probe_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut lat = probe.join().unwrap_or_default();
     let (a_cpu, b_cpu) = (cpu_secs(&a) - a_cpu, cpu_secs(&b) - b_cpu);
     let (a_after, b_after) = (net(&a), net(&b));
     println!(
@@ -154,6 +250,16 @@ fn main() {
         a_cpu,
         b_cpu
     );
+    lat.sort_by(f64::total_cmp);
+    if !lat.is_empty() {
+        println!(
+            "API during the initial sync (GET /v1/status on B every 20 ms, {} requests): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            lat.len(),
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            lat[lat.len() - 1]
+        );
+    }
 
     // Idle resync: drop the link and bring it back; nothing differs.
     wait_for("A has nothing pending for B", || {
