@@ -147,46 +147,61 @@ fn crafted_changes_are_refused_and_the_node_keeps_running() {
 fn a_flood_of_held_changes_is_bounded_and_a_reversed_chain_is_released() {
     let (hub, lab, mallory) = setup();
     let mut m = Mallory::new(&mallory, &hub);
-    // 12,000 changes to one of mallory's documents, each waiting for a change that will never
-    // come: more than a peer may have held.
-    let flood: Vec<SignedChange> = (0..12_000u32)
-        .map(|i| {
-            let mut dep = [0u8; 32];
-            dep[..4].copy_from_slice(&i.to_be_bytes());
-            m.crafted("S-flood", &[dep], &[(4 << 4 | 2, craft::run(1, 1))])
-        })
-        .collect();
-    let file = m.bundle(vec![m.header("S-flood")], flood);
+    // A chain of 12,001 edits by mallory, sent without its first change: every one waits for
+    // a dependency. The document may hold 4,000 (`MAX_HELD_CHANGES_PER_DOC`); the rest are
+    // refused for lack of room, not lost.
+    let flood_header = m.header("S-flood");
+    let flood = chain(&m, &flood_header, 12_001);
+    let file = m.bundle(vec![flood_header.clone()], flood[1..].to_vec());
     let _ = hub.ok(&["import", "--json", &file]);
-    let held = hub.status()["held_changes"].as_u64().unwrap_or(u64::MAX);
-    assert!(held <= 10_000, "held {held} changes for one peer");
+    assert_eq!(hub.status()["held_changes"], json!(4_000));
+    let tallies = json_of(&hub.ok(&["held", "--peer", "mallory", "--json"]));
+    assert_eq!(tallies["tallies"][0]["changes"], json!(4_000), "{tallies}");
+    assert_eq!(
+        tallies["tallies"][0]["refused_for_room"],
+        json!(8_000),
+        "{tallies}"
+    );
     still_healthy(&hub, &lab, "flood");
+    // The first change arrives: the 4,000 held are released in order; the same bundle again
+    // (the refused ones arrive again) completes the document.
+    let first = m.bundle(vec![flood_header.clone()], flood[..1].to_vec());
+    let _ = hub.ok(&["import", "--json", &first]);
+    assert_eq!(hub.status()["held_changes"], json!(0));
+    let _ = hub.ok(&["import", "--json", &file]);
+    assert_eq!(hub.get("Sample", "S-flood"), Some(json!({"n": 12_000})));
+    // A purge removes what is held, by peer.
+    let more = chain(&m, &m.header("S-purge"), 11);
+    let file = m.bundle(vec![m.header("S-purge")], more[1..].to_vec());
+    let _ = hub.ok(&["import", "--json", &file]);
+    assert_eq!(hub.status()["held_changes"], json!(10));
     let purged = hub.ok(&["held", "purge", "--peer", "mallory"]);
-    assert!(purged.contains("removed"), "{purged}");
+    assert!(purged.contains("removed 10"), "{purged}");
     assert_eq!(hub.status()["held_changes"], json!(0));
 
     // A real chain of 3,000 edits by mallory, sent newest first: all of it applies.
     let header = m.header("S-chain");
-    let mut doc = Automerge::new().with_actor(actor_id(&m.me(), 9).into());
-    let mut chain = Vec::new();
-    for n in 0..3_000i64 {
-        let mut tx = doc.transaction();
-        tx.put(ROOT, "n", n).expect("put");
-        tx.commit();
-        let change = doc.get_last_local_change().expect("a change");
-        chain.push(SignedChange::sign(
-            m.identity.signing_key(),
-            header.doc,
-            &change,
-        ));
-    }
-    chain.reverse();
-    let file = m.bundle(vec![header], chain);
-    let imported = json_of(&hub.ok(&["import", "--json", &file]));
-    assert_eq!(imported["new_changes"], json!(3_000), "{imported}");
+    let mut edits = chain(&m, &header, 3_000);
+    edits.reverse();
+    let file = m.bundle(vec![header], edits);
+    let _ = hub.ok(&["import", "--json", &file]);
     assert_eq!(hub.get("Sample", "S-chain"), Some(json!({"n": 2_999})));
     assert_eq!(hub.status()["held_changes"], json!(0));
     still_healthy(&hub, &lab, "chain");
+}
+
+/// `n` edits by mallory of its document `header`, each setting `n` to its index, signed.
+fn chain(m: &Mallory, header: &DocHeader, n: i64) -> Vec<SignedChange> {
+    let mut doc = Automerge::new().with_actor(actor_id(&m.me(), 9).into());
+    (0..n)
+        .map(|i| {
+            let mut tx = doc.transaction();
+            tx.put(ROOT, "n", i).expect("put");
+            tx.commit();
+            let change = doc.get_last_local_change().expect("a change");
+            SignedChange::sign(m.identity.signing_key(), header.doc, &change)
+        })
+        .collect()
 }
 
 fn json_of(s: &str) -> serde_json::Value {
