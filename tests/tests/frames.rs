@@ -34,8 +34,9 @@ fn two_four_mib_objects_written_while_the_peer_was_away_both_arrive() {
         n[1].get("Sample", "warm").is_some()
     });
     n[1].stop();
-    // Each body is just under the API's 4 MiB object limit.
-    let len = 4 * 1024 * 1024 - 64;
+    // Each body is just under the API's 4 MiB object limit, and each change just under the
+    // old 4 MiB batch limit, so that both went into one frame.
+    let len = 4 * 1024 * 1024 - 256;
     for (id, c) in [("B-1", 'a'), ("B-2", 'b')] {
         let (code, reply) = n[0].http(
             Method::PUT,
@@ -48,6 +49,8 @@ fn two_four_mib_objects_written_while_the_peer_was_away_both_arrive() {
     n[1].start();
     wait_for("both blobs and what follows them arrive", || {
         n[1].get("Sample", "after").is_some()
+            && n[1].get("Blob", "B-1").is_some()
+            && n[1].get("Blob", "B-2").is_some()
     });
     for (id, c) in [("B-1", 'a'), ("B-2", 'b')] {
         let got = n[1].get("Blob", id).expect("blob arrived");
