@@ -179,6 +179,10 @@ pub struct PeerStatus {
     /// Changes from the peer refused by policy, per type.
     #[serde(default)]
     pub rejected_types: std::collections::BTreeMap<String, u64>,
+    /// Stored changes never sent to the peer because no frame can carry them (received from
+    /// a node with other limits); each is logged once.
+    #[serde(default)]
+    pub oversized_skipped: u64,
     /// What may pass to and from the peer.
     #[serde(default)]
     pub policy: crate::policy::Policy,
@@ -542,10 +546,25 @@ impl Core {
                 }
                 None => None,
             };
-            outcomes.push(
-                self.engine
-                    .local_write((self.clock)(), ty, id, existing, *op)?,
-            );
+            let outcome = self
+                .engine
+                .local_write((self.clock)(), ty, id, existing, *op)?;
+            if let WriteOutcome::Changed(p) = &outcome {
+                // A change no frame can carry would never reach a peer, and would stop the
+                // log behind it on older nodes: refuse it before anything is stored.
+                let bytes = crate::outbound::change_wire_bytes(&p.change);
+                if bytes > crate::outbound::MAX_LOCAL_CHANGE_BYTES {
+                    return Err(LocalWriteError::Refused(WriteError::Fields {
+                        ty: (*ty).clone(),
+                        id: (*id).clone(),
+                        source: Box::new(crate::doc::FieldsError::TooLarge {
+                            bytes,
+                            limit: crate::outbound::MAX_LOCAL_CHANGE_BYTES,
+                        }),
+                    }));
+                }
+            }
+            outcomes.push(outcome);
         }
         let persists: Vec<&crate::engine::Persist> = outcomes
             .iter()
@@ -827,6 +846,13 @@ impl Core {
             Some(id) => self.store.peer(&id).map_err(Self::read_err(&what))?,
             None => Default::default(),
         };
+        let oversized_skipped = match id {
+            Some(id) => self
+                .store
+                .oversized_count(&id)
+                .map_err(Self::read_err(&what))?,
+            None => 0,
+        };
         let session = id.and_then(|id| self.session(&id));
         let (pending_out, pending_in) = match session {
             Some(s) => (
@@ -851,6 +877,7 @@ impl Core {
             rejected_by_peer: record.rejected_by_peer,
             duplicates: record.duplicates,
             rejected_types: record.rejected_types,
+            oversized_skipped,
             policy: peer.policy.clone(),
         })
     }

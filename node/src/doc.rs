@@ -42,6 +42,10 @@ pub enum FieldsError {
     Automerge(#[from] automerge::AutomergeError),
     #[error("the object appears more than once in one batch")]
     Duplicate,
+    #[error(
+        "the change is {bytes} bytes, over the limit of {limit} bytes for one change written here (MAX_LOCAL_CHANGE_BYTES: it must fit in one sync frame); nothing was stored"
+    )]
+    TooLarge { bytes: usize, limit: usize },
 }
 
 /// Check that `fields` can be written as an object's root fields.

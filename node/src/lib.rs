@@ -12,6 +12,8 @@
 //! - [`held`]: `tidesync held`: listing and purging held changes, with each sender's quota.
 //! - [`bundle`]: signed, encrypted export bundles of changes for one peer, and their import.
 //! - [`sync`]: per-peer sync sessions: streaming the change log, storing what peers send.
+//! - [`outbound`]: what goes into one batch for a peer, within the frame budget.
+//! - [`carry`]: views and referenced objects a batch brings along.
 //! - [`net`]: the libp2p shell: transport, gating, the request-response codec, backoff.
 //! - [`demo`]: `tidesync demo`, a hub and two labs converging on 127.0.0.1.
 //! - [`node`]: the running node: an actor owning the core, and its lifecycle.
@@ -23,6 +25,7 @@
 
 pub mod api;
 pub mod bundle;
+pub mod carry;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -35,6 +38,7 @@ pub mod held;
 pub mod identity;
 pub mod net;
 pub mod node;
+pub mod outbound;
 pub mod policy;
 pub mod ratelog;
 pub mod store;

@@ -19,6 +19,7 @@ use crate::engine::{DocRecord, Persist};
 mod held;
 use held::{HELD, HELD_COUNTS, HeldTables};
 pub use held::{HeldFilter, HeldRow, HeldTally};
+mod outbound;
 
 /// The value of `meta_v1["format"]` this build reads and writes.
 pub const STORE_FORMAT: &str = "tidesync-store-3";
@@ -251,6 +252,20 @@ pub struct OutBatch {
     pub changes: Vec<SignedChange>,
     /// The last log entry scanned (sent or skipped).
     pub upto: Checkpoint,
+    /// The log SEQ of each of the first changes, those read from the log (views and carried
+    /// objects follow them and have none).
+    pub seqs: Vec<u64>,
+    /// The encoded size of `docs` and `changes` (see [`crate::outbound::change_wire_bytes`]).
+    pub bytes: usize,
+    /// Log entries passed over because their change alone can never fit in a batch: SEQ,
+    /// entry and encoded size.
+    pub oversized: Vec<(u64, LogEntry, usize)>,
+    /// The views in the batch and, for each, how many of its changes the peer holds once it
+    /// stores the batch.
+    pub views: Vec<(DocId, u64)>,
+    /// Objects owed to the peer (see [`Store::owed_refs`]) that this batch carries: settled
+    /// once it is acknowledged.
+    pub owed: Vec<DocId>,
 }
 
 /// One document's share of a received batch, ready to commit.
@@ -860,10 +875,14 @@ impl Store {
         Ok(record)
     }
 
-    /// Read the log after `after` for sending to a peer: at most `max_changes` changes or
-    /// `max_bytes` of change bytes, scanning at most `max_scan` entries. Entries for which
-    /// `skip_entry` is true, or whose document `skip_doc` refuses, are passed over (but still
-    /// covered by `upto`); `skip_entry` is asked first, so it costs no document lookup.
+    /// Read the log after `after` for sending to a peer: at most `max_changes` changes, scanning
+    /// at most `max_scan` entries, and stopping before a change whose encoded size (with its
+    /// document's header, the first time) would take the batch past `max_bytes` (see
+    /// [`crate::outbound::change_wire_bytes`]). A change that alone exceeds `max_bytes` can
+    /// never be sent: it is listed in `oversized` and passed over, so it blocks nothing. Entries
+    /// for which `skip_entry` is true, or whose document `skip_doc` refuses (given the entry's
+    /// SEQ), are passed over (but still covered by `upto`); `skip_entry` is asked first, so it
+    /// costs no document lookup.
     pub fn read_batch(
         &self,
         after: u64,
@@ -871,7 +890,7 @@ impl Store {
         max_bytes: usize,
         max_scan: usize,
         skip_entry: impl Fn(&LogEntry) -> bool,
-        skip_doc: impl Fn(&DocId, &DocRecord) -> bool,
+        skip_doc: impl Fn(u64, &DocId, &DocRecord) -> bool,
     ) -> Result<OutBatch, StoreError> {
         let ctx = "reading a batch to send";
         let tx = self.db.begin_read().ctx(self, ctx)?;
@@ -885,7 +904,6 @@ impl Store {
             },
             ..OutBatch::default()
         };
-        let mut bytes = 0usize;
         let mut records: std::collections::HashMap<DocId, Option<DocRecord>> = Default::default();
         let mut headed = std::collections::HashSet::new();
         for item in log
@@ -893,17 +911,18 @@ impl Store {
             .ctx(self, ctx)?
             .take(max_scan)
         {
-            if batch.changes.len() >= max_changes || bytes >= max_bytes {
+            if batch.changes.len() >= max_changes {
                 break;
             }
             let (k, v) = item.ctx(self, ctx)?;
             let seq = k.value();
             let LogRow { entry, change } = self.decode(|| format!("log_v2[{seq}]"), v.value())?;
-            batch.upto = Checkpoint {
+            let here = Checkpoint {
                 seq,
                 hash: entry.hash,
             };
             if skip_entry(&entry) {
+                batch.upto = here;
                 continue;
             }
             if let std::collections::hash_map::Entry::Vacant(slot) = records.entry(entry.doc) {
@@ -913,21 +932,41 @@ impl Store {
                 slot.insert(record);
             }
             let Some(Some(record)) = records.get(&entry.doc) else {
+                batch.upto = here;
                 continue;
             };
-            if skip_doc(&entry.doc, record) {
+            if skip_doc(seq, &entry.doc, record) {
+                batch.upto = here;
                 continue;
             }
-            bytes += change.bytes.len();
-            if headed.insert(entry.doc) {
-                batch.docs.push(DocHeader {
-                    doc: entry.doc,
-                    origin: record.origin,
-                    ty: record.ty.clone(),
-                    id: record.id.clone(),
-                });
+            let header = DocHeader {
+                doc: entry.doc,
+                origin: record.origin,
+                ty: record.ty.clone(),
+                id: record.id.clone(),
+            };
+            let new_doc = !headed.contains(&entry.doc);
+            let change_bytes = crate::outbound::change_wire_bytes(&change);
+            let header_bytes = crate::outbound::header_wire_bytes(&header);
+            let alone = change_bytes.saturating_add(header_bytes);
+            if alone > max_bytes {
+                batch.oversized.push((seq, entry, alone));
+                batch.upto = here;
+                continue;
+            }
+            let size = if new_doc { alone } else { change_bytes };
+            if batch.bytes + size > max_bytes {
+                // The batch ends before this change; the next one starts with it.
+                break;
+            }
+            batch.bytes += size;
+            batch.upto = here;
+            if new_doc {
+                headed.insert(entry.doc);
+                batch.docs.push(header);
             }
             batch.changes.push(change);
+            batch.seqs.push(seq);
         }
         Ok(batch)
     }

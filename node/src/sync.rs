@@ -18,15 +18,14 @@ use tidesync_proto::{
 };
 
 use crate::core::Core;
-use crate::engine::{Arrival, Arrived, DocRecord, Engine};
+use crate::engine::{Arrival, Arrived, Engine};
 use crate::policy::{Policies, Policy};
-use crate::store::{Claim, LogEntry, OutBatch, Reader, Store, StoreError};
+use crate::store::{Claim, Reader, Store, StoreError};
 
 /// Most changes in one `Changes` batch. 2,000 synced 50,000 objects about 10 % faster than
-/// 1,000 (fewer commits); frames stay near 1 MB, far under `MAX_FRAME_BYTES`.
+/// 1,000 (fewer commits); frames stay near 1 MB. Bytes are bounded by
+/// [`crate::outbound::SYNC_BATCH_BYTES`].
 pub const SYNC_BATCH_CHANGES: usize = 2_000;
-/// Most change bytes in one batch (well under the frame limit).
-pub const SYNC_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Most log entries scanned for one batch, so that a long run of entries the peer already has
 /// costs a bounded amount of work per step.
 pub const SYNC_SCAN_ENTRIES: usize = 4 * SYNC_BATCH_CHANGES;
@@ -36,12 +35,6 @@ pub const SYNC_SCAN_ENTRIES: usize = 4 * SYNC_BATCH_CHANGES;
 /// checkpoint only across no gap (see `Store::commit_received`), and holds changes whose
 /// dependencies are in the earlier one.
 pub const SYNC_WINDOW_BATCHES: usize = 2;
-/// Most documents one batch carries because objects in it reference them (see
-/// [`crate::policy::Policy::refs`]).
-pub const MAX_REFERENCED_DOCS_PER_BATCH: usize = 1_000;
-/// Most change bytes one batch carries for referenced documents; with `SYNC_BATCH_BYTES` the
-/// frame stays under `MAX_FRAME_BYTES`.
-pub const MAX_REFERENCED_BYTES_PER_BATCH: usize = 2 * 1024 * 1024;
 /// Work lists shorter than this (changes to verify, documents to apply) stay on one thread.
 pub const PARALLEL_MIN_ITEMS: usize = 64;
 
@@ -213,7 +206,7 @@ impl Session {
 }
 
 /// One sent batch awaiting its Ack.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Inflight {
     /// The batch's number in its session: its Ack names it.
     batch: u64,
@@ -222,6 +215,10 @@ struct Inflight {
     upto: u64,
     changes: u64,
     acked: bool,
+    /// The views it carries, with how many of each view's changes the peer then holds.
+    views: Vec<(DocId, u64)>,
+    /// The owed referenced objects it carries (see [`crate::store::Store::owed_refs`]).
+    owed: Vec<DocId>,
 }
 
 /// The sessions of all connected peers, in node id order, so that pushing to every peer
@@ -553,6 +550,10 @@ impl Core {
             }
             Message::Rewound { resume } => {
                 let (start, _) = self.resume_point(peer, resume)?;
+                // It may have lost view changes it acknowledged: send views whole again.
+                self.store
+                    .forget_view_acks(&peer)
+                    .map_err(Self::store_err(peer))?;
                 if let Some(session) = self.sync.peers.get_mut(&peer) {
                     // Once per session: a restored node reconnects, so a repeat in the same
                     // session is acknowledged and changes nothing.
@@ -607,6 +608,7 @@ impl Core {
         // Batches travel on separate streams, so Acks come in any order: mark this batch,
         // then let go of the batches acknowledged together with all before them.
         let mut sent = 0;
+        let (mut views, mut owed) = (Vec::new(), Vec::new());
         if let Some(batch) = session
             .inflight
             .iter_mut()
@@ -614,6 +616,8 @@ impl Core {
         {
             batch.acked = true;
             sent = batch.changes;
+            views = std::mem::take(&mut batch.views);
+            owed = std::mem::take(&mut batch.owed);
         }
         while let Some(batch) = session.inflight.front().filter(|b| b.acked) {
             session.acked = batch.upto;
@@ -628,6 +632,12 @@ impl Core {
                 r.rejected_by_peer += u64::from(rejected);
                 r.last_sync_ms = now;
             })
+            .map_err(Self::store_err(peer))?;
+        self.store
+            .ack_views(&peer, &views)
+            .map_err(Self::store_err(peer))?;
+        self.store
+            .settle_refs(&peer, &owed)
             .map_err(Self::store_err(peer))?;
         if rejected > 0 {
             tracing::warn!(%peer, rejected, "peer rejected changes we sent");
@@ -729,19 +739,32 @@ impl Core {
         {
             return Ok(out);
         }
+        // Referenced objects owed to the peer go out when nothing else is in flight: the
+        // batch that owes them must be stored there first (see `crate::outbound`).
+        let mut owed = !self.policies.of(&peer).refs.is_empty()
+            && !self
+                .store
+                .owed_refs(&peer)
+                .map_err(Self::store_err(peer))?
+                .is_empty();
         loop {
             let Some(session) = self.sync.peers.get(&peer) else {
                 return Ok(out);
             };
+            let idle = owed && session.inflight.is_empty();
             if !session.streaming
                 || session.inflight.len() >= SYNC_WINDOW_BATCHES
-                || session.cursor >= last
+                || (session.cursor >= last && !idle)
             {
                 return Ok(out);
             }
             let (cursor, sent_upto, unfiltered) =
                 (session.cursor, session.sent_upto, session.unfiltered);
-            let mut batch = self.read_for(peer, cursor, unfiltered, &mut by_ref)?;
+            let mut batch = self.read_next(peer, cursor, unfiltered, &mut by_ref, idle)?;
+            if idle {
+                // One batch of owed objects per pump; more follow its Ack.
+                owed = false;
+            }
             let session = self
                 .sync
                 .peers
@@ -767,6 +790,8 @@ impl Core {
                 upto: batch.upto.seq,
                 changes: batch.changes.len() as u64,
                 acked: false,
+                views: std::mem::take(&mut batch.views),
+                owed: std::mem::take(&mut batch.owed),
             });
             if alter_relayed {
                 for change in &mut batch.changes {
@@ -793,257 +818,6 @@ impl Core {
             return Ok(HashSet::new());
         }
         self.store.by_ref(&peer).map_err(Self::store_err(peer))
-    }
-
-    /// The next stretch of our log after `cursor` that `peer` may have, by our policy for it
-    /// (bounded by `SYNC_BATCH_CHANGES` and `SYNC_BATCH_BYTES`): entries authored by or
-    /// received from the peer are left out unless `unfiltered`, views are brought up to date
-    /// and referenced objects carried (recorded in `by_ref`). Sync batches and export bundles
-    /// are both read this way.
-    pub(crate) fn read_for(
-        &self,
-        peer: NodeId,
-        cursor: u64,
-        unfiltered: bool,
-        by_ref: &mut HashSet<DocId>,
-    ) -> Result<OutBatch, SyncError> {
-        let policy = self.policies.of(&peer);
-        let policies = &self.policies;
-        let skip_entry = |e: &LogEntry| !unfiltered && (e.author == peer || e.from == Some(peer));
-        // Objects of types published to this peer as views (`fields`) are noted here, never
-        // sent themselves.
-        let to_view = std::cell::RefCell::new(Vec::new());
-        let skip_doc = |doc: &DocId, rec: &DocRecord| {
-            if policy.publishes_view(&rec.ty) {
-                to_view.borrow_mut().push(*doc);
-            }
-            !policies.may_send(&peer, rec, by_ref.contains(doc))
-        };
-        let mut batch = self
-            .store
-            .read_batch(
-                cursor,
-                SYNC_BATCH_CHANGES,
-                SYNC_BATCH_BYTES,
-                SYNC_SCAN_ENTRIES,
-                skip_entry,
-                skip_doc,
-            )
-            .map_err(Self::store_err(peer))?;
-        self.publish_views(peer, &mut batch, to_view.into_inner())?;
-        let carried = self.carry_references(peer, &mut batch)?;
-        if !carried.is_empty() {
-            self.store
-                .add_by_ref(&peer, &carried)
-                .map_err(Self::store_err(peer))?;
-            by_ref.extend(carried);
-        }
-        Ok(batch)
-    }
-
-    /// Bring the views of `docs` published to `peer` (see [`crate::policy::Policy::fields`])
-    /// up to date and add each view's signed changes, all of them, to `batch` (the peer drops
-    /// those it has). A view is a document of the same type and id, created and signed by
-    /// this node, holding only the published fields: the peer never receives the object's own
-    /// changes, so no other field's value reaches it, now or in any history. New view changes
-    /// are stored durably before the batch goes out.
-    fn publish_views(
-        &self,
-        peer: NodeId,
-        batch: &mut OutBatch,
-        docs: Vec<DocId>,
-    ) -> Result<(), SyncError> {
-        if docs.is_empty() {
-            return Ok(());
-        }
-        let policy = self.policies.of(&peer);
-        let now = (self.clock)();
-        let mut seen = HashSet::new();
-        let mut updated = Vec::new();
-        for doc_id in docs {
-            if !seen.insert(doc_id) {
-                continue;
-            }
-            let err = Self::store_err(peer);
-            let (Some(rec), Some(doc)) = (
-                self.store.record(&doc_id).map_err(err)?,
-                self.store
-                    .load_doc(&doc_id)
-                    .map_err(Self::store_err(peer))?,
-            ) else {
-                continue;
-            };
-            let Some(published) = policy.view(&rec.ty, &crate::doc::to_json(&doc)) else {
-                continue;
-            };
-            let view_id = DocId::derive(&self.node_id(), &rec.ty, &rec.local_id);
-            let mut view = self
-                .store
-                .view(&peer, &doc_id)
-                .map_err(Self::store_err(peer))?
-                .unwrap_or_default();
-            let existing = if view.state.is_empty() {
-                None
-            } else {
-                let view_doc = Automerge::load(&view.state).map_err(|e| SyncError::View {
-                    peer,
-                    doc: doc_id,
-                    detail: e.to_string(),
-                })?;
-                Some(crate::engine::Loaded {
-                    doc_id: view_id,
-                    record: DocRecord {
-                        origin: self.node_id(),
-                        ty: rec.ty.clone(),
-                        id: rec.local_id.clone(),
-                        local_id: rec.local_id.clone(),
-                        live: !crate::doc::is_deleted(&view_doc),
-                    },
-                    doc: view_doc,
-                })
-            };
-            let deleted = crate::doc::is_deleted(&doc);
-            let outcome = match (&existing, deleted) {
-                (None, true) => continue,
-                (Some(v), true) if !v.record.live => None,
-                (_, true) => Some(self.engine.local_write(
-                    now,
-                    &rec.ty,
-                    &rec.local_id,
-                    existing,
-                    crate::engine::WriteOp::Delete,
-                )),
-                (_, false) => {
-                    // Fields the view has and the object no longer publishes are removed.
-                    let mut fields = published;
-                    if let Some(v) = &existing {
-                        for k in crate::doc::to_json(&v.doc).keys() {
-                            fields.entry(k.clone()).or_insert(serde_json::Value::Null);
-                        }
-                    }
-                    Some(self.engine.local_write(
-                        now,
-                        &rec.ty,
-                        &rec.local_id,
-                        existing,
-                        crate::engine::WriteOp::Put(&fields),
-                    ))
-                }
-            };
-            match outcome {
-                Some(Ok(crate::engine::WriteOutcome::Changed(p))) => {
-                    view.state = crate::doc::save_state(&p.doc);
-                    view.changes.push(p.change);
-                    updated.push((doc_id, view.clone()));
-                }
-                Some(Err(e)) => {
-                    return Err(SyncError::View {
-                        peer,
-                        doc: doc_id,
-                        detail: e.to_string(),
-                    });
-                }
-                Some(Ok(crate::engine::WriteOutcome::Unchanged(_))) | None => {}
-            }
-            if view.changes.is_empty() {
-                continue;
-            }
-            batch.docs.push(DocHeader {
-                doc: view_id,
-                origin: self.node_id(),
-                ty: rec.ty.clone(),
-                id: rec.local_id.clone(),
-            });
-            batch.changes.extend(view.changes);
-        }
-        self.store
-            .put_views(&peer, &updated)
-            .map_err(Self::store_err(peer))
-    }
-
-    /// Add to `batch` every object that an object in it references through our policy's
-    /// `refs` for `peer` and that is not sent to the peer on its own account (its type is not
-    /// exchanged with it): all of its stored changes, with its header, and in turn what it
-    /// references. Returns the documents carried, which then stay up to date at the peer.
-    fn carry_references(
-        &self,
-        peer: NodeId,
-        batch: &mut OutBatch,
-    ) -> Result<Vec<DocId>, SyncError> {
-        let policy = self.policies.of(&peer);
-        if policy.refs.is_empty() || policy.direction == crate::policy::Direction::Receive {
-            return Ok(Vec::new());
-        }
-        let err = Self::store_err(peer);
-        let reader = self.store.reader().map_err(err)?;
-        let mut headed: HashSet<DocId> = batch.docs.iter().map(|h| h.doc).collect();
-        let mut queue: VecDeque<DocId> = batch
-            .docs
-            .iter()
-            .filter(|h| policy.refs.contains_key(&h.ty))
-            .map(|h| h.doc)
-            .collect();
-        let mut bytes = 0usize;
-        let mut carried = Vec::new();
-        while let Some(doc_id) = queue.pop_front() {
-            let err = Self::store_err(peer);
-            let (Some(rec), Some(doc)) = (
-                reader.record(&doc_id).map_err(err)?,
-                reader.load_doc(&doc_id).map_err(Self::store_err(peer))?,
-            ) else {
-                continue;
-            };
-            // A view's references are those of its published fields only.
-            let fields = crate::doc::to_json(&doc);
-            let fields = policy.view(&rec.ty, &fields).unwrap_or(fields);
-            for (ty, id) in policy.references(&rec.ty, &fields) {
-                let Some(target) = reader.lookup(&ty, &id).map_err(Self::store_err(peer))? else {
-                    continue;
-                };
-                let Some(target_rec) = reader.record(&target).map_err(Self::store_err(peer))?
-                else {
-                    continue;
-                };
-                if !self.policies.may_send(&peer, &target_rec, true)
-                    || self.policies.may_send(&peer, &target_rec, false)
-                    || !headed.insert(target)
-                {
-                    // Never sent to this peer, sent on its own account, or already in this
-                    // batch.
-                    continue;
-                }
-                if carried.len() >= MAX_REFERENCED_DOCS_PER_BATCH
-                    || bytes >= MAX_REFERENCED_BYTES_PER_BATCH
-                {
-                    tracing::warn!(%peer, doc = %doc_id, ty = %ty, id = %id, "too many referenced objects for one batch; this one is not carried");
-                    continue;
-                }
-                let Some(target_doc) = reader.load_doc(&target).map_err(Self::store_err(peer))?
-                else {
-                    continue;
-                };
-                for change in target_doc.get_changes(&[]) {
-                    if let Some(signed) = reader
-                        .change(&target, &change.hash())
-                        .map_err(Self::store_err(peer))?
-                    {
-                        bytes += signed.bytes.len();
-                        batch.changes.push(signed);
-                    }
-                }
-                batch.docs.push(DocHeader {
-                    doc: target,
-                    origin: target_rec.origin,
-                    ty: target_rec.ty.clone(),
-                    id: target_rec.id.clone(),
-                });
-                if policy.refs.contains_key(&target_rec.ty) {
-                    queue.push_back(target);
-                }
-                carried.push(target);
-            }
-        }
-        Ok(carried)
     }
 
     /// Verify, apply and durably store a batch from `peer`.
@@ -1117,6 +891,15 @@ impl Core {
         } else {
             self.store.by_ref(&peer).map_err(Self::store_err(peer))?
         };
+        if !policy.refs.is_empty() {
+            // A carried object may come in a later batch than the object referencing it.
+            by_ref.extend(crate::carry::named_by_earlier(
+                &self.store,
+                &self.policies,
+                peer,
+                work.iter().map(|w| (w.doc, w.header.as_ref())),
+            )?);
+        }
         let (deferred, work): (Vec<Work>, Vec<Work>) = work.into_iter().partition(|w| {
             !policy.refs.is_empty()
                 && w.header
@@ -1178,6 +961,14 @@ impl Core {
         }
         let tally = reader.held_tally(&peer).map_err(Self::store_err(peer))?;
         drop(reader);
+        crate::carry::remember_references(
+            &self.store,
+            peer,
+            prepared.iter().flat_map(|p| match p {
+                Ok(Prepared::Arrived(_, _, refs, _)) => refs.as_slice(),
+                _ => &[],
+            }),
+        )?;
         let applied_at = started.elapsed();
         let written = write(
             &self.store,

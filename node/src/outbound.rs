@@ -1,0 +1,706 @@
+//! What goes into one batch for a peer: log changes, views and carried references, all
+//! counted at their encoded size against a byte budget below the frame limit.
+//!
+//! A batch is built in log order. Each log entry forms a group with what it brings along (the
+//! view of its object, the objects it references); a group goes in whole or the batch ends
+//! before it, so the next batch starts with it. Only a group that cannot fit even alone is
+//! split: its log change goes with as much of the rest as fits, and referenced objects left
+//! out are recorded as owed and sent on their own once that batch is acknowledged.
+
+use std::collections::HashSet;
+
+use tidesync_proto::wire::{FRAME_HEADER_BYTES, MAX_FRAME_BYTES};
+use tidesync_proto::{Checkpoint, DocHeader, DocId, NodeId, SignedChange};
+
+use crate::core::Core;
+use crate::engine::DocRecord;
+use crate::store::{LogEntry, OutBatch};
+use crate::sync::{SYNC_BATCH_CHANGES, SYNC_SCAN_ENTRIES, SyncError};
+
+/// Bytes of a frame kept free below `MAX_FRAME_BYTES`: for the `Changes` message's own fields
+/// (version, numbers, checkpoint, list lengths: under 128 bytes) and any growth of them.
+pub const FRAME_HEADROOM_BYTES: usize = 64 * 1024;
+/// Most encoded bytes of one `Changes` frame (length prefix included).
+pub const SYNC_BATCH_BYTES: usize = MAX_FRAME_BYTES - FRAME_HEADROOM_BYTES;
+/// The fixed part of a `Changes` frame, counted generously: the 4-byte length, the version,
+/// the message tag, four u64 varints, a 32-byte hash and two list lengths.
+pub const CHANGES_OVERHEAD_BYTES: usize = 256;
+/// Most encoded bytes of the document headers and signed changes of one batch.
+pub const SYNC_BATCH_CONTENT_BYTES: usize = SYNC_BATCH_BYTES - CHANGES_OVERHEAD_BYTES;
+/// Most encoded bytes of one signed change this node writes (PUT, bulk POST, CLI): three
+/// quarters of the batch budget, so a local change always fits in a frame with its header,
+/// whatever its type and id. Distinct from proto's limit on any change (`MAX_CHANGE_BYTES`,
+/// defined there), which this must stay at or under.
+pub const MAX_LOCAL_CHANGE_BYTES: usize = {
+    let frame_share = SYNC_BATCH_BYTES / 4 * 3;
+    // Never more than any peer accepts (proto's limit on every change it reads).
+    if frame_share < tidesync_proto::MAX_CHANGE_BYTES {
+        frame_share
+    } else {
+        tidesync_proto::MAX_CHANGE_BYTES
+    }
+};
+/// Most documents one batch carries because objects in it reference them (see
+/// [`crate::policy::Policy::refs`]); the rest are carried by later batches.
+pub const MAX_REFERENCED_DOCS_PER_BATCH: usize = 1_000;
+
+/// The largest encoded document header: two ids, a type name and an object id at their limits.
+const MAX_HEADER_BYTES: usize = 16
+    + 32
+    + 2
+    + tidesync_proto::ids::MAX_TYPE_NAME_BYTES
+    + 2
+    + tidesync_proto::ids::MAX_OBJECT_ID_BYTES;
+const _: () = assert!(
+    MAX_LOCAL_CHANGE_BYTES + MAX_HEADER_BYTES < SYNC_BATCH_CONTENT_BYTES,
+    "a local change must always fit in a batch with its header"
+);
+const _: () = assert!(SYNC_BATCH_BYTES + FRAME_HEADER_BYTES < MAX_FRAME_BYTES);
+
+/// The bytes `value` takes as postcard writes it, counted without writing it; a value
+/// postcard cannot encode counts as too large for anything.
+fn encoded_size<T: serde::Serialize>(value: &T) -> usize {
+    postcard::experimental::serialized_size(value).unwrap_or(usize::MAX)
+}
+
+/// The bytes `change` takes in a `Changes` message, as postcard writes it.
+pub fn change_wire_bytes(change: &SignedChange) -> usize {
+    encoded_size(change)
+}
+
+/// The bytes `header` takes in a `Changes` message, as postcard writes it.
+pub fn header_wire_bytes(header: &DocHeader) -> usize {
+    encoded_size(header)
+}
+
+/// What a log entry brings into the batch besides its own change.
+#[derive(Default)]
+pub(crate) struct Extra {
+    pub docs: Vec<DocHeader>,
+    pub changes: Vec<SignedChange>,
+    pub bytes: usize,
+    /// A view: its object, and how many of its changes the peer holds once it stores this.
+    pub view: Option<(DocId, u64)>,
+    /// Documents carried by reference.
+    pub carried: Vec<DocId>,
+    /// Referenced documents that did not fit.
+    pub left_out: Vec<DocId>,
+    /// Whether something that belongs here was left out for want of room.
+    pub trimmed: bool,
+}
+
+/// Something to bring along with the log entry at a SEQ.
+enum Trigger {
+    View(DocId),
+    Refs(DocId),
+}
+
+impl Core {
+    /// The next stretch of our log after `cursor` that `peer` may have, by our policy for it
+    /// (see the module's documentation): entries authored by or received from the peer are
+    /// left out unless `unfiltered`, views are brought up to date and referenced objects
+    /// carried (recorded in `by_ref`). Export bundles are read this way.
+    pub(crate) fn read_for(
+        &self,
+        peer: NodeId,
+        cursor: u64,
+        unfiltered: bool,
+        by_ref: &mut HashSet<DocId>,
+    ) -> Result<OutBatch, SyncError> {
+        self.read_next(peer, cursor, unfiltered, by_ref, false)
+    }
+
+    /// As [`Core::read_for`]; when `idle` (no batch to the peer in flight), objects owed to
+    /// the peer (see [`crate::store::Store::owed_refs`]) go first, in a batch of their own
+    /// that covers no log entry.
+    pub(crate) fn read_next(
+        &self,
+        peer: NodeId,
+        cursor: u64,
+        unfiltered: bool,
+        by_ref: &mut HashSet<DocId>,
+        idle: bool,
+    ) -> Result<OutBatch, SyncError> {
+        let err = |source| SyncError::Store { peer, source };
+        if idle && !self.policies.of(&peer).refs.is_empty() {
+            let owed = self.store.owed_refs(&peer).map_err(err)?;
+            if !owed.is_empty() {
+                let upto = self.checkpoint_at(peer, cursor)?;
+                return self.owed_batch(peer, owed, upto, by_ref);
+            }
+        }
+        let policy = self.policies.of(&peer);
+        let policies = &self.policies;
+        let skip_entry = |e: &LogEntry| !unfiltered && (e.author == peer || e.from == Some(peer));
+        // Objects of types published to this peer as views (`fields`) are noted here, never
+        // sent themselves.
+        let to_view = std::cell::RefCell::new(Vec::new());
+        let skip_doc = |seq: u64, doc: &DocId, rec: &DocRecord| {
+            if policy.publishes_view(&rec.ty) {
+                to_view.borrow_mut().push((seq, *doc));
+            }
+            !policies.may_send(&peer, rec, by_ref.contains(doc))
+        };
+        let batch = self
+            .store
+            .read_batch(
+                cursor,
+                SYNC_BATCH_CHANGES,
+                SYNC_BATCH_CONTENT_BYTES,
+                SYNC_SCAN_ENTRIES,
+                skip_entry,
+                skip_doc,
+            )
+            .map_err(err)?;
+        let to_view = to_view.into_inner();
+        self.report_oversized(peer, &batch.oversized)?;
+        let mut triggers: Vec<(u64, Trigger)> = Vec::new();
+        let mut seen = HashSet::new();
+        for (seq, doc) in to_view {
+            if seen.insert(doc) {
+                triggers.push((seq, Trigger::View(doc)));
+            }
+        }
+        let refs_out =
+            !policy.refs.is_empty() && policy.direction != crate::policy::Direction::Receive;
+        if refs_out {
+            let referring: HashSet<DocId> = batch
+                .docs
+                .iter()
+                .filter(|h| policy.refs.contains_key(&h.ty))
+                .map(|h| h.doc)
+                .collect();
+            let mut seen = HashSet::new();
+            for (change, seq) in batch.changes.iter().zip(&batch.seqs) {
+                if referring.contains(&change.doc) && seen.insert(change.doc) {
+                    triggers.push((*seq, Trigger::Refs(change.doc)));
+                }
+            }
+        }
+        if triggers.is_empty() {
+            return Ok(batch);
+        }
+        triggers.sort_by_key(|(seq, _)| *seq);
+        self.assemble(peer, cursor, batch, triggers, by_ref)
+    }
+
+    /// The checkpoint of our log at `seq` (the zero checkpoint at 0).
+    fn checkpoint_at(&self, peer: NodeId, seq: u64) -> Result<Checkpoint, SyncError> {
+        if seq == 0 {
+            return Ok(Checkpoint::default());
+        }
+        Ok(self
+            .store
+            .checkpoint(seq)
+            .map_err(|source| SyncError::Store { peer, source })?
+            .unwrap_or(Checkpoint { seq, hash: [0; 32] }))
+    }
+
+    /// Count and log, once per peer and change, stored changes that can never be sent.
+    fn report_oversized(
+        &self,
+        peer: NodeId,
+        oversized: &[(u64, LogEntry, usize)],
+    ) -> Result<(), SyncError> {
+        for (seq, entry, bytes) in oversized {
+            let fresh = self
+                .store
+                .note_oversized(&peer, &entry.doc, &entry.hash, *bytes as u64)
+                .map_err(|source| SyncError::Store { peer, source })?;
+            if fresh {
+                tracing::warn!(%peer, seq, doc = %entry.doc, bytes, limit = SYNC_BATCH_CONTENT_BYTES, "a stored change is too large for any frame to this peer; it is skipped (counted in the peer's status)");
+            }
+        }
+        Ok(())
+    }
+
+    /// Add views and carried references to `batch`, group by group in log order, ending the
+    /// batch before the first group that does not fit (see the module's documentation).
+    fn assemble(
+        &self,
+        peer: NodeId,
+        cursor: u64,
+        mut batch: OutBatch,
+        triggers: Vec<(u64, Trigger)>,
+        by_ref: &mut HashSet<DocId>,
+    ) -> Result<OutBatch, SyncError> {
+        let err = |source| SyncError::Store { peer, source };
+        let reader = self.store.reader().map_err(err)?;
+        let acks = if cursor == 0 {
+            // From the start (a new peer, a resend after a widening, an export of
+            // everything): send views whole.
+            Default::default()
+        } else {
+            self.store.view_acks(&peer).map_err(err)?
+        };
+        let mut headed: HashSet<DocId> = batch.docs.iter().map(|h| h.doc).collect();
+        let mut sizes = Vec::with_capacity(batch.changes.len());
+        let mut first = HashSet::new();
+        for change in &batch.changes {
+            let header = if first.insert(change.doc) {
+                batch
+                    .docs
+                    .iter()
+                    .find(|h| h.doc == change.doc)
+                    .map(header_wire_bytes)
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            sizes.push(change_wire_bytes(change).saturating_add(header));
+        }
+        let (mut used, mut kept, mut carried_docs) = (0usize, 0usize, 0usize);
+        let mut extras: Vec<Extra> = Vec::new();
+        let mut views = Vec::new();
+        let mut end: Option<u64> = None;
+        let mut triggers = triggers.into_iter().peekable();
+        let n = batch.changes.len();
+        loop {
+            let next_log = batch.seqs.get(kept).copied();
+            let next_trigger = triggers.peek().map(|(s, _)| *s);
+            let seq = match (next_log, next_trigger) {
+                (Some(a), Some(b)) => a.min(b),
+                (Some(a), None) => a,
+                (None, Some(b)) => b,
+                (None, None) => break,
+            };
+            let mut group = 0usize;
+            let mut group_log = 0usize;
+            while kept + group_log < n && batch.seqs[kept + group_log] == seq {
+                group = group.saturating_add(sizes[kept + group_log]);
+                group_log += 1;
+            }
+            let mut group_extras = Vec::new();
+            let mut trimmed = false;
+            while let Some((_, trigger)) = triggers.next_if(|(s, _)| *s == seq) {
+                let room = SYNC_BATCH_CONTENT_BYTES.saturating_sub(used.saturating_add(group));
+                let extra = match trigger {
+                    Trigger::View(doc) => {
+                        let from = acks.get(&doc).copied().unwrap_or(0);
+                        self.view_extra(peer, doc, from, room, &mut views)?
+                    }
+                    Trigger::Refs(doc) => self.carry(
+                        peer,
+                        &reader,
+                        &[doc],
+                        &mut headed,
+                        room,
+                        MAX_REFERENCED_DOCS_PER_BATCH.saturating_sub(carried_docs),
+                    )?,
+                };
+                if let Some(extra) = extra {
+                    trimmed |= extra.trimmed;
+                    group = group.saturating_add(extra.bytes);
+                    group_extras.push(extra);
+                }
+            }
+            if trimmed && used > 0 {
+                // The next batch starts with this group, where it has the whole frame.
+                end = Some(seq - 1);
+                break;
+            }
+            used += group;
+            kept += group_log;
+            for extra in &group_extras {
+                carried_docs += extra.carried.len();
+            }
+            extras.extend(group_extras);
+            if trimmed {
+                // Even alone this group does not fit: it went as far as it could.
+                end = Some(seq);
+                break;
+            }
+        }
+        drop(reader);
+        self.store.put_views(&peer, &views).map_err(err)?;
+        if let Some(end) = end {
+            batch.changes.truncate(kept);
+            batch.seqs.truncate(kept);
+            let docs_left: HashSet<DocId> = batch.changes.iter().map(|c| c.doc).collect();
+            batch.docs.retain(|h| docs_left.contains(&h.doc));
+            batch.upto = self.checkpoint_at(peer, end.max(cursor))?;
+        }
+        batch.bytes = used;
+        let (mut carried, mut owed) = (Vec::new(), Vec::new());
+        for extra in extras {
+            batch.docs.extend(extra.docs);
+            batch.changes.extend(extra.changes);
+            batch.views.extend(extra.view);
+            carried.extend(extra.carried);
+            owed.extend(extra.left_out);
+        }
+        if !owed.is_empty() {
+            tracing::info!(%peer, owed = owed.len(), "referenced objects do not fit in the batch of the object referencing them; they follow once it is acknowledged");
+            self.store.owe_refs(&peer, &owed).map_err(err)?;
+        }
+        if !carried.is_empty() {
+            self.store.add_by_ref(&peer, &carried).map_err(err)?;
+            by_ref.extend(carried);
+        }
+        Ok(batch)
+    }
+
+    /// A batch of objects owed to `peer` (and what they in turn reference), covering no log
+    /// entry (`upto` is where the log part stands). Owed objects that no longer go to the
+    /// peer, or can never fit, are settled at once; the others once the batch is
+    /// acknowledged (its `owed` list).
+    fn owed_batch(
+        &self,
+        peer: NodeId,
+        owed: Vec<DocId>,
+        upto: Checkpoint,
+        by_ref: &mut HashSet<DocId>,
+    ) -> Result<OutBatch, SyncError> {
+        let err = |source| SyncError::Store { peer, source };
+        let reader = self.store.reader().map_err(err)?;
+        let mut headed = HashSet::new();
+        let extra = self.carry_owed(peer, &reader, &owed, &mut headed)?;
+        drop(reader);
+        let mut batch = OutBatch {
+            upto,
+            ..OutBatch::default()
+        };
+        let sent: HashSet<DocId> = extra.carried.iter().copied().collect();
+        let waiting: HashSet<DocId> = extra.left_out.iter().copied().collect();
+        // Owed objects neither sent nor still waiting for room are settled now.
+        let gone: Vec<DocId> = owed
+            .iter()
+            .filter(|d| !sent.contains(d) && !waiting.contains(d))
+            .copied()
+            .collect();
+        self.store.settle_refs(&peer, &gone).map_err(err)?;
+        let newly: Vec<DocId> = extra
+            .left_out
+            .iter()
+            .filter(|d| !owed.contains(d))
+            .copied()
+            .collect();
+        self.store.owe_refs(&peer, &newly).map_err(err)?;
+        batch.owed = owed.into_iter().filter(|d| sent.contains(d)).collect();
+        batch.bytes = extra.bytes;
+        batch.docs = extra.docs;
+        batch.changes = extra.changes;
+        if !extra.carried.is_empty() {
+            self.store.add_by_ref(&peer, &extra.carried).map_err(err)?;
+            by_ref.extend(extra.carried);
+        }
+        Ok(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Direction, Policy};
+    use crate::sync::Outgoing;
+    use serde_json::{Value as Json, json};
+    use std::collections::VecDeque;
+    use tidesync_proto::wire::{self, Message};
+    use tidesync_proto::{ObjectId, TypeName};
+
+    fn names(ty: &str, id: &str) -> (TypeName, ObjectId) {
+        (TypeName::new(ty).unwrap(), ObjectId::new(id).unwrap())
+    }
+
+    fn put(c: &mut Core, ty: &str, id: &str, v: Json) {
+        let (t, i) = names(ty, id);
+        c.put(&t, &i, v.as_object().unwrap()).unwrap();
+    }
+
+    fn get(c: &mut Core, ty: &str, id: &str) -> Option<Json> {
+        let (t, i) = names(ty, id);
+        c.get(&t, &i).ok().map(Json::Object)
+    }
+
+    /// What crossed while settling: every `Changes` frame's encoded size and change count,
+    /// by sender.
+    #[derive(Default)]
+    struct Traffic {
+        frames: Vec<(usize, usize, usize)>,
+    }
+
+    /// Deliver every request and response until nothing is left, checking that every frame
+    /// encodes within `SYNC_BATCH_BYTES`.
+    fn settle(cores: &mut [Core], mut queue: VecDeque<(usize, Outgoing)>) -> Traffic {
+        let mut traffic = Traffic::default();
+        while let Some((from, (to_node, msg))) = queue.pop_front() {
+            let to = cores.iter().position(|c| c.node_id() == to_node).unwrap();
+            let from_node = cores[from].node_id();
+            if let Message::Changes { changes, .. } = &msg {
+                let len = wire::encode(&msg).unwrap().len();
+                assert!(len <= SYNC_BATCH_BYTES, "a frame of {len} bytes");
+                traffic.frames.push((from, len, changes.len()));
+            }
+            let (reply, more) = cores[to].on_request(from_node, msg).unwrap();
+            queue.extend(more.into_iter().map(|o| (to, o)));
+            let back = cores[from].on_response(to_node, reply).unwrap();
+            queue.extend(back.into_iter().map(|o| (from, o)));
+        }
+        traffic
+    }
+
+    fn connect(cores: &mut [Core], a: usize, b: usize) -> VecDeque<(usize, Outgoing)> {
+        let (na, nb) = (cores[a].node_id(), cores[b].node_id());
+        let mut q: VecDeque<(usize, Outgoing)> = VecDeque::new();
+        q.extend(
+            cores[a]
+                .on_connected(nb)
+                .unwrap()
+                .into_iter()
+                .map(|o| (a, o)),
+        );
+        q.extend(
+            cores[b]
+                .on_connected(na)
+                .unwrap()
+                .into_iter()
+                .map(|o| (b, o)),
+        );
+        q
+    }
+
+    fn push(cores: &mut [Core], i: usize) -> VecDeque<(usize, Outgoing)> {
+        cores[i]
+            .pump_all()
+            .unwrap()
+            .into_iter()
+            .map(|o| (i, o))
+            .collect()
+    }
+
+    fn pair(a_for_b: Policy, b_for_a: Policy) -> Vec<Core> {
+        let mut cores = vec![Core::in_memory(1, "a"), Core::in_memory(2, "b")];
+        let (na, nb) = (cores[0].node_id(), cores[1].node_id());
+        cores[0].set_policy(nb, "b".into(), a_for_b).unwrap();
+        cores[1].set_policy(na, "a".into(), b_for_a).unwrap();
+        cores
+    }
+
+    fn big(c: char, len: usize) -> Json {
+        json!({ "data": c.to_string().repeat(len) })
+    }
+
+    // Bug: the byte limit was checked before a change was added, so two 4 MiB changes made
+    // one frame over MAX_FRAME_BYTES.
+    #[test]
+    fn large_changes_travel_in_separate_frames_and_all_arrive() {
+        let mut cores = pair(Policy::default(), Policy::default());
+        let len = 4 * 1024 * 1024;
+        put(&mut cores[0], "Blob", "B-1", big('a', len));
+        put(&mut cores[0], "Blob", "B-2", big('b', len));
+        put(&mut cores[0], "Sample", "after", json!({"x": 1}));
+        let q = connect(&mut cores, 0, 1);
+        let traffic = settle(&mut cores, q);
+        assert!(traffic.frames.iter().filter(|f| f.0 == 0).count() >= 2);
+        assert!(get(&mut cores[1], "Blob", "B-1").is_some());
+        assert!(get(&mut cores[1], "Blob", "B-2").is_some());
+        assert!(get(&mut cores[1], "Sample", "after").is_some());
+    }
+
+    // Bug: a local write whose change no frame could carry was stored, and then retried
+    // forever.
+    #[test]
+    fn a_local_change_over_the_limit_is_refused_before_anything_is_stored() {
+        let mut c = Core::in_memory(1, "a");
+        let (t, i) = names("Blob", "huge");
+        let fields = big('z', MAX_LOCAL_CHANGE_BYTES);
+        let err = c.put(&t, &i, fields.as_object().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("MAX_LOCAL_CHANGE_BYTES"), "{err}");
+        assert_eq!(c.last_seq().unwrap(), 0);
+        assert!(get(&mut c, "Blob", "huge").is_none());
+    }
+
+    // Bug: a stored change larger than any frame (from a node with other limits) was sent
+    // again and again, and nothing behind it ever went out.
+    #[test]
+    fn a_stored_change_no_frame_can_carry_is_skipped_counted_once_and_blocks_nothing() {
+        let mut cores = pair(Policy::default(), Policy::default());
+        let nb = cores[1].node_id();
+        put(&mut cores[0], "Sample", "before", json!({"x": 1}));
+        // Written past the local limit, as an older node would have stored it.
+        let (t, i) = names("Blob", "huge");
+        let fields = big('z', SYNC_BATCH_CONTENT_BYTES);
+        let out = cores[0]
+            .engine
+            .local_write(
+                0,
+                &t,
+                &i,
+                None,
+                crate::engine::WriteOp::Put(fields.as_object().unwrap()),
+            )
+            .unwrap();
+        let crate::engine::WriteOutcome::Changed(p) = out else {
+            panic!("no change")
+        };
+        cores[0].store.commit_writes(&[&p]).unwrap();
+        put(&mut cores[0], "Sample", "after", json!({"x": 2}));
+        let q = connect(&mut cores, 0, 1);
+        settle(&mut cores, q);
+        assert!(get(&mut cores[1], "Sample", "before").is_some());
+        assert!(get(&mut cores[1], "Sample", "after").is_some());
+        assert!(get(&mut cores[1], "Blob", "huge").is_none());
+        assert_eq!(cores[0].store.oversized_count(&nb).unwrap(), 1);
+        let last = cores[0].last_seq().unwrap();
+        assert_eq!(cores[0].store.peer(&nb).unwrap().acked, last);
+        // A reconnect scans nothing again and counts it no more.
+        cores[0].on_disconnected(&nb);
+        let na = cores[0].node_id();
+        cores[1].on_disconnected(&na);
+        let q = connect(&mut cores, 0, 1);
+        settle(&mut cores, q);
+        assert_eq!(cores[0].store.oversized_count(&nb).unwrap(), 1);
+    }
+
+    // Bug: every edit of a published object resent its view's whole history.
+    #[test]
+    fn a_view_sends_only_the_changes_the_peer_lacks() {
+        let ty = TypeName::new("Entity").unwrap();
+        let publish = Policy {
+            direction: Direction::Send,
+            types: vec![ty.clone()],
+            fields: [(ty.clone(), vec!["title".into()])].into(),
+            ..Policy::default()
+        };
+        let take = Policy {
+            direction: Direction::Receive,
+            ..Policy::default()
+        };
+        let mut cores = pair(publish, take);
+        put(
+            &mut cores[0],
+            "Entity",
+            "E-1",
+            json!({"title": "t0", "secret": "s"}),
+        );
+        let q = connect(&mut cores, 0, 1);
+        settle(&mut cores, q);
+        let mut sent = 0;
+        for i in 1..=30 {
+            put(
+                &mut cores[0],
+                "Entity",
+                "E-1",
+                json!({"title": format!("t{i}"), "secret": i}),
+            );
+            let q = push(&mut cores, 0);
+            let traffic = settle(&mut cores, q);
+            sent += traffic.frames.iter().map(|f| f.2).sum::<usize>();
+        }
+        assert_eq!(
+            get(&mut cores[1], "Entity", "E-1"),
+            Some(json!({"title": "t30"}))
+        );
+        // One new view change per edit; the whole history would be 465.
+        assert_eq!(sent, 30);
+    }
+
+    fn refs_policies() -> (Policy, Policy) {
+        let volume = TypeName::new("Volume").unwrap();
+        let refs = [(volume.clone(), vec!["label_trees".into()])].into();
+        let a = Policy {
+            types: vec![volume.clone()],
+            refs,
+            ..Policy::default()
+        };
+        (a.clone(), a)
+    }
+
+    // Bug: a referenced object that did not fit the batch of the object referencing it was
+    // skipped for good, and the receiver took a carried object only alongside its referrer.
+    #[test]
+    fn a_referenced_object_that_cannot_share_a_batch_follows_and_is_taken() {
+        let (pa, pb) = refs_policies();
+        let mut cores = pair(pa, pb);
+        let len = 5 * 1024 * 1024;
+        put(&mut cores[0], "LabelTree", "LT-1", big('l', len));
+        let mut vol = big('v', len);
+        vol["label_trees"] = json!(["LabelTree/LT-1"]);
+        put(&mut cores[0], "Volume", "V-1", vol);
+        let q = connect(&mut cores, 0, 1);
+        let traffic = settle(&mut cores, q);
+        assert!(
+            traffic
+                .frames
+                .iter()
+                .filter(|f| f.0 == 0 && f.2 > 0)
+                .count()
+                >= 2
+        );
+        assert!(get(&mut cores[1], "Volume", "V-1").is_some());
+        assert!(get(&mut cores[1], "LabelTree", "LT-1").is_some());
+        let nb = cores[1].node_id();
+        assert!(cores[0].store.owed_refs(&nb).unwrap().is_empty());
+    }
+
+    // Without a referencing object taken from the peer, a carried type is still refused.
+    #[test]
+    fn an_unreferenced_object_of_a_type_not_taken_is_still_refused() {
+        let (pa, pb) = refs_policies();
+        let mut cores = pair(Policy::default(), pb);
+        let _ = pa;
+        put(&mut cores[0], "LabelTree", "LT-9", json!({"x": 1}));
+        let q = connect(&mut cores, 0, 1);
+        settle(&mut cores, q);
+        assert!(get(&mut cores[1], "LabelTree", "LT-9").is_none());
+    }
+
+    fn change(len: usize) -> SignedChange {
+        SignedChange {
+            doc: DocId([3; 16]),
+            bytes: vec![7; len],
+            signature: [9; 64],
+        }
+    }
+
+    #[test]
+    fn counted_sizes_are_the_encoded_sizes() {
+        for len in [0, 1, 127, 128, 16_383, 16_384, 300_000] {
+            let c = change(len);
+            let exact = postcard::to_stdvec(&c).expect("encode").len();
+            assert_eq!(change_wire_bytes(&c), exact, "change of {len} bytes");
+        }
+        let h = DocHeader {
+            doc: DocId([1; 16]),
+            origin: NodeId([2; 32]),
+            ty: TypeName::new("Sample").expect("type"),
+            id: ObjectId::new("x".repeat(200)).expect("id"),
+        };
+        let exact = postcard::to_stdvec(&h).expect("encode").len();
+        assert_eq!(header_wire_bytes(&h), exact);
+    }
+
+    #[test]
+    fn a_full_batch_stays_under_the_frame_limit() {
+        // The largest batch the budget admits, with the largest message fields, encodes under
+        // MAX_FRAME_BYTES.
+        let header = DocHeader {
+            doc: DocId([1; 16]),
+            origin: NodeId([2; 32]),
+            ty: TypeName::new("T".repeat(tidesync_proto::ids::MAX_TYPE_NAME_BYTES)).expect("type"),
+            id: ObjectId::new("i".repeat(tidesync_proto::ids::MAX_OBJECT_ID_BYTES)).expect("id"),
+        };
+        let one = change(MAX_LOCAL_CHANGE_BYTES);
+        let mut used = header_wire_bytes(&header) + change_wire_bytes(&one);
+        let mut changes = vec![one];
+        // The filler's own fields: document id, length varint, signature and its length.
+        let filler = change(SYNC_BATCH_CONTENT_BYTES - used - (16 + 4 + 65));
+        used += change_wire_bytes(&filler);
+        assert!(used <= SYNC_BATCH_CONTENT_BYTES);
+        changes.push(filler);
+        let msg = Message::Changes {
+            batch: u64::MAX,
+            after: u64::MAX,
+            docs: vec![header],
+            changes,
+            upto: Checkpoint {
+                seq: u64::MAX,
+                hash: [0xff; 32],
+            },
+            tip: u64::MAX,
+        };
+        let frame = wire::encode(&msg).expect("encode");
+        assert!(frame.len() <= SYNC_BATCH_BYTES, "{} bytes", frame.len());
+        assert!(frame.len() < MAX_FRAME_BYTES);
+    }
+}
