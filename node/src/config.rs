@@ -320,8 +320,17 @@ impl Config {
         Ok(config)
     }
 
-    /// Write the config atomically (write a temporary file, fsync, rename).
+    /// Write the config atomically (write a temporary file, fsync, rename), mode 0600. A
+    /// format-1 `api.token` is never written back: it goes to the token file first, unless
+    /// that file exists, so rewriting an old config (`peer add` on a stopped node) keeps it.
     pub fn save(&self, home: &Home) -> Result<(), ConfigError> {
+        if let Some(token) = &self.api.token {
+            let file = home.token();
+            if !file.exists() {
+                write_atomic(&file, format!("{token}\n").as_bytes(), 0o600)
+                    .map_err(|source| ConfigError::Write { file, source })?;
+            }
+        }
         let file = home.config();
         let current = Config {
             format: CONFIG_FORMAT,
@@ -490,10 +499,21 @@ mod tests {
             fs::metadata(home.config()).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        // A token is never written, even when one was read.
+        // A token is never written to the config, even when one was read: it goes to the
+        // token file, and an existing token file is left alone.
         c.api.token = Some("a-long-enough-secret".into());
         c.save(&home).unwrap();
         assert!(!fs::read_to_string(home.config()).unwrap().contains("token"));
+        assert_eq!(
+            crate::api::token::load(&home.token()).unwrap().as_deref(),
+            Some("a-long-enough-secret")
+        );
+        c.api.token = Some("another-long-enough-secret".into());
+        c.save(&home).unwrap();
+        assert_eq!(
+            crate::api::token::load(&home.token()).unwrap().as_deref(),
+            Some("a-long-enough-secret")
+        );
     }
 
     #[test]
