@@ -10,7 +10,7 @@ use tidesync_proto::{ObjectId, TypeName};
 
 use crate::client::{Client, ClientError};
 use crate::config::{
-    ApiConfig, Config, ConfigError, DEFAULT_API, DEFAULT_LISTEN, Home, StoreConfig,
+    ApiConfig, CONFIG_FORMAT, Config, ConfigError, DEFAULT_API, DEFAULT_LISTEN, Home, StoreConfig,
 };
 use crate::core::{History, Status};
 use crate::identity::{Identity, KeyError};
@@ -60,12 +60,14 @@ pub enum Command {
         /// libp2p address to listen on for peers (repeatable).
         #[arg(long, value_name = "MULTIADDR", default_value = DEFAULT_LISTEN)]
         listen: Vec<Multiaddr>,
-        /// Address of the HTTP/JSON API; a non-loopback address requires --api-token.
+        /// Address of the HTTP/JSON API. Every request must carry the bearer token that init
+        /// writes to HOME/api.token (mode 0600).
         #[arg(long, value_name = "ADDR", default_value = DEFAULT_API)]
         api: std::net::SocketAddr,
-        /// Bearer token every API request must carry (at least 16 characters).
-        #[arg(long, env = "TIDESYNC_API_TOKEN", value_name = "TOKEN")]
-        api_token: Option<String>,
+        /// A host name, besides the API's address and localhost, that API requests may name
+        /// in their Host header (repeatable; saved as api.hosts).
+        #[arg(long = "api-host", value_name = "NAME")]
+        api_hosts: Vec<String>,
     },
     /// Run the node until Ctrl-C or SIGTERM. Logs go to stderr; filter them with RUST_LOG.
     Run,
@@ -342,6 +344,8 @@ pub enum CliError {
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
+    Token(#[from] crate::api::token::TokenError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Client(#[from] ClientError),
@@ -426,8 +430,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             name,
             listen,
             api,
-            api_token,
-        } => init(&home, name, listen, api, api_token),
+            api_hosts,
+        } => init(&home, name, listen, api, api_hosts),
         Command::Run => runtime
             .block_on(crate::node::run(&home))
             .map_err(Into::into),
@@ -924,9 +928,9 @@ fn init(
     name: Option<String>,
     listen: Vec<Multiaddr>,
     api: std::net::SocketAddr,
-    token: Option<String>,
+    hosts: Vec<String>,
 ) -> Result<(), CliError> {
-    for file in [home.config(), home.key(), home.store()] {
+    for file in [home.config(), home.key(), home.store(), home.token()] {
         if file.exists() {
             return Err(CliError::AlreadyInitialised {
                 home: home.dir.clone(),
@@ -942,26 +946,42 @@ fn init(
         })
         .unwrap_or_else(|| "tidesync".into());
     let config = Config {
+        format: CONFIG_FORMAT,
         name,
         listen,
-        api: ApiConfig { listen: api, token },
+        api: ApiConfig {
+            listen: api,
+            token: None,
+            hosts,
+        },
         store: StoreConfig::default(),
         peers: vec![],
     };
     config.validate().map_err(CliError::Usage)?;
-    std::fs::create_dir_all(&home.dir).map_err(|source| CliError::CreateHome {
+    let create_err = |source| CliError::CreateHome {
         dir: home.dir.clone(),
         source,
-    })?;
+    };
+    match home.create() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && home.dir.is_dir() => {}
+        other => other.map_err(create_err)?,
+    }
     let identity = Identity::generate(&mut rand::rng());
     identity.save(&home.key())?;
+    crate::api::token::save(&home.token(), &crate::api::token::generate())?;
     config.save(home)?;
     Store::create(&home.store())?;
+    // The home (0700 even when it already existed) and the store file (0600).
+    home.restrict().map_err(create_err)?;
     println!(
         "initialised node {} ({}) in {}",
         config.name,
         identity.node_id(),
         home.dir.display()
+    );
+    println!(
+        "applications find the API's bearer token in {}",
+        home.token().display()
     );
     Ok(())
 }

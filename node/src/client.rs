@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value as Json};
 use tidesync_proto::{ObjectId, TypeName};
 
+use crate::api::guard;
 use crate::bundle::{BundleError, ExportReport, ImportReport};
 use crate::config::{Config, Home};
 use crate::core::{Core, Feed, History, LocalWriteError, OpenError, ReadError, Status, WriteReply};
@@ -132,6 +133,8 @@ impl Client {
             }
             Err(OpenError::Store(StoreError::InUse { .. })) => {
                 let config = Config::load(home).map_err(OpenError::from)?;
+                let token = crate::api::token::for_client(home, &config)
+                    .map_err(|e| ClientError::Failed(e.to_string()))?;
                 let addr = std::fs::read_to_string(home.api_file()).map_err(|_| {
                     ClientError::NoApiAddress {
                         home: home.dir.clone(),
@@ -144,7 +147,7 @@ impl Client {
                 Ok(Client::Api(ApiClient {
                     http,
                     base: format!("http://{}", addr.trim()),
-                    token: config.api.token,
+                    token,
                     home: home.dir.clone(),
                 }))
             }
@@ -463,15 +466,23 @@ impl ApiClient {
         let url = format!("{}{path}", self.base);
         let mut req = self
             .http
-            .request(method, &url)
+            .request(method.clone(), &url)
             .timeout(Duration::from_secs(API_TIMEOUT_SECS + wait_secs));
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
         }
+        // State-changing requests name their media type, even without a body: the node
+        // refuses any other, so that no HTML form can make them.
+        let changes_state = !matches!(method, reqwest::Method::GET | reqwest::Method::HEAD);
         req = match body {
+            Body::None if changes_state => {
+                req.header(reqwest::header::CONTENT_TYPE, guard::JSON_MEDIA_TYPE)
+            }
             Body::None => req,
             Body::Json(body) => req.json(&body),
-            Body::Bytes(bytes) => req.body(bytes),
+            Body::Bytes(bytes) => req
+                .header(reqwest::header::CONTENT_TYPE, guard::BUNDLE_MEDIA_TYPE)
+                .body(bytes),
         };
         let unreachable = |detail: String| ClientError::Unreachable {
             home: self.home.clone(),

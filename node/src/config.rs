@@ -1,9 +1,11 @@
 //! A node's home directory: where each file lives, and the TOML config file's format.
 //!
 //! ```text
-//! HOME/config.toml    the node's configuration (this module)
+//! HOME/               mode 0700
+//! HOME/config.toml    the node's configuration (this module), mode 0600
 //! HOME/identity.key   the ed25519 secret key, mode 0600 (see `identity`)
-//! HOME/store.redb     the redb store (see `store`)
+//! HOME/api.token      the API's bearer token, mode 0600 (see `api::token`)
+//! HOME/store.redb     the redb store (see `store`), mode 0600
 //! HOME/node.api       written by a running node: the address its HTTP API listens on
 //! ```
 
@@ -24,6 +26,12 @@ pub const DEFAULT_STORE_CACHE_BYTES: usize = 64 * 1024 * 1024;
 pub const DEFAULT_LISTEN: &str = "/ip4/0.0.0.0/tcp/7400";
 /// Default HTTP API address.
 pub const DEFAULT_API: &str = "127.0.0.1:7401";
+/// The config file format this version writes. 1: no `format` key, the API token in
+/// `api.token`. 2: `format = 2`, the token in its own file (`api.token` is still read, and
+/// moved out at the next start), `api.hosts`.
+pub const CONFIG_FORMAT: u32 = 2;
+/// Most extra host names `api.hosts` may list.
+pub const MAX_API_HOSTS: usize = 64;
 
 /// The paths of one node's home directory.
 #[derive(Debug, Clone)]
@@ -47,12 +55,55 @@ impl Home {
     pub fn api_file(&self) -> PathBuf {
         self.dir.join("node.api")
     }
+    pub fn token(&self) -> PathBuf {
+        self.dir.join("api.token")
+    }
+
+    /// Create the home directory, mode 0700 (its parents with the default mode).
+    pub fn create(&self) -> std::io::Result<()> {
+        if let Some(parent) = self.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent)?;
+        }
+        let mut builder = fs::DirBuilder::new();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            builder.mode(0o700);
+        }
+        builder.create(&self.dir)
+    }
+
+    /// Take group and other access away from the home (0700) and from its config and store
+    /// (0600), for homes made before these modes were set. Returns what was changed.
+    pub fn restrict(&self) -> std::io::Result<Vec<PathBuf>> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut changed = Vec::new();
+        for (path, mode) in [
+            (self.dir.clone(), 0o700),
+            (self.config(), 0o600),
+            (self.store(), 0o600),
+        ] {
+            let current = match fs::metadata(&path) {
+                Ok(m) => m.permissions().mode() & 0o777,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if current & 0o077 != 0 {
+                fs::set_permissions(&path, fs::Permissions::from_mode(current & mode))?;
+                changed.push(path);
+            }
+        }
+        Ok(changed)
+    }
 }
 
 /// The node's configuration, as stored in `HOME/config.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The file's format ([`CONFIG_FORMAT`]); a file without it is format 1.
+    #[serde(default = "format_1")]
+    pub format: u32,
     /// A human-readable name for this node, shown to peers and in logs.
     pub name: String,
     /// libp2p addresses to listen on for peers.
@@ -93,11 +144,17 @@ impl PeerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
-    /// Address of the HTTP/JSON API. Binding anything but loopback requires `token`.
+    /// Address of the HTTP/JSON API. Every request must carry the token in `HOME/api.token`.
     pub listen: SocketAddr,
-    /// Bearer token required on every request when set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Format 1 only: the bearer token. Read from old files and moved into `HOME/api.token`
+    /// at the next start; never written.
+    #[serde(default, skip_serializing)]
     pub token: Option<String>,
+    /// Host names, besides the bind address and `localhost`, that requests may name in their
+    /// `Host` header (and `Origin`), such as the machine's name when the API binds a public
+    /// address. Anything else is refused, which defeats DNS rebinding.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,6 +168,9 @@ pub struct StoreConfig {
     pub cache_bytes: usize,
 }
 
+fn format_1() -> u32 {
+    1
+}
 fn default_cache_docs() -> usize {
     DEFAULT_CACHE_DOCS
 }
@@ -154,14 +214,32 @@ impl Config {
         if self.name.trim().is_empty() {
             return Err("name must not be empty".into());
         }
-        if !self.api.listen.ip().is_loopback() && self.api.token.is_none() {
+        if self.format == 0 || self.format > CONFIG_FORMAT {
             return Err(format!(
-                "api.listen = {} is not a loopback address; set api.token so that every request must carry it",
-                self.api.listen
+                "format = {} is not one this tidesync reads (1 to {CONFIG_FORMAT}); it may have been written by a newer version",
+                self.format
             ));
         }
-        if self.api.token.as_deref().is_some_and(|t| t.len() < 16) {
-            return Err("api.token must be at least 16 characters".into());
+        if let Some(token) = &self.api.token {
+            crate::api::token::check(token).map_err(|e| format!("api.token: {e}"))?;
+        }
+        if self.api.hosts.len() > MAX_API_HOSTS {
+            return Err(format!(
+                "api.hosts lists {} names; at most {MAX_API_HOSTS}",
+                self.api.hosts.len()
+            ));
+        }
+        for host in &self.api.hosts {
+            let ok = !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':'));
+            if !ok {
+                return Err(format!(
+                    "api.hosts: {host:?} is not a host name or IP address (no port, no scheme)"
+                ));
+            }
         }
         if self.store.cache_docs == 0 {
             return Err("store.cache_docs must be at least 1".into());
@@ -242,16 +320,29 @@ impl Config {
         Ok(config)
     }
 
-    /// Write the config atomically (write a temporary file, fsync, rename).
+    /// Write the config atomically (write a temporary file, fsync, rename), mode 0600. A
+    /// format-1 `api.token` is never written back: it goes to the token file first, unless
+    /// that file exists, so rewriting an old config (`peer add` on a stopped node) keeps it.
     pub fn save(&self, home: &Home) -> Result<(), ConfigError> {
+        if let Some(token) = &self.api.token {
+            let file = home.token();
+            if !file.exists() {
+                write_atomic(&file, format!("{token}\n").as_bytes(), 0o600)
+                    .map_err(|source| ConfigError::Write { file, source })?;
+            }
+        }
         let file = home.config();
-        let body = toml::to_string_pretty(self).map_err(|e| ConfigError::Invalid {
+        let current = Config {
+            format: CONFIG_FORMAT,
+            ..self.clone()
+        };
+        let body = toml::to_string_pretty(&current).map_err(|e| ConfigError::Invalid {
             file: file.clone(),
             message: e.to_string(),
         })?;
         let text =
             format!("# tidesync node configuration. See the README for every setting.\n{body}");
-        write_atomic(&file, text.as_bytes(), 0o644)
+        write_atomic(&file, text.as_bytes(), 0o600)
             .map_err(|source| ConfigError::Write { file, source })
     }
 }
@@ -259,6 +350,11 @@ impl Config {
 /// Write `bytes` to `path` atomically with the given Unix mode.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
+    // A leftover temporary file would keep its old mode: start afresh.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     {
         let mut opts = fs::OpenOptions::new();
         opts.write(true).create(true).truncate(true);
@@ -284,11 +380,13 @@ mod tests {
 
     fn sample() -> Config {
         Config {
+            format: CONFIG_FORMAT,
             name: "lab-a".into(),
             listen: vec![DEFAULT_LISTEN.parse().unwrap()],
             api: ApiConfig {
                 listen: DEFAULT_API.parse().unwrap(),
                 token: None,
+                hosts: vec![],
             },
             store: StoreConfig::default(),
             peers: vec![],
@@ -380,12 +478,57 @@ mod tests {
     }
 
     #[test]
-    fn a_public_api_needs_a_token() {
-        let mut c = sample();
-        c.api.listen = "0.0.0.0:7401".parse().unwrap();
-        assert!(c.validate().unwrap_err().contains("token"));
+    fn a_format_1_file_with_a_token_is_read_and_rewritten_without_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::new(dir.path());
+        fs::write(
+            home.config(),
+            "name = \"old\"\nlisten = []\n[api]\nlisten = \"127.0.0.1:7401\"\ntoken = \"a-long-enough-secret\"\n",
+        )
+        .unwrap();
+        let mut c = Config::load(&home).unwrap();
+        assert_eq!(c.format, 1);
+        assert_eq!(c.api.token.as_deref(), Some("a-long-enough-secret"));
+        c.api.token = None;
+        c.save(&home).unwrap();
+        let text = fs::read_to_string(home.config()).unwrap();
+        assert!(text.contains("format = 2"), "{text}");
+        assert!(!text.contains("token"), "{text}");
+        assert_eq!(
+            fs::metadata(home.config()).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // A token is never written to the config, even when one was read: it goes to the
+        // token file, and an existing token file is left alone.
         c.api.token = Some("a-long-enough-secret".into());
+        c.save(&home).unwrap();
+        assert!(!fs::read_to_string(home.config()).unwrap().contains("token"));
+        assert_eq!(
+            crate::api::token::load(&home.token()).unwrap().as_deref(),
+            Some("a-long-enough-secret")
+        );
+        c.api.token = Some("another-long-enough-secret".into());
+        c.save(&home).unwrap();
+        assert_eq!(
+            crate::api::token::load(&home.token()).unwrap().as_deref(),
+            Some("a-long-enough-secret")
+        );
+    }
+
+    #[test]
+    fn newer_formats_short_tokens_and_bad_host_names_are_refused() {
+        let mut c = sample();
+        c.format = CONFIG_FORMAT + 1;
+        assert!(c.validate().unwrap_err().contains("newer"));
+        let mut c = sample();
+        c.api.token = Some("short".into());
+        assert!(c.validate().unwrap_err().contains("api.token"));
+        let mut c = sample();
+        c.api.hosts = vec!["lab-a.example.org".into()];
         assert!(c.validate().is_ok());
+        c.api.hosts = vec!["http://evil/".into()];
+        assert!(c.validate().unwrap_err().contains("api.hosts"));
     }
 
     #[test]

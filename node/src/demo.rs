@@ -32,6 +32,8 @@ struct DemoNode {
     home: PathBuf,
     child: Option<Child>,
     api: String,
+    /// The API token, read from the home's token file once the node runs.
+    token: String,
     id: String,
     p2p: String,
 }
@@ -68,9 +70,18 @@ impl Demo {
             node: n.name.into(),
             detail,
         };
-        let mut req = self.http.request(method, format!("http://{}{path}", n.api));
+        let changes_state = !matches!(method, reqwest::Method::GET | reqwest::Method::HEAD);
+        let mut req = self
+            .http
+            .request(method, format!("http://{}{path}", n.api))
+            .bearer_auth(&n.token);
         if let Some(b) = body {
             req = req.json(&b);
+        } else if changes_state {
+            req = req.header(
+                reqwest::header::CONTENT_TYPE,
+                crate::api::guard::JSON_MEDIA_TYPE,
+            );
         }
         let resp = req.send().map_err(|e| err(e.to_string()))?;
         let status = resp.status();
@@ -220,6 +231,7 @@ fn start_node(exe: &Path, dir: &Path, name: &'static str) -> Result<DemoNode, De
         home,
         child: Some(child),
         api: String::new(),
+        token: String::new(),
         id: String::new(),
         p2p: String::new(),
     })
@@ -255,8 +267,13 @@ pub fn run() -> Result<(), DemoError> {
     for i in 0..demo.nodes.len() {
         loop {
             let api_file = demo.nodes[i].home.join("node.api");
-            if let Ok(addr) = std::fs::read_to_string(&api_file) {
+            let token = crate::config::Home::new(&demo.nodes[i].home).token();
+            if let (Ok(addr), Ok(Some(token))) = (
+                std::fs::read_to_string(&api_file),
+                crate::api::token::load(&token),
+            ) {
                 demo.nodes[i].api = addr.trim().to_string();
+                demo.nodes[i].token = token;
                 if let Ok(status) = demo.request(i, reqwest::Method::GET, "/v1/status", None) {
                     if let Some(listen) = status["listen"]
                         .as_array()

@@ -780,11 +780,18 @@ pub enum RunError {
     ActorDied(String),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Token(#[from] crate::api::token::TokenError),
+    #[error("cannot restrict access to {home}: {source}")]
+    Restrict {
+        home: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Run the node on `home` until Ctrl-C or SIGTERM.
 pub async fn run(home: &Home) -> Result<(), RunError> {
-    let config = Config::load(home).map_err(OpenError::from)?;
+    let mut config = Config::load(home).map_err(OpenError::from)?;
     let core = match Core::open(home, true) {
         Ok(core) => core,
         Err(OpenError::Store(crate::store::StoreError::InUse { .. })) => {
@@ -800,6 +807,7 @@ pub async fn run(home: &Home) -> Result<(), RunError> {
     };
     let span = tracing::info_span!("node", name = %config.name, id = %core.node_id().short());
     async move {
+        let token = crate::api::prepare_home(home, &mut config)?;
         let mut core = core;
         let fault = Fault::from_env();
         if fault != Fault::None {
@@ -845,7 +853,7 @@ pub async fn run(home: &Home) -> Result<(), RunError> {
             addr: config.api.listen,
             source,
         })?;
-        write_atomic(&home.api_file(), format!("{bound}\n").as_bytes(), 0o644).map_err(
+        write_atomic(&home.api_file(), format!("{bound}\n").as_bytes(), 0o600).map_err(
             |source| RunError::ApiFile {
                 file: home.api_file(),
                 source,
@@ -854,13 +862,9 @@ pub async fn run(home: &Home) -> Result<(), RunError> {
         tracing::info!(node = %handle.info().node, api = %bound, "node running");
 
         let signals = shutdown_signal().map_err(RunError::Signals)?;
-        let app = crate::api::router(handle.clone(), config.api.token.clone());
-        let mut api_stop = stop_rx.clone();
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = api_stop.wait_for(|s| *s).await;
-            })
-            .into_future();
+        let guard = crate::api::Guard::new(bound, &config.api.hosts, token);
+        let app = crate::api::router(handle.clone(), guard, home.dir.clone());
+        let served = crate::api::serve(listener, app, stop_rx.clone());
         let served = tokio::spawn(served.in_current_span());
         // The actor is supervised: should it ever stop before we ask it to (a panic that
         // escaped every guard), the process logs why and exits non-zero, rather than keep

@@ -87,10 +87,21 @@ impl TestNode {
             "init failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        if let Some(i) = extra.iter().position(|a| *a == "--api-token") {
-            node.token = extra.get(i + 1).map(|t| t.to_string());
-        }
+        node.token = node.token_file();
         node
+    }
+
+    /// The API token in the home's token file (`init` writes it, `run` creates it for older
+    /// homes), if there is one.
+    pub fn token_file(&self) -> Option<String> {
+        std::fs::read_to_string(self.home().join("api.token"))
+            .ok()
+            .map(|t| t.trim().to_string())
+    }
+
+    /// The token this node's requests carry.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
     }
 
     pub fn home(&self) -> PathBuf {
@@ -140,6 +151,7 @@ impl TestNode {
             if let Ok(addr) = std::fs::read_to_string(self.home().join("node.api")) {
                 let addr = addr.trim().to_string();
                 self.api = Some(addr);
+                self.token = self.token_file();
                 if self.http(reqwest::Method::GET, "/v1/status", None).0 == 200 {
                     return;
                 }
@@ -288,11 +300,6 @@ impl TestNode {
     }
 
     /// The API base URL of the running node.
-    /// The API token the CLI and tests send, if the node has one.
-    pub fn token(&self) -> Option<&str> {
-        self.token.as_deref()
-    }
-
     pub fn api_url(&self) -> String {
         format!("http://{}", self.api.as_deref().expect("node not running"))
     }
@@ -316,14 +323,17 @@ impl TestNode {
             .timeout(Duration::from_secs(90))
             .build()
             .expect("http client");
-        let mut req = client.request(method, format!("{}{path}", self.api_url()));
+        let mut req = client.request(method.clone(), format!("{}{path}", self.api_url()));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
+        // State-changing requests name their media type even without a body, as the node
+        // requires.
+        if body.is_some() || !matches!(method, reqwest::Method::GET | reqwest::Method::HEAD) {
+            req = req.header("content-type", "application/json");
+        }
         if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(b.to_string());
+            req = req.body(b.to_string());
         }
         match req.send() {
             Ok(resp) => {

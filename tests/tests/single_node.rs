@@ -236,9 +236,10 @@ fn bad_requests_get_4xx_and_change_nothing() {
 }
 
 #[test]
-fn a_configured_token_is_required_on_every_request() {
-    let token = "a-secret-token-of-some-length";
-    let mut node = TestNode::init_with("lab-a", &["--api-token", token]);
+fn the_generated_token_is_required_on_every_request() {
+    let mut node = TestNode::init("lab-a");
+    let token = node.token_file().expect("init writes a token file");
+    let token = token.as_str();
     node.start();
     assert_eq!(node.http_with(Method::GET, "/v1/status", None, None).0, 401);
     assert_eq!(
@@ -261,22 +262,27 @@ fn a_configured_token_is_required_on_every_request() {
             .0,
         200
     );
-    // The CLI reads the token from the config file.
+    // The CLI reads the token from the token file.
     node.ok(&["put", "Sample", "S-1", r#"{"a":1}"#]);
     assert_eq!(json(&node.ok(&["get", "Sample", "S-1"])), json!({"a": 1}));
 }
 
 #[test]
-fn a_public_api_address_without_a_token_is_refused() {
+fn init_no_longer_takes_a_token_on_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("n");
     let out = std::process::Command::new(tidesync_tests::tidesync_bin())
-        .args(["init", "--api", "0.0.0.0:7401", "--home"])
+        .args([
+            "init",
+            "--api-token",
+            "a-secret-token-of-some-length",
+            "--home",
+        ])
         .arg(&home)
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("api.token"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--api-token"), "{}", stderr(&out));
     assert!(!home.join("config.toml").exists());
 }
 
@@ -329,6 +335,7 @@ fn every_acknowledged_put_survives_kill_9() {
     node.start();
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let base = node.api_url();
+    let token = node.token().expect("a token").to_string();
     let writer = {
         let acked = Arc::clone(&acked);
         std::thread::spawn(move || {
@@ -339,6 +346,8 @@ fn every_acknowledged_put_survives_kill_9() {
             for i in 0.. {
                 let r = client
                     .put(format!("{base}/v1/objects/Sample/S-{i}"))
+                    .bearer_auth(&token)
+                    .header("content-type", "application/json")
                     .body(format!(r#"{{"n":{i}}}"#))
                     .send();
                 match r {
@@ -352,6 +361,7 @@ fn every_acknowledged_put_survives_kill_9() {
         })
     };
     while acked.lock().unwrap().len() < 100 {
+        assert!(!writer.is_finished(), "the writer stopped before the kill");
         std::thread::sleep(Duration::from_millis(5));
     }
     let status = node.signal("KILL");

@@ -328,8 +328,15 @@ fn main() {
         let since = last_seq(&b);
         let url = format!("{b_url}/v1/changes?since={since}&wait=10&limit=1");
         let p = poller.clone();
+        let token = b.token().unwrap_or_default().to_string();
         let waiter = std::thread::spawn(move || {
-            let v: Value = p.get(url).send().unwrap().json().unwrap();
+            let v: Value = p
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
             (Instant::now(), v)
         });
         std::thread::sleep(Duration::from_millis(5));

@@ -13,16 +13,27 @@
 //! PUT    /v1/peers/{name}    body: {"id": PEERID, "addrs": [MULTIADDR, ...]}   add or replace
 //! DELETE /v1/peers/{name}
 //! ```
-//! Errors are `{"error": "..."}` with a 4xx or 5xx status. When a token is configured, every
-//! request must carry `Authorization: Bearer <token>`.
+//! Errors are `{"error": "..."}` with a 4xx or 5xx status. Every request must carry
+//! `Authorization: Bearer <token>` (the token is in `HOME/api.token`), a `Host` that names the
+//! API and no foreign `Origin`; state-changing ones need `Content-Type: application/json`
+//! (bundle uploads: `application/vnd.tidesync.bundle`). See [`guard`].
+//!
+//! Modules: [`guard`] (the checks before a handler), [`serve`] (the HTTP server and its
+//! limits), [`token`] (the token file), [`spool`] (bundle uploads to a temporary file).
 
+pub mod guard;
+pub mod serve;
+pub mod spool;
+pub mod token;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::extract::{DefaultBodyLimit, FromRef, Path, Query, State};
+use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -46,7 +57,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl ToString) -> ApiError {
+    pub fn new(status: StatusCode, message: impl ToString) -> ApiError {
         ApiError {
             status,
             message: message.to_string(),
@@ -97,9 +108,59 @@ impl From<CallError<ReadError>> for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
-/// The API's routes over a node handle; `token`, when set, is required on every request.
-pub fn router(node: NodeHandle, token: Option<String>) -> Router {
-    let api = Router::new()
+/// Make a home ready for a starting node: take group and other access away from the home,
+/// its config and its store (homes made before these modes), remove uploads a crash left
+/// behind, and give it a token file (moving an old config's `api.token` there). Returns the
+/// token every request must carry.
+pub fn prepare_home(
+    home: &crate::config::Home,
+    config: &mut crate::config::Config,
+) -> Result<String, crate::node::RunError> {
+    let restricted = home
+        .restrict()
+        .map_err(|source| crate::node::RunError::Restrict {
+            home: home.dir.clone(),
+            source,
+        })?;
+    for path in restricted {
+        tracing::warn!(path = %path.display(), "took group and other access away");
+    }
+    let cleaned = spool::clean(&home.dir);
+    if cleaned > 0 {
+        tracing::info!(files = cleaned, "removed unfinished bundle uploads");
+    }
+    Ok(token::prepare(home, config)?)
+}
+
+/// Where `POST` uploads a bundle to import.
+pub const BUNDLE_IMPORT_PATH: &str = "/v1/bundles/import";
+
+pub use guard::Guard;
+pub use serve::serve;
+
+/// What the handlers share: the node, and the directory bundle uploads are spooled to.
+#[derive(Clone)]
+struct ApiState {
+    node: NodeHandle,
+    spool: spool::SpoolDir,
+}
+
+impl FromRef<ApiState> for NodeHandle {
+    fn from_ref(state: &ApiState) -> NodeHandle {
+        state.node.clone()
+    }
+}
+
+impl FromRef<ApiState> for spool::SpoolDir {
+    fn from_ref(state: &ApiState) -> spool::SpoolDir {
+        state.spool.clone()
+    }
+}
+
+/// The API's routes over a node handle, behind `guard`; bundle uploads are spooled to
+/// temporary files in `spool_dir` (the node's home).
+pub fn router(node: NodeHandle, guard: Guard, spool_dir: std::path::PathBuf) -> Router {
+    Router::new()
         .route(
             "/v1/objects/{type}/{id}",
             get(get_object).put(put_object).delete(delete_object),
@@ -117,10 +178,7 @@ pub fn router(node: NodeHandle, token: Option<String>) -> Router {
             axum::routing::put(set_peer).delete(remove_peer),
         )
         .route("/v1/bundles/export", axum::routing::post(export_bundle))
-        .route(
-            "/v1/bundles/import",
-            axum::routing::post(import_bundle).layer(DefaultBodyLimit::max(MAX_API_BUNDLE_BYTES)),
-        )
+        .route(BUNDLE_IMPORT_PATH, axum::routing::post(import_bundle))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -128,35 +186,14 @@ pub fn router(node: NodeHandle, token: Option<String>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(node);
-    match token {
-        Some(token) => api.layer(middleware::from_fn_with_state(token, require_token)),
-        None => api,
-    }
-}
-
-async fn require_token(
-    State(token): State<String>,
-    headers: HeaderMap,
-    request: Request,
-    next: Next,
-) -> Response {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => {
-            next.run(request).await
-        }
-        _ => {
-            ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response()
-        }
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        .layer(middleware::from_fn_with_state(
+            Arc::new(guard),
+            guard::guard,
+        ))
+        .with_state(ApiState {
+            node,
+            spool: spool::SpoolDir(Arc::new(spool_dir)),
+        })
 }
 
 fn names(ty: String, id: String) -> Result<(TypeName, ObjectId), ApiError> {
@@ -400,13 +437,28 @@ struct ImportQuery {
     dry_run: bool,
 }
 
-/// `POST /v1/bundles/import[?dry_run=true]` with the bundle as the body: the import report.
+/// `POST /v1/bundles/import[?dry_run=true]` with the bundle as the body
+/// (`Content-Type: application/vnd.tidesync.bundle`): the import report. The body is
+/// streamed to a temporary file in the home, within [`MAX_API_BUNDLE_BYTES`], and the import
+/// reads that file.
 async fn import_bundle(
     State(node): State<NodeHandle>,
+    State(spool_dir): State<spool::SpoolDir>,
     Query(q): Query<ImportQuery>,
-    body: Bytes,
+    request: axum::extract::Request,
 ) -> ApiResult<ImportReport> {
-    Ok(Json(node.import_bundle(body.to_vec(), q.dry_run).await?))
+    let file = spool::receive(&spool_dir, request).await?;
+    let bytes = tokio::fs::read(file.path()).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "cannot read the spooled bundle {}: {e}",
+                file.path().display()
+            ),
+        )
+    })?;
+    drop(file);
+    Ok(Json(node.import_bundle(bytes, q.dry_run).await?))
 }
 
 /// The body of `PUT /v1/peers/{name}`.
@@ -471,12 +523,5 @@ mod tests {
                 .unwrap_err()
                 .contains("not valid JSON")
         );
-    }
-
-    #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"secret-token-123", b"secret-token-123"));
-        assert!(!constant_time_eq(b"secret-token-123", b"secret-token-124"));
-        assert!(!constant_time_eq(b"short", b"longer"));
     }
 }
