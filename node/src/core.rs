@@ -183,6 +183,13 @@ pub struct PeerStatus {
     /// a node with other limits); each is logged once.
     #[serde(default)]
     pub oversized_skipped: u64,
+    /// Changes from the peer held here for missing dependencies, against its quota.
+    #[serde(default)]
+    pub held: u64,
+    /// Changes from the peer refused because its (or their document's) quota of held changes
+    /// was full; they arrive again (see `tidesync held`).
+    #[serde(default)]
+    pub held_refused_for_room: u64,
     /// What may pass to and from the peer.
     #[serde(default)]
     pub policy: crate::policy::Policy,
@@ -853,6 +860,14 @@ impl Core {
                 .map_err(Self::read_err(&what))?,
             None => 0,
         };
+        let held = match id {
+            Some(id) => self
+                .store
+                .reader()
+                .and_then(|r| r.held_tally(&id))
+                .map_err(Self::read_err(&what))?,
+            None => Default::default(),
+        };
         let session = id.and_then(|id| self.session(&id));
         let (pending_out, pending_in) = match session {
             Some(s) => (
@@ -878,6 +893,8 @@ impl Core {
             duplicates: record.duplicates,
             rejected_types: record.rejected_types,
             oversized_skipped,
+            held: held.changes,
+            held_refused_for_room: held.refused_for_room,
             policy: peer.policy.clone(),
         })
     }

@@ -612,7 +612,8 @@ mod tests {
     fn a_referenced_object_that_cannot_share_a_batch_follows_and_is_taken() {
         let (pa, pb) = refs_policies();
         let mut cores = pair(pa, pb);
-        let len = 5 * 1024 * 1024;
+        // Two objects of 4.5 MiB: each fits a frame, the two together do not.
+        let len = 4 * 1024 * 1024 + 512 * 1024;
         put(&mut cores[0], "LabelTree", "LT-1", big('l', len));
         let mut vol = big('v', len);
         vol["label_trees"] = json!(["LabelTree/LT-1"]);

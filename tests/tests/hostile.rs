@@ -162,6 +162,9 @@ fn a_flood_of_held_changes_is_bounded_and_a_reversed_chain_is_released() {
         json!(8_000),
         "{tallies}"
     );
+    let peer = hub.peer("mallory");
+    assert_eq!(peer["held"], json!(4_000), "{peer}");
+    assert_eq!(peer["held_refused_for_room"], json!(8_000), "{peer}");
     still_healthy(&hub, &lab, "flood");
     // The first change arrives: the 4,000 held are released in order; the same bundle again
     // (the refused ones arrive again) completes the document.
