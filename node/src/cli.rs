@@ -396,10 +396,10 @@ pub fn main() -> ExitCode {
         });
     // Automerge opens an info span, with its fields formatted, for every column it parses:
     // about 5% of a large sync's CPU. It is quiet unless RUST_LOG names it.
-    if !directives.contains("automerge") {
-        if let Ok(quiet) = "automerge=warn".parse() {
-            filter = filter.add_directive(quiet);
-        }
+    if !directives.contains("automerge")
+        && let Ok(quiet) = "automerge=warn".parse()
+    {
+        filter = filter.add_directive(quiet);
     }
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -274,16 +274,15 @@ pub fn run() -> Result<(), DemoError> {
             ) {
                 demo.nodes[i].api = addr.trim().to_string();
                 demo.nodes[i].token = token;
-                if let Ok(status) = demo.request(i, reqwest::Method::GET, "/v1/status", None) {
-                    if let Some(listen) = status["listen"]
+                if let Ok(status) = demo.request(i, reqwest::Method::GET, "/v1/status", None)
+                    && let Some(listen) = status["listen"]
                         .as_array()
                         .and_then(|l| l.first())
                         .and_then(|a| a.as_str())
-                    {
-                        demo.nodes[i].id = status["node"].as_str().unwrap_or_default().to_string();
-                        demo.nodes[i].p2p = listen.to_string();
-                        break;
-                    }
+                {
+                    demo.nodes[i].id = status["node"].as_str().unwrap_or_default().to_string();
+                    demo.nodes[i].p2p = listen.to_string();
+                    break;
                 }
             }
             if demo.started.elapsed() > Duration::from_secs(DEMO_DEADLINE_SECS) {

@@ -295,7 +295,7 @@ impl Engine {
             match tidesync_proto::parse_change(signed.bytes.clone()) {
                 Ok(change) => {
                     let author =
-                        NodeId::from_actor(&change.actor_id().to_bytes()).unwrap_or(header.origin);
+                        NodeId::from_actor(change.actor_id().to_bytes()).unwrap_or(header.origin);
                     let hash = change.hash();
                     waiting.push(Some(Waiting {
                         signed,

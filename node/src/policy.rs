@@ -314,12 +314,11 @@ impl Policies {
         }
         // An object that arrived under another peer's prefix is that peer's own: it goes back
         // to its origin and to nobody else.
-        if rec.origin != *to {
-            if let Some((_, origin)) = self.peers.get(&rec.origin) {
-                if origin.prefixed.contains(&rec.ty) {
-                    return false;
-                }
-            }
+        if rec.origin != *to
+            && let Some((_, origin)) = self.peers.get(&rec.origin)
+            && origin.prefixed.contains(&rec.ty)
+        {
+            return false;
         }
         true
     }

@@ -1168,7 +1168,7 @@ fn prepare(
             .into_iter()
             .filter_map(|signed| {
                 let change = tidesync_proto::parse_change(signed.bytes.clone()).ok()?;
-                let author = NodeId::from_actor(&change.actor_id().to_bytes())?;
+                let author = NodeId::from_actor(change.actor_id().to_bytes())?;
                 let verified = tidesync_proto::VerifiedChange {
                     doc: doc_id,
                     author,
@@ -1199,21 +1199,23 @@ fn prepare(
     let mut refused_for_room = 0;
     // A document we do not hold gets held changes only where its header allows its creation
     // from this peer.
-    if is_new && r.record.is_none() && !r.held.is_empty() {
-        if let Err(why) = policies.may_take(
+    if is_new
+        && r.record.is_none()
+        && !r.held.is_empty()
+        && let Err(why) = policies.may_take(
             &from,
             &r.header.ty,
             &r.header.origin,
             &r.header.origin,
             by_ref.contains(&doc_id),
-        ) {
-            for (_, hash) in r.held.drain(..) {
-                refused.push(Refused {
-                    doc: doc_id,
-                    hash,
-                    why: why.clone(),
-                });
-            }
+        )
+    {
+        for (_, hash) in r.held.drain(..) {
+            refused.push(Refused {
+                doc: doc_id,
+                hash,
+                why: why.clone(),
+            });
         }
     }
     // The document's quota, over every sender.
@@ -1358,10 +1360,10 @@ fn write(
                     t.applied += received.applied.len() as u64;
                     t.held += received.held.len() as u64;
                     t.duplicates += duplicates;
-                    if let Some(r) = &received.record {
-                        if crate::engine::is_collision_name(&r.local_id, &received.doc_id) {
-                            tracing::warn!(%peer, doc = %received.doc_id, ty = %r.ty, id = %r.id, local = %r.local_id, "another document already has this name here; stored under its own name");
-                        }
+                    if let Some(r) = &received.record
+                        && crate::engine::is_collision_name(&r.local_id, &received.doc_id)
+                    {
+                        tracing::warn!(%peer, doc = %received.doc_id, ty = %r.ty, id = %r.id, local = %r.local_id, "another document already has this name here; stored under its own name");
                     }
                     if let Some(doc) = doc {
                         t.docs.push((received.doc_id, doc));

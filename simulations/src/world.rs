@@ -697,16 +697,15 @@ impl World {
 
     /// A name at node `i`: one of its objects of `ty` half the time, else one from the pool.
     fn pick_id(&mut self, i: usize, ty: &TypeName, phase: &str) -> Result<ObjectId, Violation> {
-        if self.rng.random_bool(0.5) {
-            if let Some(core) = &self.nodes[i].core {
-                let page = core
-                    .list(ty, None, 64)
-                    .map_err(|e| fail(phase, e.to_string()))?;
-                if !page.ids.is_empty() {
-                    let k = self.rng.random_range(0..page.ids.len());
-                    return ObjectId::new(page.ids[k].as_str())
-                        .map_err(|e| fail(phase, e.to_string()));
-                }
+        if self.rng.random_bool(0.5)
+            && let Some(core) = &self.nodes[i].core
+        {
+            let page = core
+                .list(ty, None, 64)
+                .map_err(|e| fail(phase, e.to_string()))?;
+            if !page.ids.is_empty() {
+                let k = self.rng.random_range(0..page.ids.len());
+                return ObjectId::new(page.ids[k].as_str()).map_err(|e| fail(phase, e.to_string()));
             }
         }
         let n = self.rng.random_range(0..IDS_PER_TYPE);
@@ -873,16 +872,16 @@ impl World {
                 // Nothing the policies keep from a node is there.
                 self.check_kept(i, a, origin)?;
                 // Read-only objects are changed by their owner alone.
-                if ty == "Method" {
-                    if let Some(c) = a.changes.iter().find(|c| c.author != Some(self.node_id(0))) {
-                        return Err(fail(
-                            phase,
-                            format!(
-                                "node {i} holds read-only Method/{} changed by {:?}, not its owner node 0",
-                                a.record.id, c.author
-                            ),
-                        ));
-                    }
+                if ty == "Method"
+                    && let Some(c) = a.changes.iter().find(|c| c.author != Some(self.node_id(0)))
+                {
+                    return Err(fail(
+                        phase,
+                        format!(
+                            "node {i} holds read-only Method/{} changed by {:?}, not its owner node 0",
+                            a.record.id, c.author
+                        ),
+                    ));
                 }
             }
         }

@@ -53,10 +53,9 @@ impl Mallory {
                 loop {
                     if let SwarmEvent::ConnectionEstablished { peer_id, .. } =
                         swarm.select_next_some().await
+                        && peer_id == victim_peer
                     {
-                        if peer_id == victim_peer {
-                            return;
-                        }
+                        return;
                     }
                 }
             })

@@ -10,6 +10,9 @@ use tidesync_proto::{Checkpoint, DocHeader, DocId, Message, ObjectId, SignedChan
 use tidesync_tests::mallory::{Answer, Mallory};
 use tidesync_tests::{TestNode, wait_for};
 
+/// Op columns of a crafted change: (column spec, data).
+type Columns = Vec<(u32, Vec<u8>)>;
+
 fn header(m: &Mallory, ty: &str, id: &str) -> DocHeader {
     let ty = TypeName::new(ty).expect("type");
     let id = ObjectId::new(id).expect("id");
@@ -76,7 +79,7 @@ fn a_hostile_configured_peer_cannot_crash_stall_or_bloat_the_node() {
     );
 
     // Crafted changes over the wire: each is refused, the batch is answered.
-    let attacks: Vec<(&str, Vec<(u32, Vec<u8>)>)> = vec![
+    let attacks: Vec<(&str, Columns)> = vec![
         (
             "panic",
             vec![

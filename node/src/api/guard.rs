@@ -98,13 +98,13 @@ impl Guard {
                 ));
             }
         }
-        if let Some(site) = h.get("sec-fetch-site") {
-            if !matches!(site.as_bytes(), b"none" | b"same-origin") {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "requests from web pages are refused (Sec-Fetch-Site)",
-                ));
-            }
+        if let Some(site) = h.get("sec-fetch-site")
+            && !matches!(site.as_bytes(), b"none" | b"same-origin")
+        {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "requests from web pages are refused (Sec-Fetch-Site)",
+            ));
         }
         let given = h
             .get(header::AUTHORIZATION)

@@ -21,6 +21,9 @@ pub(super) const HELD_V1: TableDefinition<([u8; 16], [u8; 32]), &[u8]> =
 pub(super) const HELD_COUNTS: TableDefinition<[u8; 32], (u64, u64, u64)> =
     TableDefinition::new("held_counts_v1");
 
+/// A held change's key: (DocId, change hash).
+type HeldKey = ([u8; 16], [u8; 32]);
+
 /// The tally key of held changes whose sender was not recorded (held by format 2).
 const UNKNOWN_SENDER: [u8; 32] = [0; 32];
 
@@ -170,7 +173,7 @@ impl Store {
     pub(super) fn migrate_held_v1(&self, tx: &redb::WriteTransaction) -> Result<(), StoreError> {
         let ctx = "migrating held changes to pending_v2";
         let mut tables = HeldTables::open(self, tx, ctx)?;
-        let old_rows: Vec<(([u8; 16], [u8; 32]), Vec<u8>)> = match tx.open_table(HELD_V1) {
+        let old_rows: Vec<(HeldKey, Vec<u8>)> = match tx.open_table(HELD_V1) {
             Ok(old) => {
                 let mut rows = Vec::new();
                 for item in old.iter().ctx(self, ctx)? {
