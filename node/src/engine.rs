@@ -230,6 +230,9 @@ pub struct Arrival {
     pub name: ObjectId,
     /// The name `(header.ty, name)` already belongs to another document here.
     pub name_taken: bool,
+    /// Apply the changes one at a time (slow, but it names the change Automerge refuses);
+    /// the shell asks for it after a batch apply failed (see [`Poisoned`]).
+    pub one_by_one: bool,
 }
 
 /// What receiving one document's changes decided.
@@ -248,11 +251,12 @@ pub struct Arrived {
     pub poisoned: Option<Poisoned>,
 }
 
-/// A change whose application made Automerge panic, and the batch's other changes of the
-/// same document, to receive again on a freshly loaded document.
+/// A change whose application made Automerge panic (`None`: one of a batch applied at once
+/// failed, and the batch is to be applied again one change at a time), and the batch's other
+/// changes of the same document, to receive again on a freshly loaded document.
 #[derive(Debug)]
 pub struct Poisoned {
-    pub hash: ChangeHash,
+    pub hash: Option<ChangeHash>,
     pub retry: Vec<SignedChange>,
 }
 
@@ -284,6 +288,7 @@ impl Engine {
             incoming,
             name,
             name_taken,
+            one_by_one,
         } = arrival;
         let (record, mut doc) = match existing {
             Some((record, doc)) => (Some(record), doc),
@@ -349,6 +354,44 @@ impl Engine {
         }
         let mut applied = Vec::new();
         let mut released = Vec::new();
+        // Automerge applies a batch of changes in one pass, but each single apply costs time
+        // in the document's size: applying a long chain one change at a time is quadratic.
+        // So the changes that can be applied are put in dependency order first and applied in
+        // one call; only if that fails are they applied one by one, to find the culprit.
+        if !one_by_one && ready.len() + waiting.len() > 1 {
+            let order = dependency_order(&waiting, &mut missing, &mut waiters, ready);
+            ready = std::collections::VecDeque::new();
+            let changes: Vec<Change> = order
+                .iter()
+                .filter_map(|&i| waiting[i].as_ref().map(|w| w.change.clone()))
+                .collect();
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                doc.apply_changes(changes)
+            }));
+            if !matches!(outcome, Ok(Ok(()))) {
+                let retry = waiting
+                    .into_iter()
+                    .flatten()
+                    .filter(|w| !w.held)
+                    .map(|w| w.signed)
+                    .collect();
+                return Arrived {
+                    received: ReceivedDoc::nothing(header),
+                    doc: None,
+                    rejected,
+                    duplicates: 0,
+                    poisoned: Some(Poisoned { hash: None, retry }),
+                };
+            }
+            for i in order {
+                if let Some(w) = waiting[i].take() {
+                    if w.held {
+                        released.push(w.hash);
+                    }
+                    applied.push((w.signed, w.hash, w.author, w.from));
+                }
+            }
+        }
         while let Some(i) = ready.pop_front() {
             let Some(w) = waiting[i].take() else { continue };
             let change = w.change.clone();
@@ -391,7 +434,7 @@ impl Engine {
                         rejected,
                         duplicates: 0,
                         poisoned: Some(Poisoned {
-                            hash: w.hash,
+                            hash: Some(w.hash),
                             retry,
                         }),
                     };
@@ -440,6 +483,29 @@ impl Engine {
             poisoned: None,
         }
     }
+}
+
+/// The waiting changes that can be applied, in an order in which each comes after its
+/// dependencies: from `ready` (those missing nothing), each change placed wakes exactly the
+/// changes `waiters` lists for its hash. Linear in the changes and their dependencies.
+fn dependency_order(
+    waiting: &[Option<Waiting>],
+    missing: &mut [usize],
+    waiters: &mut HashMap<ChangeHash, Vec<usize>>,
+    mut ready: std::collections::VecDeque<usize>,
+) -> Vec<usize> {
+    let mut order = Vec::new();
+    while let Some(i) = ready.pop_front() {
+        let Some(w) = &waiting[i] else { continue };
+        order.push(i);
+        for j in waiters.remove(&w.hash).unwrap_or_default() {
+            missing[j] -= 1;
+            if missing[j] == 0 {
+                ready.push_back(j);
+            }
+        }
+    }
+    order
 }
 
 /// The local name of a received document whose `(type, name)` another document already has
@@ -640,6 +706,7 @@ mod tests {
                 .collect(),
             name: h.id.clone(),
             name_taken: false,
+            one_by_one: false,
         })
     }
 
@@ -738,6 +805,7 @@ mod tests {
             incoming: vec![(p.change.clone(), p.change.verify().unwrap())],
             name: h.id.clone(),
             name_taken: true,
+            one_by_one: false,
         });
         let local = out.received.record.unwrap().local_id;
         assert_eq!(local.as_str(), format!("S-001~{}", &h.doc.to_string()[..8]));
@@ -806,6 +874,7 @@ mod tests {
             incoming: vec![(changes[0].0.clone(), changes[0].0.verify().unwrap())],
             name: h.id.clone(),
             name_taken: false,
+            one_by_one: false,
         });
         let order: Vec<_> = out.received.applied.iter().map(|(_, h, _, _)| *h).collect();
         let expected: Vec<_> = changes.iter().map(|(_, h)| *h).collect();

@@ -1146,6 +1146,7 @@ fn prepare(
         incoming: fresh,
         name,
         name_taken,
+        one_by_one: false,
     };
     // Should Automerge panic applying a change, the document in memory is thrown away: load
     // it again from the store and receive the batch's other changes without that one. Each
@@ -1158,7 +1159,9 @@ fn prepare(
         let Some(poisoned) = arrived.poisoned.take() else {
             break arrived;
         };
-        panicked.push(poisoned.hash);
+        // A batch apply that failed is retried one change at a time, which names the change.
+        let one_by_one = poisoned.hash.is_none();
+        panicked.extend(poisoned.hash);
         let existing = match reader.record(&doc_id)? {
             Some(r) => reader.load_doc(&doc_id)?.map(|d| (r, d)),
             None => None,
@@ -1186,6 +1189,7 @@ fn prepare(
             incoming,
             name,
             name_taken,
+            one_by_one,
         };
     };
     arrived.rejected.extend(panicked.into_iter().map(|h| {

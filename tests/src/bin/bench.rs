@@ -173,6 +173,7 @@ fn held_release(n: usize) {
         incoming: vec![(first, verified)],
         name: header.id.clone(),
         name_taken: false,
+        one_by_one: false,
     });
     let took = t.elapsed();
     assert_eq!(arrived.received.applied.len(), n, "every change applied");
