@@ -26,12 +26,15 @@ use tidesync_proto::{DocHeader, DocId, NodeId, ObjectId, SignedChange, TypeName,
 use crate::bundle::{self, BUNDLE_HEADER_BYTES, BUNDLE_MAGIC, BUNDLE_SIGNING_DOMAIN, BundleBody};
 use crate::config::Config;
 use crate::core::Core;
-use crate::engine::{Arrival, DocRecord, Engine, Loaded, WriteOp, WriteOutcome};
+use crate::engine::{Arrival, Arrived, DocRecord, Engine, Loaded, WriteOp, WriteOutcome};
 use crate::identity::Identity;
 use crate::store::Store;
 
+/// A fuzz target's function.
+pub type Target = fn(&[u8]);
+
 /// Every target: its name (the `fuzz/fuzz_targets/<name>.rs` and corpus folder) and function.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("change_decode", change_decode),
     ("wire_decode", wire_decode),
     ("bundle_open", bundle_open),
@@ -321,6 +324,12 @@ pub fn bundle_open(data: &[u8]) {
 /// each chunk magic), checksums fixed, signed by the ship, verified, and received by the
 /// fixture's document and by a node that does not have it yet.
 pub fn engine_receive(data: &[u8]) {
+    let _ = receive_outcomes(data);
+}
+
+/// What [`engine_receive`] decides for `data`: one outcome per receive (none when no change
+/// of `data` verifies).
+pub fn receive_outcomes(data: &[u8]) -> Vec<Arrived> {
     Fixture::with(|f| {
         let incoming: Vec<_> = split_changes(data)
             .into_iter()
@@ -330,8 +339,9 @@ pub fn engine_receive(data: &[u8]) {
             })
             .collect();
         if incoming.is_empty() {
-            return;
+            return Vec::new();
         }
+        let mut outcomes = Vec::new();
         for existing in [Some((f.record.clone(), f.doc.clone())), None] {
             let arrival = Arrival {
                 header: f.header.clone(),
@@ -346,6 +356,7 @@ pub fn engine_receive(data: &[u8]) {
             if let Some(doc) = &arrived.doc {
                 let _ = crate::doc::to_json(doc);
             }
+            outcomes.push(arrived);
         }
         // The same changes held from an earlier batch, released by receiving nothing new.
         let arrival = Arrival {
@@ -360,8 +371,10 @@ pub fn engine_receive(data: &[u8]) {
             name: f.header.id.clone(),
             name_taken: true,
         };
-        let _ = f.engine.receive(arrival);
-    });
+        outcomes.push(f.engine.receive(arrival));
+        outcomes
+    })
+    .unwrap_or_default()
 }
 
 /// JSON to document: `data` as a PUT body (`api::parse_fields`), written by the engine onto the
@@ -444,6 +457,25 @@ mod tests {
             assert_eq!((report.added, report.new_changes), (1, 1));
         })
         .unwrap();
+    }
+
+    #[test]
+    fn automerge_panic_in_import_ops_is_caught_and_the_change_refused() {
+        // Regression (found by the engine_receive and bundle_open fuzzers): Automerge 0.12.0
+        // panics (`op_set2/change/batch.rs:1121`, `unwrap` on `None` in `import_ops`) applying
+        // this signed change, which our bounded reader accepts. Engine::receive's
+        // `catch_unwind` must turn the panic into a poisoned arrival, never a dead thread.
+        let data =
+            include_bytes!("../../fuzz/regressions/engine_receive/automerge-import-ops-unwrap");
+        let outcomes = receive_outcomes(data);
+        assert!(
+            outcomes.iter().any(|a| a.poisoned.is_some()),
+            "the input no longer reaches the Automerge panic: {outcomes:?}"
+        );
+        // Through a whole node: a bundle carrying it is imported without a panic escaping.
+        bundle_open(include_bytes!(
+            "../../fuzz/regressions/bundle_open/automerge-import-ops-unwrap"
+        ));
     }
 
     #[test]
