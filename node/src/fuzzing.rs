@@ -463,7 +463,8 @@ mod tests {
     fn automerge_panic_in_import_ops_is_caught_and_the_change_refused() {
         // Regression (found by the engine_receive and bundle_open fuzzers): Automerge 0.12.0
         // panics (`op_set2/change/batch.rs:1121`, `unwrap` on `None` in `import_ops`) applying
-        // this signed change, which our bounded reader accepts. Engine::receive's
+        // this signed change, which our bounded reader accepts: the actor (same key, another
+        // epoch) is new to the document and its seq is 2. Engine::receive's
         // `catch_unwind` must turn the panic into a poisoned arrival, never a dead thread.
         let data =
             include_bytes!("../../fuzz/regressions/engine_receive/automerge-import-ops-unwrap");
