@@ -22,6 +22,7 @@
 //! - [`api`]: the HTTP/JSON API served by a running node.
 //! - [`client`]: the CLI's way to a node: its HTTP API when it runs, its store when it does not.
 //! - [`cli`]: the `tidesync` command line.
+//! - [`fuzzing`]: the fuzz targets' harnesses (`fuzz/`), replayed on stable by the tests.
 
 pub mod api;
 pub mod bundle;
@@ -34,6 +35,7 @@ pub mod demo;
 pub mod doc;
 pub mod engine;
 pub mod fault;
+pub mod fuzzing;
 pub mod held;
 pub mod identity;
 pub mod net;
