@@ -260,6 +260,24 @@ pub struct Poisoned {
     pub retry: Vec<SignedChange>,
 }
 
+impl Arrived {
+    /// Nothing of the arrival may be stored: the document in memory may be damaged.
+    fn poisoned(
+        header: DocHeader,
+        rejected: Vec<(ChangeHash, String)>,
+        hash: Option<ChangeHash>,
+        retry: Vec<SignedChange>,
+    ) -> Arrived {
+        Arrived {
+            received: ReceivedDoc::nothing(header),
+            doc: None,
+            rejected,
+            duplicates: 0,
+            poisoned: Some(Poisoned { hash, retry }),
+        }
+    }
+}
+
 /// A change waiting to be applied in [`Engine::receive`].
 struct Waiting {
     signed: SignedChange,
@@ -369,19 +387,13 @@ impl Engine {
                 doc.apply_changes(changes)
             }));
             if !matches!(outcome, Ok(Ok(()))) {
-                let retry = waiting
-                    .into_iter()
-                    .flatten()
-                    .filter(|w| !w.held)
-                    .map(|w| w.signed)
-                    .collect();
-                return Arrived {
-                    received: ReceivedDoc::nothing(header),
-                    doc: None,
+                let retry = waiting.into_iter().flatten().filter(|w| !w.held);
+                return Arrived::poisoned(
+                    header,
                     rejected,
-                    duplicates: 0,
-                    poisoned: Some(Poisoned { hash: None, retry }),
-                };
+                    None,
+                    retry.map(|w| w.signed).collect(),
+                );
             }
             for i in order {
                 if let Some(w) = waiting[i].take() {
@@ -428,16 +440,7 @@ impl Engine {
                                 .map(|w| w.signed),
                         )
                         .collect();
-                    return Arrived {
-                        received: ReceivedDoc::nothing(header),
-                        doc: None,
-                        rejected,
-                        duplicates: 0,
-                        poisoned: Some(Poisoned {
-                            hash: Some(w.hash),
-                            retry,
-                        }),
-                    };
+                    return Arrived::poisoned(header, rejected, Some(w.hash), retry);
                 }
             }
         }

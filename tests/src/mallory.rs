@@ -148,3 +148,37 @@ impl Mallory {
         })
     }
 }
+
+/// A running hub, a running honest lab syncing with it (the hub already holds the lab's
+/// `Sample/S-before`), and the home of mallory, a peer the hub has configured with `policy`
+/// but that is not running: tests speak for it.
+pub fn hub_lab_and_mallory(policy: &[&str]) -> (crate::TestNode, crate::TestNode, crate::TestNode) {
+    let mut hub = crate::TestNode::init("hub");
+    let mut lab = crate::TestNode::init("lab");
+    let mallory = crate::TestNode::init("mallory");
+    hub.start();
+    lab.start();
+    hub.add_peer(&lab, false);
+    hub.add_peer_with(&mallory, false, policy);
+    lab.add_peer(&hub, true);
+    lab.ok(&["put", "Sample", "S-before", r#"{"status":"received"}"#]);
+    crate::wait_for("the hub to receive the lab's sample", || {
+        hub.get("Sample", "S-before").is_some()
+    });
+    (hub, lab, mallory)
+}
+
+/// After an attack on `hub`: it still answers its API, still has the lab's `S-before`, and
+/// still receives the lab's new writes (`tag` names the new object).
+pub fn assert_still_healthy(hub: &crate::TestNode, lab: &crate::TestNode, tag: &str) {
+    assert!(hub.status()["node"].is_string(), "the hub's API answers");
+    assert_eq!(
+        hub.get("Sample", "S-before"),
+        Some(serde_json::json!({"status":"received"}))
+    );
+    let id = format!("S-after-{tag}");
+    lab.ok(&["put", "Sample", &id, r#"{"status":"analysed"}"#]);
+    crate::wait_for("the hub to keep syncing with the lab", || {
+        hub.get("Sample", &id).is_some()
+    });
+}

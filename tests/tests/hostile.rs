@@ -11,7 +11,8 @@ use tidesync::identity::Identity;
 use tidesync_proto::chunk::craft;
 use tidesync_proto::ids::actor_id;
 use tidesync_proto::{Checkpoint, DocHeader, DocId, NodeId, ObjectId, SignedChange, TypeName};
-use tidesync_tests::{TestNode, wait_for};
+use tidesync_tests::TestNode;
+use tidesync_tests::mallory::{assert_still_healthy, hub_lab_and_mallory};
 
 struct Mallory {
     identity: Identity,
@@ -71,35 +72,7 @@ impl Mallory {
     }
 }
 
-fn setup() -> (TestNode, TestNode, TestNode) {
-    let mut hub = TestNode::init("hub");
-    let mut lab = TestNode::init("lab");
-    let mallory = TestNode::init("mallory");
-    hub.start();
-    lab.start();
-    hub.add_peer(&lab, false);
-    hub.add_peer(&mallory, false);
-    lab.add_peer(&hub, true);
-    lab.ok(&["put", "Sample", "S-before", r#"{"status":"received"}"#]);
-    wait_for("the hub to receive the lab's sample", || {
-        hub.get("Sample", "S-before").is_some()
-    });
-    (hub, lab, mallory)
-}
-
 /// The hub still answers, still syncs with the honest lab, and kept what it had.
-fn still_healthy(hub: &TestNode, lab: &TestNode, tag: &str) {
-    assert!(hub.status()["node"].is_string(), "the hub's API answers");
-    assert_eq!(
-        hub.get("Sample", "S-before"),
-        Some(json!({"status":"received"}))
-    );
-    let id = format!("S-after-{tag}");
-    lab.ok(&["put", "Sample", &id, r#"{"status":"analysed"}"#]);
-    wait_for("the hub to keep syncing with the lab", || {
-        hub.get("Sample", &id).is_some()
-    });
-}
 
 // Regression: one change of about 100 bytes whose op names a counter of 2^32 made Automerge
 // 0.12 panic on the node's actor (the process then answered 503 for ever); one whose action
@@ -107,7 +80,7 @@ fn still_healthy(hub: &TestNode, lab: &TestNode, tag: &str) {
 // Each now gets a clear refusal, from `import --dry-run` and a real import alike.
 #[test]
 fn crafted_changes_are_refused_and_the_node_keeps_running() {
-    let (hub, lab, mallory) = setup();
+    let (hub, lab, mallory) = hub_lab_and_mallory(&[]);
     let mut m = Mallory::new(&mallory, &hub);
     let attacks = [
         (
@@ -129,7 +102,7 @@ fn crafted_changes_are_refused_and_the_node_keeps_running() {
         let real = json_of(&hub.ok(&["import", "--json", &file]));
         assert_eq!(real["rejected"], json!(1), "{name}: {real}");
         assert_eq!(real["new_changes"], json!(0), "{name}: {real}");
-        still_healthy(&hub, &lab, name);
+        assert_still_healthy(&hub, &lab, name);
     }
     // A compressed chunk is refused whole, whatever it would inflate to.
     let bytes = craft::chunk(&actor_id(&m.me(), 7), &[], &[], true);
@@ -137,7 +110,7 @@ fn crafted_changes_are_refused_and_the_node_keeps_running() {
     let file = m.bundle(vec![m.header("S-zip")], vec![change]);
     let real = json_of(&hub.ok(&["import", "--json", &file]));
     assert_eq!(real["rejected"], json!(1), "{real}");
-    still_healthy(&hub, &lab, "zip");
+    assert_still_healthy(&hub, &lab, "zip");
 }
 
 // Regression: held changes had no quota (20,000 with invented dependencies grew a store from
@@ -145,7 +118,7 @@ fn crafted_changes_are_refused_and_the_node_keeps_running() {
 // time on the actor. Held changes are now bounded per peer and released in dependency order.
 #[test]
 fn a_flood_of_held_changes_is_bounded_and_a_reversed_chain_is_released() {
-    let (hub, lab, mallory) = setup();
+    let (hub, lab, mallory) = hub_lab_and_mallory(&[]);
     let mut m = Mallory::new(&mallory, &hub);
     // A chain of 12,001 edits by mallory, sent without its first change: every one waits for
     // a dependency. The document may hold 4,000 (`MAX_HELD_CHANGES_PER_DOC`); the rest are
@@ -165,7 +138,7 @@ fn a_flood_of_held_changes_is_bounded_and_a_reversed_chain_is_released() {
     let peer = hub.peer("mallory");
     assert_eq!(peer["held"], json!(4_000), "{peer}");
     assert_eq!(peer["held_refused_for_room"], json!(8_000), "{peer}");
-    still_healthy(&hub, &lab, "flood");
+    assert_still_healthy(&hub, &lab, "flood");
     // The first change arrives: the 4,000 held are released in order; the same bundle again
     // (the refused ones arrive again) completes the document.
     let first = m.bundle(vec![flood_header.clone()], flood[..1].to_vec());
@@ -190,7 +163,7 @@ fn a_flood_of_held_changes_is_bounded_and_a_reversed_chain_is_released() {
     let _ = hub.ok(&["import", "--json", &file]);
     assert_eq!(hub.get("Sample", "S-chain"), Some(json!({"n": 2_999})));
     assert_eq!(hub.status()["held_changes"], json!(0));
-    still_healthy(&hub, &lab, "chain");
+    assert_still_healthy(&hub, &lab, "chain");
 }
 
 /// `n` edits by mallory of its document `header`, each setting `n` to its index, signed.

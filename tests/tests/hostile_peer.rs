@@ -3,12 +3,10 @@
 //! attack the victim still answers its API, keeps syncing with an honest peer, and has lost
 //! nothing it acknowledged.
 
-use serde_json::json;
 use tidesync_proto::chunk::craft;
 use tidesync_proto::ids::actor_id;
 use tidesync_proto::{Checkpoint, DocHeader, DocId, Message, ObjectId, SignedChange, TypeName};
-use tidesync_tests::mallory::{Answer, Mallory};
-use tidesync_tests::{TestNode, wait_for};
+use tidesync_tests::mallory::{Answer, Mallory, assert_still_healthy, hub_lab_and_mallory};
 
 /// Op columns of a crafted change: (column spec, data).
 type Columns = Vec<(u32, Vec<u8>)>;
@@ -40,37 +38,13 @@ fn batch(n: u64, docs: Vec<DocHeader>, changes: Vec<SignedChange>) -> Message {
     }
 }
 
-fn still_healthy(hub: &TestNode, lab: &TestNode, tag: &str) {
-    assert!(hub.status()["node"].is_string(), "the hub's API answers");
-    assert_eq!(
-        hub.get("Sample", "S-before"),
-        Some(json!({"status":"received"}))
-    );
-    let id = format!("S-after-{tag}");
-    lab.ok(&["put", "Sample", &id, r#"{"status":"analysed"}"#]);
-    wait_for("the hub to keep syncing with the lab", || {
-        hub.get("Sample", &id).is_some()
-    });
-}
-
 // Regression: a peer's change naming a counter of 2^32 panicked Automerge on the node's actor
 // (503 for ever after), one claiming 2^62 ops made decode spin, the peer could hold 100 streams
 // of 8 MiB on one connection, repeated bogus Hellos made the node rescan its log each time,
 // and 20,000 type names grew a 1.26 MB status. Each is now refused or bounded.
 #[test]
 fn a_hostile_configured_peer_cannot_crash_stall_or_bloat_the_node() {
-    let mut hub = TestNode::init("hub");
-    let mut lab = TestNode::init("lab");
-    let mallory_home = TestNode::init("mallory");
-    hub.start();
-    lab.start();
-    hub.add_peer(&lab, false);
-    hub.add_peer_with(&mallory_home, false, &["--direction", "send"]);
-    lab.add_peer(&hub, true);
-    lab.ok(&["put", "Sample", "S-before", r#"{"status":"received"}"#]);
-    wait_for("the hub to receive the lab's sample", || {
-        hub.get("Sample", "S-before").is_some()
-    });
+    let (hub, lab, mallory_home) = hub_lab_and_mallory(&["--direction", "send"]);
     let victim = hub.id().parse().expect("hub id");
     let mut m = Mallory::connect(
         &mallory_home.home().join("identity.key"),
@@ -102,7 +76,7 @@ fn a_hostile_configured_peer_cannot_crash_stall_or_bloat_the_node() {
             "{name}: {:?}",
             answers[0]
         );
-        still_healthy(&hub, &lab, name);
+        assert_still_healthy(&hub, &lab, name);
     }
 
     // Bogus Hellos with checkpoints the hub never had, many at once.
@@ -124,7 +98,7 @@ fn a_hostile_configured_peer_cannot_crash_stall_or_bloat_the_node() {
         .filter(|a| matches!(a, Answer::Response(_)))
         .count();
     assert!(answered >= 1, "the hub answers a Hello");
-    still_healthy(&hub, &lab, "hellos");
+    assert_still_healthy(&hub, &lab, "hellos");
 
     // Thousands of type names from a send-only peer: every change is refused, and the refusal
     // counts stay bounded.
@@ -150,7 +124,7 @@ fn a_hostile_configured_peer_cannot_crash_stall_or_bloat_the_node() {
     let peer = hub.peer("mallory");
     let types = peer["rejected_types"].as_object().map_or(0, |t| t.len());
     assert!(types <= 65, "{types} refusal keys for one peer");
-    still_healthy(&hub, &lab, "types");
+    assert_still_healthy(&hub, &lab, "types");
 
     // Many streams at once on one connection: past the cap the hub drops the streams (and the
     // connection of the peer that opened them), and is unharmed.
@@ -166,5 +140,5 @@ fn a_hostile_configured_peer_cannot_crash_stall_or_bloat_the_node() {
         failed > 0,
         "40 streams at once were all served: {answers:?}"
     );
-    still_healthy(&hub, &lab, "streams");
+    assert_still_healthy(&hub, &lab, "streams");
 }

@@ -47,6 +47,18 @@ pub struct HeldTally {
     pub refused_for_room: u64,
 }
 
+impl HeldTally {
+    /// A `held_counts_v1` row, or nothing held.
+    fn from_row(row: Option<(u64, u64, u64)>) -> HeldTally {
+        let (changes, bytes, refused_for_room) = row.unwrap_or_default();
+        HeldTally {
+            changes,
+            bytes,
+            refused_for_room,
+        }
+    }
+}
+
 /// Which held changes a listing or a purge means.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HeldFilter {
@@ -89,17 +101,7 @@ impl<'tx> HeldTables<'tx> {
         f: impl FnOnce(&mut HeldTally),
     ) -> Result<(), StoreError> {
         let ctx = "counting held changes";
-        let mut t = match self.counts.get(key).ctx(store, ctx)? {
-            Some(v) => {
-                let (changes, bytes, refused_for_room) = v.value();
-                HeldTally {
-                    changes,
-                    bytes,
-                    refused_for_room,
-                }
-            }
-            None => HeldTally::default(),
-        };
+        let mut t = HeldTally::from_row(self.counts.get(key).ctx(store, ctx)?.map(|v| v.value()));
         f(&mut t);
         self.counts
             .insert(key, (t.changes, t.bytes, t.refused_for_room))
@@ -279,16 +281,8 @@ impl Store {
         for item in counts.iter().ctx(self, ctx)? {
             let (k, v) = item.ctx(self, ctx)?;
             let key = k.value();
-            let (changes, bytes, refused_for_room) = v.value();
             let from = (key != UNKNOWN_SENDER).then_some(NodeId(key));
-            out.push((
-                from,
-                HeldTally {
-                    changes,
-                    bytes,
-                    refused_for_room,
-                },
-            ));
+            out.push((from, HeldTally::from_row(Some(v.value()))));
         }
         Ok(out)
     }
@@ -316,17 +310,8 @@ impl Reader<'_> {
     /// What `from` has held here.
     pub fn held_tally(&self, from: &NodeId) -> Result<HeldTally, StoreError> {
         let ctx = "reading a held-change tally";
-        Ok(match self.held_counts.get(from.0).ctx(self.store, ctx)? {
-            Some(v) => {
-                let (changes, bytes, refused_for_room) = v.value();
-                HeldTally {
-                    changes,
-                    bytes,
-                    refused_for_room,
-                }
-            }
-            None => HeldTally::default(),
-        })
+        let row = self.held_counts.get(from.0).ctx(self.store, ctx)?;
+        Ok(HeldTally::from_row(row.map(|v| v.value())))
     }
 }
 
