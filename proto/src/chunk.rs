@@ -52,9 +52,9 @@ pub const MAX_ACTOR_BYTES: u64 = 64;
 /// Automerge counters (op counters, start op) are 32-bit inside Automerge.
 const MAX_COUNTER: u64 = u32::MAX as u64;
 
-const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
-const CHUNK_CHANGE: u8 = 1;
-const CHUNK_COMPRESSED: u8 = 2;
+pub(crate) const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+pub(crate) const CHUNK_CHANGE: u8 = 1;
+pub(crate) const CHUNK_COMPRESSED: u8 = 2;
 
 /// Why change bytes are not a change we accept. Every variant is the sender's fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -168,7 +168,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn uleb_bytes(mut n: u64, out: &mut Vec<u8>) {
+pub(crate) fn uleb_bytes(mut n: u64, out: &mut Vec<u8>) {
     loop {
         let byte = (n & 0x7f) as u8;
         n >>= 7;
@@ -428,7 +428,5 @@ fn walk_bool(data: &[u8]) -> Result<u64, ChunkError> {
     Ok(rows)
 }
 
-#[cfg(any(test, feature = "fault-injection"))]
-pub mod craft;
 #[cfg(test)]
 mod tests;

@@ -7,12 +7,15 @@
 //! - [`chunk`]: our own bounded reader of Automerge change chunks (header, hash, op columns),
 //!   and the limits ([`chunk::MAX_CHANGE_BYTES`], [`chunk::MAX_OPS_PER_CHANGE`]) it enforces
 //!   before Automerge decodes untrusted bytes.
+//! - `craft` (tests only, `fault-injection` feature): hand-made hostile change chunks.
 //! - [`change`]: the signed change envelope: signing a change, verifying author, hash and document.
 //! - [`wire`]: the versioned wire message enum and its length-prefixed codec, bounded by
 //!   [`wire::MAX_FRAME_BYTES`].
 
 pub mod change;
 pub mod chunk;
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod craft;
 pub mod ids;
 pub mod wire;
 

@@ -8,7 +8,7 @@ use automerge::{Automerge, ROOT, transaction::Transactable};
 use serde_json::json;
 use tidesync::bundle::{BundleBody, seal};
 use tidesync::identity::Identity;
-use tidesync_proto::chunk::craft;
+use tidesync_proto::craft;
 use tidesync_proto::ids::actor_id;
 use tidesync_proto::{Checkpoint, DocHeader, DocId, NodeId, ObjectId, SignedChange, TypeName};
 use tidesync_tests::TestNode;

@@ -3,7 +3,7 @@
 //! attack the victim still answers its API, keeps syncing with an honest peer, and has lost
 //! nothing it acknowledged.
 
-use tidesync_proto::chunk::craft;
+use tidesync_proto::craft;
 use tidesync_proto::ids::actor_id;
 use tidesync_proto::{Checkpoint, DocHeader, DocId, Message, ObjectId, SignedChange, TypeName};
 use tidesync_tests::mallory::{Answer, Mallory, assert_still_healthy, hub_lab_and_mallory};

@@ -32,7 +32,7 @@ fn signed(bytes: Vec<u8>) -> SignedChange {
     craft::sign(&key(), doc_id(), bytes)
 }
 
-use super::craft::{self, run, sleb};
+use crate::craft::{self, run, sleb};
 
 fn real_change(fields: &[(String, i64)], seq_changes: usize) -> Vec<automerge::Change> {
     let mut doc = Automerge::new().with_actor(actor_id(&node(), 3).into());

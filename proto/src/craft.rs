@@ -4,8 +4,8 @@
 use ed25519_dalek::{Signer, SigningKey};
 use sha2::{Digest, Sha256};
 
-use super::{CHUNK_CHANGE, CHUNK_COMPRESSED, ChangeHeader, MAGIC, uleb_bytes};
 use crate::change::{SignedChange, signing_message};
+use crate::chunk::{CHUNK_CHANGE, CHUNK_COMPRESSED, ChangeHeader, MAGIC, uleb_bytes};
 use crate::ids::DocId;
 
 /// Append `n` as a signed LEB128 number.
