@@ -393,6 +393,7 @@ mod tests {
     use super::*;
     use crate::policy::{Direction, Policy};
     use crate::sync::Outgoing;
+    use crate::sync::tests::{connect, push};
     use serde_json::{Value as Json, json};
     use std::collections::VecDeque;
     use tidesync_proto::wire::{self, Message};
@@ -437,35 +438,6 @@ mod tests {
             queue.extend(back.into_iter().map(|o| (from, o)));
         }
         traffic
-    }
-
-    fn connect(cores: &mut [Core], a: usize, b: usize) -> VecDeque<(usize, Outgoing)> {
-        let (na, nb) = (cores[a].node_id(), cores[b].node_id());
-        let mut q: VecDeque<(usize, Outgoing)> = VecDeque::new();
-        q.extend(
-            cores[a]
-                .on_connected(nb)
-                .unwrap()
-                .into_iter()
-                .map(|o| (a, o)),
-        );
-        q.extend(
-            cores[b]
-                .on_connected(na)
-                .unwrap()
-                .into_iter()
-                .map(|o| (b, o)),
-        );
-        q
-    }
-
-    fn push(cores: &mut [Core], i: usize) -> VecDeque<(usize, Outgoing)> {
-        cores[i]
-            .pump_all()
-            .unwrap()
-            .into_iter()
-            .map(|o| (i, o))
-            .collect()
     }
 
     fn pair(a_for_b: Policy, b_for_a: Policy) -> Vec<Core> {

@@ -1425,7 +1425,7 @@ fn tamper_if_relayed(change: &mut SignedChange, me: &NodeId) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::{Value as Json, json};
     use std::collections::VecDeque;
@@ -1459,7 +1459,8 @@ mod tests {
         delivered
     }
 
-    fn connect(cores: &mut [Core], a: usize, b: usize) -> VecDeque<(usize, Outgoing)> {
+    /// Connect cores `a` and `b`: the Hellos each sends, to deliver.
+    pub(crate) fn connect(cores: &mut [Core], a: usize, b: usize) -> VecDeque<(usize, Outgoing)> {
         let (na, nb) = (cores[a].node_id(), cores[b].node_id());
         let mut q = VecDeque::new();
         q.extend(
@@ -1479,7 +1480,8 @@ mod tests {
         q
     }
 
-    fn push(cores: &mut [Core], i: usize) -> VecDeque<(usize, Outgoing)> {
+    /// What core `i` sends after a local write, to deliver.
+    pub(crate) fn push(cores: &mut [Core], i: usize) -> VecDeque<(usize, Outgoing)> {
         cores[i]
             .pump_all()
             .unwrap()

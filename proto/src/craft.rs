@@ -34,6 +34,32 @@ pub fn run(n: i64, value: u64) -> Vec<u8> {
     out
 }
 
+/// Op columns: (column spec, data).
+pub type Columns = Vec<(u32, Vec<u8>)>;
+
+/// The action column's spec (id 4, uLEB): one value per op.
+pub const ACTION: u32 = 4 << 4 | 2;
+
+/// Op columns naming an object counter of 2^32, which panicked Automerge 0.12.
+pub fn counter_bomb() -> Columns {
+    vec![(1, run(1, 0)), (2, run(1, 1 << 32)), (ACTION, run(1, 1))]
+}
+
+/// An action column claiming a run of 2^62 ops, on which Automerge 0.12 looped for ever.
+pub fn op_count_bomb() -> Columns {
+    vec![(ACTION, run(1 << 62, 1))]
+}
+
+/// An action column claiming 2^50 null ops.
+pub fn null_run_bomb() -> Columns {
+    vec![(ACTION, run(0, 1 << 50))]
+}
+
+/// A single op: a well-formed header with one action.
+pub fn one_op() -> Columns {
+    vec![(ACTION, run(1, 1))]
+}
+
 /// A change chunk by `actor` with dependencies `deps` and the op columns `(spec, data)`,
 /// seq 1 and start op 1; chunk type 2 (compressed) when `compressed`.
 pub fn chunk(

@@ -83,16 +83,9 @@ fn crafted_changes_are_refused_and_the_node_keeps_running() {
     let (hub, lab, mallory) = hub_lab_and_mallory(&[]);
     let mut m = Mallory::new(&mallory, &hub);
     let attacks = [
-        (
-            "panic",
-            vec![
-                (1, craft::run(1, 0)),
-                (2, craft::run(1, 1 << 32)),
-                (4 << 4 | 2, craft::run(1, 1)),
-            ],
-        ),
-        ("spin", vec![(4 << 4 | 2, craft::run(1 << 62, 1))]),
-        ("nulls", vec![(4 << 4 | 2, craft::run(0, 1 << 50))]),
+        ("panic", craft::counter_bomb()),
+        ("spin", craft::op_count_bomb()),
+        ("nulls", craft::null_run_bomb()),
     ];
     for (name, columns) in attacks {
         let change = m.crafted(&format!("S-{name}"), &[], &columns);

@@ -8,9 +8,6 @@ use tidesync_proto::ids::actor_id;
 use tidesync_proto::{Checkpoint, DocHeader, DocId, Message, ObjectId, SignedChange, TypeName};
 use tidesync_tests::mallory::{Answer, Mallory, assert_still_healthy, hub_lab_and_mallory};
 
-/// Op columns of a crafted change: (column spec, data).
-type Columns = Vec<(u32, Vec<u8>)>;
-
 fn header(m: &Mallory, ty: &str, id: &str) -> DocHeader {
     let ty = TypeName::new(ty).expect("type");
     let id = ObjectId::new(id).expect("id");
@@ -53,16 +50,9 @@ fn a_hostile_configured_peer_cannot_crash_stall_or_bloat_the_node() {
     );
 
     // Crafted changes over the wire: each is refused, the batch is answered.
-    let attacks: Vec<(&str, Columns)> = vec![
-        (
-            "panic",
-            vec![
-                (1, craft::run(1, 0)),
-                (2, craft::run(1, 1 << 32)),
-                (4 << 4 | 2, craft::run(1, 1)),
-            ],
-        ),
-        ("spin", vec![(4 << 4 | 2, craft::run(1 << 62, 1))]),
+    let attacks = [
+        ("panic", craft::counter_bomb()),
+        ("spin", craft::op_count_bomb()),
     ];
     for (i, (name, columns)) in attacks.into_iter().enumerate() {
         let h = header(&m, "Sample", &format!("S-{name}"));
@@ -106,7 +96,7 @@ fn a_hostile_configured_peer_cannot_crash_stall_or_bloat_the_node() {
     let mut changes = Vec::new();
     for n in 0..3_000 {
         let h = header(&m, &format!("T{n}"), "x");
-        changes.push(crafted(&m, &h, &[(4 << 4 | 2, craft::run(1, 1))]));
+        changes.push(crafted(&m, &h, &craft::one_op()));
         docs.push(h);
     }
     let answers = m.send_all(vec![batch(50, docs, changes)]);

@@ -96,7 +96,7 @@ proptest! {
 // loop for ever (SIGTERM could not stop the node). The op count is now bounded first.
 #[test]
 fn a_run_of_two_to_the_62_ops_is_refused_before_automerge() {
-    let bomb = crafted(&[(4 << 4 | 2, run(1 << 62, 1))], false);
+    let bomb = crafted(&craft::op_count_bomb(), false);
     let header = ChangeHeader::parse(&bomb).unwrap();
     assert!(matches!(
         header.check_ops(&bomb),
@@ -120,12 +120,7 @@ fn a_run_of_two_to_the_62_ops_is_refused_before_automerge() {
 // conversion, and the panic killed the node's actor. Counters are now bounded to 32 bits.
 #[test]
 fn a_counter_of_two_to_the_32_is_refused() {
-    let cols = [
-        (1, run(1, 0)),          // obj actor
-        (2, run(1, 1 << 32)),    // obj counter
-        (4 << 4 | 2, run(1, 1)), // action
-    ];
-    let bomb = crafted(&cols, false);
+    let bomb = crafted(&craft::counter_bomb(), false);
     assert!(matches!(
         ChangeHeader::parse(&bomb).unwrap().check_ops(&bomb),
         Err(ChunkError::OverLimit {
@@ -183,7 +178,7 @@ fn compressed_chunks_and_deflated_columns_are_refused() {
 
 #[test]
 fn the_signature_is_checked_before_the_ops() {
-    let bomb = crafted(&[(4 << 4 | 2, run(1 << 62, 1))], false);
+    let bomb = crafted(&craft::op_count_bomb(), false);
     let mut forged = signed(bomb);
     forged.signature[0] ^= 1;
     assert!(matches!(
