@@ -13,8 +13,8 @@ use crate::config::{
     ApiConfig, CONFIG_FORMAT, Config, ConfigError, DEFAULT_API, DEFAULT_LISTEN, Home, StoreConfig,
 };
 use crate::core::{History, Status};
+use crate::daemon::RunError;
 use crate::identity::{Identity, KeyError};
-use crate::node::RunError;
 use crate::store::{Store, StoreError};
 
 /// Ids fetched per request by `tidesync ls`.
@@ -372,7 +372,7 @@ pub enum CliError {
 impl CliError {
     fn exit_code(&self) -> u8 {
         match self {
-            CliError::Client(e) => e.exit_code() as u8,
+            CliError::Client(e) => e.exit_code(),
             CliError::NoHome | CliError::Usage(_) => 2,
             _ => 1,
         }
@@ -433,7 +433,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             api_hosts,
         } => init(&home, name, listen, api, api_hosts),
         Command::Run => runtime
-            .block_on(crate::node::run(&home))
+            .block_on(crate::daemon::run(&home))
             .map_err(Into::into),
         Command::Id => {
             let identity = Identity::load(&home.key())?;
@@ -916,7 +916,7 @@ fn print_status(s: &Status) {
     }
     if s.refused_connections > 0 {
         println!(
-            "refused: {} connections from unconfigured peers",
+            "refused: {} incoming connections (from unconfigured peers, or over the connection limits)",
             s.refused_connections
         );
     }

@@ -3,16 +3,15 @@
 
 use std::time::Duration;
 
-use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value as Json};
 use tidesync_proto::{ObjectId, TypeName};
 
 use crate::api::guard;
-use crate::bundle::{BundleError, ExportReport, ImportReport};
+use crate::bundle::{ExportReport, ImportReport};
 use crate::config::{Config, Home};
-use crate::core::{Core, Feed, History, LocalWriteError, OpenError, ReadError, Status, WriteReply};
-use crate::engine::WriteError;
+use crate::core::{Core, Feed, History, OpenError, Status, WriteReply};
+use crate::report::{ErrorKind, Kind};
 use crate::store::{IdPage, StoreError};
 
 /// How long the CLI waits for an answer from a running node, beyond any long-poll wait.
@@ -50,61 +49,30 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The process exit code for this error: 3 for a missing object, 4 for a write refused by
-    /// policy, 1 otherwise.
-    pub fn exit_code(&self) -> i32 {
+    /// The failure a node reported, of kind `kind`.
+    pub fn reported(kind: ErrorKind, message: String) -> ClientError {
+        match kind {
+            ErrorKind::NotFound => ClientError::NotFound(message),
+            ErrorKind::Forbidden => ClientError::Forbidden(message),
+            ErrorKind::Invalid | ErrorKind::Unprocessable => ClientError::Invalid(message),
+            ErrorKind::Unavailable | ErrorKind::Internal => ClientError::Failed(message),
+        }
+    }
+
+    /// The process exit code for this error (see [`ErrorKind::exit_code`]).
+    pub fn exit_code(&self) -> u8 {
         match self {
-            ClientError::NotFound(_) => 3,
-            ClientError::Forbidden(_) => 4,
-            _ => 1,
+            ClientError::NotFound(_) => ErrorKind::NotFound.exit_code(),
+            ClientError::Forbidden(_) => ErrorKind::Forbidden.exit_code(),
+            _ => ErrorKind::Internal.exit_code(),
         }
     }
 }
 
-impl From<LocalWriteError> for ClientError {
-    fn from(e: LocalWriteError) -> Self {
-        match e {
-            LocalWriteError::Refused(WriteError::NotFound { .. }) => {
-                ClientError::NotFound(e.to_string())
-            }
-            LocalWriteError::Refused(WriteError::Fields { .. }) => {
-                ClientError::Invalid(e.to_string())
-            }
-            LocalWriteError::ReadOnly { .. } => ClientError::Forbidden(e.to_string()),
-            LocalWriteError::Store { .. } => ClientError::Failed(e.to_string()),
-        }
-    }
-}
-
-impl From<BundleError> for ClientError {
-    fn from(e: BundleError) -> Self {
-        match e {
-            BundleError::UnknownPeer { .. } => ClientError::NotFound(e.to_string()),
-            BundleError::Store { .. } | BundleError::Sync(_) | BundleError::Encrypt { .. } => {
-                ClientError::Failed(e.to_string())
-            }
-            _ => ClientError::Invalid(e.to_string()),
-        }
-    }
-}
-
-impl From<crate::held::HeldError> for ClientError {
-    fn from(e: crate::held::HeldError) -> ClientError {
-        use crate::held::HeldError;
-        match e {
-            HeldError::UnknownPeer(_) => ClientError::NotFound(e.to_string()),
-            HeldError::Invalid(_) => ClientError::Invalid(e.to_string()),
-            HeldError::Read(r) => r.into(),
-        }
-    }
-}
-
-impl From<ReadError> for ClientError {
-    fn from(e: ReadError) -> Self {
-        match e {
-            ReadError::NotFound { .. } => ClientError::NotFound(e.to_string()),
-            ReadError::Store { .. } => ClientError::Failed(e.to_string()),
-        }
+/// Every failure of the store opened in-process is reported as a running node's would be.
+impl<E: Kind> From<E> for ClientError {
+    fn from(e: E) -> Self {
+        ClientError::reported(e.kind(), e.to_string())
     }
 }
 
@@ -119,20 +87,17 @@ pub struct ApiClient {
 /// The way to the node of one home.
 pub enum Client {
     Api(ApiClient),
-    /// The home's store, opened in-process, and its configured peers.
-    Local(Box<Core>, Vec<crate::config::PeerConfig>),
+    /// The home's store, opened in-process, and its config (loaded once).
+    Local(Box<Core>, Box<Config>),
 }
 
 impl Client {
     /// Open the home's store, or, when a running node holds it, use that node's API.
     pub fn connect(home: &Home) -> Result<Client, ClientError> {
-        match Core::open(home, false) {
-            Ok(core) => {
-                let peers = Config::load(home).map_err(OpenError::from)?.peers;
-                Ok(Client::Local(Box::new(core), peers))
-            }
+        let config = Config::load(home).map_err(OpenError::from)?;
+        match Core::open(home, &config, false) {
+            Ok(core) => Ok(Client::Local(Box::new(core), Box::new(config))),
             Err(OpenError::Store(StoreError::InUse { .. })) => {
-                let config = Config::load(home).map_err(OpenError::from)?;
                 let token = crate::api::token::for_client(home, &config)
                     .map_err(|e| ClientError::Failed(e.to_string()))?;
                 let addr = std::fs::read_to_string(home.api_file()).map_err(|_| {
@@ -259,11 +224,11 @@ impl Client {
         peer: crate::config::PeerConfig,
     ) -> Result<(), ClientError> {
         match self {
-            Client::Local(_, peers) => {
-                let mut config = Config::load(home).map_err(OpenError::from)?;
-                config.set_peer(peer).map_err(ClientError::Invalid)?;
-                config.save(home).map_err(OpenError::from)?;
-                *peers = config.peers;
+            Client::Local(_, config) => {
+                let mut changed = (**config).clone();
+                changed.set_peer(peer).map_err(ClientError::Invalid)?;
+                changed.save(home).map_err(OpenError::from)?;
+                **config = changed;
                 Ok(())
             }
             Client::Api(api) => {
@@ -286,11 +251,11 @@ impl Client {
     /// Remove a peer: from the running node, or from the config.
     pub async fn remove_peer(&mut self, home: &Home, name: &str) -> Result<(), ClientError> {
         match self {
-            Client::Local(_, peers) => {
-                let mut config = Config::load(home).map_err(OpenError::from)?;
-                config.remove_peer(name).map_err(ClientError::NotFound)?;
-                config.save(home).map_err(OpenError::from)?;
-                *peers = config.peers;
+            Client::Local(_, config) => {
+                let mut changed = (**config).clone();
+                changed.remove_peer(name).map_err(ClientError::NotFound)?;
+                changed.save(home).map_err(OpenError::from)?;
+                **config = changed;
                 Ok(())
             }
             Client::Api(api) => {
@@ -393,7 +358,7 @@ impl Client {
 
     pub async fn status(&mut self) -> Result<Status, ClientError> {
         match self {
-            Client::Local(core, peers) => Ok(core.status(peers)?),
+            Client::Local(core, config) => Ok(core.status(&config.peers)?),
             Client::Api(api) => api.send(reqwest::Method::GET, "/v1/status", None, 0).await,
         }
     }
@@ -500,12 +465,10 @@ impl ApiClient {
             .ok()
             .and_then(|v| v.get("error").and_then(|m| m.as_str()).map(str::to_string))
             .unwrap_or_else(|| format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)));
-        Err(match status {
-            StatusCode::NOT_FOUND => ClientError::NotFound(message),
-            StatusCode::FORBIDDEN => ClientError::Forbidden(message),
-            s if s.is_client_error() => ClientError::Invalid(message),
-            _ => ClientError::Failed(message),
-        })
+        Err(ClientError::reported(
+            ErrorKind::from_http_status(status.as_u16()),
+            message,
+        ))
     }
 }
 

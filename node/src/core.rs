@@ -2,7 +2,6 @@
 //! the CLI offer. The running node's actor owns one; the CLI opens one when no node is running,
 //! so both paths run the same code and give the same answers.
 
-use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -16,14 +15,11 @@ use crate::config::{Config, Home};
 use crate::doc;
 use crate::engine::{DocRecord, Engine, Loaded, WriteError, WriteOp, WriteOutcome};
 use crate::identity::{Identity, KeyError};
-use crate::store::{IdPage, Store, StoreError, TypeCount};
-
-/// Most ids returned by one page of a listing.
-pub const MAX_PAGE_IDS: usize = 10_000;
-/// Ids per page of a listing when the caller does not say.
-pub const DEFAULT_PAGE_IDS: usize = 1_000;
-/// Most entries returned by one page of the change feed.
-pub const MAX_FEED_ENTRIES: usize = 10_000;
+pub use crate::reads::{
+    Conflict, DEFAULT_PAGE_IDS, Feed, FeedEntry, History, HistoryEntry, MAX_FEED_ENTRIES,
+    MAX_PAGE_IDS, PeerStatus, ReadError, Reads, Status,
+};
+use crate::store::{IdPage, Store, StoreError};
 
 /// The answer to a put or a delete.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,24 +39,6 @@ pub struct WriteReply {
     /// The object after a put.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub object: Option<Map<String, Json>>,
-}
-
-/// One change in an object's history.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HistoryEntry {
-    pub hash: String,
-    /// The node that signed the change (its PeerId).
-    pub author: String,
-    pub actor: String,
-    pub seq: u64,
-    /// Unix seconds recorded by the author.
-    pub time: i64,
-    pub message: Option<String>,
-    pub deps: Vec<String>,
-    /// Whether the stored signature verifies for this change, document and author.
-    pub verified: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
 }
 
 /// One document as [`Core::audit`] found it.
@@ -83,133 +61,6 @@ pub struct AuditedChange {
     pub author: Option<NodeId>,
     /// Whether the stored signed copy verifies, or why not.
     pub signature: Result<(), String>,
-}
-
-/// An object's history, oldest change first (causal order).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct History {
-    #[serde(rename = "type")]
-    pub ty: String,
-    pub id: String,
-    pub doc: String,
-    /// The node that created the object.
-    pub origin: String,
-    pub deleted: bool,
-    pub changes: Vec<HistoryEntry>,
-}
-
-/// One entry of the change feed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FeedEntry {
-    pub seq: u64,
-    #[serde(rename = "type")]
-    pub ty: String,
-    pub id: String,
-    pub doc: String,
-    pub hash: String,
-    pub author: String,
-    pub time_ms: i64,
-}
-
-/// A page of the change feed. Resume with `since = last`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Feed {
-    pub changes: Vec<FeedEntry>,
-    pub last: u64,
-}
-
-/// What `status` reports.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Status {
-    pub node: String,
-    pub name: String,
-    /// True when answered by a running node, false when read from a stopped node's store.
-    pub running: bool,
-    pub objects: BTreeMap<String, TypeCount>,
-    pub last_seq: u64,
-    pub store_bytes: u64,
-    /// Received changes held until their dependencies arrive.
-    pub held_changes: u64,
-    /// Objects stored under a collision name because another object had their type and id
-    /// here (listed by `tidesync conflicts`).
-    #[serde(default)]
-    pub collisions: u64,
-    /// Addresses the node listens on for peers (running node only).
-    #[serde(default)]
-    pub listen: Vec<String>,
-    /// Connections refused because the peer is not configured (running node, since start).
-    #[serde(default)]
-    pub refused_connections: u64,
-    /// Sync frames and bytes sent and received (running node, since start).
-    #[serde(default)]
-    pub net: crate::net::NetTotals,
-    #[serde(default)]
-    pub peers: Vec<PeerStatus>,
-}
-
-/// The sync state of one configured peer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PeerStatus {
-    pub name: String,
-    pub id: String,
-    pub addrs: Vec<String>,
-    pub connected: bool,
-    /// Since when the peer is connected, Unix milliseconds.
-    pub connected_since_ms: Option<i64>,
-    /// Last time a batch from or to the peer was stored or acknowledged, Unix milliseconds.
-    pub last_sync_ms: Option<i64>,
-    /// How long the current session took to come in sync (both Hellos answered, nothing of
-    /// ours unacknowledged), in milliseconds; none while it has not.
-    #[serde(default)]
-    pub in_sync_after_ms: Option<i64>,
-    /// At most this many of our log entries have yet to reach the peer.
-    pub pending_out: u64,
-    /// At most this many of the peer's log entries have yet to reach us.
-    pub pending_in: u64,
-    /// Changes received from the peer and stored.
-    pub changes_in: u64,
-    /// Changes sent to the peer and acknowledged.
-    pub changes_out: u64,
-    /// Changes from the peer that failed verification or policy.
-    pub rejected: u64,
-    /// Changes we sent that the peer rejected.
-    pub rejected_by_peer: u64,
-    /// Changes the peer sent that we already had.
-    pub duplicates: u64,
-    /// Changes from the peer refused by policy, per type.
-    #[serde(default)]
-    pub rejected_types: std::collections::BTreeMap<String, u64>,
-    /// Stored changes never sent to the peer because no frame can carry them (received from
-    /// a node with other limits); each is logged once.
-    #[serde(default)]
-    pub oversized_skipped: u64,
-    /// Changes from the peer held here for missing dependencies, against its quota.
-    #[serde(default)]
-    pub held: u64,
-    /// Changes from the peer refused because its (or their document's) quota of held changes
-    /// was full; they arrive again (see `tidesync held`).
-    #[serde(default)]
-    pub held_refused_for_room: u64,
-    /// What may pass to and from the peer.
-    #[serde(default)]
-    pub policy: crate::policy::Policy,
-}
-
-/// Two documents that arrived under one name: the one stored under its own name and the one
-/// renamed `id~<8 hex>`. Both are kept and reachable.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Conflict {
-    #[serde(rename = "type")]
-    pub ty: String,
-    /// The name both documents have at their origins.
-    pub id: String,
-    /// The local name the second document got here.
-    pub local_id: String,
-    pub doc: String,
-    pub origin: String,
-    /// The document holding the plain name here, and its origin.
-    pub holder: Option<String>,
-    pub holder_origin: Option<String>,
 }
 
 /// Why a node's home could not be opened.
@@ -250,15 +101,6 @@ pub enum LocalWriteError {
     },
 }
 
-/// Why a read failed. Each names what was read.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error("{ty}/{id} does not exist")]
-    NotFound { ty: TypeName, id: ObjectId },
-    #[error("cannot read {what}: {source}")]
-    Store { what: String, source: StoreError },
-}
-
 /// Unix time now, in milliseconds.
 pub fn system_now_ms() -> i64 {
     SystemTime::now()
@@ -286,13 +128,13 @@ pub struct Core {
 }
 
 impl Core {
-    /// Open a node's home: config, key and store. `running` is reported by `status`.
-    pub fn open(home: &Home, running: bool) -> Result<Core, OpenError> {
-        let config = Config::load(home)?;
+    /// Open a node's home, whose config the caller loaded once: its key and store, with the
+    /// config's peers' policies. `running` is reported by `status`.
+    pub fn open(home: &Home, config: &Config, running: bool) -> Result<Core, OpenError> {
         let identity = Identity::load(&home.key())?;
         let store = Store::open(&home.store(), config.store.cache_bytes)?;
         let mut core = Core::new(
-            config.name,
+            config.name.clone(),
             identity,
             store,
             config.store.cache_docs,
@@ -351,6 +193,15 @@ impl Core {
         }
     }
 
+    /// Switch on a process fault from `TIDESYNC_FAULT` (integration tests only: see
+    /// [`crate::fault::Fault`]); the frame faults act in the network codec instead.
+    pub fn inject_process_fault(&mut self, fault: crate::fault::Fault) {
+        self.faults.alter_relayed = fault == crate::fault::Fault::AlterRelayed;
+        if fault == crate::fault::Fault::IgnorePolicy {
+            self.policies.ignore_own();
+        }
+    }
+
     /// Switch on a deliberate bug (simulations only: see [`crate::fault`]).
     pub fn inject_fault(&mut self, fault: crate::fault::EngineFault) {
         tracing::warn!(%fault, "ENGINE FAULT ENABLED: this core misbehaves on purpose");
@@ -401,9 +252,29 @@ impl Core {
         name: String,
         policy: crate::policy::Policy,
     ) -> Result<bool, StoreError> {
-        let widened = self.policies.set(peer, name, policy);
+        let widened = self.reset_if_widened(&peer, &policy)?;
+        self.adopt_policy(peer, name, policy);
+        Ok(widened)
+    }
+
+    /// The memory half of [`Core::set_policy`]: take `policy` for `peer`, once
+    /// [`Core::reset_if_widened`] and whatever else must hold first (the config file) are done.
+    pub fn adopt_policy(&mut self, peer: NodeId, name: String, policy: crate::policy::Policy) {
+        self.policies.set(peer, name, policy);
+    }
+
+    /// The store half of [`Core::set_policy`], done first and on its own: when `policy` would
+    /// widen what passes with `peer`, durably send our checkpoint of the peer back to the start.
+    /// Alone it costs at most a resend (duplicates are dropped), so a caller that fails after
+    /// it (saving the config) leaves nothing inconsistent. Returns whether it widened.
+    pub fn reset_if_widened(
+        &self,
+        peer: &NodeId,
+        policy: &crate::policy::Policy,
+    ) -> Result<bool, StoreError> {
+        let widened = self.policies.would_widen(peer, policy);
         if widened {
-            self.store.update_peer(&peer, |r| {
+            self.store.update_peer_durably(peer, |r| {
                 r.received = Default::default();
                 r.ahead.clear();
                 r.resend_all = true;
@@ -412,26 +283,63 @@ impl Core {
         Ok(widened)
     }
 
+    /// Reads of what the store last committed, usable off the node actor.
+    pub fn reads(&self) -> Reads {
+        Reads::new(
+            self.store.clone(),
+            self.node_id(),
+            self.name.clone(),
+            self.running,
+        )
+    }
+
+    /// The document that the local name `ty/id` points to, with its record.
+    pub fn find(
+        &self,
+        ty: &TypeName,
+        id: &ObjectId,
+    ) -> Result<Option<(DocId, DocRecord)>, StoreError> {
+        self.reads().find(ty, id)
+    }
+
+    /// The live object `ty/id` as JSON (see [`Reads::get`]).
+    pub fn get(&self, ty: &TypeName, id: &ObjectId) -> Result<Map<String, Json>, ReadError> {
+        self.reads().get(ty, id)
+    }
+
+    /// Ids of live objects of `ty`, a page at a time (see [`Reads::list`]).
+    pub fn list(
+        &self,
+        ty: &TypeName,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<IdPage, ReadError> {
+        self.reads().list(ty, after, limit)
+    }
+
+    /// Every change of `ty/id`, with each signature checked (see [`Reads::history`]).
+    pub fn history(&self, ty: &TypeName, id: &ObjectId) -> Result<History, ReadError> {
+        self.reads().history(ty, id)
+    }
+
+    /// The change feed after `since`, at most `limit` entries (see [`Reads::changes`]).
+    pub fn changes(&self, since: u64, limit: usize) -> Result<Feed, ReadError> {
+        self.reads().changes(since, limit)
+    }
+
+    /// The last SEQ in the change log.
+    pub fn last_seq(&self) -> Result<u64, ReadError> {
+        self.reads().last_seq()
+    }
+
     /// Every name collision on this node (see [`Conflict`]).
     pub fn conflicts(&self) -> Result<Vec<Conflict>, ReadError> {
-        let err = |source| ReadError::Store {
-            what: "the name collisions".into(),
-            source,
-        };
-        let mut out = Vec::new();
-        for (doc, rec) in self.store.collisions().map_err(err)? {
-            let holder = self.find(&rec.ty, &rec.id).map_err(err)?;
-            out.push(Conflict {
-                ty: rec.ty.to_string(),
-                id: rec.id.to_string(),
-                local_id: rec.local_id.to_string(),
-                doc: doc.to_string(),
-                origin: rec.origin.to_string(),
-                holder: holder.as_ref().map(|(d, _)| d.to_string()),
-                holder_origin: holder.map(|(_, r)| r.origin.to_string()),
-            });
-        }
-        Ok(out)
+        self.reads().conflicts()
+    }
+
+    /// The node's status, with the sync state of each configured peer.
+    pub fn status(&self, peers: &[crate::config::PeerConfig]) -> Result<Status, ReadError> {
+        self.reads().status(peers, &self.session_summaries())
     }
 
     /// Forget a removed peer's policy.
@@ -449,18 +357,6 @@ impl Core {
             Some(d) => Ok(Some(d)),
             None => self.store.load_doc(doc_id),
         }
-    }
-
-    /// The document that the local name `ty/id` points to, with its record.
-    pub fn find(
-        &self,
-        ty: &TypeName,
-        id: &ObjectId,
-    ) -> Result<Option<(DocId, DocRecord)>, StoreError> {
-        let Some(doc_id) = self.store.lookup(ty, id)? else {
-            return Ok(None);
-        };
-        Ok(self.store.record(&doc_id)?.map(|r| (doc_id, r)))
     }
 
     /// Set fields of `ty/id` (creating it if needed); a null removes a field.
@@ -623,117 +519,12 @@ impl Core {
         move |source| ReadError::Store { what, source }
     }
 
-    /// A live object and its document, for reading.
-    fn live_doc(
-        &mut self,
-        ty: &TypeName,
-        id: &ObjectId,
-    ) -> Result<(DocId, DocRecord, &Automerge), ReadError> {
-        let what = format!("{ty}/{id}");
-        let not_found = || ReadError::NotFound {
-            ty: ty.clone(),
-            id: id.clone(),
-        };
-        let (doc_id, record) = self
-            .find(ty, id)
-            .map_err(Self::read_err(&what))?
-            .ok_or_else(not_found)?;
-        if !self.cache.contains(&doc_id) {
-            let doc = self
-                .store
-                .load_doc(&doc_id)
-                .map_err(Self::read_err(&what))?
-                .ok_or_else(not_found)?;
-            self.cache.put(doc_id, doc);
-        }
-        let doc = self.cache.get(&doc_id).ok_or_else(not_found)?;
-        Ok((doc_id, record, doc))
-    }
-
-    /// The live object `ty/id` as JSON.
-    pub fn get(&mut self, ty: &TypeName, id: &ObjectId) -> Result<Map<String, Json>, ReadError> {
-        let (_, record, doc) = self.live_doc(ty, id)?;
-        if !record.live {
-            return Err(ReadError::NotFound {
-                ty: ty.clone(),
-                id: id.clone(),
-            });
-        }
-        Ok(doc::to_json(doc))
-    }
-
-    /// Ids of live objects of `ty`, a page at a time.
-    pub fn list(
-        &self,
-        ty: &TypeName,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<IdPage, ReadError> {
-        self.store
-            .list(ty, after, limit.clamp(1, MAX_PAGE_IDS))
-            .map_err(Self::read_err(format!("the ids of {ty}")))
-    }
-
-    /// Every change of `ty/id` (deleted objects too), with each signature checked.
-    pub fn history(&mut self, ty: &TypeName, id: &ObjectId) -> Result<History, ReadError> {
-        let what = format!("the history of {ty}/{id}");
-        let (doc_id, record, doc) = self.live_doc(ty, id)?;
-        let deleted = doc::is_deleted(doc);
-        let changes: Vec<_> = doc.get_changes(&[]);
-        let mut entries = Vec::with_capacity(changes.len());
-        for change in changes {
-            let hash = change.hash();
-            let checked = self
-                .check_stored(&doc_id, &hash)
-                .map_err(Self::read_err(&what))?;
-            entries.push(HistoryEntry {
-                hash: hash.to_string(),
-                author: NodeId::from_actor(change.actor_id().to_bytes())
-                    .map(|n| n.to_string())
-                    .unwrap_or_else(|| "unknown".into()),
-                actor: change.actor_id().to_hex_string(),
-                seq: change.seq(),
-                time: change.timestamp(),
-                message: change.message().map(str::to_string),
-                deps: change.deps().iter().map(|d| d.to_string()).collect(),
-                verified: checked.is_ok(),
-                error: checked.err(),
-            });
-        }
-        Ok(History {
-            ty: ty.to_string(),
-            id: id.to_string(),
-            doc: doc_id.to_string(),
-            origin: record.origin.to_string(),
-            deleted,
-            changes: entries,
-        })
-    }
-
-    /// Whether the stored signed copy of change `hash` of `doc_id` verifies: its author, or
-    /// why not.
-    fn check_stored(
-        &self,
-        doc_id: &DocId,
-        hash: &automerge::ChangeHash,
-    ) -> Result<Result<NodeId, String>, StoreError> {
-        Ok(match self.store.change(doc_id, hash)? {
-            None => Err("no signed copy of this change is stored".to_string()),
-            Some(s) => s.verify().map_err(|e| e.to_string()).and_then(|v| {
-                if v.hash == *hash {
-                    Ok(v.author)
-                } else {
-                    Err("stored signed change has a different hash".into())
-                }
-            }),
-        })
-    }
-
     /// Every document this node holds, with its heads, its JSON and every change checked
     /// against its stored signature: what simulations compare across nodes.
     pub fn audit(&mut self) -> Result<Vec<DocAudit>, ReadError> {
         let what = "the audit of every document";
         let docs = self.store.docs().map_err(Self::read_err(what))?;
+        let reads = self.reads();
         let mut out = Vec::with_capacity(docs.len());
         for (doc_id, record) in docs {
             let doc = self.document(&doc_id)?.ok_or_else(|| ReadError::NotFound {
@@ -745,7 +536,7 @@ impl Core {
             let mut changes = Vec::new();
             for change in doc.get_changes(&[]) {
                 let hash = change.hash();
-                let checked = self
+                let checked = reads
                     .check_stored(&doc_id, &hash)
                     .map_err(Self::read_err(what))?;
                 changes.push(AuditedChange {
@@ -774,129 +565,6 @@ impl Core {
         self.store
             .load_doc(doc_id)
             .map_err(Self::read_err(format!("document {doc_id}")))
-    }
-
-    /// The change feed after `since`, at most `limit` entries.
-    pub fn changes(&self, since: u64, limit: usize) -> Result<Feed, ReadError> {
-        let what = "the change feed";
-        let log = self
-            .store
-            .log_since(since, limit.clamp(1, MAX_FEED_ENTRIES))
-            .map_err(Self::read_err(what))?;
-        let mut changes = Vec::with_capacity(log.len());
-        let reader = self.store.reader().map_err(Self::read_err(what))?;
-        let mut names: BTreeMap<DocId, Option<DocRecord>> = BTreeMap::new();
-        for (seq, entry) in log {
-            let record = match names.entry(entry.doc) {
-                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    v.insert(reader.record(&entry.doc).map_err(Self::read_err(what))?)
-                }
-            };
-            let (ty, id) = record
-                .as_ref()
-                .map(|r| (r.ty.to_string(), r.local_id.to_string()))
-                .unwrap_or_default();
-            changes.push(FeedEntry {
-                seq,
-                ty,
-                id,
-                doc: entry.doc.to_string(),
-                hash: hex::encode(entry.hash),
-                author: entry.author.to_string(),
-                time_ms: entry.time_ms,
-            });
-        }
-        let last = changes.last().map(|c| c.seq).unwrap_or(since);
-        Ok(Feed { changes, last })
-    }
-
-    /// The last SEQ in the change log.
-    pub fn last_seq(&self) -> Result<u64, ReadError> {
-        self.store
-            .last_seq()
-            .map_err(Self::read_err("the change log"))
-    }
-
-    /// The node's status, with the sync state of each configured peer.
-    pub fn status(&self, peers: &[crate::config::PeerConfig]) -> Result<Status, ReadError> {
-        let what = "the node status";
-        let last_seq = self.store.last_seq().map_err(Self::read_err(what))?;
-        Ok(Status {
-            node: self.node_id().to_string(),
-            name: self.name.clone(),
-            running: self.running,
-            objects: self.store.counts().map_err(Self::read_err(what))?,
-            last_seq,
-            store_bytes: self.store.size_bytes(),
-            held_changes: self.store.pending_count().map_err(Self::read_err(what))?,
-            collisions: self.store.collision_count().map_err(Self::read_err(what))?,
-            listen: Vec::new(),
-            refused_connections: 0,
-            net: Default::default(),
-            peers: peers
-                .iter()
-                .map(|p| self.peer_status(p, last_seq))
-                .collect::<Result<_, _>>()?,
-        })
-    }
-
-    /// The sync state of one configured peer, given our log's last SEQ.
-    pub fn peer_status(
-        &self,
-        peer: &crate::config::PeerConfig,
-        last: u64,
-    ) -> Result<PeerStatus, ReadError> {
-        let what = format!("the state of peer {}", peer.name);
-        let id = peer.node_id().ok();
-        let record = match id {
-            Some(id) => self.store.peer(&id).map_err(Self::read_err(&what))?,
-            None => Default::default(),
-        };
-        let oversized_skipped = match id {
-            Some(id) => self
-                .store
-                .oversized_count(&id)
-                .map_err(Self::read_err(&what))?,
-            None => 0,
-        };
-        let held = match id {
-            Some(id) => self
-                .store
-                .reader()
-                .and_then(|r| r.held_tally(&id))
-                .map_err(Self::read_err(&what))?,
-            None => Default::default(),
-        };
-        let session = id.and_then(|id| self.session(&id));
-        let (pending_out, pending_in) = match session {
-            Some(s) => (
-                s.pending_out(last),
-                s.remote_tip.saturating_sub(record.received.seq),
-            ),
-            None => (last.saturating_sub(record.acked), 0),
-        };
-        Ok(PeerStatus {
-            name: peer.name.clone(),
-            id: peer.id.clone(),
-            addrs: peer.addrs.iter().map(|a| a.to_string()).collect(),
-            connected: session.is_some(),
-            connected_since_ms: session.map(|s| s.since_ms),
-            last_sync_ms: (record.last_sync_ms > 0).then_some(record.last_sync_ms),
-            in_sync_after_ms: session.and_then(|s| s.in_sync_after_ms),
-            pending_out,
-            pending_in,
-            changes_in: record.changes_in,
-            changes_out: record.changes_out,
-            rejected: record.rejected,
-            rejected_by_peer: record.rejected_by_peer,
-            duplicates: record.duplicates,
-            rejected_types: record.rejected_types,
-            oversized_skipped,
-            held: held.changes,
-            held_refused_for_room: held.refused_for_room,
-            policy: peer.policy.clone(),
-        })
     }
 }
 

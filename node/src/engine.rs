@@ -1,4 +1,6 @@
-//! The sans-IO sync engine: decides what each input means for the store, and does no I/O.
+//! The sans-IO document engine: decides what a local write or a received change means for a
+//! document and the store (authoring and signing changes, applying and holding received ones),
+//! and does no I/O. Sessions and the protocol live in `sync`.
 //!
 //! The engine is handed everything it needs: the document a write targets (loaded by the shell),
 //! the current time, and an epoch the shell drew from its random number generator. It answers

@@ -1,9 +1,11 @@
-//! Deliberate engine faults, switched on only by simulations and tests, to prove that the
-//! invariants they check catch real bugs.
+//! Every deliberate fault, switched on only by simulations and tests, to prove that the
+//! invariants and the receivers' checks catch real bugs: the engine's (`EngineFault`, set
+//! per core by simulations) and the process's (`Fault`, from `TIDESYNC_FAULT`, for the
+//! integration tests' real nodes).
 //!
 //! Each fault breaks one rule the sync engine relies on. A normal node never turns any on:
-//! nothing in the config file or the API can, and `tidesync run` only knows the network-level
-//! faults of `net::Fault`. `tidesync-sim --fault NAME` turns one on in every simulated node
+//! nothing in the config file or the API can, and `tidesync run` only knows the process faults
+//! of [`Fault`]. `tidesync-sim --fault NAME` turns one on in every simulated node
 //! and expects an invariant to fail (see `simulations/`).
 //!
 //! Faults take effect only in builds with the `fault-injection` cargo feature, which the
@@ -76,7 +78,7 @@ impl FromStr for EngineFault {
 /// The faults switched on in one core; all off by default.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Faults {
-    /// Alter changes relayed from other authors before sending them (`net::Fault::AlterRelayed`).
+    /// Alter changes relayed from other authors before sending them ([`Fault::AlterRelayed`]).
     pub alter_relayed: bool,
     pub accept_unsigned: bool,
     pub forget_checkpoint: bool,
@@ -101,9 +103,63 @@ impl Faults {
     }
 }
 
+/// Test-only faults, chosen with the environment variable `TIDESYNC_FAULT` in builds with the
+/// `fault-injection` cargo feature (the integration tests turn it on). They exist so that
+/// integration tests can make a real node misbehave. A build without the feature, such as
+/// `cargo build --release -p tidesync`, ignores the variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fault {
+    #[default]
+    None,
+    /// Alter changes relayed from other authors (a dishonest hub).
+    AlterRelayed,
+    /// Send frames whose bodies are random bytes.
+    GarbageFrames,
+    /// Send a frame header, then only part of the body.
+    TruncatedFrames,
+    /// Send a frame header announcing more than `MAX_FRAME_BYTES`.
+    OversizedFrames,
+    /// Ignore this node's own policies when writing and sending (a misconfigured or
+    /// malicious peer): read-only types can be written, and everything is offered to every
+    /// peer. Receivers must still refuse what their policies do not allow.
+    IgnorePolicy,
+}
+
+impl Fault {
+    pub const ENV: &'static str = "TIDESYNC_FAULT";
+
+    /// The fault named by `TIDESYNC_FAULT`, if any; always `None` without the
+    /// `fault-injection` feature.
+    pub fn from_env() -> Fault {
+        if !cfg!(feature = "fault-injection") {
+            return Fault::None;
+        }
+        Self::named(std::env::var(Self::ENV).ok().as_deref())
+    }
+
+    /// The fault called `name` (as in `TIDESYNC_FAULT`); `None` for anything else.
+    pub(crate) fn named(name: Option<&str>) -> Fault {
+        match name {
+            Some("alter-relayed") => Fault::AlterRelayed,
+            Some("garbage-frames") => Fault::GarbageFrames,
+            Some("truncated-frames") => Fault::TruncatedFrames,
+            Some("oversized-frames") => Fault::OversizedFrames,
+            Some("ignore-policy") => Fault::IgnorePolicy,
+            _ => Fault::None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn faults_are_named_and_off_by_default() {
+        assert_eq!(Fault::named(Some("garbage-frames")), Fault::GarbageFrames);
+        assert_eq!(Fault::named(Some("no-such-fault")), Fault::None);
+        assert_eq!(Fault::named(None), Fault::None);
+    }
 
     #[test]
     fn every_fault_parses_from_its_name() {

@@ -1,7 +1,8 @@
 //! The libp2p shell: TCP + Noise + Yamux with connection and stream limits, gating to
 //! configured peers, the request-response sync protocol with its frame codec, reconnect
-//! backoff, and the test-only faults of builds with the `fault-injection` feature.
+//! backoff; the frame faults of `fault::Fault` act in its codec.
 
+pub use crate::fault::Fault;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,53 +70,6 @@ const _: () = assert!(
 /// A frame body is read in pieces of at most this many bytes, so that a header that announces
 /// a large frame costs memory only as its bytes actually arrive.
 pub const FRAME_READ_CHUNK_BYTES: usize = 64 * 1024;
-
-/// Test-only faults, chosen with the environment variable `TIDESYNC_FAULT` in builds with the
-/// `fault-injection` cargo feature (the integration tests turn it on). They exist so that
-/// integration tests can make a real node misbehave. A build without the feature, such as
-/// `cargo build --release -p tidesync`, ignores the variable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Fault {
-    #[default]
-    None,
-    /// Alter changes relayed from other authors (a dishonest hub).
-    AlterRelayed,
-    /// Send frames whose bodies are random bytes.
-    GarbageFrames,
-    /// Send a frame header, then only part of the body.
-    TruncatedFrames,
-    /// Send a frame header announcing more than `MAX_FRAME_BYTES`.
-    OversizedFrames,
-    /// Ignore this node's own policies when writing and sending (a misconfigured or
-    /// malicious peer): read-only types can be written, and everything is offered to every
-    /// peer. Receivers must still refuse what their policies do not allow.
-    IgnorePolicy,
-}
-
-impl Fault {
-    pub const ENV: &'static str = "TIDESYNC_FAULT";
-
-    /// The fault named by `TIDESYNC_FAULT`, if any; always `None` without the
-    /// `fault-injection` feature.
-    pub fn from_env() -> Fault {
-        if !cfg!(feature = "fault-injection") {
-            return Fault::None;
-        }
-        Self::named(std::env::var(Self::ENV).ok().as_deref())
-    }
-
-    /// The fault called `name` (as in `TIDESYNC_FAULT`); `None` for anything else.
-    fn named(name: Option<&str>) -> Fault {
-        match name {
-            Some("alter-relayed") => Fault::AlterRelayed,
-            Some("garbage-frames") => Fault::GarbageFrames,
-            Some("truncated-frames") => Fault::TruncatedFrames,
-            Some("oversized-frames") => Fault::OversizedFrames,
-            Some("ignore-policy") => Fault::IgnorePolicy,
-            _ => Fault::None,
-        }
-    }
-}
 
 /// What arrives on a sync stream: a message, or the reason its frame was unusable. The codec
 /// never fails a read, because request-response drops a failed inbound read without telling
@@ -427,13 +381,6 @@ mod tests {
     use libp2p::multiaddr::Protocol;
     use libp2p::swarm::SwarmEvent;
     use rand::SeedableRng;
-
-    #[test]
-    fn faults_are_named_and_off_by_default() {
-        assert_eq!(Fault::named(Some("garbage-frames")), Fault::GarbageFrames);
-        assert_eq!(Fault::named(Some("no-such-fault")), Fault::None);
-        assert_eq!(Fault::named(None), Fault::None);
-    }
 
     // Regression: request-response's default let one connection hold 100 sync streams, each
     // buffering up to `MAX_FRAME_BYTES` (800 MiB). A peer built to open many more streams than

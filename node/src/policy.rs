@@ -265,12 +265,17 @@ impl Policies {
 
     /// Set one peer's policy; whether it now lets through anything it did not before.
     pub fn set(&mut self, peer: NodeId, name: String, policy: Policy) -> bool {
-        let widened = match self.peers.get(&peer) {
-            Some((_, old)) => !policy.is_within(old),
-            None => false,
-        };
+        let widened = self.would_widen(&peer, &policy);
         self.peers.insert(peer, (name, policy));
         widened
+    }
+
+    /// Whether setting `policy` for `peer` would let through more than its policy now does.
+    pub fn would_widen(&self, peer: &NodeId, policy: &Policy) -> bool {
+        match self.peers.get(peer) {
+            Some((_, old)) => !policy.is_within(old),
+            None => false,
+        }
     }
 
     /// The name of `peer`, if it is configured.

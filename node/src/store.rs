@@ -336,9 +336,12 @@ pub enum StoreError {
     },
 }
 
-/// The redb store of one node.
+/// The redb store of one node. Clones share one database: the node actor writes through
+/// one, and views off the actor read through others (redb readers see the last commit whole
+/// and never wait for a writer).
+#[derive(Clone)]
 pub struct Store {
-    db: Database,
+    db: std::sync::Arc<Database>,
     path: PathBuf,
 }
 
@@ -369,7 +372,7 @@ impl Store {
         }
         let db = Database::create(path).map_err(|e| open_error(path, e))?;
         let store = Store {
-            db,
+            db: std::sync::Arc::new(db),
             path: path.into(),
         };
         store.init_tables()?;
@@ -386,7 +389,7 @@ impl Store {
             .open(path)
             .map_err(|e| open_error(path, e))?;
         let store = Store {
-            db,
+            db: std::sync::Arc::new(db),
             path: path.into(),
         };
         let format = store.check_format()?;
@@ -439,7 +442,10 @@ impl Store {
         let db = Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(|e| open_error(&path, e))?;
-        let store = Store { db, path };
+        let store = Store {
+            db: std::sync::Arc::new(db),
+            path,
+        };
         store.init_tables()?;
         Ok(store)
     }
@@ -857,8 +863,31 @@ impl Store {
         peer: &NodeId,
         f: impl FnOnce(&mut PeerRecord),
     ) -> Result<PeerRecord, StoreError> {
+        self.update_peer_with(peer, false, f)
+    }
+
+    /// [`Store::update_peer`], committed with immediate durability: for a change that must
+    /// survive a crash together with what the caller does next (a policy's widening).
+    pub fn update_peer_durably(
+        &self,
+        peer: &NodeId,
+        f: impl FnOnce(&mut PeerRecord),
+    ) -> Result<PeerRecord, StoreError> {
+        self.update_peer_with(peer, true, f)
+    }
+
+    fn update_peer_with(
+        &self,
+        peer: &NodeId,
+        durable: bool,
+        f: impl FnOnce(&mut PeerRecord),
+    ) -> Result<PeerRecord, StoreError> {
         let ctx = "updating peer state";
-        let tx = self.begin_lazy_write(ctx)?;
+        let tx = if durable {
+            self.db.begin_write().ctx(self, ctx)?
+        } else {
+            self.begin_lazy_write(ctx)?
+        };
         let record = {
             let mut peers = tx.open_table(PEERS).ctx(self, ctx)?;
             let mut record: PeerRecord = match peers.get(peer.0).ctx(self, ctx)? {

@@ -4,9 +4,9 @@
 //!
 //! A session starts when a connection to a configured peer is up. Each side sends `Hello` with
 //! the checkpoint of the other's log it has durably stored. Each side then sends `Changes`
-//! batches from its own log after that checkpoint, one batch in flight at a time; the receiver
-//! verifies, applies and commits a batch and its new checkpoint in one transaction, then answers
-//! `Ack`. New changes (local or received from anyone) are pushed the moment they are
+//! batches from its own log after that checkpoint, at most [`SYNC_WINDOW_BATCHES`] (two) in
+//! flight at a time; the receiver verifies, applies and commits a batch and its new checkpoint
+//! in one transaction, then answers `Ack`. New changes (local or received from anyone) are pushed the moment they are
 //! committed. Entries authored by the peer or received from it are not echoed back to it.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -70,6 +70,17 @@ pub enum SyncError {
     },
 }
 
+impl SyncError {
+    /// Whether the peer broke the protocol. A local failure (the store, a view we publish)
+    /// is ours: it never costs the peer its connection.
+    pub fn blames_peer(&self) -> bool {
+        match self {
+            SyncError::WrongNode { .. } | SyncError::Unexpected { .. } => true,
+            SyncError::Store { .. } | SyncError::View { .. } => false,
+        }
+    }
+}
+
 /// One connected peer's session.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -131,8 +142,18 @@ pub struct Session {
 impl Session {
     /// At most how many of our log entries up to `last` have not been acknowledged yet.
     pub fn pending_out(&self, last: u64) -> u64 {
-        let unacked: u64 = self.inflight.iter().map(|b| b.changes).sum();
-        last.saturating_sub(self.cursor) + unacked
+        self.summary().pending_out(last)
+    }
+
+    /// What status needs of this session.
+    pub fn summary(&self) -> crate::reads::SessionSummary {
+        crate::reads::SessionSummary {
+            since_ms: self.since_ms,
+            remote_tip: self.remote_tip,
+            cursor: self.cursor,
+            unacked: self.inflight.iter().map(|b| b.changes).sum(),
+            in_sync_after_ms: self.in_sync_after_ms,
+        }
     }
 
     fn new(now_ms: i64) -> Session {
@@ -315,6 +336,15 @@ impl Core {
     /// The session with `peer`, if connected.
     pub fn session(&self, peer: &NodeId) -> Option<&Session> {
         self.sync.peers.get(peer)
+    }
+
+    /// What status needs of each connected peer's session.
+    pub fn session_summaries(&self) -> crate::reads::Sessions {
+        self.sync
+            .peers
+            .iter()
+            .map(|(id, s)| (*id, s.summary()))
+            .collect()
     }
 
     /// A connection to `peer` is up: start a session and say where to resume.

@@ -21,13 +21,20 @@ use serde_json::Value;
 /// Longest a node may take to start answering its API, in seconds.
 pub const START_TIMEOUT_SECS: u64 = 60;
 
-/// The `tidesync` binary, built from this workspace in the current profile. It is built for the
-/// host without an explicit `--target`, so it lands in the same target directory as the tests
-/// and reuses their compiled dependencies (with `--target` cargo compiles the whole dependency
-/// tree a second time).
+/// Run the tests against another `tidesync` binary: the path in this variable (for example an
+/// older release's, to see a regression test fail there).
+pub const TEST_BIN_ENV: &str = "TIDESYNC_TEST_BIN";
+
+/// The `tidesync` binary, built from this workspace in the current profile, unless
+/// [`TEST_BIN_ENV`] names another. It is built for the host without an explicit `--target`,
+/// so it lands in the same target directory as the tests and reuses their compiled
+/// dependencies (with `--target` cargo compiles the whole dependency tree a second time).
 pub fn tidesync_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os(TEST_BIN_ENV) {
+            return PathBuf::from(bin);
+        }
         let build = escargot::CargoBuild::new()
             .package("tidesync")
             .bin("tidesync")

@@ -41,10 +41,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use tidesync_proto::{ObjectId, TypeName};
 
-use crate::bundle::{BundleError, ImportReport};
-use crate::core::{DEFAULT_PAGE_IDS, LocalWriteError, ReadError};
-use crate::engine::WriteError;
-use crate::node::{CallError, NodeHandle, PeerError};
+use crate::bundle::ImportReport;
+use crate::core::DEFAULT_PAGE_IDS;
+use crate::node::{CallError, NodeHandle};
+use crate::report::Kind;
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
@@ -78,35 +78,31 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<CallError<LocalWriteError>> for ApiError {
-    fn from(e: CallError<LocalWriteError>) -> ApiError {
-        let status = match &e {
-            CallError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
-            CallError::Failed(LocalWriteError::Refused(WriteError::NotFound { .. })) => {
-                StatusCode::NOT_FOUND
-            }
-            CallError::Failed(LocalWriteError::Refused(WriteError::Fields { .. })) => {
-                StatusCode::BAD_REQUEST
-            }
-            CallError::Failed(LocalWriteError::ReadOnly { .. }) => StatusCode::FORBIDDEN,
-            CallError::Failed(LocalWriteError::Store { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError::new(status, e)
-    }
-}
-
-impl From<CallError<ReadError>> for ApiError {
-    fn from(e: CallError<ReadError>) -> ApiError {
-        let status = match &e {
-            CallError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
-            CallError::Failed(ReadError::NotFound { .. }) => StatusCode::NOT_FOUND,
-            CallError::Failed(ReadError::Store { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
+/// Every failure the node reports maps to one status (see [`crate::report::ErrorKind`]).
+impl<E: Kind> From<CallError<E>> for ApiError
+where
+    CallError<E>: std::fmt::Display,
+{
+    fn from(e: CallError<E>) -> ApiError {
+        let status = StatusCode::from_u16(e.kind().http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         ApiError::new(status, e)
     }
 }
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// Why a home could not be made ready for a starting node.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Token(#[from] token::TokenError),
+    #[error("cannot restrict access to {home}: {source}")]
+    Restrict {
+        home: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
 
 /// Make a home ready for a starting node: take group and other access away from the home,
 /// its config and its store (homes made before these modes), remove uploads a crash left
@@ -115,13 +111,11 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 pub fn prepare_home(
     home: &crate::config::Home,
     config: &mut crate::config::Config,
-) -> Result<String, crate::node::RunError> {
-    let restricted = home
-        .restrict()
-        .map_err(|source| crate::node::RunError::Restrict {
-            home: home.dir.clone(),
-            source,
-        })?;
+) -> Result<String, PrepareError> {
+    let restricted = home.restrict().map_err(|source| PrepareError::Restrict {
+        home: home.dir.clone(),
+        source,
+    })?;
     for path in restricted {
         tracing::warn!(path = %path.display(), "took group and other access away");
     }
@@ -341,20 +335,6 @@ async fn changes(
     ))
 }
 
-impl From<CallError<crate::held::HeldError>> for ApiError {
-    fn from(e: CallError<crate::held::HeldError>) -> ApiError {
-        use crate::held::HeldError;
-        let status = match &e {
-            CallError::Failed(HeldError::UnknownPeer(_)) => StatusCode::NOT_FOUND,
-            CallError::Failed(HeldError::Read(ReadError::NotFound { .. })) => StatusCode::NOT_FOUND,
-            CallError::Failed(HeldError::Invalid(_)) => StatusCode::BAD_REQUEST,
-            CallError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
-            CallError::Failed(HeldError::Read(_)) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError::new(status, e)
-    }
-}
-
 /// `POST /v1/held` with a JSON [`crate::held::HeldQuery`]: list, or purge, held changes.
 async fn held(
     State(node): State<NodeHandle>,
@@ -380,21 +360,6 @@ async fn peers(State(node): State<NodeHandle>) -> ApiResult<Vec<crate::core::Pee
 pub const MAX_API_BUNDLE_BYTES: usize = 1024 * 1024 * 1024;
 /// The response header of `POST /v1/bundles/export` that carries the export's report (JSON).
 pub const EXPORT_REPORT_HEADER: &str = "x-tidesync-export";
-
-impl From<CallError<BundleError>> for ApiError {
-    fn from(e: CallError<BundleError>) -> ApiError {
-        let status = match &e {
-            CallError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
-            CallError::Failed(BundleError::UnknownPeer { .. }) => StatusCode::NOT_FOUND,
-            CallError::Failed(BundleError::Store { .. } | BundleError::Sync(_)) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-            CallError::Failed(BundleError::Encrypt { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
-            CallError::Failed(_) => StatusCode::UNPROCESSABLE_ENTITY,
-        };
-        ApiError::new(status, e)
-    }
-}
 
 #[derive(Deserialize)]
 struct ExportQuery {
@@ -469,17 +434,6 @@ pub struct PeerBody {
     pub addrs: Vec<libp2p::Multiaddr>,
     #[serde(flatten)]
     pub policy: crate::policy::Policy,
-}
-
-impl From<CallError<PeerError>> for ApiError {
-    fn from(e: CallError<PeerError>) -> ApiError {
-        let status = match &e {
-            CallError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
-            CallError::Failed(PeerError::Invalid(_)) => StatusCode::BAD_REQUEST,
-            CallError::Failed(PeerError::Save(_)) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError::new(status, e)
-    }
 }
 
 async fn set_peer(

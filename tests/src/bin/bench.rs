@@ -112,12 +112,22 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// `GET url` every 20 ms until `stop`: each request's latency in milliseconds.
-fn api_latencies(url: &str, token: Option<&str>, stop: &std::sync::atomic::AtomicBool) -> Vec<f64> {
+/// Latencies, in ms, of one API request repeated every 20 ms until `stop`: a GET, or a PUT of
+/// `body` when there is one. Only successful answers count.
+fn api_latencies(
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Vec<f64> {
     let client = reqwest::blocking::Client::new();
     let mut out = Vec::new();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let t = Instant::now();
-        let mut req = client.get(url);
+        let mut req = match &body {
+            Some(body) => client.put(url).json(body),
+            None => client.get(url),
+        };
         if let Some(token) = token {
             req = req.bearer_auth(token);
         }
@@ -219,26 +229,52 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
 
+    // B holds one object of its own, which the probes below read and write during the sync;
+    // its PUTs there repeat this body, so they add nothing to B's log.
+    let probe_body = json!({"text": "written during the initial sync"});
+    b.http(
+        Method::PUT,
+        "/v1/objects/Note/probe",
+        Some(&probe_body.to_string()),
+    );
+    let own = last_seq(&b);
+
     // A accepts B but does not dial; B dials A when it is told about it: the clock starts then.
     a.add_peer(&b, false);
     let (a_before, b_before) = (net(&a), net(&b));
     let (a_cpu, b_cpu) = (cpu_secs(&a), cpu_secs(&b));
     let t = Instant::now();
     b.add_peer(&a, true);
-    let target = objects as u64;
-    // While B receives, a client asks B's API for its status every 20 ms: how long the API
-    // keeps people waiting during an initial sync.
+    let target = objects as u64 + own;
+    // While B receives, three clients ask B's API every 20 ms: its status, an object it holds
+    // (reads, answered off the node actor) and a PUT of that object (a write, which waits for
+    // the batch the actor is storing): how long the API keeps people waiting.
     let probe_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let probe = {
+    let probes: Vec<(&str, std::thread::JoinHandle<Vec<f64>>)> = [
+        ("GET /v1/status", "/v1/status", None),
+        ("GET /v1/objects/Note/probe", "/v1/objects/Note/probe", None),
+        (
+            "PUT /v1/objects/Note/probe",
+            "/v1/objects/Note/probe",
+            Some(probe_body.clone()),
+        ),
+    ]
+    .into_iter()
+    .map(|(label, path, body)| {
         let stop = std::sync::Arc::clone(&probe_stop);
-        let url = format!("{}/v1/status", b.api_url());
+        let url = format!("{}{path}", b.api_url());
         let token = b.token().map(str::to_string);
-        std::thread::spawn(move || api_latencies(&url, token.as_deref(), &stop))
-    };
+        let probe = std::thread::spawn(move || api_latencies(&url, token.as_deref(), body, &stop));
+        (label, probe)
+    })
+    .collect();
     wait_seq(&b, target);
     let initial = t.elapsed();
     probe_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut lat = probe.join().unwrap_or_default();
+    let probes: Vec<(&str, Vec<f64>)> = probes
+        .into_iter()
+        .map(|(label, probe)| (label, probe.join().unwrap_or_default()))
+        .collect();
     let (a_cpu, b_cpu) = (cpu_secs(&a) - a_cpu, cpu_secs(&b) - b_cpu);
     let (a_after, b_after) = (net(&a), net(&b));
     println!(
@@ -251,15 +287,17 @@ fn main() {
         a_cpu,
         b_cpu
     );
-    lat.sort_by(f64::total_cmp);
-    if !lat.is_empty() {
-        println!(
-            "API during the initial sync (GET /v1/status on B every 20 ms, {} requests): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            lat.len(),
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99),
-            lat[lat.len() - 1]
-        );
+    for (label, mut lat) in probes {
+        lat.sort_by(f64::total_cmp);
+        if !lat.is_empty() {
+            println!(
+                "API during the initial sync ({label} on B every 20 ms, {} requests): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                lat.len(),
+                percentile(&lat, 0.5),
+                percentile(&lat, 0.99),
+                lat[lat.len() - 1]
+            );
+        }
     }
 
     // Idle resync: drop the link and bring it back; nothing differs.
@@ -306,7 +344,7 @@ fn main() {
     let (a_before, b_before) = (net(&a), net(&b));
     let t = Instant::now();
     b.add_peer(&a, true);
-    let target = (objects + changed) as u64;
+    let target = (objects + changed) as u64 + own;
     wait_seq(&b, target);
     let delta_t = t.elapsed();
     let (a_after, b_after) = (net(&a), net(&b));

@@ -1,0 +1,415 @@
+//! The network actor: it polls the libp2p swarm, dials the configured peers and passes sync
+//! traffic to and from the node actor. It never waits for the core, so connections, other
+//! peers and handshakes keep moving while the node actor verifies, applies or commits.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::{PeerId, Swarm, request_response};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tidesync_proto::NodeId;
+use tidesync_proto::wire::Message;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::PeerConfig;
+use crate::net::{Behaviour, BehaviourEvent, DIAL_TICK_MS, Frame, backoff_ms};
+
+/// Events that may wait in the node actor's queue before the network actor keeps them in its
+/// own backlog.
+pub const NET_EVENT_QUEUE_LEN: usize = 1_024;
+/// Commands from the node actor that may wait for the network actor.
+pub const NET_COMMAND_QUEUE_LEN: usize = 1_024;
+/// Most events the network actor keeps while the node actor is behind. Past it, the swarm is
+/// not polled until the node actor catches up: nothing is dropped, and libp2p's own buffers
+/// and the per-connection stream caps push back on the peers.
+pub const MAX_NET_BACKLOG: usize = 4_096;
+
+/// How long a request we could not store (a local failure) stays unanswered before its
+/// stream is closed, in seconds: the peer then sends it again, at most this often, and keeps
+/// its connection.
+pub const LOCAL_FAILURE_RETRY_SECS: u64 = 5;
+
+/// Which inbound request a response answers.
+pub type InboundId = u64;
+
+/// What the network actor tells the node actor, in the order it happened.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A configured peer's first connection is up.
+    Connected(NodeId),
+    /// A peer's last connection closed.
+    Disconnected(NodeId),
+    /// A configured peer asks; answer with [`NetCommand::Respond`] or
+    /// [`NetCommand::Disconnect`].
+    Request {
+        peer: NodeId,
+        id: InboundId,
+        msg: Message,
+    },
+    /// A peer answered one of our requests.
+    Response { peer: NodeId, msg: Message },
+    /// One of our requests to the peer failed (timeout, closed stream, dropped connection).
+    RequestFailed(NodeId),
+}
+
+/// What the node actor asks of the network actor.
+#[derive(Debug)]
+pub enum NetCommand {
+    /// Send these requests.
+    Send(Vec<(NodeId, Message)>),
+    /// Answer an inbound request.
+    Respond { id: InboundId, msg: Message },
+    /// Leave an inbound request unanswered for [`LOCAL_FAILURE_RETRY_SECS`], then close its
+    /// stream: we failed to store it, the peer did nothing wrong and sends it again.
+    Abandon { id: InboundId },
+    /// Close the connections of a peer that broke the protocol; its open request is dropped.
+    Disconnect {
+        peer: NodeId,
+        id: Option<InboundId>,
+        why: String,
+    },
+    /// Add or update a configured peer, and dial it.
+    SetLink { id: NodeId, config: Box<PeerConfig> },
+    /// Forget a peer: refuse and close its connections.
+    DropLink(NodeId),
+}
+
+/// What status shows of the network: the listen addresses and the refused connections.
+#[derive(Debug, Clone, Default)]
+pub struct NetState {
+    pub listen: Vec<String>,
+    /// Incoming connections refused (peer not configured, or over the connection limits),
+    /// since start.
+    pub refused: u64,
+}
+
+/// A configured peer, as the network actor tracks it.
+struct PeerLink {
+    config: PeerConfig,
+    peer_id: PeerId,
+    connected: bool,
+    /// Redials since the last successful connection.
+    attempt: u32,
+    next_dial: Instant,
+}
+
+/// The network actor's private state and loop.
+pub struct NetActor {
+    swarm: Swarm<Behaviour>,
+    links: HashMap<NodeId, PeerLink>,
+    commands: mpsc::Receiver<NetCommand>,
+    events: mpsc::Sender<NetEvent>,
+    /// Events the node actor's queue had no room for yet, oldest first.
+    backlog: VecDeque<NetEvent>,
+    /// Inbound requests waiting for the node actor's answer.
+    open: HashMap<InboundId, (NodeId, request_response::ResponseChannel<Frame>)>,
+    next_id: InboundId,
+    /// Abandoned requests and when their streams close, oldest first.
+    abandoned: VecDeque<(Instant, request_response::ResponseChannel<Frame>)>,
+    state: watch::Sender<NetState>,
+    rng: StdRng,
+}
+
+/// The two ends the node actor holds: its event queue and the command sender.
+pub struct NetEnds {
+    pub events: mpsc::Receiver<NetEvent>,
+    pub commands: mpsc::Sender<NetCommand>,
+    pub state: watch::Receiver<NetState>,
+}
+
+impl NetActor {
+    /// A network actor over `swarm`, with the configured peers `peers`.
+    pub fn new(swarm: Swarm<Behaviour>, peers: &[(NodeId, PeerConfig)]) -> (NetActor, NetEnds) {
+        let (events_tx, events) = mpsc::channel(NET_EVENT_QUEUE_LEN);
+        let (commands, commands_rx) = mpsc::channel(NET_COMMAND_QUEUE_LEN);
+        let (state_tx, state) = watch::channel(NetState::default());
+        let mut actor = NetActor {
+            swarm,
+            links: HashMap::new(),
+            commands: commands_rx,
+            events: events_tx,
+            backlog: VecDeque::new(),
+            open: HashMap::new(),
+            next_id: 0,
+            abandoned: VecDeque::new(),
+            state: state_tx,
+            rng: StdRng::from_rng(&mut rand::rng()),
+        };
+        for (id, config) in peers {
+            actor.add_link(config.clone(), *id);
+        }
+        (
+            actor,
+            NetEnds {
+                events,
+                commands,
+                state,
+            },
+        )
+    }
+
+    /// Run until `shutdown` turns true or the node actor drops its command sender.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(DIAL_TICK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            let polling = self.backlog.len() < MAX_NET_BACKLOG;
+            let behind = !self.backlog.is_empty();
+            let events = self.events.clone();
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+                permit = events.reserve(), if behind => match permit {
+                    Ok(permit) => {
+                        if let Some(event) = self.backlog.pop_front() {
+                            permit.send(event);
+                        }
+                    }
+                    Err(_) => break,
+                },
+                event = self.swarm.select_next_some(), if polling => self.on_swarm_event(event),
+                _ = tick.tick() => self.on_tick(),
+                _ = shutdown.wait_for(|stop| *stop) => break,
+            }
+        }
+        tracing::info!("network actor stopped");
+    }
+
+    /// Pass an event on to the node actor without waiting: into its queue, or into the
+    /// backlog behind the events already waiting there.
+    fn emit(&mut self, event: NetEvent) {
+        if !self.backlog.is_empty() {
+            self.backlog.push_back(event);
+            return;
+        }
+        match self.events.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(event)) => self.backlog.push_back(event),
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    fn on_command(&mut self, command: NetCommand) {
+        match command {
+            NetCommand::Send(out) => {
+                for (peer, msg) in out {
+                    if let Some(link) = self.links.get(&peer) {
+                        let peer_id = link.peer_id;
+                        self.swarm
+                            .behaviour_mut()
+                            .sync
+                            .send_request(&peer_id, Frame::Message(msg));
+                    }
+                }
+            }
+            NetCommand::Respond { id, msg } => {
+                if let Some((_, channel)) = self.open.remove(&id) {
+                    // Fails only when the peer has gone; its next session starts over.
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .sync
+                        .send_response(channel, Frame::Message(msg));
+                }
+            }
+            NetCommand::Abandon { id } => {
+                if let Some((_, channel)) = self.open.remove(&id) {
+                    let due = Instant::now() + Duration::from_secs(LOCAL_FAILURE_RETRY_SECS);
+                    self.abandoned.push_back((due, channel));
+                }
+            }
+            NetCommand::Disconnect { peer, id, why } => {
+                if let Some(id) = id {
+                    self.open.remove(&id);
+                }
+                if let Some(peer_id) = peer.to_peer_id() {
+                    self.drop_bad_peer(peer_id, "broke the protocol", &why);
+                }
+            }
+            NetCommand::SetLink { id, config } => self.add_link(*config, id),
+            NetCommand::DropLink(id) => self.drop_link(&id),
+        }
+    }
+
+    fn add_link(&mut self, config: PeerConfig, id: NodeId) {
+        let Some(peer_id) = id.to_peer_id() else {
+            return;
+        };
+        self.swarm.behaviour_mut().allow.allow_peer(peer_id);
+        let connected = self.swarm.is_connected(&peer_id);
+        let link = self.links.entry(id).or_insert(PeerLink {
+            config: config.clone(),
+            peer_id,
+            connected,
+            attempt: 0,
+            next_dial: Instant::now(),
+        });
+        link.config = config;
+        link.next_dial = Instant::now();
+        // Dial now rather than at the next tick.
+        self.on_tick();
+    }
+
+    fn drop_link(&mut self, id: &NodeId) {
+        if let Some(link) = self.links.remove(id) {
+            self.swarm.behaviour_mut().allow.disallow_peer(link.peer_id);
+            let _ = self.swarm.disconnect_peer_id(link.peer_id);
+            self.open.retain(|_, (peer, _)| peer != id);
+        }
+    }
+
+    /// Dial the configured peers that are down and due, and close the abandoned requests'
+    /// streams that are due.
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        while self.abandoned.front().is_some_and(|(due, _)| *due <= now) {
+            self.abandoned.pop_front();
+        }
+        for link in self.links.values_mut() {
+            if link.connected || link.config.addrs.is_empty() || link.next_dial > now {
+                continue;
+            }
+            let delay = backoff_ms(link.attempt, &mut self.rng);
+            link.attempt = link.attempt.saturating_add(1);
+            link.next_dial = now + Duration::from_millis(delay);
+            let opts = DialOpts::peer_id(link.peer_id)
+                .addresses(link.config.addrs.clone())
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(peer = %link.config.name, error = %e, "dial not started");
+            }
+        }
+    }
+
+    /// The configured peer behind `peer`, if it is one.
+    fn configured(&self, peer: &PeerId) -> Option<NodeId> {
+        NodeId::from_peer_id(peer).filter(|id| self.links.contains_key(id))
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening for peers");
+                self.state
+                    .send_modify(|s| s.listen.push(address.to_string()));
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                let Some(id) = self.configured(&peer_id) else {
+                    tracing::warn!(%peer_id, "closing a connection from a peer that is not configured");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                };
+                if let Some(link) = self.links.get_mut(&id) {
+                    link.connected = true;
+                    link.attempt = 0;
+                }
+                if num_established.get() == 1 {
+                    tracing::info!(peer = %id, "peer connected");
+                    self.emit(NetEvent::Connected(id));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                cause,
+                ..
+            } => {
+                if let Some(id) = NodeId::from_peer_id(&peer_id) {
+                    self.open.retain(|_, (peer, _)| *peer != id);
+                    if let Some(link) = self.links.get_mut(&id) {
+                        link.connected = false;
+                        tracing::info!(peer = %id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
+                    }
+                    self.emit(NetEvent::Disconnected(id));
+                }
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                if matches!(error, libp2p::swarm::ListenError::Denied { .. }) {
+                    self.state.send_modify(|s| s.refused += 1);
+                }
+                tracing::warn!(from = %send_back_addr, error = %error, "refused an incoming connection");
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync_event(event),
+            _ => {}
+        }
+    }
+
+    /// Log a peer that broke the protocol and drop its connection; the node carries on.
+    fn drop_bad_peer(&mut self, peer: PeerId, why: &str, detail: &str) {
+        tracing::warn!(%peer, error = %detail, "dropping the connection to a peer that {why}");
+        let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
+    fn on_sync_event(&mut self, event: request_response::Event<Frame, Frame>) {
+        use request_response::{Event, Message as Rr};
+        match event {
+            Event::Message { peer, message, .. } => {
+                let Some(id) = self.configured(&peer) else {
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                    return;
+                };
+                match message {
+                    Rr::Request {
+                        request: Frame::Message(msg),
+                        channel,
+                        ..
+                    } => {
+                        let inbound = self.next_id;
+                        self.next_id += 1;
+                        self.open.insert(inbound, (id, channel));
+                        self.emit(NetEvent::Request {
+                            peer: id,
+                            id: inbound,
+                            msg,
+                        });
+                    }
+                    Rr::Response {
+                        response: Frame::Message(msg),
+                        ..
+                    } => self.emit(NetEvent::Response { peer: id, msg }),
+                    Rr::Request {
+                        request: Frame::Bad(why),
+                        ..
+                    }
+                    | Rr::Response {
+                        response: Frame::Bad(why),
+                        ..
+                    } => self.drop_bad_peer(peer, "sent a bad frame", &why),
+                }
+            }
+            Event::OutboundFailure { peer, error, .. } => {
+                tracing::warn!(%peer, error = %error, "a request to the peer failed");
+                if let Some(id) = NodeId::from_peer_id(&peer) {
+                    self.emit(NetEvent::RequestFailed(id));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                // A stream past the cap, a timeout, a closed connection, a request we left
+                // unanswered: none proves the peer wrong, so it keeps its connection.
+                if NodeId::from_peer_id(&peer).is_none_or(|id| crate::ratelog::REFUSALS.allow(&id))
+                {
+                    tracing::debug!(%peer, error = %error, "an inbound request failed");
+                }
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+}

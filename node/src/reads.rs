@@ -1,0 +1,488 @@
+//! Reads of what the store last committed (objects, histories, the change feed, collisions,
+//! status): a cloneable view that answers off the node actor, so the API keeps answering
+//! while the actor verifies, applies or commits.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+use tidesync_proto::{DocId, NodeId, ObjectId, TypeName};
+
+use crate::doc;
+use crate::engine::DocRecord;
+use crate::store::{IdPage, Store, StoreError, TypeCount};
+
+/// Most ids returned by one page of a listing.
+pub const MAX_PAGE_IDS: usize = 10_000;
+/// Ids per page of a listing when the caller does not say.
+pub const DEFAULT_PAGE_IDS: usize = 1_000;
+/// Most entries returned by one page of the change feed.
+pub const MAX_FEED_ENTRIES: usize = 10_000;
+
+/// One change in an object's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub hash: String,
+    /// The node that signed the change (its PeerId).
+    pub author: String,
+    pub actor: String,
+    pub seq: u64,
+    /// Unix seconds recorded by the author.
+    pub time: i64,
+    pub message: Option<String>,
+    pub deps: Vec<String>,
+    /// Whether the stored signature verifies for this change, document and author.
+    pub verified: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// An object's history, oldest change first (causal order).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub id: String,
+    pub doc: String,
+    /// The node that created the object.
+    pub origin: String,
+    pub deleted: bool,
+    pub changes: Vec<HistoryEntry>,
+}
+
+/// One entry of the change feed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedEntry {
+    pub seq: u64,
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub id: String,
+    pub doc: String,
+    pub hash: String,
+    pub author: String,
+    pub time_ms: i64,
+}
+
+/// A page of the change feed. Resume with `since = last`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Feed {
+    pub changes: Vec<FeedEntry>,
+    pub last: u64,
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub name: String,
+    /// True when answered by a running node, false when read from a stopped node's store.
+    pub running: bool,
+    pub objects: BTreeMap<String, TypeCount>,
+    pub last_seq: u64,
+    pub store_bytes: u64,
+    /// Received changes held until their dependencies arrive.
+    pub held_changes: u64,
+    /// Objects stored under a collision name because another object had their type and id
+    /// here (listed by `tidesync conflicts`).
+    #[serde(default)]
+    pub collisions: u64,
+    /// Addresses the node listens on for peers (running node only).
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// Incoming connections refused, because the peer is not configured or the connection
+    /// limits were reached (running node, since start).
+    #[serde(default)]
+    pub refused_connections: u64,
+    /// Sync frames and bytes sent and received (running node, since start).
+    #[serde(default)]
+    pub net: crate::net::NetTotals,
+    #[serde(default)]
+    pub peers: Vec<PeerStatus>,
+}
+
+/// The sync state of one configured peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub id: String,
+    pub addrs: Vec<String>,
+    pub connected: bool,
+    /// Since when the peer is connected, Unix milliseconds.
+    pub connected_since_ms: Option<i64>,
+    /// Last time a batch from or to the peer was stored or acknowledged, Unix milliseconds.
+    pub last_sync_ms: Option<i64>,
+    /// How long the current session took to come in sync (both Hellos answered, nothing of
+    /// ours unacknowledged), in milliseconds; none while it has not.
+    #[serde(default)]
+    pub in_sync_after_ms: Option<i64>,
+    /// At most this many of our log entries have yet to reach the peer.
+    pub pending_out: u64,
+    /// At most this many of the peer's log entries have yet to reach us.
+    pub pending_in: u64,
+    /// Changes received from the peer and stored.
+    pub changes_in: u64,
+    /// Changes sent to the peer and acknowledged.
+    pub changes_out: u64,
+    /// Changes from the peer that failed verification or policy.
+    pub rejected: u64,
+    /// Changes we sent that the peer rejected.
+    pub rejected_by_peer: u64,
+    /// Changes the peer sent that we already had.
+    pub duplicates: u64,
+    /// Changes from the peer refused by policy, per type.
+    #[serde(default)]
+    pub rejected_types: std::collections::BTreeMap<String, u64>,
+    /// Stored changes never sent to the peer because no frame can carry them (received from
+    /// a node with other limits); each is logged once.
+    #[serde(default)]
+    pub oversized_skipped: u64,
+    /// Changes from the peer held here for missing dependencies, against its quota.
+    #[serde(default)]
+    pub held: u64,
+    /// Changes from the peer refused because its (or their document's) quota of held changes
+    /// was full; they arrive again (see `tidesync held`).
+    #[serde(default)]
+    pub held_refused_for_room: u64,
+    /// What may pass to and from the peer.
+    #[serde(default)]
+    pub policy: crate::policy::Policy,
+}
+
+/// Two documents that arrived under one name: the one stored under its own name and the one
+/// renamed `id~<8 hex>`. Both are kept and reachable.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Conflict {
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// The name both documents have at their origins.
+    pub id: String,
+    /// The local name the second document got here.
+    pub local_id: String,
+    pub doc: String,
+    pub origin: String,
+    /// The document holding the plain name here, and its origin.
+    pub holder: Option<String>,
+    pub holder_origin: Option<String>,
+}
+
+/// Why a read failed. Each names what was read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{ty}/{id} does not exist")]
+    NotFound { ty: TypeName, id: ObjectId },
+    #[error("cannot read {what}: {source}")]
+    Store { what: String, source: StoreError },
+}
+
+/// What status needs of a connected peer's session: a copy the node actor publishes after
+/// each step, so that status is answered without it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionSummary {
+    /// When the session started, Unix milliseconds.
+    pub since_ms: i64,
+    /// The peer's last SEQ, as it last told us.
+    pub remote_tip: u64,
+    /// The last entry of our log scanned for the peer.
+    pub cursor: u64,
+    /// Changes sent and not yet acknowledged.
+    pub unacked: u64,
+    /// How long the session took to come in sync, if it has.
+    pub in_sync_after_ms: Option<i64>,
+}
+
+impl SessionSummary {
+    /// At most how many of our log entries up to `last` have not been acknowledged yet.
+    pub fn pending_out(&self, last: u64) -> u64 {
+        last.saturating_sub(self.cursor) + self.unacked
+    }
+}
+
+/// The connected peers' sessions, by peer.
+pub type Sessions = BTreeMap<NodeId, SessionSummary>;
+
+/// A read-only view of one node's store. Each read opens its own read transaction, so it sees
+/// the last commit whole and never waits for a write in progress.
+#[derive(Clone)]
+pub struct Reads {
+    store: Store,
+    node: NodeId,
+    name: String,
+    running: bool,
+}
+
+fn read_err(what: impl std::fmt::Display) -> impl FnOnce(StoreError) -> ReadError {
+    let what = what.to_string();
+    move |source| ReadError::Store { what, source }
+}
+
+impl Reads {
+    /// A view of `store`, the store of node `node` called `name`; `running` is reported by
+    /// status.
+    pub fn new(store: Store, node: NodeId, name: String, running: bool) -> Reads {
+        Reads {
+            store,
+            node,
+            name,
+            running,
+        }
+    }
+
+    /// The document that the local name `ty/id` points to, with its record.
+    pub fn find(
+        &self,
+        ty: &TypeName,
+        id: &ObjectId,
+    ) -> Result<Option<(DocId, DocRecord)>, StoreError> {
+        let Some(doc_id) = self.store.lookup(ty, id)? else {
+            return Ok(None);
+        };
+        Ok(self.store.record(&doc_id)?.map(|r| (doc_id, r)))
+    }
+
+    /// An object's document and record, deleted or not.
+    fn doc_of(
+        &self,
+        ty: &TypeName,
+        id: &ObjectId,
+    ) -> Result<(DocId, DocRecord, automerge::Automerge), ReadError> {
+        let what = format!("{ty}/{id}");
+        let not_found = || ReadError::NotFound {
+            ty: ty.clone(),
+            id: id.clone(),
+        };
+        let (doc_id, record) = self
+            .find(ty, id)
+            .map_err(read_err(&what))?
+            .ok_or_else(not_found)?;
+        let doc = self
+            .store
+            .load_doc(&doc_id)
+            .map_err(read_err(&what))?
+            .ok_or_else(not_found)?;
+        Ok((doc_id, record, doc))
+    }
+
+    /// The live object `ty/id` as JSON.
+    pub fn get(&self, ty: &TypeName, id: &ObjectId) -> Result<Map<String, Json>, ReadError> {
+        let (_, record, doc) = self.doc_of(ty, id)?;
+        if !record.live {
+            return Err(ReadError::NotFound {
+                ty: ty.clone(),
+                id: id.clone(),
+            });
+        }
+        Ok(doc::to_json(&doc))
+    }
+
+    /// Ids of live objects of `ty`, a page at a time.
+    pub fn list(
+        &self,
+        ty: &TypeName,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<IdPage, ReadError> {
+        self.store
+            .list(ty, after, limit.clamp(1, MAX_PAGE_IDS))
+            .map_err(read_err(format!("the ids of {ty}")))
+    }
+
+    /// Every change of `ty/id` (deleted objects too), with each signature checked.
+    pub fn history(&self, ty: &TypeName, id: &ObjectId) -> Result<History, ReadError> {
+        let what = format!("the history of {ty}/{id}");
+        let (doc_id, record, doc) = self.doc_of(ty, id)?;
+        let changes: Vec<_> = doc.get_changes(&[]);
+        let mut entries = Vec::with_capacity(changes.len());
+        for change in changes {
+            let hash = change.hash();
+            let checked = self.check_stored(&doc_id, &hash).map_err(read_err(&what))?;
+            entries.push(HistoryEntry {
+                hash: hash.to_string(),
+                author: NodeId::from_actor(change.actor_id().to_bytes())
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "unknown".into()),
+                actor: change.actor_id().to_hex_string(),
+                seq: change.seq(),
+                time: change.timestamp(),
+                message: change.message().map(str::to_string),
+                deps: change.deps().iter().map(|d| d.to_string()).collect(),
+                verified: checked.is_ok(),
+                error: checked.err(),
+            });
+        }
+        Ok(History {
+            ty: ty.to_string(),
+            id: id.to_string(),
+            doc: doc_id.to_string(),
+            origin: record.origin.to_string(),
+            deleted: doc::is_deleted(&doc),
+            changes: entries,
+        })
+    }
+
+    /// Whether the stored signed copy of change `hash` of `doc_id` verifies: its author, or
+    /// why not.
+    pub fn check_stored(
+        &self,
+        doc_id: &DocId,
+        hash: &automerge::ChangeHash,
+    ) -> Result<Result<NodeId, String>, StoreError> {
+        Ok(match self.store.change(doc_id, hash)? {
+            None => Err("no signed copy of this change is stored".to_string()),
+            Some(s) => s.verify().map_err(|e| e.to_string()).and_then(|v| {
+                if v.hash == *hash {
+                    Ok(v.author)
+                } else {
+                    Err("stored signed change has a different hash".into())
+                }
+            }),
+        })
+    }
+
+    /// The change feed after `since`, at most `limit` entries.
+    pub fn changes(&self, since: u64, limit: usize) -> Result<Feed, ReadError> {
+        let what = "the change feed";
+        let log = self
+            .store
+            .log_since(since, limit.clamp(1, MAX_FEED_ENTRIES))
+            .map_err(read_err(what))?;
+        let mut changes = Vec::with_capacity(log.len());
+        let reader = self.store.reader().map_err(read_err(what))?;
+        let mut names: BTreeMap<DocId, Option<DocRecord>> = BTreeMap::new();
+        for (seq, entry) in log {
+            let record = match names.entry(entry.doc) {
+                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(reader.record(&entry.doc).map_err(read_err(what))?)
+                }
+            };
+            let (ty, id) = record
+                .as_ref()
+                .map(|r| (r.ty.to_string(), r.local_id.to_string()))
+                .unwrap_or_default();
+            changes.push(FeedEntry {
+                seq,
+                ty,
+                id,
+                doc: entry.doc.to_string(),
+                hash: hex::encode(entry.hash),
+                author: entry.author.to_string(),
+                time_ms: entry.time_ms,
+            });
+        }
+        let last = changes.last().map(|c| c.seq).unwrap_or(since);
+        Ok(Feed { changes, last })
+    }
+
+    /// The last SEQ in the change log.
+    pub fn last_seq(&self) -> Result<u64, ReadError> {
+        self.store.last_seq().map_err(read_err("the change log"))
+    }
+
+    /// Every name collision on this node (see [`Conflict`]).
+    pub fn conflicts(&self) -> Result<Vec<Conflict>, ReadError> {
+        let err = read_err("the name collisions");
+        let collisions = self.store.collisions().map_err(err)?;
+        let mut out = Vec::with_capacity(collisions.len());
+        for (doc, rec) in collisions {
+            let holder = self
+                .find(&rec.ty, &rec.id)
+                .map_err(read_err("the name collisions"))?;
+            out.push(Conflict {
+                ty: rec.ty.to_string(),
+                id: rec.id.to_string(),
+                local_id: rec.local_id.to_string(),
+                doc: doc.to_string(),
+                origin: rec.origin.to_string(),
+                holder: holder.as_ref().map(|(d, _)| d.to_string()),
+                holder_origin: holder.map(|(_, r)| r.origin.to_string()),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The node's status, with the sync state of each configured peer; `sessions` holds the
+    /// connected ones.
+    pub fn status(
+        &self,
+        peers: &[crate::config::PeerConfig],
+        sessions: &Sessions,
+    ) -> Result<Status, ReadError> {
+        let what = "the node status";
+        let last_seq = self.store.last_seq().map_err(read_err(what))?;
+        Ok(Status {
+            node: self.node.to_string(),
+            name: self.name.clone(),
+            running: self.running,
+            objects: self.store.counts().map_err(read_err(what))?,
+            last_seq,
+            store_bytes: self.store.size_bytes(),
+            held_changes: self.store.pending_count().map_err(read_err(what))?,
+            collisions: self.store.collision_count().map_err(read_err(what))?,
+            listen: Vec::new(),
+            refused_connections: 0,
+            net: Default::default(),
+            peers: peers
+                .iter()
+                .map(|p| {
+                    let session = p.node_id().ok().and_then(|id| sessions.get(&id));
+                    self.peer_status(p, last_seq, session)
+                })
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// The sync state of one configured peer, given our log's last SEQ and its session.
+    fn peer_status(
+        &self,
+        peer: &crate::config::PeerConfig,
+        last: u64,
+        session: Option<&SessionSummary>,
+    ) -> Result<PeerStatus, ReadError> {
+        let what = format!("the state of peer {}", peer.name);
+        let id = peer.node_id().ok();
+        let record = match id {
+            Some(id) => self.store.peer(&id).map_err(read_err(&what))?,
+            None => Default::default(),
+        };
+        let oversized_skipped = match id {
+            Some(id) => self.store.oversized_count(&id).map_err(read_err(&what))?,
+            None => 0,
+        };
+        let held = match id {
+            Some(id) => self
+                .store
+                .reader()
+                .and_then(|r| r.held_tally(&id))
+                .map_err(read_err(&what))?,
+            None => Default::default(),
+        };
+        let (pending_out, pending_in) = match session {
+            Some(s) => (
+                s.pending_out(last),
+                s.remote_tip.saturating_sub(record.received.seq),
+            ),
+            None => (last.saturating_sub(record.acked), 0),
+        };
+        Ok(PeerStatus {
+            name: peer.name.clone(),
+            id: peer.id.clone(),
+            addrs: peer.addrs.iter().map(|a| a.to_string()).collect(),
+            connected: session.is_some(),
+            connected_since_ms: session.map(|s| s.since_ms),
+            last_sync_ms: (record.last_sync_ms > 0).then_some(record.last_sync_ms),
+            in_sync_after_ms: session.and_then(|s| s.in_sync_after_ms),
+            pending_out,
+            pending_in,
+            changes_in: record.changes_in,
+            changes_out: record.changes_out,
+            rejected: record.rejected,
+            rejected_by_peer: record.rejected_by_peer,
+            duplicates: record.duplicates,
+            rejected_types: record.rejected_types,
+            oversized_skipped,
+            held: held.changes,
+            held_refused_for_room: held.refused_for_room,
+            policy: peer.policy.clone(),
+        })
+    }
+}

@@ -1,0 +1,145 @@
+//! The kinds of failure the API, the CLI and its client report, and the one place that says how
+//! each is shown: its HTTP status and its process exit code.
+
+use crate::bundle::BundleError;
+use crate::core::{LocalWriteError, ReadError};
+use crate::engine::WriteError;
+use crate::held::HeldError;
+use crate::node::{CallError, PeerError};
+
+/// What went wrong, as the caller needs to know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The object, peer or document named does not exist.
+    NotFound,
+    /// The request itself is wrong (a bad field, a bad name, a bad policy).
+    Invalid,
+    /// The request is well formed but its content is refused (a bundle that fails a check).
+    Unprocessable,
+    /// Policy forbids it (a read-only type).
+    Forbidden,
+    /// The node is stopping or stopped.
+    Unavailable,
+    /// This node failed (its disk, its store): nobody's request was wrong.
+    Internal,
+}
+
+impl ErrorKind {
+    /// The HTTP status the API answers with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorKind::NotFound => 404,
+            ErrorKind::Invalid => 400,
+            ErrorKind::Unprocessable => 422,
+            ErrorKind::Forbidden => 403,
+            ErrorKind::Unavailable => 503,
+            ErrorKind::Internal => 500,
+        }
+    }
+
+    /// The kind an API answer's status stands for (the CLI talking to a running node).
+    pub fn from_http_status(status: u16) -> ErrorKind {
+        match status {
+            404 => ErrorKind::NotFound,
+            403 => ErrorKind::Forbidden,
+            422 => ErrorKind::Unprocessable,
+            503 => ErrorKind::Unavailable,
+            400..=499 => ErrorKind::Invalid,
+            _ => ErrorKind::Internal,
+        }
+    }
+
+    /// The CLI's exit code: 3 for something missing, 4 for a write refused by policy, 1
+    /// otherwise (2, for usage, is the CLI's own).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorKind::NotFound => 3,
+            ErrorKind::Forbidden => 4,
+            _ => 1,
+        }
+    }
+}
+
+/// An operation's error that can say which [`ErrorKind`] it is.
+pub trait Kind: std::fmt::Display {
+    fn kind(&self) -> ErrorKind;
+}
+
+impl Kind for LocalWriteError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            LocalWriteError::Refused(WriteError::NotFound { .. }) => ErrorKind::NotFound,
+            LocalWriteError::Refused(WriteError::Fields { .. }) => ErrorKind::Invalid,
+            LocalWriteError::ReadOnly { .. } => ErrorKind::Forbidden,
+            LocalWriteError::Store { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
+impl Kind for ReadError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ReadError::NotFound { .. } => ErrorKind::NotFound,
+            ReadError::Store { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
+impl Kind for BundleError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            BundleError::UnknownPeer { .. } => ErrorKind::NotFound,
+            BundleError::Store { .. } | BundleError::Sync(_) | BundleError::Encrypt { .. } => {
+                ErrorKind::Internal
+            }
+            _ => ErrorKind::Unprocessable,
+        }
+    }
+}
+
+impl Kind for HeldError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            HeldError::UnknownPeer(_) => ErrorKind::NotFound,
+            HeldError::Invalid(_) => ErrorKind::Invalid,
+            HeldError::Read(r) => r.kind(),
+        }
+    }
+}
+
+impl Kind for PeerError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            PeerError::Invalid(_) => ErrorKind::Invalid,
+            PeerError::Save(_) | PeerError::Store(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+impl<E: Kind> Kind for CallError<E> {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            CallError::Stopped => ErrorKind::Unavailable,
+            CallError::Failed(e) => e.kind(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_survives_the_trip_through_http() {
+        for kind in [
+            ErrorKind::NotFound,
+            ErrorKind::Invalid,
+            ErrorKind::Unprocessable,
+            ErrorKind::Forbidden,
+            ErrorKind::Unavailable,
+            ErrorKind::Internal,
+        ] {
+            assert_eq!(ErrorKind::from_http_status(kind.http_status()), kind);
+        }
+    }
+}
