@@ -140,11 +140,6 @@ pub struct Session {
 }
 
 impl Session {
-    /// At most how many of our log entries up to `last` have not been acknowledged yet.
-    pub fn pending_out(&self, last: u64) -> u64 {
-        self.summary().pending_out(last)
-    }
-
     /// What status needs of this session.
     pub fn summary(&self) -> crate::reads::SessionSummary {
         crate::reads::SessionSummary {
