@@ -29,7 +29,8 @@ use tidesync_proto::{Checkpoint, DocHeader, DocId, NodeId, SignedChange};
 
 use crate::core::Core;
 use crate::identity::Identity;
-use crate::store::{Claim, StoreError};
+use crate::model::Claim;
+use crate::store::StoreError;
 use crate::sync::{SYNC_BATCH_CHANGES, SyncError};
 
 /// The first bytes of every bundle.

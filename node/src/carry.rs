@@ -7,9 +7,11 @@ use automerge::Automerge;
 use tidesync_proto::{DocHeader, DocId, NodeId, SignedChange};
 
 use crate::core::Core;
-use crate::engine::DocRecord;
-use crate::outbound::{Extra, change_wire_bytes, header_wire_bytes};
-use crate::store::{Reader, StoreError, View};
+use crate::model::DocRecord;
+use crate::model::View;
+use crate::model::{change_wire_bytes, header_wire_bytes};
+use crate::outbound::Extra;
+use crate::store::{Reader, StoreError};
 use crate::sync::SyncError;
 
 /// One referenced object, ready to carry: its header and every stored change.

@@ -499,21 +499,6 @@ impl Progress {
     }
 }
 
-/// Write `bytes` to `path` through a temporary file in the same folder, renamed into place
-/// once complete and flushed, so a crash never leaves half a bundle under its name.
-fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => std::path::Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
-}
-
 fn print_json(v: &impl serde::Serialize) -> Result<(), CliError> {
     let line = serde_json::to_string(v).map_err(|e| CliError::Output(std::io::Error::other(e)))?;
     println!("{line}");
@@ -587,9 +572,11 @@ async fn object_command(home: &Home, command: Command) -> Result<(), CliError> {
             let tick = |n: u64| bar.update(n, None);
             let (bytes, report) = client.export_bundle(&peer, all, !plain, &tick).await?;
             bar.finish();
-            write_atomically(&out, &bytes).map_err(|source| CliError::WriteBundle {
-                file: out.clone(),
-                source,
+            crate::atomic::write_atomic(&out, &bytes, 0o600).map_err(|source| {
+                CliError::WriteBundle {
+                    file: out.clone(),
+                    source,
+                }
             })?;
             if json {
                 return print_json(&report);

@@ -10,9 +10,8 @@
 //! ```
 
 use std::fs;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
@@ -221,7 +220,7 @@ impl Config {
             ));
         }
         if let Some(token) = &self.api.token {
-            crate::api::token::check(token).map_err(|e| format!("api.token: {e}"))?;
+            check_token(token).map_err(|e| format!("api.token: {e}"))?;
         }
         if self.api.hosts.len() > MAX_API_HOSTS {
             return Err(format!(
@@ -327,7 +326,7 @@ impl Config {
         if let Some(token) = &self.api.token {
             let file = home.token();
             if !file.exists() {
-                write_atomic(&file, format!("{token}\n").as_bytes(), 0o600)
+                crate::atomic::write_atomic(&file, format!("{token}\n").as_bytes(), 0o600)
                     .map_err(|source| ConfigError::Write { file, source })?;
             }
         }
@@ -342,34 +341,28 @@ impl Config {
         })?;
         let text =
             format!("# tidesync node configuration. See the README for every setting.\n{body}");
-        write_atomic(&file, text.as_bytes(), 0o600)
+        crate::atomic::write_atomic(&file, text.as_bytes(), 0o600)
             .map_err(|source| ConfigError::Write { file, source })
     }
 }
 
-/// Write `bytes` to `path` atomically with the given Unix mode.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    // A leftover temporary file would keep its old mode: start afresh.
-    match fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
+/// Fewest characters a token may have (a hand-written or migrated one).
+pub const MIN_TOKEN_CHARS: usize = 16;
+
+/// Most characters a token may have.
+pub const MAX_TOKEN_CHARS: usize = 512;
+
+/// Check an API token's form: [`MIN_TOKEN_CHARS`] to [`MAX_TOKEN_CHARS`] visible ASCII characters
+/// (it travels in an HTTP header).
+pub fn check_token(token: &str) -> Result<(), String> {
+    if token.len() < MIN_TOKEN_CHARS || token.len() > MAX_TOKEN_CHARS {
+        return Err(format!(
+            "a token must have {MIN_TOKEN_CHARS} to {MAX_TOKEN_CHARS} characters, not {}",
+            token.len()
+        ));
     }
-    {
-        let mut opts = fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(mode);
-        }
-        let mut f = opts.open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("a token may hold only visible ASCII characters".into());
     }
     Ok(())
 }

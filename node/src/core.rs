@@ -13,8 +13,9 @@ use tidesync_proto::{DocId, NodeId, ObjectId, TypeName};
 
 use crate::config::{Config, Home};
 use crate::doc;
-use crate::engine::{DocRecord, Engine, Loaded, WriteError, WriteOp, WriteOutcome};
+use crate::engine::{Engine, Loaded, WriteError, WriteOp, WriteOutcome};
 use crate::identity::{Identity, KeyError};
+use crate::model::DocRecord;
 pub use crate::reads::{
     Conflict, DEFAULT_PAGE_IDS, Feed, FeedEntry, History, HistoryEntry, MAX_FEED_ENTRIES,
     MAX_PAGE_IDS, PeerStatus, ReadError, Reads, Status,
@@ -455,7 +456,7 @@ impl Core {
             if let WriteOutcome::Changed(p) = &outcome {
                 // A change no frame can carry would never reach a peer, and would stop the
                 // log behind it on older nodes: refuse it before anything is stored.
-                let bytes = crate::outbound::change_wire_bytes(&p.change);
+                let bytes = crate::model::change_wire_bytes(&p.change);
                 if bytes > crate::outbound::MAX_LOCAL_CHANGE_BYTES {
                     return Err(LocalWriteError::Refused(WriteError::Fields {
                         ty: (*ty).clone(),
@@ -469,7 +470,7 @@ impl Core {
             }
             outcomes.push(outcome);
         }
-        let persists: Vec<&crate::engine::Persist> = outcomes
+        let persists: Vec<&crate::model::Persist> = outcomes
             .iter()
             .filter_map(|o| match o {
                 WriteOutcome::Changed(p) => Some(p),

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::config::{Config, Home, write_atomic};
+use crate::atomic::write_atomic;
+use crate::config::{Config, Home};
 use crate::core::{Core, OpenError, ReadError};
 use crate::net::{Fault, NetCounters, NetError, build_swarm};
 use crate::node::spawn;

@@ -15,29 +15,13 @@ use automerge::transaction::CommitOptions;
 use std::collections::HashMap;
 
 use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 use tidesync_proto::ids::actor_id;
 use tidesync_proto::{DocHeader, DocId, NodeId, ObjectId, SignedChange, TypeName, VerifiedChange};
 
 use crate::doc::{self, FieldsError};
 use crate::identity::Identity;
-use crate::store::ReceivedDoc;
-
-/// What a node knows about one document besides its Automerge state.
-///
-/// `origin`, `ty` and `id` are the document's global identity: [`DocId::derive`] of them is its
-/// id, and its first change is signed by `origin`. `local_id` is the name it has on this node,
-/// which differs from `id` when a prefix applies.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DocRecord {
-    pub origin: NodeId,
-    pub ty: TypeName,
-    pub id: ObjectId,
-    pub local_id: ObjectId,
-    /// False once the document carries the deletion tombstone.
-    pub live: bool,
-}
+use crate::model::{DocRecord, Persist, ReceivedDoc, collision_name};
 
 /// A document the shell loaded for the engine.
 #[derive(Debug)]
@@ -65,21 +49,6 @@ impl WriteOp<'_> {
             (WriteOp::Put(_), false) => "put",
         }
     }
-}
-
-/// Records the shell must commit atomically before acknowledging a write.
-#[derive(Debug)]
-pub struct Persist {
-    pub doc_id: DocId,
-    pub record: DocRecord,
-    /// The document after the change, to store as its current state.
-    pub doc: Automerge,
-    pub change: SignedChange,
-    pub hash: ChangeHash,
-    /// Who signed the change: this node.
-    pub author: NodeId,
-    /// Unix time of the write, in milliseconds, for the change log.
-    pub time_ms: i64,
 }
 
 /// The engine's answer to a local write.
@@ -511,29 +480,6 @@ fn dependency_order(
         }
     }
     order
-}
-
-/// The local name of a received document whose `(type, name)` another document already has
-/// here: the name, `~`, and the first 8 hex digits of its document id. Neither document is lost
-/// or merged into the other.
-pub fn collision_name(name: &ObjectId, doc: &DocId) -> ObjectId {
-    let suffix = collision_suffix(doc);
-    let keep = tidesync_proto::ids::MAX_OBJECT_ID_BYTES - suffix.len();
-    let mut base = name.as_str().to_string();
-    while base.len() > keep {
-        base.pop();
-    }
-    ObjectId::new(format!("{base}{suffix}")).unwrap_or_else(|_| name.clone())
-}
-
-/// Whether `local_id` is the collision name [`collision_name`] gives document `doc`.
-pub fn is_collision_name(local_id: &ObjectId, doc: &DocId) -> bool {
-    local_id.as_str().ends_with(&collision_suffix(doc))
-}
-
-/// `~` and the first 8 hex digits of the document id.
-fn collision_suffix(doc: &DocId) -> String {
-    format!("~{}", &doc.to_string()[..8])
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::SigningKey;
 use tidesync_proto::NodeId;
 
-use crate::config::write_atomic;
+use crate::atomic::write_atomic;
 
 const KEY_FILE_HEADER: &str = "tidesync-ed25519-secret-v1";
 

@@ -2,6 +2,9 @@
 //! documents in redb.
 //!
 //! # Layout
+//! - [`model`]: the records every layer shares (documents, log entries, peer records, batches)
+//!   and the glossary of log positions.
+//! - [`atomic`]: writing a file whole or not at all (temp file, sync, rename).
 //! - [`config`]: the node's home directory and its TOML config file.
 //! - [`identity`]: the ed25519 key file and the ids derived from it.
 //! - [`doc`]: how an object's JSON maps onto an Automerge document; the deletion tombstone rule.
@@ -29,6 +32,7 @@
 //! - [`fuzzing`]: the fuzz targets' harnesses (`fuzz/`), replayed on stable by the tests.
 
 pub mod api;
+pub mod atomic;
 pub mod bundle;
 pub mod carry;
 pub mod cli;
@@ -43,6 +47,7 @@ pub mod fault;
 pub mod fuzzing;
 pub mod held;
 pub mod identity;
+pub mod model;
 pub mod net;
 pub mod netloop;
 pub mod node;

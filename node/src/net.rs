@@ -8,8 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::allow_block_list::{self, AllowedPeers};
 use libp2p::connection_limits::{self, ConnectionLimits};
@@ -21,6 +19,7 @@ use tidesync_proto::Message;
 use tidesync_proto::wire::{self, FRAME_HEADER_BYTES, MAX_FRAME_BYTES};
 
 use crate::identity::Identity;
+use crate::model::NetTotals;
 
 /// The sync protocol's libp2p name; its version follows `PROTOCOL_VERSION`.
 pub const PROTOCOL: &str = "/tidesync/sync/1";
@@ -88,15 +87,6 @@ pub struct NetCounters {
     frames_out: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
-}
-
-/// A reading of [`NetCounters`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetTotals {
-    pub frames_in: u64,
-    pub frames_out: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
 }
 
 impl NetCounters {

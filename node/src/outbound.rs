@@ -13,8 +13,8 @@ use tidesync_proto::wire::{FRAME_HEADER_BYTES, MAX_FRAME_BYTES};
 use tidesync_proto::{Checkpoint, DocHeader, DocId, NodeId, SignedChange};
 
 use crate::core::Core;
-use crate::engine::DocRecord;
-use crate::store::{LogEntry, OutBatch};
+use crate::model::DocRecord;
+use crate::model::{LogEntry, OutBatch, change_wire_bytes, header_wire_bytes};
 use crate::sync::{SYNC_BATCH_CHANGES, SYNC_SCAN_ENTRIES, SyncError};
 
 /// Bytes of a frame kept free below `MAX_FRAME_BYTES`: for the `Changes` message's own fields
@@ -56,22 +56,6 @@ const _: () = assert!(
     "a local change must always fit in a batch with its header"
 );
 const _: () = assert!(SYNC_BATCH_BYTES + FRAME_HEADER_BYTES < MAX_FRAME_BYTES);
-
-/// The bytes `value` takes as postcard writes it, counted without writing it; a value
-/// postcard cannot encode counts as too large for anything.
-fn encoded_size<T: serde::Serialize>(value: &T) -> usize {
-    postcard::experimental::serialized_size(value).unwrap_or(usize::MAX)
-}
-
-/// The bytes `change` takes in a `Changes` message, as postcard writes it.
-pub fn change_wire_bytes(change: &SignedChange) -> usize {
-    encoded_size(change)
-}
-
-/// The bytes `header` takes in a `Changes` message, as postcard writes it.
-pub fn header_wire_bytes(header: &DocHeader) -> usize {
-    encoded_size(header)
-}
 
 /// What a log entry brings into the batch besides its own change.
 #[derive(Default)]

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tidesync_proto::{NodeId, ObjectId, TypeName};
 
-use crate::engine::DocRecord;
+use crate::model::DocRecord;
 
 /// Which way objects flow between this node and a peer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -55,7 +55,7 @@ pub struct Policy {
     /// they are sent back to it and to no other peer.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub prefixed: Vec<TypeName>,
-    /// The fields of each type that reference other objects (see [`references`]). An object
+    /// The fields of each type that reference other objects (see [`Policy::references`]). An object
     /// sent to this peer takes the objects it references with it, whatever their type, and
     /// those then stay up to date at the peer; from this peer we take the objects its objects
     /// reference in the same way.

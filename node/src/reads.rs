@@ -9,7 +9,7 @@ use serde_json::{Map, Value as Json};
 use tidesync_proto::{DocId, NodeId, ObjectId, TypeName};
 
 use crate::doc;
-use crate::engine::DocRecord;
+use crate::model::DocRecord;
 use crate::store::{IdPage, Store, StoreError, TypeCount};
 
 /// Most ids returned by one page of a listing.
@@ -95,7 +95,7 @@ pub struct Status {
     pub refused_connections: u64,
     /// Sync frames and bytes sent and received (running node, since start).
     #[serde(default)]
-    pub net: crate::net::NetTotals,
+    pub net: crate::model::NetTotals,
     #[serde(default)]
     pub peers: Vec<PeerStatus>,
 }

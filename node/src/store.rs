@@ -14,7 +14,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tidesync_proto::{Checkpoint, DocHeader, DocId, NodeId, ObjectId, SignedChange, TypeName};
 
-use crate::engine::{DocRecord, Persist};
+use crate::model::{Claim, DocRecord, LogEntry, OutBatch, PeerRecord, Persist, ReceivedDoc, View};
 
 mod held;
 use held::{HELD, HELD_COUNTS, HeldTables};
@@ -61,16 +61,6 @@ const COUNTS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counts_v
 /// Key: (peer NodeId, the object's DocId). Value: postcard [`View`].
 const VIEWS: TableDefinition<([u8; 32], [u8; 16]), &[u8]> = TableDefinition::new("views_v1");
 
-/// The view of one object published to one peer.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct View {
-    /// The view document's Automerge state.
-    #[serde(with = "tidesync_proto::change::serde_bytes_vec")]
-    pub state: Vec<u8>,
-    /// Every change of the view, signed by this node, in order.
-    pub changes: Vec<SignedChange>,
-}
-
 /// The `counts_v1` key of the collision count (type names cannot hold `~`).
 const COLLISIONS_KEY: &str = "~collisions";
 /// What this node knows of each peer's sync: checkpoints and counters.
@@ -81,18 +71,6 @@ const PEERS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("peers_v1")
 /// Added within format 2 (see `Store::upgrade_within_format`).
 /// Key: (peer NodeId, DocId). Value: unit.
 const BY_REF: TableDefinition<([u8; 32], [u8; 16]), ()> = TableDefinition::new("by_ref_v1");
-
-/// One entry of the change log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogEntry {
-    pub doc: DocId,
-    pub hash: [u8; 32],
-    pub author: NodeId,
-    /// The peer this node received the change from; `None` for its own writes.
-    pub from: Option<NodeId>,
-    /// When this node stored the change, Unix milliseconds.
-    pub time_ms: i64,
-}
 
 /// A row of `docs_v2`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -132,179 +110,6 @@ struct LogRow {
 struct LogRowRef<'a> {
     entry: &'a LogEntry,
     change: &'a SignedChange,
-}
-
-/// What a node remembers of its sync with one peer.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PeerRecord {
-    /// The peer's log is durably stored here up to this checkpoint.
-    pub received: Checkpoint,
-    /// Batches stored beyond `received` with a gap before them, as `(after, upto)`: batches in
-    /// flight together may arrive out of order. The checkpoint absorbs each one once the gap
-    /// before it is filled. At most [`MAX_AHEAD_BATCHES`] are remembered, and they are
-    /// forgotten when a new connection to the peer starts.
-    pub ahead: Vec<(u64, Checkpoint)>,
-    /// The peer acknowledged our log up to this SEQ.
-    pub acked: u64,
-    /// Changes received from the peer and stored (not counting duplicates).
-    pub changes_in: u64,
-    /// Changes sent to the peer.
-    pub changes_out: u64,
-    /// Changes from the peer that failed verification or policy.
-    pub rejected: u64,
-    /// Of those, the ones refused by policy, per type: at most [`MAX_REJECTED_TYPES`] keys,
-    /// the smallest counts folded into [`OTHER_REJECTED_TYPES`] (see
-    /// [`PeerRecord::bound_rejected_types`]).
-    pub rejected_types: BTreeMap<String, u64>,
-    /// Send the peer our whole log (through its policy) at its next Hello: its policy was
-    /// widened.
-    pub resend_all: bool,
-    /// Changes we sent that the peer reported rejecting.
-    pub rejected_by_peer: u64,
-    /// Duplicates received (changes already held).
-    pub duplicates: u64,
-    /// Last time a batch was stored or acknowledged, Unix milliseconds.
-    pub last_sync_ms: i64,
-}
-
-/// Most keys of [`PeerRecord::rejected_types`], the `(other)` bucket included. A peer may send
-/// changes of any number of type names; without a bound one sending 20,000 names grew its
-/// record, and every `status`, to 1.26 MB.
-pub const MAX_REJECTED_TYPES: usize = 64;
-/// The key of [`PeerRecord::rejected_types`] that counts the refusals of every type that did
-/// not keep a key of its own. Parentheses are not allowed in type names, so no type can take it.
-pub const OTHER_REJECTED_TYPES: &str = "(other)";
-
-/// Out-of-order batches remembered per peer (see [`PeerRecord::ahead`]); a sender keeps only a
-/// few batches in flight, so more than this means the peer started over and they are stale.
-pub const MAX_AHEAD_BATCHES: usize = 8;
-
-impl PeerRecord {
-    /// Keep at most [`MAX_REJECTED_TYPES`] keys in `rejected_types`: the types with the most
-    /// refusals keep theirs (ties by name), the rest are added to [`OTHER_REJECTED_TYPES`].
-    /// The total stays the same. Applied whenever a record is read or written, so records
-    /// written before the bound are cut down too.
-    pub fn bound_rejected_types(&mut self) {
-        if self.rejected_types.len() <= MAX_REJECTED_TYPES {
-            return;
-        }
-        let mut other = self
-            .rejected_types
-            .remove(OTHER_REJECTED_TYPES)
-            .unwrap_or(0);
-        let mut by_count: Vec<(String, u64)> = std::mem::take(&mut self.rejected_types)
-            .into_iter()
-            .collect();
-        by_count.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let folded = by_count.split_off((MAX_REJECTED_TYPES - 1).min(by_count.len()));
-        for (_, n) in folded {
-            other = other.saturating_add(n);
-        }
-        self.rejected_types = by_count.into_iter().collect();
-        self.rejected_types
-            .insert(OTHER_REJECTED_TYPES.to_string(), other);
-    }
-
-    /// Record that the peer's log from `after` to `upto` is durably stored here; moves the
-    /// checkpoint when that leaves no gap, or when `restart` (a batch from the start of the
-    /// peer's log, `after` 0, newer than any other of its session: the peer started its log
-    /// over, and the checkpoint may move back), absorbing any batches stored ahead of it.
-    /// Whether the checkpoint moved.
-    pub fn stored(&mut self, after: u64, upto: Checkpoint, restart: bool) -> bool {
-        let before = self.received.seq;
-        let restart = restart && after == 0;
-        if restart || (after <= self.received.seq && upto.seq >= self.received.seq) {
-            self.received = upto;
-        } else if after > self.received.seq {
-            self.ahead.push((after, upto));
-            if self.ahead.len() > MAX_AHEAD_BATCHES {
-                self.ahead.remove(0);
-            }
-        }
-        while let Some(i) = self
-            .ahead
-            .iter()
-            .position(|(a, u)| *a <= self.received.seq && u.seq >= self.received.seq)
-        {
-            self.received = self.ahead.remove(i).1;
-        }
-        let received = self.received.seq;
-        self.ahead.retain(|(_, u)| u.seq > received);
-        self.received.seq != before || restart
-    }
-}
-
-/// What a received batch says of the sender's log: it holds the entries from `after` to
-/// `upto` (those the receiver may have; see [`PeerRecord::stored`]). A batch without a claim
-/// (an export bundle's, but for its last part) leaves the checkpoint where it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Claim {
-    pub after: u64,
-    pub upto: Checkpoint,
-    /// The batch may start the sender's log over (see [`PeerRecord::stored`]).
-    pub restart: bool,
-}
-
-/// A range of the log read for one peer.
-#[derive(Debug, Default)]
-pub struct OutBatch {
-    pub docs: Vec<DocHeader>,
-    pub changes: Vec<SignedChange>,
-    /// The last log entry scanned (sent or skipped).
-    pub upto: Checkpoint,
-    /// The log SEQ of each of the first changes, those read from the log (views and carried
-    /// objects follow them and have none).
-    pub seqs: Vec<u64>,
-    /// The encoded size of `docs` and `changes` (see [`crate::outbound::change_wire_bytes`]).
-    pub bytes: usize,
-    /// Log entries passed over because their change alone can never fit in a batch: SEQ,
-    /// entry and encoded size.
-    pub oversized: Vec<(u64, LogEntry, usize)>,
-    /// The views in the batch and, for each, how many of its changes the peer holds once it
-    /// stores the batch.
-    pub views: Vec<(DocId, u64)>,
-    /// Objects owed to the peer (see [`Store::owed_refs`]) that this batch carries: settled
-    /// once it is acknowledged.
-    pub owed: Vec<DocId>,
-}
-
-/// One document's share of a received batch, ready to commit.
-#[derive(Debug)]
-pub struct ReceivedDoc {
-    pub doc_id: DocId,
-    pub header: DocHeader,
-    /// The record to store, when at least one change was applied.
-    pub record: Option<DocRecord>,
-    /// The new document state, when at least one change was applied.
-    pub state: Option<Vec<u8>>,
-    /// Applied changes, in the order they were applied: these join the log, each with its
-    /// author and the peer it came from (a released change keeps the sender it was held for).
-    pub applied: Vec<(SignedChange, ChangeHash, NodeId, Option<NodeId>)>,
-    /// Changes to hold until their dependencies arrive (from the batch's sender).
-    pub held: Vec<(SignedChange, ChangeHash)>,
-    /// Previously held changes that have now been applied.
-    pub released: Vec<ChangeHash>,
-    /// Previously held changes that our current policy for their sender now refuses.
-    pub dropped: Vec<ChangeHash>,
-    /// Taken only because an object from the same peer references it (see `by_ref_v1`).
-    pub by_ref: bool,
-}
-
-impl ReceivedDoc {
-    /// A document of which nothing is stored.
-    pub fn nothing(header: DocHeader) -> ReceivedDoc {
-        ReceivedDoc {
-            doc_id: header.doc,
-            header,
-            record: None,
-            state: None,
-            applied: Vec::new(),
-            held: Vec::new(),
-            released: Vec::new(),
-            dropped: Vec::new(),
-            by_ref: false,
-        }
-    }
 }
 
 /// Why the store failed. Each names the store file.
@@ -711,11 +516,11 @@ impl Store {
     }
 
     /// Documents stored under a collision name (`id~<8 hex>`, see
-    /// [`crate::engine::collision_name`]) because another document had their name here. A scan
+    /// [`crate::model::collision_name`]) because another document had their name here. A scan
     /// of `docs_v2`.
     pub fn collisions(&self) -> Result<Vec<(DocId, DocRecord)>, StoreError> {
         self.docs_where("listing name collisions", |doc, rec| {
-            crate::engine::is_collision_name(&rec.local_id, doc)
+            crate::model::is_collision_name(&rec.local_id, doc)
         })
     }
 
@@ -907,7 +712,7 @@ impl Store {
     /// Read the log after `after` for sending to a peer: at most `max_changes` changes, scanning
     /// at most `max_scan` entries, and stopping before a change whose encoded size (with its
     /// document's header, the first time) would take the batch past `max_bytes` (see
-    /// [`crate::outbound::change_wire_bytes`]). A change that alone exceeds `max_bytes` can
+    /// [`crate::model::change_wire_bytes`]). A change that alone exceeds `max_bytes` can
     /// never be sent: it is listed in `oversized` and passed over, so it blocks nothing. Entries
     /// for which `skip_entry` is true, or whose document `skip_doc` refuses (given the entry's
     /// SEQ), are passed over (but still covered by `upto`); `skip_entry` is asked first, so it
@@ -975,8 +780,8 @@ impl Store {
                 id: record.id.clone(),
             };
             let new_doc = !headed.contains(&entry.doc);
-            let change_bytes = crate::outbound::change_wire_bytes(&change);
-            let header_bytes = crate::outbound::header_wire_bytes(&header);
+            let change_bytes = crate::model::change_wire_bytes(&change);
+            let header_bytes = crate::model::header_wire_bytes(&header);
             let alone = change_bytes.saturating_add(header_bytes);
             if alone > max_bytes {
                 batch.oversized.push((seq, entry, alone));
@@ -1144,12 +949,12 @@ impl<'s, 'tx> Writer<'s, 'tx> {
                     .is_some_and(|other| other.value() != doc.0);
                 if taken {
                     renamed = DocRecord {
-                        local_id: crate::engine::collision_name(&record.local_id, doc),
+                        local_id: crate::model::collision_name(&record.local_id, doc),
                         ..record.clone()
                     };
                     record = &renamed;
                 }
-                if crate::engine::is_collision_name(&record.local_id, doc) {
+                if crate::model::is_collision_name(&record.local_id, doc) {
                     // Counted in the first slot of its `counts_v1` row, as a live object is.
                     self.bump(COLLISIONS_KEY, true, true)?;
                 }
@@ -1338,59 +1143,8 @@ mod tests {
     use super::*;
     use crate::engine::{Engine, WriteOp, WriteOutcome};
     use crate::identity::Identity;
+    use crate::model::{MAX_REJECTED_TYPES, OTHER_REJECTED_TYPES};
     use serde_json::json;
-
-    /// A checkpoint at `seq` with a hash made from it.
-    fn cp(seq: u64) -> Checkpoint {
-        Checkpoint {
-            seq,
-            hash: [seq as u8; 32],
-        }
-    }
-
-    // Regression: two batches in flight travel on separate substreams and can arrive out of
-    // order; the later one was stored but the checkpoint never caught up past it, so every
-    // reconnect resent everything after the first gap (an idle resync moved 5.9 MB).
-    #[test]
-    fn the_checkpoint_catches_up_over_batches_that_arrived_early() {
-        let mut r = PeerRecord::default();
-        assert!(
-            !r.stored(2000, cp(4000), false),
-            "a gap before it: no move yet"
-        );
-        assert_eq!(r.received.seq, 0);
-        assert!(
-            r.stored(0, cp(2000), true),
-            "the gap filled: both batches count"
-        );
-        assert_eq!(r.received, cp(4000));
-        assert!(r.ahead.is_empty());
-        // In order it simply moves; a batch wholly behind the checkpoint changes nothing.
-        assert!(r.stored(4000, cp(6000), false));
-        assert!(!r.stored(2000, cp(3000), false));
-        assert_eq!(r.received, cp(6000));
-        // Only so many early batches are remembered.
-        for i in 0..(MAX_AHEAD_BATCHES as u64 + 3) {
-            r.stored(10_000 + i * 10, cp(10_005 + i * 10), false);
-        }
-        assert_eq!(r.ahead.len(), MAX_AHEAD_BATCHES);
-    }
-
-    // Regression (found by the simulation, seed 1029 of the star sweep): a batch from the
-    // start of the log (`after` 0) always reset the checkpoint to its end, so a copy of a
-    // session's first batch arriving late moved it back; every later batch then waited
-    // "ahead" of a gap that never filled, and each reconnect resent the whole log.
-    #[test]
-    fn a_late_copy_of_a_first_batch_does_not_move_the_checkpoint_back() {
-        let mut r = PeerRecord::default();
-        assert!(r.stored(0, cp(2), true));
-        assert!(r.stored(2, cp(5), false));
-        assert!(!r.stored(0, cp(2), false), "an old copy: no move");
-        assert_eq!(r.received, cp(5));
-        // A peer that really starts over (a newer batch from 0) moves it back.
-        assert!(r.stored(0, cp(3), true));
-        assert_eq!(r.received, cp(3));
-    }
 
     // Regression: `rejected_types` had no bound, so a peer that sent changes of 20,000 type
     // names grew its record (and every `status`) to 1.26 MB. Records are cut down when read,

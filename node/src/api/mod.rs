@@ -18,7 +18,7 @@
 //! API and no foreign `Origin`; state-changing ones need `Content-Type: application/json`
 //! (bundle uploads: `application/vnd.tidesync.bundle`). See [`guard`].
 //!
-//! Modules: [`guard`] (the checks before a handler), [`serve`] (the HTTP server and its
+//! Modules: [`guard`] (the checks before a handler), [`serve`](mod@serve) (the HTTP server and its
 //! limits), [`token`] (the token file), [`spool`] (bundle uploads to a temporary file).
 
 pub mod guard;

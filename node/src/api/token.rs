@@ -5,14 +5,12 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::config::{Config, ConfigError, Home, write_atomic};
+use crate::atomic::write_atomic;
+use crate::config::check_token;
+use crate::config::{Config, ConfigError, Home};
 
 /// Random bytes in a generated token (printed as 64 hex digits).
 pub const TOKEN_RANDOM_BYTES: usize = 32;
-/// Fewest characters a token may have (a hand-written or migrated one).
-pub const MIN_TOKEN_CHARS: usize = 16;
-/// Most characters a token may have.
-pub const MAX_TOKEN_CHARS: usize = 512;
 /// Largest token file read, in bytes (the token, whitespace and a newline).
 pub const MAX_TOKEN_FILE_BYTES: u64 = 1024;
 
@@ -44,24 +42,9 @@ pub fn generate() -> String {
     hex::encode(rand::random::<[u8; TOKEN_RANDOM_BYTES]>())
 }
 
-/// Check a token's form: [`MIN_TOKEN_CHARS`] to [`MAX_TOKEN_CHARS`] visible ASCII characters
-/// (it travels in an HTTP header).
-pub fn check(token: &str) -> Result<(), String> {
-    if token.len() < MIN_TOKEN_CHARS || token.len() > MAX_TOKEN_CHARS {
-        return Err(format!(
-            "a token must have {MIN_TOKEN_CHARS} to {MAX_TOKEN_CHARS} characters, not {}",
-            token.len()
-        ));
-    }
-    if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err("a token may hold only visible ASCII characters".into());
-    }
-    Ok(())
-}
-
 /// Write `token` to `file` with mode 0600 (atomically).
 pub fn save(file: &Path, token: &str) -> Result<(), TokenError> {
-    check(token).map_err(|reason| TokenError::Invalid {
+    check_token(token).map_err(|reason| TokenError::Invalid {
         file: file.into(),
         reason,
     })?;
@@ -114,7 +97,7 @@ pub fn load(file: &Path) -> Result<Option<String>, TokenError> {
     }
     let text = String::from_utf8(bytes).map_err(|_| invalid("not UTF-8 text".into()))?;
     let token = text.trim();
-    check(token).map_err(invalid)?;
+    check_token(token).map_err(invalid)?;
     Ok(Some(token.to_string()))
 }
 
@@ -170,9 +153,9 @@ mod tests {
         let (a, b) = (generate(), generate());
         assert_eq!(a.len(), 2 * TOKEN_RANDOM_BYTES);
         assert_ne!(a, b);
-        assert!(check(&a).is_ok());
-        assert!(check("short").is_err());
-        assert!(check("has a space in the middle").is_err());
+        assert!(check_token(&a).is_ok());
+        assert!(check_token("short").is_err());
+        assert!(check_token("has a space in the middle").is_err());
     }
 
     #[test]
