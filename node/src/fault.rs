@@ -12,7 +12,10 @@
 //! simulations and the integration tests turn on: without it [`Faults::set`] does nothing.
 
 use std::fmt;
+
+use automerge::Change;
 use std::str::FromStr;
+use tidesync_proto::{NodeId, SignedChange};
 
 /// One deliberate bug in the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -147,6 +150,24 @@ impl Fault {
             Some("ignore-policy") => Fault::IgnorePolicy,
             _ => Fault::None,
         }
+    }
+}
+
+/// Test-only fault: alter a change this node did not author, keeping it decodable, as a
+/// dishonest relay would.
+pub(crate) fn tamper_if_relayed(change: &mut SignedChange, me: &NodeId) {
+    let Ok(decoded) = Change::from_bytes(change.bytes.clone()) else {
+        return;
+    };
+    if NodeId::from_actor(decoded.actor_id().to_bytes()) == Some(*me) {
+        return;
+    }
+    if let Some(last) = change.bytes.last_mut() {
+        *last ^= 0x01;
+    }
+    if let Ok(altered) = Change::from_bytes(change.bytes.clone()) {
+        let hash = altered.hash();
+        change.bytes[4..8].copy_from_slice(&hash.0[..4]);
     }
 }
 

@@ -26,9 +26,9 @@ use tidesync_proto::{DocHeader, DocId, NodeId, ObjectId, SignedChange, TypeName,
 use crate::bundle::{self, BUNDLE_HEADER_BYTES, BUNDLE_MAGIC, BUNDLE_SIGNING_DOMAIN, BundleBody};
 use crate::config::Config;
 use crate::core::Core;
-use crate::engine::{Arrival, Arrived, Engine, Loaded, WriteOp, WriteOutcome};
 use crate::identity::Identity;
 use crate::model::DocRecord;
+use crate::replica::engine::{Arrival, Arrived, Engine, Loaded, WriteOp, WriteOutcome};
 use crate::store::Store;
 
 /// A fuzz target's function.

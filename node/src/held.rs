@@ -73,7 +73,8 @@ fn read_err(source: crate::store::StoreError) -> HeldError {
 fn peer_label(core: &Core, id: Option<NodeId>) -> String {
     match id {
         Some(id) => core
-            .policies
+            .replica()
+            .policies()
             .name_of(&id)
             .map(str::to_string)
             .unwrap_or_else(|| id.to_string()),
@@ -86,7 +87,8 @@ pub fn held(core: &Core, query: &HeldQuery) -> Result<HeldReport, HeldError> {
     let this = core;
     let from = match &query.peer {
         Some(name) => Some(
-            this.policies
+            this.replica()
+                .policies()
                 .named(name)
                 .ok_or_else(|| HeldError::UnknownPeer(name.clone()))?,
         ),
@@ -96,7 +98,7 @@ pub fn held(core: &Core, query: &HeldQuery) -> Result<HeldReport, HeldError> {
         (Some(ty), Some(id)) => {
             let ty = TypeName::new(ty).map_err(|e| HeldError::Invalid(e.to_string()))?;
             let id = ObjectId::new(id).map_err(|e| HeldError::Invalid(e.to_string()))?;
-            let found = this.store.lookup(&ty, &id).map_err(read_err)?;
+            let found = this.store().lookup(&ty, &id).map_err(read_err)?;
             Some(found.ok_or(ReadError::NotFound { ty, id })?)
         }
         (None, None) => None,
@@ -104,12 +106,12 @@ pub fn held(core: &Core, query: &HeldQuery) -> Result<HeldReport, HeldError> {
     };
     let filter = HeldFilter { from, doc };
     let removed = if query.purge {
-        Some(this.store.purge_held(filter).map_err(read_err)?)
+        Some(this.store().purge_held(filter).map_err(read_err)?)
     } else {
         None
     };
     let rows = this
-        .store
+        .store()
         .held_rows(filter, MAX_HELD_LISTED)
         .map_err(read_err)?;
     let held = rows
@@ -124,7 +126,7 @@ pub fn held(core: &Core, query: &HeldQuery) -> Result<HeldReport, HeldError> {
         })
         .collect();
     let tallies = this
-        .store
+        .store()
         .held_tallies()
         .map_err(read_err)?
         .into_iter()

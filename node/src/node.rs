@@ -19,7 +19,7 @@ use crate::net::{Behaviour, NetCounters};
 use crate::netloop::{NetActor, NetCommand, NetEvent, NetState};
 use crate::reads::{Reads, Sessions};
 use crate::store::IdPage;
-use crate::sync::{Outgoing, SyncError};
+use crate::sync::SyncError;
 
 /// Requests that may wait in the node's queue before callers are made to wait.
 pub const ACTION_QUEUE_LEN: usize = 256;
@@ -325,6 +325,7 @@ impl NodeActor {
                 },
                 _ = shutdown.wait_for(|stop| *stop) => break,
             }
+            self.drain_outbox();
             self.publish_live();
             for command in std::mem::take(&mut self.out) {
                 if self.net.send(command).await.is_err() {
@@ -347,24 +348,17 @@ impl NodeActor {
                 reply,
             } => {
                 let r = self.core.put(&ty, &id, &fields);
-                self.after_write(&r);
+                log_refused(&r);
                 let _ = reply.send(r);
             }
             Action::PutMany { items, reply } => {
                 let r = self.core.put_many(&items);
-                let first = r
-                    .as_ref()
-                    .map(|rs| rs.iter().find(|w| w.seq.is_some()).cloned());
-                match first {
-                    Ok(Some(w)) => self.after_write(&Ok(w)),
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(error = %e, "batch write refused"),
-                }
+                log_refused(&r);
                 let _ = reply.send(r);
             }
             Action::Delete { ty, id, reply } => {
                 let r = self.core.delete(&ty, &id);
-                self.after_write(&r);
+                log_refused(&r);
                 let _ = reply.send(r);
             }
             Action::Held { query, reply } => {
@@ -384,11 +378,6 @@ impl NodeActor {
                 reply,
             } => {
                 let result = self.core.import_bundle(&bytes, dry_run, &|_, _| {});
-                if matches!(&result, Ok(r) if !r.dry_run && r.new_changes > 0) {
-                    self.publish_seq();
-                    let out = self.core.pump_all();
-                    self.send_all(out);
-                }
                 let _ = reply.send(result);
             }
             Action::SetPeer { peer, reply } => {
@@ -415,33 +404,19 @@ impl NodeActor {
         });
     }
 
-    fn after_write(&mut self, result: &Result<WriteReply, LocalWriteError>) {
-        match result {
-            Ok(WriteReply { seq: Some(_), .. }) => {
-                self.publish_seq();
-                let out = self.core.pump_all();
-                self.send_all(out);
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "local write refused"),
+    /// Hand the network actor what the core's last step left to send, and publish the new
+    /// tip of our log if a commit moved it.
+    fn drain_outbox(&mut self) {
+        let outbox = self.core.take_outbox();
+        if !outbox.sends.is_empty() {
+            self.out.push(NetCommand::Send(outbox.sends));
         }
-    }
-
-    fn publish_seq(&self) {
-        if let Ok(seq) = self.core.last_seq() {
+        if let Some(tip) = outbox.tip {
             self.last_seq.send_if_modified(|s| {
-                let changed = *s != seq;
-                *s = seq;
+                let changed = *s != tip;
+                *s = tip;
                 changed
             });
-        }
-    }
-
-    fn send_all(&mut self, out: Result<Vec<Outgoing>, SyncError>) {
-        match out {
-            Ok(out) if out.is_empty() => {}
-            Ok(out) => self.out.push(NetCommand::Send(out)),
-            Err(e) => tracing::error!(error = %e, "sync step failed"),
         }
     }
 
@@ -481,8 +456,7 @@ impl NodeActor {
         });
         tracing::info!(peer = %id, widened, "peer configured");
         if widened {
-            let out = self.core.on_policy_widened(id);
-            self.send_all(out);
+            log_failed_step(self.core.on_policy_widened(id));
         }
         Ok(())
     }
@@ -510,8 +484,7 @@ impl NodeActor {
     fn on_net_event(&mut self, event: NetEvent) {
         match event {
             NetEvent::Connected(peer) if self.peers.contains(&peer) => {
-                let out = self.core.on_connected(peer);
-                self.send_all(out);
+                log_failed_step(self.core.on_connected(peer));
             }
             NetEvent::Connected(_) => {}
             NetEvent::Disconnected(peer) => self.core.on_disconnected(&peer),
@@ -525,11 +498,7 @@ impl NodeActor {
                     return;
                 }
                 match self.core.on_request(peer, msg) {
-                    Ok((response, out)) => {
-                        self.out.push(NetCommand::Respond { id, msg: response });
-                        self.publish_seq();
-                        self.send_all(Ok(out));
-                    }
+                    Ok(response) => self.out.push(NetCommand::Respond { id, msg: response }),
                     Err(e) if e.blames_peer() => self.out.push(NetCommand::Disconnect {
                         peer,
                         id: Some(id),
@@ -542,15 +511,27 @@ impl NodeActor {
                 }
             }
             NetEvent::Response { peer, msg } if self.peers.contains(&peer) => {
-                let out = self.core.on_response(peer, msg);
-                self.send_all(out);
+                log_failed_step(self.core.on_response(peer, msg));
             }
             NetEvent::Response { .. } => {}
             NetEvent::RequestFailed(peer) => {
-                let out = self.core.on_request_failed(peer);
-                self.send_all(out);
+                log_failed_step(self.core.on_request_failed(peer));
             }
         }
+    }
+}
+
+/// Log a local write the core refused.
+fn log_refused<T>(result: &Result<T, LocalWriteError>) {
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "local write refused");
+    }
+}
+
+/// Log a sync step that failed on our side; the peer is not blamed and stays connected.
+fn log_failed_step(result: Result<(), SyncError>) {
+    if let Err(e) = result {
+        tracing::error!(error = %e, "sync step failed");
     }
 }
 

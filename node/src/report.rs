@@ -3,9 +3,9 @@
 
 use crate::bundle::BundleError;
 use crate::core::{LocalWriteError, ReadError};
-use crate::engine::WriteError;
 use crate::held::HeldError;
 use crate::node::{CallError, PeerError};
+use crate::replica::engine::WriteError;
 
 /// What went wrong, as the caller needs to know it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

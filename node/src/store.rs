@@ -1141,9 +1141,9 @@ fn classify(path: &Path, context: &'static str, e: redb::Error) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{Engine, WriteOp, WriteOutcome};
     use crate::identity::Identity;
     use crate::model::{MAX_REJECTED_TYPES, OTHER_REJECTED_TYPES};
+    use crate::replica::engine::{Engine, WriteOp, WriteOutcome};
     use serde_json::json;
 
     // Regression: `rejected_types` had no bound, so a peer that sent changes of 20,000 type
@@ -1202,7 +1202,7 @@ mod tests {
         let existing = store
             .lookup(&t, &i)
             .unwrap()
-            .map(|d| crate::engine::Loaded {
+            .map(|d| crate::replica::engine::Loaded {
                 doc_id: d,
                 record: store.record(&d).unwrap().unwrap(),
                 doc: store.load_doc(&d).unwrap().unwrap(),

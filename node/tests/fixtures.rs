@@ -62,7 +62,8 @@ fn settle(cores: &mut [&mut Core; 2], mut seen: impl FnMut(&Message)) {
     let ids = [cores[0].node_id(), cores[1].node_id()];
     let mut queue: VecDeque<(usize, Message)> = VecDeque::new();
     for (i, c) in cores.iter_mut().enumerate() {
-        for (_, m) in c.on_connected(ids[1 - i]).expect("connect") {
+        c.on_connected(ids[1 - i]).expect("connect");
+        for (_, m) in c.take_outbox().sends {
             queue.push_back((i, m));
         }
     }
@@ -72,15 +73,15 @@ fn settle(cores: &mut [&mut Core; 2], mut seen: impl FnMut(&Message)) {
         assert!(steps < 10_000, "the sync never settled");
         seen(&msg);
         let to = 1 - from;
-        let (answer, out) = cores[to].on_request(ids[from], msg).expect("a request");
+        let answer = cores[to].on_request(ids[from], msg).expect("a request");
         seen(&answer);
-        for (_, m) in out {
+        for (_, m) in cores[to].take_outbox().sends {
             queue.push_back((to, m));
         }
-        for (_, m) in cores[from]
+        cores[from]
             .on_response(ids[to], answer)
-            .expect("a response")
-        {
+            .expect("a response");
+        for (_, m) in cores[from].take_outbox().sends {
             queue.push_back((from, m));
         }
     }
@@ -321,7 +322,7 @@ fn write_fixtures() {
         tip: seq,
     };
     hub.on_connected(lab_id).expect("connect");
-    let (ack, _) = hub.on_request(lab_id, held.clone()).expect("held");
+    let ack = hub.on_request(lab_id, held.clone()).expect("held");
     frames.push(held);
     frames.push(ack);
     frames.push(Message::Rewound {

@@ -10,8 +10,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngExt, SeedableRng};
 use serde_json::{Map, Value as Json, json};
 use tidesync::core::{Clock, Core, LocalWriteError, ReadError};
-use tidesync::engine::WriteError;
 use tidesync::identity::Identity;
+use tidesync::replica::engine::WriteError;
 use tidesync::store::Store;
 use tidesync_proto::{ObjectId, TypeName};
 

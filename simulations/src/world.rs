@@ -16,7 +16,7 @@ use tidesync::core::{Clock, Core, DocAudit, LocalWriteError};
 use tidesync::fault::EngineFault;
 use tidesync::identity::Identity;
 use tidesync::store::Store;
-use tidesync::sync::{Outgoing, SyncError};
+use tidesync::sync::SyncError;
 use tidesync_proto::{Checkpoint, DocHeader, Message, NodeId, ObjectId, SignedChange, TypeName};
 
 use crate::net::{Event, Net, NetFaults, Packet};
@@ -387,7 +387,7 @@ impl World {
             let id = self.node_id(other);
             let out = match self.nodes[me].core.as_mut() {
                 Some(core) => core.on_connected(id),
-                None => Ok(Vec::new()),
+                None => Ok(()),
             };
             self.route(me, out, phase)?;
         }
@@ -411,17 +411,20 @@ impl World {
         Ok(())
     }
 
-    /// Hand what a core wants sent to the network. A sync error from the core is handled as the
-    /// node's shell handles it: logged, and that peer's connection dropped; a store error is a
-    /// violation (the in-memory store cannot fail).
+    /// Hand what a core's outbox holds to the network, after the step that filled it. A sync
+    /// error from the step is handled as the node's shell handles it: logged, and that peer's
+    /// connection dropped; a store error is a violation (the in-memory store cannot fail).
     fn route(
         &mut self,
         from: usize,
-        out: Result<Vec<Outgoing>, SyncError>,
+        step: Result<(), SyncError>,
         phase: &str,
     ) -> Result<(), Violation> {
-        let out = match out {
-            Ok(out) => out,
+        let out = match step {
+            Ok(()) => match self.nodes[from].core.as_mut() {
+                Some(core) => core.take_outbox().sends,
+                None => Vec::new(),
+            },
             Err(SyncError::Store { peer, source }) => {
                 return Err(fail(
                     phase,
@@ -475,9 +478,9 @@ impl World {
                 self.trace
                     .line(&format!("{} request {from}->{to} {}", self.now, kind(msg)));
                 match core.on_request(peer, msg.clone()) {
-                    Ok((response, out)) => {
+                    Ok(response) => {
                         self.net.respond(&mut self.rng, self.now, &event, response);
-                        self.route(to, Ok(out), phase)
+                        self.route(to, Ok(()), phase)
                     }
                     Err(e) => {
                         let l = event.link;
@@ -690,7 +693,7 @@ impl World {
         }
         let out = match self.nodes[i].core.as_mut() {
             Some(core) => core.pump_all(),
-            None => Ok(Vec::new()),
+            None => Ok(()),
         };
         self.route(i, out, phase)
     }

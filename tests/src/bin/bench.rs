@@ -143,8 +143,8 @@ fn api_latencies(
 /// that arrived newest first (all held), once its first change arrives.
 fn held_release(n: usize) {
     use automerge::{Automerge, ROOT, transaction::Transactable};
-    use tidesync::engine::{Arrival, Engine};
     use tidesync::identity::Identity;
+    use tidesync::replica::engine::{Arrival, Engine};
     use tidesync_proto::{DocHeader, DocId, ObjectId, SignedChange, TypeName};
     let author = Identity::from_secret([1; 32]);
     let me = author.node_id();

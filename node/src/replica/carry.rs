@@ -6,13 +6,12 @@ use std::collections::{HashSet, VecDeque};
 use automerge::Automerge;
 use tidesync_proto::{DocHeader, DocId, NodeId, SignedChange};
 
-use crate::core::Core;
+use super::outbound::Extra;
+use super::{Replica, SyncError};
 use crate::model::DocRecord;
 use crate::model::View;
 use crate::model::{change_wire_bytes, header_wire_bytes};
-use crate::outbound::Extra;
 use crate::store::{Reader, StoreError};
-use crate::sync::SyncError;
 
 /// One referenced object, ready to carry: its header and every stored change.
 struct Carried {
@@ -22,7 +21,15 @@ struct Carried {
     record: DocRecord,
 }
 
-impl Core {
+impl Replica {
+    /// The documents carried to `peer` because objects sent to it reference them.
+    pub(crate) fn carried_to(&self, peer: NodeId) -> Result<HashSet<DocId>, SyncError> {
+        if self.policies.of(&peer).refs.is_empty() {
+            return Ok(HashSet::new());
+        }
+        self.store.by_ref(&peer).map_err(super::store_err(peer))
+    }
+
     /// Bring the view of object `doc_id` published to `peer` (see
     /// [`crate::policy::Policy::fields`]) up to date, and return its changes from the
     /// `from`-th on (those the peer has not acknowledged) that fit in `room` bytes; the new
@@ -67,7 +74,7 @@ impl Core {
             None
         } else {
             let view_doc = Automerge::load(&view.state).map_err(|e| view_err(e.to_string()))?;
-            Some(crate::engine::Loaded {
+            Some(crate::replica::engine::Loaded {
                 doc_id: view_id,
                 record: DocRecord {
                     origin: self.node_id(),
@@ -88,7 +95,7 @@ impl Core {
                 &rec.ty,
                 &rec.local_id,
                 existing,
-                crate::engine::WriteOp::Delete,
+                crate::replica::engine::WriteOp::Delete,
             )),
             (_, false) => {
                 // Fields the view has and the object no longer publishes are removed.
@@ -103,19 +110,19 @@ impl Core {
                     &rec.ty,
                     &rec.local_id,
                     existing,
-                    crate::engine::WriteOp::Put(&fields),
+                    crate::replica::engine::WriteOp::Put(&fields),
                 ))
             }
         };
         match outcome {
-            Some(Ok(crate::engine::WriteOutcome::Changed(p))) => {
+            Some(Ok(crate::replica::engine::WriteOutcome::Changed(p))) => {
                 view.state = crate::doc::save_state(&p.doc);
                 view.changes.push(p.change);
                 updated.retain(|(d, _)| *d != doc_id);
                 updated.push((doc_id, view.clone()));
             }
             Some(Err(e)) => return Err(view_err(e.to_string())),
-            Some(Ok(crate::engine::WriteOutcome::Unchanged(_))) | None => {}
+            Some(Ok(crate::replica::engine::WriteOutcome::Unchanged(_))) | None => {}
         }
         let from = usize::try_from(from).unwrap_or(usize::MAX);
         if view.changes.len() <= from {
@@ -197,8 +204,8 @@ impl Core {
         owed: &[DocId],
         headed: &mut HashSet<DocId>,
     ) -> Result<Extra, SyncError> {
-        let room = crate::outbound::SYNC_BATCH_CONTENT_BYTES;
-        let docs_room = crate::outbound::MAX_REFERENCED_DOCS_PER_BATCH;
+        let room = crate::replica::outbound::SYNC_BATCH_CONTENT_BYTES;
+        let docs_room = crate::replica::outbound::MAX_REFERENCED_DOCS_PER_BATCH;
         let mut extra = Extra::default();
         let mut queue = VecDeque::new();
         for &target in owed {

@@ -1,48 +1,44 @@
-//! The node core: engine, store and a bounded document cache behind the operations the API and
-//! the CLI offer. The running node's actor owns one; the CLI opens one when no node is running,
-//! so both paths run the same code and give the same answers.
+//! The replica: the only writer of document state. Engine, store, document cache, policies
+//! and faults behind one owner, offering local writes, reads, applying a received batch
+//! (verify, prepare, commit: [`receive`], [`apply`]), reading the log for a peer
+//! ([`outbound`], `&mut` because a batch may author a view change) and what batches carry
+//! along ([`carry`]). The node actor owns one through [`crate::core::Replica`]; the CLI opens one
+//! when no node is running, so both paths run the same code and give the same answers.
+//!
+//! Modules: [`engine`] (turns writes and arrivals into signed changes and records, no I/O),
+//! [`write`] (local writes), [`receive`] and [`apply`] (a received batch), [`outbound`] (what
+//! goes into a batch for a peer), [`carry`] (views and referenced objects a batch brings).
+
+pub mod apply;
+pub mod carry;
+pub mod engine;
+pub mod outbound;
+pub mod receive;
+pub mod write;
+
+pub use write::{LocalWriteError, WriteReply};
 
 use std::num::NonZeroUsize;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use automerge::Automerge;
 use lru::LruCache;
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
-use tidesync_proto::{DocId, NodeId, ObjectId, TypeName};
+use tidesync_proto::{Checkpoint, DocId, NodeId, ObjectId, TypeName};
 
 use crate::config::{Config, Home};
 use crate::doc;
-use crate::engine::{Engine, Loaded, WriteError, WriteOp, WriteOutcome};
 use crate::identity::{Identity, KeyError};
-use crate::model::DocRecord;
+use crate::model::{DocRecord, PeerRecord};
 pub use crate::reads::{
     Conflict, DEFAULT_PAGE_IDS, Feed, FeedEntry, History, HistoryEntry, MAX_FEED_ENTRIES,
     MAX_PAGE_IDS, PeerStatus, ReadError, Reads, Status,
 };
+use crate::store::HeldTally;
 use crate::store::{IdPage, Store, StoreError};
+use engine::Engine;
 
-/// The answer to a put or a delete.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WriteReply {
-    #[serde(rename = "type")]
-    pub ty: String,
-    pub id: String,
-    /// The document's global id.
-    pub doc: String,
-    /// False when the write matched what was stored and made no change.
-    pub changed: bool,
-    /// The change's SEQ in this node's change log, when a change was made.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub seq: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hash: Option<String>,
-    /// The object after a put.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub object: Option<Map<String, Json>>,
-}
-
-/// One document as [`Core::audit`] found it.
+/// One document as [`Replica::audit`] found it.
 #[derive(Debug, Clone)]
 pub struct DocAudit {
     pub doc: DocId,
@@ -83,23 +79,37 @@ pub enum OpenError {
     },
 }
 
-/// Why a put or delete failed. Each names the object.
+/// Why a sync step failed. Each names the peer.
 #[derive(Debug, thiserror::Error)]
-pub enum LocalWriteError {
-    #[error(transparent)]
-    Refused(#[from] WriteError),
-    #[error("cannot write {ty}/{id}: {source}")]
-    ReadOnly {
-        ty: TypeName,
-        id: ObjectId,
-        source: crate::policy::ReadOnlyType,
+pub enum SyncError {
+    #[error("peer {peer} sent Hello claiming to be {claimed}")]
+    WrongNode { peer: NodeId, claimed: NodeId },
+    #[error("peer {peer} sent a {what} as a request")]
+    Unexpected { peer: NodeId, what: &'static str },
+    #[error("sync with peer {peer}: {source}")]
+    Store { peer: NodeId, source: StoreError },
+    #[error("publishing the view of document {doc} to peer {peer}: {detail}")]
+    View {
+        peer: NodeId,
+        doc: DocId,
+        detail: String,
     },
-    #[error("cannot write {ty}/{id}: {source}")]
-    Store {
-        ty: TypeName,
-        id: ObjectId,
-        source: StoreError,
-    },
+}
+
+impl SyncError {
+    /// Whether the peer broke the protocol. A local failure (the store, a view we publish)
+    /// is ours: it never costs the peer its connection.
+    pub fn blames_peer(&self) -> bool {
+        match self {
+            SyncError::WrongNode { .. } | SyncError::Unexpected { .. } => true,
+            SyncError::Store { .. } | SyncError::View { .. } => false,
+        }
+    }
+}
+
+/// A store failure while serving `peer`: ours, never the peer's.
+fn store_err(peer: NodeId) -> impl FnOnce(StoreError) -> SyncError {
+    move |source| SyncError::Store { peer, source }
 }
 
 /// Unix time now, in milliseconds.
@@ -115,26 +125,28 @@ pub fn system_now_ms() -> i64 {
 pub type Clock = std::sync::Arc<dyn Fn() -> i64 + Send + Sync>;
 
 /// The node core.
-pub struct Core {
-    pub(crate) name: String,
-    pub(crate) engine: Engine,
-    pub(crate) store: Store,
-    pub(crate) cache: LruCache<DocId, Automerge>,
-    pub(crate) clock: Clock,
-    pub(crate) running: bool,
-    pub(crate) sync: crate::sync::Sessions,
-    pub(crate) policies: crate::policy::Policies,
+pub struct Replica {
+    name: String,
+    engine: Engine,
+    store: Store,
+    cache: LruCache<DocId, Automerge>,
+    clock: Clock,
+    running: bool,
+    policies: crate::policy::Policies,
     /// Deliberate bugs, for simulations only (see [`crate::fault`]).
-    pub(crate) faults: crate::fault::Faults,
+    faults: crate::fault::Faults,
+    /// The tip of our log after the last commit that appended to it, until taken (see
+    /// [`Replica::take_new_tip`]).
+    new_tip: Option<u64>,
 }
 
-impl Core {
+impl Replica {
     /// Open a node's home, whose config the caller loaded once: its key and store, with the
     /// config's peers' policies. `running` is reported by `status`.
-    pub fn open(home: &Home, config: &Config, running: bool) -> Result<Core, OpenError> {
+    pub fn open(home: &Home, config: &Config, running: bool) -> Result<Replica, OpenError> {
         let identity = Identity::load(&home.key())?;
         let store = Store::open(&home.store(), config.store.cache_bytes)?;
-        let mut core = Core::new(
+        let mut core = Replica::new(
             config.name.clone(),
             identity,
             store,
@@ -157,9 +169,9 @@ impl Core {
         store: Store,
         cache_docs: usize,
         running: bool,
-    ) -> Core {
+    ) -> Replica {
         let clock: Clock = std::sync::Arc::new(system_now_ms);
-        Core::with_clock(
+        Replica::with_clock(
             name,
             identity,
             store,
@@ -179,9 +191,9 @@ impl Core {
         running: bool,
         epoch: u64,
         clock: Clock,
-    ) -> Core {
+    ) -> Replica {
         let policies = crate::policy::Policies::new(identity.node_id());
-        Core {
+        Replica {
             name,
             policies,
             engine: Engine::new(identity, epoch),
@@ -189,8 +201,8 @@ impl Core {
             cache: LruCache::new(NonZeroUsize::new(cache_docs.max(1)).unwrap_or(NonZeroUsize::MIN)),
             clock,
             running,
-            sync: crate::sync::Sessions::default(),
             faults: crate::fault::Faults::default(),
+            new_tip: None,
         }
     }
 
@@ -214,8 +226,8 @@ impl Core {
 
     /// A core over a new in-memory store, with the key `[secret; 32]` (tests).
     #[cfg(test)]
-    pub(crate) fn in_memory(secret: u8, name: &str) -> Core {
-        Core::new(
+    pub(crate) fn in_memory(secret: u8, name: &str) -> Replica {
+        Replica::new(
             name.into(),
             Identity::from_secret([secret; 32]),
             Store::in_memory().expect("an in-memory store"),
@@ -258,13 +270,13 @@ impl Core {
         Ok(widened)
     }
 
-    /// The memory half of [`Core::set_policy`]: take `policy` for `peer`, once
-    /// [`Core::reset_if_widened`] and whatever else must hold first (the config file) are done.
+    /// The memory half of [`Replica::set_policy`]: take `policy` for `peer`, once
+    /// [`Replica::reset_if_widened`] and whatever else must hold first (the config file) are done.
     pub fn adopt_policy(&mut self, peer: NodeId, name: String, policy: crate::policy::Policy) {
         self.policies.set(peer, name, policy);
     }
 
-    /// The store half of [`Core::set_policy`], done first and on its own: when `policy` would
+    /// The store half of [`Replica::set_policy`], done first and on its own: when `policy` would
     /// widen what passes with `peer`, durably send our checkpoint of the peer back to the start.
     /// Alone it costs at most a resend (duplicates are dropped), so a caller that fails after
     /// it (saving the config) leaves nothing inconsistent. Returns whether it widened.
@@ -338,11 +350,6 @@ impl Core {
         self.reads().conflicts()
     }
 
-    /// The node's status, with the sync state of each configured peer.
-    pub fn status(&self, peers: &[crate::config::PeerConfig]) -> Result<Status, ReadError> {
-        self.reads().status(peers, &self.session_summaries())
-    }
-
     /// Forget a removed peer's policy.
     pub fn remove_policy(&mut self, peer: &NodeId) {
         self.policies.remove(peer);
@@ -352,167 +359,99 @@ impl Core {
         &self.name
     }
 
+    /// The durable record of `peer` (see [`PeerRecord`]).
+    pub fn peer_record(&self, peer: &NodeId) -> Result<PeerRecord, StoreError> {
+        self.store.peer(peer)
+    }
+
+    /// Change the durable record of `peer` (committed without waiting for the disk: see
+    /// [`Store::update_peer`]).
+    pub fn update_peer(
+        &self,
+        peer: &NodeId,
+        f: impl FnOnce(&mut PeerRecord),
+    ) -> Result<PeerRecord, StoreError> {
+        self.store.update_peer(peer, f)
+    }
+
+    /// The last SEQ of our log: its tip.
+    pub fn log_tip(&self) -> Result<u64, StoreError> {
+        self.store.last_seq()
+    }
+
+    /// The checkpoint of our log at `seq`, if the log has that entry.
+    pub fn checkpoint(&self, seq: u64) -> Result<Option<Checkpoint>, StoreError> {
+        self.store.checkpoint(seq)
+    }
+
+    /// How many of `peer`'s changes are held here, and their bytes.
+    pub fn held_tally(&self, peer: &NodeId) -> Result<HeldTally, StoreError> {
+        self.store.reader()?.held_tally(peer)
+    }
+
+    /// Forget which view changes `peer` acknowledged: it lost them (restored from a copy).
+    pub fn forget_view_acks(&self, peer: &NodeId) -> Result<(), StoreError> {
+        self.store.forget_view_acks(peer)
+    }
+
+    /// `peer` acknowledged a batch carrying these views, each with the count of its changes.
+    pub fn ack_views(&self, peer: &NodeId, views: &[(DocId, u64)]) -> Result<(), StoreError> {
+        self.store.ack_views(peer, views)
+    }
+
+    /// `peer` acknowledged a batch carrying these owed referenced objects.
+    pub fn settle_refs(&self, peer: &NodeId, docs: &[DocId]) -> Result<(), StoreError> {
+        self.store.settle_refs(peer, docs)
+    }
+
+    /// Referenced objects still owed to `peer` (see [`Store::owed_refs`]).
+    pub fn owed_refs(&self, peer: &NodeId) -> Result<Vec<DocId>, StoreError> {
+        self.store.owed_refs(peer)
+    }
+
+    /// Every peer's policy.
+    pub fn policies(&self) -> &crate::policy::Policies {
+        &self.policies
+    }
+
+    /// Our policy for `peer`.
+    pub fn policy(&self, peer: &NodeId) -> &crate::policy::Policy {
+        self.policies.of(peer)
+    }
+
+    /// The faults switched on (simulations and integration tests only).
+    pub fn faults(&self) -> &crate::fault::Faults {
+        &self.faults
+    }
+
+    /// The tip of our log if a commit appended to it since the last call.
+    pub fn take_new_tip(&mut self) -> Option<u64> {
+        self.new_tip.take()
+    }
+
+    /// The engine (tests forge stored changes with it).
+    #[cfg(test)]
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The faults, to switch one on mid-test.
+    #[cfg(test)]
+    pub(crate) fn faults_mut(&mut self) -> &mut crate::fault::Faults {
+        &mut self.faults
+    }
+
+    /// The time now, from the replica's clock, in Unix milliseconds.
+    pub fn now_ms(&self) -> i64 {
+        (self.clock)()
+    }
+
     /// Load the document for `doc`, from the cache or the store (taking it out of the cache).
     pub(crate) fn take_doc(&mut self, doc_id: &DocId) -> Result<Option<Automerge>, StoreError> {
         match self.cache.pop(doc_id) {
             Some(d) => Ok(Some(d)),
             None => self.store.load_doc(doc_id),
         }
-    }
-
-    /// Set fields of `ty/id` (creating it if needed); a null removes a field.
-    pub fn put(
-        &mut self,
-        ty: &TypeName,
-        id: &ObjectId,
-        fields: &Map<String, Json>,
-    ) -> Result<WriteReply, LocalWriteError> {
-        self.write(ty, id, WriteOp::Put(fields))
-    }
-
-    /// Delete `ty/id`.
-    pub fn delete(&mut self, ty: &TypeName, id: &ObjectId) -> Result<WriteReply, LocalWriteError> {
-        self.write(ty, id, WriteOp::Delete)
-    }
-
-    fn write(
-        &mut self,
-        ty: &TypeName,
-        id: &ObjectId,
-        op: WriteOp<'_>,
-    ) -> Result<WriteReply, LocalWriteError> {
-        let mut replies = self.write_many(&[(ty, id, op)])?;
-        replies.pop().ok_or_else(|| LocalWriteError::Store {
-            ty: ty.clone(),
-            id: id.clone(),
-            source: StoreError::Io {
-                path: self.store.path().into(),
-                context: "committing a write",
-                detail: "no reply".into(),
-            },
-        })
-    }
-
-    /// Put many objects in one durable transaction (bulk loads and migrations). Each name may
-    /// appear once; all are written or none.
-    pub fn put_many(
-        &mut self,
-        items: &[(TypeName, ObjectId, Map<String, Json>)],
-    ) -> Result<Vec<WriteReply>, LocalWriteError> {
-        let ops: Vec<_> = items
-            .iter()
-            .map(|(t, i, f)| (t, i, WriteOp::Put(f)))
-            .collect();
-        self.write_many(&ops)
-    }
-
-    /// Run the engine for each write, commit every change in one transaction, then answer.
-    fn write_many(
-        &mut self,
-        ops: &[(&TypeName, &ObjectId, WriteOp<'_>)],
-    ) -> Result<Vec<WriteReply>, LocalWriteError> {
-        let mut seen = std::collections::HashSet::new();
-        let mut outcomes = Vec::with_capacity(ops.len());
-        for (ty, id, op) in ops {
-            let store_err = |source| LocalWriteError::Store {
-                ty: (*ty).clone(),
-                id: (*id).clone(),
-                source,
-            };
-            self.policies
-                .may_write(ty)
-                .map_err(|source| LocalWriteError::ReadOnly {
-                    ty: (*ty).clone(),
-                    id: (*id).clone(),
-                    source,
-                })?;
-            if !seen.insert((*ty, *id)) {
-                return Err(LocalWriteError::Refused(WriteError::Fields {
-                    ty: (*ty).clone(),
-                    id: (*id).clone(),
-                    source: Box::new(crate::doc::FieldsError::Duplicate),
-                }));
-            }
-            let existing = match self.find(ty, id).map_err(store_err)? {
-                Some((doc_id, record)) => {
-                    let doc = self.take_doc(&doc_id).map_err(store_err)?.ok_or_else(|| {
-                        store_err(StoreError::Decode {
-                            path: self.store.path().into(),
-                            what: format!("the state of document {doc_id} in docs_v2"),
-                            detail: "document record without state".into(),
-                        })
-                    })?;
-                    Some(Loaded {
-                        doc_id,
-                        record,
-                        doc,
-                    })
-                }
-                None => None,
-            };
-            let outcome = self
-                .engine
-                .local_write((self.clock)(), ty, id, existing, *op)?;
-            if let WriteOutcome::Changed(p) = &outcome {
-                // A change no frame can carry would never reach a peer, and would stop the
-                // log behind it on older nodes: refuse it before anything is stored.
-                let bytes = crate::model::change_wire_bytes(&p.change);
-                if bytes > crate::outbound::MAX_LOCAL_CHANGE_BYTES {
-                    return Err(LocalWriteError::Refused(WriteError::Fields {
-                        ty: (*ty).clone(),
-                        id: (*id).clone(),
-                        source: Box::new(crate::doc::FieldsError::TooLarge {
-                            bytes,
-                            limit: crate::outbound::MAX_LOCAL_CHANGE_BYTES,
-                        }),
-                    }));
-                }
-            }
-            outcomes.push(outcome);
-        }
-        let persists: Vec<&crate::model::Persist> = outcomes
-            .iter()
-            .filter_map(|o| match o {
-                WriteOutcome::Changed(p) => Some(p),
-                WriteOutcome::Unchanged(_) => None,
-            })
-            .collect();
-        let seqs = match (persists.is_empty(), ops.first()) {
-            (false, Some((ty, id, _))) => {
-                self.store
-                    .commit_writes(&persists)
-                    .map_err(|source| LocalWriteError::Store {
-                        ty: (*ty).clone(),
-                        id: (*id).clone(),
-                        source,
-                    })?
-            }
-            _ => Vec::new(),
-        };
-        let mut seqs = seqs.into_iter();
-        let mut replies = Vec::with_capacity(outcomes.len());
-        for ((ty, id, op), outcome) in ops.iter().zip(outcomes) {
-            let is_put = matches!(op, WriteOp::Put(_));
-            let (doc_id, doc, seq, hash) = match outcome {
-                WriteOutcome::Unchanged(l) => (l.doc_id, l.doc, None, None),
-                WriteOutcome::Changed(p) => {
-                    let seq = seqs.next();
-                    tracing::debug!(%ty, %id, doc = %p.doc_id, ?seq, hash = %p.hash, "stored local change");
-                    (p.doc_id, p.doc, seq, Some(p.hash.to_string()))
-                }
-            };
-            replies.push(WriteReply {
-                ty: ty.to_string(),
-                id: id.to_string(),
-                doc: doc_id.to_string(),
-                changed: seq.is_some(),
-                seq,
-                hash,
-                object: is_put.then(|| doc::to_json(&doc)),
-            });
-            self.cache.put(doc_id, doc);
-        }
-        Ok(replies)
     }
 
     fn read_err(what: impl std::fmt::Display) -> impl FnOnce(StoreError) -> ReadError {
@@ -574,8 +513,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn core() -> Core {
-        Core::new(
+    fn core() -> Replica {
+        Replica::new(
             "t".into(),
             Identity::from_secret([4; 32]),
             Store::in_memory().unwrap(),

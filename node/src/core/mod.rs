@@ -1,0 +1,365 @@
+//! The core: the façade that the daemon, the offline CLI and the simulation drive. It owns
+//! the replica (all document state) and the sync sessions, and keeps an outbox of what to
+//! send after every step: each call leaves its messages there, and every caller just drains
+//! it with [`Core::take_outbox`]. A local write or an imported bundle is pushed to every
+//! connected peer here, once it is committed, so no caller has to remember to.
+
+#[cfg(test)]
+mod bundle_tests;
+#[cfg(test)]
+mod outbound_tests;
+#[cfg(test)]
+pub(crate) mod sync_tests;
+
+use automerge::Automerge;
+use serde_json::{Map, Value as Json};
+use tidesync_proto::{DocId, Message, NodeId, ObjectId, TypeName};
+
+use crate::bundle::{BundleError, ExportReport, ImportReport};
+use crate::config::{Config, Home, PeerConfig};
+use crate::identity::Identity;
+use crate::model::DocRecord;
+pub use crate::reads::{
+    Conflict, DEFAULT_PAGE_IDS, Feed, FeedEntry, History, HistoryEntry, MAX_FEED_ENTRIES,
+    MAX_PAGE_IDS, PeerStatus, ReadError, Reads, Status,
+};
+pub use crate::replica::{
+    AuditedChange, Clock, DocAudit, LocalWriteError, OpenError, Replica, WriteReply, system_now_ms,
+};
+use crate::store::{IdPage, Store, StoreError};
+use crate::sync::{Outgoing, Session, Sessions, SyncError};
+
+/// What a step of the core leaves for its caller to do.
+#[derive(Debug, Default, PartialEq)]
+pub struct Outbox {
+    /// Requests to send, in order.
+    pub sends: Vec<Outgoing>,
+    /// The tip of our log, when a commit moved it since the outbox was last taken.
+    pub tip: Option<u64>,
+}
+
+/// The node core: replica, sessions and outbox.
+pub struct Core {
+    replica: Replica,
+    sessions: Sessions,
+    outbox: Vec<Outgoing>,
+}
+
+impl Core {
+    /// A core over `replica`, with no session yet.
+    pub fn from_replica(replica: Replica) -> Core {
+        Core {
+            replica,
+            sessions: Sessions::default(),
+            outbox: Vec::new(),
+        }
+    }
+
+    /// Open a node's home (see [`Replica::open`]).
+    pub fn open(home: &Home, config: &Config, running: bool) -> Result<Core, OpenError> {
+        Ok(Core::from_replica(Replica::open(home, config, running)?))
+    }
+
+    /// A core over an open store (see [`Replica::new`]).
+    pub fn new(
+        name: String,
+        identity: Identity,
+        store: Store,
+        cache_docs: usize,
+        running: bool,
+    ) -> Core {
+        Core::from_replica(Replica::new(name, identity, store, cache_docs, running))
+    }
+
+    /// A core with the epoch and clock given, as simulations need (see [`Replica::with_clock`]).
+    pub fn with_clock(
+        name: String,
+        identity: Identity,
+        store: Store,
+        cache_docs: usize,
+        running: bool,
+        epoch: u64,
+        clock: Clock,
+    ) -> Core {
+        Core::from_replica(Replica::with_clock(
+            name, identity, store, cache_docs, running, epoch, clock,
+        ))
+    }
+
+    /// A core over a new in-memory store, with the key `[secret; 32]` (tests).
+    #[cfg(test)]
+    pub(crate) fn in_memory(secret: u8, name: &str) -> Core {
+        Core::from_replica(Replica::in_memory(secret, name))
+    }
+
+    /// Switch on a process fault (see [`Replica::inject_process_fault`]).
+    pub fn inject_process_fault(&mut self, fault: crate::fault::Fault) {
+        self.replica.inject_process_fault(fault);
+    }
+
+    /// Switch on a deliberate bug (see [`Replica::inject_fault`]).
+    pub fn inject_fault(&mut self, fault: crate::fault::EngineFault) {
+        self.replica.inject_fault(fault);
+    }
+
+    /// The replica, for reads.
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    /// The replica, for the operations the core does not wrap (faults, policies).
+    pub fn replica_mut(&mut self) -> &mut Replica {
+        &mut self.replica
+    }
+
+    /// Give up the core, returning its store (as a crash-and-restart in a simulation does).
+    pub fn into_store(self) -> Store {
+        self.replica.into_store()
+    }
+
+    /// What the steps since the last call left to do: requests to send and the new tip.
+    pub fn take_outbox(&mut self) -> Outbox {
+        Outbox {
+            sends: std::mem::take(&mut self.outbox),
+            tip: self.replica.take_new_tip(),
+        }
+    }
+
+    /// Run one sync step: its messages join the outbox when it succeeds; when it fails,
+    /// nothing it produced does.
+    fn step<T>(
+        &mut self,
+        f: impl FnOnce(&mut Sessions, &mut Replica) -> Result<(T, Vec<Outgoing>), SyncError>,
+    ) -> Result<T, SyncError> {
+        let (value, out) = f(&mut self.sessions, &mut self.replica)?;
+        self.outbox.extend(out);
+        Ok(value)
+    }
+
+    /// After a commit through this core: push what it added to every connected peer. A
+    /// failure here is ours and is logged; the commit stands and the next step pushes again.
+    fn push_committed(&mut self) {
+        if let Err(e) = self.pump_all() {
+            tracing::error!(error = %e, "could not push a commit to the peers");
+        }
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.replica.node_id()
+    }
+
+    pub fn name(&self) -> &str {
+        self.replica.name()
+    }
+
+    /// The store, for reading (audits, simulations and tests).
+    pub fn store(&self) -> &Store {
+        self.replica.store()
+    }
+
+    /// The node's identity (its signing key).
+    pub fn identity(&self) -> &Identity {
+        self.replica.identity()
+    }
+
+    /// Reads of what the store last committed, usable off the node actor.
+    pub fn reads(&self) -> Reads {
+        self.replica.reads()
+    }
+
+    /// Set a peer's policy (see [`Replica::set_policy`]).
+    pub fn set_policy(
+        &mut self,
+        peer: NodeId,
+        name: String,
+        policy: crate::policy::Policy,
+    ) -> Result<bool, StoreError> {
+        self.replica.set_policy(peer, name, policy)
+    }
+
+    /// See [`Replica::adopt_policy`].
+    pub fn adopt_policy(&mut self, peer: NodeId, name: String, policy: crate::policy::Policy) {
+        self.replica.adopt_policy(peer, name, policy);
+    }
+
+    /// See [`Replica::reset_if_widened`].
+    pub fn reset_if_widened(
+        &self,
+        peer: &NodeId,
+        policy: &crate::policy::Policy,
+    ) -> Result<bool, StoreError> {
+        self.replica.reset_if_widened(peer, policy)
+    }
+
+    /// Forget a removed peer's policy.
+    pub fn remove_policy(&mut self, peer: &NodeId) {
+        self.replica.remove_policy(peer);
+    }
+
+    /// The document that the local name `ty/id` points to, with its record.
+    pub fn find(
+        &self,
+        ty: &TypeName,
+        id: &ObjectId,
+    ) -> Result<Option<(DocId, DocRecord)>, StoreError> {
+        self.replica.find(ty, id)
+    }
+
+    /// The live object `ty/id` as JSON (see [`Reads::get`]).
+    pub fn get(&self, ty: &TypeName, id: &ObjectId) -> Result<Map<String, Json>, ReadError> {
+        self.replica.get(ty, id)
+    }
+
+    /// Ids of live objects of `ty`, a page at a time (see [`Reads::list`]).
+    pub fn list(
+        &self,
+        ty: &TypeName,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<IdPage, ReadError> {
+        self.replica.list(ty, after, limit)
+    }
+
+    /// Every change of `ty/id`, with each signature checked (see [`Reads::history`]).
+    pub fn history(&self, ty: &TypeName, id: &ObjectId) -> Result<History, ReadError> {
+        self.replica.history(ty, id)
+    }
+
+    /// The change feed after `since`, at most `limit` entries (see [`Reads::changes`]).
+    pub fn changes(&self, since: u64, limit: usize) -> Result<Feed, ReadError> {
+        self.replica.changes(since, limit)
+    }
+
+    /// The last SEQ in the change log.
+    pub fn last_seq(&self) -> Result<u64, ReadError> {
+        self.replica.last_seq()
+    }
+
+    /// Every name collision on this node (see [`Conflict`]).
+    pub fn conflicts(&self) -> Result<Vec<Conflict>, ReadError> {
+        self.replica.conflicts()
+    }
+
+    /// The node's status, with the sync state of each configured peer.
+    pub fn status(&self, peers: &[PeerConfig]) -> Result<Status, ReadError> {
+        self.reads()
+            .status(peers, &self.sessions.session_summaries())
+    }
+
+    /// See [`Replica::audit`].
+    pub fn audit(&mut self) -> Result<Vec<DocAudit>, ReadError> {
+        self.replica.audit()
+    }
+
+    /// A copy of document `doc_id`, if this node holds it.
+    pub fn document(&self, doc_id: &DocId) -> Result<Option<Automerge>, ReadError> {
+        self.replica.document(doc_id)
+    }
+
+    /// Set fields of `ty/id` (creating it if needed), then push it to connected peers.
+    pub fn put(
+        &mut self,
+        ty: &TypeName,
+        id: &ObjectId,
+        fields: &Map<String, Json>,
+    ) -> Result<WriteReply, LocalWriteError> {
+        let reply = self.replica.put(ty, id, fields)?;
+        if reply.changed {
+            self.push_committed();
+        }
+        Ok(reply)
+    }
+
+    /// Delete `ty/id`, then push the deletion to connected peers.
+    pub fn delete(&mut self, ty: &TypeName, id: &ObjectId) -> Result<WriteReply, LocalWriteError> {
+        let reply = self.replica.delete(ty, id)?;
+        if reply.changed {
+            self.push_committed();
+        }
+        Ok(reply)
+    }
+
+    /// Put many objects in one transaction (see [`Replica::put_many`]), then push them.
+    pub fn put_many(
+        &mut self,
+        items: &[(TypeName, ObjectId, Map<String, Json>)],
+    ) -> Result<Vec<WriteReply>, LocalWriteError> {
+        let replies = self.replica.put_many(items)?;
+        if replies.iter().any(|r| r.changed) {
+            self.push_committed();
+        }
+        Ok(replies)
+    }
+
+    /// A bundle for the configured peer `name` (see [`crate::bundle::transfer::export_bundle`]).
+    pub fn export_bundle(
+        &mut self,
+        name: &str,
+        all: bool,
+        encrypt: bool,
+        progress: &dyn Fn(u64),
+    ) -> Result<(Vec<u8>, ExportReport), BundleError> {
+        crate::bundle::transfer::export_bundle(&mut self.replica, name, all, encrypt, progress)
+    }
+
+    /// Import a bundle (see [`crate::bundle::transfer::import_bundle`]), then push what it
+    /// added to connected peers.
+    pub fn import_bundle(
+        &mut self,
+        bytes: &[u8],
+        dry_run: bool,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<ImportReport, BundleError> {
+        let report =
+            crate::bundle::transfer::import_bundle(&mut self.replica, bytes, dry_run, progress)?;
+        if !report.dry_run && report.new_changes > 0 {
+            self.push_committed();
+        }
+        Ok(report)
+    }
+
+    /// The session with `peer`, if connected.
+    pub fn session(&self, peer: &NodeId) -> Option<&Session> {
+        self.sessions.session(peer)
+    }
+
+    /// What status needs of each connected peer's session.
+    pub fn session_summaries(&self) -> crate::reads::Sessions {
+        self.sessions.session_summaries()
+    }
+
+    /// A connection to `peer` is up (see [`Sessions::on_connected`]).
+    pub fn on_connected(&mut self, peer: NodeId) -> Result<(), SyncError> {
+        self.step(|s, r| Ok(((), s.on_connected(r, peer)?)))
+    }
+
+    /// The last connection to `peer` is gone.
+    pub fn on_disconnected(&mut self, peer: &NodeId) {
+        self.sessions.on_disconnected(peer);
+    }
+
+    /// A request from `peer`: returns the response (see [`Sessions::on_request`]).
+    pub fn on_request(&mut self, peer: NodeId, msg: Message) -> Result<Message, SyncError> {
+        self.step(|s, r| s.on_request(r, peer, msg))
+    }
+
+    /// The response to a request we sent to `peer` (see [`Sessions::on_response`]).
+    pub fn on_response(&mut self, peer: NodeId, msg: Message) -> Result<(), SyncError> {
+        self.step(|s, r| Ok(((), s.on_response(r, peer, msg)?)))
+    }
+
+    /// A request to `peer` failed (see [`Sessions::on_request_failed`]).
+    pub fn on_request_failed(&mut self, peer: NodeId) -> Result<(), SyncError> {
+        self.step(|s, r| Ok(((), s.on_request_failed(r, peer)?)))
+    }
+
+    /// `peer`'s policy widened (see [`Sessions::on_policy_widened`]).
+    pub fn on_policy_widened(&mut self, peer: NodeId) -> Result<(), SyncError> {
+        self.step(|s, r| Ok(((), s.on_policy_widened(r, peer)?)))
+    }
+
+    /// Send every connected peer what it lacks of our log, up to each one's window.
+    pub fn pump_all(&mut self) -> Result<(), SyncError> {
+        self.step(|s, r| Ok(((), s.pump_all(r)?)))
+    }
+}

@@ -1,0 +1,162 @@
+//! One connected peer's session: where sending stands, the batches in flight, and what each
+//! side has answered. Pure bookkeeping: no store, no clock but the one handed in.
+
+use std::collections::VecDeque;
+
+use tidesync_proto::DocId;
+
+/// One connected peer's session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// When the session started, Unix milliseconds.
+    pub since_ms: i64,
+    /// The peer's last SEQ, as it last told us.
+    pub remote_tip: u64,
+    /// Whether the peer's Hello arrived, so that we know where to start sending.
+    pub(super) streaming: bool,
+    /// The last entry of our log scanned for this peer.
+    pub(super) cursor: u64,
+    /// The checkpoint the peer will hold once every sent batch is stored.
+    pub(super) sent_upto: u64,
+    /// Sent batches not yet acknowledged together with every batch before them, oldest
+    /// first.
+    pub(super) inflight: VecDeque<Inflight>,
+    /// The end of the last batch acknowledged with every batch before it: where sending
+    /// resumes when a request fails. A later batch's Ack does not move it past an earlier
+    /// batch that is still unanswered (that one may be lost).
+    pub(super) acked_upto: u64,
+    /// The highest batch number received from the peer in this session.
+    pub(super) newest_batch_in: u64,
+    /// The number of the last batch sent in this session. Never reused, even when sending
+    /// restarts, so that a late Ack for an abandoned batch matches nothing.
+    pub(super) last_batch: u64,
+    /// Send everything, including what the peer authored or sent us: the peer was restored
+    /// from an older copy and asked for it.
+    pub(super) unfiltered: bool,
+    /// Whether the peer answered our latest Hello.
+    pub(super) hello_answered: bool,
+    /// The number of our latest Hello.
+    pub(super) hello: u64,
+    /// Whether we are sending our whole log again after the peer's policy widened; the
+    /// stored `resend_all` flag is cleared only once all of it is acknowledged, so a
+    /// connection lost midway starts the resend over instead of skipping what it missed.
+    pub(super) resending: bool,
+    /// Milliseconds from the session's start until it was first in sync: both Hellos
+    /// answered and nothing of ours left unacknowledged.
+    pub in_sync_after_ms: Option<i64>,
+    /// Some of the peer's changes were refused for lack of room to hold them, so our
+    /// checkpoint of its log stays before them. A fresh Hello asks the peer to resend from
+    /// there (in log order, in which they apply at once) when room frees up or when the peer
+    /// has sent everything it has.
+    pub stalled: bool,
+    /// Where the peer asked us (Hello, Rewound) to start sending again, while batches were
+    /// in flight: the restart waits until they are acknowledged or failed, so that requests
+    /// repeated at will cost at most one window of reading each, at the peer's own pace.
+    pub(super) restart_wanted: Option<u64>,
+    /// Whether a Hello with a checkpoint we never had already made us send `Rewound` and
+    /// start over in this session. A restored node reconnects, so once per session suffices.
+    pub(super) rewound_sent: bool,
+    /// Whether the peer answered our `Rewound`; until then a failed request sends it again.
+    pub(super) rewound_answered: bool,
+    /// Whether the peer's `Rewound` already made us resend our log to it, unfiltered, in this
+    /// session; later ones in the same session are acknowledged and ignored.
+    pub(super) resend_granted: bool,
+}
+
+impl Session {
+    /// What status needs of this session.
+    pub fn summary(&self) -> crate::reads::SessionSummary {
+        crate::reads::SessionSummary {
+            since_ms: self.since_ms,
+            remote_tip: self.remote_tip,
+            cursor: self.cursor,
+            unacked: self.inflight.iter().map(|b| b.changes).sum(),
+            in_sync_after_ms: self.in_sync_after_ms,
+        }
+    }
+
+    pub(super) fn new(now_ms: i64) -> Session {
+        Session {
+            since_ms: now_ms,
+            remote_tip: 0,
+            streaming: false,
+            cursor: 0,
+            sent_upto: 0,
+            inflight: VecDeque::new(),
+            acked_upto: 0,
+            last_batch: 0,
+            hello: 0,
+            newest_batch_in: 0,
+            resending: false,
+            unfiltered: false,
+            hello_answered: false,
+            in_sync_after_ms: None,
+            stalled: false,
+            restart_wanted: None,
+            rewound_sent: false,
+            rewound_answered: false,
+            resend_granted: false,
+        }
+    }
+
+    /// The peer asked us to send again from `seq`: at once when nothing is in flight,
+    /// otherwise once the batches in flight are answered (see [`Session::restart_wanted`]).
+    pub(super) fn restart_on_request(&mut self, seq: u64) {
+        let seq = self.restart_wanted.take().map_or(seq, |w| w.min(seq));
+        if self.inflight.is_empty() {
+            self.restart_from(seq);
+        } else {
+            self.restart_wanted = Some(seq);
+        }
+    }
+
+    /// Apply a restart the peer asked for once nothing is in flight; whether sending may go
+    /// on (no restart still waits).
+    pub(super) fn apply_wanted_restart(&mut self) -> bool {
+        match self.restart_wanted {
+            Some(seq) if self.inflight.is_empty() => {
+                self.restart_wanted = None;
+                self.restart_from(seq);
+                true
+            }
+            Some(_) => false,
+            None => true,
+        }
+    }
+
+    /// Start sending again from `seq`, forgetting every batch in flight.
+    pub(super) fn restart_from(&mut self, seq: u64) {
+        self.cursor = seq;
+        self.sent_upto = seq;
+        self.acked_upto = seq;
+        self.inflight.clear();
+    }
+
+    /// Note the first moment the session is in sync, `now_ms` being the time.
+    pub(super) fn mark_in_sync(&mut self, last: u64, now_ms: i64) {
+        if self.in_sync_after_ms.is_none()
+            && self.streaming
+            && self.hello_answered
+            && self.inflight.is_empty()
+            && self.cursor >= last
+        {
+            self.in_sync_after_ms = Some(now_ms - self.since_ms);
+        }
+    }
+}
+
+/// One sent batch awaiting its Ack.
+#[derive(Debug, Clone)]
+pub(super) struct Inflight {
+    /// The batch's number in its session: its Ack names it.
+    pub(super) batch: u64,
+    /// The batch's `upto`: where the peer's checkpoint stands once it and all before it
+    /// are stored.
+    pub(super) upto: u64,
+    pub(super) changes: u64,
+    pub(super) answered: bool,
+    /// The views it carries, with how many of each view's changes the peer then holds.
+    pub(super) views: Vec<(DocId, u64)>,
+    /// The owed referenced objects it carries (see [`crate::store::Store::owed_refs`]).
+    pub(super) owed: Vec<DocId>,
+}
