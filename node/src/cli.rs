@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
-use tidesync_proto::{ObjectId, TypeName};
+use tidesync_proto::{NodeId, ObjectId, TypeName};
 
 use crate::client::{Client, ClientError};
 use crate::config::{
@@ -198,7 +198,7 @@ pub enum PeerCommand {
         name: String,
         /// The peer's node id, as `tidesync id` prints it on the peer.
         #[arg(long, value_name = "PEERID")]
-        id: String,
+        id: NodeId,
         /// Where to dial the peer (repeatable). Without one, the peer must dial us.
         #[arg(long = "addr", value_name = "MULTIADDR")]
         addrs: Vec<Multiaddr>,

@@ -121,8 +121,9 @@ pub struct Config {
 pub struct PeerConfig {
     /// A local name for the peer, used by `tidesync peer` commands.
     pub name: String,
-    /// The peer's node id (its libp2p PeerId).
-    pub id: String,
+    /// The peer's node id (its libp2p PeerId), written as text in the file.
+    #[serde(with = "node_id_text")]
+    pub id: NodeId,
     /// Where to dial it. A peer with no address is never dialed, but may connect to us.
     #[serde(default)]
     pub addrs: Vec<Multiaddr>,
@@ -131,12 +132,20 @@ pub struct PeerConfig {
     pub policy: crate::policy::Policy,
 }
 
-impl PeerConfig {
-    /// The peer's node id; checked by [`Config::validate`].
-    pub fn node_id(&self) -> Result<NodeId, String> {
-        self.id
-            .parse()
-            .map_err(|e: tidesync_proto::IdError| format!("peer {:?}: {e}", self.name))
+/// A node id in the config file: its text form (the libp2p PeerId), parsed once on load.
+pub(crate) mod node_id_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use tidesync_proto::NodeId;
+
+    pub fn serialize<S: Serializer>(id: &NodeId, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(id)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<NodeId, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(|e: tidesync_proto::IdError| {
+            serde::de::Error::custom(format!("id {text:?}: {e}"))
+        })
     }
 }
 
@@ -258,7 +267,7 @@ impl Config {
                     peer.name
                 ));
             }
-            let id = peer.node_id()?;
+            let id = peer.id;
             peer.policy
                 .validate()
                 .map_err(|e| format!("peer {:?}: {e}", peer.name))?;
@@ -388,13 +397,11 @@ mod tests {
 
     #[test]
     fn peers_are_validated() {
-        let id = crate::identity::Identity::from_secret([1; 32])
-            .node_id()
-            .to_string();
+        let id = crate::identity::Identity::from_secret([1; 32]).node_id();
         let mut c = sample();
         let hub = PeerConfig {
             name: "hub".into(),
-            id: id.clone(),
+            id,
             addrs: vec!["/ip4/127.0.0.1/tcp/7400".parse().unwrap()],
             policy: crate::policy::Policy {
                 skip: vec![tidesync_proto::TypeName::new("Invoice").unwrap()],
@@ -419,13 +426,11 @@ mod tests {
             })
             .is_err()
         );
-        assert!(
-            c.set_peer(PeerConfig {
-                id: "nope".into(),
-                ..hub.clone()
-            })
-            .is_err()
-        );
+        // An id that is no node id is refused when the file is read, naming it.
+        let mut text = toml::to_string_pretty(&c).unwrap();
+        text = text.replace(&id.to_string(), "nope");
+        let err = toml::from_str::<Config>(&text).unwrap_err().to_string();
+        assert!(err.contains("\"nope\""), "{err}");
         assert!(
             c.set_peer(PeerConfig {
                 policy: crate::policy::Policy {
@@ -456,9 +461,7 @@ mod tests {
         let mut c = sample();
         c.peers.push(PeerConfig {
             name: "archive".into(),
-            id: crate::identity::Identity::from_secret([2; 32])
-                .node_id()
-                .to_string(),
+            id: crate::identity::Identity::from_secret([2; 32]).node_id(),
             addrs: vec![],
             policy: crate::policy::Policy {
                 types: vec![ty("Volume")],

@@ -3,7 +3,6 @@
 //! both.
 
 use crate::bundle::{BundleError, ExportReport, ImportReport};
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -302,9 +301,8 @@ struct NodeActor {
     last_seq: watch::Sender<u64>,
     live: watch::Sender<Arc<Live>>,
     home: Home,
+    /// The node's config: its peers are the one registry of who may sync with us.
     config: Config,
-    /// The configured peers' ids.
-    peers: HashSet<NodeId>,
     net: mpsc::Sender<NetCommand>,
     events: mpsc::Receiver<NetEvent>,
     /// What the current step asks of the network actor, sent when the step ends.
@@ -404,6 +402,11 @@ impl NodeActor {
         });
     }
 
+    /// Whether `peer` is a configured peer.
+    fn is_configured(&self, peer: &NodeId) -> bool {
+        self.config.peers.iter().any(|p| p.id == *peer)
+    }
+
     /// Hand the network actor what the core's last step left to send, and publish the new
     /// tip of our log if a commit moved it.
     fn drain_outbox(&mut self) {
@@ -427,7 +430,7 @@ impl NodeActor {
     fn set_peer(&mut self, peer: PeerConfig) -> Result<(), PeerError> {
         let mut config = self.config.clone();
         config.set_peer(peer.clone()).map_err(PeerError::Invalid)?;
-        let id = peer.node_id().map_err(PeerError::Invalid)?;
+        let id = peer.id;
         let widened = self
             .core
             .reset_if_widened(&id, &peer.policy)
@@ -439,7 +442,7 @@ impl NodeActor {
             .peers
             .iter()
             .filter(|p| p.name == peer.name)
-            .filter_map(|p| p.node_id().ok())
+            .map(|p| p.id)
             .filter(|old| *old != id)
             .collect();
         for old in replaced {
@@ -449,7 +452,6 @@ impl NodeActor {
         self.config = config;
         self.core
             .adopt_policy(id, peer.name.clone(), peer.policy.clone());
-        self.peers.insert(id);
         self.out.push(NetCommand::SetLink {
             id,
             config: Box::new(peer),
@@ -466,16 +468,13 @@ impl NodeActor {
         let removed = config.remove_peer(name).map_err(PeerError::Invalid)?;
         config.save(&self.home).map_err(PeerError::Save)?;
         self.config = config;
-        if let Ok(id) = removed.node_id() {
-            self.drop_link(id);
-            self.core.remove_policy(&id);
-            tracing::info!(peer = %id, name, "peer removed");
-        }
+        self.drop_link(removed.id);
+        self.core.remove_policy(&removed.id);
+        tracing::info!(peer = %removed.id, name, "peer removed");
         Ok(())
     }
 
     fn drop_link(&mut self, id: NodeId) {
-        self.peers.remove(&id);
         self.core.on_disconnected(&id);
         self.out.push(NetCommand::DropLink(id));
     }
@@ -483,13 +482,13 @@ impl NodeActor {
     /// Sync traffic and connection changes, in the order the network actor saw them.
     fn on_net_event(&mut self, event: NetEvent) {
         match event {
-            NetEvent::Connected(peer) if self.peers.contains(&peer) => {
+            NetEvent::Connected(peer) if self.is_configured(&peer) => {
                 log_failed_step(self.core.on_connected(peer));
             }
             NetEvent::Connected(_) => {}
             NetEvent::Disconnected(peer) => self.core.on_disconnected(&peer),
             NetEvent::Request { peer, id, msg } => {
-                if !self.peers.contains(&peer) {
+                if !self.is_configured(&peer) {
                     self.out.push(NetCommand::Disconnect {
                         peer,
                         id: Some(id),
@@ -510,7 +509,7 @@ impl NodeActor {
                     }
                 }
             }
-            NetEvent::Response { peer, msg } if self.peers.contains(&peer) => {
+            NetEvent::Response { peer, msg } if self.is_configured(&peer) => {
                 log_failed_step(self.core.on_response(peer, msg));
             }
             NetEvent::Response { .. } => {}
@@ -555,11 +554,7 @@ pub fn spawn(
         node: core.node_id(),
         name: core.name().to_string(),
     });
-    let peers: Vec<(NodeId, PeerConfig)> = config
-        .peers
-        .iter()
-        .filter_map(|p| p.node_id().ok().map(|id| (id, p.clone())))
-        .collect();
+    let peers: Vec<(NodeId, PeerConfig)> = config.peers.iter().map(|p| (p.id, p.clone())).collect();
     let (net_actor, ends) = NetActor::new(swarm, &peers);
     let handle = NodeHandle {
         tx,
@@ -577,7 +572,6 @@ pub fn spawn(
         live: live_tx,
         home,
         config,
-        peers: peers.iter().map(|(id, _)| *id).collect(),
         net: ends.commands,
         events: ends.events,
         out: Vec::new(),

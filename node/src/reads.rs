@@ -424,7 +424,7 @@ impl Reads {
             peers: peers
                 .iter()
                 .map(|p| {
-                    let session = p.node_id().ok().and_then(|id| sessions.get(&id));
+                    let session = sessions.get(&p.id);
                     self.peer_status(p, last_seq, session)
                 })
                 .collect::<Result<_, _>>()?,
@@ -439,23 +439,14 @@ impl Reads {
         session: Option<&SessionSummary>,
     ) -> Result<PeerStatus, ReadError> {
         let what = format!("the state of peer {}", peer.name);
-        let id = peer.node_id().ok();
-        let record = match id {
-            Some(id) => self.store.peer(&id).map_err(read_err(&what))?,
-            None => Default::default(),
-        };
-        let oversized_skipped = match id {
-            Some(id) => self.store.oversized_count(&id).map_err(read_err(&what))?,
-            None => 0,
-        };
-        let held = match id {
-            Some(id) => self
-                .store
-                .reader()
-                .and_then(|r| r.held_tally(&id))
-                .map_err(read_err(&what))?,
-            None => Default::default(),
-        };
+        let id = peer.id;
+        let record = self.store.peer(&id).map_err(read_err(&what))?;
+        let oversized_skipped = self.store.oversized_count(&id).map_err(read_err(&what))?;
+        let held = self
+            .store
+            .reader()
+            .and_then(|r| r.held_tally(&id))
+            .map_err(read_err(&what))?;
         let (pending_out, pending_in) = match session {
             Some(s) => (
                 s.pending_out(last),
@@ -465,7 +456,7 @@ impl Reads {
         };
         Ok(PeerStatus {
             name: peer.name.clone(),
-            id: peer.id.clone(),
+            id: peer.id.to_string(),
             addrs: peer.addrs.iter().map(|a| a.to_string()).collect(),
             connected: session.is_some(),
             connected_since_ms: session.map(|s| s.since_ms),

@@ -429,7 +429,8 @@ async fn import_bundle(
 /// The body of `PUT /v1/peers/{name}`.
 #[derive(Debug, Deserialize, serde::Serialize)]
 pub struct PeerBody {
-    pub id: String,
+    #[serde(with = "crate::config::node_id_text")]
+    pub id: tidesync_proto::NodeId,
     #[serde(default)]
     pub addrs: Vec<libp2p::Multiaddr>,
     #[serde(flatten)]

@@ -8,12 +8,22 @@ use automerge::Automerge;
 use tidesync_proto::{DocHeader, DocId, NodeId, ObjectId, SignedChange, TypeName, VerifiedChange};
 
 use super::engine::{Arrival, Arrived, Engine};
-use super::receive::{
-    MAX_HELD_BYTES_PER_PEER, MAX_HELD_CHANGES_PER_DOC, MAX_HELD_CHANGES_PER_PEER,
-};
+use super::outbound::SYNC_BATCH_CHANGES;
 use crate::model::Claim;
 use crate::policy::{Policies, Policy};
 use crate::store::{Reader, Store, StoreError};
+
+/// Most changes one peer may have held here, waiting for dependencies. An honest peer holds
+/// at most its two batches in flight (`SYNC_WINDOW_BATCHES` × `SYNC_BATCH_CHANGES` = 4,000)
+/// plus what arrives ahead of a relay's gap; past this, its changes that would be held are
+/// refused for room, its checkpoint stays before them, and they arrive again (see
+/// [`crate::sync::Session::stalled`]).
+pub const MAX_HELD_CHANGES_PER_PEER: u64 = 10_000;
+/// Most bytes of held changes per peer: a peer's held changes cost at most this much disk.
+pub const MAX_HELD_BYTES_PER_PEER: u64 = 64 * 1024 * 1024;
+/// Most changes held for one document, from all peers together: one document's share of two
+/// full batches in flight.
+pub const MAX_HELD_CHANGES_PER_DOC: usize = 2 * SYNC_BATCH_CHANGES;
 
 /// One document's share of a received batch, before it is applied.
 pub(super) struct Work {

@@ -154,10 +154,8 @@ impl Replica {
             running,
         );
         for peer in &config.peers {
-            if let Ok(id) = peer.node_id() {
-                core.policies
-                    .set(id, peer.name.clone(), peer.policy.clone());
-            }
+            core.policies
+                .set(peer.id, peer.name.clone(), peer.policy.clone());
         }
         Ok(core)
     }

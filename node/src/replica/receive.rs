@@ -12,23 +12,10 @@ use tidesync_proto::{
 use super::Replica;
 use super::SyncError;
 use super::apply::{Prepared, Work, prepare, write};
-use super::outbound::SYNC_BATCH_CHANGES;
 use crate::model::Claim;
 
 /// Work lists shorter than this (changes to verify, documents to apply) stay on one thread.
 pub const PARALLEL_MIN_ITEMS: usize = 64;
-
-/// Most changes one peer may have held here, waiting for dependencies. An honest peer holds
-/// at most its two batches in flight (`SYNC_WINDOW_BATCHES` × `SYNC_BATCH_CHANGES` = 4,000)
-/// plus what arrives ahead of a relay's gap; past this, its changes that would be held are
-/// refused for room, its checkpoint stays before them, and they arrive again (see
-/// [`Session::stalled`]).
-pub const MAX_HELD_CHANGES_PER_PEER: u64 = 10_000;
-/// Most bytes of held changes per peer: a peer's held changes cost at most this much disk.
-pub const MAX_HELD_BYTES_PER_PEER: u64 = 64 * 1024 * 1024;
-/// Most changes held for one document, from all peers together: one document's share of two
-/// full batches in flight.
-pub const MAX_HELD_CHANGES_PER_DOC: usize = 2 * SYNC_BATCH_CHANGES;
 
 /// What storing one received batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
