@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use automerge::{Automerge, ChangeHash};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use tidesync_proto::{Checkpoint, DocHeader, DocId, NodeId, ObjectId, SignedChange, TypeName};
+use tidesync_proto::{Checkpoint, DocId, NodeId, ObjectId, SignedChange, TypeName};
 
-use crate::model::{Claim, DocRecord, LogEntry, OutBatch, PeerRecord, Persist, ReceivedDoc, View};
+use crate::model::{DocRecord, LogEntry, PeerRecord, Persist, ReceivedDoc, View};
 
 mod held;
 use held::{HELD, HELD_COUNTS, HeldTables};
@@ -132,6 +132,14 @@ pub enum StoreError {
         path: PathBuf,
         context: &'static str,
         detail: String,
+    },
+    #[error(
+        "store {path}: the name {name} already belongs to another document than {doc}; nothing was written"
+    )]
+    NameTaken {
+        path: PathBuf,
+        name: String,
+        doc: DocId,
     },
     #[error("store {path}: record {what} cannot be decoded: {detail}")]
     Decode {
@@ -709,128 +717,27 @@ impl Store {
         Ok(record)
     }
 
-    /// Read the log after `after` for sending to a peer: at most `max_changes` changes, scanning
-    /// at most `max_scan` entries, and stopping before a change whose encoded size (with its
-    /// document's header, the first time) would take the batch past `max_bytes` (see
-    /// [`crate::model::change_wire_bytes`]). A change that alone exceeds `max_bytes` can
-    /// never be sent: it is listed in `oversized` and passed over, so it blocks nothing. Entries
-    /// for which `skip_entry` is true, or whose document `skip_doc` refuses (given the entry's
-    /// SEQ), are passed over (but still covered by `upto`); `skip_entry` is asked first, so it
-    /// costs no document lookup.
-    pub fn read_batch(
-        &self,
-        after: u64,
-        max_changes: usize,
-        max_bytes: usize,
-        max_scan: usize,
-        skip_entry: impl Fn(&LogEntry) -> bool,
-        skip_doc: impl Fn(u64, &DocId, &DocRecord) -> bool,
-    ) -> Result<OutBatch, StoreError> {
-        let ctx = "reading a batch to send";
-        let tx = self.db.begin_read().ctx(self, ctx)?;
-        let log = tx.open_table(LOG).ctx(self, ctx)?;
-        let doc_nos = tx.open_table(DOC_NOS).ctx(self, ctx)?;
-        let docs = tx.open_table(DOCS).ctx(self, ctx)?;
-        let mut batch = OutBatch {
-            upto: Checkpoint {
-                seq: after,
-                hash: [0; 32],
-            },
-            ..OutBatch::default()
-        };
-        let mut records: std::collections::HashMap<DocId, Option<DocRecord>> = Default::default();
-        let mut headed = std::collections::HashSet::new();
-        for item in log
-            .range(after.saturating_add(1)..)
-            .ctx(self, ctx)?
-            .take(max_scan)
-        {
-            if batch.changes.len() >= max_changes {
-                break;
-            }
-            let (k, v) = item.ctx(self, ctx)?;
-            let seq = k.value();
-            let LogRow { entry, change } = self.decode(|| format!("log_v2[{seq}]"), v.value())?;
-            let here = Checkpoint {
-                seq,
-                hash: entry.hash,
-            };
-            if skip_entry(&entry) {
-                batch.upto = here;
-                continue;
-            }
-            if let std::collections::hash_map::Entry::Vacant(slot) = records.entry(entry.doc) {
-                let record = self
-                    .doc_row::<DocHead>(&doc_nos, &docs, &entry.doc, ctx)?
-                    .map(|row| row.record);
-                slot.insert(record);
-            }
-            let Some(Some(record)) = records.get(&entry.doc) else {
-                batch.upto = here;
-                continue;
-            };
-            if skip_doc(seq, &entry.doc, record) {
-                batch.upto = here;
-                continue;
-            }
-            let header = DocHeader {
-                doc: entry.doc,
-                origin: record.origin,
-                ty: record.ty.clone(),
-                id: record.id.clone(),
-            };
-            let new_doc = !headed.contains(&entry.doc);
-            let change_bytes = crate::model::change_wire_bytes(&change);
-            let header_bytes = crate::model::header_wire_bytes(&header);
-            let alone = change_bytes.saturating_add(header_bytes);
-            if alone > max_bytes {
-                batch.oversized.push((seq, entry, alone));
-                batch.upto = here;
-                continue;
-            }
-            let size = if new_doc { alone } else { change_bytes };
-            if batch.bytes + size > max_bytes {
-                // The batch ends before this change; the next one starts with it.
-                break;
-            }
-            batch.bytes += size;
-            batch.upto = here;
-            if new_doc {
-                headed.insert(entry.doc);
-                batch.docs.push(header);
-            }
-            batch.changes.push(change);
-            batch.seqs.push(seq);
-        }
-        Ok(batch)
-    }
-
-    /// Commit a received batch from `from` in one durable transaction: applied changes join
-    /// the log, held ones are kept, and the peer's checkpoint moves as [`PeerRecord::stored`]
-    /// says; `counters` then updates the peer's counters, and `refused_for_room` its tally of
-    /// changes that found no room to be held. An error from `docs` aborts the transaction.
-    /// Returns the new last SEQ of the log and whether the checkpoint moved.
+    /// Commit a received batch from `from` in one durable transaction: the documents' new
+    /// states, applied changes appended to the log, held changes kept and released ones let
+    /// go, `refused_for_room` added to the peer's tally, and the peer's `record` (whose
+    /// checkpoint and counters the caller decided) written. Returns the new last SEQ.
     pub fn commit_received(
         &self,
         from: &NodeId,
-        claim: Option<Claim>,
         now_ms: i64,
         refused_for_room: u64,
-        docs: impl Iterator<Item = Result<ReceivedDoc, StoreError>>,
-        counters: impl FnOnce(&mut PeerRecord),
-    ) -> Result<(u64, bool), StoreError> {
+        docs: &[ReceivedDoc],
+        record: &PeerRecord,
+    ) -> Result<u64, StoreError> {
         let ctx = "committing a received batch";
         let tx = self.db.begin_write().ctx(self, ctx)?;
         let seq;
-        let moved;
         {
             let mut w = Writer::open(self, &tx, ctx)?;
             let mut held = HeldTables::open(self, &tx, ctx)?;
             let mut peers = tx.open_table(PEERS).ctx(self, ctx)?;
             let mut by_ref = tx.open_table(BY_REF).ctx(self, ctx)?;
             for d in docs {
-                // An error drops the transaction uncommitted: nothing of the batch is stored.
-                let d = d?;
                 if d.by_ref && d.record.is_some() {
                     by_ref.insert((from.0, d.doc_id.0), ()).ctx(self, ctx)?;
                 }
@@ -862,19 +769,11 @@ impl Store {
             }
             held.refused_for_room(self, from, refused_for_room)?;
             seq = w.seq;
-            let mut record: PeerRecord = match peers.get(from.0).ctx(self, ctx)? {
-                Some(v) => self.decode(|| format!("peers_v1[{from}]"), v.value())?,
-                None => PeerRecord::default(),
-            };
-            moved = claim.is_some_and(|c| record.stored(c.after, c.upto, c.restart));
-            counters(&mut record);
-            record.bound_rejected_types();
-            record.last_sync_ms = now_ms;
-            let bytes = postcard::to_stdvec(&record).map_err(|x| self.encode_error(x))?;
+            let bytes = postcard::to_stdvec(record).map_err(|x| self.encode_error(x))?;
             peers.insert(from.0, bytes.as_slice()).ctx(self, ctx)?;
         }
         tx.commit().ctx(self, ctx)?;
-        Ok((seq, moved))
+        Ok(seq)
     }
 
     /// Size of the store file in bytes (0 for an in-memory store).
@@ -935,24 +834,22 @@ impl<'s, 'tx> Writer<'s, 'tx> {
     fn put_doc(&mut self, doc: &DocId, record: &DocRecord, state: &[u8]) -> Result<(), StoreError> {
         let (store, ctx) = (self.store, self.ctx);
         let existing = self.doc_nos.get(doc.0).ctx(store, ctx)?.map(|v| v.value());
-        let renamed;
-        let mut record = record;
         let no = match existing {
             Some(no) => no,
             None => {
-                // A new document whose name another took since the engine looked (two
-                // documents of one batch, or a local write meanwhile) gets its own name.
+                // The replica gave every new document a name of its own (see
+                // `replica::apply::write`); one that is taken is a bug, refused whole.
                 let taken = self
                     .names
                     .get((record.ty.as_str(), record.local_id.as_str()))
                     .ctx(store, ctx)?
                     .is_some_and(|other| other.value() != doc.0);
                 if taken {
-                    renamed = DocRecord {
-                        local_id: crate::model::collision_name(&record.local_id, doc),
-                        ..record.clone()
-                    };
-                    record = &renamed;
+                    return Err(StoreError::NameTaken {
+                        path: store.path.clone(),
+                        name: format!("{}/{}", record.ty, record.local_id),
+                        doc: *doc,
+                    });
                 }
                 if crate::model::is_collision_name(&record.local_id, doc) {
                     // Counted in the first slot of its `counts_v1` row, as a live object is.
@@ -1031,6 +928,28 @@ pub struct Reader<'s> {
 }
 
 impl Reader<'_> {
+    /// The log's entries after `after`, in order, each with its change, read as iterated.
+    pub fn log_after(
+        &self,
+        after: u64,
+    ) -> Result<
+        impl Iterator<Item = Result<(u64, LogEntry, SignedChange), StoreError>> + '_,
+        StoreError,
+    > {
+        let ctx = "reading the change log";
+        let range = self
+            .log
+            .range(after.saturating_add(1)..)
+            .ctx(self.store, ctx)?;
+        Ok(range.map(move |item| {
+            let (k, v) = item.ctx(self.store, ctx)?;
+            let seq = k.value();
+            let LogRow { entry, change } =
+                self.store.decode(|| format!("log_v2[{seq}]"), v.value())?;
+            Ok((seq, entry, change))
+        }))
+    }
+
     /// The document a local name points to.
     pub fn lookup(&self, ty: &TypeName, id: &ObjectId) -> Result<Option<DocId>, StoreError> {
         let found = self

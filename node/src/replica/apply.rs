@@ -2,7 +2,7 @@
 //! to the engine on a worker thread; [`write`] commits every document's result in one
 //! transaction, in the batch's order.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use automerge::Automerge;
 use tidesync_proto::{DocHeader, DocId, NodeId, ObjectId, SignedChange, TypeName, VerifiedChange};
@@ -309,13 +309,12 @@ pub(super) fn write(
             _ => 0,
         })
         .sum();
+    // The peer's record as committed: the replica is the only writer, so it stays current
+    // until this batch commits.
+    let mut record = store.peer(&peer)?;
     // The checkpoint before this batch, which `forget-checkpoint` keeps forever.
-    let forgotten = if faults.forget_checkpoint {
-        Some(store.peer(&peer)?.received)
-    } else {
-        None
-    };
-    let tally = std::cell::RefCell::new(Written::default());
+    let forgotten = faults.forget_checkpoint.then_some(record.received);
+    let mut t = Written::default();
     let refuse = |t: &mut Written, refused: Vec<Refused>| {
         for r in refused {
             if crate::ratelog::REFUSALS.allow(&peer) {
@@ -325,99 +324,106 @@ pub(super) fn write(
             *t.rejected_types.entry(r.why.ty().to_string()).or_default() += 1;
         }
     };
-    let mut items = prepared.into_iter();
-    let in_order = std::iter::from_fn(|| {
-        for item in items.by_ref() {
-            let mut t = tally.borrow_mut();
-            match item {
-                Err(e) => return Some(Err(e)),
-                Ok(Prepared::NoHeader { doc, changes }) => {
-                    t.rejected += changes;
-                    if crate::ratelog::REFUSALS.allow(&peer) {
-                        tracing::warn!(%peer, %doc, "rejected changes to a document sent without its header");
-                    }
+    let mut docs = Vec::with_capacity(prepared.len());
+    // Names given to documents of this batch so far: the engine checked each new document's
+    // name against the store, but two new documents of one batch may share a name.
+    let mut named: HashMap<(TypeName, ObjectId), DocId> = HashMap::new();
+    for item in prepared {
+        match item {
+            // Nothing is written yet: nothing of the batch is stored.
+            Err(e) => return Err(e),
+            Ok(Prepared::NoHeader { doc, changes }) => {
+                t.rejected += changes;
+                if crate::ratelog::REFUSALS.allow(&peer) {
+                    tracing::warn!(%peer, %doc, "rejected changes to a document sent without its header");
                 }
-                Ok(Prepared::Refused(refused)) => refuse(&mut t, refused),
-                Ok(Prepared::Arrived(arrived, refused, _, _)) => {
-                    refuse(&mut t, refused);
-                    let Arrived {
-                        mut received,
-                        doc,
-                        rejected,
-                        duplicates,
-                        poisoned: _,
-                    } = *arrived;
-                    if faults.drop_held {
-                        received.held.clear();
-                    }
-                    // Released changes free room only if they were this peer's; counting
-                    // them all would only make the quota looser, never lose a change.
-                    held_changes = held_changes.saturating_sub(received.released.len() as u64);
-                    let mut keep = 0;
-                    for (change, _) in &received.held {
-                        let len = change.bytes.len() as u64;
-                        if held_changes >= MAX_HELD_CHANGES_PER_PEER
-                            || held_bytes + len > MAX_HELD_BYTES_PER_PEER
-                        {
-                            break;
-                        }
-                        held_changes += 1;
-                        held_bytes += len;
-                        keep += 1;
-                    }
-                    if keep < received.held.len() {
-                        let n = received.held.len() - keep;
-                        tracing::warn!(%peer, doc = %received.doc_id, refused = n, "the peer's quota of held changes is full; they will be asked for again");
-                        room_refused += n as u64;
-                        received.held.truncate(keep);
-                    }
-                    for (hash, reason) in &rejected {
-                        if crate::ratelog::REFUSALS.allow(&peer) {
-                            tracing::warn!(%peer, doc = %received.doc_id, %hash, %reason, "rejected a change");
-                        }
-                    }
-                    t.rejected += rejected.len() as u64;
-                    t.applied += received.applied.len() as u64;
-                    t.held += received.held.len() as u64;
-                    t.duplicates += duplicates;
-                    if let Some(r) = &received.record
-                        && crate::model::is_collision_name(&r.local_id, &received.doc_id)
+            }
+            Ok(Prepared::Refused(refused)) => refuse(&mut t, refused),
+            Ok(Prepared::Arrived(arrived, refused, _, _)) => {
+                refuse(&mut t, refused);
+                let Arrived {
+                    mut received,
+                    doc,
+                    rejected,
+                    duplicates,
+                    poisoned: _,
+                } = *arrived;
+                if faults.drop_held {
+                    received.held.clear();
+                }
+                // Released changes free room only if they were this peer's; counting them
+                // all would only make the quota looser, never lose a change.
+                held_changes = held_changes.saturating_sub(received.released.len() as u64);
+                let mut keep = 0;
+                for (change, _) in &received.held {
+                    let len = change.bytes.len() as u64;
+                    if held_changes >= MAX_HELD_CHANGES_PER_PEER
+                        || held_bytes + len > MAX_HELD_BYTES_PER_PEER
                     {
-                        tracing::warn!(%peer, doc = %received.doc_id, ty = %r.ty, id = %r.id, local = %r.local_id, "another document already has this name here; stored under its own name");
+                        break;
                     }
-                    if let Some(doc) = doc {
-                        t.docs.push((received.doc_id, doc));
-                    }
-                    return Some(Ok(received));
+                    held_changes += 1;
+                    held_bytes += len;
+                    keep += 1;
                 }
+                if keep < received.held.len() {
+                    let n = received.held.len() - keep;
+                    tracing::warn!(%peer, doc = %received.doc_id, refused = n, "the peer's quota of held changes is full; they will be asked for again");
+                    room_refused += n as u64;
+                    received.held.truncate(keep);
+                }
+                for (hash, reason) in &rejected {
+                    if crate::ratelog::REFUSALS.allow(&peer) {
+                        tracing::warn!(%peer, doc = %received.doc_id, %hash, %reason, "rejected a change");
+                    }
+                }
+                t.rejected += rejected.len() as u64;
+                t.applied += received.applied.len() as u64;
+                t.held += received.held.len() as u64;
+                t.duplicates += duplicates;
+                if let Some(r) = &mut received.record {
+                    let key = (r.ty.clone(), r.local_id.clone());
+                    match named.get(&key) {
+                        Some(other) if *other != received.doc_id => {
+                            r.local_id =
+                                crate::model::collision_name(&r.local_id, &received.doc_id);
+                        }
+                        _ => {
+                            named.insert(key, received.doc_id);
+                        }
+                    }
+                }
+                if let Some(r) = &received.record
+                    && crate::model::is_collision_name(&r.local_id, &received.doc_id)
+                {
+                    tracing::warn!(%peer, doc = %received.doc_id, ty = %r.ty, id = %r.id, local = %r.local_id, "another document already has this name here; stored under its own name");
+                }
+                if let Some(doc) = doc {
+                    t.docs.push((received.doc_id, doc));
+                }
+                docs.push(received);
             }
         }
-        None
-    });
-    // The claim is decided after the documents are read, so the iterator is drained first
-    // into the documents to commit (they are already in memory; this copies no state).
-    let docs: Vec<Result<crate::model::ReceivedDoc, StoreError>> = in_order.collect();
+    }
+    // The checkpoint rule and the counters are decided here; the store writes the record.
     let claim = if room_refused > 0 { None } else { claim };
-    let (last_seq, moved) =
-        store.commit_received(&peer, claim, now, room_refused, docs.into_iter(), |r| {
-            let t = tally.borrow();
-            r.changes_in += t.applied + t.held;
-            r.rejected += rejected_before + t.rejected;
-            r.duplicates += duplicates_before + t.duplicates;
-            for (ty, n) in &t.rejected_types {
-                *r.rejected_types.entry(ty.clone()).or_default() += n;
-            }
-            if let Some(kept) = forgotten {
-                r.received = kept;
-                r.ahead.clear();
-            } else if let (true, Some(c)) = (faults.checkpoint_skips_gaps, claim) {
-                r.received = c.upto;
-                r.ahead.clear();
-            }
-        })?;
-    let mut written = tally.into_inner();
-    written.last_seq = last_seq;
-    written.moved = moved;
-    written.refused_for_room = room_refused;
-    Ok(written)
+    t.moved = claim.is_some_and(|c| record.stored(c.after, c.upto, c.restart));
+    record.changes_in += t.applied + t.held;
+    record.rejected += rejected_before + t.rejected;
+    record.duplicates += duplicates_before + t.duplicates;
+    for (ty, n) in &t.rejected_types {
+        *record.rejected_types.entry(ty.clone()).or_default() += n;
+    }
+    if let Some(kept) = forgotten {
+        record.received = kept;
+        record.ahead.clear();
+    } else if let (true, Some(c)) = (faults.checkpoint_skips_gaps, claim) {
+        record.received = c.upto;
+        record.ahead.clear();
+    }
+    record.bound_rejected_types();
+    record.last_sync_ms = now;
+    t.last_seq = store.commit_received(&peer, now, room_refused, &docs, &record)?;
+    t.refused_for_room = room_refused;
+    Ok(t)
 }
