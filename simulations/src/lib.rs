@@ -7,12 +7,24 @@
 //!   and the same rules restated as what the invariants expect.
 //! - [`net`]: the simulated network: links, connections, and packets that are delayed,
 //!   reordered, duplicated and dropped.
-//! - [`world`]: one seeded world of many nodes: workload, forgeries, crashes, partitions,
-//!   policy changes, the heal and the invariants.
+//! - [`options`]: what a world runs (derived from its seed) and what it reports.
+//! - [`harness`]: one seeded world of many nodes, after TigerBeetle's VOPR: its steps, the
+//!   heal and the run; [`run`] is the way in.
+//! - [`shell`]: each node's shell: starting its core, routing its outbox through the
+//!   simulated network, delivering packets, and the trace.
+//! - [`workload`]: writes, deletes, forgeries, partitions, voyages and policy changes.
+//! - [`invariants`]: what must hold after the heal.
 //! - [`solo`]: one node alone under crashes, checked after every step against a model of its
 //!   acknowledged writes.
 
+pub mod harness;
+pub mod invariants;
 pub mod net;
+pub mod options;
+pub mod shell;
 pub mod solo;
 pub mod topology;
-pub mod world;
+pub mod workload;
+
+pub use harness::{MAX_HEAL_ROUNDS, run};
+pub use options::{Given, Options, Report, Violation};

@@ -7,7 +7,7 @@ use clap::Parser;
 use tidesync::fault::EngineFault;
 use tidesync_sim::solo;
 use tidesync_sim::topology::Topology;
-use tidesync_sim::world::{self, Given, Options};
+use tidesync_sim::{Given, MAX_HEAL_ROUNDS, Options};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -80,7 +80,7 @@ fn main() -> ExitCode {
     for seed in first..first.saturating_add(args.seeds) {
         let opts = Options::derive(seed, &given);
         println!("{opts}");
-        match world::run(&opts) {
+        match tidesync_sim::run(&opts) {
             Ok(r) => {
                 worst_rounds = worst_rounds.max(r.heal_rounds);
                 println!(
@@ -128,7 +128,7 @@ fn main() -> ExitCode {
         "{} worlds in {:.1} s; most rounds to converge after a heal: {worst_rounds} (limit {})",
         args.seeds,
         started.elapsed().as_secs_f64(),
-        world::MAX_HEAL_ROUNDS
+        MAX_HEAL_ROUNDS
     );
     if let Some(f) = args.fault {
         println!("fault {f} caught in {caught} of {} worlds", args.seeds);

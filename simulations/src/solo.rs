@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use rand::rngs::StdRng;
 use rand::{Rng, RngExt, SeedableRng};
 use serde_json::{Map, Value as Json, json};
-use tidesync::core::{Clock, Core, LocalWriteError, ReadError};
+use tidesync::core::{Core, LocalWriteError, ReadError};
+
+use crate::shell::{Trace, start_core};
 use tidesync::identity::Identity;
 use tidesync::replica::engine::WriteError;
 use tidesync::store::Store;
@@ -61,19 +63,6 @@ pub struct Violation {
     pub what: String,
 }
 
-struct Trace {
-    hash: u64,
-}
-
-impl Trace {
-    fn line(&mut self, line: &str) {
-        for b in line.bytes().chain(std::iter::once(b'\n')) {
-            self.hash ^= u64::from(b);
-            self.hash = self.hash.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-}
-
 fn random_value(rng: &mut StdRng, depth: u32) -> Json {
     match rng.random_range(0..if depth > 1 { 5 } else { 7 }) {
         0 => json!(rng.random_range(-1000i64..1000)),
@@ -95,20 +84,6 @@ fn random_value(rng: &mut StdRng, depth: u32) -> Json {
     }
 }
 
-fn start(store: Store, identity: &Identity, epoch: u64, clock: &Arc<AtomicI64>) -> Core {
-    let c = Arc::clone(clock);
-    let clock: Clock = Arc::new(move || c.load(Ordering::SeqCst));
-    Core::with_clock(
-        "sim".into(),
-        identity.clone(),
-        store,
-        SIM_CACHE_DOCS,
-        true,
-        epoch,
-        clock,
-    )
-}
-
 /// Run one world; `Err` names the first invariant that failed.
 pub fn run(opts: &Options) -> Result<Report, Violation> {
     let mut rng = StdRng::seed_from_u64(opts.seed);
@@ -120,12 +95,17 @@ pub fn run(opts: &Options) -> Result<Report, Violation> {
         step: 0,
         what: e.to_string(),
     })?;
-    let mut core = start(store, &identity, rng.next_u64(), &clock);
+    let mut core = start_core(
+        "sim".into(),
+        &identity,
+        store,
+        SIM_CACHE_DOCS,
+        rng.next_u64(),
+        &clock,
+    );
     // What every acknowledged write says each object must now be (None: deleted).
     let mut model: BTreeMap<(String, String), Option<Map<String, Json>>> = BTreeMap::new();
-    let mut trace = Trace {
-        hash: 0xcbf2_9ce4_8422_2325,
-    };
+    let mut trace = Trace::new();
     let (mut writes_acked, mut crashes) = (0, 0);
 
     for step in 0..opts.steps {
@@ -142,7 +122,14 @@ pub fn run(opts: &Options) -> Result<Report, Violation> {
         if roll < opts.crash_per_mille {
             // Crash: the cache and the engine's epoch are gone; only committed records remain.
             let store = core.into_store();
-            core = start(store, &identity, rng.next_u64(), &clock);
+            core = start_core(
+                "sim".into(),
+                &identity,
+                store,
+                SIM_CACHE_DOCS,
+                rng.next_u64(),
+                &clock,
+            );
             crashes += 1;
             trace.line(&format!("{step} crash"));
             for ((t, i), want) in &model {
@@ -235,7 +222,7 @@ pub fn run(opts: &Options) -> Result<Report, Violation> {
         }
     }
     Ok(Report {
-        trace_hash: trace.hash,
+        trace_hash: trace.0,
         writes_acked,
         crashes,
         live_objects: model.values().filter(|v| v.is_some()).count(),
@@ -258,39 +245,5 @@ fn check_object(
         (got, want) => Err(format!(
             "{ty}/{id}: node has {got:?}, acknowledged writes say {want:?}"
         )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_seed_gives_one_trace() {
-        let opts = Options {
-            seed: 7,
-            steps: 300,
-            crash_per_mille: 30,
-        };
-        let a = run(&opts).unwrap();
-        let b = run(&opts).unwrap();
-        assert_eq!(a, b);
-        assert!(a.crashes > 0 && a.writes_acked > 0);
-        let other = run(&Options { seed: 8, ..opts }).unwrap();
-        assert_ne!(a.trace_hash, other.trace_hash);
-    }
-
-    #[test]
-    fn many_seeds_keep_every_acknowledged_write() {
-        for seed in 0..40 {
-            let opts = Options {
-                seed,
-                steps: 150,
-                crash_per_mille: 40,
-            };
-            if let Err(v) = run(&opts) {
-                panic!("{v}\nreproduce: {}", opts.command());
-            }
-        }
     }
 }

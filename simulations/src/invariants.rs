@@ -1,0 +1,287 @@
+//! The invariants, checked after the heal: every acknowledged write kept, every document a
+//! policy lets through held alike on both ends, nothing a policy keeps back present, views
+//! holding only published fields, signatures valid, and an idle resync moving nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{Map, Value as Json};
+use tidesync::core::DocAudit;
+use tidesync_proto::NodeId;
+
+use crate::harness::World;
+use crate::options::{Violation, fail};
+use crate::shell;
+use crate::topology::{PUBLISHED_FIELD, Pass, Role, Topology};
+
+/// Every write acknowledged at node `i` is still in its store.
+pub(crate) fn check_acked(w: &World, i: usize, phase: &str) -> Result<(), Violation> {
+    let Some(core) = &w.nodes[i].core else {
+        return Ok(());
+    };
+    let reader = core
+        .store()
+        .reader()
+        .map_err(|e| fail(phase, e.to_string()))?;
+    for (doc, hash) in &w.nodes[i].acked {
+        let (Ok(d), Ok(h)) = (doc.parse(), hash.parse()) else {
+            return Err(fail(
+                phase,
+                format!("node {i}: unparsable ack {doc} {hash}"),
+            ));
+        };
+        if !reader
+            .has_change(&d, &h)
+            .map_err(|e| fail(phase, e.to_string()))?
+        {
+            return Err(fail(
+                phase,
+                format!("node {i} lost acknowledged change {hash} of document {doc}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// After the heal: every invariant.
+pub(crate) fn check(w: &mut World) -> Result<(), Violation> {
+    let phase = "check";
+    let mut audits: Vec<BTreeMap<tidesync_proto::DocId, DocAudit>> = Vec::new();
+    for i in 0..w.nodes.len() {
+        check_acked(w, i, phase)?;
+        let audit = w.nodes[i]
+            .core
+            .as_mut()
+            .ok_or_else(|| fail(phase, format!("node {i} is not running")))?
+            .audit()
+            .map_err(|e| fail(phase, e.to_string()))?;
+        audits.push(audit.into_iter().map(|a| (a.doc, a)).collect());
+    }
+    w.report.docs = audits.iter().map(BTreeMap::len).sum();
+    let origin_of = |id: &NodeId| w.ids.get(id).copied();
+    for (i, docs) in audits.iter().enumerate() {
+        for a in docs.values() {
+            let ty = a.record.ty.as_str();
+            let origin = origin_of(&a.record.origin);
+            // Every stored change has a valid signature.
+            if let Some(bad) = a.changes.iter().find(|c| c.signature.is_err()) {
+                return Err(fail(
+                    phase,
+                    format!(
+                        "node {i} holds change {} of {ty}/{} whose signature does not verify: {:?}",
+                        bad.hash, a.record.id, bad.signature
+                    ),
+                ));
+            }
+            // Nothing the policies keep from a node is there.
+            check_kept(w, i, a, origin)?;
+            // Read-only objects are changed by their owner alone.
+            if ty == "Method"
+                && let Some(c) = a.changes.iter().find(|c| c.author != Some(w.node_id(0)))
+            {
+                return Err(fail(
+                    phase,
+                    format!(
+                        "node {i} holds read-only Method/{} changed by {:?}, not its owner node 0",
+                        a.record.id, c.author
+                    ),
+                ));
+            }
+        }
+    }
+    // Every link passes what the policies let through, and both ends then agree.
+    for &(a, b) in &w.layout.links {
+        for (x, y) in [(a, b), (b, a)] {
+            for d in audits[x].values() {
+                let origin = origin_of(&d.record.origin);
+                match w.layout.passes(x, y, d.record.ty.as_str(), origin) {
+                    Pass::No => {}
+                    Pass::Yes => {
+                        let back = audits[y]
+                            .get(&d.doc)
+                            .map(|e| w.layout.passes(y, x, e.record.ty.as_str(), origin));
+                        agree(x, y, d, audits[y].get(&d.doc), back == Some(Pass::Yes))?;
+                    }
+                    Pass::View => check_view(w, x, y, d, &audits[y])?,
+                }
+            }
+        }
+    }
+    // Nothing is left waiting for dependencies, and what waited was signed too.
+    for i in 0..w.nodes.len() {
+        let Some(core) = &w.nodes[i].core else {
+            continue;
+        };
+        let held = core
+            .store()
+            .held_changes()
+            .map_err(|e| fail(phase, e.to_string()))?;
+        if let Some((h, c)) = held.iter().find(|(_, c)| c.verify().is_err()) {
+            return Err(fail(
+                phase,
+                format!(
+                    "node {i} holds a change of {}/{} ({}) whose signature does not verify: {:?}",
+                    h.ty,
+                    h.id,
+                    h.doc,
+                    c.verify().err()
+                ),
+            ));
+        }
+        if let Some((h, _)) = held.first() {
+            return Err(fail(
+                phase,
+                format!(
+                    "node {i} still holds {} changes waiting for dependencies, the first of {}/{} ({})",
+                    held.len(),
+                    h.ty,
+                    h.id,
+                    h.doc
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What the policies keep from node `i` is not there.
+pub(crate) fn check_kept(
+    w: &World,
+    i: usize,
+    a: &DocAudit,
+    origin: Option<usize>,
+) -> Result<(), Violation> {
+    let ty = a.record.ty.as_str();
+    let here = Some(i);
+    let why = if ty == "Invoice" && origin != here {
+        Some("Invoice is skipped on every link")
+    } else if ty == "Sample"
+        && matches!(w.layout.topology, Topology::Star | Topology::Ships)
+        && i != 0
+        && origin.is_some_and(|o| o != 0 && o != i)
+    {
+        Some("another collaborator's prefixed Sample goes back to its origin only")
+    } else if origin.is_some_and(|o| w.layout.roles[o] == Role::Archive) && origin != here {
+        Some("the archive only receives")
+    } else if w.layout.roles[i] == Role::Archive && ty == "Template" {
+        let publisher = w.neighbours(i).first().copied();
+        if origin != publisher {
+            Some("Template reaches the archive only as its neighbour's view")
+        } else if a.json.keys().any(|k| k != PUBLISHED_FIELD)
+            || a.changes
+                .iter()
+                .any(|c| c.author != origin.map(|o| w.node_id(o)))
+        {
+            Some("a view holds the published field alone, written by the publisher")
+        } else {
+            None
+        }
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(fail(
+            "check",
+            format!(
+                "node {i} holds {ty}/{} (created by node {origin:?}, fields {:?}): {why}",
+                a.record.id,
+                a.json.keys().collect::<Vec<_>>()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The view that publisher `x` keeps of its document `d` for `y` is what `y` holds.
+pub(crate) fn check_view(
+    w: &World,
+    x: usize,
+    y: usize,
+    d: &DocAudit,
+    at_y: &BTreeMap<tidesync_proto::DocId, DocAudit>,
+) -> Result<(), Violation> {
+    let view_id = tidesync_proto::DocId::derive(&w.node_id(x), &d.record.ty, &d.record.local_id);
+    let published: Map<String, Json> = d
+        .json
+        .iter()
+        .filter(|(k, _)| k.as_str() == PUBLISHED_FIELD)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let ok = match at_y.get(&view_id) {
+        None => d.deleted || published.is_empty(),
+        Some(v) if d.deleted => v.deleted || v.json.is_empty(),
+        Some(v) => !v.deleted && v.json == published,
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(fail(
+        "check",
+        format!(
+            "node {y} holds view {:?} of node {x}'s {}/{} (deleted: {}, published: {published:?})",
+            at_y.get(&view_id).map(|v| (&v.json, v.deleted)),
+            d.record.ty,
+            d.record.local_id,
+            d.deleted
+        ),
+    ))
+}
+
+/// After the check: drop every connection and reconnect. Nodes in sync exchange no
+/// changes (checkpoints were stored with what they cover).
+pub(crate) fn idle_resync(w: &mut World) -> Result<(), Violation> {
+    let phase = "idle resync";
+    for l in 0..w.net.links.len() {
+        shell::disconnect(w, l);
+    }
+    let before = w.changes_sent;
+    w.settle(phase)?;
+    let moved = w.changes_sent - before;
+    if moved > 0 {
+        return Err(fail(
+            phase,
+            format!("{moved} changes crossed between nodes that were already in sync"),
+        ));
+    }
+    w.report.messages = w.net.sent;
+    w.report.dropped = w.net.dropped;
+    w.report.duplicated = w.net.duplicated;
+    Ok(())
+}
+
+/// `y` holds all of `d` as `x` holds it; when the document passes back too, the two agree on
+/// heads and JSON.
+fn agree(
+    x: usize,
+    y: usize,
+    d: &DocAudit,
+    at_y: Option<&DocAudit>,
+    both_ways: bool,
+) -> Result<(), Violation> {
+    let name = format!("{}/{} ({})", d.record.ty, d.record.local_id, d.doc);
+    let Some(e) = at_y else {
+        return Err(fail(
+            "check",
+            format!("node {y} lacks {name}, which node {x} holds and may send it"),
+        ));
+    };
+    let theirs: BTreeSet<_> = e.changes.iter().map(|c| c.hash).collect();
+    if let Some(c) = d.changes.iter().find(|c| !theirs.contains(&c.hash)) {
+        return Err(fail(
+            "check",
+            format!(
+                "node {y} lacks change {} of {name}, which node {x} holds",
+                c.hash
+            ),
+        ));
+    }
+    if both_ways && (d.heads != e.heads || d.json != e.json || d.deleted != e.deleted) {
+        return Err(fail(
+            "check",
+            format!(
+                "nodes {x} and {y} disagree on {name}: {:?} deleted {} heads {:?} vs {:?} deleted {} heads {:?}",
+                d.json, d.deleted, d.heads, e.json, e.deleted, e.heads
+            ),
+        ));
+    }
+    Ok(())
+}
