@@ -4,21 +4,15 @@
 //! workload ([`crate::workload`]); then a heal phase and the invariants
 //! ([`crate::invariants`]). One seed replays one world exactly.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 
-use rand::rngs::StdRng;
-use rand::{Rng, RngExt, SeedableRng};
-use tidesync::core::Core;
-use tidesync::identity::Identity;
-use tidesync::store::Store;
-use tidesync_proto::NodeId;
+use rand::{Rng, RngExt};
 
-use crate::net::{Net, NetFaults};
+use crate::net::NetFaults;
 use crate::options::{Options, Report, Violation, fail};
-use crate::shell::{self, Trace};
-use crate::topology::{Layout, Topology};
+use crate::shell;
+use crate::topology::Topology;
+use crate::world::World;
 use crate::{invariants, workload};
 
 /// Documents each simulated node keeps decoded: small, so that eviction is exercised.
@@ -30,244 +24,165 @@ const STEP_MS: i64 = 10;
 const HEAL_ROUND_MS: i64 = crate::net::REQUEST_TIMEOUT_MS + 50;
 /// Rounds the heal may take before the world counts as not converging.
 pub const MAX_HEAL_ROUNDS: u32 = 200;
-/// The simulated clock's start, Unix milliseconds.
-const EPOCH_MS: i64 = 1_700_000_000_000;
-
-/// One simulated node.
-pub(crate) struct SimNode {
-    pub(crate) identity: Identity,
-    /// The running core, or `None` while crashed.
-    pub(crate) core: Option<Core>,
-    /// The store of a crashed node: only what it committed.
-    pub(crate) store: Option<Store>,
-    /// Back up at this step, while crashed.
-    pub(crate) down_until: u32,
-    /// Every write acknowledged to the local writer: (document, change hash).
-    pub(crate) acked: Vec<(String, String)>,
-}
-
-pub(crate) struct World {
-    pub(crate) opts: Options,
-    pub(crate) layout: Layout,
-    pub(crate) rng: StdRng,
-    pub(crate) clock: Arc<AtomicI64>,
-    pub(crate) now: i64,
-    pub(crate) nodes: Vec<SimNode>,
-    pub(crate) ids: BTreeMap<NodeId, usize>,
-    pub(crate) net: Net,
-    /// (me, peer) sides whose policy skips `Volume` now.
-    pub(crate) narrowed: BTreeSet<(usize, usize)>,
-    pub(crate) trace: Trace,
-    pub(crate) report: Report,
-    /// Changes carried by `Changes` requests so far.
-    pub(crate) changes_sent: u64,
-}
 
 /// Run one world; `Err` names the first invariant that failed.
 pub fn run(opts: &Options) -> Result<Report, Violation> {
     let mut world = World::new(opts)?;
-    for step in 0..opts.steps {
-        world.step(step)?;
+    for i in 0..world.nodes.len() {
+        start_node(&mut world, i, "start")?;
     }
-    world.heal()?;
+    for step in 0..opts.steps {
+        run_step(&mut world, step)?;
+    }
+    heal(&mut world)?;
     invariants::check(&mut world)?;
-    invariants::idle_resync(&mut world)?;
+    idle_resync(&mut world)?;
     world.report.trace_hash = world.trace.0;
     Ok(world.report)
 }
 
-impl World {
-    fn new(opts: &Options) -> Result<World, Violation> {
-        let mut rng = StdRng::seed_from_u64(opts.seed);
-        let layout = Layout::new(opts.topology, opts.nodes);
-        let clock = Arc::new(AtomicI64::new(EPOCH_MS));
-        let mut nodes = Vec::new();
-        let mut ids = BTreeMap::new();
-        for i in 0..layout.len() {
-            let mut secret = [0u8; 32];
-            rng.fill_bytes(&mut secret);
-            let identity = Identity::from_secret(secret);
-            ids.insert(identity.node_id(), i);
-            let store = Store::in_memory().map_err(|e| fail("start", e.to_string()))?;
-            nodes.push(SimNode {
-                identity,
-                core: None,
-                store: Some(store),
-                down_until: 0,
-                acked: Vec::new(),
-            });
-        }
-        let net = Net::new(&layout.links, opts.net);
-        let mut world = World {
-            opts: opts.clone(),
-            layout,
-            rng,
-            clock,
-            now: EPOCH_MS,
-            nodes,
-            ids,
-            net,
-            narrowed: BTreeSet::new(),
-            trace: Trace::new(),
-            report: Report {
-                trace_hash: 0,
-                writes_acked: 0,
-                writes_refused: 0,
-                forgeries: 0,
-                crashes: 0,
-                partitions: 0,
-                policy_changes: 0,
-                messages: 0,
-                dropped: 0,
-                duplicated: 0,
-                heal_rounds: 0,
-                docs: 0,
-            },
-            changes_sent: 0,
-        };
-        for i in 0..world.nodes.len() {
-            world.start(i, "start")?;
-        }
-        Ok(world)
+/// Start (or restart) node `i` over its store, with a fresh epoch and its policies.
+pub(crate) fn start_node(w: &mut World, i: usize, phase: &str) -> Result<(), Violation> {
+    let store = w.nodes[i]
+        .store
+        .take()
+        .ok_or_else(|| fail(phase, format!("node {i} has no store to start from")))?;
+    let mut core = shell::start_core(
+        w.layout.name(i),
+        &w.nodes[i].identity,
+        store,
+        SIM_CACHE_DOCS,
+        w.rng.next_u64(),
+        &w.clock,
+    );
+    for peer in w.neighbours(i) {
+        let policy = w.layout.policy(i, peer, &w.narrowed);
+        core.set_policy(w.node_id(peer), w.layout.name(peer), policy)
+            .map_err(|e| fail(phase, format!("node {i}: setting a policy: {e}")))?;
     }
+    if let Some(f) = w.opts.fault {
+        core.inject_fault(f);
+    }
+    w.nodes[i].core = Some(core);
+    invariants::check_acked(w, i, phase)
+}
 
-    pub(crate) fn node_id(&self, i: usize) -> NodeId {
-        self.nodes[i].identity.node_id()
+pub(crate) fn crash_node(w: &mut World, i: usize, until: u32) {
+    for l in 0..w.net.links.len() {
+        let link = &w.net.links[l];
+        if (link.a == i || link.b == i) && link.conn.is_some() {
+            shell::disconnect(w, l);
+        }
     }
+    if let Some(core) = w.nodes[i].core.take() {
+        w.nodes[i].store = Some(core.into_store());
+    }
+    w.nodes[i].down_until = until;
+    w.report.crashes += 1;
+}
 
-    /// The peers of node `i`, by link.
-    pub(crate) fn neighbours(&self, i: usize) -> Vec<usize> {
-        self.net
-            .links
-            .iter()
-            .filter(|l| l.a == i || l.b == i)
-            .map(|l| l.other(i))
-            .collect()
+pub(crate) fn run_step(w: &mut World, step: u32) -> Result<(), Violation> {
+    let phase = format!("step {step}");
+    w.now += STEP_MS;
+    w.clock.store(w.now, Ordering::SeqCst);
+    shell::deliver(w, &phase)?;
+    for i in 0..w.nodes.len() {
+        if w.nodes[i].core.is_none() && step >= w.nodes[i].down_until {
+            w.trace.line(&format!("{} restart {i}", w.now));
+            start_node(w, i, &phase)?;
+        }
     }
+    if w.opts.topology == Topology::Ships {
+        workload::ships_sail(w, step);
+    }
+    let roll = w.rng.random_range(0..1000u32);
+    let crash = w.opts.crash_per_mille;
+    if roll < crash {
+        let i = w.rng.random_range(0..w.nodes.len());
+        if w.nodes[i].core.is_some() {
+            let until = step + w.rng.random_range(1..=30);
+            w.trace.line(&format!("{} crash {i} until {until}", w.now));
+            crash_node(w, i, until);
+        }
+    } else if roll < crash + 15 {
+        workload::partition(w, step);
+    } else if roll < crash + 30 {
+        let l = w.rng.random_range(0..w.net.links.len());
+        let until = step + w.rng.random_range(1..=20);
+        w.net.links[l].down_until = until;
+        w.trace.line(&format!("{} flap {l} until {until}", w.now));
+    } else if roll < crash + 40 {
+        workload::change_policy(w, &phase)?;
+    } else if roll < crash + 60 {
+        workload::forge(w, &phase)?;
+    } else {
+        workload::write(w, &phase)?;
+    }
+    shell::refresh_links(w, step, true, &phase)
+}
 
-    /// Start (or restart) node `i` over its store, with a fresh epoch and its policies.
-    pub(crate) fn start(&mut self, i: usize, phase: &str) -> Result<(), Violation> {
-        let store = self.nodes[i]
-            .store
-            .take()
-            .ok_or_else(|| fail(phase, format!("node {i} has no store to start from")))?;
-        let mut core = shell::start_core(
-            self.layout.name(i),
-            &self.nodes[i].identity,
-            store,
-            SIM_CACHE_DOCS,
-            self.rng.next_u64(),
-            &self.clock,
-        );
-        for peer in self.neighbours(i) {
-            let policy = self.layout.policy(i, peer, &self.narrowed);
-            core.set_policy(self.node_id(peer), self.layout.name(peer), policy)
-                .map_err(|e| fail(phase, format!("node {i}: setting a policy: {e}")))?;
+/// All links up, every node running, a perfect network and the final policies; then
+/// rounds until nothing is in flight.
+pub(crate) fn heal(w: &mut World) -> Result<(), Violation> {
+    let phase = "heal";
+    w.net.faults = NetFaults::NONE;
+    for i in 0..w.nodes.len() {
+        if w.nodes[i].core.is_none() {
+            start_node(w, i, phase)?;
         }
-        if let Some(f) = self.opts.fault {
-            core.inject_fault(f);
-        }
-        self.nodes[i].core = Some(core);
-        invariants::check_acked(self, i, phase)
     }
+    for link in &mut w.net.links {
+        link.down_until = 0;
+    }
+    for (me, peer) in std::mem::take(&mut w.narrowed) {
+        workload::apply_policy(w, me, peer, phase)?;
+    }
+    w.report.heal_rounds = settle(w, phase)?;
+    Ok(())
+}
 
-    pub(crate) fn crash(&mut self, i: usize, until: u32) {
-        for l in 0..self.net.links.len() {
-            let link = &self.net.links[l];
-            if (link.a == i || link.b == i) && link.conn.is_some() {
-                shell::disconnect(self, l);
-            }
+/// Connect every link and run rounds until nothing is in flight; how many it took.
+pub(crate) fn settle(w: &mut World, phase: &str) -> Result<u32, Violation> {
+    let mut rounds = 0;
+    loop {
+        shell::refresh_links(w, u32::MAX, false, phase)?;
+        if w.net.in_flight() == 0 {
+            return Ok(rounds);
         }
-        if let Some(core) = self.nodes[i].core.take() {
-            self.nodes[i].store = Some(core.into_store());
+        rounds += 1;
+        if rounds > MAX_HEAL_ROUNDS {
+            return Err(fail(
+                phase,
+                format!(
+                    "still {} packets in flight after {MAX_HEAL_ROUNDS} rounds",
+                    w.net.in_flight()
+                ),
+            ));
         }
-        self.nodes[i].down_until = until;
-        self.report.crashes += 1;
+        w.now += HEAL_ROUND_MS;
+        w.clock.store(w.now, Ordering::SeqCst);
+        shell::deliver(w, phase)?;
     }
+}
 
-    fn step(&mut self, step: u32) -> Result<(), Violation> {
-        let phase = format!("step {step}");
-        self.now += STEP_MS;
-        self.clock.store(self.now, Ordering::SeqCst);
-        shell::deliver(self, &phase)?;
-        for i in 0..self.nodes.len() {
-            if self.nodes[i].core.is_none() && step >= self.nodes[i].down_until {
-                self.trace.line(&format!("{} restart {i}", self.now));
-                self.start(i, &phase)?;
-            }
-        }
-        if self.opts.topology == Topology::Ships {
-            workload::ships_sail(self, step);
-        }
-        let roll = self.rng.random_range(0..1000u32);
-        let crash = self.opts.crash_per_mille;
-        if roll < crash {
-            let i = self.rng.random_range(0..self.nodes.len());
-            if self.nodes[i].core.is_some() {
-                let until = step + self.rng.random_range(1..=30);
-                self.trace
-                    .line(&format!("{} crash {i} until {until}", self.now));
-                self.crash(i, until);
-            }
-        } else if roll < crash + 15 {
-            workload::partition(self, step);
-        } else if roll < crash + 30 {
-            let l = self.rng.random_range(0..self.net.links.len());
-            let until = step + self.rng.random_range(1..=20);
-            self.net.links[l].down_until = until;
-            self.trace
-                .line(&format!("{} flap {l} until {until}", self.now));
-        } else if roll < crash + 40 {
-            workload::change_policy(self, &phase)?;
-        } else if roll < crash + 60 {
-            workload::forge(self, &phase)?;
-        } else {
-            workload::write(self, &phase)?;
-        }
-        shell::refresh_links(self, step, true, &phase)
+/// After the check: drop every connection and reconnect. Nodes in sync exchange no
+/// changes (checkpoints were stored with what they cover).
+pub(crate) fn idle_resync(w: &mut World) -> Result<(), Violation> {
+    let phase = "idle resync";
+    for l in 0..w.net.links.len() {
+        shell::disconnect(w, l);
     }
-
-    /// All links up, every node running, a perfect network and the final policies; then
-    /// rounds until nothing is in flight.
-    fn heal(&mut self) -> Result<(), Violation> {
-        let phase = "heal";
-        self.net.faults = NetFaults::NONE;
-        for i in 0..self.nodes.len() {
-            if self.nodes[i].core.is_none() {
-                self.start(i, phase)?;
-            }
-        }
-        for link in &mut self.net.links {
-            link.down_until = 0;
-        }
-        for (me, peer) in std::mem::take(&mut self.narrowed) {
-            workload::apply_policy(self, me, peer, phase)?;
-        }
-        self.report.heal_rounds = self.settle(phase)?;
-        Ok(())
+    let before = w.changes_sent;
+    settle(w, phase)?;
+    let moved = w.changes_sent - before;
+    if moved > 0 {
+        return Err(fail(
+            phase,
+            format!("{moved} changes crossed between nodes that were already in sync"),
+        ));
     }
-
-    /// Connect every link and run rounds until nothing is in flight; how many it took.
-    pub(crate) fn settle(&mut self, phase: &str) -> Result<u32, Violation> {
-        let mut rounds = 0;
-        loop {
-            shell::refresh_links(self, u32::MAX, false, phase)?;
-            if self.net.in_flight() == 0 {
-                return Ok(rounds);
-            }
-            rounds += 1;
-            if rounds > MAX_HEAL_ROUNDS {
-                return Err(fail(
-                    phase,
-                    format!(
-                        "still {} packets in flight after {MAX_HEAL_ROUNDS} rounds",
-                        self.net.in_flight()
-                    ),
-                ));
-            }
-            self.now += HEAL_ROUND_MS;
-            self.clock.store(self.now, Ordering::SeqCst);
-            shell::deliver(self, phase)?;
-        }
-    }
+    w.report.messages = w.net.sent;
+    w.report.dropped = w.net.dropped;
+    w.report.duplicated = w.net.duplicated;
+    Ok(())
 }

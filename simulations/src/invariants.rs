@@ -8,10 +8,9 @@ use serde_json::{Map, Value as Json};
 use tidesync::core::DocAudit;
 use tidesync_proto::NodeId;
 
-use crate::harness::World;
 use crate::options::{Violation, fail};
-use crate::shell;
 use crate::topology::{PUBLISHED_FIELD, Pass, Role, Topology};
+use crate::world::World;
 
 /// Every write acknowledged at node `i` is still in its store.
 pub(crate) fn check_acked(w: &World, i: usize, phase: &str) -> Result<(), Violation> {
@@ -225,29 +224,6 @@ pub(crate) fn check_view(
         ),
     ))
 }
-
-/// After the check: drop every connection and reconnect. Nodes in sync exchange no
-/// changes (checkpoints were stored with what they cover).
-pub(crate) fn idle_resync(w: &mut World) -> Result<(), Violation> {
-    let phase = "idle resync";
-    for l in 0..w.net.links.len() {
-        shell::disconnect(w, l);
-    }
-    let before = w.changes_sent;
-    w.settle(phase)?;
-    let moved = w.changes_sent - before;
-    if moved > 0 {
-        return Err(fail(
-            phase,
-            format!("{moved} changes crossed between nodes that were already in sync"),
-        ));
-    }
-    w.report.messages = w.net.sent;
-    w.report.dropped = w.net.dropped;
-    w.report.duplicated = w.net.duplicated;
-    Ok(())
-}
-
 /// `y` holds all of `d` as `x` holds it; when the document passes back too, the two agree on
 /// heads and JSON.
 fn agree(

@@ -10,6 +10,7 @@
 //! - [`options`]: what a world runs (derived from its seed) and what it reports.
 //! - [`harness`]: one seeded world of many nodes, after TigerBeetle's VOPR: its steps, the
 //!   heal and the run; [`run`] is the way in.
+//! - [`world`]: a world's state: nodes, network, clock, RNG, trace and report.
 //! - [`shell`]: each node's shell: starting its core, routing its outbox through the
 //!   simulated network, delivering packets, and the trace.
 //! - [`workload`]: writes, deletes, forgeries, partitions, voyages and policy changes.
@@ -25,6 +26,7 @@ pub mod shell;
 pub mod solo;
 pub mod topology;
 pub mod workload;
+pub mod world;
 
 pub use harness::{MAX_HEAL_ROUNDS, run};
 pub use options::{Given, Options, Report, Violation};

@@ -13,31 +13,9 @@ use tidesync::store::Store;
 use tidesync::sync::SyncError;
 use tidesync_proto::Message;
 
-use crate::harness::World;
 use crate::net::{Event, Packet};
 use crate::options::{Violation, fail};
-
-/// FNV-1a 64 over lines.
-pub(crate) struct Trace(pub(crate) u64);
-
-impl Trace {
-    pub(crate) fn line(&mut self, line: &str) {
-        if std::env::var_os("TIDESYNC_SIM_TRACE").is_some() {
-            eprintln!("{line}");
-        }
-        for b in line.bytes().chain(std::iter::once(b'\n')) {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-}
-
-impl Trace {
-    /// A trace with nothing in it yet.
-    pub(crate) fn new() -> Trace {
-        Trace(0xcbf2_9ce4_8422_2325)
-    }
-}
+use crate::world::World;
 
 /// A core over `store` with `identity`, its clock reading `clock` (simulated Unix ms).
 pub(crate) fn start_core(

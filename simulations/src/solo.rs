@@ -11,7 +11,8 @@ use rand::{Rng, RngExt, SeedableRng};
 use serde_json::{Map, Value as Json, json};
 use tidesync::core::{Core, LocalWriteError, ReadError};
 
-use crate::shell::{Trace, start_core};
+use crate::shell::start_core;
+use crate::world::Trace;
 use tidesync::identity::Identity;
 use tidesync::replica::engine::WriteError;
 use tidesync::store::Store;

@@ -10,10 +10,10 @@ use serde_json::{Map, Value as Json, json};
 use tidesync::core::LocalWriteError;
 use tidesync_proto::{Checkpoint, DocHeader, Message, ObjectId, SignedChange, TypeName};
 
-use crate::harness::World;
 use crate::options::{Violation, fail};
 use crate::shell;
 use crate::topology::{PUBLISHED_FIELD, Role, TYPES};
+use crate::world::World;
 
 /// Distinct ids per type the workload draws new names from, so that names collide across
 /// nodes and objects are rewritten often.
