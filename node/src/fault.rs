@@ -87,11 +87,14 @@ pub struct Faults {
     pub forget_checkpoint: bool,
     pub checkpoint_skips_gaps: bool,
     pub drop_held: bool,
+    /// Write and send as if no policy of ours applied ([`Fault::IgnorePolicy`]).
+    pub ignore_own_policy: bool,
+    /// Ignore `skip` lists on both ends ([`EngineFault::IgnoreSkip`]).
+    pub ignore_skip: bool,
 }
 
 impl Faults {
-    /// Switch `fault` on (`IgnoreSkip` lives in the policies, see `Core::inject_fault`); does
-    /// nothing without the `fault-injection` feature.
+    /// Switch `fault` on; does nothing without the `fault-injection` feature.
     pub fn set(&mut self, fault: EngineFault) {
         if !cfg!(feature = "fault-injection") {
             return;
@@ -101,7 +104,25 @@ impl Faults {
             EngineFault::ForgetCheckpoint => self.forget_checkpoint = true,
             EngineFault::CheckpointSkipsGaps => self.checkpoint_skips_gaps = true,
             EngineFault::DropHeld => self.drop_held = true,
-            EngineFault::IgnoreSkip => {}
+            EngineFault::IgnoreSkip => self.ignore_skip = true,
+        }
+    }
+}
+
+impl Faults {
+    /// Switch on what the process fault `fault` does in the core (the frame faults act in
+    /// the network codec instead); does nothing without the `fault-injection` feature.
+    pub fn set_process(&mut self, fault: Fault) {
+        if !cfg!(feature = "fault-injection") {
+            return;
+        }
+        match fault {
+            Fault::AlterRelayed => self.alter_relayed = true,
+            Fault::IgnorePolicy => self.ignore_own_policy = true,
+            Fault::None
+            | Fault::GarbageFrames
+            | Fault::TruncatedFrames
+            | Fault::OversizedFrames => {}
         }
     }
 }

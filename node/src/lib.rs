@@ -2,34 +2,43 @@
 //! documents in redb.
 //!
 //! # Layout
-//! - [`model`]: the records every layer shares (documents, log entries, peer records, batches)
-//!   and the glossary of log positions.
-//! - [`atomic`]: writing a file whole or not at all (temp file, sync, rename).
-//! - [`config`]: the node's home directory and its TOML config file.
-//! - [`identity`]: the ed25519 key file and the ids derived from it.
-//! - [`doc`]: how an object's JSON maps onto an Automerge document; the deletion tombstone rule.
-//! - [`engine`]: the sans-IO engine that turns inputs into signed changes and durable records.
-//! - [`store`]: the redb tables and the transactions that commit the engine's records.
-//! - [`reads`]: reads of the last commit (objects, history, feed, status), off the actor.
-//! - [`core`]: engine, store and document cache behind the node's operations.
-//! - [`fault`]: deliberate engine faults that simulations switch on to prove their invariants.
-//! - [`held`]: `tidesync held`: listing and purging held changes, with each sender's quota.
-//! - [`bundle`]: signed, encrypted export bundles of changes for one peer, and their import.
-//! - [`sync`]: per-peer sync sessions: streaming the change log, storing what peers send.
-//! - [`outbound`]: what goes into one batch for a peer, within the frame budget.
-//! - [`carry`]: views and referenced objects a batch brings along.
-//! - [`net`]: the libp2p shell: transport, gating, the request-response codec, backoff.
-//! - [`netloop`]: the network actor: polls the swarm and dials peers, never waiting for the core.
+//! The layers run down this list; each module calls only those below it (ARCHITECTURE.md
+//! draws them). A type's inherent `impl` blocks live in its module or that module's own
+//! submodules.
+//!
+//! **The process, the API and the CLI**
+//! - [`cli`]: the `tidesync` command line.
+//! - [`client`]: the CLI's way to a node: its HTTP API when it runs, its store when it does not.
 //! - [`demo`]: `tidesync demo`, a hub and two labs converging on 127.0.0.1.
-//! - [`node`]: the node actor owning the core, its handle, and reads off it.
+//! - [`fuzzing`]: the fuzz targets' harnesses (`fuzz/`), replayed on stable by the tests.
 //! - [`daemon`]: the node process: starts, supervises and stops the actors and the API.
-//! - [`policy`]: per-peer policies: what may be sent to and taken from each peer.
-//! - [`ratelog`]: per-peer rate limits for log lines a peer can provoke (refused changes).
 //! - [`api`]: the HTTP/JSON API served by a running node.
 //! - [`report`]: the kinds of failure, each with one HTTP status and one exit code.
-//! - [`client`]: the CLI's way to a node: its HTTP API when it runs, its store when it does not.
-//! - [`cli`]: the `tidesync` command line.
-//! - [`fuzzing`]: the fuzz targets' harnesses (`fuzz/`), replayed on stable by the tests.
+//! - [`node`]: the node actor: owns the core, drains its outbox to the network actor.
+//! - [`netloop`]: the network actor: polls the swarm and dials peers, never waiting for the core.
+//! - [`net`]: the libp2p shell: transport, gating, the request-response codec, backoff.
+//! - [`held`]: `tidesync held`: listing and purging held changes, with each sender's quota.
+//!
+//! **Core, sync and replica**
+//! - [`core`]: the façade every caller drives: replica, sessions, and the outbox to drain.
+//! - [`bundle`]: signed, encrypted export bundles for one peer: the format, export and import.
+//! - [`sync`]: the session state machine (Hello, Changes, Ack, Rewound) over the replica.
+//! - [`replica`]: the only writer of document state: local writes, receiving a batch in three
+//!   stages, reading the log for a peer, views and references; its [`replica::engine`] turns
+//!   writes and arrivals into signed changes and records without I/O.
+//! - [`reads`]: reads of the last commit (objects, history, feed, status), off the actor.
+//!
+//! **Store, model and the leaves**
+//! - [`store`]: the redb tables (the disk format) and plain reads and writes; decides nothing.
+//! - [`config`]: the node's home directory and its TOML config file, loaded once.
+//! - [`policy`]: per-peer policies: what may be sent to and taken from each peer.
+//! - [`identity`]: the ed25519 key file and the ids derived from it.
+//! - [`model`]: the records every layer shares (documents, log entries, peer records, batches),
+//!   the checkpoint rule and the glossary of log positions.
+//! - [`doc`]: how an object's JSON maps onto an Automerge document; the deletion tombstone rule.
+//! - [`fault`]: every deliberate fault, behind the `fault-injection` feature.
+//! - [`ratelog`]: per-peer rate limits for log lines a peer can provoke (refused changes).
+//! - [`atomic`]: writing a file whole or not at all (temp file, sync, rename).
 
 pub mod api;
 pub mod atomic;

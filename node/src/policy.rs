@@ -225,11 +225,9 @@ pub struct Policies {
     peers: BTreeMap<NodeId, (String, Policy)>,
     /// The policy of a peer that has none configured: everything, both ways.
     default: Policy,
-    /// Test-only fault (`TIDESYNC_FAULT=ignore-policy`): write and send as if no policy applied.
-    ignore_own: bool,
-    /// Simulation-only fault ([`crate::fault::EngineFault::IgnoreSkip`]): `skip` lists are
-    /// ignored on both ends.
-    ignore_skip: bool,
+    /// The faults switched on (see [`crate::fault::Faults::ignore_own_policy`] and
+    /// [`crate::fault::Faults::ignore_skip`]); all off outside tests and simulations.
+    faults: crate::fault::Faults,
 }
 
 impl Policies {
@@ -238,29 +236,21 @@ impl Policies {
             me,
             peers: BTreeMap::new(),
             default: Policy::default(),
-            ignore_own: false,
-            ignore_skip: false,
+            faults: crate::fault::Faults::default(),
         }
     }
 
-    /// Simulation-only: ignore every `skip` list (see [`crate::fault::EngineFault::IgnoreSkip`]).
-    /// Does nothing without the `fault-injection` feature.
-    pub(crate) fn ignore_skip(&mut self) {
-        self.ignore_skip = cfg!(feature = "fault-injection");
+    /// Take the faults switched on in the replica (see [`crate::fault`]).
+    pub(crate) fn set_faults(&mut self, faults: crate::fault::Faults) {
+        self.faults = faults;
     }
 
     /// Whether `policy` exchanges `ty` at all ([`Policy::covers`], unless a fault is on).
     fn covers(&self, policy: &Policy, ty: &TypeName) -> bool {
-        if self.ignore_skip {
+        if self.faults.ignore_skip {
             return policy.types.is_empty() || policy.types.contains(ty);
         }
         policy.covers(ty)
-    }
-
-    /// Test-only: behave like a peer that ignores its own policies (see `net::Fault`). Does
-    /// nothing without the `fault-injection` feature.
-    pub(crate) fn ignore_own(&mut self) {
-        self.ignore_own = cfg!(feature = "fault-injection");
     }
 
     /// Set one peer's policy; whether it now lets through anything it did not before.
@@ -306,7 +296,7 @@ impl Policies {
     /// Whether this node may send `to` the changes of the document `rec`; `by_ref` when an
     /// object sent to that peer references it (see [`Policy::refs`]).
     pub fn may_send(&self, to: &NodeId, rec: &DocRecord, by_ref: bool) -> bool {
-        if self.ignore_own {
+        if self.faults.ignore_own_policy {
             return true;
         }
         let policy = self.of(to);
@@ -375,7 +365,7 @@ impl Policies {
 
     /// Whether a local write to an object of `ty` is allowed.
     pub fn may_write(&self, ty: &TypeName) -> Result<(), ReadOnlyType> {
-        if self.ignore_own {
+        if self.faults.ignore_own_policy {
             return Ok(());
         }
         match self.peers.values().find(|(_, p)| p.read_only.contains(ty)) {

@@ -1,5 +1,5 @@
-//! The middle and last stages of receiving a batch: [`prepare`] hands one document's changes
-//! to the engine on a worker thread; [`write`] commits every document's result in one
+//! The middle and last stages of receiving a batch: `prepare` hands one document's changes
+//! to the engine on a worker thread; `write` commits every document's result in one
 //! transaction, in the batch's order.
 
 use std::collections::{HashMap, HashSet};

@@ -6,7 +6,7 @@
 //! when no node is running, so both paths run the same code and give the same answers.
 //!
 //! Modules: [`engine`] (turns writes and arrivals into signed changes and records, no I/O),
-//! [`write`] (local writes), [`receive`] and [`apply`] (a received batch), [`outbound`] (what
+//! [`write`](mod@write) (local writes), [`receive`] and [`apply`] (a received batch), [`outbound`] (what
 //! goes into a batch for a peer), [`carry`] (views and referenced objects a batch brings).
 
 pub mod apply;
@@ -207,19 +207,15 @@ impl Replica {
     /// Switch on a process fault from `TIDESYNC_FAULT` (integration tests only: see
     /// [`crate::fault::Fault`]); the frame faults act in the network codec instead.
     pub fn inject_process_fault(&mut self, fault: crate::fault::Fault) {
-        self.faults.alter_relayed = fault == crate::fault::Fault::AlterRelayed;
-        if fault == crate::fault::Fault::IgnorePolicy {
-            self.policies.ignore_own();
-        }
+        self.faults.set_process(fault);
+        self.policies.set_faults(self.faults);
     }
 
     /// Switch on a deliberate bug (simulations only: see [`crate::fault`]).
     pub fn inject_fault(&mut self, fault: crate::fault::EngineFault) {
         tracing::warn!(%fault, "ENGINE FAULT ENABLED: this core misbehaves on purpose");
-        if fault == crate::fault::EngineFault::IgnoreSkip {
-            self.policies.ignore_skip();
-        }
         self.faults.set(fault);
+        self.policies.set_faults(self.faults);
     }
 
     /// A core over a new in-memory store, with the key `[secret; 32]` (tests).

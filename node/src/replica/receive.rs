@@ -25,7 +25,7 @@ pub struct ReceiveReport {
     pub rejected: u64,
     pub duplicates: u64,
     pub last_seq: u64,
-    /// Changes that would have been held but found no room (see [`MAX_HELD_CHANGES_PER_PEER`]).
+    /// Changes that would have been held but found no room (see [`super::apply::MAX_HELD_CHANGES_PER_PEER`]).
     pub refused_for_room: u64,
 }
 

@@ -8,10 +8,10 @@
 //!
 //! The store owns the bytes and decides nothing: it writes the plain values it is handed and
 //! reads them back. This file is the disk format on one screen (every table, its key and
-//! value, the format version and the migrations). Modules: [`docs`] (documents, names, counts
-//! and the log: commits and reads), [`reader`] (one read transaction for many lookups),
-//! [`peers`] (peer records, views, documents sent by reference), [`held`] (changes waiting
-//! for dependencies, with each sender's tally), [`outbound`] (view acknowledgements, oversized
+//! value, the format version and the migrations). Modules: `docs` (documents, names, counts
+//! and the log: commits and reads), `reader` (one read transaction for many lookups),
+//! `peers` (peer records, views, documents sent by reference), `held` (changes waiting
+//! for dependencies, with each sender's tally), `outbound` (view acknowledgements, oversized
 //! changes, references owed).
 
 use std::collections::{BTreeMap, HashSet};
