@@ -224,11 +224,8 @@ impl Client {
         peer: crate::config::PeerConfig,
     ) -> Result<(), ClientError> {
         match self {
-            Client::Local(_, config) => {
-                let mut changed = (**config).clone();
-                changed.set_peer(peer).map_err(ClientError::Invalid)?;
-                changed.save(home).map_err(OpenError::from)?;
-                **config = changed;
+            Client::Local(core, config) => {
+                core.set_peer(home, config, peer)?;
                 Ok(())
             }
             Client::Api(api) => {
@@ -251,11 +248,8 @@ impl Client {
     /// Remove a peer: from the running node, or from the config.
     pub async fn remove_peer(&mut self, home: &Home, name: &str) -> Result<(), ClientError> {
         match self {
-            Client::Local(_, config) => {
-                let mut changed = (**config).clone();
-                changed.remove_peer(name).map_err(ClientError::NotFound)?;
-                changed.save(home).map_err(OpenError::from)?;
-                **config = changed;
+            Client::Local(core, config) => {
+                core.remove_peer(home, config, name)?;
                 Ok(())
             }
             Client::Api(api) => {

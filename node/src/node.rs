@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use crate::config::{Config, Home, PeerConfig};
-use crate::core::{Core, Feed, History, LocalWriteError, ReadError, Status, WriteReply};
+use crate::core::{Core, Feed, History, LocalWriteError, PeerError, ReadError, Status, WriteReply};
 use crate::net::{Behaviour, NetCounters};
 use crate::netloop::{NetActor, NetCommand, NetEvent, NetState};
 use crate::reads::{Reads, Sessions};
@@ -67,17 +67,6 @@ enum Action {
         dry_run: bool,
         reply: Reply<Result<ImportReport, BundleError>>,
     },
-}
-
-/// Why a peer could not be added or removed.
-#[derive(Debug, thiserror::Error)]
-pub enum PeerError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error(transparent)]
-    Save(crate::config::ConfigError),
-    #[error("cannot record the new policy in the store: {0}")]
-    Store(crate::store::StoreError),
 }
 
 /// Why a request to the node actor failed. Each names the request.
@@ -423,53 +412,34 @@ impl NodeActor {
         }
     }
 
-    /// Add or replace a configured peer and apply it now, all or nothing: the new config is
-    /// checked first; then the store takes the widening's reset (durably; alone it costs only
-    /// a resend); then the file is saved; only then does memory change. A failure at any step
-    /// leaves the running node as it was and is reported.
+    /// Add or replace a configured peer and apply it now (see [`Core::set_peer`]); a peer of
+    /// that name under another id loses its link.
     fn set_peer(&mut self, peer: PeerConfig) -> Result<(), PeerError> {
-        let mut config = self.config.clone();
-        config.set_peer(peer.clone()).map_err(PeerError::Invalid)?;
         let id = peer.id;
-        let widened = self
-            .core
-            .reset_if_widened(&id, &peer.policy)
-            .map_err(PeerError::Store)?;
-        config.save(&self.home).map_err(PeerError::Save)?;
-        // A renamed or re-addressed peer keeps its connection; a replaced id drops the old one.
         let replaced: Vec<NodeId> = self
             .config
             .peers
             .iter()
-            .filter(|p| p.name == peer.name)
+            .filter(|p| p.name == peer.name && p.id != id)
             .map(|p| p.id)
-            .filter(|old| *old != id)
             .collect();
+        let widened = self
+            .core
+            .set_peer(&self.home, &mut self.config, peer.clone())?;
         for old in replaced {
             self.drop_link(old);
-            self.core.remove_policy(&old);
         }
-        self.config = config;
-        self.core
-            .adopt_policy(id, peer.name.clone(), peer.policy.clone());
         self.out.push(NetCommand::SetLink {
             id,
             config: Box::new(peer),
         });
         tracing::info!(peer = %id, widened, "peer configured");
-        if widened {
-            log_failed_step(self.core.on_policy_widened(id));
-        }
         Ok(())
     }
 
     fn remove_peer(&mut self, name: &str) -> Result<(), PeerError> {
-        let mut config = self.config.clone();
-        let removed = config.remove_peer(name).map_err(PeerError::Invalid)?;
-        config.save(&self.home).map_err(PeerError::Save)?;
-        self.config = config;
+        let removed = self.core.remove_peer(&self.home, &mut self.config, name)?;
         self.drop_link(removed.id);
-        self.core.remove_policy(&removed.id);
         tracing::info!(peer = %removed.id, name, "peer removed");
         Ok(())
     }

@@ -2,9 +2,10 @@
 //! each is shown: its HTTP status and its process exit code.
 
 use crate::bundle::BundleError;
+use crate::core::PeerError;
 use crate::core::{LocalWriteError, ReadError};
 use crate::held::HeldError;
-use crate::node::{CallError, PeerError};
+use crate::node::CallError;
 use crate::replica::engine::WriteError;
 
 /// What went wrong, as the caller needs to know it.
@@ -111,7 +112,8 @@ impl Kind for PeerError {
     fn kind(&self) -> ErrorKind {
         match self {
             PeerError::Invalid(_) => ErrorKind::Invalid,
-            PeerError::Save(_) | PeerError::Store(_) => ErrorKind::Internal,
+            PeerError::Unknown(_) => ErrorKind::NotFound,
+            PeerError::Save(_) | PeerError::Store { .. } => ErrorKind::Internal,
         }
     }
 }

@@ -4,6 +4,8 @@
 //! it with [`Core::take_outbox`]. A local write or an imported bundle is pushed to every
 //! connected peer here, once it is committed, so no caller has to remember to.
 
+mod peers;
+
 #[cfg(test)]
 mod bundle_tests;
 #[cfg(test)]
@@ -28,6 +30,7 @@ pub use crate::replica::{
 };
 use crate::store::{IdPage, Store, StoreError};
 use crate::sync::{Outgoing, Session, Sessions, SyncError};
+pub use peers::PeerError;
 
 /// What a step of the core leaves for its caller to do.
 #[derive(Debug, Default, PartialEq)]

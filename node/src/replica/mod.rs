@@ -368,6 +368,14 @@ impl Replica {
         self.store.update_peer(peer, f)
     }
 
+    /// Put back `record` as the durable record of `peer` (undoing a reset whose config
+    /// change failed).
+    pub fn restore_peer_record(&self, peer: &NodeId, record: PeerRecord) -> Result<(), StoreError> {
+        self.store
+            .update_peer_durably(peer, |r| *r = record)
+            .map(|_| ())
+    }
+
     /// The last SEQ of our log: its tip.
     pub fn log_tip(&self) -> Result<u64, StoreError> {
         self.store.last_seq()
