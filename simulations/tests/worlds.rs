@@ -154,8 +154,19 @@ fn regression_seed_5633_widening_before_the_peer_hello() {
 // Regression (seed 1029, star sweep): a late copy of a session's first batch moved the
 // receiver's checkpoint back, and every later batch then waited behind a gap that never
 // filled (an idle resync moved 58 changes). The forged batch of that run is now framed
-// to claim no stretch of the log; the rule itself is tested in `store.rs`.
+// to claim no stretch of the log; the rule itself is tested in `model.rs`.
 #[test]
 fn regression_seed_1029_late_first_batch() {
     must_pass(&pinned(1029, Topology::Star, 6, 150, [10, 11, 17, 55]));
+}
+
+// Regression (seeds 327, 429, 647, 859 and 1234 of the 2,000-seed run of 2026-12-05): a peer's
+// Hello or Rewound that arrived while batches were in flight left a restart waiting for the
+// window; a widening of our policy for that peer then restarted from 0, but the waiting
+// restart replaced it at the next pump, so what the narrow policy had kept back never went
+// out and the two ends kept different versions of a Volume.
+#[test]
+fn regression_seed_859_widening_replaced_by_a_waiting_restart() {
+    must_pass(&pinned(859, Topology::Star, 3, 219, [9, 52, 26, 1]));
+    must_pass(&pinned(1234, Topology::Ships, 3, 298, [15, 38, 4, 10]));
 }

@@ -114,6 +114,9 @@ impl Sessions {
             return Ok(Vec::new());
         };
         if session.streaming {
+            // From the start, which covers any restart the peer asked for meanwhile: a
+            // restart still waiting for the window would otherwise replace this one.
+            session.restart_wanted = None;
             session.restart_from(0);
             session.resending = true;
         }
