@@ -96,14 +96,17 @@ pub fn run(opts: &Options) -> Result<Report, Violation> {
         step: 0,
         what: e.to_string(),
     })?;
-    let mut core = start_core(
-        "sim".into(),
-        &identity,
-        store,
-        SIM_CACHE_DOCS,
-        rng.next_u64(),
-        &clock,
-    );
+    let start = |store: Store, epoch: u64| {
+        start_core(
+            "sim".into(),
+            &identity,
+            store,
+            SIM_CACHE_DOCS,
+            epoch,
+            &clock,
+        )
+    };
+    let mut core = start(store, rng.next_u64());
     // What every acknowledged write says each object must now be (None: deleted).
     let mut model: BTreeMap<(String, String), Option<Map<String, Json>>> = BTreeMap::new();
     let mut trace = Trace::new();
@@ -123,14 +126,7 @@ pub fn run(opts: &Options) -> Result<Report, Violation> {
         if roll < opts.crash_per_mille {
             // Crash: the cache and the engine's epoch are gone; only committed records remain.
             let store = core.into_store();
-            core = start_core(
-                "sim".into(),
-                &identity,
-                store,
-                SIM_CACHE_DOCS,
-                rng.next_u64(),
-                &clock,
-            );
+            core = start(store, rng.next_u64());
             crashes += 1;
             trace.line(&format!("{step} crash"));
             for ((t, i), want) in &model {

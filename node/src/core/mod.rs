@@ -210,7 +210,7 @@ impl Core {
 
     /// The live object `ty/id` as JSON (see [`Reads::get`]).
     pub fn get(&self, ty: &TypeName, id: &ObjectId) -> Result<Map<String, Json>, ReadError> {
-        self.replica.get(ty, id)
+        self.replica.reads().get(ty, id)
     }
 
     /// Ids of live objects of `ty`, a page at a time (see [`Reads::list`]).
@@ -220,27 +220,27 @@ impl Core {
         after: Option<&str>,
         limit: usize,
     ) -> Result<IdPage, ReadError> {
-        self.replica.list(ty, after, limit)
+        self.replica.reads().list(ty, after, limit)
     }
 
     /// Every change of `ty/id`, with each signature checked (see [`Reads::history`]).
     pub fn history(&self, ty: &TypeName, id: &ObjectId) -> Result<History, ReadError> {
-        self.replica.history(ty, id)
+        self.replica.reads().history(ty, id)
     }
 
     /// The change feed after `since`, at most `limit` entries (see [`Reads::changes`]).
     pub fn changes(&self, since: u64, limit: usize) -> Result<Feed, ReadError> {
-        self.replica.changes(since, limit)
+        self.replica.reads().changes(since, limit)
     }
 
     /// The last SEQ in the change log.
     pub fn last_seq(&self) -> Result<u64, ReadError> {
-        self.replica.last_seq()
+        self.replica.reads().last_seq()
     }
 
     /// Every name collision on this node (see [`Conflict`]).
     pub fn conflicts(&self) -> Result<Vec<Conflict>, ReadError> {
-        self.replica.conflicts()
+        self.replica.reads().conflicts()
     }
 
     /// The node's status, with the sync state of each configured peer.

@@ -35,7 +35,7 @@ pub use crate::reads::{
     MAX_PAGE_IDS, PeerStatus, ReadError, Reads, Status,
 };
 use crate::store::HeldTally;
-use crate::store::{IdPage, Store, StoreError};
+use crate::store::{Store, StoreError};
 use engine::Engine;
 
 /// One document as [`Replica::audit`] found it.
@@ -309,41 +309,6 @@ impl Replica {
         self.reads().find(ty, id)
     }
 
-    /// The live object `ty/id` as JSON (see [`Reads::get`]).
-    pub fn get(&self, ty: &TypeName, id: &ObjectId) -> Result<Map<String, Json>, ReadError> {
-        self.reads().get(ty, id)
-    }
-
-    /// Ids of live objects of `ty`, a page at a time (see [`Reads::list`]).
-    pub fn list(
-        &self,
-        ty: &TypeName,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<IdPage, ReadError> {
-        self.reads().list(ty, after, limit)
-    }
-
-    /// Every change of `ty/id`, with each signature checked (see [`Reads::history`]).
-    pub fn history(&self, ty: &TypeName, id: &ObjectId) -> Result<History, ReadError> {
-        self.reads().history(ty, id)
-    }
-
-    /// The change feed after `since`, at most `limit` entries (see [`Reads::changes`]).
-    pub fn changes(&self, since: u64, limit: usize) -> Result<Feed, ReadError> {
-        self.reads().changes(since, limit)
-    }
-
-    /// The last SEQ in the change log.
-    pub fn last_seq(&self) -> Result<u64, ReadError> {
-        self.reads().last_seq()
-    }
-
-    /// Every name collision on this node (see [`Conflict`]).
-    pub fn conflicts(&self) -> Result<Vec<Conflict>, ReadError> {
-        self.reads().conflicts()
-    }
-
     /// Forget a removed peer's policy.
     pub fn remove_policy(&mut self, peer: &NodeId) {
         self.policies.remove(peer);
@@ -549,20 +514,23 @@ mod tests {
             .unwrap();
         assert_eq!(r.seq, Some(2));
         assert_eq!(
-            Json::Object(c.get(&t, &i).unwrap()),
+            Json::Object(c.reads().get(&t, &i).unwrap()),
             json!({"status": "analysed", "volume_ml": 2.5})
         );
         c.delete(&t, &i).unwrap();
-        assert!(matches!(c.get(&t, &i), Err(ReadError::NotFound { .. })));
-        assert!(c.list(&t, None, 10).unwrap().ids.is_empty());
-        let h = c.history(&t, &i).unwrap();
+        assert!(matches!(
+            c.reads().get(&t, &i),
+            Err(ReadError::NotFound { .. })
+        ));
+        assert!(c.reads().list(&t, None, 10).unwrap().ids.is_empty());
+        let h = c.reads().history(&t, &i).unwrap();
         assert!(h.deleted);
         assert_eq!(h.changes.len(), 3);
         assert!(h.changes.iter().all(|e| e.verified));
         c.put(&t, &i, json!({"status": "back"}).as_object().unwrap())
             .unwrap();
         assert_eq!(
-            Json::Object(c.get(&t, &i).unwrap()),
+            Json::Object(c.reads().get(&t, &i).unwrap()),
             json!({"status": "back"})
         );
     }
@@ -576,11 +544,11 @@ mod tests {
         }
         for n in 0..10 {
             let (t, i) = names(&format!("S-{n}"));
-            assert_eq!(c.get(&t, &i).unwrap()["n"], json!(n));
+            assert_eq!(c.reads().get(&t, &i).unwrap()["n"], json!(n));
             c.put(&t, &i, json!({"m": n}).as_object().unwrap()).unwrap();
         }
         assert!(c.cache.len() <= 2);
-        let feed = c.changes(15, 100).unwrap();
+        let feed = c.reads().changes(15, 100).unwrap();
         assert_eq!(feed.changes.len(), 5);
         assert_eq!(feed.last, 20);
         assert_eq!(feed.changes[0].seq, 16);

@@ -44,6 +44,15 @@ pub struct Sessions {
     pub(crate) peers: BTreeMap<NodeId, Session>,
 }
 
+/// A `Rewound` for `peer`: where we hold its log up to, so that it resends from there.
+fn rewound_message(replica: &Replica, peer: NodeId) -> Result<Outgoing, SyncError> {
+    let held = replica
+        .peer_record(&peer)
+        .map_err(store_err(peer))?
+        .received;
+    Ok((peer, Message::Rewound { resume: held }))
+}
+
 /// A store failure while serving `peer`: ours, never the peer's.
 fn store_err(peer: NodeId) -> impl FnOnce(StoreError) -> SyncError {
     move |source| SyncError::Store { peer, source }
@@ -241,11 +250,7 @@ impl Sessions {
                 let mut out = Vec::new();
                 if rewound {
                     tracing::warn!(%peer, claimed = resume.seq, "peer holds a checkpoint of our log that we no longer have: this node was restored from an older copy; resending everything and asking for what we lost");
-                    let held = replica
-                        .peer_record(&peer)
-                        .map_err(store_err(peer))?
-                        .received;
-                    out.push((peer, Message::Rewound { resume: held }));
+                    out.push(rewound_message(replica, peer)?);
                 }
                 out.extend(self.pump(replica, peer)?);
                 self.note_in_sync(replica, peer)?;
@@ -454,11 +459,7 @@ impl Sessions {
             }
             if rewound_lost {
                 // Our Rewound may be what failed: without it the peer never resends.
-                let held = replica
-                    .peer_record(&peer)
-                    .map_err(store_err(peer))?
-                    .received;
-                out.push((peer, Message::Rewound { resume: held }));
+                out.push(rewound_message(replica, peer)?);
             }
         }
         out.extend(self.pump(replica, peer)?);
