@@ -377,10 +377,11 @@ pub fn check_token(token: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sample() -> Config {
+    /// A valid config with no peers (tests elsewhere build on it too).
+    pub(crate) fn sample() -> Config {
         Config {
             format: CONFIG_FORMAT,
             name: "lab-a".into(),

@@ -231,7 +231,7 @@ pub struct OutBatch {
     /// The views in the batch and, for each, how many of its changes the peer holds once it
     /// stores the batch.
     pub views: Vec<(DocId, u64)>,
-    /// Objects owed to the peer (see [`crate::store::Store::owed_refs`]) that this batch carries: settled
+    /// Objects owed to the peer (owed references, the store's `refs_owed_v1`) that this batch carries: settled
     /// once it is acknowledged.
     pub owed: Vec<DocId>,
 }
@@ -291,7 +291,7 @@ pub fn header_wire_bytes(header: &DocHeader) -> usize {
     encoded_size(header)
 }
 
-/// A reading of [`crate::net::NetCounters`].
+/// A reading of the network shell's counters (`NetCounters` in `net.rs`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetTotals {
     pub frames_in: u64,

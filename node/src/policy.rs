@@ -1,6 +1,6 @@
 //! Per-peer policies: what each peer may be sent and what is taken from it, decided in pure code.
 //!
-//! A policy lives with its peer in the config file (see [`crate::config::PeerConfig`]). The same
+//! A policy lives with its peer in the config file (`PeerConfig` in `config.rs`). The same
 //! rules run at both ends: the sender filters what it offers (see [`Policies::may_send`]) and the
 //! receiver checks every change against its own policy for the peer that sent it
 //! (see [`Policies::may_take`]), so a misconfigured or malicious peer cannot push what we do not

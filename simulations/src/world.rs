@@ -1,6 +1,7 @@
 //! The state of one simulated world: its nodes (each a core while up, its store while
 //! crashed), the simulated network and clock, the seeded RNG, the trace and the report.
-//! What changes it lives in [`crate::harness`], [`crate::shell`] and [`crate::workload`].
+//! What changes it lives in the harness, the shell and the workload (`harness.rs`,
+//! `shell.rs`, `workload.rs`), which build on this module.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

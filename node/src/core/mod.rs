@@ -110,11 +110,6 @@ impl Core {
         &self.replica
     }
 
-    /// The replica, for the operations the core does not wrap (faults, policies).
-    pub fn replica_mut(&mut self) -> &mut Replica {
-        &mut self.replica
-    }
-
     /// Give up the core, returning its store (as a crash-and-restart in a simulation does).
     pub fn into_store(self) -> Store {
         self.replica.into_store()
@@ -178,25 +173,6 @@ impl Core {
         policy: crate::policy::Policy,
     ) -> Result<bool, StoreError> {
         self.replica.set_policy(peer, name, policy)
-    }
-
-    /// See [`Replica::adopt_policy`].
-    pub fn adopt_policy(&mut self, peer: NodeId, name: String, policy: crate::policy::Policy) {
-        self.replica.adopt_policy(peer, name, policy);
-    }
-
-    /// See [`Replica::reset_if_widened`].
-    pub fn reset_if_widened(
-        &self,
-        peer: &NodeId,
-        policy: &crate::policy::Policy,
-    ) -> Result<bool, StoreError> {
-        self.replica.reset_if_widened(peer, policy)
-    }
-
-    /// Forget a removed peer's policy.
-    pub fn remove_policy(&mut self, peer: &NodeId) {
-        self.replica.remove_policy(peer);
     }
 
     /// The document that the local name `ty/id` points to, with its record.

@@ -87,25 +87,10 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ApiConfig, CONFIG_FORMAT, DEFAULT_API, StoreConfig};
+    use crate::config::tests::sample;
     use crate::identity::Identity;
     use crate::policy::Policy;
     use tidesync_proto::{Checkpoint, TypeName};
-
-    fn config() -> Config {
-        Config {
-            format: CONFIG_FORMAT,
-            name: "a".into(),
-            listen: vec![],
-            api: ApiConfig {
-                listen: DEFAULT_API.parse().unwrap(),
-                token: None,
-                hosts: vec![],
-            },
-            store: StoreConfig::default(),
-            peers: vec![],
-        }
-    }
 
     fn peer(skip: &[&str]) -> PeerConfig {
         PeerConfig {
@@ -128,7 +113,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let home = Home::new(dir.path());
         let mut core = Core::in_memory(1, "a");
-        let mut config = config();
+        let mut config = sample();
         let id = peer(&[]).id;
         assert!(
             !core

@@ -204,7 +204,7 @@ fn a_lost_hello_is_sent_again() {
 fn a_hub_relays_unaltered_and_a_tampering_hub_is_caught() {
     for tamper in [false, true] {
         let mut cores = vec![core(1, "a"), core(2, "hub"), core(3, "b")];
-        cores[1].replica_mut().faults_mut().alter_relayed = tamper;
+        cores[1].replica.faults_mut().alter_relayed = tamper;
         let mut q = connect(&mut cores, 0, 1);
         q.extend(connect(&mut cores, 1, 2));
         settle(&mut cores, q);

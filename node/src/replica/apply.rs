@@ -17,7 +17,7 @@ use crate::store::{Reader, Store, StoreError};
 /// at most its two batches in flight (`SYNC_WINDOW_BATCHES` × `SYNC_BATCH_CHANGES` = 4,000)
 /// plus what arrives ahead of a relay's gap; past this, its changes that would be held are
 /// refused for room, its checkpoint stays before them, and they arrive again (see
-/// [`crate::sync::Session::stalled`]).
+/// `Session::stalled` in the sync layer, which asks for them again).
 pub const MAX_HELD_CHANGES_PER_PEER: u64 = 10_000;
 /// Most bytes of held changes per peer: a peer's held changes cost at most this much disk.
 pub const MAX_HELD_BYTES_PER_PEER: u64 = 64 * 1024 * 1024;

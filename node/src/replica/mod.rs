@@ -2,7 +2,7 @@
 //! and faults behind one owner, offering local writes, reads, applying a received batch
 //! (verify, prepare, commit: [`receive`], [`apply`]), reading the log for a peer
 //! ([`outbound`], `&mut` because a batch may author a view change) and what batches carry
-//! along ([`carry`]). The node actor owns one through [`crate::core::Replica`]; the CLI opens one
+//! along ([`carry`]). The node actor owns one through the core façade (`Core`); the CLI opens one
 //! when no node is running, so both paths run the same code and give the same answers.
 //!
 //! Modules: [`engine`] (turns writes and arrivals into signed changes and records, no I/O),
