@@ -27,8 +27,9 @@ pub const DEFAULT_LISTEN: &str = "/ip4/0.0.0.0/tcp/7400";
 pub const DEFAULT_API: &str = "127.0.0.1:7401";
 /// The config file format this version writes. 1: no `format` key, the API token in
 /// `api.token`. 2: `format = 2`, the token in its own file (`api.token` is still read, and
-/// moved out at the next start), `api.hosts`.
-pub const CONFIG_FORMAT: u32 = 2;
+/// moved out at the next start), `api.hosts`. 3: each `refs` field names the type it
+/// references (`"owner:User"`); a `refs` field without one is refused with the new form.
+pub const CONFIG_FORMAT: u32 = 3;
 /// Most extra host names `api.hosts` may list.
 pub const MAX_API_HOSTS: usize = 64;
 
@@ -466,7 +467,14 @@ pub(crate) mod tests {
             addrs: vec![],
             policy: crate::policy::Policy {
                 types: vec![ty("Volume")],
-                refs: [(ty("Volume"), vec!["label_trees".into(), "owner".into()])].into(),
+                refs: [(
+                    ty("Volume"),
+                    vec![
+                        "label_trees:LabelTree".to_string().try_into().unwrap(),
+                        "owner:User".to_string().try_into().unwrap(),
+                    ],
+                )]
+                .into(),
                 ..Default::default()
             },
         });
@@ -490,7 +498,7 @@ pub(crate) mod tests {
         c.api.token = None;
         c.save(&home).unwrap();
         let text = fs::read_to_string(home.config()).unwrap();
-        assert!(text.contains("format = 2"), "{text}");
+        assert!(text.contains("format = 3"), "{text}");
         assert!(!text.contains("token"), "{text}");
         assert_eq!(
             fs::metadata(home.config()).unwrap().permissions().mode() & 0o777,

@@ -633,7 +633,7 @@ mod seeds {
                 "config_parse",
                 "policies",
                 format!(
-                    "name = \"hub\"\nlisten = []\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n[[peers]]\nname = \"archive\"\nid = \"{id}\"\ntypes = [\"Volume\", \"LabelTree\"]\nread-only = [\"Method\"]\nskip = [\"Secret\"]\nprefix = \"ar-\"\nprefixed = [\"Volume\"]\n\n[peers.refs]\nVolume = [\"label_trees\", \"owner\"]\nLabelTree = [\"members\"]\n"
+                    "name = \"hub\"\nlisten = []\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n[[peers]]\nname = \"archive\"\nid = \"{id}\"\ntypes = [\"Volume\", \"LabelTree\"]\nread-only = [\"Method\"]\nskip = [\"Secret\"]\nprefix = \"ar-\"\nprefixed = [\"Volume\"]\n\n[peers.refs]\nVolume = [\"label_trees:LabelTree\", \"owner:User\"]\nLabelTree = [\"members:User\"]\n"
                 )
                 .as_bytes(),
             );

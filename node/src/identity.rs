@@ -63,6 +63,30 @@ impl Identity {
         &self.key
     }
 
+    /// The checkpoint of our log entry `seq`, whose change hash is `hash`, as `peer` sees it:
+    /// HMAC-SHA-256 under a key derived from our secret, over the peer, the SEQ and the hash.
+    /// A peer holds our log up to such a token and hands it back to resume; it never learns
+    /// the hash of an entry it may not receive (the change behind a `--fields` view, a
+    /// skipped type), nor can it test a guess of one, and a token means nothing to any other
+    /// peer. A node restored from an older copy has other hashes at those SEQs, so the
+    /// tokens its peers hold no longer match and they start over.
+    pub fn checkpoint_token(&self, peer: &NodeId, seq: u64, hash: &[u8; 32]) -> [u8; 32] {
+        use hmac::{KeyInit, Mac};
+        let key: [u8; 32] = {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            h.update(b"tidesync/checkpoint-key/v1\0");
+            h.update(self.key.to_bytes());
+            h.finalize().into()
+        };
+        let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&key)
+            .expect("HMAC takes a key of any length");
+        mac.update(&peer.0);
+        mac.update(&seq.to_be_bytes());
+        mac.update(hash);
+        mac.finalize().into_bytes().into()
+    }
+
     /// The same key as a libp2p keypair, so the node's PeerId is its [`NodeId`].
     pub fn libp2p_keypair(&self) -> libp2p::identity::Keypair {
         let mut secret = self.key.to_bytes();

@@ -57,8 +57,9 @@ pub struct Persist {
 }
 
 /// The local name of a received document whose `(type, name)` another document already has
-/// here: the name, `~`, and the first 8 hex digits of its document id. Neither document is lost
-/// or merged into the other.
+/// here: the name, `~`, and its whole document id. Neither document is lost or merged into the
+/// other. No new object may have `~` in its id ([`ObjectId::check_new`]), so nobody can claim
+/// such a name in advance, and two documents never get the same one.
 pub fn collision_name(name: &ObjectId, doc: &DocId) -> ObjectId {
     let suffix = collision_suffix(doc);
     let keep = tidesync_proto::ids::MAX_OBJECT_ID_BYTES - suffix.len();
@@ -69,14 +70,25 @@ pub fn collision_name(name: &ObjectId, doc: &DocId) -> ObjectId {
     ObjectId::new(format!("{base}{suffix}")).unwrap_or_else(|_| name.clone())
 }
 
-/// Whether `local_id` is the collision name [`collision_name`] gives document `doc`.
+/// Whether `local_id` is the collision name [`collision_name`] gives document `doc`, or the
+/// one builds before store format 4 gave it (`~` and 8 hex digits of the document id).
 pub fn is_collision_name(local_id: &ObjectId, doc: &DocId) -> bool {
-    local_id.as_str().ends_with(&collision_suffix(doc))
+    let id = local_id.as_str();
+    id.ends_with(&collision_suffix(doc)) || id.ends_with(&format!("~{}", &doc.to_string()[..8]))
 }
 
-/// `~` and the first 8 hex digits of the document id.
+/// The name of the view published of the object named `local_id` here: the name itself, with
+/// a collision name's mark turned into `-` (a peer refuses `~` in the id of a new object).
+pub fn view_name(local_id: &ObjectId) -> ObjectId {
+    let name = local_id
+        .as_str()
+        .replace(tidesync_proto::ids::COLLISION_MARK, "-");
+    ObjectId::new(name).unwrap_or_else(|_| local_id.clone())
+}
+
+/// `~` and the document id in hex.
 fn collision_suffix(doc: &DocId) -> String {
-    format!("~{}", &doc.to_string()[..8])
+    format!("{}{doc}", tidesync_proto::ids::COLLISION_MARK)
 }
 
 /// The view of one object published to one peer.

@@ -21,7 +21,8 @@ use tidesync_proto::wire::{self, FRAME_HEADER_BYTES, MAX_FRAME_BYTES};
 use crate::identity::Identity;
 use crate::model::NetTotals;
 
-/// The sync protocol's libp2p name; its version follows `PROTOCOL_VERSION`.
+/// The sync protocol's libp2p name. It stays the same across protocol versions: every frame
+/// carries `PROTOCOL_VERSION`, so two versions connect and each says which one it speaks.
 pub const PROTOCOL: &str = "/tidesync/sync/1";
 /// How long a request may wait for its response, in seconds (a batch is applied before the
 /// answer, and a slow link carries up to `MAX_FRAME_BYTES`).

@@ -416,19 +416,13 @@ impl NodeActor {
     /// that name under another id loses its link.
     fn set_peer(&mut self, peer: PeerConfig) -> Result<(), PeerError> {
         let id = peer.id;
-        let replaced: Vec<NodeId> = self
-            .config
-            .peers
-            .iter()
-            .filter(|p| p.name == peer.name && p.id != id)
-            .map(|p| p.id)
-            .collect();
-        let widened = self
+        let applied = self
             .core
             .set_peer(&self.home, &mut self.config, peer.clone())?;
-        for old in replaced {
-            self.drop_link(old);
+        for old in &applied.revoked {
+            self.drop_link(*old);
         }
+        let widened = applied.widened;
         self.out.push(NetCommand::SetLink {
             id,
             config: Box::new(peer),

@@ -55,18 +55,56 @@ pub struct Policy {
     /// they are sent back to it and to no other peer.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub prefixed: Vec<TypeName>,
-    /// The fields of each type that reference other objects (see [`Policy::references`]). An object
-    /// sent to this peer takes the objects it references with it, whatever their type, and
-    /// those then stay up to date at the peer; from this peer we take the objects its objects
-    /// reference in the same way.
+    /// The fields of each type that reference other objects, each with the one type it may
+    /// reference (see [`Policy::references`]). An object sent to this peer takes the objects
+    /// it references of that type with it, even a type `types` does not list, and those then
+    /// stay up to date at the peer; from this peer we take the objects its objects reference
+    /// in the same way. `skip` always wins, at both ends.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub refs: BTreeMap<TypeName, Vec<String>>,
+    pub refs: BTreeMap<TypeName, Vec<RefField>>,
     /// The only fields of each type this peer is sent (one-way publishing). The peer gets a
     /// view of each such object, a separate document this node writes and signs with just
     /// those fields, never the object's own changes; changes to these types from the peer
     /// are refused.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub fields: BTreeMap<TypeName, Vec<String>>,
+}
+
+/// A field that references objects of one type, written `field:Type` in the config file and
+/// after `--refs TYPE=`: `owner:User` is the field `owner`, holding references to `User`s.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RefField {
+    pub field: String,
+    /// The only type the field's references are followed to.
+    pub target: TypeName,
+}
+
+impl TryFrom<String> for RefField {
+    type Error = String;
+    fn try_from(s: String) -> Result<RefField, String> {
+        let Some((field, target)) = s.split_once(':') else {
+            return Err(format!(
+                "reference field {s:?} names no target type: write FIELD:TYPE, for example --refs Volume=owner:User,label_trees:LabelTree (in config.toml: Volume = [\"owner:User\", \"label_trees:LabelTree\"])"
+            ));
+        };
+        let field = field.trim();
+        if field.is_empty() {
+            return Err(format!("reference field {s:?} has no field name"));
+        }
+        let target = TypeName::new(target.trim())
+            .map_err(|e| format!("reference field {s:?}: target type: {e}"))?;
+        Ok(RefField {
+            field: field.to_string(),
+            target,
+        })
+    }
+}
+
+impl From<RefField> for String {
+    fn from(r: RefField) -> String {
+        format!("{}:{}", r.field, r.target)
+    }
 }
 
 impl Policy {
@@ -76,34 +114,52 @@ impl Policy {
     }
 
     /// The objects that `fields`, an object of type `ty`, references through the fields this
-    /// policy names for `ty` in `refs`.
+    /// policy names for `ty` in `refs`: only references to each field's target type, and
+    /// never to a skipped type.
     pub fn references(
         &self,
         ty: &TypeName,
         fields: &serde_json::Map<String, serde_json::Value>,
     ) -> Vec<(TypeName, ObjectId)> {
-        let Some(names) = self.refs.get(ty) else {
+        let Some(named) = self.refs.get(ty) else {
             return Vec::new();
         };
-        names
+        named
             .iter()
-            .filter_map(|f| fields.get(f))
-            .flat_map(|v| match v {
-                serde_json::Value::Array(items) => items.iter().collect(),
-                other => vec![other],
+            .filter(|r| !self.skip.contains(&r.target))
+            .flat_map(|r| {
+                let values: Vec<&serde_json::Value> = match fields.get(&r.field) {
+                    Some(serde_json::Value::Array(items)) => items.iter().collect(),
+                    Some(other) => vec![other],
+                    None => Vec::new(),
+                };
+                values
+                    .into_iter()
+                    .filter_map(|v| parse_reference(v.as_str()?))
+                    .filter(|(t, _)| *t == r.target)
+                    .collect::<Vec<_>>()
             })
-            .filter_map(|v| parse_reference(v.as_str()?))
             .collect()
     }
 
-    /// The local name of this peer's object `ty/id`: prefixed if the policy says so (and the
-    /// prefixed name is a valid id), else the id itself.
-    pub fn local_name(&self, ty: &TypeName, id: &ObjectId) -> ObjectId {
+    /// Whether objects of `ty` may be carried by reference (see [`Policy::refs`]): some
+    /// reference field targets `ty`, and `ty` is not skipped.
+    pub fn carries(&self, ty: &TypeName) -> bool {
+        !self.skip.contains(ty) && self.refs.values().flatten().any(|r| r.target == *ty)
+    }
+
+    /// The local name of this peer's object `ty/id`: prefixed if the policy says so, else the
+    /// id itself. An id that cannot take the prefix (too long with it) is refused: keeping
+    /// its raw name would put it in another namespace, perhaps another peer's.
+    pub fn local_name(&self, ty: &TypeName, id: &ObjectId) -> Result<ObjectId, Refusal> {
         match &self.prefix {
-            Some(prefix) if self.prefixed.contains(ty) => {
-                ObjectId::new(format!("{prefix}{id}")).unwrap_or_else(|_| id.clone())
-            }
-            _ => id.clone(),
+            Some(prefix) if self.prefixed.contains(ty) => ObjectId::new(format!("{prefix}{id}"))
+                .map_err(|e| Refusal::Unprefixable {
+                    ty: ty.clone(),
+                    id: id.to_string(),
+                    detail: e.to_string(),
+                }),
+            _ => Ok(id.clone()),
         }
     }
 
@@ -124,10 +180,10 @@ impl Policy {
             && self.read_only == old.read_only
             && self.prefix == old.prefix
             && self.prefixed == old.prefixed
-            && self.refs.iter().all(|(ty, fields)| {
+            && self.refs.iter().all(|(ty, named)| {
                 old.refs
                     .get(ty)
-                    .is_some_and(|old_fields| fields.iter().all(|f| old_fields.contains(f)))
+                    .is_some_and(|old_named| named.iter().all(|r| old_named.contains(r)))
             })
             && old.fields.iter().all(|(ty, old_fields)| {
                 self.fields
@@ -164,7 +220,9 @@ impl Policy {
             return Err("--prefixed needs --prefix".into());
         }
         if let Some(p) = &self.prefix {
-            ObjectId::new(format!("{p}x")).map_err(|e| format!("prefix {p:?}: {e}"))?;
+            ObjectId::new(format!("{p}x"))
+                .and_then(|id| id.check_new())
+                .map_err(|e| format!("prefix {p:?}: {e}"))?;
         }
         Ok(())
     }
@@ -188,6 +246,26 @@ pub enum Refusal {
     TypeSendOnly { ty: TypeName },
     #[error("type {ty} is update-only from that peer and this node did not create the object")]
     NotOurs { ty: TypeName },
+    #[error("a new {ty} is refused: {detail}")]
+    BadId { ty: TypeName, detail: String },
+    #[error("{ty}/{id} cannot take its peer's prefix ({detail}), so it is refused")]
+    Unprefixable {
+        ty: TypeName,
+        id: String,
+        detail: String,
+    },
+    #[error(
+        "{ty} objects of peer {owner} are its own (prefixed here): this change is by {author}, neither that peer nor this node"
+    )]
+    NotTheirs {
+        ty: TypeName,
+        owner: String,
+        author: NodeId,
+    },
+    #[error(
+        "the change to an object of type {ty} is signed by {author}, a key revoked when its peer's key was replaced"
+    )]
+    Revoked { ty: TypeName, author: NodeId },
     #[error("type {ty} is read-only here, owned by peer {owner}; this change is by {author}")]
     ReadOnly {
         ty: TypeName,
@@ -203,6 +281,10 @@ impl Refusal {
             | Refusal::TypeNotExchanged { ty }
             | Refusal::TypeSendOnly { ty }
             | Refusal::NotOurs { ty }
+            | Refusal::Revoked { ty, .. }
+            | Refusal::Unprefixable { ty, .. }
+            | Refusal::BadId { ty, .. }
+            | Refusal::NotTheirs { ty, .. }
             | Refusal::ReadOnly { ty, .. } => ty,
         }
     }
@@ -223,6 +305,8 @@ pub struct ReadOnlyType {
 pub struct Policies {
     me: NodeId,
     peers: BTreeMap<NodeId, (String, Policy)>,
+    /// Keys replaced under their peer's name: nothing new they sign is taken.
+    revoked: std::collections::BTreeSet<NodeId>,
     /// The policy of a peer that has none configured: everything, both ways.
     default: Policy,
     /// The faults switched on (see [`crate::fault::Faults::ignore_own_policy`] and
@@ -235,6 +319,7 @@ impl Policies {
         Policies {
             me,
             peers: BTreeMap::new(),
+            revoked: Default::default(),
             default: Policy::default(),
             faults: crate::fault::Faults::default(),
         }
@@ -253,19 +338,37 @@ impl Policies {
         policy.covers(ty)
     }
 
-    /// Set one peer's policy; whether it now lets through anything it did not before.
-    pub fn set(&mut self, peer: NodeId, name: String, policy: Policy) -> bool {
-        let widened = self.would_widen(&peer, &policy);
-        self.peers.insert(peer, (name, policy));
-        widened
+    /// Whether `policy` carries `ty` by reference ([`Policy::carries`], unless a fault is on).
+    fn carries(&self, policy: &Policy, ty: &TypeName) -> bool {
+        if self.faults.ignore_skip {
+            return policy.refs.values().flatten().any(|r| r.target == *ty);
+        }
+        policy.carries(ty)
     }
 
-    /// Whether setting `policy` for `peer` would let through more than its policy now does.
-    pub fn would_widen(&self, peer: &NodeId, policy: &Policy) -> bool {
-        match self.peers.get(peer) {
-            Some((_, old)) => !policy.is_within(old),
-            None => false,
-        }
+    /// Set one peer's policy.
+    pub fn set(&mut self, peer: NodeId, name: String, policy: Policy) {
+        self.peers.insert(peer, (name, policy));
+    }
+
+    /// Revoke `key`: nothing new it signs is taken (see [`Refusal::Revoked`]).
+    pub fn revoke(&mut self, key: NodeId) {
+        self.revoked.insert(key);
+    }
+
+    /// `key` is configured again: it is no longer revoked.
+    pub fn unrevoke(&mut self, key: &NodeId) {
+        self.revoked.remove(key);
+    }
+
+    /// Take the revoked keys the store keeps.
+    pub fn set_revoked(&mut self, keys: impl IntoIterator<Item = NodeId>) {
+        self.revoked = keys.into_iter().collect();
+    }
+
+    /// Whether `key` was revoked by a replacement.
+    pub fn is_revoked(&self, key: &NodeId) -> bool {
+        self.revoked.contains(key)
     }
 
     /// The name of `peer`, if it is configured.
@@ -301,7 +404,7 @@ impl Policies {
         }
         let policy = self.of(to);
         if policy.direction == Direction::Receive
-            || !(by_ref || self.covers(policy, &rec.ty))
+            || !(by_ref && self.carries(policy, &rec.ty) || self.covers(policy, &rec.ty))
             || policy.fields.contains_key(&rec.ty)
         {
             // A type published as a view never goes out as the object itself.
@@ -331,10 +434,16 @@ impl Policies {
     ) -> Result<(), Refusal> {
         let policy = self.of(from);
         let ty_owned = || ty.clone();
+        if self.revoked.contains(author) {
+            return Err(Refusal::Revoked {
+                ty: ty_owned(),
+                author: *author,
+            });
+        }
         if policy.direction == Direction::Send {
             return Err(Refusal::SendOnlyPeer { ty: ty_owned() });
         }
-        if !(by_ref || self.covers(policy, ty)) {
+        if !(by_ref && self.carries(policy, ty) || self.covers(policy, ty)) {
             return Err(Refusal::TypeNotExchanged { ty: ty_owned() });
         }
         if policy.send_only.contains(ty) || policy.fields.contains_key(ty) {
@@ -342,6 +451,19 @@ impl Policies {
         }
         if policy.update_only.contains(ty) && *origin != self.me {
             return Err(Refusal::NotOurs { ty: ty_owned() });
+        }
+        // A prefixed peer's objects are its own: only it and this node change them, whoever
+        // relays the change.
+        if let Some((owner, p)) = self.peers.get(origin)
+            && p.prefixed.contains(ty)
+            && *author != *origin
+            && *author != self.me
+        {
+            return Err(Refusal::NotTheirs {
+                ty: ty_owned(),
+                owner: owner.clone(),
+                author: *author,
+            });
         }
         let owners: Vec<(&NodeId, &String)> = self
             .peers
@@ -377,9 +499,15 @@ impl Policies {
         }
     }
 
-    /// The local name of `from`'s new object `ty/id`.
-    pub fn local_name(&self, from: &NodeId, ty: &TypeName, id: &ObjectId) -> ObjectId {
-        self.of(from).local_name(ty, id)
+    /// The local name of the new object `ty/id` created by `origin`: names follow the node
+    /// that created an object, not the peer that relayed it (see [`Policy::local_name`]).
+    pub fn local_name(
+        &self,
+        origin: &NodeId,
+        ty: &TypeName,
+        id: &ObjectId,
+    ) -> Result<ObjectId, Refusal> {
+        self.of(origin).local_name(ty, id)
     }
 }
 
@@ -501,8 +629,33 @@ mod tests {
         p.set(a, "a".into(), prefixed("A_"));
         p.set(b, "b".into(), prefixed("B_"));
         let id = ObjectId::new("S-001").unwrap();
-        assert_eq!(p.local_name(&a, &t("Sample"), &id).as_str(), "A_S-001");
-        assert_eq!(p.local_name(&a, &t("Department"), &id).as_str(), "S-001");
+        assert_eq!(
+            p.local_name(&a, &t("Sample"), &id).unwrap().as_str(),
+            "A_S-001"
+        );
+        assert_eq!(
+            p.local_name(&a, &t("Department"), &id).unwrap().as_str(),
+            "S-001"
+        );
+        // Regression: an id too long to take the prefix silently kept its raw name, so lab
+        // B's object appeared in lab A's `A_` namespace. It is refused.
+        let long = ObjectId::new("S".repeat(tidesync_proto::ids::MAX_OBJECT_ID_BYTES)).unwrap();
+        assert!(matches!(
+            p.local_name(&a, &t("Sample"), &long),
+            Err(Refusal::Unprefixable { .. })
+        ));
+        // Regression: any peer's change to lab A's prefixed objects was taken and relayed
+        // back to A. Only A and this node may change them, whoever relays the change.
+        assert!(p.may_take(&b, &t("Sample"), &a, &a, false).is_ok());
+        assert!(p.may_take(&a, &t("Sample"), &a, &me, false).is_ok());
+        assert!(matches!(
+            p.may_take(&b, &t("Sample"), &a, &b, false),
+            Err(Refusal::NotTheirs { .. })
+        ));
+        assert!(matches!(
+            p.may_take(&a, &t("Sample"), &a, &b, false),
+            Err(Refusal::NotTheirs { .. })
+        ));
         assert!(p.may_send(&a, &rec(a, "Sample"), false));
         assert!(!p.may_send(&b, &rec(a, "Sample"), false));
         assert!(p.may_send(&b, &rec(a, "Department"), false));
@@ -538,19 +691,37 @@ mod tests {
         assert!(!Policy::default().is_within(&recv));
     }
 
+    fn refs(ty: &str, named: &[&str]) -> (TypeName, Vec<RefField>) {
+        (
+            t(ty),
+            named
+                .iter()
+                .map(|r| RefField::try_from(r.to_string()).unwrap())
+                .collect(),
+        )
+    }
+
+    // Regression: `--refs` carried any type a reference field named, past the receiver's
+    // `--types` and `--skip`, so whoever could edit a reference field chose which objects of
+    // any type left the node, and a hub stored a lab's skipped `Invoice`. References now
+    // name their target type and `skip` always wins, at both ends.
     #[test]
-    fn refs_carry_referenced_objects_past_types_and_skip_but_not_direction() {
+    fn refs_carry_only_their_target_types_past_types_and_never_past_skip() {
         let (me, a) = (n(1), n(2));
         let mut p = Policies::new(me);
         let policy = Policy {
             types: vec![t("Volume")],
-            skip: vec![t("User")],
-            refs: BTreeMap::from([(t("Volume"), vec!["label_trees".into(), "owner".into()])]),
+            skip: vec![t("Invoice")],
+            refs: BTreeMap::from([refs(
+                "Volume",
+                &["label_trees:LabelTree", "owner:User", "bill:Invoice"],
+            )]),
             ..Policy::default()
         };
         let fields = serde_json::json!({
-            "label_trees": ["LabelTree/LT-1", "not a reference", 7],
+            "label_trees": ["LabelTree/LT-1", "not a reference", 7, "Secret/S-1"],
             "owner": "User/u-9",
+            "bill": "Invoice/I-1",
             "name": "Sample/S-1",
         });
         let found = policy.references(&t("Volume"), fields.as_object().unwrap());
@@ -560,21 +731,23 @@ mod tests {
                 (t("LabelTree"), ObjectId::new("LT-1").unwrap()),
                 (t("User"), ObjectId::new("u-9").unwrap()),
             ],
-            "only the named fields, only Type/Id strings"
+            "only the named fields, only their target types, never a skipped type"
         );
-        assert!(
-            policy
-                .references(&t("LabelTree"), fields.as_object().unwrap())
-                .is_empty()
-        );
+        assert!(policy.carries(&t("User")));
+        assert!(!policy.carries(&t("Invoice")), "skip wins");
+        assert!(!policy.carries(&t("Secret")), "not a target");
         p.set(a, "a".into(), policy.clone());
         assert!(!p.may_send(&a, &rec(me, "User"), false));
         assert!(
             p.may_send(&a, &rec(me, "User"), true),
-            "a reference passes skip"
+            "a reference passes types"
         );
+        assert!(!p.may_send(&a, &rec(me, "Invoice"), true));
+        assert!(!p.may_send(&a, &rec(me, "Secret"), true));
         assert!(p.may_take(&a, &t("LabelTree"), &a, &a, true).is_ok());
         assert!(p.may_take(&a, &t("LabelTree"), &a, &a, false).is_err());
+        assert!(p.may_take(&a, &t("Invoice"), &a, &a, true).is_err());
+        assert!(p.may_take(&a, &t("Secret"), &a, &a, true).is_err());
         let receive_only = Policy {
             direction: Direction::Receive,
             ..policy.clone()
@@ -584,11 +757,20 @@ mod tests {
             !p.may_send(&a, &rec(me, "User"), true),
             "nothing is sent to a receive-only peer"
         );
+        // Narrowing ends the carrying: without the field, a carried User no longer passes.
+        let narrower = Policy {
+            refs: BTreeMap::from([refs("Volume", &["label_trees:LabelTree"])]),
+            ..policy.clone()
+        };
+        p.set(a, "a".into(), narrower.clone());
+        assert!(!p.may_send(&a, &rec(me, "User"), true));
+        assert!(p.may_take(&a, &t("User"), &a, &a, true).is_err());
         // More reference fields widen a policy; fewer do not.
-        let mut more = policy.clone();
-        more.refs.insert(t("LabelTree"), vec!["users".into()]);
-        assert!(!more.is_within(&policy));
-        assert!(policy.is_within(&more));
+        assert!(!policy.is_within(&narrower));
+        assert!(narrower.is_within(&policy));
+        // A field without a target type is refused with the new form.
+        let err = RefField::try_from("owner".to_string()).unwrap_err();
+        assert!(err.contains("owner:User"), "{err}");
     }
 
     #[test]

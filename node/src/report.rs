@@ -70,7 +70,9 @@ impl Kind for LocalWriteError {
     fn kind(&self) -> ErrorKind {
         match self {
             LocalWriteError::Refused(WriteError::NotFound { .. }) => ErrorKind::NotFound,
-            LocalWriteError::Refused(WriteError::Fields { .. }) => ErrorKind::Invalid,
+            LocalWriteError::Refused(WriteError::Fields { .. }) | LocalWriteError::BadId { .. } => {
+                ErrorKind::Invalid
+            }
             LocalWriteError::ReadOnly { .. } => ErrorKind::Forbidden,
             LocalWriteError::Store { .. } => ErrorKind::Internal,
         }

@@ -1,6 +1,8 @@
-//! Format fixtures: a store, one wire frame of every message and a bundle, written once by the
-//! code as it stood before the architecture change (issue 13) and committed under
-//! `node/tests/fixtures/v1/`. Each test reads them with today's code and must find exactly
+//! Format fixtures: a store, one wire frame of every message and a bundle, written once per
+//! format version and committed: `node/tests/fixtures/v1/` by the code as it stood before the
+//! architecture change (issue 13: store 3, protocol 2, bundle 1), `v2/` by the code of issue 14
+//! (store 4, protocol 3, bundle 2). Today's code opens (migrating) every older store, reads the
+//! newest frames and bundle, and refuses older frames and bundles with their version named. Each test reads them with today's code and must find exactly
 //! what the writer recorded beside them: the proof that no disk, wire or bundle format changed
 //! by accident. A deliberate format change raises that format's version and adds fixtures; it
 //! never rewrites these.
@@ -25,8 +27,15 @@ const CLOCK_MS: i64 = 1_780_000_000_000;
 const HUB_SECRET: u8 = 7;
 const LAB_SECRET: u8 = 8;
 
+/// The fixtures of the current formats.
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1")
+    dir_of("v2")
+}
+
+fn dir_of(version: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(version)
 }
 
 fn core(secret: u8, name: &str, store: Store, epoch: u64) -> Core {
@@ -154,10 +163,10 @@ fn write_json(path: &Path, value: &Json) {
 
 /// Open a copy of the fixture store (opening may migrate; the fixture itself stays as it was
 /// written).
-fn open_copy(name: &str, secret: u8, node: &str) -> (tempfile::TempDir, Core) {
+fn open_copy(from: &Path, name: &str, secret: u8, node: &str) -> (tempfile::TempDir, Core) {
     let tmp = tempfile::tempdir().expect("a temp dir");
     let path = tmp.path().join("store.redb");
-    std::fs::copy(dir().join(name), &path).expect("copying the fixture store");
+    std::fs::copy(from.join(name), &path).expect("copying the fixture store");
     let store = Store::open(&path, 1 << 20).expect("today's code opens the fixture store");
     (tmp, core(secret, node, store, 99))
 }
@@ -170,11 +179,32 @@ fn ids() -> (NodeId, NodeId) {
 }
 
 #[test]
-fn the_fixture_store_reads_as_it_was_written() {
+fn the_fixture_stores_of_every_version_read_as_they_were_written() {
     let (hub, lab) = ids();
-    let (_tmp, mut core) = open_copy("hub.redb", HUB_SECRET, "hub");
-    let want = read_json(&dir().join("hub.expect.json"));
-    assert_eq!(digest(&mut core, &[lab, hub]), want);
+    for version in ["v1", "v2"] {
+        let (_tmp, mut core) = open_copy(&dir_of(version), "hub.redb", HUB_SECRET, "hub");
+        let want = read_json(&dir_of(version).join("hub.expect.json"));
+        assert_eq!(digest(&mut core, &[lab, hub]), want, "{version}");
+    }
+}
+
+#[test]
+fn frames_and_bundles_of_an_older_version_are_refused_with_their_version_named() {
+    let old = dir_of("v1");
+    let bytes = std::fs::read(old.join("frame-00.bin")).expect("a frame");
+    let err = wire::decode_exact(&bytes).expect_err("a protocol 2 frame is refused");
+    assert!(err.to_string().contains("protocol version 2"), "{err}");
+    let (_, lab) = ids();
+    let tmp = tempfile::tempdir().expect("a temp dir");
+    let store = Store::create(&tmp.path().join("store.redb")).expect("a store");
+    let mut hub = core(HUB_SECRET, "hub", store, 5);
+    hub.set_policy(lab, "lab".into(), Policy::default())
+        .expect("a policy");
+    let bytes = std::fs::read(old.join("lab-to-hub.bundle")).expect("the bundle");
+    let err = hub
+        .import_bundle(&bytes, false, &|_, _| {})
+        .expect_err("a version 1 bundle is refused");
+    assert!(err.to_string().contains("version 1"), "{err}");
 }
 
 #[test]
@@ -376,7 +406,7 @@ fn write_fixtures() {
 
     // The hub's store, read back through a fresh core over a copy (as the test will).
     drop(hub);
-    let (_tmp, mut reread) = open_copy("hub.redb", HUB_SECRET, "hub");
+    let (_tmp, mut reread) = open_copy(&dir, "hub.redb", HUB_SECRET, "hub");
     write_json(
         &dir.join("hub.expect.json"),
         &digest(&mut reread, &[lab_id, hub_id]),

@@ -24,6 +24,10 @@ pub enum IdError {
         "invalid object id {0:?}: use 1 to {MAX_OBJECT_ID_BYTES} bytes with no '/' and no control characters"
     )]
     ObjectId(String),
+    #[error(
+        "object id {0:?} cannot name a new object: '~' is kept for the names of colliding objects, and bidi controls and invisible (default-ignorable) characters are refused"
+    )]
+    NotNew(String),
     #[error("invalid node id {0:?}: expected a libp2p PeerId of an ed25519 key (12D3KooW...)")]
     NodeId(String),
     #[error("invalid document id {0:?}: expected 32 hex digits")]
@@ -191,6 +195,50 @@ impl ObjectId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Check that this id may name a new object, created here or by a peer: it holds no
+    /// [`COLLISION_MARK`] (so the names given to colliding objects cannot be claimed in
+    /// advance), no bidi control and no default-ignorable code point (which would make two
+    /// names look alike).
+    pub fn check_new(&self) -> Result<(), IdError> {
+        if self
+            .0
+            .chars()
+            .any(|c| c == COLLISION_MARK || is_default_ignorable(c))
+        {
+            return Err(IdError::NotNew(self.0.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// The mark between a colliding object's name and its document id in the local name it gets
+/// (`S-001~<document id>`); refused in the id of any new object (see [`ObjectId::check_new`]).
+pub const COLLISION_MARK: char = '~';
+
+/// Whether `c` is a bidi control or a default-ignorable code point (Unicode's
+/// `Default_Ignorable_Code_Point`, which holds every bidi control but U+061C).
+pub fn is_default_ignorable(c: char) -> bool {
+    matches!(
+        c as u32,
+        0x00AD
+            | 0x034F
+            | 0x061C
+            | 0x115F..=0x1160
+            | 0x17B4..=0x17B5
+            | 0x180B..=0x180F
+            | 0x200B..=0x200F
+            | 0x202A..=0x202E
+            | 0x2060..=0x206F
+            | 0x3164
+            | 0xFE00..=0xFE0F
+            | 0xFEFF
+            | 0xFFA0
+            | 0xFFF0..=0xFFF8
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0000..=0xE0FFF
+    )
 }
 
 macro_rules! string_newtype_impls {
@@ -263,6 +311,26 @@ mod tests {
         assert!(ObjectId::new("S-001 (rerun)").is_ok());
         for bad in ["", "a/b", "a\nb", &"x".repeat(257)] {
             assert!(ObjectId::new(bad).is_err(), "{bad}");
+        }
+    }
+
+    // Regression: `~` was allowed in ids, so a peer could create `S-001~<hex>` before the
+    // collision that would give another document that name; and ids with bidi controls or
+    // invisible characters could pass for another object's.
+    #[test]
+    fn new_objects_cannot_take_collision_names_or_invisible_characters() {
+        assert!(ObjectId::new("S-001").unwrap().check_new().is_ok());
+        assert!(ObjectId::new("Échantillon 1").unwrap().check_new().is_ok());
+        for bad in [
+            "S-001~0123abcd",
+            "S-\u{202E}100",
+            "S\u{200B}-001",
+            "S-001\u{2066}",
+            "S-001\u{FEFF}",
+            "\u{E0041}S",
+        ] {
+            let id = ObjectId::new(bad).unwrap();
+            assert!(matches!(id.check_new(), Err(IdError::NotNew(_))), "{bad:?}");
         }
     }
 

@@ -16,15 +16,21 @@ use crate::ids::{DocId, NodeId, ObjectId, TypeName};
 /// - 2: `Hello` and `Changes` carry the sender's number for them and `Ack` echoes it, so that
 ///   an Ack names exactly the request it answers (version 1 matched Acks by `upto`, which two
 ///   batches can share, and could not tell a stale Hello's answer from the latest one's).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// - 3: a [`Checkpoint`]'s hash is a token the sender makes for that receiver (an HMAC of the
+///   entry's change hash under the sender's secret), no longer the change hash itself, which
+///   leaked the hash of entries the receiver may not see (a change behind a `--fields` view,
+///   a skipped type) and let it test guesses of their content.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest frame body accepted or produced, in bytes.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 /// Size of the length prefix, in bytes.
 pub const FRAME_HEADER_BYTES: usize = 4;
 
-/// A position in a node's change log: the SEQ and the hash of the change stored at it.
-/// `seq == 0` (with a zero hash) is the start of the log. Carrying the hash lets a node notice
-/// that a checkpoint does not belong to its log (it was restored from an older copy).
+/// A position in a node's change log: the SEQ and a 32-byte token of the entry stored at it,
+/// which the log's owner makes for the one peer it gives the checkpoint to (never the
+/// change's own hash). `seq == 0` (with a zero token) is the start of the log. Carrying the
+/// token lets a node notice that a checkpoint does not belong to its log (it was restored
+/// from an older copy).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     pub seq: u64,

@@ -198,7 +198,11 @@ pub(crate) fn check_view(
     d: &DocAudit,
     at_y: &BTreeMap<tidesync_proto::DocId, DocAudit>,
 ) -> Result<(), Violation> {
-    let view_id = tidesync_proto::DocId::derive(&w.node_id(x), &d.record.ty, &d.record.local_id);
+    let view_id = tidesync_proto::DocId::derive(
+        &w.node_id(x),
+        &d.record.ty,
+        &tidesync::model::view_name(&d.record.local_id),
+    );
     let published: Map<String, Json> = d
         .json
         .iter()

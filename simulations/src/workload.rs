@@ -88,22 +88,20 @@ pub(crate) fn change_policy(w: &mut World, phase: &str) -> Result<(), Violation>
     } else {
         (b, a)
     };
-    if w.nodes[me].core.is_none() {
-        // A stopped node's policy changes through its config file and the CLI, which
-        // open its store as `tidesync peer set` does; the simulation changes running
-        // nodes only.
-        return Ok(());
-    }
     let narrowing = w.narrowed.insert((me, peer));
     if !narrowing {
         w.narrowed.remove(&(me, peer));
     }
     w.report.policy_changes += 1;
+    let stopped = w.nodes[me].core.is_none();
     w.trace.line(&format!(
-        "{} policy {me} for {peer}: Volume {}",
+        "{} policy {me} for {peer}: Volume {}{}",
         w.now,
-        if narrowing { "skipped" } else { "restored" }
+        if narrowing { "skipped" } else { "restored" },
+        if stopped { " (stopped: config edited)" } else { "" }
     ));
+    // A stopped node's config changes alone, as an edit of its config file does; its
+    // store compares the policy with the one it last applied when the node starts again.
     apply_policy(w, me, peer, phase)
 }
 

@@ -281,9 +281,9 @@ fn volumes_carry_their_references(rogue: bool) {
         "--types",
         "Volume",
         "--refs",
-        "Volume=label_trees,owner",
+        "Volume=label_trees:LabelTree,owner:User",
         "--refs",
-        "LabelTree=members",
+        "LabelTree=members:User",
     ];
     // The honest lab is linked while it writes, so each object goes out on its own. The
     // rogue's objects all travel in one batch, as the archive must see a referenced object

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tidesync_proto::{Checkpoint, DocHeader, DocId, NodeId};
+use tidesync_proto::{DocHeader, DocId, NodeId};
 
 use super::{BundleBody, BundleError, ExportReport, ImportReport, open, seal};
 use crate::model::Claim;
@@ -47,15 +47,10 @@ pub fn export_bundle(
         changes.extend(batch.changes);
         progress(changes.len() as u64);
     }
-    let upto = if cursor == 0 {
-        Checkpoint::default()
-    } else {
-        replica
-            .store()
-            .checkpoint(cursor)
-            .map_err(bundle_store_err(peer))?
-            .unwrap_or_default()
-    };
+    let upto = replica
+        .checkpoint_for(&peer, cursor)
+        .map_err(bundle_store_err(peer))?
+        .unwrap_or_default();
     let body = BundleBody {
         from: replica.node_id(),
         to: peer,
@@ -91,7 +86,15 @@ pub fn import_bundle(
     progress: &dyn Fn(u64, u64),
 ) -> Result<ImportReport, BundleError> {
     let policies = &replica.policies();
-    let body = open(replica.identity(), bytes, |n| policies.name_of(n).is_some())?;
+    let body =
+        open(replica.identity(), bytes, |n| policies.name_of(n).is_some()).map_err(
+            |e| match e {
+                BundleError::UnknownExporter { from } if policies.is_revoked(&from) => {
+                    BundleError::RevokedExporter { from }
+                }
+                other => other,
+            },
+        )?;
     let peer = body.from;
     let mut report = ImportReport {
         peer: replica
@@ -144,8 +147,7 @@ pub fn import_bundle(
     // The receipt: how far the exporter holds our log, if that is our log.
     if body.holds.seq > 0
         && replica
-            .store()
-            .checkpoint(body.holds.seq)
+            .checkpoint_for(&peer, body.holds.seq)
             .map_err(bundle_store_err(peer))?
             == Some(body.holds)
     {

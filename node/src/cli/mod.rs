@@ -258,10 +258,11 @@ pub struct PolicyArgs {
     /// Types whose objects from this peer appear here under --prefix.
     #[arg(long, value_name = "T,...")]
     prefixed: Option<String>,
-    /// Fields of TYPE that reference other objects ("Type/Id" strings, alone or in arrays):
-    /// the objects they reference travel with it, whatever their type. Repeat for more
-    /// types; `TYPE=` alone drops TYPE's references.
-    #[arg(long, value_name = "TYPE=FIELD,...")]
+    /// Fields of TYPE that reference other objects ("Type/Id" strings, alone or in arrays),
+    /// each with the type it references: `Volume=owner:User,label_trees:LabelTree`. The
+    /// objects of that type they reference travel with it, unless --skip lists the type.
+    /// Repeat for more types; `TYPE=` alone drops TYPE's references.
+    #[arg(long, value_name = "TYPE=FIELD:TARGET,...")]
     refs: Vec<String>,
     /// The only fields of TYPE this peer is sent: it gets a view of each object, written and
     /// signed by this node, and never the object's own history. Repeat for more types;
@@ -304,10 +305,10 @@ impl PolicyArgs {
 
 /// Apply `TYPE=FIELD,...` options (`--refs`, `--fields`) to `into`; `TYPE=` alone removes
 /// TYPE.
-fn type_fields(
+fn type_fields<T: TryFrom<String, Error: std::fmt::Display>>(
     flag: &str,
     given: &[String],
-    into: &mut std::collections::BTreeMap<TypeName, Vec<String>>,
+    into: &mut std::collections::BTreeMap<TypeName, Vec<T>>,
 ) -> Result<(), CliError> {
     for r in given {
         let (ty, fields) = r
@@ -315,12 +316,15 @@ fn type_fields(
             .ok_or_else(|| CliError::Usage(format!("{flag} {r:?}: expected TYPE=FIELD,...")))?;
         let ty =
             TypeName::new(ty.trim()).map_err(|e| CliError::Usage(format!("{flag} {r:?}: {e}")))?;
-        let fields: Vec<String> = fields
+        let fields: Vec<T> = fields
             .split(',')
             .map(str::trim)
             .filter(|f| !f.is_empty())
-            .map(str::to_string)
-            .collect();
+            .map(|f| {
+                T::try_from(f.to_string())
+                    .map_err(|e| CliError::Usage(format!("{flag} {r:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
         if fields.is_empty() {
             into.remove(&ty);
         } else {

@@ -184,7 +184,11 @@ fn a_view_sends_only_the_changes_the_peer_lacks() {
 
 fn refs_policies() -> (Policy, Policy) {
     let volume = TypeName::new("Volume").unwrap();
-    let refs = [(volume.clone(), vec!["label_trees".into()])].into();
+    let refs = [(
+        volume.clone(),
+        vec![crate::policy::RefField::try_from("label_trees:LabelTree".to_string()).unwrap()],
+    )]
+    .into();
     let a = Policy {
         types: vec![volume.clone()],
         refs,

@@ -5,6 +5,7 @@ use tidesync_proto::NodeId;
 
 use super::Core;
 use crate::config::{Config, Home, PeerConfig};
+pub use crate::replica::peers::PeerApplied;
 
 /// Why a peer could not be added or removed.
 #[derive(Debug, thiserror::Error)]
@@ -23,51 +24,43 @@ pub enum PeerError {
 }
 
 impl Core {
-    /// Add or replace the peer `peer.name` in `config` and apply it, all or nothing: the new
-    /// config is checked first; then the store takes the widening's reset (durably); then the
-    /// file is saved, and if that fails the store's record of the peer is put back as it was;
-    /// only then do `config` and the policies in memory change. A peer of that name under
-    /// another id loses its policy here (the caller drops its link). Returns whether the
-    /// policy widened; if so, a connected peer is asked to resend (see
-    /// [`Core::on_policy_widened`]).
+    /// Add or replace the peer `peer.name` in `config` and apply it. The new config is checked
+    /// and saved first; then the replica applies the policy in memory and, in one durable
+    /// transaction, in the store (see [`crate::replica::Replica::apply_peer`]): a widening
+    /// resets the peer's checkpoint, and another key that had this name is revoked (the
+    /// caller drops its link). Should the process die between the two, the next start
+    /// compares the saved config with the store's applied policy and does the rest. Returns
+    /// whether the policy widened (if so, a connected peer is asked to resend: see
+    /// [`Core::on_policy_widened`]) and which keys were revoked.
     pub fn set_peer(
         &mut self,
         home: &Home,
         config: &mut Config,
         peer: PeerConfig,
-    ) -> Result<bool, PeerError> {
+    ) -> Result<PeerApplied, PeerError> {
         let id = peer.id;
-        let store_err = |source| PeerError::Store { peer: id, source };
         let mut changed = config.clone();
         changed.set_peer(peer.clone()).map_err(PeerError::Invalid)?;
-        let before = self.replica.peer_record(&id).map_err(store_err)?;
-        let widened = self
-            .replica
-            .reset_if_widened(&id, &peer.policy)
-            .map_err(store_err)?;
-        if let Err(e) = changed.save(home) {
-            if widened && let Err(undo) = self.replica.restore_peer_record(&id, before) {
-                tracing::error!(peer = %id, error = %undo, "could not put the peer's record back after the config file failed to save; the peer resends its log once");
-            }
-            return Err(PeerError::Save(e));
-        }
-        for old in config
-            .peers
-            .iter()
-            .filter(|p| p.name == peer.name && p.id != id)
-        {
-            self.replica.remove_policy(&old.id);
-        }
+        changed.save(home).map_err(PeerError::Save)?;
         *config = changed;
-        self.replica.adopt_policy(id, peer.name, peer.policy);
-        if widened && let Err(e) = self.on_policy_widened(id) {
+        let applied = self
+            .replica
+            .apply_peer(id, &peer.name, &peer.policy)
+            .map_err(|source| PeerError::Store { peer: id, source })?;
+        for old in &applied.revoked {
+            self.sessions.on_disconnected(old);
+        }
+        if applied.widened
+            && let Err(e) = self.on_policy_widened(id)
+        {
             tracing::error!(peer = %id, error = %e, "could not ask the peer to resend after its policy widened; it resends on its next connection");
         }
-        Ok(widened)
+        Ok(applied)
     }
 
-    /// Remove the peer called `name` from `config` (saved first) and forget its policy.
-    /// Returns what was removed; the caller drops its link.
+    /// Remove the peer called `name` from `config` (saved first), then forget it: its policy
+    /// and, durably, all the store keeps of it, so adding it again starts from 0. Returns
+    /// what was removed; the caller drops its link.
     pub fn remove_peer(
         &mut self,
         home: &Home,
@@ -78,8 +71,13 @@ impl Core {
         let removed = changed.remove_peer(name).map_err(PeerError::Unknown)?;
         changed.save(home).map_err(PeerError::Save)?;
         *config = changed;
-        self.replica.remove_policy(&removed.id);
         self.sessions.on_disconnected(&removed.id);
+        self.replica
+            .forget_peer(&removed.id)
+            .map_err(|source| PeerError::Store {
+                peer: removed.id,
+                source,
+            })?;
         Ok(removed)
     }
 }
@@ -105,11 +103,12 @@ mod tests {
     }
 
     // Regression: `tidesync peer set` on a stopped node saved the wider policy but never reset
-    // the store's checkpoint of the peer, so the next start never asked the peer for what the
-    // narrow policy had refused; and on a running node a config file that failed to save left
-    // the store's reset behind alone. Both paths now share `Core::set_peer`.
+    // the store's checkpoint of the peer, and on a running node the reset was written
+    // without durability after the config file: a `kill -9` kept the wider policy and lost
+    // the reset. The config is now saved first and the store's applied policy is compared
+    // with it at every start, so whatever is lost in between is redone.
     #[test]
-    fn a_widening_resets_the_store_and_a_failed_save_puts_it_back() {
+    fn a_widening_resets_the_store_even_when_only_the_config_file_got_it() {
         let dir = tempfile::tempdir().unwrap();
         let home = Home::new(dir.path());
         let mut core = Core::in_memory(1, "a");
@@ -119,6 +118,7 @@ mod tests {
             !core
                 .set_peer(&home, &mut config, peer(&["Volume"]))
                 .unwrap()
+                .widened
         );
         let held = Checkpoint {
             seq: 7,
@@ -138,17 +138,24 @@ mod tests {
         assert_eq!(config.peers[0].policy.skip.len(), 1);
         assert_eq!(Config::load(&home).unwrap(), config);
 
-        // A save that works resets the checkpoint, keeps the new policy and asks for a resend.
-        assert!(core.set_peer(&home, &mut config, peer(&[])).unwrap());
+        // The wider config is saved, and the process dies before the store hears of it: the
+        // next open backfills.
+        let mut wider = config.clone();
+        wider.set_peer(peer(&[])).unwrap();
+        wider.save(&home).unwrap();
+        core.replica
+            .reconcile_peers(&Config::load(&home).unwrap().peers)
+            .unwrap();
         let record = core.replica.peer_record(&id).unwrap();
         assert_eq!(record.received, Checkpoint::default());
         assert!(record.resend_all);
         assert!(core.replica.policy(&id).skip.is_empty());
-        assert_eq!(Config::load(&home).unwrap(), config);
 
-        // Removing it forgets the policy; an unknown name is reported as such.
+        // Removing it forgets the peer; an unknown name is reported as such.
+        let mut config = wider;
         core.remove_peer(&home, &mut config, "b").unwrap();
         assert!(config.peers.is_empty());
+        assert!(!core.replica.store().knows_peer(&id).unwrap());
         assert!(matches!(
             core.remove_peer(&home, &mut config, "b"),
             Err(PeerError::Unknown(_))

@@ -122,7 +122,26 @@ pub(super) fn prepare(
     if fresh.is_empty() && duplicates == 0 {
         return Ok(Prepared::Refused(refused));
     }
-    let name = policies.local_name(&from, &header.ty, &header.id);
+    let local_name = header
+        .id
+        .check_new()
+        .map_err(|e| crate::policy::Refusal::BadId {
+            ty: header.ty.clone(),
+            detail: e.to_string(),
+        })
+        .and_then(|()| policies.local_name(&header.origin, &header.ty, &header.id));
+    let name = match (local_name, &existing) {
+        (Ok(name), _) => name,
+        (Err(_), Some((r, _))) => r.local_id.clone(),
+        (Err(why), None) => {
+            refused.extend(fresh.iter().map(|(_, v)| Refused {
+                doc: doc_id,
+                hash: v.hash,
+                why: why.clone(),
+            }));
+            return Ok(Prepared::Refused(refused));
+        }
+    };
     let name_taken = existing.is_none()
         && reader
             .lookup(&header.ty, &name)?
@@ -387,6 +406,7 @@ pub(super) fn write(
                         Some(other) if *other != received.doc_id => {
                             r.local_id =
                                 crate::model::collision_name(&r.local_id, &received.doc_id);
+                            named.insert((r.ty.clone(), r.local_id.clone()), received.doc_id);
                         }
                         _ => {
                             named.insert(key, received.doc_id);

@@ -61,7 +61,10 @@ impl Replica {
         let Some(published) = policy.view(&rec.ty, &crate::doc::to_json(&doc)) else {
             return Ok(None);
         };
-        let view_id = DocId::derive(&self.node_id(), &rec.ty, &rec.local_id);
+        // The view is named after the object as it is named here; a collision name's `~`
+        // is refused in new ids at the peer, so the view's name does without it.
+        let name = crate::model::view_name(&rec.local_id);
+        let view_id = DocId::derive(&self.node_id(), &rec.ty, &name);
         let mut view = match updated.iter().find(|(d, _)| *d == doc_id) {
             Some((_, v)) => v.clone(),
             None => self
@@ -79,8 +82,8 @@ impl Replica {
                 record: DocRecord {
                     origin: self.node_id(),
                     ty: rec.ty.clone(),
-                    id: rec.local_id.clone(),
-                    local_id: rec.local_id.clone(),
+                    id: name.clone(),
+                    local_id: name.clone(),
                     live: !crate::doc::is_deleted(&view_doc),
                 },
                 doc: view_doc,
@@ -93,7 +96,7 @@ impl Replica {
             (_, true) => Some(self.engine.local_write(
                 now,
                 &rec.ty,
-                &rec.local_id,
+                &name,
                 existing,
                 crate::replica::engine::WriteOp::Delete,
             )),
@@ -108,7 +111,7 @@ impl Replica {
                 Some(self.engine.local_write(
                     now,
                     &rec.ty,
-                    &rec.local_id,
+                    &name,
                     existing,
                     crate::replica::engine::WriteOp::Put(&fields),
                 ))
@@ -132,7 +135,7 @@ impl Replica {
             doc: view_id,
             origin: self.node_id(),
             ty: rec.ty.clone(),
-            id: rec.local_id.clone(),
+            id: name.clone(),
         };
         let mut extra = Extra {
             bytes: header_wire_bytes(&header),
@@ -363,8 +366,9 @@ pub(crate) fn named_by_earlier<'w>(
             continue;
         }
         candidates.push((doc, h.ty.clone(), h.id.clone()));
-        let local = policies.local_name(&peer, &h.ty, &h.id);
-        if local != h.id {
+        if let Ok(local) = policies.local_name(&h.origin, &h.ty, &h.id)
+            && local != h.id
+        {
             candidates.push((doc, h.ty.clone(), local));
         }
     }

@@ -759,7 +759,7 @@ mod tests {
             one_by_one: false,
         });
         let local = out.received.record.unwrap().local_id;
-        assert_eq!(local.as_str(), format!("S-001~{}", &h.doc.to_string()[..8]));
+        assert_eq!(local.as_str(), format!("S-001~{}", h.doc));
     }
 
     #[test]

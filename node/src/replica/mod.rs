@@ -7,12 +7,14 @@
 //!
 //! Modules: [`engine`] (turns writes and arrivals into signed changes and records, no I/O),
 //! [`write`](mod@write) (local writes), [`receive`] and [`apply`] (a received batch), [`outbound`] (what
-//! goes into a batch for a peer), [`carry`] (views and referenced objects a batch brings).
+//! goes into a batch for a peer), [`carry`] (views and referenced objects a batch brings),
+//! [`peers`] (configured peers' policies applied against the store's, revoked keys).
 
 pub mod apply;
 pub mod carry;
 pub mod engine;
 pub mod outbound;
+pub mod peers;
 pub mod receive;
 pub mod write;
 
@@ -153,10 +155,7 @@ impl Replica {
             config.store.cache_docs,
             running,
         );
-        for peer in &config.peers {
-            core.policies
-                .set(peer.id, peer.name.clone(), peer.policy.clone());
-        }
+        core.reconcile_peers(&config.peers)?;
         Ok(core)
     }
 
@@ -249,45 +248,18 @@ impl Replica {
         self.engine.identity()
     }
 
-    /// Set a peer's policy. When it lets through more than before, what is now allowed is
-    /// backfilled: our checkpoint of the peer goes back to the start (so the peer resends, and
-    /// we keep what we now accept) and the peer's next Hello gets our whole log again, through
-    /// the new filter. Duplicates are dropped on arrival. Returns whether it widened.
+    /// Set a peer's policy (see [`Replica::apply_peer`]). When it lets through more than the
+    /// policy the store last applied, what is now allowed is backfilled: our checkpoint of the
+    /// peer goes back to the start (so the peer resends, and we keep what we now accept) and
+    /// the peer's next Hello gets our whole log again, through the new filter. Duplicates are
+    /// dropped on arrival. Returns whether it widened.
     pub fn set_policy(
         &mut self,
         peer: NodeId,
         name: String,
         policy: crate::policy::Policy,
     ) -> Result<bool, StoreError> {
-        let widened = self.reset_if_widened(&peer, &policy)?;
-        self.adopt_policy(peer, name, policy);
-        Ok(widened)
-    }
-
-    /// The memory half of [`Replica::set_policy`]: take `policy` for `peer`, once
-    /// [`Replica::reset_if_widened`] and whatever else must hold first (the config file) are done.
-    pub fn adopt_policy(&mut self, peer: NodeId, name: String, policy: crate::policy::Policy) {
-        self.policies.set(peer, name, policy);
-    }
-
-    /// The store half of [`Replica::set_policy`], done first and on its own: when `policy` would
-    /// widen what passes with `peer`, durably send our checkpoint of the peer back to the start.
-    /// Alone it costs at most a resend (duplicates are dropped), so a caller that fails after
-    /// it (saving the config) leaves nothing inconsistent. Returns whether it widened.
-    pub fn reset_if_widened(
-        &self,
-        peer: &NodeId,
-        policy: &crate::policy::Policy,
-    ) -> Result<bool, StoreError> {
-        let widened = self.policies.would_widen(peer, policy);
-        if widened {
-            self.store.update_peer_durably(peer, |r| {
-                r.received = Default::default();
-                r.ahead.clear();
-                r.resend_all = true;
-            })?;
-        }
-        Ok(widened)
+        Ok(self.apply_peer(peer, &name, &policy)?.widened)
     }
 
     /// Reads of what the store last committed, usable off the node actor.
@@ -309,11 +281,6 @@ impl Replica {
         self.reads().find(ty, id)
     }
 
-    /// Forget a removed peer's policy.
-    pub fn remove_policy(&mut self, peer: &NodeId) {
-        self.policies.remove(peer);
-    }
-
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -333,22 +300,26 @@ impl Replica {
         self.store.update_peer(peer, f)
     }
 
-    /// Put back `record` as the durable record of `peer` (undoing a reset whose config
-    /// change failed).
-    pub fn restore_peer_record(&self, peer: &NodeId, record: PeerRecord) -> Result<(), StoreError> {
-        self.store
-            .update_peer_durably(peer, |r| *r = record)
-            .map(|_| ())
-    }
-
     /// The last SEQ of our log: its tip.
     pub fn log_tip(&self) -> Result<u64, StoreError> {
         self.store.last_seq()
     }
 
-    /// The checkpoint of our log at `seq`, if the log has that entry.
-    pub fn checkpoint(&self, seq: u64) -> Result<Option<Checkpoint>, StoreError> {
-        self.store.checkpoint(seq)
+    /// The checkpoint of our log at `seq` as `peer` holds it, if the log has that entry: its
+    /// hash is a token for that peer (see [`Identity::checkpoint_token`]), never the
+    /// change's own hash. The zero checkpoint at 0.
+    pub fn checkpoint_for(
+        &self,
+        peer: &NodeId,
+        seq: u64,
+    ) -> Result<Option<Checkpoint>, StoreError> {
+        if seq == 0 {
+            return Ok(Some(Checkpoint::default()));
+        }
+        Ok(self.store.checkpoint(seq)?.map(|cp| Checkpoint {
+            seq,
+            hash: self.identity().checkpoint_token(peer, seq, &cp.hash),
+        }))
     }
 
     /// How many of `peer`'s changes are held here, and their bytes.

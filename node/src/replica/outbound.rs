@@ -133,8 +133,11 @@ impl Replica {
             !policies.may_send(&peer, rec, by_ref.contains(doc))
         };
         let reader = self.store.reader().map_err(err)?;
-        let batch = scan_log(&reader, cursor, skip_entry, skip_doc).map_err(err)?;
+        let mut batch = scan_log(&reader, cursor, skip_entry, skip_doc).map_err(err)?;
         drop(reader);
+        // The scan's checkpoint holds the hash of the last entry scanned, perhaps one this
+        // peer may not see: it leaves as the peer's token.
+        batch.upto = self.checkpoint_at(peer, batch.upto.seq)?;
         self.report_oversized(peer, &batch.oversized)?;
         let mut triggers: Vec<(u64, Trigger)> = Vec::new();
         let mut seen = HashSet::new();
@@ -166,14 +169,10 @@ impl Replica {
         self.assemble(peer, cursor, batch, triggers, by_ref)
     }
 
-    /// The checkpoint of our log at `seq` (the zero checkpoint at 0).
+    /// The checkpoint of our log at `seq` for `peer` (see [`Replica::checkpoint_for`]).
     fn checkpoint_at(&self, peer: NodeId, seq: u64) -> Result<Checkpoint, SyncError> {
-        if seq == 0 {
-            return Ok(Checkpoint::default());
-        }
         Ok(self
-            .store
-            .checkpoint(seq)
+            .checkpoint_for(&peer, seq)
             .map_err(|source| SyncError::Store { peer, source })?
             .unwrap_or(Checkpoint { seq, hash: [0; 32] }))
     }

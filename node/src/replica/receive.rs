@@ -214,9 +214,9 @@ impl Replica {
                 .collect();
             let (taken, rest): (Vec<Work>, Vec<Work>) = deferred.into_iter().partition(|w| {
                 w.header.as_ref().is_some_and(|h| {
-                    let local = policies.local_name(&peer, &h.ty, &h.id);
+                    let local = policies.local_name(&h.origin, &h.ty, &h.id);
                     referenced.contains(&(h.ty.clone(), h.id.clone()))
-                        || referenced.contains(&(h.ty.clone(), local))
+                        || local.is_ok_and(|l| referenced.contains(&(h.ty.clone(), l)))
                 })
             });
             deferred = rest;

@@ -99,7 +99,15 @@ impl Replica {
                         doc,
                     })
                 }
-                None => None,
+                None => {
+                    if matches!(op, WriteOp::Put(_)) {
+                        id.check_new().map_err(|source| LocalWriteError::BadId {
+                            ty: (*ty).clone(),
+                            source,
+                        })?;
+                    }
+                    None
+                }
             };
             let outcome = self
                 .engine
@@ -200,6 +208,11 @@ pub enum LocalWriteError {
         ty: TypeName,
         id: ObjectId,
         source: crate::policy::ReadOnlyType,
+    },
+    #[error("cannot create a {ty}: {source}")]
+    BadId {
+        ty: TypeName,
+        source: tidesync_proto::IdError,
     },
     #[error("cannot write {ty}/{id}: {source}")]
     Store {

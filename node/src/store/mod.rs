@@ -10,7 +10,8 @@
 //! reads them back. This file is the disk format on one screen (every table, its key and
 //! value, the format version and the migrations). Modules: `docs` (documents, names, counts
 //! and the log: commits and reads), `reader` (one read transaction for many lookups),
-//! `peers` (peer records, views, documents sent by reference), `held` (changes waiting
+//! `peers` (peer records, views, documents sent by reference), `applied` (the policy last
+//! applied to each peer, revoked keys, forgetting a removed peer), `held` (changes waiting
 //! for dependencies, with each sender's tally), `outbound` (view acknowledgements, oversized
 //! changes, references owed).
 
@@ -24,20 +25,26 @@ use tidesync_proto::{Checkpoint, DocId, NodeId, ObjectId, SignedChange, TypeName
 
 use crate::model::{DocRecord, LogEntry, PeerRecord, Persist, ReceivedDoc, View};
 
+mod applied;
 mod docs;
 mod held;
 mod peers;
 mod reader;
+pub use applied::{PolicyChange, Revoked};
 use held::{HELD, HELD_COUNTS, HeldTables};
 pub use held::{HeldFilter, HeldRow, HeldTally};
 pub use reader::Reader;
 mod outbound;
 
 /// The value of `meta_v1["format"]` this build reads and writes.
-pub const STORE_FORMAT: &str = "tidesync-store-3";
+pub const STORE_FORMAT: &str = "tidesync-store-4";
 
 /// The format before held changes recorded their sender (`pending_v1`); opened and migrated.
 const STORE_FORMAT_2: &str = "tidesync-store-2";
+/// The format before the applied policies and revoked keys (`applied_policies_v1`,
+/// `revoked_keys_v1`); opened and migrated. Its peers have no applied policy, so each one's
+/// policy counts as widened once at the first start (a resend; duplicates are dropped).
+const STORE_FORMAT_3: &str = "tidesync-store-3";
 
 /// Node-wide settings.
 /// Key: setting name (`format`). Value: UTF-8 bytes.
@@ -222,6 +229,9 @@ impl Store {
         if format == STORE_FORMAT_2 {
             store.migrate_2_to_3()?;
         }
+        if format != STORE_FORMAT {
+            store.migrate_3_to_4()?;
+        }
         Ok(store)
     }
 
@@ -300,6 +310,8 @@ impl Store {
                 .ctx(self, ctx)?;
             tx.open_table(BY_REF).ctx(self, ctx)?;
             tx.open_table(VIEWS).ctx(self, ctx)?;
+            tx.open_table(applied::APPLIED).ctx(self, ctx)?;
+            tx.open_table(applied::REVOKED).ctx(self, ctx)?;
         }
         tx.commit().ctx(self, ctx)
     }
@@ -325,14 +337,29 @@ impl Store {
         self.migrate_held_v1(&tx)?;
         tx.open_table(META)
             .ctx(self, ctx)?
-            .insert("format", STORE_FORMAT.as_bytes())
+            .insert("format", STORE_FORMAT_3.as_bytes())
             .ctx(self, ctx)?;
         tx.commit().ctx(self, ctx)?;
-        tracing::info!(path = %self.path.display(), "store migrated from {STORE_FORMAT_2} to {STORE_FORMAT}");
+        tracing::info!(path = %self.path.display(), "store migrated from {STORE_FORMAT_2} to {STORE_FORMAT_3}");
         Ok(())
     }
 
-    /// The store's format: this build's, or format 2, which `open` migrates.
+    /// Format 3 → 4: the tables of applied policies and revoked keys. One transaction.
+    fn migrate_3_to_4(&self) -> Result<(), StoreError> {
+        let ctx = "migrating the store from format 3 to 4";
+        let tx = self.db.begin_write().ctx(self, ctx)?;
+        tx.open_table(applied::APPLIED).ctx(self, ctx)?;
+        tx.open_table(applied::REVOKED).ctx(self, ctx)?;
+        tx.open_table(META)
+            .ctx(self, ctx)?
+            .insert("format", STORE_FORMAT.as_bytes())
+            .ctx(self, ctx)?;
+        tx.commit().ctx(self, ctx)?;
+        tracing::info!(path = %self.path.display(), "store migrated from {STORE_FORMAT_3} to {STORE_FORMAT}");
+        Ok(())
+    }
+
+    /// The store's format: this build's, or format 2 or 3, which `open` migrates.
     fn check_format(&self) -> Result<&'static str, StoreError> {
         let ctx = "reading the format";
         let tx = self.db.begin_read().ctx(self, ctx)?;
@@ -347,6 +374,7 @@ impl Store {
         match found {
             Some(f) if f == STORE_FORMAT => Ok(STORE_FORMAT),
             Some(f) if f == STORE_FORMAT_2 => Ok(STORE_FORMAT_2),
+            Some(f) if f == STORE_FORMAT_3 => Ok(STORE_FORMAT_3),
             other => Err(StoreError::Format {
                 path: self.path.clone(),
                 found: other.unwrap_or_else(|| "none".into()),

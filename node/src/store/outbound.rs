@@ -84,6 +84,46 @@ impl Store {
         tx.commit().ctx(self, ctx)
     }
 
+    /// Clear, inside `tx`, every row these tables keep for `peer` (see [`Store::forget_peer`]).
+    pub(super) fn forget_outbound(
+        &self,
+        tx: &redb::WriteTransaction,
+        peer: &NodeId,
+    ) -> Result<(), StoreError> {
+        let ctx = "forgetting a removed peer";
+        tx.open_table(VIEW_ACKS)
+            .ctx(self, ctx)?
+            .retain_in((peer.0, [0; 16])..=(peer.0, [0xff; 16]), |_, _| false)
+            .ctx(self, ctx)?;
+        tx.open_table(OVERSIZED)
+            .ctx(self, ctx)?
+            .retain_in(
+                (peer.0, [0; 16], [0; 32])..=(peer.0, [0xff; 16], [0xff; 32]),
+                |_, _| false,
+            )
+            .ctx(self, ctx)?;
+        tx.open_table(REFS_OWED)
+            .ctx(self, ctx)?
+            .retain_in((peer.0, [0; 16])..=(peer.0, [0xff; 16]), |_, _| false)
+            .ctx(self, ctx)?;
+        let mut targets = tx.open_table(REF_TARGETS).ctx(self, ctx)?;
+        let mut keys: Vec<(String, String)> = Vec::new();
+        for item in targets.range((peer.0, "", "")..).ctx(self, ctx)? {
+            let (k, _) = item.ctx(self, ctx)?;
+            let (p, t, i) = k.value();
+            if p != peer.0 {
+                break;
+            }
+            keys.push((t.to_string(), i.to_string()));
+        }
+        for (t, i) in &keys {
+            targets
+                .remove((peer.0, t.as_str(), i.as_str()))
+                .ctx(self, ctx)?;
+        }
+        Ok(())
+    }
+
     /// Forget what `peer` acknowledged of our views: it was restored from an older copy.
     pub fn forget_view_acks(&self, peer: &NodeId) -> Result<(), StoreError> {
         let ctx = "forgetting acknowledged view changes";

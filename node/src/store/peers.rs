@@ -83,31 +83,8 @@ impl Store {
         peer: &NodeId,
         f: impl FnOnce(&mut PeerRecord),
     ) -> Result<PeerRecord, StoreError> {
-        self.update_peer_with(peer, false, f)
-    }
-
-    /// [`Store::update_peer`], committed with immediate durability: for a change that must
-    /// survive a crash together with what the caller does next (a policy's widening).
-    pub fn update_peer_durably(
-        &self,
-        peer: &NodeId,
-        f: impl FnOnce(&mut PeerRecord),
-    ) -> Result<PeerRecord, StoreError> {
-        self.update_peer_with(peer, true, f)
-    }
-
-    pub(super) fn update_peer_with(
-        &self,
-        peer: &NodeId,
-        durable: bool,
-        f: impl FnOnce(&mut PeerRecord),
-    ) -> Result<PeerRecord, StoreError> {
         let ctx = "updating peer state";
-        let tx = if durable {
-            self.db.begin_write().ctx(self, ctx)?
-        } else {
-            self.begin_lazy_write(ctx)?
-        };
+        let tx = self.begin_lazy_write(ctx)?;
         let record = {
             let mut peers = tx.open_table(PEERS).ctx(self, ctx)?;
             let mut record: PeerRecord = match peers.get(peer.0).ctx(self, ctx)? {

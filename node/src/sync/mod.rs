@@ -187,7 +187,10 @@ impl Sessions {
         if resume.seq == 0 {
             return Ok((0, false));
         }
-        match replica.checkpoint(resume.seq).map_err(store_err(peer))? {
+        match replica
+            .checkpoint_for(&peer, resume.seq)
+            .map_err(store_err(peer))?
+        {
             Some(cp) if cp.hash == resume.hash => Ok((resume.seq, false)),
             _ => Ok((0, true)),
         }
