@@ -98,7 +98,11 @@ pub(crate) fn change_policy(w: &mut World, phase: &str) -> Result<(), Violation>
         "{} policy {me} for {peer}: Volume {}{}",
         w.now,
         if narrowing { "skipped" } else { "restored" },
-        if stopped { " (stopped: config edited)" } else { "" }
+        if stopped {
+            " (stopped: config edited)"
+        } else {
+            ""
+        }
     ));
     // A stopped node's config changes alone, as an edit of its config file does; its
     // store compares the policy with the one it last applied when the node starts again.
