@@ -39,13 +39,23 @@ pub enum KeyError {
 pub struct Identity {
     key: SigningKey,
     node: NodeId,
+    /// The HMAC key of [`Identity::checkpoint_token`], derived from the secret once.
+    checkpoint_key: [u8; 32],
 }
 
 impl Identity {
     pub fn from_secret(secret: [u8; 32]) -> Identity {
+        use sha2::Digest;
         let key = SigningKey::from_bytes(&secret);
         let node = NodeId(key.verifying_key().to_bytes());
-        Identity { key, node }
+        let mut h = sha2::Sha256::new();
+        h.update(b"tidesync/checkpoint-key/v1\0");
+        h.update(secret);
+        Identity {
+            key,
+            node,
+            checkpoint_key: h.finalize().into(),
+        }
     }
 
     /// A fresh key from `rng`.
@@ -72,14 +82,7 @@ impl Identity {
     /// tokens its peers hold no longer match and they start over.
     pub fn checkpoint_token(&self, peer: &NodeId, seq: u64, hash: &[u8; 32]) -> [u8; 32] {
         use hmac::{KeyInit, Mac};
-        let key: [u8; 32] = {
-            use sha2::Digest;
-            let mut h = sha2::Sha256::new();
-            h.update(b"tidesync/checkpoint-key/v1\0");
-            h.update(self.key.to_bytes());
-            h.finalize().into()
-        };
-        let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&key)
+        let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&self.checkpoint_key)
             .expect("HMAC takes a key of any length");
         mac.update(&peer.0);
         mac.update(&seq.to_be_bytes());
