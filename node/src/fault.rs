@@ -91,6 +91,9 @@ pub struct Faults {
     pub ignore_own_policy: bool,
     /// Ignore `skip` lists on both ends ([`EngineFault::IgnoreSkip`]).
     pub ignore_skip: bool,
+    /// Send every other configured peer a twin of each of this node's own changes
+    /// ([`Fault::Equivocate`]).
+    pub equivocate: bool,
 }
 
 impl Faults {
@@ -119,6 +122,7 @@ impl Faults {
         match fault {
             Fault::AlterRelayed => self.alter_relayed = true,
             Fault::IgnorePolicy => self.ignore_own_policy = true,
+            Fault::Equivocate => self.equivocate = true,
             Fault::None
             | Fault::GarbageFrames
             | Fault::TruncatedFrames
@@ -147,6 +151,10 @@ pub enum Fault {
     /// malicious peer): read-only types can be written, and everything is offered to every
     /// peer. Receivers must still refuse what their policies do not allow.
     IgnorePolicy,
+    /// Equivocate: send the configured peers at odd places in key order a twin of each of
+    /// this node's own changes that is not a creation: the same actor, sequence number and
+    /// dependencies, other contents, signed. Receivers must detect it and converge.
+    Equivocate,
 }
 
 impl Fault {
@@ -169,6 +177,7 @@ impl Fault {
             Some("truncated-frames") => Fault::TruncatedFrames,
             Some("oversized-frames") => Fault::OversizedFrames,
             Some("ignore-policy") => Fault::IgnorePolicy,
+            Some("equivocate") => Fault::Equivocate,
             _ => Fault::None,
         }
     }
@@ -190,6 +199,38 @@ pub(crate) fn tamper_if_relayed(change: &mut SignedChange, me: &NodeId) {
         let hash = altered.hash();
         change.bytes[4..8].copy_from_slice(&hash.0[..4]);
     }
+}
+
+/// Test-only fault: whether an equivocating node sends `peer` twins (see [`Fault::Equivocate`]).
+pub(crate) fn gets_twins(peers: &crate::policy::Policies, peer: &NodeId) -> bool {
+    peers
+        .ids()
+        .position(|p| p == peer)
+        .is_some_and(|i| i % 2 == 1)
+}
+
+/// Test-only fault: the twin of `change`, one of this node's own changes of `doc`: the same
+/// actor, sequence number and dependencies, another field written, signed with `key`. `None`
+/// for a creation or a change `doc` does not hold.
+pub(crate) fn twin(
+    doc: &automerge::Automerge,
+    change: &SignedChange,
+    key: &ed25519_dalek::SigningKey,
+    me: &NodeId,
+) -> Option<SignedChange> {
+    use automerge::transaction::{CommitOptions, Transactable};
+    let c = Change::from_bytes(change.bytes.clone()).ok()?;
+    if c.seq() <= 1 || NodeId::from_actor(c.actor_id().to_bytes()) != Some(*me) {
+        return None;
+    }
+    let mut fork = doc.fork_at(c.deps()).ok()?;
+    fork.set_actor(c.actor_id().clone());
+    let mut tx = fork.transaction();
+    tx.put(automerge::ROOT, "equivocated", c.hash().to_string())
+        .ok()?;
+    let (hash, _) = tx.commit_with(CommitOptions::default().with_time(c.timestamp()));
+    let twin = automerge::ReadDoc::get_change_by_hash(&fork, &hash?)?;
+    (twin.seq() == c.seq()).then(|| SignedChange::sign(key, change.doc, &twin))
 }
 
 #[cfg(test)]

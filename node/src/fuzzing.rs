@@ -353,6 +353,7 @@ pub fn receive_outcomes(data: &[u8]) -> Vec<Arrived> {
                 name: f.header.id.clone(),
                 name_taken: false,
                 one_by_one: false,
+                bans: Default::default(),
             };
             let arrived = f.engine.receive(arrival);
             if let Some(doc) = &arrived.doc {
@@ -373,6 +374,7 @@ pub fn receive_outcomes(data: &[u8]) -> Vec<Arrived> {
             name: f.header.id.clone(),
             name_taken: true,
             one_by_one: false,
+            bans: Default::default(),
         };
         outcomes.push(f.engine.receive(arrival));
         outcomes

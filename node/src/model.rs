@@ -248,6 +248,58 @@ pub struct OutBatch {
     pub owed: Vec<DocId>,
 }
 
+/// Proof that an author signed two different changes with the same actor and sequence number
+/// in one document: an honest node never does (each start draws a fresh epoch, so its actor
+/// is new). Both signed changes are kept, and both join the log so that every node the
+/// document reaches learns of it. Stored in `equivocations_v1` (postcard).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Equivocation {
+    pub doc: DocId,
+    /// The node whose key signed both changes.
+    pub author: NodeId,
+    /// The Automerge actor both changes claim, and their sequence number.
+    #[serde(with = "tidesync_proto::change::serde_bytes_vec")]
+    pub actor: Vec<u8>,
+    pub seq: u64,
+    /// The change this node had first, and the one that contradicted it.
+    pub first: SignedChange,
+    pub second: SignedChange,
+    /// When this node found it, Unix milliseconds.
+    pub detected_ms: i64,
+}
+
+/// What one document refuses because of equivocations: every change of an equivocating
+/// actor from the contested sequence number on (the cut), and every change that depends on
+/// a refused one. The same on every node that knows the same equivocations, whatever order
+/// the changes arrived in, so the document converges without them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DocBans {
+    /// Per equivocating actor, the lowest contested sequence number.
+    pub cuts: BTreeMap<Vec<u8>, u64>,
+    /// Changes refused so far (the cut's and their dependents).
+    pub banned: std::collections::HashSet<ChangeHash>,
+}
+
+impl DocBans {
+    /// No equivocation touches the document.
+    pub fn is_empty(&self) -> bool {
+        self.cuts.is_empty() && self.banned.is_empty()
+    }
+
+    /// Whether `change` is refused: it is at or past a cut, or it depends on a refused change.
+    pub fn refuses(&self, change: &automerge::Change) -> bool {
+        if self.banned.contains(&change.hash()) {
+            return true;
+        }
+        if let Some(cut) = self.cuts.get(change.actor_id().to_bytes())
+            && change.seq() >= *cut
+        {
+            return true;
+        }
+        change.deps().iter().any(|d| self.banned.contains(d))
+    }
+}
+
 /// One document's share of a received batch, ready to commit.
 #[derive(Debug)]
 pub struct ReceivedDoc {
@@ -268,6 +320,11 @@ pub struct ReceivedDoc {
     pub dropped: Vec<ChangeHash>,
     /// Taken only because an object from the same peer references it (see `by_ref_v1`).
     pub by_ref: bool,
+    /// Equivocations found in this batch (see [`Equivocation`]).
+    pub equivocations: Vec<Equivocation>,
+    /// Changes refused because of an equivocation: recorded so that they are dropped as known
+    /// when they arrive again.
+    pub banned: Vec<ChangeHash>,
 }
 
 impl ReceivedDoc {
@@ -283,6 +340,8 @@ impl ReceivedDoc {
             released: Vec::new(),
             dropped: Vec::new(),
             by_ref: false,
+            equivocations: Vec::new(),
+            banned: Vec::new(),
         }
     }
 }

@@ -188,7 +188,9 @@ impl FrameCodec {
                     .await?;
                 io.write_all(&frame[FRAME_HEADER_BYTES..]).await?;
             }
-            Fault::None | Fault::AlterRelayed | Fault::IgnorePolicy => io.write_all(&frame).await?,
+            Fault::None | Fault::AlterRelayed | Fault::IgnorePolicy | Fault::Equivocate => {
+                io.write_all(&frame).await?
+            }
         }
         self.counters.frames_out.fetch_add(1, Ordering::Relaxed);
         self.counters

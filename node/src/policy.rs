@@ -376,6 +376,11 @@ impl Policies {
         self.peers.get(peer).map(|(name, _)| name.as_str())
     }
 
+    /// The configured peers, in key order.
+    pub fn ids(&self) -> impl Iterator<Item = &NodeId> {
+        self.peers.keys()
+    }
+
     /// The configured peer called `name`.
     pub fn named(&self, name: &str) -> Option<NodeId> {
         self.peers

@@ -86,6 +86,16 @@ pub struct Status {
     /// here (listed by `tidesync conflicts`).
     #[serde(default)]
     pub collisions: u64,
+    /// Equivocations found here: an author signed two different changes with one actor and
+    /// sequence number (listed by `tidesync conflicts`).
+    #[serde(default)]
+    pub equivocations: u64,
+    /// The authors of those equivocations (PeerIds), each once.
+    #[serde(default)]
+    pub equivocators: Vec<String>,
+    /// Changes refused because they are part of an equivocation or depend on one.
+    #[serde(default)]
+    pub refused_for_equivocation: u64,
     /// Addresses the node listens on for peers (running node only).
     #[serde(default)]
     pub listen: Vec<String>,
@@ -163,6 +173,33 @@ pub struct Conflict {
     /// The document holding the plain name here, and its origin.
     pub holder: Option<String>,
     pub holder_origin: Option<String>,
+    /// `name`: two documents arrived under one name. `equivocation`: an author signed two
+    /// different changes with one actor and sequence number in this document.
+    #[serde(default = "name_kind")]
+    pub kind: String,
+    /// The evidence, for an `equivocation`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub equivocation: Option<EquivocationReport>,
+}
+
+fn name_kind() -> String {
+    "name".into()
+}
+
+/// An equivocation's evidence as `conflicts` shows it: both changes are kept and relayed, and
+/// refused here with every change that depends on them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EquivocationReport {
+    /// The node whose key signed both changes (its PeerId).
+    pub author: String,
+    /// The Automerge actor both claim (hex) and their sequence number.
+    pub actor: String,
+    pub seq: u64,
+    /// The hashes of the change this node had first and of the one contradicting it.
+    pub first: String,
+    pub second: String,
+    /// When this node found it, Unix milliseconds.
+    pub detected_ms: i64,
 }
 
 /// Why a read failed. Each names what was read.
@@ -395,6 +432,41 @@ impl Reads {
                 origin: rec.origin.to_string(),
                 holder: holder.as_ref().map(|(d, _)| d.to_string()),
                 holder_origin: holder.map(|(_, r)| r.origin.to_string()),
+                kind: name_kind(),
+                equivocation: None,
+            });
+        }
+        let err = read_err("the equivocations");
+        for e in self.store.equivocations().map_err(err)? {
+            let rec = self
+                .store
+                .record(&e.doc)
+                .map_err(read_err("the equivocations"))?;
+            let hash = |c: &tidesync_proto::SignedChange| {
+                tidesync_proto::chunk::ChangeHeader::parse(&c.bytes)
+                    .map(|h| hex::encode(h.hash))
+                    .unwrap_or_default()
+            };
+            out.push(Conflict {
+                ty: rec.as_ref().map(|r| r.ty.to_string()).unwrap_or_default(),
+                id: rec.as_ref().map(|r| r.id.to_string()).unwrap_or_default(),
+                local_id: rec
+                    .as_ref()
+                    .map(|r| r.local_id.to_string())
+                    .unwrap_or_default(),
+                doc: e.doc.to_string(),
+                origin: rec.map(|r| r.origin.to_string()).unwrap_or_default(),
+                holder: None,
+                holder_origin: None,
+                kind: "equivocation".into(),
+                equivocation: Some(EquivocationReport {
+                    author: e.author.to_string(),
+                    actor: hex::encode(&e.actor),
+                    seq: e.seq,
+                    first: hash(&e.first),
+                    second: hash(&e.second),
+                    detected_ms: e.detected_ms,
+                }),
             });
         }
         Ok(out)
@@ -409,6 +481,7 @@ impl Reads {
     ) -> Result<Status, ReadError> {
         let what = "the node status";
         let last_seq = self.store.last_seq().map_err(read_err(what))?;
+        let equivocations = self.store.equivocations().map_err(read_err(what))?;
         Ok(Status {
             node: self.node.to_string(),
             name: self.name.clone(),
@@ -418,6 +491,14 @@ impl Reads {
             store_bytes: self.store.size_bytes(),
             held_changes: self.store.pending_count().map_err(read_err(what))?,
             collisions: self.store.collision_count().map_err(read_err(what))?,
+            equivocations: equivocations.len() as u64,
+            equivocators: equivocations
+                .iter()
+                .map(|e| e.author.to_string())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+            refused_for_equivocation: self.store.banned_count().map_err(read_err(what))?,
             listen: Vec::new(),
             refused_connections: 0,
             net: Default::default(),

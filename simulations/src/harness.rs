@@ -63,6 +63,11 @@ pub(crate) fn start_node(w: &mut World, i: usize, phase: &str) -> Result<(), Vio
     if let Some(f) = w.opts.fault {
         core.inject_fault(f);
     }
+    if let Some((b, m)) = w.opts.bad
+        && b == i
+    {
+        m.switch_on(&mut core);
+    }
     w.nodes[i].core = Some(core);
     invariants::check_acked(w, i, phase)
 }
@@ -113,8 +118,10 @@ pub(crate) fn run_step(w: &mut World, step: u32) -> Result<(), Violation> {
         w.trace.line(&format!("{} flap {l} until {until}", w.now));
     } else if roll < crash + 40 {
         workload::change_policy(w, &phase)?;
-    } else if roll < crash + 60 {
+    } else if roll < crash + 50 {
         workload::forge(w, &phase)?;
+    } else if roll < crash + 60 {
+        crate::bad::act(w);
     } else {
         workload::write(w, &phase)?;
     }

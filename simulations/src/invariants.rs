@@ -56,8 +56,27 @@ pub(crate) fn check(w: &mut World) -> Result<(), Violation> {
         audits.push(audit.into_iter().map(|a| (a.doc, a)).collect());
     }
     w.report.docs = audits.iter().map(BTreeMap::len).sum();
+    // Each node's equivocations: (document, author).
+    let mut flagged: Vec<BTreeSet<(tidesync_proto::DocId, NodeId)>> = Vec::new();
+    for i in 0..w.nodes.len() {
+        let found = w.nodes[i]
+            .core
+            .as_ref()
+            .map(|c| c.store().equivocations())
+            .transpose()
+            .map_err(|e| fail(phase, e.to_string()))?
+            .unwrap_or_default();
+        if !w.is_bad(i) {
+            w.report.equivocations += found.len() as u64;
+        }
+        flagged.push(found.into_iter().map(|e| (e.doc, e.author)).collect());
+    }
     let origin_of = |id: &NodeId| w.ids.get(id).copied();
     for (i, docs) in audits.iter().enumerate() {
+        // The misbehaving node is not held to anything.
+        if w.is_bad(i) {
+            continue;
+        }
         for a in docs.values() {
             let ty = a.record.ty.as_str();
             let origin = origin_of(&a.record.origin);
@@ -87,8 +106,12 @@ pub(crate) fn check(w: &mut World) -> Result<(), Violation> {
             }
         }
     }
-    // Every link passes what the policies let through, and both ends then agree.
+    // Every link between honest nodes passes what the policies let through, and both ends
+    // then agree, on the document and on the equivocations found in it.
     for &(a, b) in &w.layout.links {
+        if w.is_bad(a) || w.is_bad(b) {
+            continue;
+        }
         for (x, y) in [(a, b), (b, a)] {
             for d in audits[x].values() {
                 let origin = origin_of(&d.record.origin);
@@ -99,14 +122,42 @@ pub(crate) fn check(w: &mut World) -> Result<(), Violation> {
                             .get(&d.doc)
                             .map(|e| w.layout.passes(y, x, e.record.ty.as_str(), origin));
                         agree(x, y, d, audits[y].get(&d.doc), back == Some(Pass::Yes))?;
+                        let of = |n: usize| {
+                            flagged[n]
+                                .iter()
+                                .filter(|(doc, _)| *doc == d.doc)
+                                .collect::<Vec<_>>()
+                        };
+                        if back == Some(Pass::Yes) && of(x) != of(y) {
+                            return Err(fail(
+                                phase,
+                                format!(
+                                    "nodes {x} and {y} exchange {}/{} ({}) but found different equivocations in it: {:?} vs {:?}",
+                                    d.record.ty,
+                                    d.record.local_id,
+                                    d.doc,
+                                    of(x),
+                                    of(y)
+                                ),
+                            ));
+                        }
                     }
                     Pass::View => check_view(w, x, y, d, &audits[y])?,
                 }
             }
         }
     }
-    // Nothing is left waiting for dependencies, and what waited was signed too.
+    // Nothing is left waiting for dependencies, and what waited was signed too. An
+    // equivocator may withhold one side from a region of the world for good: there, what
+    // depends on that side waits for ever, so only signatures are checked.
+    let equivocator = w
+        .opts
+        .bad
+        .is_some_and(|(_, m)| m == crate::bad::Misbehaviour::Equivocate);
     for i in 0..w.nodes.len() {
+        if w.is_bad(i) {
+            continue;
+        }
         let Some(core) = &w.nodes[i].core else {
             continue;
         };
@@ -126,7 +177,7 @@ pub(crate) fn check(w: &mut World) -> Result<(), Violation> {
                 ),
             ));
         }
-        if let Some((h, _)) = held.first() {
+        if let (false, Some((h, _))) = (equivocator, held.first()) {
             return Err(fail(
                 phase,
                 format!(
@@ -161,7 +212,12 @@ pub(crate) fn check_kept(
         Some("another collaborator's prefixed Sample goes back to its origin only")
     } else if origin.is_some_and(|o| w.layout.roles[o] == Role::Archive) && origin != here {
         Some("the archive only receives")
-    } else if w.layout.roles[i] == Role::Archive && ty == "Template" {
+    } else if w.layout.roles[i] == Role::Archive
+        && ty == "Template"
+        // The archive takes Templates from its neighbour; that they are views is the
+        // publisher's policy, which a misbehaving publisher ignores.
+        && !w.neighbours(i).first().is_some_and(|&p| w.is_bad(p))
+    {
         let publisher = w.neighbours(i).first().copied();
         if origin != publisher {
             Some("Template reaches the archive only as its neighbour's view")

@@ -14,10 +14,12 @@
 //! - [`shell`]: each node's shell: starting its core, routing its outbox through the
 //!   simulated network, delivering packets, and the trace.
 //! - [`workload`]: writes, deletes, forgeries, partitions, voyages and policy changes.
-//! - [`invariants`]: what must hold after the heal.
+//! - [`bad`]: the misbehaving node a world may have, and what it does wrong.
+//! - [`invariants`]: what must hold after the heal, at every honest node.
 //! - [`solo`]: one node alone under crashes, checked after every step against a model of its
 //!   acknowledged writes.
 
+pub mod bad;
 pub mod harness;
 pub mod invariants;
 pub mod net;

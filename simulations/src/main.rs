@@ -47,6 +47,13 @@ struct Args {
     /// drop-held, ignore-skip): the run then succeeds only if an invariant catches it.
     #[arg(long)]
     fault: Option<EngineFault>,
+    /// The misbehaving node's misbehaviour (none, ignore-policy, send-skipped, equivocate,
+    /// bogus-hellos, replay) [default: drawn from the seed: none in half the worlds].
+    #[arg(long)]
+    bad: Option<String>,
+    /// Which node misbehaves (never node 0) [default: drawn from the seed].
+    #[arg(long)]
+    bad_node: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -63,6 +70,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let bad = match args.bad.as_deref() {
+        None => None,
+        Some("none") => Some(None),
+        Some(m) => match m.parse::<tidesync_sim::bad::Misbehaviour>() {
+            Ok(m) => Some(Some(m)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     let given = Given {
         topology,
         nodes: args.nodes,
@@ -72,6 +90,8 @@ fn main() -> ExitCode {
         dup_per_mille: args.dup_per_mille,
         max_delay_ms: args.max_delay_ms,
         fault: args.fault,
+        bad,
+        bad_node: args.bad_node,
     };
     println!("seed {first} seeds {}", args.seeds);
     let started = Instant::now();
@@ -84,7 +104,7 @@ fn main() -> ExitCode {
             Ok(r) => {
                 worst_rounds = worst_rounds.max(r.heal_rounds);
                 println!(
-                    "  ok: trace {:016x}, {} writes acknowledged, {} refused, {} forgeries, {} crashes, {} partitions, {} policy changes, {} messages ({} dropped, {} duplicated), converged {} rounds after the heal, {} documents",
+                    "  ok: trace {:016x}, {} writes acknowledged, {} refused, {} forgeries, {} crashes, {} partitions, {} policy changes, {} messages ({} dropped, {} duplicated), converged {} rounds after the heal, {} documents, {} equivocations found",
                     r.trace_hash,
                     r.writes_acked,
                     r.writes_refused,
@@ -96,7 +116,8 @@ fn main() -> ExitCode {
                     r.dropped,
                     r.duplicated,
                     r.heal_rounds,
-                    r.docs
+                    r.docs,
+                    r.equivocations
                 );
             }
             Err(v) if opts.fault.is_some() => {

@@ -5,6 +5,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tidesync::fault::EngineFault;
 
+use crate::bad::Misbehaviour;
 use crate::net::NetFaults;
 use crate::topology::Topology;
 
@@ -20,6 +21,8 @@ pub struct Options {
     pub net: NetFaults,
     /// A deliberate engine bug switched on in every node (see `tidesync::fault`).
     pub fault: Option<EngineFault>,
+    /// The misbehaving node, if the world has one, and how it misbehaves (never node 0).
+    pub bad: Option<(usize, Misbehaviour)>,
 }
 
 /// Options given on the command line; the rest come from the seed.
@@ -33,6 +36,9 @@ pub struct Given {
     pub dup_per_mille: Option<u32>,
     pub max_delay_ms: Option<i64>,
     pub fault: Option<EngineFault>,
+    /// `Some(None)`: no misbehaving node; `Some(Some(m))`: one that does `m`.
+    pub bad: Option<Option<Misbehaviour>>,
+    pub bad_node: Option<usize>,
 }
 
 impl Options {
@@ -49,10 +55,19 @@ impl Options {
         let drop = rng.random_range(0..=60);
         let dup = rng.random_range(0..=40);
         let delay = rng.random_range(1..=60);
+        let nodes = given.nodes.unwrap_or(nodes).max(topology.min_nodes());
+        // Half the worlds have a misbehaving node (drawn last, so the draws above stay).
+        let kind = Misbehaviour::ALL[rng.random_range(0..Misbehaviour::ALL.len())];
+        let kind = rng.random_bool(0.5).then_some(kind);
+        let node = rng.random_range(1..nodes);
+        let bad = given
+            .bad
+            .unwrap_or(kind)
+            .map(|k| (given.bad_node.unwrap_or(node).clamp(1, nodes - 1), k));
         Options {
             seed,
             topology,
-            nodes: given.nodes.unwrap_or(nodes).max(topology.min_nodes()),
+            nodes,
             steps: given.steps.unwrap_or(steps),
             crash_per_mille: given.crash_per_mille.unwrap_or(crash),
             net: NetFaults {
@@ -61,6 +76,7 @@ impl Options {
                 dup_per_mille: given.dup_per_mille.unwrap_or(dup),
             },
             fault: given.fault,
+            bad,
         }
     }
 
@@ -80,6 +96,10 @@ impl Options {
         if let Some(f) = self.fault {
             c.push_str(&format!(" --fault {f}"));
         }
+        match self.bad {
+            Some((n, m)) => c.push_str(&format!(" --bad {m} --bad-node {n}")),
+            None => c.push_str(" --bad none"),
+        }
         c
     }
 }
@@ -88,7 +108,7 @@ impl std::fmt::Display for Options {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "seed {} topology {} nodes {} steps {} crash-per-mille {} drop-per-mille {} dup-per-mille {} max-delay-ms {} fault {}",
+            "seed {} topology {} nodes {} steps {} crash-per-mille {} drop-per-mille {} dup-per-mille {} max-delay-ms {} fault {} bad {}",
             self.seed,
             self.topology,
             self.nodes,
@@ -97,7 +117,10 @@ impl std::fmt::Display for Options {
             self.net.drop_per_mille,
             self.net.dup_per_mille,
             self.net.max_delay_ms,
-            self.fault.map(|f| f.name()).unwrap_or("none")
+            self.fault.map(|f| f.name()).unwrap_or("none"),
+            self.bad
+                .map(|(n, m)| format!("{m}@{n}"))
+                .unwrap_or_else(|| "none".into())
         )
     }
 }
@@ -118,6 +141,8 @@ pub struct Report {
     pub duplicated: u64,
     /// Rounds from the heal until nothing was in flight.
     pub heal_rounds: u32,
+    /// Equivocations found, summed over the honest nodes.
+    pub equivocations: u64,
     /// Documents held across all nodes at the end.
     pub docs: usize,
 }

@@ -116,8 +116,12 @@ pub(crate) fn route(
         let Some(&to) = w.ids.get(&peer) else {
             return Err(fail(phase, format!("node {from} sent to unknown {peer}")));
         };
+        crate::bad::remember(w, from, to, &msg);
         if let Message::Changes { changes, upto, .. } = &msg {
-            w.changes_sent += changes.len() as u64;
+            // The idle resync counts what honest nodes send (see `harness::idle_resync`).
+            if !w.is_bad(from) {
+                w.changes_sent += changes.len() as u64;
+            }
             w.trace.line(&format!(
                 "{} send {from}->{to} changes {} upto {}",
                 w.now,

@@ -146,7 +146,12 @@ pub(crate) fn write(w: &mut World, phase: &str) -> Result<(), Violation> {
     } else {
         core.put(&ty, &id, &fields)
     };
-    let refused = w.layout.refuses_write(i, ty_s);
+    // A node ignoring its own policy writes read-only types; its peers refuse the changes.
+    let ignores = w
+        .opts
+        .bad
+        .is_some_and(|(b, m)| b == i && m == crate::bad::Misbehaviour::IgnorePolicy);
+    let refused = w.layout.refuses_write(i, ty_s) && !ignores;
     match result {
         Ok(reply) if refused => {
             return Err(fail(

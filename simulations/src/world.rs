@@ -71,6 +71,8 @@ pub(crate) struct World {
     pub(crate) report: Report,
     /// Changes carried by `Changes` requests so far.
     pub(crate) changes_sent: u64,
+    /// `Changes` requests the misbehaving node sent, with their receiver, to replay.
+    pub(crate) replays: Vec<(usize, tidesync_proto::Message)>,
 }
 
 impl World {
@@ -119,10 +121,17 @@ impl World {
                 duplicated: 0,
                 heal_rounds: 0,
                 docs: 0,
+                equivocations: 0,
             },
             changes_sent: 0,
+            replays: Vec::new(),
         };
         Ok(world)
+    }
+
+    /// Whether node `i` is the world's misbehaving node.
+    pub(crate) fn is_bad(&self, i: usize) -> bool {
+        self.opts.bad.is_some_and(|(b, _)| b == i)
     }
 
     pub(crate) fn node_id(&self, i: usize) -> NodeId {

@@ -2,6 +2,7 @@
 //! regression seeds, each a world that once failed.
 
 use tidesync::fault::EngineFault;
+use tidesync_sim::bad::Misbehaviour;
 use tidesync_sim::net::NetFaults;
 use tidesync_sim::topology::Topology;
 use tidesync_sim::{Given, MAX_HEAL_ROUNDS, Options, Report, run};
@@ -93,6 +94,32 @@ fn every_engine_fault_is_caught() {
     }
 }
 
+/// Every kind of misbehaving node, in every topology: the honest nodes keep every invariant,
+/// and an equivocator is found where two honest nodes get different sides.
+#[test]
+fn honest_nodes_hold_against_every_misbehaving_node() {
+    let mut equivocations = 0;
+    for m in Misbehaviour::ALL {
+        for (k, t) in Topology::ALL.into_iter().enumerate() {
+            let o = Options::derive(
+                2_000 + k as u64,
+                &Given {
+                    topology: Some(t),
+                    steps: Some(SWEEP_STEPS),
+                    bad: Some(Some(m)),
+                    ..Given::default()
+                },
+            );
+            assert_eq!(o.bad.map(|(_, b)| b), Some(m));
+            let r = must_pass(&o);
+            if m == Misbehaviour::Equivocate {
+                equivocations += r.equivocations;
+            }
+        }
+    }
+    assert!(equivocations > 0, "no equivocation was ever found");
+}
+
 /// A world with every option pinned, as a regression test needs: rates are crash, drop
 /// and duplicate per mille, then the most delay in milliseconds.
 fn pinned(seed: u64, topology: Topology, nodes: usize, steps: u32, rates: [u32; 4]) -> Options {
@@ -109,6 +136,7 @@ fn pinned(seed: u64, topology: Topology, nodes: usize, steps: u32, rates: [u32; 
             dup_per_mille,
         },
         fault: None,
+        bad: None,
     }
 }
 

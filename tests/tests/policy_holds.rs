@@ -303,3 +303,82 @@ fn ids_that_could_claim_a_collision_name_or_hide_characters_are_refused() {
     }
     put(&n, "Sample", "S-001", json!({}));
 }
+
+// Regression: an author signed two different changes with the same actor and sequence
+// number and sent one to each hub. The hubs ended with different values for good, and one
+// held the other's later edits forever (they depended on a change it would never apply).
+#[test]
+fn an_equivocation_is_found_by_both_hubs_which_end_with_the_same_document() {
+    let mut mallory = TestNode::init("mallory");
+    let mut hub1 = TestNode::init("hub1");
+    let mut hub2 = TestNode::init("hub2");
+    mallory.start_with_env(&[("TIDESYNC_FAULT", "equivocate")]);
+    hub1.start();
+    hub2.start();
+    mallory.add_peer(&hub1, false);
+    mallory.add_peer(&hub2, false);
+    hub1.add_peer(&mallory, true);
+    hub2.add_peer(&mallory, true);
+    put(&mallory, "Sample", "S-1", json!({"v": 0}));
+    wait_for("both hubs have the sample", || {
+        hub1.get("Sample", "S-1").is_some() && hub2.get("Sample", "S-1").is_some()
+    });
+    // One hub gets this change, the other its signed twin.
+    put(&mallory, "Sample", "S-1", json!({"v": 1}));
+    wait_for("both hubs take mallory's second change", || {
+        hub1.get("Sample", "S-1") != Some(json!({"v": 0}))
+            && hub2.get("Sample", "S-1") != Some(json!({"v": 0}))
+    });
+    let (one, two) = (hub1.get("Sample", "S-1"), hub2.get("Sample", "S-1"));
+    assert_ne!(one, two, "each hub got its own side");
+    // An honest edit on top of one side: refused with it, and its author writes on under
+    // a new actor afterwards.
+    put(&hub1, "Sample", "S-1", json!({"note": "built on one side"}));
+    hub1.add_peer(&hub2, true);
+    hub2.add_peer(&hub1, false);
+    let found = |n: &TestNode| n.status()["equivocations"].as_u64() == Some(1);
+    wait_for("both hubs find the equivocation", || {
+        found(&hub1) && found(&hub2)
+    });
+    wait_for(
+        "both hubs end with the document without either side",
+        || {
+            hub1.get("Sample", "S-1") == Some(json!({"v": 0}))
+                && hub2.get("Sample", "S-1") == Some(json!({"v": 0}))
+        },
+    );
+    for hub in [&hub1, &hub2] {
+        let status = hub.status();
+        assert_eq!(status["equivocators"], json!([mallory.id()]), "{status}");
+        assert!(status["refused_for_equivocation"].as_u64().unwrap() >= 2);
+        let conflicts = json(&hub.ok(&["conflicts", "--json"]));
+        let e = conflicts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["kind"] == "equivocation")
+            .unwrap_or_else(|| panic!("{conflicts}"));
+        assert_eq!(e["equivocation"]["author"], json!(mallory.id()));
+        assert_eq!(e["id"], "S-1");
+        assert!(
+            hub.ok(&["conflicts"])
+                .contains("equivocation in Sample/S-1")
+        );
+    }
+    // Later changes of the equivocating actor are refused; honest edits still flow, and the
+    // hub whose own edit was refused is not taken for an equivocator.
+    put(&mallory, "Sample", "S-1", json!({"v": 2}));
+    put(&hub1, "Sample", "S-1", json!({"after": true}));
+    wait_for("the honest edit reaches the other hub", || {
+        hub2.get("Sample", "S-1") == Some(json!({"v": 0, "after": true}))
+    });
+    assert_eq!(
+        hub1.get("Sample", "S-1"),
+        Some(json!({"v": 0, "after": true}))
+    );
+    assert_eq!(hub2.status()["equivocations"], json!(1));
+    // The evidence survives a restart.
+    hub2.stop();
+    hub2.start();
+    assert_eq!(hub2.status()["equivocations"], json!(1));
+}

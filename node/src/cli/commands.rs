@@ -234,9 +234,16 @@ pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), 
                 return print_json(&conflicts);
             }
             if conflicts.is_empty() {
-                println!("no name collisions");
+                println!("no name collisions and no equivocations");
             }
             for c in &conflicts {
+                if let Some(e) = &c.equivocation {
+                    println!(
+                        "equivocation in {}/{} ({}): {} signed two changes as actor {} seq {}: {} and {}; both are refused with what depends on them",
+                        c.ty, c.local_id, c.doc, e.author, e.actor, e.seq, e.first, e.second
+                    );
+                    continue;
+                }
                 println!(
                     "{}/{}: {} (origin {}) is here as {}/{}; {}/{} is {} (origin {})",
                     c.ty,

@@ -155,8 +155,10 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<HeldAction>,
     },
-    /// List name collisions: two objects that arrived under one type and id (for example two
-    /// labs' `S-001` with no prefix). Both are kept; the second is reachable as `id~<8 hex>`.
+    /// List name collisions, two objects that arrived under one type and id (for example two
+    /// labs' `S-001` with no prefix; both are kept, the second reachable as `id~<doc id>`), and
+    /// equivocations, two different changes an author signed with one actor and sequence
+    /// number (both are refused, with every change that depends on them).
     Conflicts {
         /// Print JSON instead of text.
         #[arg(long)]

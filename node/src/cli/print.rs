@@ -129,6 +129,14 @@ pub(super) fn print_status(s: &Status) {
             s.collisions
         );
     }
+    if s.equivocations > 0 {
+        println!(
+            "equivocations: {} (by {}): changes signed twice with one actor and sequence number; {} changes refused (see `tidesync conflicts`)",
+            s.equivocations,
+            s.equivocators.join(", "),
+            s.refused_for_equivocation
+        );
+    }
     for addr in &s.listen {
         println!("listen:  {addr}");
     }

@@ -97,11 +97,13 @@ pub(super) fn prepare(
         }
         None => None,
     };
+    let bans = reader.bans(&doc_id)?;
     let mut duplicates = 0;
     let mut refused = Vec::new();
     let mut fresh = Vec::with_capacity(incoming.len());
     for (signed, v) in incoming {
-        if reader.has_change(&doc_id, &v.hash)? {
+        // A change an equivocation refuses here is known: dropped like one stored.
+        if bans.banned.contains(&v.hash) || reader.has_change(&doc_id, &v.hash)? {
             duplicates += 1;
         } else if let Err(why) = policies.may_take(
             &from,
@@ -182,6 +184,7 @@ pub(super) fn prepare(
         name,
         name_taken,
         one_by_one: false,
+        bans: bans.clone(),
     };
     // Should Automerge panic applying a change, the document in memory is thrown away: load
     // it again from the store and receive the batch's other changes without that one. Each
@@ -225,6 +228,7 @@ pub(super) fn prepare(
             name,
             name_taken,
             one_by_one,
+            bans: bans.clone(),
         };
     };
     arrived.rejected.extend(panicked.into_iter().map(|h| {
@@ -234,6 +238,30 @@ pub(super) fn prepare(
         )
     }));
     arrived.received.dropped = dropped;
+    // The evidence of each equivocation: both signed changes (the first from the log when it
+    // arrived before this batch). Found changes are stamped with the time by `write`.
+    for f in std::mem::take(&mut arrived.found) {
+        let first = match f.first {
+            Ok(signed) => Some(signed),
+            Err(hash) => reader.change(&doc_id, &hash)?,
+        };
+        let Some(first) = first else {
+            tracing::warn!(doc = %doc_id, author = %f.author, "equivocation found, but the first change is not in the log; only the second is kept");
+            continue;
+        };
+        arrived
+            .received
+            .equivocations
+            .push(crate::model::Equivocation {
+                doc: doc_id,
+                author: f.author,
+                actor: f.actor,
+                seq: f.seq,
+                first,
+                second: f.second,
+                detected_ms: 0,
+            });
+    }
     let r = &mut arrived.received;
     let mut refused_for_room = 0;
     // A document we do not hold gets held changes only where its header allows its creation
@@ -300,6 +328,8 @@ pub(super) struct Written {
     pub(super) refused_for_room: u64,
     /// Documents to put in the cache.
     pub(super) docs: Vec<(DocId, Automerge)>,
+    /// An equivocation refused one of this node's own changes (see `Arrived::own_refused`).
+    pub(super) own_refused: bool,
 }
 
 /// Commit the workers' results, in the batch's order, in one transaction. A worker's error
@@ -366,7 +396,13 @@ pub(super) fn write(
                     rejected,
                     duplicates,
                     poisoned: _,
+                    found: _,
+                    own_refused,
                 } = *arrived;
+                t.own_refused |= own_refused;
+                for e in &mut received.equivocations {
+                    e.detected_ms = now;
+                }
                 if faults.drop_held {
                     received.held.clear();
                 }

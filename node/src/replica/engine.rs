@@ -21,7 +21,9 @@ use tidesync_proto::{DocHeader, DocId, NodeId, ObjectId, SignedChange, TypeName,
 
 use crate::doc::{self, FieldsError};
 use crate::identity::Identity;
-use crate::model::{DocRecord, Persist, ReceivedDoc, collision_name};
+use crate::model::{DocBans, DocRecord, Persist, ReceivedDoc, collision_name};
+
+use super::equivocation::{self, Found};
 
 /// A document the shell loaded for the engine.
 #[derive(Debug)]
@@ -77,6 +79,7 @@ pub enum WriteError {
 pub struct Engine {
     identity: Identity,
     actor: ActorId,
+    epoch: u64,
 }
 
 impl Engine {
@@ -85,7 +88,21 @@ impl Engine {
     /// number this node already published.
     pub fn new(identity: Identity, epoch: u64) -> Engine {
         let actor = ActorId::from(actor_id(&identity.node_id(), epoch));
-        Engine { identity, actor }
+        Engine {
+            identity,
+            actor,
+            epoch,
+        }
+    }
+
+    /// An engine writing under a new actor: after one of this engine's own changes was
+    /// refused for an equivocation, its next sequence number could differ from one that
+    /// other nodes already hold (see [`super::equivocation::next_epoch`]).
+    pub fn renewed(&self) -> Engine {
+        Engine::new(
+            self.identity.clone(),
+            super::equivocation::next_epoch(self.epoch),
+        )
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -204,6 +221,8 @@ pub struct Arrival {
     /// Apply the changes one at a time (slow, but it names the change Automerge refuses);
     /// the shell asks for it after a batch apply failed (see [`Poisoned`]).
     pub one_by_one: bool,
+    /// What equivocations already make this document refuse.
+    pub bans: DocBans,
 }
 
 /// What receiving one document's changes decided.
@@ -220,6 +239,11 @@ pub struct Arrived {
     /// nothing of this arrival may be stored. The shell reloads the document from the store
     /// and receives the other changes (`retry`, the batch's own) again without this one.
     pub poisoned: Option<Poisoned>,
+    /// Equivocations found (the shell reads each `first` it must from the log).
+    pub found: Vec<Found>,
+    /// One of this engine's own changes was refused for an equivocation: the shell renews
+    /// the engine's actor ([`Engine::renewed`]).
+    pub own_refused: bool,
 }
 
 /// A change whose application made Automerge panic (`None`: one of a batch applied at once
@@ -245,6 +269,8 @@ impl Arrived {
             rejected,
             duplicates: 0,
             poisoned: Some(Poisoned { hash, retry }),
+            found: Vec::new(),
+            own_refused: false,
         }
     }
 }
@@ -278,6 +304,7 @@ impl Engine {
             name,
             name_taken,
             one_by_one,
+            mut bans,
         } = arrival;
         let (record, mut doc) = match existing {
             Some((record, doc)) => (Some(record), doc),
@@ -325,6 +352,14 @@ impl Engine {
                 held: false,
             }));
         }
+        // Changes the document's equivocations refuse are recorded and never applied or held.
+        let mut banned = Vec::new();
+        let mut released = Vec::new();
+        if !bans.is_empty() {
+            refuse_banned(&mut waiting, &mut bans, &mut banned, &mut released);
+        }
+        let mut found = Vec::new();
+        let mut own_refused = false;
         // Index the waiting changes by the dependencies they still lack.
         let mut missing = vec![0usize; waiting.len()];
         let mut waiters: HashMap<ChangeHash, Vec<usize>> = HashMap::new();
@@ -342,7 +377,6 @@ impl Engine {
             }
         }
         let mut applied = Vec::new();
-        let mut released = Vec::new();
         // Automerge applies a batch of changes in one pass, but each single apply costs time
         // in the document's size: applying a long chain one change at a time is quadratic.
         // So the changes that can be applied are put in dependency order first and applied in
@@ -395,7 +429,48 @@ impl Engine {
                     applied.push((w.signed, w.hash, w.author, w.from));
                 }
                 Ok(Err(e)) => {
-                    rejected.push((w.hash, format!("automerge refused change {}: {e}", w.hash)))
+                    let Some(twin) = equivocation::twin_in(&doc, &w.change) else {
+                        rejected
+                            .push((w.hash, format!("automerge refused change {}: {e}", w.hash)));
+                        continue;
+                    };
+                    let actor = w.change.actor_id().to_bytes().to_vec();
+                    let Some((rebuilt, newly)) =
+                        equivocation::cut(&doc, &mut bans, actor.clone(), w.change.seq())
+                    else {
+                        rejected.push((
+                            w.hash,
+                            format!("change {} equivocates, and the document could not be rebuilt without it", w.hash),
+                        ));
+                        continue;
+                    };
+                    own_refused |= newly.iter().any(|h| {
+                        doc.get_change_by_hash(h)
+                            .is_some_and(|c| c.actor_id() == &self.actor)
+                    });
+                    tracing::warn!(doc = %header.doc, author = %w.author, seq = w.change.seq(), first = %twin, second = %w.hash, "equivocation: two changes signed with one actor and sequence number; both are refused with what depends on them");
+                    doc = rebuilt;
+                    banned.extend(newly);
+                    bans.banned.insert(w.hash);
+                    banned.push(w.hash);
+                    found.push(Found {
+                        author: w.author,
+                        actor,
+                        seq: w.change.seq(),
+                        first: applied
+                            .iter()
+                            .find(|(_, h, _, _)| *h == twin)
+                            .map(|(s, _, _, _): &(SignedChange, _, _, _)| s.clone())
+                            .ok_or(twin),
+                        second: w.signed.clone(),
+                    });
+                    // The second change joins the log, so that it reaches every node the first
+                    // one reached.
+                    if w.held {
+                        released.push(w.hash);
+                    }
+                    applied.push((w.signed, w.hash, w.author, w.from));
+                    refuse_banned(&mut waiting, &mut bans, &mut banned, &mut released);
                 }
                 Err(_) => {
                     tracing::error!(doc = %header.doc, hash = %w.hash, "Automerge panicked applying a change; the document is reloaded from the store and the change refused");
@@ -435,7 +510,7 @@ impl Engine {
                 },
                 live: true,
             });
-            record.live = !doc::is_deleted(&doc);
+            record.live = !doc::is_deleted(&doc) && !doc.get_heads().is_empty();
             let state = doc::save_state(&doc);
             (Some(record), Some(state), Some(doc))
         };
@@ -450,11 +525,43 @@ impl Engine {
                 released,
                 dropped: Vec::new(),
                 by_ref: false,
+                equivocations: Vec::new(),
+                banned,
             },
             doc,
             rejected,
             duplicates: 0,
             poisoned: None,
+            found,
+            own_refused,
+        }
+    }
+}
+
+/// Take out of `waiting` every change `bans` refuses, and every change depending on one,
+/// adding them to the bans and to `banned` (held ones also to `released`, to be let go).
+fn refuse_banned(
+    waiting: &mut [Option<Waiting>],
+    bans: &mut DocBans,
+    banned: &mut Vec<ChangeHash>,
+    released: &mut Vec<ChangeHash>,
+) {
+    loop {
+        let mut more = false;
+        for slot in waiting.iter_mut() {
+            if slot.as_ref().is_some_and(|w| bans.refuses(&w.change))
+                && let Some(w) = slot.take()
+            {
+                bans.banned.insert(w.hash);
+                banned.push(w.hash);
+                if w.held {
+                    released.push(w.hash);
+                }
+                more = true;
+            }
+        }
+        if !more {
+            break;
         }
     }
 }
@@ -658,6 +765,7 @@ mod tests {
             name: h.id.clone(),
             name_taken: false,
             one_by_one: false,
+            bans: Default::default(),
         })
     }
 
@@ -757,6 +865,7 @@ mod tests {
             name: h.id.clone(),
             name_taken: true,
             one_by_one: false,
+            bans: Default::default(),
         });
         let local = out.received.record.unwrap().local_id;
         assert_eq!(local.as_str(), format!("S-001~{}", h.doc));
@@ -826,6 +935,7 @@ mod tests {
             name: h.id.clone(),
             name_taken: false,
             one_by_one: false,
+            bans: Default::default(),
         });
         let order: Vec<_> = out.received.applied.iter().map(|(_, h, _, _)| *h).collect();
         let expected: Vec<_> = changes.iter().map(|(_, h)| *h).collect();

@@ -8,11 +8,14 @@
 //! Modules: [`engine`] (turns writes and arrivals into signed changes and records, no I/O),
 //! [`write`](mod@write) (local writes), [`receive`] and [`apply`] (a received batch), [`outbound`] (what
 //! goes into a batch for a peer), [`carry`] (views and referenced objects a batch brings),
-//! [`peers`] (configured peers' policies applied against the store's, revoked keys).
+//! [`peers`] (configured peers' policies applied against the store's, revoked keys),
+//! [`equivocation`] (finding two changes signed under one actor and sequence number, and
+//! rebuilding a document without them).
 
 pub mod apply;
 pub mod carry;
 pub mod engine;
+pub mod equivocation;
 pub mod outbound;
 pub mod peers;
 pub mod receive;

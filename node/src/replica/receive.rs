@@ -273,6 +273,10 @@ impl Replica {
         for (doc_id, doc) in written.docs {
             self.cache.put(doc_id, doc);
         }
+        if written.own_refused {
+            tracing::warn!(%peer, "an equivocation refused one of this node's own changes; writing on under a new actor");
+            self.engine = self.engine.renewed();
+        }
         tracing::debug!(
             %peer,
             applied = report.applied,

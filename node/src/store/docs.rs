@@ -258,6 +258,16 @@ impl Store {
                     held.hold(self, hash.0, &row)?;
                 }
             }
+            for d in docs {
+                super::equivocation::record(
+                    self,
+                    &tx,
+                    &d.doc_id,
+                    &d.equivocations,
+                    &d.banned,
+                    ctx,
+                )?;
+            }
             held.refused_for_room(self, from, refused_for_room)?;
             seq = w.seq;
             let bytes = postcard::to_stdvec(record).map_err(|x| self.encode_error(x))?;

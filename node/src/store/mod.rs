@@ -13,7 +13,8 @@
 //! `peers` (peer records, views, documents sent by reference), `applied` (the policy last
 //! applied to each peer, revoked keys, forgetting a removed peer), `held` (changes waiting
 //! for dependencies, with each sender's tally), `outbound` (view acknowledgements, oversized
-//! changes, references owed).
+//! changes, references owed), `equivocation` (equivocations with their evidence, and the
+//! changes they refuse).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ use crate::model::{DocRecord, LogEntry, PeerRecord, Persist, ReceivedDoc, View};
 
 mod applied;
 mod docs;
+mod equivocation;
 mod held;
 mod peers;
 mod reader;
@@ -37,7 +39,7 @@ pub use reader::Reader;
 mod outbound;
 
 /// The value of `meta_v1["format"]` this build reads and writes.
-pub const STORE_FORMAT: &str = "tidesync-store-4";
+pub const STORE_FORMAT: &str = "tidesync-store-5";
 
 /// The format before held changes recorded their sender (`pending_v1`); opened and migrated.
 const STORE_FORMAT_2: &str = "tidesync-store-2";
@@ -45,6 +47,9 @@ const STORE_FORMAT_2: &str = "tidesync-store-2";
 /// `revoked_keys_v1`); opened and migrated. Its peers have no applied policy, so each one's
 /// policy counts as widened once at the first start (a resend; duplicates are dropped).
 const STORE_FORMAT_3: &str = "tidesync-store-3";
+/// The format before equivocations were recorded (`equivocations_v1`, `banned_v1`); opened
+/// and migrated by creating the two tables, empty.
+const STORE_FORMAT_4: &str = "tidesync-store-4";
 
 /// Node-wide settings.
 /// Key: setting name (`format`). Value: UTF-8 bytes.
@@ -229,8 +234,11 @@ impl Store {
         if format == STORE_FORMAT_2 {
             store.migrate_2_to_3()?;
         }
-        if format != STORE_FORMAT {
+        if format == STORE_FORMAT_2 || format == STORE_FORMAT_3 {
             store.migrate_3_to_4()?;
+        }
+        if format != STORE_FORMAT {
+            store.migrate_4_to_5()?;
         }
         Ok(store)
     }
@@ -312,6 +320,8 @@ impl Store {
             tx.open_table(VIEWS).ctx(self, ctx)?;
             tx.open_table(applied::APPLIED).ctx(self, ctx)?;
             tx.open_table(applied::REVOKED).ctx(self, ctx)?;
+            tx.open_table(equivocation::EQUIVOCATIONS).ctx(self, ctx)?;
+            tx.open_table(equivocation::BANNED).ctx(self, ctx)?;
         }
         tx.commit().ctx(self, ctx)
     }
@@ -352,14 +362,29 @@ impl Store {
         tx.open_table(applied::REVOKED).ctx(self, ctx)?;
         tx.open_table(META)
             .ctx(self, ctx)?
-            .insert("format", STORE_FORMAT.as_bytes())
+            .insert("format", STORE_FORMAT_4.as_bytes())
             .ctx(self, ctx)?;
         tx.commit().ctx(self, ctx)?;
-        tracing::info!(path = %self.path.display(), "store migrated from {STORE_FORMAT_3} to {STORE_FORMAT}");
+        tracing::info!(path = %self.path.display(), "store migrated from {STORE_FORMAT_3} to {STORE_FORMAT_4}");
         Ok(())
     }
 
-    /// The store's format: this build's, or format 2 or 3, which `open` migrates.
+    /// Format 4 → 5: the tables of equivocations and the changes they refuse. One transaction.
+    fn migrate_4_to_5(&self) -> Result<(), StoreError> {
+        let ctx = "migrating the store from format 4 to 5";
+        let tx = self.db.begin_write().ctx(self, ctx)?;
+        tx.open_table(equivocation::EQUIVOCATIONS).ctx(self, ctx)?;
+        tx.open_table(equivocation::BANNED).ctx(self, ctx)?;
+        tx.open_table(META)
+            .ctx(self, ctx)?
+            .insert("format", STORE_FORMAT.as_bytes())
+            .ctx(self, ctx)?;
+        tx.commit().ctx(self, ctx)?;
+        tracing::info!(path = %self.path.display(), "store migrated from {STORE_FORMAT_4} to {STORE_FORMAT}");
+        Ok(())
+    }
+
+    /// The store's format: this build's, or format 2, 3 or 4, which `open` migrates.
     fn check_format(&self) -> Result<&'static str, StoreError> {
         let ctx = "reading the format";
         let tx = self.db.begin_read().ctx(self, ctx)?;
@@ -375,6 +400,7 @@ impl Store {
             Some(f) if f == STORE_FORMAT => Ok(STORE_FORMAT),
             Some(f) if f == STORE_FORMAT_2 => Ok(STORE_FORMAT_2),
             Some(f) if f == STORE_FORMAT_3 => Ok(STORE_FORMAT_3),
+            Some(f) if f == STORE_FORMAT_4 => Ok(STORE_FORMAT_4),
             other => Err(StoreError::Format {
                 path: self.path.clone(),
                 found: other.unwrap_or_else(|| "none".into()),

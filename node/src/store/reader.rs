@@ -12,6 +12,8 @@ pub struct Reader<'s> {
     pub(super) change_seqs: redb::ReadOnlyTable<([u8; 16], [u8; 32]), u64>,
     pub(super) held: redb::ReadOnlyTable<([u8; 16], [u8; 32]), &'static [u8]>,
     pub(super) held_counts: redb::ReadOnlyTable<[u8; 32], (u64, u64, u64)>,
+    pub(super) equivocations: redb::ReadOnlyTable<([u8; 16], &'static [u8]), &'static [u8]>,
+    pub(super) banned: redb::ReadOnlyTable<([u8; 16], [u8; 32]), ()>,
 }
 
 impl Reader<'_> {
@@ -120,6 +122,8 @@ impl Store {
             change_seqs: tx.open_table(CHANGE_SEQS).ctx(self, ctx)?,
             held: tx.open_table(HELD).ctx(self, ctx)?,
             held_counts: tx.open_table(HELD_COUNTS).ctx(self, ctx)?,
+            equivocations: tx.open_table(equivocation::EQUIVOCATIONS).ctx(self, ctx)?,
+            banned: tx.open_table(equivocation::BANNED).ctx(self, ctx)?,
         })
     }
 }

@@ -488,6 +488,8 @@ impl Sessions {
         let mut out = Vec::new();
         let last = replica.log_tip().map_err(store_err(peer))?;
         let (me, alter_relayed) = (replica.node_id(), replica.faults().alter_relayed);
+        let twins =
+            replica.faults().equivocate && crate::fault::gets_twins(replica.policies(), &peer);
         let mut by_ref = replica.carried_to(peer)?;
         if !self
             .peers
@@ -548,6 +550,16 @@ impl Sessions {
             if alter_relayed {
                 for change in &mut batch.changes {
                     crate::fault::tamper_if_relayed(change, &me);
+                }
+            }
+            if twins {
+                for change in &mut batch.changes {
+                    if let Ok(Some(doc)) = replica.store().load_doc(&change.doc)
+                        && let Some(t) =
+                            crate::fault::twin(&doc, change, replica.identity().signing_key(), &me)
+                    {
+                        *change = t;
+                    }
                 }
             }
             out.push((

@@ -184,6 +184,7 @@ fn held_release(n: usize) {
         name: header.id.clone(),
         name_taken: false,
         one_by_one: false,
+        bans: Default::default(),
     });
     let took = t.elapsed();
     assert_eq!(arrived.received.applied.len(), n, "every change applied");
