@@ -325,6 +325,9 @@ pub struct ReceivedDoc {
     /// Changes refused because of an equivocation: recorded so that they are dropped as known
     /// when they arrive again.
     pub banned: Vec<ChangeHash>,
+    /// This document is a view written for this node of an object it holds in full: the
+    /// object moves to its collision name and the view takes its name.
+    pub supersedes: Option<DocId>,
 }
 
 impl ReceivedDoc {
@@ -342,6 +345,7 @@ impl ReceivedDoc {
             by_ref: false,
             equivocations: Vec::new(),
             banned: Vec::new(),
+            supersedes: None,
         }
     }
 }

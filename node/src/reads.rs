@@ -173,7 +173,9 @@ pub struct Conflict {
     /// The document holding the plain name here, and its origin.
     pub holder: Option<String>,
     pub holder_origin: Option<String>,
-    /// `name`: two documents arrived under one name. `equivocation`: an author signed two
+    /// `name`: two documents arrived under one name. `replaced-by-view`: this node held the
+    /// object in full when its publisher began to share only a view of it (`fields`); the view
+    /// has the name, the object as it was is kept here. `equivocation`: an author signed two
     /// different changes with one actor and sequence number in this document.
     #[serde(default = "name_kind")]
     pub kind: String,
@@ -430,9 +432,17 @@ impl Reads {
                 local_id: rec.local_id.to_string(),
                 doc: doc.to_string(),
                 origin: rec.origin.to_string(),
+                kind: match &holder {
+                    Some((view, _))
+                        if *view
+                            == DocId::derive_view(&rec.origin, &self.node, &rec.ty, &rec.id) =>
+                    {
+                        "replaced-by-view".into()
+                    }
+                    _ => name_kind(),
+                },
                 holder: holder.as_ref().map(|(d, _)| d.to_string()),
                 holder_origin: holder.map(|(_, r)| r.origin.to_string()),
-                kind: name_kind(),
                 equivocation: None,
             });
         }

@@ -118,9 +118,23 @@ pub struct DocId(pub [u8; 16]);
 impl DocId {
     /// The id of the document that `origin` creates for `(ty, id)`.
     pub fn derive(origin: &NodeId, ty: &TypeName, id: &ObjectId) -> DocId {
+        DocId::hashed(b"tidesync/doc/v1\0", &[&origin.0], ty, id)
+    }
+
+    /// The id of the view of `(ty, id)` that `publisher` writes for `peer` alone (see `fields`
+    /// in a node's policy): its own derivation domain, so a view never shares a DocId with
+    /// the object it shows, nor with the view another peer gets.
+    pub fn derive_view(publisher: &NodeId, peer: &NodeId, ty: &TypeName, id: &ObjectId) -> DocId {
+        DocId::hashed(b"tidesync/view/v1\0", &[&publisher.0, &peer.0], ty, id)
+    }
+
+    /// The first 16 bytes of SHA-256 over `domain`, the `keys`, the type, a zero byte and the id.
+    fn hashed(domain: &[u8], keys: &[&[u8; 32]], ty: &TypeName, id: &ObjectId) -> DocId {
         let mut h = Sha256::new();
-        h.update(b"tidesync/doc/v1\0");
-        h.update(origin.0);
+        h.update(domain);
+        for key in keys {
+            h.update(key);
+        }
         h.update(ty.as_str().as_bytes());
         h.update([0u8]);
         h.update(id.as_str().as_bytes());
@@ -128,6 +142,19 @@ impl DocId {
         let mut out = [0u8; 16];
         out.copy_from_slice(&digest[..16]);
         DocId(out)
+    }
+
+    /// Whether `header` names its document truly for a receiver `me`: `doc` is the id of the
+    /// object `(origin, ty, id)` or of the view of it that `origin` writes for `me`.
+    pub fn names(
+        header_doc: &DocId,
+        origin: &NodeId,
+        me: &NodeId,
+        ty: &TypeName,
+        id: &ObjectId,
+    ) -> bool {
+        *header_doc == DocId::derive(origin, ty, id)
+            || *header_doc == DocId::derive_view(origin, me, ty, id)
     }
 }
 
@@ -332,6 +359,27 @@ mod tests {
             let id = ObjectId::new(bad).unwrap();
             assert!(matches!(id.check_new(), Err(IdError::NotNew(_))), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_view_has_its_own_id_for_each_peer() {
+        let (a, b, c) = (NodeId([1; 32]), NodeId([2; 32]), NodeId([3; 32]));
+        let (ty, id) = (
+            TypeName::new("Entity").unwrap(),
+            ObjectId::new("E-1").unwrap(),
+        );
+        let object = DocId::derive(&a, &ty, &id);
+        let (for_b, for_c) = (
+            DocId::derive_view(&a, &b, &ty, &id),
+            DocId::derive_view(&a, &c, &ty, &id),
+        );
+        assert!(object != for_b && object != for_c && for_b != for_c);
+        assert!(DocId::names(&for_b, &a, &b, &ty, &id));
+        assert!(DocId::names(&object, &a, &b, &ty, &id));
+        assert!(
+            !DocId::names(&for_c, &a, &b, &ty, &id),
+            "another peer's view"
+        );
     }
 
     #[test]

@@ -20,7 +20,10 @@ use crate::ids::{DocId, NodeId, ObjectId, TypeName};
 ///   entry's change hash under the sender's secret), no longer the change hash itself, which
 ///   leaked the hash of entries the receiver may not see (a change behind a `--fields` view,
 ///   a skipped type) and let it test guesses of their content.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// - 4: a view (`fields`) has its own id for each receiver, [`DocId::derive_view`], which a
+///   header may carry besides [`DocId::derive`]; before, a view had its object's id and every
+///   peer got the same one, so a peer holding the full object refused the view.
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Largest frame body accepted or produced, in bytes.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 /// Size of the length prefix, in bytes.
@@ -37,8 +40,10 @@ pub struct Checkpoint {
     pub hash: [u8; 32],
 }
 
-/// What a receiver needs to know of a document it may not have yet. `DocId::derive(origin, ty,
-/// id)` must equal `doc`, so a header cannot be altered without being noticed.
+/// What a receiver needs to know of a document it may not have yet. `doc` must be
+/// `DocId::derive(origin, ty, id)`, or `DocId::derive_view(origin, receiver, ty, id)` for a
+/// view written for that receiver (see [`DocId::names`]), so a header cannot be altered
+/// without being noticed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DocHeader {
     pub doc: DocId,

@@ -254,8 +254,9 @@ pub(crate) fn check_view(
     d: &DocAudit,
     at_y: &BTreeMap<tidesync_proto::DocId, DocAudit>,
 ) -> Result<(), Violation> {
-    let view_id = tidesync_proto::DocId::derive(
+    let view_id = tidesync_proto::DocId::derive_view(
         &w.node_id(x),
+        &w.node_id(y),
         &d.record.ty,
         &tidesync::model::view_name(&d.record.local_id),
     );

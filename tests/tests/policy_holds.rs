@@ -382,3 +382,79 @@ fn an_equivocation_is_found_by_both_hubs_which_end_with_the_same_document() {
     hub2.start();
     assert_eq!(hub2.status()["equivocations"], json!(1));
 }
+
+// Regression: views shared their object's DocId, and every peer got the same one. A peer
+// that held the object before `--fields` was set for it refused the view (same actor and
+// sequence number) and kept the secret field for good; after a publisher restart the view
+// merged into the object as a second root.
+#[test]
+fn a_peer_holding_the_full_object_reads_only_the_published_fields_once_a_view_replaces_it() {
+    let mut lab = TestNode::init("lab");
+    let mut hub = TestNode::init("hub");
+    let mut archive = TestNode::init("archive");
+    for n in [&mut lab, &mut hub, &mut archive] {
+        n.start();
+    }
+    lab.add_peer(&hub, true);
+    lab.add_peer_with(&archive, true, &["--fields", "Entity=title"]);
+    hub.add_peer(&lab, false);
+    archive.add_peer(&lab, false);
+    put(
+        &lab,
+        "Entity",
+        "E-1",
+        json!({"title": "first", "informant": "SECRET-7c1"}),
+    );
+    wait_for("the hub holds the whole object", || {
+        hub.get("Entity", "E-1")
+            .is_some_and(|v| v["informant"] == "SECRET-7c1")
+    });
+    wait_for("the archive holds its view", || {
+        archive.get("Entity", "E-1") == Some(json!({"title": "first"}))
+    });
+    lab.ok(&["peer", "set", "hub", "--fields", "Entity=title"]);
+    put(&lab, "Entity", "E-1", json!({"title": "second"}));
+    wait_for("the hub reads the view under the object's name", || {
+        hub.get("Entity", "E-1") == Some(json!({"title": "second"}))
+    });
+    // The hub is told: the object it held is kept under its own name, listed as replaced.
+    let conflicts = json(&hub.ok(&["conflicts", "--json"]));
+    let replaced = conflicts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "replaced-by-view")
+        .unwrap_or_else(|| panic!("{conflicts}"));
+    assert_eq!(replaced["id"], "E-1");
+    assert!(hub.ok(&["conflicts"]).contains("now shares only a view"));
+    // Each peer's view has its own id, neither the object's nor the other's.
+    let doc_of = |n: &TestNode| json(&n.ok(&["history", "--json", "Entity", "E-1"]))["doc"].clone();
+    let (object, at_hub, at_archive) = (doc_of(&lab), doc_of(&hub), doc_of(&archive));
+    assert_ne!(at_hub, object);
+    assert_ne!(at_archive, object);
+    assert_ne!(at_hub, at_archive);
+    // After the publisher restarts, the view is still one document with the published field.
+    lab.stop();
+    lab.start();
+    put(
+        &lab,
+        "Entity",
+        "E-1",
+        json!({"title": "third", "informant": "SECRET-9d2"}),
+    );
+    wait_for("the third title reaches the hub and the archive", || {
+        hub.get("Entity", "E-1") == Some(json!({"title": "third"}))
+            && archive.get("Entity", "E-1") == Some(json!({"title": "third"}))
+    });
+    let history = json(&hub.ok(&["history", "--json", "Entity", "E-1"]));
+    let roots = history["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["deps"].as_array().is_some_and(|d| d.is_empty()))
+        .count();
+    assert_eq!(roots, 1, "{history}");
+    hub.stop();
+    hub.start();
+    assert_eq!(hub.get("Entity", "E-1"), Some(json!({"title": "third"})));
+}

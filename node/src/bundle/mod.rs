@@ -1,12 +1,14 @@
 //! Export bundles: one signed, versioned file of signed changes for one peer, encrypted to that
 //! peer's key, carried where no link reaches (a ship's USB stick) and imported like a sync batch.
 //!
-//! # File format (version 2)
+//! # File format (version 3)
 //!
 //! Version 2 has version 1's layout; its checkpoints (`upto`, `holds`) hold tokens made for
 //! the recipient (see [`crate::identity::Identity::checkpoint_token`]) where version 1 held
-//! change hashes, which leaked the hash of changes the recipient may not see. A bundle of
-//! another version is refused with both versions named.
+//! change hashes, which leaked the hash of changes the recipient may not see. Version 3 has
+//! version 2's layout; a view it carries has the id made for the recipient alone
+//! (`DocId::derive_view`, as in protocol 4). A bundle of another version is refused with both
+//! versions named.
 //!
 //! | Bytes | What |
 //! | --- | --- |
@@ -41,7 +43,7 @@ use crate::store::StoreError;
 /// The first bytes of every bundle.
 pub const BUNDLE_MAGIC: &[u8; 16] = b"tidesync-bundle\0";
 /// The bundle format this build writes and reads.
-pub const BUNDLE_FORMAT_VERSION: u16 = 2;
+pub const BUNDLE_FORMAT_VERSION: u16 = 3;
 /// Bytes of the cleartext header.
 pub const BUNDLE_HEADER_BYTES: usize = 16 + 2 + 1 + 32 + 32 + 8;
 /// Largest payload a bundle may carry, in bytes; a larger one is refused before it is read.

@@ -188,7 +188,9 @@ fn classify(
         let record = reader.record(&v.doc).map_err(bundle_store_err(peer))?;
         let (ty, origin) = match (&record, headers.get(&v.doc)) {
             (Some(r), _) => (r.ty.clone(), r.origin),
-            (None, Some(h)) if DocId::derive(&h.origin, &h.ty, &h.id) == h.doc => {
+            (None, Some(h))
+                if DocId::names(&h.doc, &h.origin, &replica.node_id(), &h.ty, &h.id) =>
+            {
                 (h.ty.clone(), h.origin)
             }
             _ => {

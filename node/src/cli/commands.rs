@@ -244,6 +244,13 @@ pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), 
                     );
                     continue;
                 }
+                if c.kind == "replaced-by-view" {
+                    println!(
+                        "{}/{}: its publisher {} now shares only a view of it, which has the name; the full object this node held before ({}) is kept as {}/{}",
+                        c.ty, c.id, c.origin, c.doc, c.ty, c.local_id
+                    );
+                    continue;
+                }
                 println!(
                     "{}/{}: {} (origin {}) is here as {}/{}; {}/{} is {} (origin {})",
                     c.ty,

@@ -144,10 +144,19 @@ pub(super) fn prepare(
             return Ok(Prepared::Refused(refused));
         }
     };
-    let name_taken = existing.is_none()
-        && reader
-            .lookup(&header.ty, &name)?
-            .is_some_and(|other| other != doc_id);
+    let holder = match existing {
+        None => reader.lookup(&header.ty, &name)?,
+        Some(_) => None,
+    };
+    // A view written for us where we hold the object it shows (sent in full before the
+    // publisher set `fields`): the view takes the object's name, so that what is read under
+    // it has exactly the published fields, and the object moves to its collision name.
+    let supersedes = holder.filter(|other| {
+        *other == DocId::derive(&header.origin, &header.ty, &header.id)
+            && doc_id
+                == DocId::derive_view(&header.origin, &engine.node_id(), &header.ty, &header.id)
+    });
+    let name_taken = holder.is_some_and(|other| other != doc_id) && supersedes.is_none();
     // Held changes are checked again against our current policy for the peer that sent them.
     let mut held = Vec::new();
     let mut dropped = Vec::new();
@@ -238,6 +247,10 @@ pub(super) fn prepare(
         )
     }));
     arrived.received.dropped = dropped;
+    if arrived.received.record.is_some() && supersedes.is_some() {
+        tracing::warn!(peer = %from, doc = %doc_id, replaces = ?supersedes, ty = %arrived.received.header.ty, id = %arrived.received.header.id, "the publisher now shares only a view of this object: the view takes its name, and the full object it sent before is kept under its collision name (see `tidesync conflicts`)");
+        arrived.received.supersedes = supersedes;
+    }
     // The evidence of each equivocation: both signed changes (the first from the log when it
     // arrived before this batch). Found changes are stamped with the time by `write`.
     for f in std::mem::take(&mut arrived.found) {

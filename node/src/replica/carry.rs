@@ -34,9 +34,10 @@ impl Replica {
     /// [`crate::policy::Policy::fields`]) up to date, and return its changes from the
     /// `from`-th on (those the peer has not acknowledged) that fit in `room` bytes; the new
     /// view, if any, is pushed on `updated` to be stored before the batch goes out. A view is
-    /// a document of the same type and id, created and signed by this node, holding only the
-    /// published fields: the peer never receives the object's own changes, so no other
-    /// field's value reaches it, now or in any history.
+    /// a document of the same type and id, created and signed by this node for this peer
+    /// alone (its id is `DocId::derive_view`), holding only the published fields: the peer
+    /// never receives the object's own changes, so no other field's value reaches it, now or
+    /// in any history.
     pub(crate) fn view_extra(
         &self,
         peer: NodeId,
@@ -64,7 +65,7 @@ impl Replica {
         // The view is named after the object as it is named here; a collision name's `~`
         // is refused in new ids at the peer, so the view's name does without it.
         let name = crate::model::view_name(&rec.local_id);
-        let view_id = DocId::derive(&self.node_id(), &rec.ty, &name);
+        let view_id = DocId::derive_view(&self.node_id(), &peer, &rec.ty, &name);
         let mut view = match updated.iter().find(|(d, _)| *d == doc_id) {
             Some((_, v)) => v.clone(),
             None => self
@@ -73,10 +74,16 @@ impl Replica {
                 .map_err(err)?
                 .unwrap_or_default(),
         };
-        let existing = if view.state.is_empty() {
+        // A view not yet written starts as an empty document under the view's own id (the
+        // engine would give a new document the object's id).
+        let existing = if view.state.is_empty() && crate::doc::is_deleted(&doc) {
             None
         } else {
-            let view_doc = Automerge::load(&view.state).map_err(|e| view_err(e.to_string()))?;
+            let view_doc = if view.state.is_empty() {
+                Automerge::new()
+            } else {
+                Automerge::load(&view.state).map_err(|e| view_err(e.to_string()))?
+            };
             Some(crate::replica::engine::Loaded {
                 doc_id: view_id,
                 record: DocRecord {

@@ -527,6 +527,7 @@ impl Engine {
                 by_ref: false,
                 equivocations: Vec::new(),
                 banned,
+                supersedes: None,
             },
             doc,
             rejected,

@@ -111,12 +111,13 @@ impl Replica {
         changes: Vec<SignedChange>,
     ) -> Result<ReceiveReport, SyncError> {
         let now = (self.clock)();
+        let me = self.node_id();
         let started = std::time::Instant::now();
         let mut report = ReceiveReport::default();
         let mut headers: HashMap<DocId, DocHeader> = headers
             .into_iter()
             .filter(|h| {
-                let ok = DocId::derive(&h.origin, &h.ty, &h.id) == h.doc;
+                let ok = DocId::names(&h.doc, &h.origin, &me, &h.ty, &h.id);
                 if !ok {
                     tracing::warn!(%peer, doc = %h.doc, "document header does not match its id; ignoring it");
                 }

@@ -233,6 +233,9 @@ impl Store {
                     by_ref.insert((from.0, d.doc_id.0), ()).ctx(self, ctx)?;
                 }
                 if let (Some(record), Some(state)) = (&d.record, &d.state) {
+                    if let Some(object) = &d.supersedes {
+                        w.move_aside(object)?;
+                    }
                     w.put_doc(&d.doc_id, record, state)?;
                 }
                 for (change, hash, author, sender) in &d.applied {
@@ -404,6 +407,45 @@ impl<'s, 'tx> Writer<'s, 'tx> {
             self.bump(old.record.ty.as_str(), old.record.live, false)?;
         }
         self.bump(record.ty.as_str(), record.live, true)
+    }
+
+    /// Move document `doc` to its collision name, freeing its name for the view that replaces
+    /// it (see `ReceivedDoc::supersedes`); counted with the collisions.
+    pub(super) fn move_aside(&mut self, doc: &DocId) -> Result<(), StoreError> {
+        let (store, ctx) = (self.store, self.ctx);
+        let Some(no) = self.doc_nos.get(doc.0).ctx(store, ctx)?.map(|v| v.value()) else {
+            return Ok(());
+        };
+        let Some(bytes) = self
+            .docs
+            .get(no)
+            .ctx(store, ctx)?
+            .map(|v| v.value().to_vec())
+        else {
+            return Ok(());
+        };
+        let mut row: DocRow = store.decode(|| format!("docs_v2[{no}] ({doc})"), &bytes)?;
+        if crate::model::is_collision_name(&row.record.local_id, doc) {
+            return Ok(());
+        }
+        let (ty, old) = (row.record.ty.clone(), row.record.local_id.clone());
+        row.record.local_id = crate::model::collision_name(&old, doc);
+        let bytes = postcard::to_stdvec(&row).map_err(|x| store.encode_error(x))?;
+        self.docs.insert(no, bytes.as_slice()).ctx(store, ctx)?;
+        let held_name = self
+            .names
+            .get((ty.as_str(), old.as_str()))
+            .ctx(store, ctx)?
+            .is_some_and(|v| v.value() == doc.0);
+        if held_name {
+            self.names
+                .remove((ty.as_str(), old.as_str()))
+                .ctx(store, ctx)?;
+        }
+        self.names
+            .insert((ty.as_str(), row.record.local_id.as_str()), doc.0)
+            .ctx(store, ctx)?;
+        self.bump(COLLISIONS_KEY, true, true)
     }
 
     pub(super) fn bump(&mut self, ty: &str, live: bool, add: bool) -> Result<(), StoreError> {

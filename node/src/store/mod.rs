@@ -80,8 +80,9 @@ const NAMES: TableDefinition<(&str, &str), [u8; 16]> = TableDefinition::new("nam
 const COUNTS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counts_v1");
 /// The views of objects published to a peer with `fields` (see
 /// [`crate::policy::Policy::fields`]): documents this node writes and signs holding only the
-/// published fields, kept apart from the objects themselves (a view has the id the object has
-/// at the peer, which is the object's own when this node created it).
+/// published fields, kept apart from the objects themselves. A view has its own id for each
+/// peer (`DocId::derive_view` of this node, the peer, the type and the object's name here);
+/// format 5 dropped the views of format 4, which had their object's id.
 /// Key: (peer NodeId, the object's DocId). Value: postcard [`View`].
 const VIEWS: TableDefinition<([u8; 32], [u8; 16]), &[u8]> = TableDefinition::new("views_v1");
 
@@ -369,10 +370,16 @@ impl Store {
         Ok(())
     }
 
-    /// Format 4 → 5: the tables of equivocations and the changes they refuse. One transaction.
+    /// Format 4 → 5: the tables of equivocations and the changes they refuse; and views,
+    /// which now have their own id for each peer (`DocId::derive_view`), are dropped with
+    /// their acknowledgements, to be written again under their new ids (a peer that holds an
+    /// old one keeps it under its collision name). One transaction.
     fn migrate_4_to_5(&self) -> Result<(), StoreError> {
         let ctx = "migrating the store from format 4 to 5";
         let tx = self.db.begin_write().ctx(self, ctx)?;
+        tx.delete_table(VIEWS).ctx(self, ctx)?;
+        tx.delete_table(outbound::VIEW_ACKS).ctx(self, ctx)?;
+        tx.open_table(VIEWS).ctx(self, ctx)?;
         tx.open_table(equivocation::EQUIVOCATIONS).ctx(self, ctx)?;
         tx.open_table(equivocation::BANNED).ctx(self, ctx)?;
         tx.open_table(META)

@@ -14,7 +14,8 @@ use super::{Ctx, Store, StoreError};
 /// How many of a view's changes (see `views_v1`) the peer acknowledged storing: only the
 /// later ones are sent to it.
 /// Key: (peer NodeId, the object's DocId). Value: number of view changes acknowledged.
-const VIEW_ACKS: TableDefinition<([u8; 32], [u8; 16]), u64> = TableDefinition::new("view_acks_v1");
+pub(super) const VIEW_ACKS: TableDefinition<([u8; 32], [u8; 16]), u64> =
+    TableDefinition::new("view_acks_v1");
 /// Stored changes that can never fit in a frame to `peer` (received from a node with other
 /// limits): skipped, counted and logged once per peer.
 /// Key: (peer NodeId, DocId, change hash). Value: the change's encoded size in bytes.
