@@ -1,11 +1,14 @@
 //! The misbehaving node a world may have: how it misbehaves, switching that on in its core,
 //! and the bogus messages it sends. The invariants check the honest nodes only.
 
+use automerge::transaction::Transactable;
+use automerge::{ActorId, ROOT};
 use rand::{Rng, RngExt};
 use tidesync::core::Core;
 use tidesync::fault::{EngineFault, Fault};
-use tidesync_proto::{Checkpoint, Message};
+use tidesync_proto::{Checkpoint, DocHeader, Message, ObjectId, SignedChange, TypeName};
 
+use crate::options::{Violation, fail};
 use crate::world::World;
 
 /// Most `Changes` requests the misbehaving node keeps to replay.
@@ -27,15 +30,19 @@ pub enum Misbehaviour {
     BogusHellos,
     /// Sends old batches of its own again, out of order.
     Replay,
+    /// Writes into another lab's prefixed Samples (as held at the hub) and sends the hub the
+    /// change, signed with its own key.
+    WritesPrefixed,
 }
 
 impl Misbehaviour {
-    pub const ALL: [Misbehaviour; 5] = [
+    pub const ALL: [Misbehaviour; 6] = [
         Misbehaviour::IgnorePolicy,
         Misbehaviour::SendSkipped,
         Misbehaviour::Equivocate,
         Misbehaviour::BogusHellos,
         Misbehaviour::Replay,
+        Misbehaviour::WritesPrefixed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +52,7 @@ impl Misbehaviour {
             Misbehaviour::Equivocate => "equivocate",
             Misbehaviour::BogusHellos => "bogus-hellos",
             Misbehaviour::Replay => "replay",
+            Misbehaviour::WritesPrefixed => "writes-prefixed",
         }
     }
 
@@ -54,7 +62,7 @@ impl Misbehaviour {
             Misbehaviour::IgnorePolicy => core.inject_process_fault(Fault::IgnorePolicy),
             Misbehaviour::SendSkipped => core.inject_fault(EngineFault::IgnoreSkip),
             Misbehaviour::Equivocate => core.inject_process_fault(Fault::Equivocate),
-            Misbehaviour::BogusHellos | Misbehaviour::Replay => {}
+            Misbehaviour::BogusHellos | Misbehaviour::Replay | Misbehaviour::WritesPrefixed => {}
         }
     }
 }
@@ -72,19 +80,22 @@ impl std::str::FromStr for Misbehaviour {
             .into_iter()
             .find(|m| m.name() == s)
             .ok_or_else(|| {
-                format!("unknown misbehaviour {s:?} (known: ignore-policy, send-skipped, equivocate, bogus-hellos, replay)")
+                format!("unknown misbehaviour {s:?} (known: ignore-policy, send-skipped, equivocate, bogus-hellos, replay, writes-prefixed)")
             })
     }
 }
 
-/// The misbehaving node sends one of its connected peers a bogus Hello or Rewound, or an
-/// old batch again, as its misbehaviour has it.
-pub(crate) fn act(w: &mut World) {
+/// The misbehaving node sends one of its connected peers a bogus Hello or Rewound, an old
+/// batch again, or a change to another lab's object, as its misbehaviour has it.
+pub(crate) fn act(w: &mut World, phase: &str) -> Result<(), Violation> {
     let Some((b, kind)) = w.opts.bad else {
-        return;
+        return Ok(());
     };
     if w.nodes[b].core.is_none() {
-        return;
+        return Ok(());
+    }
+    if kind == Misbehaviour::WritesPrefixed {
+        return write_prefixed(w, b, phase);
     }
     let peers: Vec<usize> = w
         .neighbours(b)
@@ -96,7 +107,7 @@ pub(crate) fn act(w: &mut World) {
         })
         .collect();
     if peers.is_empty() {
-        return;
+        return Ok(());
     }
     let to = peers[w.rng.random_range(0..peers.len())];
     let msg = match kind {
@@ -125,11 +136,11 @@ pub(crate) fn act(w: &mut World) {
         Misbehaviour::Replay => {
             let old: Vec<&(usize, Message)> = w.replays.iter().filter(|(t, _)| *t == to).collect();
             if old.is_empty() {
-                return;
+                return Ok(());
             }
             old[w.rng.random_range(0..old.len())].1.clone()
         }
-        _ => return,
+        _ => return Ok(()),
     };
     w.trace.line(&format!(
         "{} misbehave {b}->{to} {}",
@@ -137,6 +148,74 @@ pub(crate) fn act(w: &mut World) {
         crate::shell::kind(&msg)
     ));
     w.net.request(&mut w.rng, w.now, b, to, msg);
+    Ok(())
+}
+
+/// Node `b` takes a Sample the hub holds for another lab (under that lab's prefix), writes
+/// into it under its own key and sends the hub the change. The hub must refuse it: changes to
+/// a prefixed lab's objects are that lab's or the hub's.
+fn write_prefixed(w: &mut World, b: usize, phase: &str) -> Result<(), Violation> {
+    if !w.layout.prefixes(0, b) || w.nodes[0].core.is_none() {
+        return Ok(());
+    }
+    let connected = w
+        .net
+        .link_between(b, 0)
+        .is_some_and(|l| w.net.links[l].conn.is_some());
+    if !connected {
+        return Ok(());
+    }
+    let bad_id = w.node_id(b);
+    let hub_id = w.node_id(0);
+    let epoch = w.rng.next_u64();
+    let pick = w.rng.next_u64();
+    let Some(hub) = &w.nodes[0].core else {
+        return Ok(());
+    };
+    let ty = TypeName::new("Sample").map_err(|e| fail(phase, e.to_string()))?;
+    let page = hub
+        .list(&ty, None, 64)
+        .map_err(|e| fail(phase, e.to_string()))?;
+    let mut theirs = Vec::new();
+    for name in &page.ids {
+        let name = ObjectId::new(name.as_str()).map_err(|e| fail(phase, e.to_string()))?;
+        if let Some((doc, rec)) = hub
+            .find(&ty, &name)
+            .map_err(|e| fail(phase, e.to_string()))?
+            && rec.origin != hub_id
+            && rec.origin != bad_id
+        {
+            theirs.push((doc, rec));
+        }
+    }
+    if theirs.is_empty() {
+        return Ok(());
+    }
+    let (doc_id, rec) = theirs.swap_remove((pick % theirs.len() as u64) as usize);
+    let Some(mut doc) = hub
+        .document(&doc_id)
+        .map_err(|e| fail(phase, e.to_string()))?
+    else {
+        return Ok(());
+    };
+    doc.set_actor(ActorId::from(tidesync_proto::ids::actor_id(&bad_id, epoch)));
+    let mut tx = doc.transaction();
+    tx.put(ROOT, "status", "overwritten by a third lab")
+        .map_err(|e| fail(phase, e.to_string()))?;
+    tx.commit();
+    let Some(change) = doc.get_last_local_change() else {
+        return Ok(());
+    };
+    let signed = SignedChange::sign(w.nodes[b].identity.signing_key(), doc_id, &change);
+    let header = DocHeader {
+        doc: doc_id,
+        origin: rec.origin,
+        ty: rec.ty,
+        id: rec.id,
+    };
+    w.trace
+        .line(&format!("{} misbehave {b}->0 writes into {doc_id}", w.now));
+    crate::workload::inject(w, b, 0, header, signed, phase)
 }
 
 /// Keep a `Changes` request the misbehaving node sent, to replay it later.

@@ -121,7 +121,7 @@ pub(crate) fn run_step(w: &mut World, step: u32) -> Result<(), Violation> {
     } else if roll < crash + 50 {
         workload::forge(w, &phase)?;
     } else if roll < crash + 60 {
-        crate::bad::act(w);
+        crate::bad::act(w, &phase)?;
     } else {
         workload::write(w, &phase)?;
     }

@@ -92,6 +92,23 @@ pub(crate) fn check(w: &mut World) -> Result<(), Violation> {
             }
             // Nothing the policies keep from a node is there.
             check_kept(w, i, a, origin)?;
+            // A lab's prefixed Samples are changed by that lab and the hub alone.
+            if ty == "Sample"
+                && let Some(o) = origin
+                && w.layout.prefixes(0, o)
+                && let Some(c) = a
+                    .changes
+                    .iter()
+                    .find(|c| c.author != Some(w.node_id(o)) && c.author != Some(w.node_id(0)))
+            {
+                return Err(fail(
+                    phase,
+                    format!(
+                        "node {i} holds lab {o}'s prefixed Sample/{} changed by {:?}, neither the lab nor the hub",
+                        a.record.id, c.author
+                    ),
+                ));
+            }
             // Read-only objects are changed by their owner alone.
             if ty == "Method"
                 && let Some(c) = a.changes.iter().find(|c| c.author != Some(w.node_id(0)))

@@ -166,7 +166,7 @@ impl Layout {
     }
 
     /// Whether the hub takes `peer`'s Samples under a prefix.
-    fn prefixes(&self, me: usize, peer: usize) -> bool {
+    pub fn prefixes(&self, me: usize, peer: usize) -> bool {
         matches!(self.topology, Topology::Star | Topology::Ships)
             && me == 0
             && matches!(self.roles[peer], Role::Lab | Role::Ship)

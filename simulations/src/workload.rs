@@ -221,7 +221,7 @@ pub(crate) fn forge(w: &mut World, phase: &str) -> Result<(), Violation> {
     let ty =
         TypeName::new(TYPES[w.rng.random_range(0..3)]).map_err(|e| fail(phase, e.to_string()))?;
     let (victim, epoch) = (w.node_id(g), w.rng.next_u64());
-    let (Some(fc), Some(gc)) = (&w.nodes[f].core, &w.nodes[g].core) else {
+    let (Some(fc), Some(_)) = (&w.nodes[f].core, &w.nodes[g].core) else {
         return Ok(());
     };
     let page = fc
@@ -253,6 +253,32 @@ pub(crate) fn forge(w: &mut World, phase: &str) -> Result<(), Violation> {
         return Ok(());
     };
     let signed = SignedChange::sign(fc.identity().signing_key(), doc_id, &change);
+    let header = DocHeader {
+        doc: doc_id,
+        origin: rec.origin,
+        ty: rec.ty,
+        id: rec.id,
+    };
+    inject(w, f, g, header, signed, phase)?;
+    w.report.forgeries += 1;
+    w.trace
+        .line(&format!("{} forge {f}->{g} as {victim} on {doc_id}", w.now));
+    Ok(())
+}
+
+/// Node `f` sends `g` one crafted change of the document `header` names, in a batch that
+/// claims no stretch of `f`'s log, so that `g`'s checkpoint of `f` stays where it is.
+pub(crate) fn inject(
+    w: &mut World,
+    f: usize,
+    g: usize,
+    header: DocHeader,
+    signed: SignedChange,
+    phase: &str,
+) -> Result<(), Violation> {
+    let (Some(fc), Some(gc)) = (&w.nodes[f].core, &w.nodes[g].core) else {
+        return Ok(());
+    };
     let held: Checkpoint = gc
         .store()
         .peer(&w.node_id(f))
@@ -268,19 +294,11 @@ pub(crate) fn forge(w: &mut World, phase: &str) -> Result<(), Violation> {
         // Claims no stretch of the forger's log (nothing is after the last SEQ), so the
         // receiver's checkpoint stays where it is.
         after: u64::MAX,
-        docs: vec![DocHeader {
-            doc: doc_id,
-            origin: rec.origin,
-            ty: rec.ty,
-            id: rec.id,
-        }],
+        docs: vec![header],
         changes: vec![signed],
         upto: held,
         tip,
     };
-    w.report.forgeries += 1;
-    w.trace
-        .line(&format!("{} forge {f}->{g} as {victim} on {doc_id}", w.now));
     w.net.request(&mut w.rng, w.now, f, g, msg);
     Ok(())
 }
