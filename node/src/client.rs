@@ -18,6 +18,9 @@ use crate::store::{IdPage, StoreError};
 pub const API_TIMEOUT_SECS: u64 = 30;
 /// How much longer it waits for a running node to export or import a bundle.
 pub const BUNDLE_WAIT_SECS: u64 = 600;
+/// Longest a file upload may take, in seconds: files are large, and the node answers once the
+/// file is whole and durable.
+pub const FILE_WAIT_SECS: u64 = 24 * 3600;
 
 /// Why a CLI request failed.
 #[derive(Debug, thiserror::Error)]
@@ -279,6 +282,102 @@ impl Client {
         }
     }
 
+    /// Store the file at `path` on the node: durable once this returns.
+    pub async fn add_file(
+        &mut self,
+        path: &std::path::Path,
+    ) -> Result<crate::api::files::StoredFile, ClientError> {
+        let open = |e: std::io::Error| {
+            ClientError::Invalid(format!("cannot read {}: {e}", path.display()))
+        };
+        match self {
+            Client::Local(core, _) => {
+                let mut file = std::fs::File::open(path).map_err(open)?;
+                let now = core.replica().now_ms();
+                let (hash, size) = core.store().add_file(&mut file, now)?;
+                Ok(crate::api::files::StoredFile {
+                    hash: hash.to_string(),
+                    size,
+                    added_ms: None,
+                })
+            }
+            Client::Api(api) => {
+                let file = tokio::fs::File::open(path).await.map_err(open)?;
+                let len = file.metadata().await.map_err(open)?.len();
+                let (_, bytes) = api
+                    .request(
+                        reqwest::Method::POST,
+                        crate::api::files::FILES_PATH,
+                        Body::File(file, len),
+                        FILE_WAIT_SECS,
+                    )
+                    .await?;
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| ClientError::Failed(format!("unexpected answer: {e}")))
+            }
+        }
+    }
+
+    /// Write the stored file `hash` to `out` (through a temporary file beside it, renamed
+    /// once whole). Returns its size.
+    pub async fn get_file(
+        &mut self,
+        hash: &crate::files::FileHash,
+        out: &std::path::Path,
+    ) -> Result<u64, ClientError> {
+        let dir = out
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let write_err =
+            |e: std::io::Error| ClientError::Failed(format!("cannot write {}: {e}", out.display()));
+        let tmp = tempfile::Builder::new()
+            .prefix(".tidesync-file-")
+            .tempfile_in(dir)
+            .map_err(write_err)?;
+        let size = match self {
+            Client::Local(core, _) => {
+                let Some((path, row)) = core.store().file(hash)? else {
+                    return Err(crate::store::FileError::NotFound(*hash).into());
+                };
+                let mut from = std::fs::File::open(&path).map_err(|e| {
+                    ClientError::Failed(format!("cannot read {}: {e}", path.display()))
+                })?;
+                let mut to = tmp.reopen().map_err(write_err)?;
+                std::io::copy(&mut from, &mut to).map_err(write_err)?;
+                to.sync_all().map_err(write_err)?;
+                row.size
+            }
+            Client::Api(api) => {
+                let to = tokio::fs::File::from_std(tmp.reopen().map_err(write_err)?);
+                api.download(&format!("/v1/files/{hash}"), to).await?
+            }
+        };
+        tmp.persist(out).map_err(|e| write_err(e.error))?;
+        Ok(size)
+    }
+
+    /// Every file stored on the node.
+    pub async fn files(&mut self) -> Result<Vec<crate::api::files::StoredFile>, ClientError> {
+        match self {
+            Client::Local(core, _) => Ok(core
+                .store()
+                .files()
+                .map_err(crate::store::FileError::from)?
+                .into_iter()
+                .map(|(hash, row)| crate::api::files::StoredFile {
+                    hash: hash.to_string(),
+                    size: row.size,
+                    added_ms: Some(row.added_ms),
+                })
+                .collect()),
+            Client::Api(api) => {
+                api.send(reqwest::Method::GET, crate::api::files::FILES_PATH, None, 0)
+                    .await
+            }
+        }
+    }
+
     /// The node's name collisions.
     pub async fn conflicts(&mut self) -> Result<Vec<crate::core::Conflict>, ClientError> {
         match self {
@@ -363,6 +462,8 @@ enum Body {
     None,
     Json(Json),
     Bytes(Vec<u8>),
+    /// A file streamed from disk, with its length.
+    File(tokio::fs::File, u64),
 }
 
 fn object_path(ty: &TypeName, id: &ObjectId) -> String {
@@ -414,6 +515,44 @@ impl ApiClient {
         })
     }
 
+    /// Stream the body of a GET of `path` into `out`, flushed and synced; returns its length.
+    async fn download(&self, path: &str, mut out: tokio::fs::File) -> Result<u64, ClientError> {
+        use tokio::io::AsyncWriteExt;
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.get(&url);
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        let unreachable = |detail: String| ClientError::Unreachable {
+            home: self.home.clone(),
+            url: url.clone(),
+            detail,
+        };
+        let mut resp = req.send().await.map_err(|e| unreachable(e.to_string()))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = resp.bytes().await.map_err(|e| unreachable(e.to_string()))?;
+            let message = serde_json::from_slice::<Json>(&bytes)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|m| m.as_str()).map(str::to_string))
+                .unwrap_or_else(|| format!("HTTP {status}"));
+            return Err(ClientError::reported(
+                ErrorKind::from_http_status(status.as_u16()),
+                message,
+            ));
+        }
+        let write_err =
+            |e: std::io::Error| ClientError::Failed(format!("cannot write the file: {e}"));
+        let mut size = 0u64;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| unreachable(e.to_string()))? {
+            size += chunk.len() as u64;
+            out.write_all(&chunk).await.map_err(write_err)?;
+        }
+        out.flush().await.map_err(write_err)?;
+        out.sync_all().await.map_err(write_err)?;
+        Ok(size)
+    }
+
     /// One request; a successful answer's headers and body, or the node's error.
     async fn request(
         &self,
@@ -442,6 +581,13 @@ impl ApiClient {
             Body::Bytes(bytes) => req
                 .header(reqwest::header::CONTENT_TYPE, guard::BUNDLE_MEDIA_TYPE)
                 .body(bytes),
+            Body::File(file, len) => req
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    crate::api::files::FILE_MEDIA_TYPE,
+                )
+                .header(reqwest::header::CONTENT_LENGTH, len)
+                .body(reqwest::Body::from(file)),
         };
         let unreachable = |detail: String| ClientError::Unreachable {
             home: self.home.clone(),

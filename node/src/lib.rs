@@ -36,6 +36,7 @@
 //! - [`model`]: the records every layer shares (documents, log entries, peer records, batches),
 //!   the checkpoint rule and the glossary of log positions.
 //! - [`doc`]: how an object's JSON maps onto an Automerge document; the deletion tombstone rule.
+//! - [`files`]: a file's content address (BLAKE3), the reference a field holds, the limits.
 //! - [`fault`]: every deliberate fault, behind the `fault-injection` feature.
 //! - [`ratelog`]: per-peer rate limits for log lines a peer can provoke (refused changes).
 //! - [`atomic`]: writing a file whole or not at all (temp file, sync, rename).
@@ -51,6 +52,7 @@ pub mod daemon;
 pub mod demo;
 pub mod doc;
 pub mod fault;
+pub mod files;
 pub mod fuzzing;
 pub mod held;
 pub mod identity;

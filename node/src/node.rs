@@ -108,6 +108,11 @@ struct Live {
 }
 
 impl NodeHandle {
+    /// The store files are added to and read from: file bytes never pass through the actor.
+    pub fn file_store(&self) -> &crate::store::Store {
+        self.reads.store()
+    }
+
     pub fn info(&self) -> &NodeInfo {
         &self.info
     }

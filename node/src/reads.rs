@@ -249,6 +249,13 @@ pub struct Reads {
     running: bool,
 }
 
+impl Reads {
+    /// The store these reads come from (files are read and added through it, off the actor).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
 fn read_err(what: impl std::fmt::Display) -> impl FnOnce(StoreError) -> ReadError {
     let what = what.to_string();
     move |source| ReadError::Store { what, source }

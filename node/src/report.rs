@@ -70,9 +70,9 @@ impl Kind for LocalWriteError {
     fn kind(&self) -> ErrorKind {
         match self {
             LocalWriteError::Refused(WriteError::NotFound { .. }) => ErrorKind::NotFound,
-            LocalWriteError::Refused(WriteError::Fields { .. }) | LocalWriteError::BadId { .. } => {
-                ErrorKind::Invalid
-            }
+            LocalWriteError::Refused(WriteError::Fields { .. })
+            | LocalWriteError::BadId { .. }
+            | LocalWriteError::BadFileRef { .. } => ErrorKind::Invalid,
             LocalWriteError::ReadOnly { .. } => ErrorKind::Forbidden,
             LocalWriteError::Store { .. } => ErrorKind::Internal,
         }
@@ -106,6 +106,16 @@ impl Kind for HeldError {
             HeldError::UnknownPeer(_) => ErrorKind::NotFound,
             HeldError::Invalid(_) => ErrorKind::Invalid,
             HeldError::Read(r) => r.kind(),
+        }
+    }
+}
+
+impl Kind for crate::store::FileError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            crate::store::FileError::NotFound(_) => ErrorKind::NotFound,
+            crate::store::FileError::TooLarge => ErrorKind::Invalid,
+            _ => ErrorKind::Internal,
         }
     }
 }

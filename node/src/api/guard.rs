@@ -119,6 +119,8 @@ impl Guard {
         if !matches!(*method, Method::GET | Method::HEAD) {
             let want = if path == BUNDLE_IMPORT_PATH {
                 BUNDLE_MEDIA_TYPE
+            } else if path == super::files::FILES_PATH {
+                super::files::FILE_MEDIA_TYPE
             } else {
                 JSON_MEDIA_TYPE
             };
@@ -147,13 +149,16 @@ impl Guard {
 }
 
 /// The middleware: refuse what fails [`Guard`]'s checks; read a JSON endpoint's body whole,
-/// within [`MAX_BODY_BYTES`] and [`BODY_READ_TIMEOUT_SECS`] (bundle uploads stream instead).
+/// within [`MAX_BODY_BYTES`] and [`BODY_READ_TIMEOUT_SECS`] (bundle and file uploads stream
+/// instead).
 pub async fn guard(State(guard): State<Arc<Guard>>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_string();
     if let Err(e) = guard.check_headers(request.method(), &path, request.headers()) {
         return e.into_response();
     }
-    if path == BUNDLE_IMPORT_PATH {
+    if path == BUNDLE_IMPORT_PATH
+        || (path == super::files::FILES_PATH && request.method() == Method::POST)
+    {
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();

@@ -12,15 +12,21 @@
 //! GET    /v1/peers                                    the configured peers and their sync state
 //! PUT    /v1/peers/{name}    body: {"id": PEERID, "addrs": [MULTIADDR, ...]}   add or replace
 //! DELETE /v1/peers/{name}
+//! POST   /v1/files      body: the file's bytes (application/octet-stream)   {"hash", "size"}
+//! GET    /v1/files/{hash}                             the file; one Range; ETag = the hash
+//! GET    /v1/files                                    [{"hash", "size", "added_ms"}, ...]
 //! ```
 //! Errors are `{"error": "..."}` with a 4xx or 5xx status. Every request must carry
 //! `Authorization: Bearer <token>` (the token is in `HOME/api.token`), a `Host` that names the
 //! API and no foreign `Origin`; state-changing ones need `Content-Type: application/json`
-//! (bundle uploads: `application/vnd.tidesync.bundle`). See [`guard`].
+//! (bundle uploads: `application/vnd.tidesync.bundle`; file uploads:
+//! `application/octet-stream`). See [`guard`].
 //!
 //! Modules: [`guard`] (the checks before a handler), [`serve`](mod@serve) (the HTTP server and its
-//! limits), [`token`] (the token file), [`spool`] (bundle uploads to a temporary file).
+//! limits), [`token`] (the token file), [`spool`] (bundle uploads to a temporary file),
+//! [`files`] (file uploads and downloads, streamed).
 
+pub mod files;
 pub mod guard;
 pub mod serve;
 pub mod spool;
@@ -173,6 +179,8 @@ pub fn router(node: NodeHandle, guard: Guard, spool_dir: std::path::PathBuf) -> 
         )
         .route("/v1/bundles/export", axum::routing::post(export_bundle))
         .route(BUNDLE_IMPORT_PATH, axum::routing::post(import_bundle))
+        .route(files::FILES_PATH, get(files::list).post(files::upload))
+        .route("/v1/files/{hash}", get(files::download))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,

@@ -62,7 +62,33 @@ pub(super) fn print_json(v: &impl serde::Serialize) -> Result<(), CliError> {
 pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), CliError> {
     let mut client = Client::connect(home)?;
     match command {
-        Command::Put { ty, id, json } => {
+        Command::File { action } => match action {
+            FileAction::Add { path } => print_json(&client.add_file(&path).await?),
+            FileAction::Get { hash, out } => {
+                let hash: crate::files::FileHash = hash
+                    .parse()
+                    .map_err(|e: crate::files::FileRefError| CliError::Usage(e.to_string()))?;
+                let size = client.get_file(&hash, &out).await?;
+                eprintln!("wrote {size} bytes to {}", out.display());
+                Ok(())
+            }
+            FileAction::Ls { json } => {
+                let files = client.files().await?;
+                if json {
+                    return print_json(&files);
+                }
+                for f in &files {
+                    println!("{} {}", f.hash, f.size);
+                }
+                Ok(())
+            }
+        },
+        Command::Put {
+            ty,
+            id,
+            json,
+            files,
+        } => {
             let (ty, id) = parse_names(ty, id)?;
             let body = if json == "-" {
                 let mut s = String::new();
@@ -73,7 +99,30 @@ pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), 
             } else {
                 json
             };
-            let fields = crate::api::parse_fields(body.as_bytes()).map_err(CliError::Usage)?;
+            let mut fields = crate::api::parse_fields(body.as_bytes()).map_err(CliError::Usage)?;
+            for spec in files {
+                let Some((field, path)) = spec.split_once('=') else {
+                    return Err(CliError::Usage(format!(
+                        "--file takes FIELD=PATH, not {spec:?}"
+                    )));
+                };
+                let path = std::path::Path::new(path);
+                let stored = client.add_file(path).await?;
+                let hash = stored
+                    .hash
+                    .parse()
+                    .map_err(|e: crate::files::FileRefError| CliError::Usage(e.to_string()))?;
+                let reference = crate::files::FileRef {
+                    hash,
+                    size: stored.size,
+                    name: path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .filter(|n| n.len() <= crate::files::MAX_FILE_NAME_BYTES),
+                    media_type: crate::files::media_type(path).map(str::to_string),
+                };
+                fields.insert(field.to_string(), reference.to_json());
+            }
             print_json(&client.put(&ty, &id, fields).await?)
         }
         Command::Get { ty, id } => {

@@ -40,6 +40,25 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What `tidesync file` does.
+#[derive(Debug, Subcommand)]
+pub enum FileAction {
+    /// Store a file; prints its hash and size as JSON.
+    Add { path: std::path::PathBuf },
+    /// Write a stored file to PATH. Exits 3 if it is not stored here.
+    Get {
+        hash: String,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// List the stored files: hash and size, one per line.
+    Ls {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// What `tidesync held` does besides listing.
 #[derive(Debug, Subcommand)]
 pub enum HeldAction {
@@ -85,6 +104,15 @@ pub enum Command {
         id: String,
         /// A JSON object of fields, or - to read it from standard input.
         json: String,
+        /// Store a file and set a field to a reference to it: FIELD=PATH (repeatable). The
+        /// file is durable before the change that references it is made.
+        #[arg(long = "file", value_name = "FIELD=PATH")]
+        files: Vec<String>,
+    },
+    /// Store, read and list files (content-addressed by their BLAKE3 hash).
+    File {
+        #[command(subcommand)]
+        action: FileAction,
     },
     /// Print an object as one line of JSON. Exits 3 if it does not exist.
     Get {

@@ -77,6 +77,15 @@ impl Replica {
                     id: (*id).clone(),
                     source,
                 })?;
+            if let WriteOp::Put(fields) = op {
+                crate::files::FileRef::all_in(fields).map_err(|source| {
+                    LocalWriteError::BadFileRef {
+                        ty: (*ty).clone(),
+                        id: (*id).clone(),
+                        source,
+                    }
+                })?;
+            }
             if !seen.insert((*ty, *id)) {
                 return Err(LocalWriteError::Refused(WriteError::Fields {
                     ty: (*ty).clone(),
@@ -213,6 +222,13 @@ pub enum LocalWriteError {
     BadId {
         ty: TypeName,
         source: tidesync_proto::IdError,
+    },
+    /// A field holds a malformed file reference (see [`crate::files`]).
+    #[error("cannot write {ty}/{id}: {source}")]
+    BadFileRef {
+        ty: TypeName,
+        id: ObjectId,
+        source: crate::files::FileRefError,
     },
     #[error("cannot write {ty}/{id}: {source}")]
     Store {

@@ -14,7 +14,7 @@
 //! applied to each peer, revoked keys, forgetting a removed peer), `held` (changes waiting
 //! for dependencies, with each sender's tally), `outbound` (view acknowledgements, oversized
 //! changes, references owed), `equivocation` (equivocations with their evidence, and the
-//! changes they refuse).
+//! changes they refuse), `files` (files content-addressed on disk, and their index).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -29,6 +29,8 @@ use crate::model::{DocRecord, LogEntry, PeerRecord, Persist, ReceivedDoc, View};
 mod applied;
 mod docs;
 mod equivocation;
+mod files;
+pub use files::{FileError, FileRow, Partial};
 mod held;
 mod peers;
 mod reader;
@@ -323,6 +325,7 @@ impl Store {
             tx.open_table(applied::REVOKED).ctx(self, ctx)?;
             tx.open_table(equivocation::EQUIVOCATIONS).ctx(self, ctx)?;
             tx.open_table(equivocation::BANNED).ctx(self, ctx)?;
+            tx.open_table(files::FILES).ctx(self, ctx)?;
         }
         tx.commit().ctx(self, ctx)
     }
@@ -370,7 +373,8 @@ impl Store {
         Ok(())
     }
 
-    /// Format 4 → 5: the tables of equivocations and the changes they refuse; and views,
+    /// Format 4 → 5: the tables of equivocations and the changes they refuse, and the file
+    /// index (`files_v1`, empty); and views,
     /// which now have their own id for each peer (`DocId::derive_view`), are dropped with
     /// their acknowledgements, to be written again under their new ids (a peer that holds an
     /// old one keeps it under its collision name). One transaction.
@@ -382,6 +386,7 @@ impl Store {
         tx.open_table(VIEWS).ctx(self, ctx)?;
         tx.open_table(equivocation::EQUIVOCATIONS).ctx(self, ctx)?;
         tx.open_table(equivocation::BANNED).ctx(self, ctx)?;
+        tx.open_table(files::FILES).ctx(self, ctx)?;
         tx.open_table(META)
             .ctx(self, ctx)?
             .insert("format", STORE_FORMAT.as_bytes())
