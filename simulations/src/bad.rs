@@ -1,12 +1,10 @@
 //! The misbehaving node a world may have: how it misbehaves, switching that on in its core,
 //! and the bogus messages it sends. The invariants check the honest nodes only.
 
-use automerge::transaction::Transactable;
-use automerge::{ActorId, ROOT};
 use rand::{Rng, RngExt};
 use tidesync::core::Core;
 use tidesync::fault::{EngineFault, Fault};
-use tidesync_proto::{Checkpoint, DocHeader, Message, ObjectId, SignedChange, TypeName};
+use tidesync_proto::{Checkpoint, Message, ObjectId, TypeName};
 
 use crate::options::{Violation, fail};
 use crate::world::World;
@@ -192,26 +190,19 @@ fn write_prefixed(w: &mut World, b: usize, phase: &str) -> Result<(), Violation>
         return Ok(());
     }
     let (doc_id, rec) = theirs.swap_remove((pick % theirs.len() as u64) as usize);
-    let Some(mut doc) = hub
+    let Some(doc) = hub
         .document(&doc_id)
         .map_err(|e| fail(phase, e.to_string()))?
     else {
         return Ok(());
     };
-    doc.set_actor(ActorId::from(tidesync_proto::ids::actor_id(&bad_id, epoch)));
-    let mut tx = doc.transaction();
-    tx.put(ROOT, "status", "overwritten by a third lab")
-        .map_err(|e| fail(phase, e.to_string()))?;
-    tx.commit();
-    let Some(change) = doc.get_last_local_change() else {
+    let actor = tidesync_proto::ids::actor_id(&bad_id, epoch);
+    let key = &w.nodes[b].identity;
+    let value = "overwritten by a third lab";
+    let Some((header, signed)) =
+        crate::workload::craft(doc, doc_id, rec, actor, key, value, phase)?
+    else {
         return Ok(());
-    };
-    let signed = SignedChange::sign(w.nodes[b].identity.signing_key(), doc_id, &change);
-    let header = DocHeader {
-        doc: doc_id,
-        origin: rec.origin,
-        ty: rec.ty,
-        id: rec.id,
     };
     w.trace
         .line(&format!("{} misbehave {b}->0 writes into {doc_id}", w.now));

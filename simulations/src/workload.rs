@@ -238,32 +238,51 @@ pub(crate) fn forge(w: &mut World, phase: &str) -> Result<(), Violation> {
     else {
         return Ok(());
     };
-    let Some(mut doc) = fc
+    let Some(doc) = fc
         .document(&doc_id)
         .map_err(|e| fail(phase, e.to_string()))?
     else {
         return Ok(());
     };
-    doc.set_actor(ActorId::from(tidesync_proto::ids::actor_id(&victim, epoch)));
-    let mut tx = doc.transaction();
-    tx.put(ROOT, "status", "forged")
-        .map_err(|e| fail(phase, e.to_string()))?;
-    tx.commit();
-    let Some(change) = doc.get_last_local_change() else {
+    let actor = tidesync_proto::ids::actor_id(&victim, epoch);
+    let Some((header, signed)) = craft(doc, doc_id, rec, actor, fc.identity(), "forged", phase)?
+    else {
         return Ok(());
-    };
-    let signed = SignedChange::sign(fc.identity().signing_key(), doc_id, &change);
-    let header = DocHeader {
-        doc: doc_id,
-        origin: rec.origin,
-        ty: rec.ty,
-        id: rec.id,
     };
     inject(w, f, g, header, signed, phase)?;
     w.report.forgeries += 1;
     w.trace
         .line(&format!("{} forge {f}->{g} as {victim} on {doc_id}", w.now));
     Ok(())
+}
+
+/// A change to `doc` (of record `rec`) made as `actor`, setting `status` to `value`, signed
+/// with `key`: what a misbehaving node sends. With the header naming the document.
+pub(crate) fn craft(
+    mut doc: automerge::Automerge,
+    doc_id: tidesync_proto::DocId,
+    rec: tidesync::model::DocRecord,
+    actor: Vec<u8>,
+    key: &tidesync::identity::Identity,
+    value: &str,
+    phase: &str,
+) -> Result<Option<(DocHeader, SignedChange)>, Violation> {
+    doc.set_actor(ActorId::from(actor));
+    let mut tx = doc.transaction();
+    tx.put(ROOT, "status", value)
+        .map_err(|e| fail(phase, e.to_string()))?;
+    tx.commit();
+    let Some(change) = doc.get_last_local_change() else {
+        return Ok(None);
+    };
+    let signed = SignedChange::sign(key.signing_key(), doc_id, &change);
+    let header = DocHeader {
+        doc: doc_id,
+        origin: rec.origin,
+        ty: rec.ty,
+        id: rec.id,
+    };
+    Ok(Some((header, signed)))
 }
 
 /// Node `f` sends `g` one crafted change of the document `header` names, in a batch that

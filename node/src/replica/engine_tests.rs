@@ -163,18 +163,9 @@ fn arrive(
     incoming: Vec<&SignedChange>,
 ) -> Arrived {
     e.receive(Arrival {
-        header: h.clone(),
-        from: h.origin,
         existing,
         held: held.into_iter().map(|c| (c, None)).collect(),
-        incoming: incoming
-            .into_iter()
-            .map(|s| (s.clone(), s.verify().unwrap()))
-            .collect(),
-        name: h.id.clone(),
-        name_taken: false,
-        one_by_one: false,
-        bans: Default::default(),
+        ..arrival_of(h, None, &incoming)
     })
 }
 
@@ -359,11 +350,15 @@ fn a_reversed_chain_is_released_in_dependency_order_keeping_its_senders() {
 }
 
 /// An arrival of `incoming` at a node holding `existing`.
-fn arrival(h: &DocHeader, existing: (DocRecord, Automerge), incoming: &[&SignedChange]) -> Arrival {
+fn arrival_of(
+    h: &DocHeader,
+    existing: Option<(DocRecord, Automerge)>,
+    incoming: &[&SignedChange],
+) -> Arrival {
     Arrival {
         header: h.clone(),
         from: h.origin,
-        existing: Some(existing),
+        existing,
         held: Vec::new(),
         incoming: incoming
             .iter()
@@ -421,7 +416,7 @@ fn an_equivocation_is_cut_out_the_same_way_whatever_the_order() {
         assert!(failed.poisoned.is_some_and(|p| p.hash.is_none()));
         let found = hub.receive(Arrival {
             one_by_one: true,
-            ..arrival(&h, got, &[&second.change])
+            ..arrival_of(&h, Some(got), &[&second.change])
         });
         assert_eq!(found.found.len(), 1, "the equivocation is found");
         assert_eq!(found.found[0].first.as_ref().err(), Some(&first.hash));
@@ -447,7 +442,7 @@ fn an_equivocation_is_cut_out_the_same_way_whatever_the_order() {
     assert!(batch.poisoned.is_some_and(|p| p.hash.is_none()));
     let one_by_one = hub.receive(Arrival {
         one_by_one: true,
-        ..arrival(&h, base, &[&one.change, &two.change])
+        ..arrival_of(&h, Some(base), &[&one.change, &two.change])
     });
     assert_eq!(one_by_one.found.len(), 1);
     assert!(
