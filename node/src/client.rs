@@ -532,14 +532,7 @@ impl ApiClient {
         let status = resp.status();
         if !status.is_success() {
             let bytes = resp.bytes().await.map_err(|e| unreachable(e.to_string()))?;
-            let message = serde_json::from_slice::<Json>(&bytes)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|m| m.as_str()).map(str::to_string))
-                .unwrap_or_else(|| format!("HTTP {status}"));
-            return Err(ClientError::reported(
-                ErrorKind::from_http_status(status.as_u16()),
-                message,
-            ));
+            return Err(failure(status, &bytes));
         }
         let write_err =
             |e: std::io::Error| ClientError::Failed(format!("cannot write the file: {e}"));
@@ -601,15 +594,17 @@ impl ApiClient {
         if status.is_success() {
             return Ok((headers, bytes.to_vec()));
         }
-        let message = serde_json::from_slice::<Json>(&bytes)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|m| m.as_str()).map(str::to_string))
-            .unwrap_or_else(|| format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)));
-        Err(ClientError::reported(
-            ErrorKind::from_http_status(status.as_u16()),
-            message,
-        ))
+        Err(failure(status, &bytes))
     }
+}
+
+/// The error a node reported with `status` and the body `bytes` (`{"error": ...}`).
+fn failure(status: reqwest::StatusCode, bytes: &[u8]) -> ClientError {
+    let message = serde_json::from_slice::<Json>(bytes)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|m| m.as_str()).map(str::to_string))
+        .unwrap_or_else(|| format!("HTTP {status}: {}", String::from_utf8_lossy(bytes)));
+    ClientError::reported(ErrorKind::from_http_status(status.as_u16()), message)
 }
 
 #[cfg(test)]

@@ -201,12 +201,10 @@ pub(crate) fn tamper_if_relayed(change: &mut SignedChange, me: &NodeId) {
     }
 }
 
-/// Test-only fault: whether an equivocating node sends `peer` twins (see [`Fault::Equivocate`]).
-pub(crate) fn gets_twins(peers: &crate::policy::Policies, peer: &NodeId) -> bool {
-    peers
-        .ids()
-        .position(|p| p == peer)
-        .is_some_and(|i| i % 2 == 1)
+/// Test-only fault: whether an equivocating node sends `peer` twins (see
+/// [`Fault::Equivocate`]), given its configured peers in key order.
+pub(crate) fn gets_twins<'a>(mut peers: impl Iterator<Item = &'a NodeId>, peer: &NodeId) -> bool {
+    peers.position(|p| p == peer).is_some_and(|i| i % 2 == 1)
 }
 
 /// Test-only fault: the twin of `change`, one of this node's own changes of `doc`: the same

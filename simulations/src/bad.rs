@@ -1,85 +1,22 @@
-//! The misbehaving node a world may have: how it misbehaves, switching that on in its core,
-//! and the bogus messages it sends. The invariants check the honest nodes only.
+//! The misbehaving node a world may have: switching its misbehaviour on in its core, and the
+//! bogus messages it sends. The invariants check the honest nodes only.
 
 use rand::{Rng, RngExt};
 use tidesync::core::Core;
 use tidesync::fault::{EngineFault, Fault};
 use tidesync_proto::{Checkpoint, Message, ObjectId, TypeName};
 
-use crate::options::{Violation, fail};
+use crate::options::{Misbehaviour, Violation, fail};
 use crate::world::World;
 
-/// Most `Changes` requests the misbehaving node keeps to replay.
-pub const MAX_REPLAYS_KEPT: usize = 64;
-
-/// How the one misbehaving node of a world misbehaves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Misbehaviour {
-    /// Writes and sends as if it had no policy of its own (read-only types written, every
-    /// type offered to every peer).
-    IgnorePolicy,
-    /// Sends the types its peers skip, as a node following references into them would.
-    SendSkipped,
-    /// Sends every other peer a signed twin of each of its own changes (same actor and
-    /// sequence number, other contents).
-    Equivocate,
-    /// Sends Hellos that claim other nodes or impossible checkpoints, and Rewounds asking
-    /// for logs from nowhere.
-    BogusHellos,
-    /// Sends old batches of its own again, out of order.
-    Replay,
-    /// Writes into another lab's prefixed Samples (as held at the hub) and sends the hub the
-    /// change, signed with its own key.
-    WritesPrefixed,
-}
-
-impl Misbehaviour {
-    pub const ALL: [Misbehaviour; 6] = [
-        Misbehaviour::IgnorePolicy,
-        Misbehaviour::SendSkipped,
-        Misbehaviour::Equivocate,
-        Misbehaviour::BogusHellos,
-        Misbehaviour::Replay,
-        Misbehaviour::WritesPrefixed,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Misbehaviour::IgnorePolicy => "ignore-policy",
-            Misbehaviour::SendSkipped => "send-skipped",
-            Misbehaviour::Equivocate => "equivocate",
-            Misbehaviour::BogusHellos => "bogus-hellos",
-            Misbehaviour::Replay => "replay",
-            Misbehaviour::WritesPrefixed => "writes-prefixed",
-        }
-    }
-
-    /// Switch what the core itself does wrong on (the bogus messages come from [`act`]).
-    pub(crate) fn switch_on(self, core: &mut Core) {
-        match self {
-            Misbehaviour::IgnorePolicy => core.inject_process_fault(Fault::IgnorePolicy),
-            Misbehaviour::SendSkipped => core.inject_fault(EngineFault::IgnoreSkip),
-            Misbehaviour::Equivocate => core.inject_process_fault(Fault::Equivocate),
-            Misbehaviour::BogusHellos | Misbehaviour::Replay | Misbehaviour::WritesPrefixed => {}
-        }
-    }
-}
-
-impl std::fmt::Display for Misbehaviour {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Misbehaviour {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Misbehaviour::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| {
-                format!("unknown misbehaviour {s:?} (known: ignore-policy, send-skipped, equivocate, bogus-hellos, replay, writes-prefixed)")
-            })
+/// Switch on what the core of a node that does `m` itself does wrong (the bogus messages
+/// come from [`act`]).
+pub(crate) fn switch_on(m: Misbehaviour, core: &mut Core) {
+    match m {
+        Misbehaviour::IgnorePolicy => core.inject_process_fault(Fault::IgnorePolicy),
+        Misbehaviour::SendSkipped => core.inject_fault(EngineFault::IgnoreSkip),
+        Misbehaviour::Equivocate => core.inject_process_fault(Fault::Equivocate),
+        Misbehaviour::BogusHellos | Misbehaviour::Replay | Misbehaviour::WritesPrefixed => {}
     }
 }
 
@@ -207,19 +144,4 @@ fn write_prefixed(w: &mut World, b: usize, phase: &str) -> Result<(), Violation>
     w.trace
         .line(&format!("{} misbehave {b}->0 writes into {doc_id}", w.now));
     crate::workload::inject(w, b, 0, header, signed, phase)
-}
-
-/// Keep a `Changes` request the misbehaving node sent, to replay it later.
-pub(crate) fn remember(w: &mut World, from: usize, to: usize, msg: &Message) {
-    if w.opts
-        .bad
-        .is_some_and(|(b, k)| b == from && k == Misbehaviour::Replay)
-        && matches!(msg, Message::Changes { .. })
-    {
-        if w.replays.len() >= MAX_REPLAYS_KEPT {
-            let i = w.rng.random_range(0..w.replays.len());
-            w.replays.swap_remove(i);
-        }
-        w.replays.push((to, msg.clone()));
-    }
 }

@@ -66,7 +66,7 @@ pub(crate) fn start_node(w: &mut World, i: usize, phase: &str) -> Result<(), Vio
     if let Some((b, m)) = w.opts.bad
         && b == i
     {
-        m.switch_on(&mut core);
+        crate::bad::switch_on(m, &mut core);
     }
     w.nodes[i].core = Some(core);
     invariants::check_acked(w, i, phase)

@@ -170,7 +170,7 @@ pub(crate) fn check(w: &mut World) -> Result<(), Violation> {
     let equivocator = w
         .opts
         .bad
-        .is_some_and(|(_, m)| m == crate::bad::Misbehaviour::Equivocate);
+        .is_some_and(|(_, m)| m == crate::options::Misbehaviour::Equivocate);
     for i in 0..w.nodes.len() {
         if w.is_bad(i) {
             continue;

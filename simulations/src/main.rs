@@ -73,7 +73,7 @@ fn main() -> ExitCode {
     let bad = match args.bad.as_deref() {
         None => None,
         Some("none") => Some(None),
-        Some(m) => match m.parse::<tidesync_sim::bad::Misbehaviour>() {
+        Some(m) => match m.parse::<tidesync_sim::options::Misbehaviour>() {
             Ok(m) => Some(Some(m)),
             Err(e) => {
                 eprintln!("error: {e}");

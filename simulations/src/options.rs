@@ -5,7 +5,6 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tidesync::fault::EngineFault;
 
-use crate::bad::Misbehaviour;
 use crate::net::NetFaults;
 use crate::topology::Topology;
 
@@ -160,5 +159,66 @@ pub(crate) fn fail(phase: impl Into<String>, what: impl Into<String>) -> Violati
     Violation {
         phase: phase.into(),
         what: what.into(),
+    }
+}
+
+/// How the one misbehaving node of a world misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Misbehaviour {
+    /// Writes and sends as if it had no policy of its own (read-only types written, every
+    /// type offered to every peer).
+    IgnorePolicy,
+    /// Sends the types its peers skip, as a node following references into them would.
+    SendSkipped,
+    /// Sends every other peer a signed twin of each of its own changes (same actor and
+    /// sequence number, other contents).
+    Equivocate,
+    /// Sends Hellos that claim other nodes or impossible checkpoints, and Rewounds asking
+    /// for logs from nowhere.
+    BogusHellos,
+    /// Sends old batches of its own again, out of order.
+    Replay,
+    /// Writes into another lab's prefixed Samples (as held at the hub) and sends the hub the
+    /// change, signed with its own key.
+    WritesPrefixed,
+}
+
+impl Misbehaviour {
+    pub const ALL: [Misbehaviour; 6] = [
+        Misbehaviour::IgnorePolicy,
+        Misbehaviour::SendSkipped,
+        Misbehaviour::Equivocate,
+        Misbehaviour::BogusHellos,
+        Misbehaviour::Replay,
+        Misbehaviour::WritesPrefixed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Misbehaviour::IgnorePolicy => "ignore-policy",
+            Misbehaviour::SendSkipped => "send-skipped",
+            Misbehaviour::Equivocate => "equivocate",
+            Misbehaviour::BogusHellos => "bogus-hellos",
+            Misbehaviour::Replay => "replay",
+            Misbehaviour::WritesPrefixed => "writes-prefixed",
+        }
+    }
+}
+
+impl std::fmt::Display for Misbehaviour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Misbehaviour {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Misbehaviour::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                format!("unknown misbehaviour {s:?} (known: ignore-policy, send-skipped, equivocate, bogus-hellos, replay, writes-prefixed)")
+            })
     }
 }

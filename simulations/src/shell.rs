@@ -116,7 +116,7 @@ pub(crate) fn route(
         let Some(&to) = w.ids.get(&peer) else {
             return Err(fail(phase, format!("node {from} sent to unknown {peer}")));
         };
-        crate::bad::remember(w, from, to, &msg);
+        remember(w, from, to, &msg);
         if let Message::Changes { changes, upto, .. } = &msg {
             // The idle resync counts what honest nodes send (see `harness::idle_resync`).
             if !w.is_bad(from) {
@@ -200,5 +200,23 @@ pub(crate) fn kind(msg: &Message) -> String {
             upto,
             rejected,
         } => format!("ack {batch} upto {upto} rejected {rejected}"),
+    }
+}
+
+/// Most `Changes` requests the misbehaving node keeps to replay.
+pub const MAX_REPLAYS_KEPT: usize = 64;
+
+/// Keep a `Changes` request the misbehaving node sent, to replay it later.
+pub(crate) fn remember(w: &mut World, from: usize, to: usize, msg: &Message) {
+    if w.opts
+        .bad
+        .is_some_and(|(b, k)| b == from && k == crate::options::Misbehaviour::Replay)
+        && matches!(msg, Message::Changes { .. })
+    {
+        if w.replays.len() >= MAX_REPLAYS_KEPT {
+            let i = w.rng.random_range(0..w.replays.len());
+            w.replays.swap_remove(i);
+        }
+        w.replays.push((to, msg.clone()));
     }
 }

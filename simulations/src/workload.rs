@@ -150,7 +150,7 @@ pub(crate) fn write(w: &mut World, phase: &str) -> Result<(), Violation> {
     let ignores = w
         .opts
         .bad
-        .is_some_and(|(b, m)| b == i && m == crate::bad::Misbehaviour::IgnorePolicy);
+        .is_some_and(|(b, m)| b == i && m == crate::options::Misbehaviour::IgnorePolicy);
     let refused = w.layout.refuses_write(i, ty_s) && !ignores;
     match result {
         Ok(reply) if refused => {

@@ -2,8 +2,8 @@
 //! regression seeds, each a world that once failed.
 
 use tidesync::fault::EngineFault;
-use tidesync_sim::bad::Misbehaviour;
 use tidesync_sim::net::NetFaults;
+use tidesync_sim::options::Misbehaviour;
 use tidesync_sim::topology::Topology;
 use tidesync_sim::{Given, MAX_HEAL_ROUNDS, Options, Report, run};
 

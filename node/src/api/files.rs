@@ -74,26 +74,28 @@ pub async fn upload(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    // `None` tells the writer the upload failed: it removes the partial file.
+    // `None` tells the writer the upload failed: it removes the partial file and keeps
+    // nothing (answers `Ok(None)`).
     let (tx, mut rx) =
         tokio::sync::mpsc::channel::<Option<axum::body::Bytes>>(UPLOAD_CHANNEL_CHUNKS);
     let writer = tokio::task::spawn_blocking(move || {
         let mut partial = store.partial_file()?;
-        let mut written = Ok(false);
-        while let Some(item) = rx.blocking_recv() {
-            written = match item {
-                Some(chunk) => partial.write(&chunk).map(|()| false),
-                None => Ok(true),
-            };
-            if !matches!(written, Ok(false)) {
-                break;
+        let written = loop {
+            match rx.blocking_recv() {
+                None => break Ok(true),
+                Some(None) => break Ok(false),
+                Some(Some(chunk)) => {
+                    if let Err(e) = partial.write(&chunk) {
+                        break Err(e);
+                    }
+                }
             }
-        }
+        };
         match written {
-            Ok(false) => store.keep_file(partial, now),
-            Ok(true) => {
+            Ok(true) => store.keep_file(partial, now).map(Some),
+            Ok(false) => {
                 let _ = std::fs::remove_file(&partial.path);
-                Err(FileError::NotFound(FileHash([0; 32])))
+                Ok(None)
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&partial.path);
@@ -136,7 +138,12 @@ pub async fn upload(
         return Err(e);
     }
     drop(tx);
-    let (hash, size) = writer.await.map_err(join_error)?.map_err(file_error)?;
+    let Some((hash, size)) = writer.await.map_err(join_error)?.map_err(file_error)? else {
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the file writer stopped before the upload ended",
+        ));
+    };
     let stored = StoredFile {
         hash: hash.to_string(),
         size,

@@ -488,8 +488,8 @@ impl Sessions {
         let mut out = Vec::new();
         let last = replica.log_tip().map_err(store_err(peer))?;
         let (me, alter_relayed) = (replica.node_id(), replica.faults().alter_relayed);
-        let twins =
-            replica.faults().equivocate && crate::fault::gets_twins(replica.policies(), &peer);
+        let twins = replica.faults().equivocate
+            && crate::fault::gets_twins(replica.policies().ids(), &peer);
         let mut by_ref = replica.carried_to(peer)?;
         if !self
             .peers
