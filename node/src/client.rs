@@ -378,6 +378,25 @@ impl Client {
         }
     }
 
+    /// The files the node wants (its want-list), and from whom.
+    pub async fn missing_files(
+        &mut self,
+    ) -> Result<Vec<crate::api::files::WantedFile>, ClientError> {
+        match self {
+            Client::Local(core, _) => Ok(core
+                .store()
+                .wants()
+                .map_err(crate::store::FileError::from)?
+                .iter()
+                .map(crate::api::files::WantedFile::from)
+                .collect()),
+            Client::Api(api) => {
+                let path = format!("{}?state=missing", crate::api::files::FILES_PATH);
+                api.send(reqwest::Method::GET, &path, None, 0).await
+            }
+        }
+    }
+
     /// The node's name collisions.
     pub async fn conflicts(&mut self) -> Result<Vec<crate::core::Conflict>, ClientError> {
         match self {

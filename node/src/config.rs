@@ -29,7 +29,9 @@ pub const DEFAULT_API: &str = "127.0.0.1:7401";
 /// `api.token`. 2: `format = 2`, the token in its own file (`api.token` is still read, and
 /// moved out at the next start), `api.hosts`. 3: each `refs` field names the type it
 /// references (`"owner:User"`); a `refs` field without one is refused with the new form.
-pub const CONFIG_FORMAT: u32 = 3;
+/// 4: a peer may set `files` and `max-file-bytes` (older builds refuse those keys, so they
+/// refuse format 4 by name).
+pub const CONFIG_FORMAT: u32 = 4;
 /// Most extra host names `api.hosts` may list.
 pub const MAX_API_HOSTS: usize = 64;
 
@@ -498,7 +500,7 @@ pub(crate) mod tests {
         c.api.token = None;
         c.save(&home).unwrap();
         let text = fs::read_to_string(home.config()).unwrap();
-        assert!(text.contains("format = 3"), "{text}");
+        assert!(text.contains("format = 4"), "{text}");
         assert!(!text.contains("token"), "{text}");
         assert_eq!(
             fs::metadata(home.config()).unwrap().permissions().mode() & 0o777,

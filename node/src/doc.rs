@@ -97,6 +97,61 @@ pub fn to_json(doc: &impl ReadDoc) -> Map<String, Json> {
     out
 }
 
+/// The files the object's fields refer to (see [`crate::files`]): each hash once with the size
+/// its first reference gives, at most [`crate::files::MAX_FILE_REFS_PER_OBJECT`].
+/// Malformed references (which a peer's document may hold) are no files and are skipped. Only
+/// maps holding a `$file` key are turned into JSON, so a document without files costs a walk.
+pub fn file_refs(doc: &impl ReadDoc) -> Vec<(crate::files::FileHash, u64)> {
+    use crate::files::{FILE_KEY, FileRef, MAX_FILE_REFS_PER_OBJECT};
+    let mut out: Vec<(crate::files::FileHash, u64)> = Vec::new();
+    let mut stack: Vec<ObjId> = Vec::new();
+    let visit = |stack: &mut Vec<ObjId>, value: Value<'_>, obj: ObjId| {
+        if let Value::Object(ObjType::Map | ObjType::Table | ObjType::List) = value {
+            stack.push(obj);
+        }
+    };
+    for key in doc.keys(ROOT) {
+        if key.starts_with(RESERVED_PREFIX) {
+            continue;
+        }
+        if let Ok(Some((value, obj))) = doc.get(ROOT, key.as_str()) {
+            visit(&mut stack, value, obj);
+        }
+    }
+    while let Some(obj) = stack.pop() {
+        if out.len() >= MAX_FILE_REFS_PER_OBJECT {
+            break;
+        }
+        match doc.object_type(&obj) {
+            Ok(ObjType::List) => {
+                for i in 0..doc.length(&obj) {
+                    if let Ok(Some((value, child))) = doc.get(&obj, i) {
+                        visit(&mut stack, value, child);
+                    }
+                }
+            }
+            Ok(ObjType::Map | ObjType::Table) => {
+                if let Ok(Some(_)) = doc.get(&obj, FILE_KEY) {
+                    let json = value_to_json(doc, Value::Object(ObjType::Map), &obj);
+                    if let Some(Ok(r)) = FileRef::parse(&json)
+                        && !out.iter().any(|(h, _)| *h == r.hash)
+                    {
+                        out.push((r.hash, r.size));
+                    }
+                    continue;
+                }
+                for key in doc.keys(&obj) {
+                    if let Ok(Some((value, child))) = doc.get(&obj, key.as_str()) {
+                        visit(&mut stack, value, child);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 fn value_to_json(doc: &impl ReadDoc, value: Value<'_>, obj: &ObjId) -> Json {
     match value {
         Value::Scalar(s) => scalar_to_json(&s),

@@ -126,7 +126,8 @@ impl Faults {
             Fault::None
             | Fault::GarbageFrames
             | Fault::TruncatedFrames
-            | Fault::OversizedFrames => {}
+            | Fault::OversizedFrames
+            | Fault::CorruptFiles => {}
         }
     }
 }
@@ -155,6 +156,9 @@ pub enum Fault {
     /// this node's own changes that is not a creation: the same actor, sequence number and
     /// dependencies, other contents, signed. Receivers must detect it and converge.
     Equivocate,
+    /// Flip a byte in every file segment served (a peer with rotted or lying storage):
+    /// receivers must catch it by verification and fetch the segment elsewhere.
+    CorruptFiles,
 }
 
 impl Fault {
@@ -178,6 +182,7 @@ impl Fault {
             Some("oversized-frames") => Fault::OversizedFrames,
             Some("ignore-policy") => Fault::IgnorePolicy,
             Some("equivocate") => Fault::Equivocate,
+            Some("corrupt-files") => Fault::CorruptFiles,
             _ => Fault::None,
         }
     }

@@ -17,6 +17,7 @@
 //! - [`node`]: the node actor: owns the core, drains its outbox to the network actor.
 //! - [`netloop`]: the network actor: polls the swarm and dials peers, never waiting for the core.
 //! - [`net`]: the libp2p shell: transport, gating, the request-response codec, backoff.
+//! - [`netfiles`]: the files protocol's libp2p name, stream caps and frame codec.
 //! - [`held`]: `tidesync held`: listing and purging held changes, with each sender's quota.
 //!
 //! **Core, sync and replica**
@@ -58,6 +59,7 @@ pub mod held;
 pub mod identity;
 pub mod model;
 pub mod net;
+pub mod netfiles;
 pub mod netloop;
 pub mod node;
 pub mod policy;

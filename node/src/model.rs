@@ -54,6 +54,8 @@ pub struct Persist {
     pub author: NodeId,
     /// Unix time of the write, in milliseconds, for the change log.
     pub time_ms: i64,
+    /// The files the document refers to after the change ([`crate::doc::file_refs`]).
+    pub files: Vec<(crate::files::FileHash, u64)>,
 }
 
 /// The local name of a received document whose `(type, name)` another document already has
@@ -328,6 +330,11 @@ pub struct ReceivedDoc {
     /// This document is a view written for this node of an object it holds in full: the
     /// object moves to its collision name and the view takes its name.
     pub supersedes: Option<DocId>,
+    /// The files the new state refers to ([`crate::doc::file_refs`]; empty without a state).
+    pub files: Vec<(crate::files::FileHash, u64)>,
+    /// Files to want because of this document (decided by the replica from its policy for
+    /// the sender; the store adds each one it does not hold, within the claimant's quota).
+    pub wants: Vec<WantRow>,
 }
 
 impl ReceivedDoc {
@@ -346,6 +353,8 @@ impl ReceivedDoc {
             equivocations: Vec::new(),
             banned: Vec::new(),
             supersedes: None,
+            files: Vec::new(),
+            wants: Vec::new(),
         }
     }
 }
@@ -373,6 +382,11 @@ pub struct NetTotals {
     pub frames_out: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Bytes of the files protocol (`/tidesync/files/1`), each way.
+    #[serde(default)]
+    pub file_bytes_in: u64,
+    #[serde(default)]
+    pub file_bytes_out: u64,
 }
 
 #[cfg(test)]
@@ -430,4 +444,56 @@ mod tests {
         assert!(r.stored(0, cp(3), true));
         assert_eq!(r.received, cp(3));
     }
+}
+
+/// A file this node wants: referenced by an object it holds, allowed by its policy for the
+/// peer that sent the object, not yet stored whole (`wants_v1`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WantRow {
+    pub hash: crate::files::FileHash,
+    pub size: u64,
+    /// The peer whose object made this node want the file: its quota pays for it.
+    pub claimant: NodeId,
+    /// Peers that may hold it: those that sent objects referencing it, and their origins
+    /// (at most [`MAX_WANT_SOURCES`]).
+    pub sources: Vec<NodeId>,
+    /// Fetched only when a read asks for it (`--files on-demand`).
+    pub on_demand: bool,
+    pub added_ms: i64,
+    /// Segments verified and durable, one bit each (segment `n` is bit `n % 8` of byte
+    /// `n / 8`).
+    #[serde(with = "tidesync_proto::change::serde_bytes_vec")]
+    pub done: Vec<u8>,
+    /// The last failure fetching it, from any peer.
+    pub last_error: Option<String>,
+}
+
+/// Most peers remembered as sources of one wanted file.
+pub const MAX_WANT_SOURCES: usize = 16;
+
+/// What status shows of fetching files from and serving them to one peer, since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerFiles {
+    /// Files on the want-list this peer is a source of.
+    pub wanted: u64,
+    /// Segment asks to it in flight now.
+    pub transferring: u64,
+    /// File bytes verified from it.
+    pub bytes_in: u64,
+    /// File bytes served to it.
+    pub bytes_out: u64,
+    /// Segments from it that did not verify.
+    pub corrupt_segments: u64,
+    pub last_error: Option<String>,
+}
+
+/// What status shows of files: the want-list and each peer's transfers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilesStatus {
+    /// Files on the want-list.
+    pub wanted: u64,
+    /// Bytes of those files still missing.
+    pub missing_bytes: u64,
+    /// Per peer, by PeerId.
+    pub peers: BTreeMap<String, PeerFiles>,
 }

@@ -60,12 +60,15 @@ pub const MAX_SYNC_STREAMS_PER_CONNECTION: usize = 2 * MAX_SYNC_STREAMS_PER_DIRE
 pub const MAX_NEGOTIATING_INBOUND_STREAMS: usize = 8;
 /// Most Yamux streams on one connection, both directions and every protocol (Yamux's default
 /// is 512). Each may buffer up to its 256 KiB receive window before it is read.
-pub const MAX_YAMUX_STREAMS: usize = 32;
+pub const MAX_YAMUX_STREAMS: usize = 48;
 // Honest use must fit the stream caps: both sides' window, Hello and Rewound at once, and the
 // negotiating ones within Yamux's.
 const _: () = assert!(
     MAX_SYNC_STREAMS_PER_DIRECTION >= crate::sync::SYNC_WINDOW_BATCHES + 2
-        && MAX_YAMUX_STREAMS >= MAX_SYNC_STREAMS_PER_CONNECTION + MAX_NEGOTIATING_INBOUND_STREAMS
+        && MAX_YAMUX_STREAMS
+            >= MAX_SYNC_STREAMS_PER_CONNECTION
+                + crate::netfiles::MAX_FILE_STREAMS_PER_CONNECTION
+                + MAX_NEGOTIATING_INBOUND_STREAMS
 );
 /// A frame body is read in pieces of at most this many bytes, so that a header that announces
 /// a large frame costs memory only as its bytes actually arrive.
@@ -88,6 +91,8 @@ pub struct NetCounters {
     frames_out: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    pub(crate) file_bytes_in: AtomicU64,
+    pub(crate) file_bytes_out: AtomicU64,
 }
 
 impl NetCounters {
@@ -97,6 +102,8 @@ impl NetCounters {
             frames_out: self.frames_out.load(Ordering::Relaxed),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            file_bytes_in: self.file_bytes_in.load(Ordering::Relaxed),
+            file_bytes_out: self.file_bytes_out.load(Ordering::Relaxed),
         }
     }
 }
@@ -188,9 +195,11 @@ impl FrameCodec {
                     .await?;
                 io.write_all(&frame[FRAME_HEADER_BYTES..]).await?;
             }
-            Fault::None | Fault::AlterRelayed | Fault::IgnorePolicy | Fault::Equivocate => {
-                io.write_all(&frame).await?
-            }
+            Fault::None
+            | Fault::AlterRelayed
+            | Fault::IgnorePolicy
+            | Fault::Equivocate
+            | Fault::CorruptFiles => io.write_all(&frame).await?,
         }
         self.counters.frames_out.fetch_add(1, Ordering::Relaxed);
         self.counters
@@ -272,6 +281,9 @@ pub struct Behaviour {
     /// are, before any protocol stream opens.
     pub allow: allow_block_list::Behaviour<AllowedPeers>,
     pub sync: request_response::Behaviour<FrameCodec>,
+    /// The files protocol (`crate::netfiles`), on streams of its own: file bytes never
+    /// queue in front of a sync batch.
+    pub files: request_response::Behaviour<crate::netfiles::FileCodec>,
     pub ping: ping::Behaviour,
 }
 
@@ -338,10 +350,14 @@ fn build_swarm_with(
             limits: connection_limits::Behaviour::new(connection_limits_config()),
             allow: allow_block_list::Behaviour::default(),
             sync: request_response::Behaviour::with_codec(
-                FrameCodec { fault, counters },
+                FrameCodec {
+                    fault,
+                    counters: counters.clone(),
+                },
                 [(protocol, ProtocolSupport::Full)],
                 sync,
             ),
+            files: crate::netfiles::behaviour(counters, fault),
             ping: ping::Behaviour::default(),
         })
         .map_err(|e| NetError::Transport(e.to_string()))?

@@ -12,11 +12,13 @@ use libp2p::{PeerId, Swarm, request_response};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tidesync_proto::NodeId;
+use tidesync_proto::files::{FileAnswer, FileAsk};
 use tidesync_proto::wire::Message;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::PeerConfig;
 use crate::net::{Behaviour, BehaviourEvent, DIAL_TICK_MS, Frame, backoff_ms};
+use crate::netfiles::FileFrame;
 
 /// Events that may wait in the node actor's queue before the network actor keeps them in its
 /// own backlog.
@@ -54,6 +56,24 @@ pub enum NetEvent {
     Response { peer: NodeId, msg: Message },
     /// One of our requests to the peer failed (timeout, closed stream, dropped connection).
     RequestFailed(NodeId),
+    /// A configured peer asks for a file segment; answer with [`NetCommand::AnswerFile`].
+    FileAsked {
+        peer: NodeId,
+        id: InboundId,
+        ask: FileAsk,
+    },
+    /// A peer answered a segment ask of ours.
+    FileAnswered {
+        peer: NodeId,
+        ask: FileAsk,
+        answer: FileAnswer,
+    },
+    /// A segment ask of ours failed on the way.
+    FileAskFailed {
+        peer: NodeId,
+        ask: FileAsk,
+        why: String,
+    },
 }
 
 /// What the node actor asks of the network actor.
@@ -76,6 +96,10 @@ pub enum NetCommand {
     SetLink { id: NodeId, config: Box<PeerConfig> },
     /// Forget a peer: refuse and close its connections.
     DropLink(NodeId),
+    /// Ask peers for file segments.
+    AskFiles(Vec<(NodeId, FileAsk)>),
+    /// Answer a segment ask.
+    AnswerFile { id: InboundId, answer: FileAnswer },
 }
 
 /// What status shows of the network: the listen addresses and the refused connections.
@@ -110,6 +134,16 @@ pub struct NetActor {
     next_id: InboundId,
     /// Abandoned requests and when their streams close, oldest first.
     abandoned: VecDeque<(Instant, request_response::ResponseChannel<Frame>)>,
+    /// Inbound segment asks waiting for the node actor's answer.
+    open_files: HashMap<
+        InboundId,
+        (
+            NodeId,
+            request_response::ResponseChannel<FileFrame<FileAnswer>>,
+        ),
+    >,
+    /// Our segment asks in flight.
+    asked: HashMap<request_response::OutboundRequestId, FileAsk>,
     state: watch::Sender<NetState>,
     rng: StdRng,
 }
@@ -136,6 +170,8 @@ impl NetActor {
             open: HashMap::new(),
             next_id: 0,
             abandoned: VecDeque::new(),
+            open_files: HashMap::new(),
+            asked: HashMap::new(),
             state: state_tx,
             rng: StdRng::from_rng(&mut rand::rng()),
         };
@@ -232,6 +268,36 @@ impl NetActor {
                     self.drop_bad_peer(peer_id, "broke the protocol", &why);
                 }
             }
+            NetCommand::AskFiles(asks) => {
+                for (peer, ask) in asks {
+                    match self.links.get(&peer) {
+                        Some(link) => {
+                            let peer_id = link.peer_id;
+                            let id = self
+                                .swarm
+                                .behaviour_mut()
+                                .files
+                                .send_request(&peer_id, FileFrame::Message(ask));
+                            self.asked.insert(id, ask);
+                        }
+                        None => self.emit(NetEvent::FileAskFailed {
+                            peer,
+                            ask,
+                            why: "not a configured peer".into(),
+                        }),
+                    }
+                }
+            }
+            NetCommand::AnswerFile { id, answer } => {
+                if let Some((_, channel)) = self.open_files.remove(&id) {
+                    // Fails only when the peer has gone.
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .files
+                        .send_response(channel, FileFrame::Message(answer));
+                }
+            }
             NetCommand::SetLink { id, config } => self.add_link(*config, id),
             NetCommand::DropLink(id) => self.drop_link(&id),
         }
@@ -261,6 +327,7 @@ impl NetActor {
             self.swarm.behaviour_mut().allow.disallow_peer(link.peer_id);
             let _ = self.swarm.disconnect_peer_id(link.peer_id);
             self.open.retain(|_, (peer, _)| peer != id);
+            self.open_files.retain(|_, (peer, _)| peer != id);
         }
     }
 
@@ -327,6 +394,7 @@ impl NetActor {
             } => {
                 if let Some(id) = NodeId::from_peer_id(&peer_id) {
                     self.open.retain(|_, (peer, _)| *peer != id);
+                    self.open_files.retain(|_, (peer, _)| *peer != id);
                     if let Some(link) = self.links.get_mut(&id) {
                         link.connected = false;
                         tracing::info!(peer = %id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
@@ -348,6 +416,7 @@ impl NetActor {
                 tracing::debug!(peer = ?peer_id, error = %error, "dial failed");
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Files(event)) => self.on_files_event(event),
             _ => {}
         }
     }
@@ -407,6 +476,96 @@ impl NetActor {
                 if NodeId::from_peer_id(&peer).is_none_or(|id| crate::ratelog::REFUSALS.allow(&id))
                 {
                     tracing::debug!(%peer, error = %error, "an inbound request failed");
+                }
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_files_event(
+        &mut self,
+        event: request_response::Event<FileFrame<FileAsk>, FileFrame<FileAnswer>>,
+    ) {
+        use request_response::{Event, Message as Rr};
+        match event {
+            Event::Message { peer, message, .. } => {
+                let Some(id) = self.configured(&peer) else {
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                    return;
+                };
+                match message {
+                    Rr::Request {
+                        request: FileFrame::Message(ask),
+                        channel,
+                        ..
+                    } => {
+                        let inbound = self.next_id;
+                        self.next_id += 1;
+                        self.open_files.insert(inbound, (id, channel));
+                        self.emit(NetEvent::FileAsked {
+                            peer: id,
+                            id: inbound,
+                            ask,
+                        });
+                    }
+                    Rr::Response {
+                        request_id,
+                        response,
+                    } => {
+                        let Some(ask) = self.asked.remove(&request_id) else {
+                            return;
+                        };
+                        match response {
+                            FileFrame::Message(answer) => self.emit(NetEvent::FileAnswered {
+                                peer: id,
+                                ask,
+                                answer,
+                            }),
+                            FileFrame::Bad(why) => {
+                                self.emit(NetEvent::FileAskFailed {
+                                    peer: id,
+                                    ask,
+                                    why: why.clone(),
+                                });
+                                self.drop_bad_peer(peer, "sent a bad file frame", &why);
+                            }
+                        }
+                    }
+                    Rr::Request {
+                        request: FileFrame::Bad(why),
+                        ..
+                    } => self.drop_bad_peer(peer, "sent a bad file frame", &why),
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let (Some(ask), Some(id)) =
+                    (self.asked.remove(&request_id), NodeId::from_peer_id(&peer))
+                {
+                    // A peer without the files protocol (an older build) has no files for us.
+                    let why = error.to_string();
+                    if matches!(
+                        error,
+                        request_response::OutboundFailure::UnsupportedProtocols
+                    ) {
+                        self.emit(NetEvent::FileAnswered {
+                            peer: id,
+                            ask,
+                            answer: FileAnswer::Unknown,
+                        });
+                    } else {
+                        self.emit(NetEvent::FileAskFailed { peer: id, ask, why });
+                    }
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                if NodeId::from_peer_id(&peer).is_none_or(|id| crate::ratelog::REFUSALS.allow(&id))
+                {
+                    tracing::debug!(%peer, error = %error, "an inbound file ask failed");
                 }
             }
             Event::ResponseSent { .. } => {}

@@ -14,16 +14,32 @@ use tracing::Instrument;
 
 use crate::config::{Config, Home, PeerConfig};
 use crate::core::{Core, Feed, History, LocalWriteError, PeerError, ReadError, Status, WriteReply};
+use crate::files::FileHash;
 use crate::net::{Behaviour, NetCounters};
 use crate::netloop::{NetActor, NetCommand, NetEvent, NetState};
 use crate::reads::{Reads, Sessions};
-use crate::store::IdPage;
+use crate::store::{FileError, IdPage, SegmentError};
 use crate::sync::SyncError;
+use crate::sync::fetch::Outcome;
+use tidesync_proto::files::{FileAnswer, FileAsk};
 
 /// Requests that may wait in the node's queue before callers are made to wait.
 pub const ACTION_QUEUE_LEN: usize = 256;
 /// Longest a change-feed request may long-poll, in seconds.
 pub const MAX_FEED_WAIT_SECS: u64 = 60;
+/// Results of file work done off the actor (segments decoded or served, files moved into
+/// place) that may wait for the actor.
+pub const FILE_RESULT_QUEUE_LEN: usize = 256;
+/// Segments encoded for peers at once; an ask beyond it is answered `Busy`.
+pub const MAX_FILE_SERVES: usize = 8;
+/// How often downloads are planned again (retries come due) and their progress saved, in
+/// milliseconds.
+pub const FILE_TICK_MS: u64 = 500;
+/// Every this many file ticks the downloads are checked against the stored want-list (a file
+/// stored by an upload, or no longer referenced, stops being fetched).
+pub const WANTS_RECONCILE_TICKS: u64 = 4;
+/// Reads waiting for one on-demand file at once.
+pub const MAX_FILE_WAITERS: usize = 64;
 
 type Reply<T> = oneshot::Sender<T>;
 
@@ -67,6 +83,26 @@ enum Action {
         dry_run: bool,
         reply: Reply<Result<ImportReport, BundleError>>,
     },
+    /// Fetch a wanted file now; the reply comes when it is stored (true), or at once (false)
+    /// when it is not wanted.
+    FetchFile { hash: FileHash, reply: Reply<bool> },
+}
+
+/// File work done off the actor, reported back to it.
+enum FileDone {
+    Decoded {
+        peer: NodeId,
+        ask: FileAsk,
+        outcome: Outcome,
+    },
+    Finished {
+        hash: FileHash,
+        result: Result<(), FileError>,
+    },
+    Served {
+        peer: NodeId,
+        bytes: u64,
+    },
 }
 
 /// Why a request to the node actor failed. Each names the request.
@@ -105,6 +141,7 @@ pub struct NodeInfo {
 struct Live {
     peers: Vec<PeerConfig>,
     sessions: Sessions,
+    files: crate::model::FilesStatus,
 }
 
 impl NodeHandle {
@@ -219,6 +256,7 @@ impl NodeHandle {
         status.listen = net.listen;
         status.refused_connections = net.refused;
         status.net = self.counters.totals();
+        status.files = self.live.borrow().files.clone();
         Ok(status)
     }
 
@@ -254,6 +292,21 @@ impl NodeHandle {
             reply,
         })
         .await
+    }
+
+    /// Fetch the wanted file `hash` now (an `on-demand` file is fetched only so), waiting up
+    /// to `wait` for it to be stored. Whether it is stored when this returns.
+    pub async fn fetch_file(&self, hash: FileHash, wait: Duration) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Action::FetchFile { hash, reply })
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        matches!(tokio::time::timeout(wait, rx).await, Ok(Ok(true)))
     }
 
     /// Add or replace a peer; saved to the config file and applied at once.
@@ -301,12 +354,27 @@ struct NodeActor {
     events: mpsc::Receiver<NetEvent>,
     /// What the current step asks of the network actor, sent when the step ends.
     out: Vec<NetCommand>,
+    /// Results of file work done off the actor, and the sender its tasks report through.
+    file_results: mpsc::Receiver<FileDone>,
+    file_results_tx: mpsc::Sender<FileDone>,
+    /// Segments being encoded for peers now.
+    serving: usize,
+    /// Reads waiting for a file to be stored.
+    file_waiters: std::collections::HashMap<FileHash, Vec<Reply<bool>>>,
+    file_ticks: u64,
 }
 
 impl NodeActor {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut file_tick = tokio::time::interval(Duration::from_millis(FILE_TICK_MS));
+        file_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
+                done = self.file_results.recv() => match done {
+                    Some(done) => self.on_file_done(done),
+                    None => break,
+                },
+                _ = file_tick.tick() => tokio::task::block_in_place(|| self.on_file_tick()),
                 action = self.rx.recv() => match action {
                     Some(action) => tokio::task::block_in_place(|| self.on_action(action)),
                     None => break,
@@ -318,6 +386,7 @@ impl NodeActor {
                 _ = shutdown.wait_for(|stop| *stop) => break,
             }
             self.drain_outbox();
+            self.drive_files();
             self.publish_live();
             for command in std::mem::take(&mut self.out) {
                 if self.net.send(command).await.is_err() {
@@ -378,6 +447,14 @@ impl NodeActor {
             Action::RemovePeer { name, reply } => {
                 let _ = reply.send(self.remove_peer(&name));
             }
+            Action::FetchFile { hash, reply } => {
+                let waiting = self.file_waiters.get(&hash).map_or(0, Vec::len);
+                if waiting < MAX_FILE_WAITERS && self.core.request_file(&hash) {
+                    self.file_waiters.entry(hash).or_default().push(reply);
+                } else {
+                    let _ = reply.send(false);
+                }
+            }
         }
     }
 
@@ -391,6 +468,7 @@ impl NodeActor {
             *live = Arc::new(Live {
                 peers: self.config.peers.clone(),
                 sessions,
+                files: live.files.clone(),
             });
             true
         });
@@ -485,8 +563,150 @@ impl NodeActor {
             NetEvent::RequestFailed(peer) => {
                 log_failed_step(self.core.on_request_failed(peer));
             }
+            NetEvent::FileAsked { peer, id, ask } => self.on_file_asked(peer, id, ask),
+            NetEvent::FileAnswered { peer, ask, answer } => match answer {
+                FileAnswer::Segment(bytes) => {
+                    let store = self.core.store().clone();
+                    let results = self.file_results_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let hash = FileHash(ask.hash);
+                        let outcome =
+                            match store.decode_segment(&hash, ask.size, ask.segment, &bytes) {
+                                Ok(v) => Outcome::Verified { bytes: v.bytes },
+                                Err(SegmentError::Corrupt { detail, .. }) => {
+                                    Outcome::Corrupt(detail)
+                                }
+                                Err(SegmentError::Local(e)) => Outcome::Local(e.to_string()),
+                            };
+                        let _ = results.blocking_send(FileDone::Decoded { peer, ask, outcome });
+                    });
+                }
+                FileAnswer::Unknown => self.core.file_answered(peer, &ask, Outcome::Unknown, now()),
+                FileAnswer::Busy => self.core.file_answered(peer, &ask, Outcome::Busy, now()),
+            },
+            NetEvent::FileAskFailed { peer, ask, why } => {
+                self.core
+                    .file_answered(peer, &ask, Outcome::Failed(why), now())
+            }
         }
     }
+
+    /// A peer asks for a segment: served off the actor if our policy lets the peer have the
+    /// file, answered `Unknown` (as for a file we lack) if not.
+    fn on_file_asked(&mut self, peer: NodeId, id: crate::netloop::InboundId, ask: FileAsk) {
+        let may = self.is_configured(&peer)
+            && match self.core.may_serve_file(peer, &ask) {
+                Ok(may) => may,
+                Err(e) => {
+                    tracing::error!(%peer, error = %e, "could not check whether a file may be served");
+                    false
+                }
+            };
+        if !may {
+            self.out.push(NetCommand::AnswerFile {
+                id,
+                answer: FileAnswer::Unknown,
+            });
+            return;
+        }
+        if self.serving >= MAX_FILE_SERVES {
+            self.out.push(NetCommand::AnswerFile {
+                id,
+                answer: FileAnswer::Busy,
+            });
+            return;
+        }
+        self.serving += 1;
+        let store = self.core.store().clone();
+        let net = self.net.clone();
+        let results = self.file_results_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let (answer, bytes) = match store.encode_segment(&ask) {
+                Ok(Some(segment)) => {
+                    let n = segment.len() as u64;
+                    (FileAnswer::Segment(segment), n)
+                }
+                Ok(None) => (FileAnswer::Unknown, 0),
+                Err(e) => {
+                    tracing::error!(file = %FileHash(ask.hash), error = %e, "could not serve a file segment");
+                    (FileAnswer::Unknown, 0)
+                }
+            };
+            let _ = net.blocking_send(NetCommand::AnswerFile { id, answer });
+            let _ = results.blocking_send(FileDone::Served { peer, bytes });
+        });
+    }
+
+    /// What file work done off the actor achieved.
+    fn on_file_done(&mut self, done: FileDone) {
+        match done {
+            FileDone::Decoded { peer, ask, outcome } => {
+                self.core.file_answered(peer, &ask, outcome, now())
+            }
+            FileDone::Served { peer, bytes } => {
+                self.serving = self.serving.saturating_sub(1);
+                self.core.file_served(peer, bytes);
+            }
+            FileDone::Finished { hash, result } => {
+                let stored = result.is_ok();
+                self.core.file_finished(&hash, result, now());
+                if stored {
+                    for w in self.file_waiters.remove(&hash).unwrap_or_default() {
+                        let _ = w.send(true);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ask for the segments due, and move complete downloads into place, off the actor.
+    fn drive_files(&mut self) {
+        let asks = self.core.file_asks(now());
+        if !asks.is_empty() {
+            self.out.push(NetCommand::AskFiles(asks));
+        }
+        for (hash, size) in self.core.files_complete() {
+            let store = self.core.store().clone();
+            let results = self.file_results_tx.clone();
+            tokio::task::spawn_blocking(move || {
+                let result = store.finish_download(&hash, size, now());
+                let _ = results.blocking_send(FileDone::Finished { hash, result });
+            });
+        }
+    }
+
+    /// Save download progress and publish the files' status.
+    fn on_file_tick(&mut self) {
+        if let Err(e) = self.core.save_file_progress() {
+            tracing::error!(error = %e, "could not save download progress");
+        }
+        self.file_ticks = self.file_ticks.wrapping_add(1);
+        if self.file_ticks.is_multiple_of(WANTS_RECONCILE_TICKS)
+            && let Err(e) = self.core.reconcile_wants()
+        {
+            tracing::error!(error = %e, "could not read the want-list");
+        }
+        self.file_waiters.retain(|hash, waiters| {
+            waiters.retain(|w| !w.is_closed());
+            !waiters.is_empty() && self.core.is_fetching(hash)
+        });
+        let files = self.core.files_status();
+        self.live.send_if_modified(|live| {
+            if live.files == files {
+                return false;
+            }
+            *live = Arc::new(Live {
+                peers: live.peers.clone(),
+                sessions: live.sessions.clone(),
+                files,
+            });
+            true
+        });
+    }
+}
+
+fn now() -> i64 {
+    crate::replica::system_now_ms()
 }
 
 /// Log a local write the core refused.
@@ -513,11 +733,21 @@ pub fn spawn(
     counters: Arc<NetCounters>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(NodeHandle, tokio::task::JoinHandle<()>), ReadError> {
+    let mut core = core;
+    match core.load_wants() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(files = n, "carrying on with the want-list"),
+        Err(e) => {
+            tracing::error!(error = %e, "could not read the want-list; files wanted before are fetched once their objects change again")
+        }
+    }
     let (tx, rx) = mpsc::channel(ACTION_QUEUE_LEN);
+    let (file_results_tx, file_results) = mpsc::channel(FILE_RESULT_QUEUE_LEN);
     let (last_seq_tx, last_seq) = watch::channel(core.last_seq()?);
     let (live_tx, live) = watch::channel(Arc::new(Live {
         peers: config.peers.clone(),
         sessions: Sessions::new(),
+        files: Default::default(),
     }));
     let info = Arc::new(NodeInfo {
         node: core.node_id(),
@@ -544,6 +774,11 @@ pub fn spawn(
         net: ends.commands,
         events: ends.events,
         out: Vec::new(),
+        file_results,
+        file_results_tx,
+        serving: 0,
+        file_waiters: Default::default(),
+        file_ticks: 0,
     };
     let net_task = tokio::spawn(net_actor.run(shutdown.clone()).in_current_span());
     let task = tokio::spawn(

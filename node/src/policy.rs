@@ -68,6 +68,34 @@ pub struct Policy {
     /// are refused.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub fields: BTreeMap<TypeName, Vec<String>>,
+    /// Whether the files our objects refer to move with them (see [`FilesMode`]). Each end
+    /// applies its own: the receiver to what it fetches, the sender to what it serves.
+    #[serde(skip_serializing_if = "FilesMode::is_default")]
+    pub files: FilesMode,
+    /// Largest file fetched from or served to this peer, in bytes; none means
+    /// [`crate::files::MAX_FILE_BYTES`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_file_bytes: Option<u64>,
+}
+
+/// When the files that objects exchanged with a peer refer to move.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum FilesMode {
+    /// As soon as an object referring to one arrives.
+    #[default]
+    Eager,
+    /// When a read (`GET /v1/files/{hash}`, `tidesync file get`) first asks for it; the read
+    /// waits while it is fetched.
+    OnDemand,
+    /// Never: objects keep their references, the bytes stay where they are.
+    Never,
+}
+
+impl FilesMode {
+    fn is_default(&self) -> bool {
+        *self == FilesMode::default()
+    }
 }
 
 /// A field that references objects of one type, written `field:Type` in the config file and
@@ -212,6 +240,13 @@ impl Policy {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         )
+    }
+
+    /// Whether a file of `size` bytes moves between this node and the peer at all, under
+    /// this end's rule.
+    pub fn moves_file(&self, size: u64) -> bool {
+        self.files != FilesMode::Never
+            && size <= self.max_file_bytes.unwrap_or(crate::files::MAX_FILE_BYTES)
     }
 
     /// Check the policy's own consistency; an error says what to fix.

@@ -108,6 +108,9 @@ pub struct Status {
     pub net: crate::model::NetTotals,
     #[serde(default)]
     pub peers: Vec<PeerStatus>,
+    /// The want-list and each peer's file transfers (running node, since start).
+    #[serde(default)]
+    pub files: crate::model::FilesStatus,
 }
 
 /// The sync state of one configured peer.
@@ -519,6 +522,7 @@ impl Reads {
             listen: Vec::new(),
             refused_connections: 0,
             net: Default::default(),
+            files: Default::default(),
             peers: peers
                 .iter()
                 .map(|p| {

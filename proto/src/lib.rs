@@ -9,6 +9,8 @@
 //!   before Automerge decodes untrusted bytes.
 //! - `craft` (tests only, `fault-injection` feature): hand-made hostile change chunks.
 //! - [`change`]: the signed change envelope: signing a change, verifying author, hash and document.
+//! - [`files`]: the files protocol's messages (a segment asked for, answered bao-encoded)
+//!   and their codec, bounded by [`files::MAX_FILE_FRAME_BYTES`].
 //! - [`wire`]: the versioned wire message enum and its length-prefixed codec, bounded by
 //!   [`wire::MAX_FRAME_BYTES`].
 
@@ -16,6 +18,7 @@ pub mod change;
 pub mod chunk;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod craft;
+pub mod files;
 pub mod ids;
 pub mod wire;
 

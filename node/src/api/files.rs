@@ -1,12 +1,13 @@
 //! The file endpoints: `POST /v1/files` streams a body into the node's file store,
-//! `GET /v1/files/{hash}` streams a stored file (one `Range`, the hash as its ETag), and
-//! `GET /v1/files` lists what is stored.
+//! `GET /v1/files/{hash}` streams a stored file (one `Range`, the hash as its ETag; an
+//! `on-demand` file is fetched first, the request waiting), and `GET /v1/files` lists what is
+//! stored, or with `?state=missing` the want-list.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
@@ -35,6 +36,46 @@ pub struct StoredFile {
     /// When it was stored here, Unix milliseconds (listing only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub added_ms: Option<i64>,
+}
+
+/// Longest a read of an `on-demand` file waits for it to be fetched, in seconds.
+pub const ON_DEMAND_WAIT_SECS: u64 = 300;
+
+/// A file on the want-list, as `GET /v1/files?state=missing` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WantedFile {
+    pub hash: String,
+    pub size: u64,
+    /// The peers it is asked of (PeerIds).
+    pub sources: Vec<String>,
+    /// Fetched only when read.
+    pub on_demand: bool,
+    /// Segments (1 MiB) verified and durable, of all.
+    pub segments_done: u64,
+    pub segments: u64,
+    pub last_error: Option<String>,
+}
+
+impl From<&crate::model::WantRow> for WantedFile {
+    fn from(w: &crate::model::WantRow) -> WantedFile {
+        WantedFile {
+            hash: w.hash.to_string(),
+            size: w.size,
+            sources: w.sources.iter().map(ToString::to_string).collect(),
+            on_demand: w.on_demand,
+            segments_done: w.done.iter().map(|b| u64::from(b.count_ones())).sum(),
+            segments: tidesync_proto::files::FileAsk::segments(w.size),
+            last_error: w.last_error.clone(),
+        }
+    }
+}
+
+/// The query of `GET /v1/files`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// `stored` (the default) or `missing`.
+    pub state: Option<String>,
 }
 
 fn file_error(e: FileError) -> ApiError {
@@ -152,23 +193,42 @@ pub async fn upload(
     Ok((StatusCode::CREATED, axum::Json(stored)).into_response())
 }
 
-/// `GET /v1/files`: every stored file.
-pub async fn list(State(node): State<NodeHandle>) -> Result<axum::Json<Vec<StoredFile>>, ApiError> {
+/// `GET /v1/files`: every stored file; `?state=missing`: the want-list.
+pub async fn list(
+    State(node): State<NodeHandle>,
+    Query(query): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    match query.state.as_deref() {
+        None | Some("stored") => Ok(axum::Json(stored(node).await?).into_response()),
+        Some("missing") => {
+            let store = node.file_store().clone();
+            let wants = tokio::task::spawn_blocking(move || store.wants())
+                .await
+                .map_err(join_error)?
+                .map_err(|e| file_error(e.into()))?;
+            let wants: Vec<WantedFile> = wants.iter().map(WantedFile::from).collect();
+            Ok(axum::Json(wants).into_response())
+        }
+        Some(other) => Err(ApiError::bad_request(format!(
+            "state={other:?}: use stored or missing"
+        ))),
+    }
+}
+
+async fn stored(node: NodeHandle) -> Result<Vec<StoredFile>, ApiError> {
     let store = node.file_store().clone();
     let files = tokio::task::spawn_blocking(move || store.files())
         .await
         .map_err(join_error)?
         .map_err(|e| file_error(e.into()))?;
-    Ok(axum::Json(
-        files
-            .into_iter()
-            .map(|(hash, row)| StoredFile {
-                hash: hash.to_string(),
-                size: row.size,
-                added_ms: Some(row.added_ms),
-            })
-            .collect(),
-    ))
+    Ok(files
+        .into_iter()
+        .map(|(hash, row)| StoredFile {
+            hash: hash.to_string(),
+            size: row.size,
+            added_ms: Some(row.added_ms),
+        })
+        .collect())
 }
 
 /// A `Range` header that cannot be served (answered 416).
@@ -226,11 +286,24 @@ pub async fn download(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let hash: FileHash = hash.parse().map_err(ApiError::bad_request)?;
-    let store = node.file_store().clone();
-    let found = tokio::task::spawn_blocking(move || store.file(&hash))
-        .await
-        .map_err(join_error)?
-        .map_err(file_error)?;
+    let lookup = || {
+        let store = node.file_store().clone();
+        async move {
+            tokio::task::spawn_blocking(move || store.file(&hash))
+                .await
+                .map_err(join_error)?
+                .map_err(file_error)
+        }
+    };
+    let mut found = lookup().await?;
+    if found.is_none()
+        && node
+            .fetch_file(hash, Duration::from_secs(ON_DEMAND_WAIT_SECS))
+            .await
+    {
+        // A wanted file, fetched while this request waited.
+        found = lookup().await?;
+    }
     let Some((path, row)) = found else {
         return Err(file_error(FileError::NotFound(hash)));
     };

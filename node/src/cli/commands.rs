@@ -72,7 +72,31 @@ pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), 
                 eprintln!("wrote {size} bytes to {}", out.display());
                 Ok(())
             }
-            FileAction::Ls { json } => {
+            FileAction::Ls {
+                json,
+                missing: true,
+            } => {
+                let files = client.missing_files().await?;
+                if json {
+                    return print_json(&files);
+                }
+                for f in &files {
+                    let error = f.last_error.as_deref().unwrap_or("");
+                    println!(
+                        "{} {} {}/{} segments from {} {error}",
+                        f.hash,
+                        f.size,
+                        f.segments_done,
+                        f.segments,
+                        f.sources.join(",")
+                    );
+                }
+                Ok(())
+            }
+            FileAction::Ls {
+                json,
+                missing: false,
+            } => {
                 let files = client.files().await?;
                 if json {
                     return print_json(&files);

@@ -56,6 +56,10 @@ pub enum FileAction {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// List the want-list instead: files referenced here and not stored yet, with the
+        /// peers they are asked of and how far each download is.
+        #[arg(long)]
+        missing: bool,
     },
 }
 
@@ -238,7 +242,7 @@ pub enum PeerCommand {
         #[arg(long = "addr", value_name = "MULTIADDR")]
         addrs: Vec<Multiaddr>,
         #[command(flatten)]
-        policy: PolicyArgs,
+        policy: Box<PolicyArgs>,
     },
     /// Change a configured peer's policy (only the options given change; an empty list,
     /// such as `--skip ""`, clears one). A running node applies it at once.
@@ -248,7 +252,7 @@ pub enum PeerCommand {
         #[arg(long = "addr", value_name = "MULTIADDR")]
         addrs: Vec<Multiaddr>,
         #[command(flatten)]
-        policy: PolicyArgs,
+        policy: Box<PolicyArgs>,
     },
     /// List the configured peers and their sync state.
     Ls {
@@ -299,6 +303,13 @@ pub struct PolicyArgs {
     /// `TYPE=` alone drops the restriction.
     #[arg(long, value_name = "TYPE=FIELD,...")]
     fields: Vec<String>,
+    /// When the files our objects refer to move: eager (as the objects arrive), on-demand
+    /// (on the first read) or never (the references only).
+    #[arg(long, value_enum)]
+    files: Option<crate::policy::FilesMode>,
+    /// Largest file fetched from or served to this peer, in bytes (0: no limit).
+    #[arg(long, value_name = "BYTES")]
+    max_file_bytes: Option<u64>,
 }
 
 impl PolicyArgs {
@@ -329,6 +340,12 @@ impl PolicyArgs {
         }
         type_fields("--refs", &self.refs, &mut policy.refs)?;
         type_fields("--fields", &self.fields, &mut policy.fields)?;
+        if let Some(f) = self.files {
+            policy.files = f;
+        }
+        if let Some(n) = self.max_file_bytes {
+            policy.max_file_bytes = (n > 0).then_some(n);
+        }
         policy.validate().map_err(CliError::Usage)
     }
 }

@@ -4,6 +4,7 @@
 //! it with [`Core::take_outbox`]. A local write or an imported bundle is pushed to every
 //! connected peer here, once it is committed, so no caller has to remember to.
 
+mod files;
 mod peers;
 
 #[cfg(test)]
@@ -46,6 +47,8 @@ pub struct Core {
     replica: Replica,
     sessions: Sessions,
     outbox: Vec<Outgoing>,
+    /// The downloads of the want-list (see [`crate::sync::fetch`]).
+    fetcher: crate::sync::fetch::Fetcher,
 }
 
 impl Core {
@@ -55,6 +58,7 @@ impl Core {
             replica,
             sessions: Sessions::default(),
             outbox: Vec::new(),
+            fetcher: Default::default(),
         }
     }
 
@@ -309,11 +313,13 @@ impl Core {
 
     /// A connection to `peer` is up (see [`Sessions::on_connected`]).
     pub fn on_connected(&mut self, peer: NodeId) -> Result<(), SyncError> {
+        self.fetcher.connected(peer);
         self.step(|s, r| Ok(((), s.on_connected(r, peer)?)))
     }
 
     /// The last connection to `peer` is gone.
     pub fn on_disconnected(&mut self, peer: &NodeId) {
+        self.fetcher.disconnected(peer);
         self.sessions.on_disconnected(peer);
     }
 

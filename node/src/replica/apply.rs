@@ -343,6 +343,8 @@ pub(super) struct Written {
     pub(super) docs: Vec<(DocId, Automerge)>,
     /// An equivocation refused one of this node's own changes (see `Arrived::own_refused`).
     pub(super) own_refused: bool,
+    /// The files the batch's documents made us want, and what became of each.
+    pub(super) wanted: Vec<(crate::model::WantRow, crate::store::Wanted)>,
 }
 
 /// Commit the workers' results, in the batch's order, in one transaction. A worker's error
@@ -360,6 +362,7 @@ pub(super) fn write(
     prepared: Vec<Result<Prepared, StoreError>>,
     tally: crate::store::HeldTally,
     faults: &crate::fault::Faults,
+    wants: &dyn Fn(&crate::model::ReceivedDoc) -> Vec<crate::model::WantRow>,
 ) -> Result<Written, StoreError> {
     // Room left under the peer's quota, and what each document's share freed.
     let mut held_changes = tally.changes;
@@ -470,6 +473,7 @@ pub(super) fn write(
                 if let Some(doc) = doc {
                     t.docs.push((received.doc_id, doc));
                 }
+                received.wants = wants(&received);
                 docs.push(received);
             }
         }
@@ -492,7 +496,7 @@ pub(super) fn write(
     }
     record.bound_rejected_types();
     record.last_sync_ms = now;
-    t.last_seq = store.commit_received(&peer, now, room_refused, &docs, &record)?;
+    (t.last_seq, t.wanted) = store.commit_received(&peer, now, room_refused, &docs, &record)?;
     t.refused_for_room = room_refused;
     Ok(t)
 }

@@ -194,6 +194,7 @@ impl Engine {
             change: SignedChange::sign(self.identity.signing_key(), doc_id, &change),
             hash,
             author: self.node_id(),
+            files: doc::file_refs(&doc),
             doc,
             time_ms: now_ms,
         }))
@@ -514,6 +515,7 @@ impl Engine {
             let state = doc::save_state(&doc);
             (Some(record), Some(state), Some(doc))
         };
+        let files = doc.as_ref().map(doc::file_refs).unwrap_or_default();
         Arrived {
             received: ReceivedDoc {
                 doc_id: header.doc,
@@ -528,6 +530,8 @@ impl Engine {
                 equivocations: Vec::new(),
                 banned,
                 supersedes: None,
+                files,
+                wants: Vec::new(),
             },
             doc,
             rejected,

@@ -10,12 +10,14 @@
 //! goes into a batch for a peer), [`carry`] (views and referenced objects a batch brings),
 //! [`peers`] (configured peers' policies applied against the store's, revoked keys),
 //! [`equivocation`] (finding two changes signed under one actor and sequence number, and
-//! rebuilding a document without them).
+//! rebuilding a document without them), [`files`](mod@files) (which files an arriving object
+//! makes us want, and which a peer may be served).
 
 pub mod apply;
 pub mod carry;
 pub mod engine;
 pub mod equivocation;
+pub mod files;
 pub mod outbound;
 pub mod peers;
 pub mod receive;
@@ -143,6 +145,8 @@ pub struct Replica {
     /// The tip of our log after the last commit that appended to it, until taken (see
     /// [`Replica::take_new_tip`]).
     new_tip: Option<u64>,
+    /// Files put on the want-list by commits since the core last took them.
+    new_wants: Vec<crate::model::WantRow>,
 }
 
 impl Replica {
@@ -203,6 +207,7 @@ impl Replica {
             running,
             faults: crate::fault::Faults::default(),
             new_tip: None,
+            new_wants: Vec::new(),
         }
     }
 

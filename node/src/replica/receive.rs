@@ -257,8 +257,22 @@ impl Replica {
             prepared,
             tally,
             &self.faults,
+            &|doc| super::files::wants_of(&self.policies, me, peer, doc, now),
         )
         .map_err(super::store_err(peer))?;
+        for (want, wanted) in written.wanted {
+            match wanted {
+                crate::store::Wanted::Added | crate::store::Wanted::Merged => {
+                    self.new_wants.push(want)
+                }
+                crate::store::Wanted::OverQuota => {
+                    if crate::ratelog::REFUSALS.allow(&peer) {
+                        tracing::warn!(%peer, file = %want.hash, size = want.size, "the peer's quota of wanted files is full; this file is not fetched");
+                    }
+                }
+                crate::store::Wanted::Held => {}
+            }
+        }
         report.refused_for_room = written.refused_for_room;
         report.applied = written.applied;
         report.held = written.held;

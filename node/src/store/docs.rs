@@ -11,8 +11,10 @@ impl Store {
         let mut seqs = Vec::with_capacity(writes.len());
         {
             let mut w = Writer::open(self, &tx, ctx)?;
+            let mut index = super::wants::FileIndex::open(self, &tx, ctx)?;
             for p in writes {
                 w.put_doc(&p.doc_id, &p.record, &crate::doc::save_state(&p.doc))?;
+                index.set_doc_files(&p.doc_id, &p.files)?;
                 let entry = LogEntry {
                     doc: p.doc_id,
                     hash: p.hash.0,
@@ -211,7 +213,9 @@ impl Store {
     /// Commit a received batch from `from` in one durable transaction: the documents' new
     /// states, applied changes appended to the log, held changes kept and released ones let
     /// go, `refused_for_room` added to the peer's tally, and the peer's `record` (whose
-    /// checkpoint and counters the caller decided) written. Returns the new last SEQ.
+    /// checkpoint and counters the caller decided) written, the documents' file references
+    /// indexed and their wanted files put on the want-list. Returns the new last SEQ and what
+    /// became of each wanted file.
     pub fn commit_received(
         &self,
         from: &NodeId,
@@ -219,15 +223,17 @@ impl Store {
         refused_for_room: u64,
         docs: &[ReceivedDoc],
         record: &PeerRecord,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<(u64, Vec<(crate::model::WantRow, super::Wanted)>), StoreError> {
         let ctx = "committing a received batch";
         let tx = self.db.begin_write().ctx(self, ctx)?;
         let seq;
+        let mut wanted = Vec::new();
         {
             let mut w = Writer::open(self, &tx, ctx)?;
             let mut held = HeldTables::open(self, &tx, ctx)?;
             let mut peers = tx.open_table(PEERS).ctx(self, ctx)?;
             let mut by_ref = tx.open_table(BY_REF).ctx(self, ctx)?;
+            let mut index = super::wants::FileIndex::open(self, &tx, ctx)?;
             for d in docs {
                 if d.by_ref && d.record.is_some() {
                     by_ref.insert((from.0, d.doc_id.0), ()).ctx(self, ctx)?;
@@ -237,6 +243,10 @@ impl Store {
                         w.move_aside(object)?;
                     }
                     w.put_doc(&d.doc_id, record, state)?;
+                    index.set_doc_files(&d.doc_id, &d.files)?;
+                }
+                for want in &d.wants {
+                    wanted.push((want.clone(), index.want(want)?));
                 }
                 for (change, hash, author, sender) in &d.applied {
                     let entry = LogEntry {
@@ -277,7 +287,7 @@ impl Store {
             peers.insert(from.0, bytes.as_slice()).ctx(self, ctx)?;
         }
         tx.commit().ctx(self, ctx)?;
-        Ok(seq)
+        Ok((seq, wanted))
     }
 
     /// The document a local name points to.

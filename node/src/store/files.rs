@@ -24,7 +24,7 @@ use crate::files::{FILE_CHUNK_BYTES, FileHash, MAX_FILE_BYTES};
 pub(super) const FILES: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("files_v1");
 
 /// The directory of files being written, under the files directory.
-const PARTIAL_DIR: &str = "partial";
+pub(super) const PARTIAL_DIR: &str = "partial";
 
 /// What the index keeps of a stored file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,12 +53,19 @@ pub enum FileError {
     InMemory,
     #[error("file {0} is not stored here")]
     NotFound(FileHash),
+    #[error(
+        "the stored bytes of file {0} no longer hash to its name: the disk rotted them (`tidesync file verify` fetches it again)"
+    )]
+    Rotted(FileHash),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
 impl FileError {
-    fn io(path: &Path, context: &'static str) -> impl FnOnce(std::io::Error) -> FileError {
+    pub(crate) fn io(
+        path: &Path,
+        context: &'static str,
+    ) -> impl FnOnce(std::io::Error) -> FileError {
         let path = path.to_path_buf();
         move |source| {
             if source.kind() == std::io::ErrorKind::StorageFull {
@@ -83,6 +90,11 @@ pub struct Partial {
 }
 
 impl Partial {
+    /// The open file and its path, to write other than appending (an outboard).
+    pub(super) fn into_file(self) -> Result<(std::fs::File, PathBuf), std::io::Error> {
+        Ok((self.file, self.path))
+    }
+
     /// Append `bytes`, hashing them.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), FileError> {
         self.size = self.size.saturating_add(bytes.len() as u64);
@@ -203,6 +215,8 @@ impl Store {
                 table.insert(hash.0, bytes.as_slice()).ctx(self, ctx)?;
             }
         }
+        // A file this node wanted is wanted no more.
+        super::wants::FileIndex::open(self, &tx, ctx)?.unwant(&hash)?;
         tx.commit().ctx(self, ctx)?;
         Ok((hash, size))
     }

@@ -31,6 +31,10 @@ mod docs;
 mod equivocation;
 mod files;
 pub use files::{FileError, FileRow, Partial};
+mod transfer;
+pub use transfer::{SegmentError, Verified};
+mod wants;
+pub use wants::{MAX_WANTED_BYTES_PER_PEER, MAX_WANTED_FILES_PER_PEER, Wanted};
 mod held;
 mod peers;
 mod reader;
@@ -41,7 +45,7 @@ pub use reader::Reader;
 mod outbound;
 
 /// The value of `meta_v1["format"]` this build reads and writes.
-pub const STORE_FORMAT: &str = "tidesync-store-5";
+pub const STORE_FORMAT: &str = "tidesync-store-6";
 
 /// The format before held changes recorded their sender (`pending_v1`); opened and migrated.
 const STORE_FORMAT_2: &str = "tidesync-store-2";
@@ -52,6 +56,9 @@ const STORE_FORMAT_3: &str = "tidesync-store-3";
 /// The format before equivocations were recorded (`equivocations_v1`, `banned_v1`); opened
 /// and migrated by creating the two tables, empty.
 const STORE_FORMAT_4: &str = "tidesync-store-4";
+/// Format 5: before the file references, the want-list and its quotas (`file_refs_v1`,
+/// `doc_files_v1`, `wants_v1`, `want_tally_v1`); migrated at open.
+const STORE_FORMAT_5: &str = "tidesync-store-5";
 
 /// Node-wide settings.
 /// Key: setting name (`format`). Value: UTF-8 bytes.
@@ -240,8 +247,11 @@ impl Store {
         if format == STORE_FORMAT_2 || format == STORE_FORMAT_3 {
             store.migrate_3_to_4()?;
         }
-        if format != STORE_FORMAT {
+        if format != STORE_FORMAT && format != STORE_FORMAT_5 {
             store.migrate_4_to_5()?;
+        }
+        if format != STORE_FORMAT {
+            store.migrate_5_to_6()?;
         }
         Ok(store)
     }
@@ -326,6 +336,10 @@ impl Store {
             tx.open_table(equivocation::EQUIVOCATIONS).ctx(self, ctx)?;
             tx.open_table(equivocation::BANNED).ctx(self, ctx)?;
             tx.open_table(files::FILES).ctx(self, ctx)?;
+            tx.open_table(wants::FILE_REFS).ctx(self, ctx)?;
+            tx.open_table(wants::DOC_FILES).ctx(self, ctx)?;
+            tx.open_table(wants::WANTS).ctx(self, ctx)?;
+            tx.open_table(wants::WANT_TALLY).ctx(self, ctx)?;
         }
         tx.commit().ctx(self, ctx)
     }
@@ -378,6 +392,25 @@ impl Store {
     /// which now have their own id for each peer (`DocId::derive_view`), are dropped with
     /// their acknowledgements, to be written again under their new ids (a peer that holds an
     /// old one keeps it under its collision name). One transaction.
+    /// Format 5 → 6: the file references of every document are indexed (`file_refs_v1`,
+    /// `doc_files_v1`) and the want-list starts empty (`wants_v1`, `want_tally_v1`): files
+    /// referenced before are wanted once an object referring to them arrives again. One
+    /// transaction.
+    fn migrate_5_to_6(&self) -> Result<(), StoreError> {
+        let ctx = "migrating the store from format 5 to 6";
+        let tx = self.db.begin_write().ctx(self, ctx)?;
+        let n = self.index_all_file_refs(&tx)?;
+        tx.open_table(wants::WANTS).ctx(self, ctx)?;
+        tx.open_table(wants::WANT_TALLY).ctx(self, ctx)?;
+        tx.open_table(META)
+            .ctx(self, ctx)?
+            .insert("format", STORE_FORMAT.as_bytes())
+            .ctx(self, ctx)?;
+        tx.commit().ctx(self, ctx)?;
+        tracing::info!(path = %self.path.display(), documents_with_files = n, "store migrated from {STORE_FORMAT_5} to {STORE_FORMAT}");
+        Ok(())
+    }
+
     fn migrate_4_to_5(&self) -> Result<(), StoreError> {
         let ctx = "migrating the store from format 4 to 5";
         let tx = self.db.begin_write().ctx(self, ctx)?;
@@ -389,10 +422,10 @@ impl Store {
         tx.open_table(files::FILES).ctx(self, ctx)?;
         tx.open_table(META)
             .ctx(self, ctx)?
-            .insert("format", STORE_FORMAT.as_bytes())
+            .insert("format", STORE_FORMAT_5.as_bytes())
             .ctx(self, ctx)?;
         tx.commit().ctx(self, ctx)?;
-        tracing::info!(path = %self.path.display(), "store migrated from {STORE_FORMAT_4} to {STORE_FORMAT}");
+        tracing::info!(path = %self.path.display(), "store migrated from {STORE_FORMAT_4} to {STORE_FORMAT_5}");
         Ok(())
     }
 
@@ -413,6 +446,7 @@ impl Store {
             Some(f) if f == STORE_FORMAT_2 => Ok(STORE_FORMAT_2),
             Some(f) if f == STORE_FORMAT_3 => Ok(STORE_FORMAT_3),
             Some(f) if f == STORE_FORMAT_4 => Ok(STORE_FORMAT_4),
+            Some(f) if f == STORE_FORMAT_5 => Ok(STORE_FORMAT_5),
             other => Err(StoreError::Format {
                 path: self.path.clone(),
                 found: other.unwrap_or_else(|| "none".into()),

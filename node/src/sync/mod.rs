@@ -9,8 +9,10 @@
 //! New changes (local or received from anyone) are pushed the moment they are committed.
 //! Entries authored by the peer or received from it are not echoed back to it.
 //!
-//! Modules: [`session`] (one peer's bookkeeping, unit-tested without a store).
+//! Modules: [`session`] (one peer's bookkeeping, unit-tested without a store), [`fetch`]
+//! (which segment of which wanted file to ask of which peer).
 
+pub mod fetch;
 pub mod session;
 
 use std::collections::BTreeMap;

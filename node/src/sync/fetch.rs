@@ -1,0 +1,532 @@
+//! Fetching wanted files: which segment to ask of which peer, decided in pure code from the
+//! want-list, the connected peers and their answers, with the time handed in. The shell does
+//! the I/O (decoding and writing a segment, syncing, moving a finished file into place) and
+//! reports back.
+//!
+//! A segment goes to the source with the fewest asks in flight, so the segments of one file
+//! come from several peers at once; when no source can be asked (none connected, or each
+//! waiting out an answer), any connected peer is. A segment that fails verification is counted against the
+//! peer that sent it, which is not asked for that file again for [`CORRUPT_COOLDOWN_MS`]:
+//! the segment is fetched again from another source where there is one.
+
+use std::collections::BTreeMap;
+
+use tidesync_proto::NodeId;
+use tidesync_proto::files::FileAsk;
+
+use crate::files::FileHash;
+use crate::model::{MAX_WANT_SOURCES, PeerFiles, WantRow};
+
+/// Segment asks in flight to one peer (each up to 1 MiB).
+pub const MAX_ASKS_PER_PEER: usize = 8;
+/// Segment asks in flight to all peers together: what downloads hold in memory is bounded by
+/// this many segments, whatever the files' sizes.
+pub const MAX_ASKS_IN_FLIGHT: usize = 24;
+/// A peer that does not have a file is asked again after this long, in milliseconds (it may
+/// be fetching it itself).
+pub const UNKNOWN_RETRY_MS: i64 = 5_000;
+/// A peer busy serving others is asked again after this long, in milliseconds.
+pub const BUSY_RETRY_MS: i64 = 500;
+/// A failed ask (timeout, closed stream) is retried from that peer after this long, in
+/// milliseconds.
+pub const FAILED_RETRY_MS: i64 = 2_000;
+/// A peer that sent a segment that does not verify is not asked for that file for this
+/// long, in milliseconds.
+pub const CORRUPT_COOLDOWN_MS: i64 = 600_000;
+/// A download our own disk failed (full, say) is tried again after this long, in
+/// milliseconds; its partial file stays.
+pub const LOCAL_RETRY_MS: i64 = 5_000;
+
+/// What became of one segment asked of a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Verified against the hash and written: `bytes` of file data.
+    Verified { bytes: u64 },
+    /// It did not verify: the peer's fault.
+    Corrupt(String),
+    /// The peer has no such file for us.
+    Unknown,
+    /// The peer is serving all it will.
+    Busy,
+    /// The ask failed on the way (timeout, closed connection).
+    Failed(String),
+    /// Our disk failed storing it: not the peer's fault.
+    Local(String),
+}
+
+/// One wanted file as the fetcher tracks it.
+#[derive(Debug)]
+struct Fetch {
+    row: WantRow,
+    segments: u64,
+    done: u64,
+    /// Segments asked and not answered, with the peer asked.
+    in_flight: BTreeMap<u64, NodeId>,
+    /// Sources not to ask before the time given (Unix ms).
+    wait: BTreeMap<NodeId, i64>,
+    /// The lowest segment that may be neither done nor in flight.
+    cursor: u64,
+    /// A read waits for it (an `on-demand` file is fetched only then).
+    requested: bool,
+    /// Not fetched before this time (our disk failed).
+    paused_until: i64,
+    /// Progress not yet saved.
+    dirty: bool,
+    /// Every segment is in; the shell is moving it into place.
+    finishing: bool,
+}
+
+impl Fetch {
+    fn is_done(&self, segment: u64) -> bool {
+        self.row
+            .done
+            .get((segment / 8) as usize)
+            .is_some_and(|b| b & (1 << (segment % 8)) != 0)
+    }
+
+    fn set_done(&mut self, segment: u64) -> bool {
+        if self.is_done(segment) {
+            return false;
+        }
+        let byte = (segment / 8) as usize;
+        if self.row.done.len() <= byte {
+            self.row.done.resize(byte + 1, 0);
+        }
+        self.row.done[byte] |= 1 << (segment % 8);
+        self.done += 1;
+        true
+    }
+}
+
+/// The downloads of every wanted file.
+#[derive(Debug, Default)]
+pub struct Fetcher {
+    wants: BTreeMap<FileHash, Fetch>,
+    connected: BTreeMap<NodeId, usize>,
+    peers: BTreeMap<NodeId, PeerFiles>,
+}
+
+impl Fetcher {
+    /// Track `row`, or merge its sources into the file already tracked.
+    pub fn want(&mut self, row: WantRow) {
+        if let Some(f) = self.wants.get_mut(&row.hash) {
+            for s in row.sources {
+                if !f.row.sources.contains(&s) && f.row.sources.len() < MAX_WANT_SOURCES {
+                    f.row.sources.push(s);
+                }
+            }
+            f.row.on_demand &= row.on_demand;
+            return;
+        }
+        let segments = FileAsk::segments(row.size);
+        let mut fetch = Fetch {
+            segments,
+            done: 0,
+            in_flight: BTreeMap::new(),
+            wait: BTreeMap::new(),
+            cursor: 0,
+            requested: false,
+            paused_until: i64::MIN,
+            dirty: false,
+            finishing: false,
+            row,
+        };
+        fetch.row.done.truncate(segments.div_ceil(8) as usize);
+        fetch.done = (0..segments).filter(|s| fetch.is_done(*s)).count() as u64;
+        self.wants.insert(fetch.row.hash, fetch);
+    }
+
+    /// Stop tracking `hash` (stored, or no longer wanted).
+    pub fn forget(&mut self, hash: &FileHash) {
+        if let Some(f) = self.wants.remove(hash) {
+            for peer in f.in_flight.values() {
+                self.release(peer);
+            }
+        }
+    }
+
+    pub fn is_wanted(&self, hash: &FileHash) -> bool {
+        self.wants.contains_key(hash)
+    }
+
+    /// A read waits for `hash`: fetch it even under `on-demand`. Whether it is wanted.
+    pub fn request(&mut self, hash: &FileHash) -> bool {
+        match self.wants.get_mut(hash) {
+            Some(f) => {
+                f.requested = true;
+                f.paused_until = i64::MIN;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn connected(&mut self, peer: NodeId) {
+        self.connected.entry(peer).or_insert(0);
+    }
+
+    /// A peer's connection is gone: its asks in flight will not be answered.
+    pub fn disconnected(&mut self, peer: &NodeId) {
+        self.connected.remove(peer);
+        for f in self.wants.values_mut() {
+            let lost: Vec<u64> = f
+                .in_flight
+                .iter()
+                .filter(|(_, p)| *p == peer)
+                .map(|(s, _)| *s)
+                .collect();
+            for s in lost {
+                f.in_flight.remove(&s);
+                f.cursor = f.cursor.min(s);
+            }
+        }
+    }
+
+    fn release(&mut self, peer: &NodeId) {
+        if let Some(n) = self.connected.get_mut(peer) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// The asks to send now: the missing segments of wanted files, each to the connected
+    /// source with the fewest asks in flight, within [`MAX_ASKS_PER_PEER`] and
+    /// [`MAX_ASKS_IN_FLIGHT`].
+    pub fn plan(&mut self, now_ms: i64) -> Vec<(NodeId, FileAsk)> {
+        let mut total: usize = self.connected.values().sum();
+        let mut out = Vec::new();
+        for (hash, f) in self.wants.iter_mut() {
+            if total >= MAX_ASKS_IN_FLIGHT {
+                break;
+            }
+            if f.finishing
+                || f.paused_until > now_ms
+                || (f.row.on_demand && !f.requested)
+                || f.done == f.segments
+            {
+                continue;
+            }
+            while total < MAX_ASKS_IN_FLIGHT && f.cursor < f.segments {
+                let segment = f.cursor;
+                if f.is_done(segment) || f.in_flight.contains_key(&segment) {
+                    f.cursor += 1;
+                    continue;
+                }
+                let ready = |p: &NodeId| f.wait.get(p).is_none_or(|t| *t <= now_ms);
+                let pick = |peers: &mut dyn Iterator<Item = &NodeId>| {
+                    peers
+                        .filter(|p| ready(p))
+                        .filter_map(|p| self.connected.get(p).map(|n| (*n, *p)))
+                        .filter(|(n, _)| *n < MAX_ASKS_PER_PEER)
+                        .min()
+                };
+                // The sources first; when none can be asked, any connected peer (one that got
+                // the object from elsewhere may hold the file; one that does not, or may not
+                // give it to us, answers as if it had none).
+                let peer = pick(&mut f.row.sources.iter()).or_else(|| {
+                    let usable = f
+                        .row
+                        .sources
+                        .iter()
+                        .any(|p| self.connected.contains_key(p) && ready(p));
+                    if usable {
+                        None
+                    } else {
+                        pick(&mut self.connected.keys())
+                    }
+                });
+                let Some((_, peer)) = peer else {
+                    break;
+                };
+                f.in_flight.insert(segment, peer);
+                f.cursor += 1;
+                if let Some(n) = self.connected.get_mut(&peer) {
+                    *n += 1;
+                }
+                total += 1;
+                out.push((
+                    peer,
+                    FileAsk {
+                        hash: hash.0,
+                        size: f.row.size,
+                        segment,
+                    },
+                ));
+            }
+        }
+        out
+    }
+
+    /// What became of segment `ask.segment` asked of `peer`.
+    pub fn answered(&mut self, peer: NodeId, ask: &FileAsk, outcome: Outcome, now_ms: i64) {
+        let hash = FileHash(ask.hash);
+        let stats = self.peers.entry(peer).or_default();
+        let Some(f) = self.wants.get_mut(&hash) else {
+            if let Outcome::Verified { bytes } = outcome {
+                stats.bytes_in += bytes;
+            }
+            return;
+        };
+        let was_ours = f.in_flight.get(&ask.segment) == Some(&peer);
+        if was_ours {
+            f.in_flight.remove(&ask.segment);
+        }
+        let error = match outcome {
+            Outcome::Verified { bytes } => {
+                stats.bytes_in += bytes;
+                if f.set_done(ask.segment) {
+                    f.dirty = true;
+                }
+                None
+            }
+            Outcome::Corrupt(why) => {
+                stats.corrupt_segments += 1;
+                f.wait.insert(peer, now_ms + CORRUPT_COOLDOWN_MS);
+                Some(format!("a segment from {peer} did not verify: {why}"))
+            }
+            Outcome::Unknown => {
+                f.wait.insert(peer, now_ms + UNKNOWN_RETRY_MS);
+                Some(format!("{peer} does not have it for us"))
+            }
+            Outcome::Busy => {
+                f.wait.insert(peer, now_ms + BUSY_RETRY_MS);
+                None
+            }
+            Outcome::Failed(why) => {
+                f.wait.insert(peer, now_ms + FAILED_RETRY_MS);
+                Some(format!("asking {peer} failed: {why}"))
+            }
+            Outcome::Local(why) => {
+                f.paused_until = now_ms + LOCAL_RETRY_MS;
+                f.row.last_error = Some(why.clone());
+                f.dirty = true;
+                Some(why)
+            }
+        };
+        if !f.is_done(ask.segment) {
+            f.cursor = f.cursor.min(ask.segment);
+        }
+        if let Some(e) = error {
+            if f.row.last_error.as_ref() != Some(&e) {
+                f.row.last_error = Some(e.clone());
+                f.dirty = true;
+            }
+            stats.last_error = Some(e);
+        }
+        if was_ours {
+            self.release(&peer);
+        }
+    }
+
+    /// Files whose every segment is in, to move into place; each is handed out once.
+    pub fn complete(&mut self) -> Vec<(FileHash, u64)> {
+        let mut out = Vec::new();
+        for (hash, f) in self.wants.iter_mut() {
+            if !f.finishing && f.done == f.segments && f.in_flight.is_empty() {
+                f.finishing = true;
+                out.push((*hash, f.row.size));
+            }
+        }
+        out
+    }
+
+    /// Moving `hash` into place failed on our side: try again later.
+    pub fn finish_failed(&mut self, hash: &FileHash, why: String, now_ms: i64) {
+        if let Some(f) = self.wants.get_mut(hash) {
+            f.finishing = false;
+            f.paused_until = now_ms + LOCAL_RETRY_MS;
+            f.row.last_error = Some(why);
+            f.dirty = true;
+        }
+    }
+
+    /// Progress to save: each changed file's durable segments and last error. The shell
+    /// syncs those downloads before it saves this.
+    pub fn take_progress(&mut self) -> Vec<(FileHash, Vec<u8>, Option<String>)> {
+        self.wants
+            .iter_mut()
+            .filter(|(_, f)| f.dirty)
+            .map(|(h, f)| {
+                f.dirty = false;
+                (*h, f.row.done.clone(), f.row.last_error.clone())
+            })
+            .collect()
+    }
+
+    /// A segment `peer` was served, for status.
+    pub fn served(&mut self, peer: NodeId, bytes: u64) {
+        self.peers.entry(peer).or_default().bytes_out += bytes;
+    }
+
+    /// The want-list as status shows it: each file's segments done of all, and the peers.
+    pub fn wanted(&self) -> Vec<(WantRow, u64, u64, usize)> {
+        self.wants
+            .values()
+            .map(|f| (f.row.clone(), f.done, f.segments, f.in_flight.len()))
+            .collect()
+    }
+
+    /// Per peer: wanted files it is a source of, asks in flight, bytes each way, errors.
+    pub fn peers(&self) -> BTreeMap<NodeId, PeerFiles> {
+        let mut out = self.peers.clone();
+        for f in self.wants.values() {
+            for s in &f.row.sources {
+                out.entry(*s).or_default().wanted += 1;
+            }
+            for p in f.in_flight.values() {
+                out.entry(*p).or_default().transferring += 1;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidesync_proto::files::SEGMENT_BYTES;
+
+    fn node(n: u8) -> NodeId {
+        NodeId([n; 32])
+    }
+
+    fn row(n: u8, segments: u64, sources: &[NodeId]) -> WantRow {
+        WantRow {
+            hash: FileHash([n; 32]),
+            size: segments * SEGMENT_BYTES,
+            claimant: sources[0],
+            sources: sources.to_vec(),
+            on_demand: false,
+            added_ms: 0,
+            done: Vec::new(),
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn segments_spread_over_sources_within_the_caps_and_complete_once() {
+        let mut f = Fetcher::default();
+        f.want(row(1, 40, &[node(1), node(2)]));
+        assert!(f.plan(0).is_empty(), "no source connected");
+        f.connected(node(1));
+        f.connected(node(2));
+        let asks = f.plan(0);
+        assert_eq!(asks.len(), 2 * MAX_ASKS_PER_PEER);
+        let to_1 = asks.iter().filter(|(p, _)| *p == node(1)).count();
+        assert_eq!(to_1, MAX_ASKS_PER_PEER, "both peers get asks");
+        assert!(f.plan(0).is_empty(), "every slot is taken");
+        for (peer, ask) in &asks {
+            f.answered(
+                *peer,
+                ask,
+                Outcome::Verified {
+                    bytes: SEGMENT_BYTES,
+                },
+                1,
+            );
+        }
+        let mut rounds = 0;
+        loop {
+            let asks = f.plan(1);
+            if asks.is_empty() {
+                break;
+            }
+            for (peer, ask) in &asks {
+                f.answered(
+                    *peer,
+                    ask,
+                    Outcome::Verified {
+                        bytes: SEGMENT_BYTES,
+                    },
+                    1,
+                );
+            }
+            rounds += 1;
+        }
+        assert!(rounds >= 2);
+        assert_eq!(f.complete(), vec![(FileHash([1; 32]), 40 * SEGMENT_BYTES)]);
+        assert!(f.complete().is_empty(), "handed out once");
+        let progress = f.take_progress();
+        assert_eq!(progress[0].1, vec![0xff; 5]);
+        assert!(f.take_progress().is_empty());
+        assert_eq!(
+            f.peers()[&node(1)].bytes_in + f.peers()[&node(2)].bytes_in,
+            40 * SEGMENT_BYTES
+        );
+    }
+
+    #[test]
+    fn a_corrupt_segment_is_fetched_again_from_another_peer() {
+        let mut f = Fetcher::default();
+        f.want(row(1, 1, &[node(1), node(2)]));
+        f.connected(node(1));
+        f.connected(node(2));
+        let asks = f.plan(0);
+        assert_eq!(asks.len(), 1);
+        let (bad, ask) = asks[0];
+        f.answered(bad, &ask, Outcome::Corrupt("leaf".into()), 10);
+        let again = f.plan(10);
+        assert_eq!(again.len(), 1);
+        assert_ne!(again[0].0, bad, "the peer that lied is not asked again");
+        assert_eq!(again[0].1, ask);
+        assert_eq!(f.peers()[&bad].corrupt_segments, 1);
+        // With the honest peer gone, the liar waits out its cooldown.
+        f.disconnected(&again[0].0);
+        assert!(f.plan(20).is_empty());
+        assert_eq!(f.plan(10 + CORRUPT_COOLDOWN_MS).len(), 1);
+    }
+
+    #[test]
+    fn with_no_source_to_ask_any_connected_peer_is_asked() {
+        let mut f = Fetcher::default();
+        f.want(row(1, 1, &[node(1)]));
+        f.connected(node(3));
+        let asks = f.plan(0);
+        assert_eq!(asks.len(), 1);
+        assert_eq!(asks[0].0, node(3));
+        f.answered(node(3), &asks[0].1, Outcome::Unknown, 0);
+        assert!(
+            f.plan(1).is_empty(),
+            "it said it has none: asked again later"
+        );
+        f.connected(node(1));
+        assert_eq!(f.plan(1)[0].0, node(1), "the source, once it is up");
+    }
+
+    #[test]
+    fn progress_survives_a_restart_and_on_demand_waits_for_a_read() {
+        let mut f = Fetcher::default();
+        let mut r = row(1, 10, &[node(1)]);
+        r.done = vec![0b1111_0111, 0b01];
+        f.want(r);
+        f.connected(node(1));
+        let asks = f.plan(0);
+        let segments: Vec<u64> = asks.iter().map(|(_, a)| a.segment).collect();
+        assert_eq!(segments, vec![3, 9], "only the missing segments");
+        let mut lazy = row(2, 3, &[node(1)]);
+        lazy.on_demand = true;
+        f.want(lazy);
+        assert!(f.plan(0).is_empty());
+        assert!(f.request(&FileHash([2; 32])));
+        assert_eq!(f.plan(0).len(), 3);
+        // An empty file is complete at once.
+        f.want(row(3, 0, &[node(1)]));
+        assert_eq!(f.complete(), vec![(FileHash([3; 32]), 0)]);
+    }
+
+    #[test]
+    fn a_disk_error_pauses_the_file_without_blaming_the_peer() {
+        let mut f = Fetcher::default();
+        f.want(row(1, 2, &[node(1)]));
+        f.connected(node(1));
+        let asks = f.plan(0);
+        f.answered(node(1), &asks[0].1, Outcome::Local("disk full".into()), 0);
+        f.answered(node(1), &asks[1].1, Outcome::Verified { bytes: 1 }, 0);
+        assert!(f.plan(1).is_empty(), "paused");
+        assert_eq!(
+            f.plan(LOCAL_RETRY_MS).len(),
+            1,
+            "resumes, from the same peer"
+        );
+        assert_eq!(f.peers()[&node(1)].corrupt_segments, 0);
+    }
+}
