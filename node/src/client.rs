@@ -378,6 +378,44 @@ impl Client {
         }
     }
 
+    /// Re-hash every stored file; a rotted one is removed and fetched again.
+    pub async fn verify_files(&mut self) -> Result<crate::store::VerifyReport, ClientError> {
+        match self {
+            Client::Local(core, _) => {
+                let peers: Vec<_> = core.replica().policies().ids().copied().collect();
+                Ok(core.store().verify_files(
+                    &peers,
+                    core.node_id(),
+                    crate::replica::system_now_ms(),
+                )?)
+            }
+            Client::Api(api) => {
+                api.send(reqwest::Method::POST, "/v1/files/verify", None, 0)
+                    .await
+            }
+        }
+    }
+
+    /// Remove the stored files nothing refers to (kept if stored less than `grace_secs` ago).
+    pub async fn gc_files(
+        &mut self,
+        grace_secs: Option<u64>,
+    ) -> Result<crate::store::GcReport, ClientError> {
+        match self {
+            Client::Local(core, _) => Ok(core.store().gc_files(
+                crate::replica::system_now_ms(),
+                crate::api::files::gc_grace_ms(grace_secs),
+            )?),
+            Client::Api(api) => {
+                let path = match grace_secs {
+                    Some(s) => format!("/v1/files/gc?grace_secs={s}"),
+                    None => "/v1/files/gc".to_string(),
+                };
+                api.send(reqwest::Method::POST, &path, None, 0).await
+            }
+        }
+    }
+
     /// The files the node wants (its want-list), and from whom.
     pub async fn missing_files(
         &mut self,

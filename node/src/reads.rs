@@ -68,6 +68,30 @@ pub struct FeedEntry {
 pub struct Feed {
     pub changes: Vec<FeedEntry>,
     pub last: u64,
+    /// Files stored here after `files_since`, when the request gave it: a numbering of its
+    /// own beside the changes' SEQs (see [`FileFeed`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<FileFeed>,
+}
+
+/// The file feed: every file stored on this node (uploaded, or downloaded whole and verified
+/// because an object here refers to it), numbered from 1 in the order it was stored. The
+/// numbers are not change SEQs: an application follows both cursors, `since` for changes and
+/// `files_since` for files (to regenerate a thumbnail once an image has arrived, say).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileFeed {
+    pub events: Vec<FileFeedEntry>,
+    /// Resume with `files_since = last`.
+    pub last: u64,
+}
+
+/// One stored file in the file feed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileFeedEntry {
+    pub n: u64,
+    pub hash: String,
+    pub size: u64,
+    pub time_ms: i64,
 }
 
 /// What `status` reports.
@@ -388,6 +412,26 @@ impl Reads {
     }
 
     /// The change feed after `since`, at most `limit` entries.
+    /// The file feed after `since` (see [`FileFeed`]).
+    pub fn file_feed(&self, since: u64, limit: usize) -> Result<FileFeed, ReadError> {
+        let (events, last) = self
+            .store
+            .file_feed(since, limit.clamp(1, MAX_FEED_ENTRIES))
+            .map_err(read_err("the file feed"))?;
+        Ok(FileFeed {
+            events: events
+                .into_iter()
+                .map(|(n, e)| FileFeedEntry {
+                    n,
+                    hash: e.hash.to_string(),
+                    size: e.size,
+                    time_ms: e.time_ms,
+                })
+                .collect(),
+            last,
+        })
+    }
+
     pub fn changes(&self, since: u64, limit: usize) -> Result<Feed, ReadError> {
         let what = "the change feed";
         let log = self
@@ -419,7 +463,11 @@ impl Reads {
             });
         }
         let last = changes.last().map(|c| c.seq).unwrap_or(since);
-        Ok(Feed { changes, last })
+        Ok(Feed {
+            changes,
+            last,
+            files: None,
+        })
     }
 
     /// The last SEQ in the change log.

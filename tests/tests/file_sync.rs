@@ -124,6 +124,31 @@ fn a_result_report_follows_its_sample_from_lab_to_hub_and_on_to_another_lab() {
         counted(&status, &lab, "bytes_in") >= len && counted(&status, &lab2, "bytes_out") >= len
     });
     assert!(hub.status()["net"]["file_bytes_in"].as_u64().unwrap() >= len);
+    // The file feed, beside the change feed, says the report arrived.
+    let (code, feed) = lab2.http(reqwest::Method::GET, "/v1/changes?files_since=0", None);
+    assert_eq!(code, 200, "{feed}");
+    assert!(
+        feed["files"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["hash"] == hash.as_str() && e["size"] == len),
+        "{feed}"
+    );
+    // Scrub: the hub's copy rots on disk; verify finds it and fetches it again from the lab.
+    let rotted_path = hub.home().join("files").join(&hash[..2]).join(&hash);
+    let mut rotted = std::fs::read(&rotted_path).unwrap();
+    rotted[12_345] ^= 0x20;
+    std::fs::write(&rotted_path, &rotted).unwrap();
+    let out = hub.cli(&["file", "verify", "--json"]);
+    let scrub = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(scrub["rotted"][0], hash.as_str(), "{scrub}");
+    assert_eq!(scrub["refetching"][0], hash.as_str(), "{scrub}");
+    wait_for("the rotted report to be fetched again", || {
+        stored(&hub).contains(&hash)
+    });
+    assert!(read_back(&hub, &hash, dir.path()) == report);
+    assert!(hub.ok(&["file", "verify"]).contains("0 rotted"));
     // A file over the peer's --max-file-bytes stays home; a small one still comes.
     lab2.ok(&["peer", "set", "hub", "--max-file-bytes", "1000000"]);
     let big = content(2_000_000, 2);
@@ -160,6 +185,13 @@ fn a_result_report_follows_its_sample_from_lab_to_hub_and_on_to_another_lab() {
             .all(|m| m["hash"] != big_hash.as_str()),
         "a file over the rule is not even wanted"
     );
+    // Garbage collection: once no object refers to the report, `file gc` removes it, and
+    // keeps what is still referred to.
+    lab.ok(&["put", "Sample", "S-001", r#"{"report":null}"#]);
+    let gc = json(&lab.ok(&["file", "gc", "--grace", "0", "--json"]));
+    assert_eq!(gc["removed"], serde_json::json!([hash]), "{gc}");
+    assert!(!stored(&lab).contains(&hash));
+    assert!(stored(&lab).contains(&big_hash) && stored(&lab).contains(&small_hash));
     for n in [&mut lab, &mut hub, &mut lab2] {
         n.stop();
     }

@@ -185,6 +185,7 @@ pub async fn upload(
             "the file writer stopped before the upload ended",
         ));
     };
+    node.file_stored();
     let stored = StoredFile {
         hash: hash.to_string(),
         size,
@@ -399,4 +400,49 @@ mod tests {
         }
         assert_eq!(range(Some("bytes=0-"), 0), Err(Unsatisfiable));
     }
+}
+
+/// `POST /v1/files/verify`: re-hash every stored file (see [`crate::store::Store::verify_files`]).
+pub async fn verify(
+    State(node): State<NodeHandle>,
+) -> Result<axum::Json<crate::store::VerifyReport>, ApiError> {
+    let store = node.file_store().clone();
+    let (peers, me) = (node.peer_ids(), node.info().node);
+    let report = tokio::task::spawn_blocking(move || {
+        store.verify_files(&peers, me, crate::replica::system_now_ms())
+    })
+    .await
+    .map_err(join_error)?
+    .map_err(file_error)?;
+    Ok(axum::Json(report))
+}
+
+/// The query of `POST /v1/files/gc`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcQuery {
+    /// Keep unreferenced files stored less than this many seconds ago.
+    pub grace_secs: Option<u64>,
+}
+
+/// `POST /v1/files/gc`: remove the files nothing refers to (see
+/// [`crate::store::Store::gc_files`]).
+pub async fn gc(
+    State(node): State<NodeHandle>,
+    Query(query): Query<GcQuery>,
+) -> Result<axum::Json<crate::store::GcReport>, ApiError> {
+    let store = node.file_store().clone();
+    let grace = gc_grace_ms(query.grace_secs);
+    let report =
+        tokio::task::spawn_blocking(move || store.gc_files(crate::replica::system_now_ms(), grace))
+            .await
+            .map_err(join_error)?
+            .map_err(file_error)?;
+    Ok(axum::Json(report))
+}
+
+/// The grace period of `file gc`, in milliseconds.
+pub fn gc_grace_ms(secs: Option<u64>) -> i64 {
+    let secs = secs.unwrap_or(crate::store::DEFAULT_GC_GRACE_SECS);
+    i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)
 }

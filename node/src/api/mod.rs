@@ -180,6 +180,8 @@ pub fn router(node: NodeHandle, guard: Guard, spool_dir: std::path::PathBuf) -> 
         .route("/v1/bundles/export", axum::routing::post(export_bundle))
         .route(BUNDLE_IMPORT_PATH, axum::routing::post(import_bundle))
         .route(files::FILES_PATH, get(files::list).post(files::upload))
+        .route("/v1/files/verify", axum::routing::post(files::verify))
+        .route("/v1/files/gc", axum::routing::post(files::gc))
         .route("/v1/files/{hash}", get(files::download))
         .fallback(|| async {
             ApiError::new(
@@ -325,6 +327,8 @@ struct ChangesQuery {
     since: Option<u64>,
     wait: Option<u64>,
     limit: Option<usize>,
+    /// Also the file feed after this number (see `reads::FileFeed`).
+    files_since: Option<u64>,
 }
 
 async fn changes(
@@ -338,6 +342,7 @@ async fn changes(
             q.since.unwrap_or(0),
             q.limit.unwrap_or(DEFAULT_PAGE_IDS),
             wait,
+            q.files_since,
         )
         .await?,
     ))

@@ -72,6 +72,46 @@ pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), 
                 eprintln!("wrote {size} bytes to {}", out.display());
                 Ok(())
             }
+            FileAction::Verify { json } => {
+                let report = client.verify_files().await?;
+                if json {
+                    return print_json(&report);
+                }
+                println!(
+                    "{} files checked, {} rotted",
+                    report.checked,
+                    report.rotted.len()
+                );
+                for h in &report.rotted {
+                    let again = if report.refetching.contains(h) {
+                        "removed; fetching it again"
+                    } else {
+                        "removed; nothing refers to it"
+                    };
+                    println!("rotted {h}: {again}");
+                }
+                if report.rotted.is_empty() {
+                    Ok(())
+                } else {
+                    Err(CliError::Failed(format!(
+                        "{} stored files had rotted",
+                        report.rotted.len()
+                    )))
+                }
+            }
+            FileAction::Gc { grace, json } => {
+                let report = client.gc_files(grace).await?;
+                if json {
+                    return print_json(&report);
+                }
+                println!(
+                    "removed {} files ({} bytes); kept {} recent unreferenced files",
+                    report.removed.len(),
+                    report.freed_bytes,
+                    report.kept_recent
+                );
+                Ok(())
+            }
             FileAction::Ls {
                 json,
                 missing: true,

@@ -61,6 +61,23 @@ pub enum FileAction {
         #[arg(long)]
         missing: bool,
     },
+    /// Re-hash every stored file and report any whose bytes rotted on disk; a rotted file is
+    /// removed and, where an object still refers to it, fetched again from the peers.
+    Verify {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the stored files that no object refers to now (a file only an object's history
+    /// refers to goes too), except those stored within the grace period.
+    Gc {
+        /// Keep unreferenced files stored less than this many seconds ago [default: 3600].
+        #[arg(long, value_name = "SECS")]
+        grace: Option<u64>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// What `tidesync held` does besides listing.
@@ -423,6 +440,9 @@ pub enum CliError {
         file: PathBuf,
         source: std::io::Error,
     },
+    /// The command ran and found a problem it reports (rotted files).
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl CliError {

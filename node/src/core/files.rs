@@ -82,16 +82,22 @@ impl Core {
         Ok(())
     }
 
-    /// Stop fetching what is no longer on the stored want-list (stored by an upload, or no
-    /// longer referenced), removing its download.
+    /// Bring the downloads in step with the stored want-list, which others write too (an
+    /// upload stores a wanted file, a scrub wants a rotted one again): stop fetching what is
+    /// no longer on it, removing its download, and start on what is new.
     pub fn reconcile_wants(&mut self) -> Result<(), FileError> {
         let store = self.replica.store();
-        let wanted: std::collections::HashSet<FileHash> =
-            store.wants()?.into_iter().map(|w| w.hash).collect();
+        let stored = store.wants()?;
+        let wanted: std::collections::HashSet<FileHash> = stored.iter().map(|w| w.hash).collect();
         for (row, _, _, _) in self.fetcher.wanted() {
             if !wanted.contains(&row.hash) {
                 self.fetcher.forget(&row.hash);
                 store.drop_download(&row.hash)?;
+            }
+        }
+        for row in stored {
+            if !self.fetcher.is_wanted(&row.hash) {
+                self.fetcher.want(row);
             }
         }
         Ok(())

@@ -23,6 +23,20 @@ use crate::files::{FILE_CHUNK_BYTES, FileHash, MAX_FILE_BYTES};
 /// Key: BLAKE3 hash (32 bytes). Value: postcard [`FileRow`].
 pub(super) const FILES: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("files_v1");
 
+/// Every file stored here, numbered in the order it was stored (uploaded or downloaded):
+/// the file feed beside the change feed. Added in format 6.
+/// Key: n (u64, dense from 1). Value: postcard [`FileEvent`].
+pub(super) const FILE_FEED: TableDefinition<u64, &[u8]> = TableDefinition::new("file_feed_v1");
+
+/// A file stored here, as the file feed numbers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEvent {
+    pub hash: FileHash,
+    pub size: u64,
+    /// When it was stored, Unix milliseconds.
+    pub time_ms: i64,
+}
+
 /// The directory of files being written, under the files directory.
 pub(super) const PARTIAL_DIR: &str = "partial";
 
@@ -213,12 +227,57 @@ impl Store {
                 };
                 let bytes = postcard::to_stdvec(&row).map_err(|x| self.encode_error(x))?;
                 table.insert(hash.0, bytes.as_slice()).ctx(self, ctx)?;
+                self.feed_file(&tx, hash, size, now_ms, ctx)?;
             }
         }
         // A file this node wanted is wanted no more.
         super::wants::FileIndex::open(self, &tx, ctx)?.unwant(&hash)?;
         tx.commit().ctx(self, ctx)?;
         Ok((hash, size))
+    }
+
+    /// Number a newly stored file in the file feed, inside the transaction that indexes it.
+    pub(super) fn feed_file(
+        &self,
+        tx: &redb::WriteTransaction,
+        hash: FileHash,
+        size: u64,
+        now_ms: i64,
+        ctx: &'static str,
+    ) -> Result<(), StoreError> {
+        let mut feed = tx.open_table(FILE_FEED).ctx(self, ctx)?;
+        let n = feed.last().ctx(self, ctx)?.map_or(0, |(k, _)| k.value()) + 1;
+        let event = FileEvent {
+            hash,
+            size,
+            time_ms: now_ms,
+        };
+        let bytes = postcard::to_stdvec(&event).map_err(|x| self.encode_error(x))?;
+        feed.insert(n, bytes.as_slice()).ctx(self, ctx)?;
+        Ok(())
+    }
+
+    /// The file feed after `since`, at most `limit` entries, and its last number.
+    pub fn file_feed(
+        &self,
+        since: u64,
+        limit: usize,
+    ) -> Result<(Vec<(u64, FileEvent)>, u64), StoreError> {
+        let ctx = "reading the file feed";
+        let tx = self.db.begin_read().ctx(self, ctx)?;
+        let feed = tx.open_table(FILE_FEED).ctx(self, ctx)?;
+        let last = feed.last().ctx(self, ctx)?.map_or(0, |(k, _)| k.value());
+        let mut out = Vec::new();
+        for item in feed
+            .range(since.saturating_add(1)..)
+            .ctx(self, ctx)?
+            .take(limit)
+        {
+            let (k, v) = item.ctx(self, ctx)?;
+            let n = k.value();
+            out.push((n, self.decode(|| format!("file_feed_v1[{n}]"), v.value())?));
+        }
+        Ok((out, last))
     }
 
     /// The stored file `hash`: its path and what the index keeps of it.

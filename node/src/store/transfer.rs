@@ -84,7 +84,7 @@ fn sync_dir(dir: &Path) -> Result<(), FileError> {
 
 impl Store {
     /// Where the outboard of stored file `hash` is.
-    fn outboard_path(&self, hash: &FileHash) -> Result<PathBuf, FileError> {
+    pub(super) fn outboard_path(&self, hash: &FileHash) -> Result<PathBuf, FileError> {
         Ok(with_ext(&self.file_path(hash)?, OUTBOARD_EXT))
     }
 
@@ -292,8 +292,11 @@ impl Store {
                 };
                 let bytes = postcard::to_stdvec(&row).map_err(|x| self.encode_error(x))?;
                 files.insert(hash.0, bytes.as_slice()).ctx(self, ctx)?;
+                drop(files);
+                self.feed_file(&tx, *hash, size, now_ms, ctx)?;
+            } else {
+                drop(files);
             }
-            drop(files);
             FileIndex::open(self, &tx, ctx)?.unwant(hash)?;
         }
         tx.commit().ctx(self, ctx)?;

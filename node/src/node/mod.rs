@@ -1,6 +1,8 @@
 //! The node actor that owns the core (a cloneable handle, an `Action` enum with oneshot
 //! replies, a private loop) beside the network actor, and the reads its handle answers off
-//! both.
+//! both. Its file work is in [`files`](mod@files).
+
+mod files;
 
 use crate::bundle::{BundleError, ExportReport, ImportReport};
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use crate::files::FileHash;
 use crate::net::{Behaviour, NetCounters};
 use crate::netloop::{NetActor, NetCommand, NetEvent, NetState};
 use crate::reads::{Reads, Sessions};
-use crate::store::{FileError, IdPage, SegmentError};
+use crate::store::{FileError, IdPage};
 use crate::sync::SyncError;
 use crate::sync::fetch::Outcome;
 use tidesync_proto::files::{FileAnswer, FileAsk};
@@ -121,6 +123,9 @@ pub enum CallError<E> {
 pub struct NodeHandle {
     tx: mpsc::Sender<Action>,
     last_seq: watch::Receiver<u64>,
+    /// Bumped whenever a file is stored (the file feed's long polls wait on it; the value
+    /// only grows and is at least the feed's last number).
+    files_last: Arc<watch::Sender<u64>>,
     info: Arc<NodeInfo>,
     reads: Reads,
     live: watch::Receiver<Arc<Live>>,
@@ -294,6 +299,11 @@ impl NodeHandle {
         .await
     }
 
+    /// The configured peers' ids, as the node actor last published them.
+    pub fn peer_ids(&self) -> Vec<NodeId> {
+        self.live.borrow().peers.iter().map(|p| p.id).collect()
+    }
+
     /// Fetch the wanted file `hash` now (an `on-demand` file is fetched only so), waiting up
     /// to `wait` for it to be stored. Whether it is stored when this returns.
     pub async fn fetch_file(&self, hash: FileHash, wait: Duration) -> bool {
@@ -323,20 +333,50 @@ impl NodeHandle {
         self.call(|reply| Action::RemovePeer { name, reply }).await
     }
 
-    /// The change feed after `since`. When it is empty and `wait` is non-zero, waits up to
-    /// `wait` (capped at [`MAX_FEED_WAIT_SECS`]) for a new change before answering.
+    /// The change feed after `since`, and with `files_since` the file feed after it. When
+    /// both are empty and `wait` is non-zero, waits up to `wait` (capped at
+    /// [`MAX_FEED_WAIT_SECS`]) for a new change or stored file before answering.
     pub async fn changes(
         &self,
         since: u64,
         limit: usize,
         wait: Duration,
+        files_since: Option<u64>,
     ) -> Result<Feed, CallError<ReadError>> {
         let mut last_seq = self.last_seq.clone();
+        let mut files_last = self.files_last.subscribe();
         let wait = wait.min(Duration::from_secs(MAX_FEED_WAIT_SECS));
-        if *last_seq.borrow_and_update() <= since && !wait.is_zero() {
-            let _ = tokio::time::timeout(wait, last_seq.wait_for(|s| *s > since)).await;
+        let no_files = files_since.is_none_or(|f| *files_last.borrow_and_update() <= f);
+        if *last_seq.borrow_and_update() <= since && no_files && !wait.is_zero() {
+            let files = async {
+                match files_since {
+                    Some(f) => {
+                        let _ = files_last.wait_for(|n| *n > f).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let _ = tokio::time::timeout(wait, async {
+                tokio::select! {
+                    _ = last_seq.wait_for(|s| *s > since) => {},
+                    _ = files => {},
+                }
+            })
+            .await;
         }
-        self.read(move |v| v.changes(since, limit)).await
+        self.read(move |v| {
+            let mut feed = v.changes(since, limit)?;
+            if let Some(f) = files_since {
+                feed.files = Some(v.file_feed(f, limit)?);
+            }
+            Ok(feed)
+        })
+        .await
+    }
+
+    /// A file was stored by an upload: wake the feed's long polls.
+    pub fn file_stored(&self) {
+        self.files_last.send_modify(|n| *n += 1);
     }
 }
 
@@ -362,6 +402,8 @@ struct NodeActor {
     /// Reads waiting for a file to be stored.
     file_waiters: std::collections::HashMap<FileHash, Vec<Reply<bool>>>,
     file_ticks: u64,
+    /// Shared with the handles: wakes the file feed's long polls.
+    files_last: Arc<watch::Sender<u64>>,
 }
 
 impl NodeActor {
@@ -565,22 +607,7 @@ impl NodeActor {
             }
             NetEvent::FileAsked { peer, id, ask } => self.on_file_asked(peer, id, ask),
             NetEvent::FileAnswered { peer, ask, answer } => match answer {
-                FileAnswer::Segment(bytes) => {
-                    let store = self.core.store().clone();
-                    let results = self.file_results_tx.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let hash = FileHash(ask.hash);
-                        let outcome =
-                            match store.decode_segment(&hash, ask.size, ask.segment, &bytes) {
-                                Ok(v) => Outcome::Verified { bytes: v.bytes },
-                                Err(SegmentError::Corrupt { detail, .. }) => {
-                                    Outcome::Corrupt(detail)
-                                }
-                                Err(SegmentError::Local(e)) => Outcome::Local(e.to_string()),
-                            };
-                        let _ = results.blocking_send(FileDone::Decoded { peer, ask, outcome });
-                    });
-                }
+                FileAnswer::Segment(bytes) => self.decode_answer(peer, ask, bytes),
                 FileAnswer::Unknown => self.core.file_answered(peer, &ask, Outcome::Unknown, now()),
                 FileAnswer::Busy => self.core.file_answered(peer, &ask, Outcome::Busy, now()),
             },
@@ -589,119 +616,6 @@ impl NodeActor {
                     .file_answered(peer, &ask, Outcome::Failed(why), now())
             }
         }
-    }
-
-    /// A peer asks for a segment: served off the actor if our policy lets the peer have the
-    /// file, answered `Unknown` (as for a file we lack) if not.
-    fn on_file_asked(&mut self, peer: NodeId, id: crate::netloop::InboundId, ask: FileAsk) {
-        let may = self.is_configured(&peer)
-            && match self.core.may_serve_file(peer, &ask) {
-                Ok(may) => may,
-                Err(e) => {
-                    tracing::error!(%peer, error = %e, "could not check whether a file may be served");
-                    false
-                }
-            };
-        if !may {
-            self.out.push(NetCommand::AnswerFile {
-                id,
-                answer: FileAnswer::Unknown,
-            });
-            return;
-        }
-        if self.serving >= MAX_FILE_SERVES {
-            self.out.push(NetCommand::AnswerFile {
-                id,
-                answer: FileAnswer::Busy,
-            });
-            return;
-        }
-        self.serving += 1;
-        let store = self.core.store().clone();
-        let net = self.net.clone();
-        let results = self.file_results_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let (answer, bytes) = match store.encode_segment(&ask) {
-                Ok(Some(segment)) => {
-                    let n = segment.len() as u64;
-                    (FileAnswer::Segment(segment), n)
-                }
-                Ok(None) => (FileAnswer::Unknown, 0),
-                Err(e) => {
-                    tracing::error!(file = %FileHash(ask.hash), error = %e, "could not serve a file segment");
-                    (FileAnswer::Unknown, 0)
-                }
-            };
-            let _ = net.blocking_send(NetCommand::AnswerFile { id, answer });
-            let _ = results.blocking_send(FileDone::Served { peer, bytes });
-        });
-    }
-
-    /// What file work done off the actor achieved.
-    fn on_file_done(&mut self, done: FileDone) {
-        match done {
-            FileDone::Decoded { peer, ask, outcome } => {
-                self.core.file_answered(peer, &ask, outcome, now())
-            }
-            FileDone::Served { peer, bytes } => {
-                self.serving = self.serving.saturating_sub(1);
-                self.core.file_served(peer, bytes);
-            }
-            FileDone::Finished { hash, result } => {
-                let stored = result.is_ok();
-                self.core.file_finished(&hash, result, now());
-                if stored {
-                    for w in self.file_waiters.remove(&hash).unwrap_or_default() {
-                        let _ = w.send(true);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Ask for the segments due, and move complete downloads into place, off the actor.
-    fn drive_files(&mut self) {
-        let asks = self.core.file_asks(now());
-        if !asks.is_empty() {
-            self.out.push(NetCommand::AskFiles(asks));
-        }
-        for (hash, size) in self.core.files_complete() {
-            let store = self.core.store().clone();
-            let results = self.file_results_tx.clone();
-            tokio::task::spawn_blocking(move || {
-                let result = store.finish_download(&hash, size, now());
-                let _ = results.blocking_send(FileDone::Finished { hash, result });
-            });
-        }
-    }
-
-    /// Save download progress and publish the files' status.
-    fn on_file_tick(&mut self) {
-        if let Err(e) = self.core.save_file_progress() {
-            tracing::error!(error = %e, "could not save download progress");
-        }
-        self.file_ticks = self.file_ticks.wrapping_add(1);
-        if self.file_ticks.is_multiple_of(WANTS_RECONCILE_TICKS)
-            && let Err(e) = self.core.reconcile_wants()
-        {
-            tracing::error!(error = %e, "could not read the want-list");
-        }
-        self.file_waiters.retain(|hash, waiters| {
-            waiters.retain(|w| !w.is_closed());
-            !waiters.is_empty() && self.core.is_fetching(hash)
-        });
-        let files = self.core.files_status();
-        self.live.send_if_modified(|live| {
-            if live.files == files {
-                return false;
-            }
-            *live = Arc::new(Live {
-                peers: live.peers.clone(),
-                sessions: live.sessions.clone(),
-                files,
-            });
-            true
-        });
     }
 }
 
@@ -741,9 +655,23 @@ pub fn spawn(
             tracing::error!(error = %e, "could not read the want-list; files wanted before are fetched once their objects change again")
         }
     }
+    match core.store().clean_partial_uploads() {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            files = n,
+            "removed uploads a stopped process left unfinished"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not clean unfinished uploads"),
+    }
     let (tx, rx) = mpsc::channel(ACTION_QUEUE_LEN);
     let (file_results_tx, file_results) = mpsc::channel(FILE_RESULT_QUEUE_LEN);
     let (last_seq_tx, last_seq) = watch::channel(core.last_seq()?);
+    let files_last = Arc::new(watch::Sender::new(
+        core.store()
+            .file_feed(0, 0)
+            .map(|(_, last)| last)
+            .unwrap_or(0),
+    ));
     let (live_tx, live) = watch::channel(Arc::new(Live {
         peers: config.peers.clone(),
         sessions: Sessions::new(),
@@ -758,6 +686,7 @@ pub fn spawn(
     let handle = NodeHandle {
         tx,
         last_seq,
+        files_last: Arc::clone(&files_last),
         info,
         reads: core.reads(),
         live,
@@ -779,6 +708,7 @@ pub fn spawn(
         serving: 0,
         file_waiters: Default::default(),
         file_ticks: 0,
+        files_last,
     };
     let net_task = tokio::spawn(net_actor.run(shutdown.clone()).in_current_span());
     let task = tokio::spawn(

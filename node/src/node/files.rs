@@ -1,0 +1,149 @@
+//! The node actor's file work: segments served and decoded off the actor, finished
+//! downloads moved into place, progress saved, and the files' status published.
+
+use std::sync::Arc;
+
+use tidesync_proto::NodeId;
+use tidesync_proto::files::{FileAnswer, FileAsk};
+
+use super::{FileDone, Live, MAX_FILE_SERVES, NodeActor, WANTS_RECONCILE_TICKS, now};
+use crate::files::FileHash;
+use crate::netloop::NetCommand;
+use crate::store::SegmentError;
+use crate::sync::fetch::Outcome;
+
+impl NodeActor {
+    /// A peer asks for a segment: served off the actor if our policy lets the peer have the
+    /// file, answered `Unknown` (as for a file we lack) if not.
+    pub(super) fn on_file_asked(
+        &mut self,
+        peer: NodeId,
+        id: crate::netloop::InboundId,
+        ask: FileAsk,
+    ) {
+        let may = self.is_configured(&peer)
+            && match self.core.may_serve_file(peer, &ask) {
+                Ok(may) => may,
+                Err(e) => {
+                    tracing::error!(%peer, error = %e, "could not check whether a file may be served");
+                    false
+                }
+            };
+        if !may {
+            self.out.push(NetCommand::AnswerFile {
+                id,
+                answer: FileAnswer::Unknown,
+            });
+            return;
+        }
+        if self.serving >= MAX_FILE_SERVES {
+            self.out.push(NetCommand::AnswerFile {
+                id,
+                answer: FileAnswer::Busy,
+            });
+            return;
+        }
+        self.serving += 1;
+        let store = self.core.store().clone();
+        let net = self.net.clone();
+        let results = self.file_results_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let (answer, bytes) = match store.encode_segment(&ask) {
+                Ok(Some(segment)) => {
+                    let n = segment.len() as u64;
+                    (FileAnswer::Segment(segment), n)
+                }
+                Ok(None) => (FileAnswer::Unknown, 0),
+                Err(e) => {
+                    tracing::error!(file = %FileHash(ask.hash), error = %e, "could not serve a file segment");
+                    (FileAnswer::Unknown, 0)
+                }
+            };
+            let _ = net.blocking_send(NetCommand::AnswerFile { id, answer });
+            let _ = results.blocking_send(FileDone::Served { peer, bytes });
+        });
+    }
+
+    /// What file work done off the actor achieved.
+    pub(super) fn on_file_done(&mut self, done: FileDone) {
+        match done {
+            FileDone::Decoded { peer, ask, outcome } => {
+                self.core.file_answered(peer, &ask, outcome, now())
+            }
+            FileDone::Served { peer, bytes } => {
+                self.serving = self.serving.saturating_sub(1);
+                self.core.file_served(peer, bytes);
+            }
+            FileDone::Finished { hash, result } => {
+                let stored = result.is_ok();
+                self.core.file_finished(&hash, result, now());
+                if stored {
+                    self.files_last.send_modify(|n| *n += 1);
+                    for w in self.file_waiters.remove(&hash).unwrap_or_default() {
+                        let _ = w.send(true);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ask for the segments due, and move complete downloads into place, off the actor.
+    pub(super) fn drive_files(&mut self) {
+        let asks = self.core.file_asks(now());
+        if !asks.is_empty() {
+            self.out.push(NetCommand::AskFiles(asks));
+        }
+        for (hash, size) in self.core.files_complete() {
+            let store = self.core.store().clone();
+            let results = self.file_results_tx.clone();
+            tokio::task::spawn_blocking(move || {
+                let result = store.finish_download(&hash, size, now());
+                let _ = results.blocking_send(FileDone::Finished { hash, result });
+            });
+        }
+    }
+
+    /// Save download progress and publish the files' status.
+    pub(super) fn on_file_tick(&mut self) {
+        if let Err(e) = self.core.save_file_progress() {
+            tracing::error!(error = %e, "could not save download progress");
+        }
+        self.file_ticks = self.file_ticks.wrapping_add(1);
+        if self.file_ticks.is_multiple_of(WANTS_RECONCILE_TICKS)
+            && let Err(e) = self.core.reconcile_wants()
+        {
+            tracing::error!(error = %e, "could not read the want-list");
+        }
+        self.file_waiters.retain(|hash, waiters| {
+            waiters.retain(|w| !w.is_closed());
+            !waiters.is_empty() && self.core.is_fetching(hash)
+        });
+        let files = self.core.files_status();
+        self.live.send_if_modified(|live| {
+            if live.files == files {
+                return false;
+            }
+            *live = Arc::new(Live {
+                peers: live.peers.clone(),
+                sessions: live.sessions.clone(),
+                files,
+            });
+            true
+        });
+    }
+
+    /// Check a segment a peer answered against the file's hash and write it, off the actor.
+    pub(super) fn decode_answer(&mut self, peer: NodeId, ask: FileAsk, bytes: Vec<u8>) {
+        let store = self.core.store().clone();
+        let results = self.file_results_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let hash = FileHash(ask.hash);
+            let outcome = match store.decode_segment(&hash, ask.size, ask.segment, &bytes) {
+                Ok(v) => Outcome::Verified { bytes: v.bytes },
+                Err(SegmentError::Corrupt { detail, .. }) => Outcome::Corrupt(detail),
+                Err(SegmentError::Local(e)) => Outcome::Local(e.to_string()),
+            };
+            let _ = results.blocking_send(FileDone::Decoded { peer, ask, outcome });
+        });
+    }
+}
