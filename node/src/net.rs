@@ -119,8 +119,17 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Messa
     let mut header = [0u8; FRAME_HEADER_BYTES];
     io.read_exact(&mut header).await?;
     let len = wire::frame_len(header).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    // Grow the buffer as bytes arrive rather than trusting the announced length: a peer that
-    // announces `MAX_FRAME_BYTES` and sends nothing costs one chunk, not the whole frame.
+    let body = read_body(io, len).await?;
+    wire::decode_body(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Read a frame body of `len` bytes (already checked against its protocol's limit). The
+/// buffer grows as bytes arrive rather than trusting the announced length: a peer that
+/// announces the largest frame and sends nothing costs one chunk, not the whole frame.
+pub(crate) async fn read_body<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    len: usize,
+) -> io::Result<Vec<u8>> {
     let mut body = Vec::new();
     while body.len() < len {
         let start = body.len();
@@ -131,7 +140,7 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Messa
         }
         body.truncate(start + n);
     }
-    wire::decode_body(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    Ok(body)
 }
 
 impl FrameCodec {

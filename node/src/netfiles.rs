@@ -15,7 +15,7 @@ use tidesync_proto::files::{
     file_frame_len,
 };
 
-use crate::net::{FRAME_READ_CHUNK_BYTES, NetCounters};
+use crate::net::NetCounters;
 
 /// The files protocol's libp2p name; each frame carries its version as well.
 pub const FILES_PROTOCOL: &str = "/tidesync/files/1";
@@ -66,17 +66,7 @@ impl FileCodec {
             Ok(len) => len,
             Err(e) => return Ok(FileFrame::Bad(e.to_string())),
         };
-        // The buffer grows as bytes arrive, never to the announced length up front.
-        let mut body = Vec::new();
-        while body.len() < len {
-            let start = body.len();
-            body.resize(start + (len - start).min(FRAME_READ_CHUNK_BYTES), 0);
-            let n = io.read(&mut body[start..]).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            body.truncate(start + n);
-        }
+        let body = crate::net::read_body(io, len).await?;
         self.counters
             .file_bytes_in
             .fetch_add((FILE_FRAME_HEADER_BYTES + len) as u64, Ordering::Relaxed);

@@ -422,6 +422,13 @@ impl NetActor {
     }
 
     /// Log a peer that broke the protocol and drop its connection; the node carries on.
+    /// A number for the next inbound request, sync or files.
+    fn next_inbound(&mut self) -> InboundId {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
     fn drop_bad_peer(&mut self, peer: PeerId, why: &str, detail: &str) {
         tracing::warn!(%peer, error = %detail, "dropping the connection to a peer that {why}");
         let _ = self.swarm.disconnect_peer_id(peer);
@@ -441,8 +448,7 @@ impl NetActor {
                         channel,
                         ..
                     } => {
-                        let inbound = self.next_id;
-                        self.next_id += 1;
+                        let inbound = self.next_inbound();
                         self.open.insert(inbound, (id, channel));
                         self.emit(NetEvent::Request {
                             peer: id,
@@ -470,14 +476,7 @@ impl NetActor {
                     self.emit(NetEvent::RequestFailed(id));
                 }
             }
-            Event::InboundFailure { peer, error, .. } => {
-                // A stream past the cap, a timeout, a closed connection, a request we left
-                // unanswered: none proves the peer wrong, so it keeps its connection.
-                if NodeId::from_peer_id(&peer).is_none_or(|id| crate::ratelog::REFUSALS.allow(&id))
-                {
-                    tracing::debug!(%peer, error = %error, "an inbound request failed");
-                }
-            }
+            Event::InboundFailure { peer, error, .. } => inbound_failed(&peer, &error),
             Event::ResponseSent { .. } => {}
         }
     }
@@ -499,8 +498,7 @@ impl NetActor {
                         channel,
                         ..
                     } => {
-                        let inbound = self.next_id;
-                        self.next_id += 1;
+                        let inbound = self.next_inbound();
                         self.open_files.insert(inbound, (id, channel));
                         self.emit(NetEvent::FileAsked {
                             peer: id,
@@ -562,13 +560,17 @@ impl NetActor {
                     }
                 }
             }
-            Event::InboundFailure { peer, error, .. } => {
-                if NodeId::from_peer_id(&peer).is_none_or(|id| crate::ratelog::REFUSALS.allow(&id))
-                {
-                    tracing::debug!(%peer, error = %error, "an inbound file ask failed");
-                }
-            }
+            Event::InboundFailure { peer, error, .. } => inbound_failed(&peer, &error),
             Event::ResponseSent { .. } => {}
         }
+    }
+}
+
+/// An inbound request (sync or files) failed: a stream past the cap, a timeout, a closed
+/// connection, a request we left unanswered. None proves the peer wrong, so it keeps its
+/// connection.
+fn inbound_failed(peer: &PeerId, error: &request_response::InboundFailure) {
+    if NodeId::from_peer_id(peer).is_none_or(|id| crate::ratelog::REFUSALS.allow(&id)) {
+        tracing::debug!(%peer, error = %error, "an inbound request failed");
     }
 }

@@ -7,6 +7,8 @@
 //!   crafted frames.
 //! - [`proxy`]: a TCP proxy that cuts every connection after so many bytes (flaky links).
 //! - `src/bin/bench.rs`: the sync benchmark (`cargo run --release -p tidesync-tests --bin bench`).
+//! - `src/bin/filebench.rs`: files against Syncthing (`cargo run --release -p tidesync-tests
+//!   --bin filebench`).
 
 pub mod mallory;
 pub mod proxy;
@@ -380,4 +382,18 @@ pub const CONVERGE_TIMEOUT_SECS: u64 = 90;
 /// Parse one line of JSON output.
 pub fn json(s: &str) -> Value {
     serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// `len` bytes no two positions of which repeat in a short period, from `seed` (file
+/// contents for tests).
+pub fn content(len: usize, seed: u32) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9 ^ seed.wrapping_mul(0x85eb_ca6b);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
 }

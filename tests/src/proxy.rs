@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 
 /// Bytes copied per read while forwarding.
-const PROXY_CHUNK_BYTES: usize = 16 * 1024;
+const PROXY_CHUNK_BYTES: usize = 64 * 1024;
 
 /// A running proxy; it stops when dropped.
 pub struct FlakyProxy {
@@ -16,6 +16,7 @@ pub struct FlakyProxy {
     stop: Arc<AtomicBool>,
     cuts: Arc<AtomicU64>,
     connections: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
 }
 
 impl FlakyProxy {
@@ -27,10 +28,12 @@ impl FlakyProxy {
         let stop = Arc::new(AtomicBool::new(false));
         let cuts = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicU64::new(0));
-        let (s, c, n) = (
+        let bytes = Arc::new(AtomicU64::new(0));
+        let (s, c, n, b) = (
             Arc::clone(&stop),
             Arc::clone(&cuts),
             Arc::clone(&connections),
+            Arc::clone(&bytes),
         );
         thread::spawn(move || {
             for inbound in listener.incoming() {
@@ -50,10 +53,14 @@ impl FlakyProxy {
                     let (Ok(from), Ok(to)) = (from, to) else {
                         continue;
                     };
-                    let (crossed, cut, cuts) =
-                        (Arc::clone(&crossed), Arc::clone(&cut), Arc::clone(&c));
+                    let (crossed, cut, cuts, total) = (
+                        Arc::clone(&crossed),
+                        Arc::clone(&cut),
+                        Arc::clone(&c),
+                        Arc::clone(&b),
+                    );
                     thread::spawn(move || {
-                        forward(from, to, cut_after_bytes, &crossed, &cut, &cuts)
+                        forward(from, to, cut_after_bytes, &crossed, &cut, &cuts, &total)
                     });
                 }
             }
@@ -63,6 +70,7 @@ impl FlakyProxy {
             stop,
             cuts,
             connections,
+            bytes,
         }
     }
 
@@ -74,6 +82,11 @@ impl FlakyProxy {
     /// Connections it cut.
     pub fn cuts(&self) -> u64 {
         self.cuts.load(Ordering::SeqCst)
+    }
+
+    /// Bytes it forwarded, both ways, all connections together.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::SeqCst)
     }
 
     /// Connections it forwarded.
@@ -99,6 +112,7 @@ fn forward(
     crossed: &AtomicU64,
     cut: &AtomicBool,
     cuts: &AtomicU64,
+    forwarded: &AtomicU64,
 ) {
     let mut buf = vec![0u8; PROXY_CHUNK_BYTES];
     loop {
@@ -116,6 +130,7 @@ fn forward(
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
+        forwarded.fetch_add(n as u64, Ordering::Relaxed);
     }
     let _ = from.shutdown(Shutdown::Both);
     let _ = to.shutdown(Shutdown::Both);

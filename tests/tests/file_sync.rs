@@ -6,20 +6,7 @@
 use std::path::Path;
 
 use serde_json::Value;
-use tidesync_tests::{TestNode, json, wait_for};
-
-/// Bytes no two positions of which repeat in a short period, seeded.
-fn content(len: usize, seed: u32) -> Vec<u8> {
-    let mut x: u32 = 0x9e37_79b9 ^ seed.wrapping_mul(0x85eb_ca6b);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
+use tidesync_tests::{TestNode, content, json, wait_for};
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
     let path = dir.join(name);

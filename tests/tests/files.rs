@@ -1,24 +1,11 @@
 //! Files through a real node process: stored content-addressed and durable, read back whole
 //! and in ranges over HTTP with the hash as ETag, listed, referenced from a field, on a running
-//! node and on a stopped one. (Moving files between nodes is not built yet.)
+//! node and on a stopped one (moving them between nodes: `file_sync.rs`).
 
 use std::time::Duration;
 
 use serde_json::json;
-use tidesync_tests::{TestNode, json};
-
-/// Bytes no two positions of which repeat in a short period.
-fn content(len: usize) -> Vec<u8> {
-    let mut x: u32 = 0x9e37_79b9;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
+use tidesync_tests::{TestNode, content, json};
 
 /// A raw request to the running node: status, headers and body bytes.
 fn raw(
@@ -54,7 +41,7 @@ fn a_stored_file_is_served_whole_and_in_ranges_referenced_from_a_field_and_kept_
     let mut node = TestNode::init("lab");
     node.start();
     let dir = tempfile::tempdir().unwrap();
-    let bytes = content(3 * 1024 * 1024 + 5);
+    let bytes = content(3 * 1024 * 1024 + 5, 0);
     let path = dir.path().join("report.pdf");
     std::fs::write(&path, &bytes).unwrap();
 
