@@ -206,15 +206,11 @@ fn run_tidesync(files: &[PathBuf], cut_bytes: u64) -> Run {
     let via = format!("/ip4/127.0.0.1/tcp/{}", proxy.addr().port());
     b.ok(&["peer", "add", "send", "--id", &a.id(), "--addr", &via]);
     let want = files.len();
+    // The file feed's last number counts the files the receiver stored (it started empty).
+    let feed = format!("/v1/changes?since={}&files_since=0&limit=1", u64::MAX);
     wait_until("tidesync's receiver to store every file", || {
-        let stored = http(
-            &b,
-            reqwest::Method::GET,
-            "/v1/files",
-            None,
-            "application/json",
-        );
-        stored.as_array().is_some_and(|s| s.len() == want)
+        let f = http(&b, reqwest::Method::GET, &feed, None, "application/json");
+        f["files"]["last"].as_u64() == Some(want as u64)
     });
     let secs = t.elapsed().as_secs_f64();
     let run = Run {
@@ -279,8 +275,17 @@ impl Syncthing {
         other_addr: &str,
         gui: u16,
     ) {
+        // Keep the config version the installed Syncthing generated.
+        let generated = std::fs::read_to_string(home.join("config.xml")).unwrap_or_default();
+        let version = generated
+            .split("<configuration version=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("37")
+            .to_string();
+        std::fs::create_dir_all(folder.join(".stfolder")).expect("folder marker");
         let config = format!(
-            r#"<configuration version="37">
+            r#"<configuration version="{version}">
   <folder id="bench" label="bench" path="{folder}" type="sendreceive" rescanIntervalS="36000" fsWatcherEnabled="false">
     <device id="{me}"></device>
     <device id="{other}"></device>
