@@ -33,7 +33,7 @@ pub const MAX_FEED_WAIT_SECS: u64 = 60;
 /// place) that may wait for the actor.
 pub const FILE_RESULT_QUEUE_LEN: usize = 256;
 /// Segments encoded for peers at once; an ask beyond it is answered `Busy`.
-pub const MAX_FILE_SERVES: usize = 8;
+pub const MAX_FILE_SERVES: usize = 16;
 /// How often downloads are planned again (retries come due) and their progress saved, in
 /// milliseconds.
 pub const FILE_TICK_MS: u64 = 500;

@@ -233,6 +233,12 @@ impl Store {
         // A file this node wanted is wanted no more.
         super::wants::FileIndex::open(self, &tx, ctx)?.unwant(&hash)?;
         tx.commit().ctx(self, ctx)?;
+        // Its outboard now, while its bytes are in the page cache, rather than when the first
+        // peer asks (which would then wait for a whole pass over the file). A failure here
+        // loses nothing: the first ask makes it.
+        if let Err(e) = self.stored_outboard(&hash, size) {
+            tracing::warn!(file = %hash, error = %e, "could not make a file's outboard yet");
+        }
         Ok((hash, size))
     }
 

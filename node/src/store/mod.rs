@@ -193,6 +193,9 @@ pub enum StoreError {
 pub struct Store {
     db: std::sync::Arc<Database>,
     path: PathBuf,
+    /// Held while a stored file's outboard is made, so that the segment asks that arrive
+    /// together for a file hash it once, not once each.
+    outboards: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 /// A page of object ids.
@@ -224,6 +227,7 @@ impl Store {
         let store = Store {
             db: std::sync::Arc::new(db),
             path: path.into(),
+            outboards: Default::default(),
         };
         store.init_tables()?;
         Ok(store)
@@ -241,6 +245,7 @@ impl Store {
         let store = Store {
             db: std::sync::Arc::new(db),
             path: path.into(),
+            outboards: Default::default(),
         };
         let format = store.check_format()?;
         store.upgrade_within_format()?;
@@ -268,6 +273,7 @@ impl Store {
         let store = Store {
             db: std::sync::Arc::new(db),
             path,
+            outboards: Default::default(),
         };
         store.init_tables()?;
         Ok(store)

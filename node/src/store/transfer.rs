@@ -4,9 +4,9 @@
 //!
 //! # On disk
 //! - `files/<2 hex>/<hash>.obao4`: the file's outboard, the BLAKE3 tree's parent hashes in
-//!   pre-order with 16 KiB chunk groups (64 bytes per 16 KiB). Made from the file's bytes the
-//!   first time a peer asks for it (and checked to hash to its name), or kept from its
-//!   download.
+//!   pre-order with 16 KiB chunk groups (64 bytes per 16 KiB). Made from the file's bytes when
+//!   it is added, or else the first time a peer asks for it (checked to hash to its name),
+//!   or kept from its download.
 //! - `files/partial/<hash>.download` and `<hash>.download.obao4`: a download in progress,
 //!   written at the offsets of the segments that verified. Which segments are durable is
 //!   recorded in the file's `wants_v1` row only after both are synced, so a crash loses at
@@ -100,7 +100,7 @@ impl Store {
 
     /// The outboard of stored file `hash` of `size` bytes, made from its bytes the first time
     /// (checked to hash to `hash`: a file whose bytes rotted is refused, not served).
-    fn stored_outboard(
+    pub(super) fn stored_outboard(
         &self,
         hash: &FileHash,
         size: u64,
@@ -108,6 +108,12 @@ impl Store {
         let tree = BaoTree::new(size, block_size());
         let root = blake3::Hash::from_bytes(hash.0);
         let path = self.outboard_path(hash)?;
+        // A poisoned lock only means another thread panicked making an outboard: the
+        // file-system state is still checked below, so carry on.
+        let _making = self
+            .outboards
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !path.exists() {
             let data_path = self.file_path(hash)?;
             let data = File::open(&data_path)

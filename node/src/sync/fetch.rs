@@ -18,10 +18,10 @@ use crate::files::FileHash;
 use crate::model::{MAX_WANT_SOURCES, PeerFiles, WantRow};
 
 /// Segment asks in flight to one peer (each up to 1 MiB).
-pub const MAX_ASKS_PER_PEER: usize = 8;
+pub const MAX_ASKS_PER_PEER: usize = 16;
 /// Segment asks in flight to all peers together: what downloads hold in memory is bounded by
 /// this many segments, whatever the files' sizes.
-pub const MAX_ASKS_IN_FLIGHT: usize = 24;
+pub const MAX_ASKS_IN_FLIGHT: usize = 32;
 /// A peer that does not have a file is asked again after this long, in milliseconds (it may
 /// be fetching it itself).
 pub const UNKNOWN_RETRY_MS: i64 = 5_000;

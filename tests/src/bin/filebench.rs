@@ -324,6 +324,10 @@ impl Syncthing {
             .arg(home)
             .env("STNODEFAULTFOLDER", "1")
             .env("STNOUPGRADE", "1")
+            // One process: without this, `serve` runs a monitor process that starts the real
+            // one as its child (whose memory is what counts, and which outlives a kill of
+            // the monitor).
+            .env("STMONITORED", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
