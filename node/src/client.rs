@@ -157,6 +157,29 @@ impl Client {
         }
     }
 
+    /// Resolve a field with concurrent values by picking one (see [`crate::concurrent`]).
+    pub async fn resolve(
+        &mut self,
+        ty: &TypeName,
+        id: &ObjectId,
+        path: &str,
+        pick: &str,
+    ) -> Result<WriteReply, ClientError> {
+        match self {
+            Client::Local(core, _) => Ok(core.resolve(ty, id, path, pick)?),
+            Client::Api(api) => {
+                let body = serde_json::json!({ "path": path, "pick": pick });
+                api.send(
+                    reqwest::Method::POST,
+                    &format!("{}/resolve", object_path(ty, id)),
+                    Some(&body),
+                    0,
+                )
+                .await
+            }
+        }
+    }
+
     pub async fn get(
         &mut self,
         ty: &TypeName,
@@ -435,7 +458,28 @@ impl Client {
         }
     }
 
-    /// The node's name collisions.
+    /// A URL of the running node's status page with a one-time login code in it.
+    pub async fn login_url(&mut self) -> Result<String, ClientError> {
+        match self {
+            Client::Local(..) => Err(ClientError::Invalid(
+                "the node is not running: start it with `tidesync run`, then open its page".into(),
+            )),
+            Client::Api(api) => {
+                let answer: Json = api
+                    .send(
+                        reqwest::Method::POST,
+                        crate::api::page::LOGIN_CODES_PATH,
+                        Some(&serde_json::json!({})),
+                        0,
+                    )
+                    .await?;
+                let path = answer["path"].as_str().unwrap_or_default();
+                Ok(format!("{}{path}", api.base))
+            }
+        }
+    }
+
+    /// The conflicts inbox (see [`crate::core::Conflict`]).
     pub async fn conflicts(&mut self) -> Result<Vec<crate::core::Conflict>, ClientError> {
         match self {
             Client::Local(core, _) => Ok(core.conflicts()?),

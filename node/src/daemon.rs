@@ -90,12 +90,15 @@ pub async fn run(home: &Home) -> Result<(), RunError> {
                 })?;
         }
         let (stop_tx, stop_rx) = watch::channel(false);
+        let instruments = crate::metrics::Instruments::new();
+        let metrics = instruments.metrics.clone();
         let (handle, actor) = spawn(
             core,
             swarm,
             home.clone(),
             config.clone(),
             counters,
+            instruments,
             stop_rx.clone(),
         )
         .map_err(|source| RunError::Read {
@@ -122,7 +125,7 @@ pub async fn run(home: &Home) -> Result<(), RunError> {
 
         let signals = shutdown_signal().map_err(RunError::Signals)?;
         let guard = crate::api::Guard::new(bound, &config.api.hosts, token);
-        let app = crate::api::router(handle.clone(), guard, home.dir.clone());
+        let app = crate::api::router(handle.clone(), guard, home.dir.clone(), metrics);
         let served = crate::api::serve(listener, app, stop_rx.clone());
         let served = tokio::spawn(served.in_current_span());
         // The actor is supervised: should it ever stop before we ask it to (a panic that

@@ -152,6 +152,22 @@ pub fn file_refs(doc: &impl ReadDoc) -> Vec<(crate::files::FileHash, u64)> {
     out
 }
 
+/// The JSON of one value (`value`, whose object id is `obj` when it is an object).
+pub fn value_json(doc: &impl ReadDoc, value: Value<'_>, obj: &ObjId) -> Json {
+    value_to_json(doc, value, obj)
+}
+
+/// Write `new` at `obj[prop]` from scratch, one operation on `prop` superseding every value
+/// it holds (a resolution, see [`crate::concurrent`]).
+pub fn write_value<T: Transactable + ReadDoc>(
+    tx: &mut T,
+    obj: &ObjId,
+    prop: Prop,
+    new: &Json,
+) -> Result<(), automerge::AutomergeError> {
+    write_new(tx, obj, prop, new, false)
+}
+
 fn value_to_json(doc: &impl ReadDoc, value: Value<'_>, obj: &ObjId) -> Json {
     match value {
         Value::Scalar(s) => scalar_to_json(&s),

@@ -18,6 +18,7 @@
 //! - [`netloop`]: the network actor: polls the swarm and dials peers, never waiting for the core.
 //! - [`net`]: the libp2p shell: transport, gating, the request-response codec, backoff.
 //! - [`netfiles`]: the files protocol's libp2p name, stream caps and frame codec.
+//! - [`metrics`]: the Prometheus registry of `GET /metrics`: histograms, status series, libp2p's.
 //! - [`held`]: `tidesync held`: listing and purging held changes, with each sender's quota.
 //!
 //! **Core, sync and replica**
@@ -37,6 +38,7 @@
 //! - [`model`]: the records every layer shares (documents, log entries, peer records, batches),
 //!   the checkpoint rule and the glossary of log positions.
 //! - [`doc`]: how an object's JSON maps onto an Automerge document; the deletion tombstone rule.
+//! - [`concurrent`]: fields with concurrent values: finding them, and the write that resolves one.
 //! - [`files`]: a file's content address (BLAKE3), the reference a field holds, the limits.
 //! - [`fault`]: every deliberate fault, behind the `fault-injection` feature.
 //! - [`ratelog`]: per-peer rate limits for log lines a peer can provoke (refused changes).
@@ -47,6 +49,7 @@ pub mod atomic;
 pub mod bundle;
 pub mod cli;
 pub mod client;
+pub mod concurrent;
 pub mod config;
 pub mod core;
 pub mod daemon;
@@ -57,6 +60,7 @@ pub mod files;
 pub mod fuzzing;
 pub mod held;
 pub mod identity;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod netfiles;

@@ -56,6 +56,8 @@ pub struct Persist {
     pub time_ms: i64,
     /// The files the document refers to after the change ([`crate::doc::file_refs`]).
     pub files: Vec<(crate::files::FileHash, u64)>,
+    /// How many fields hold concurrent values after the change ([`crate::concurrent::count`]).
+    pub concurrent: u32,
 }
 
 /// The local name of a received document whose `(type, name)` another document already has
@@ -112,6 +114,31 @@ pub struct LogEntry {
     /// The peer this node received the change from; `None` for its own writes.
     pub from: Option<NodeId>,
     /// When this node stored the change, Unix milliseconds.
+    pub time_ms: i64,
+}
+
+/// How long one received batch spent in each stage (the metrics' histograms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchTiming {
+    pub verify: std::time::Duration,
+    pub apply: std::time::Duration,
+    pub commit: std::time::Duration,
+}
+
+/// A change refused by policy, as the refusal log keeps it (`refusals_v1`): which peer sent
+/// it, which rule refused it, for which object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusalRow {
+    pub peer: NodeId,
+    pub doc: DocId,
+    pub ty: String,
+    /// The object's name at its origin.
+    pub id: String,
+    /// The rule, in a word (see [`crate::policy::Refusal::rule`]).
+    pub rule: String,
+    /// The refusal as a sentence.
+    pub reason: String,
+    /// When it was refused, Unix milliseconds.
     pub time_ms: i64,
 }
 
@@ -332,6 +359,8 @@ pub struct ReceivedDoc {
     pub supersedes: Option<DocId>,
     /// The files the new state refers to ([`crate::doc::file_refs`]; empty without a state).
     pub files: Vec<(crate::files::FileHash, u64)>,
+    /// How many fields of the new state hold concurrent values (0 without a state).
+    pub concurrent: u32,
     /// Files to want because of this document (decided by the replica from its policy for
     /// the sender; the store adds each one it does not hold, within the claimant's quota).
     pub wants: Vec<WantRow>,
@@ -354,6 +383,7 @@ impl ReceivedDoc {
             banned: Vec::new(),
             supersedes: None,
             files: Vec::new(),
+            concurrent: 0,
             wants: Vec::new(),
         }
     }

@@ -146,6 +146,8 @@ pub struct NetActor {
     asked: HashMap<request_response::OutboundRequestId, FileAsk>,
     state: watch::Sender<NetState>,
     rng: StdRng,
+    /// libp2p's own connection metrics (served at `GET /metrics`).
+    metrics: libp2p::metrics::Metrics,
 }
 
 /// The two ends the node actor holds: its event queue and the command sender.
@@ -157,7 +159,11 @@ pub struct NetEnds {
 
 impl NetActor {
     /// A network actor over `swarm`, with the configured peers `peers`.
-    pub fn new(swarm: Swarm<Behaviour>, peers: &[(NodeId, PeerConfig)]) -> (NetActor, NetEnds) {
+    pub fn new(
+        swarm: Swarm<Behaviour>,
+        peers: &[(NodeId, PeerConfig)],
+        metrics: libp2p::metrics::Metrics,
+    ) -> (NetActor, NetEnds) {
         let (events_tx, events) = mpsc::channel(NET_EVENT_QUEUE_LEN);
         let (commands, commands_rx) = mpsc::channel(NET_COMMAND_QUEUE_LEN);
         let (state_tx, state) = watch::channel(NetState::default());
@@ -174,6 +180,7 @@ impl NetActor {
             asked: HashMap::new(),
             state: state_tx,
             rng: StdRng::from_rng(&mut rand::rng()),
+            metrics,
         };
         for (id, config) in peers {
             actor.add_link(config.clone(), *id);
@@ -361,6 +368,7 @@ impl NetActor {
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        libp2p::metrics::Recorder::record(&self.metrics, &event);
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening for peers");

@@ -310,6 +310,21 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// The rule that refused, in a word (the refusal log and the metrics' label).
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Refusal::SendOnlyPeer { .. } => "send-only-peer",
+            Refusal::TypeNotExchanged { .. } => "type-not-exchanged",
+            Refusal::TypeSendOnly { .. } => "type-send-only",
+            Refusal::NotOurs { .. } => "update-only",
+            Refusal::Revoked { .. } => "revoked",
+            Refusal::Unprefixable { .. } => "unprefixable",
+            Refusal::BadId { .. } => "bad-id",
+            Refusal::NotTheirs { .. } => "not-theirs",
+            Refusal::ReadOnly { .. } => "read-only",
+        }
+    }
+
     pub fn ty(&self) -> &TypeName {
         match self {
             Refusal::SendOnlyPeer { ty }

@@ -70,6 +70,12 @@ impl Kind for LocalWriteError {
     fn kind(&self) -> ErrorKind {
         match self {
             LocalWriteError::Refused(WriteError::NotFound { .. }) => ErrorKind::NotFound,
+            LocalWriteError::Refused(WriteError::Resolve { source, .. }) => match **source {
+                crate::concurrent::ResolveError::NoField(_) => ErrorKind::NotFound,
+                crate::concurrent::ResolveError::NotConcurrent { .. }
+                | crate::concurrent::ResolveError::NoValue { .. } => ErrorKind::Unprocessable,
+                _ => ErrorKind::Invalid,
+            },
             LocalWriteError::Refused(WriteError::Fields { .. })
             | LocalWriteError::BadId { .. }
             | LocalWriteError::BadFileRef { .. } => ErrorKind::Invalid,

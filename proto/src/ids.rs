@@ -69,6 +69,17 @@ impl NodeId {
     }
 
     /// A short form for logs: the last 8 characters of the PeerId.
+    /// What two operators read to each other to check a key: SHA-256 of the 32-byte public
+    /// key, its first 10 bytes as five groups of four hex digits (`3f2a-91c0-…`).
+    pub fn fingerprint(&self) -> String {
+        let digest = Sha256::digest(self.0);
+        digest[..10]
+            .chunks(2)
+            .map(hex::encode)
+            .collect::<Vec<_>>()
+            .join("-")
+    }
+
     pub fn short(&self) -> String {
         let s = self.to_string();
         s[s.len().saturating_sub(8)..].to_string()

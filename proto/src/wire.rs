@@ -132,6 +132,16 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
     Ok(out)
 }
 
+/// The bytes `msg` takes on the wire as one frame, without encoding it.
+pub fn frame_bytes(msg: &Message) -> usize {
+    FRAME_HEADER_BYTES + encoded_size(&PROTOCOL_VERSION) + encoded_size(msg)
+}
+
+/// The postcard size of `value`, counted without writing it.
+fn encoded_size<T: serde::Serialize + ?Sized>(value: &T) -> usize {
+    postcard::serialize_with_flavor(value, postcard::ser_flavors::Size::default()).unwrap_or(0)
+}
+
 /// The body length announced by a frame header, checked against [`MAX_FRAME_BYTES`].
 pub fn frame_len(header: [u8; FRAME_HEADER_BYTES]) -> Result<usize, DecodeError> {
     let len = u32::from_be_bytes(header) as usize;
@@ -278,6 +288,7 @@ mod tests {
         #[test]
         fn frames_round_trip(msg in arb_message()) {
             let frame = encode(&msg).unwrap();
+            prop_assert_eq!(frame_bytes(&msg), frame.len());
             prop_assert_eq!(decode_exact(&frame).unwrap(), msg.clone());
             // Every strict prefix asks for more bytes instead of yielding a message.
             for cut in 0..frame.len() {

@@ -5,11 +5,13 @@
 //! - [`TestNode`]: a node home in a temporary directory, its `run` process, its CLI and its API.
 //! - [`mallory`]: a hostile peer: a real libp2p node with a configured peer's key that sends
 //!   crafted frames.
+//! - [`browser`]: a real headless Chromium over WebDriver (the status page's test).
 //! - [`proxy`]: a TCP proxy that cuts every connection after so many bytes (flaky links).
 //! - `src/bin/bench.rs`: the sync benchmark (`cargo run --release -p tidesync-tests --bin bench`).
 //! - `src/bin/filebench.rs`: files against Syncthing (`cargo run --release -p tidesync-tests
 //!   --bin filebench`).
 
+pub mod browser;
 pub mod mallory;
 pub mod proxy;
 

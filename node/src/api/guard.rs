@@ -29,6 +29,8 @@ pub struct Guard {
     names: Vec<String>,
     port: u16,
     token: String,
+    /// Browser sessions, which stand in for the token (see [`super::login`]).
+    logins: Arc<super::login::Logins>,
 }
 
 impl Guard {
@@ -40,7 +42,13 @@ impl Guard {
             names,
             port: bound.port(),
             token,
+            logins: Arc::default(),
         }
+    }
+
+    /// The browser logins this guard accepts (shared with the login routes).
+    pub fn logins(&self) -> Arc<super::login::Logins> {
+        Arc::clone(&self.logins)
     }
 
     /// Whether `authority` (`host[:port]`, from `Host` or an `Origin`) names this API.
@@ -110,7 +118,15 @@ impl Guard {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), self.token.as_bytes())) {
+        let session = || {
+            h.get(header::COOKIE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|c| self.logins.has_session(c))
+        };
+        if path != super::page::LOGIN_PATH
+            && !given.is_some_and(|g| constant_time_eq(g.as_bytes(), self.token.as_bytes()))
+            && !session()
+        {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong bearer token (send `Authorization: Bearer <the token in HOME/api.token>`)",
@@ -154,6 +170,9 @@ impl Guard {
 pub async fn guard(State(guard): State<Arc<Guard>>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_string();
     if let Err(e) = guard.check_headers(request.method(), &path, request.headers()) {
+        if path == "/" && e.status == StatusCode::UNAUTHORIZED {
+            return super::page::logged_out();
+        }
         return e.into_response();
     }
     if path == BUNDLE_IMPORT_PATH

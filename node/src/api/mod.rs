@@ -7,6 +7,11 @@
 //! DELETE /v1/objects/{type}/{id}
 //! GET    /v1/objects/{type}?after=ID&limit=N        {"ids": [...], "next": ID|null}
 //! GET    /v1/objects/{type}/{id}/history
+//! POST   /v1/objects/{type}/{id}/resolve  body: {"path": FIELD, "pick": VALUE_ID}
+//! GET    /v1/conflicts                               the conflicts inbox
+//! GET    /metrics                                    Prometheus text format
+//! GET    /healthz, /readyz      alive; ready (store open, actor answering); no token needed
+//! GET    /                                           the status page (see [`page`])
 //! GET    /v1/changes?since=SEQ&wait=SECS&limit=N     {"changes": [...], "last": SEQ}
 //! GET    /v1/status
 //! GET    /v1/peers                                    the configured peers and their sync state
@@ -22,12 +27,15 @@
 //! (bundle uploads: `application/vnd.tidesync.bundle`; file uploads:
 //! `application/octet-stream`). See [`guard`].
 //!
-//! Modules: [`guard`] (the checks before a handler), [`serve`](mod@serve) (the HTTP server and its
+//! Modules: [`guard`] (the checks before a handler), [`page`] (the status page),
+//! [`login`] (its one-time login codes and sessions), [`serve`](mod@serve) (the HTTP server and its
 //! limits), [`token`] (the token file), [`spool`] (bundle uploads to a temporary file),
 //! [`files`] (file uploads and downloads, streamed).
 
 pub mod files;
 pub mod guard;
+pub mod login;
+pub mod page;
 pub mod serve;
 pub mod spool;
 pub mod token;
@@ -143,6 +151,20 @@ pub use serve::serve;
 struct ApiState {
     node: NodeHandle,
     spool: spool::SpoolDir,
+    metrics: crate::metrics::Metrics,
+    logins: Arc<login::Logins>,
+}
+
+impl FromRef<ApiState> for Arc<login::Logins> {
+    fn from_ref(state: &ApiState) -> Arc<login::Logins> {
+        Arc::clone(&state.logins)
+    }
+}
+
+impl FromRef<ApiState> for crate::metrics::Metrics {
+    fn from_ref(state: &ApiState) -> crate::metrics::Metrics {
+        state.metrics.clone()
+    }
 }
 
 impl FromRef<ApiState> for NodeHandle {
@@ -158,14 +180,34 @@ impl FromRef<ApiState> for spool::SpoolDir {
 }
 
 /// The API's routes over a node handle, behind `guard`; bundle uploads are spooled to
-/// temporary files in `spool_dir` (the node's home).
-pub fn router(node: NodeHandle, guard: Guard, spool_dir: std::path::PathBuf) -> Router {
+/// temporary files in `spool_dir` (the node's home). `/healthz` and `/readyz` are outside the
+/// guard: they need no token and reveal nothing.
+pub fn router(
+    node: NodeHandle,
+    guard: Guard,
+    spool_dir: std::path::PathBuf,
+    metrics: crate::metrics::Metrics,
+) -> Router {
+    let health = Router::new()
+        .route("/healthz", get(|| async { "alive\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(node.clone());
+    let logins = guard.logins();
     Router::new()
+        .route("/", get(page::page))
+        .route(page::BODY_PATH, get(page::body))
+        .route(page::LOGIN_PATH, get(page::login))
+        .route(page::LOGIN_CODES_PATH, axum::routing::post(page::new_code))
+        .route("/metrics", get(metrics_text))
         .route(
             "/v1/objects/{type}/{id}",
             get(get_object).put(put_object).delete(delete_object),
         )
         .route("/v1/objects/{type}/{id}/history", get(history))
+        .route(
+            "/v1/objects/{type}/{id}/resolve",
+            axum::routing::post(resolve),
+        )
         .route("/v1/objects/{type}", get(list))
         .route("/v1/objects", axum::routing::post(put_many))
         .route("/v1/changes", get(changes))
@@ -197,7 +239,38 @@ pub fn router(node: NodeHandle, guard: Guard, spool_dir: std::path::PathBuf) -> 
         .with_state(ApiState {
             node,
             spool: spool::SpoolDir(Arc::new(spool_dir)),
+            metrics,
+            logins,
         })
+        .merge(health)
+}
+
+/// `GET /readyz`: 200 once the store reads and the node actor answers, 503 otherwise.
+async fn readyz(State(node): State<NodeHandle>) -> Response {
+    match node.ready().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response(),
+    }
+}
+
+/// `GET /metrics`: the registry in the OpenMetrics text format (see [`crate::metrics`]).
+async fn metrics_text(
+    State(node): State<NodeHandle>,
+    State(metrics): State<crate::metrics::Metrics>,
+) -> Result<Response, ApiError> {
+    let status = node.status().await?;
+    let text = tokio::task::spawn_blocking(move || metrics.encode(status))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::METRICS_MEDIA_TYPE,
+        )],
+        text,
+    )
+        .into_response())
 }
 
 fn names(ty: String, id: String) -> Result<(TypeName, ObjectId), ApiError> {
@@ -358,6 +431,28 @@ async fn held(
 
 async fn status(State(node): State<NodeHandle>) -> ApiResult<crate::core::Status> {
     Ok(Json(node.status().await?))
+}
+
+/// The body of `POST /v1/objects/{type}/{id}/resolve`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResolveBody {
+    path: String,
+    pick: String,
+}
+
+async fn resolve(
+    State(node): State<NodeHandle>,
+    Path((ty, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<crate::core::WriteReply> {
+    let (ty, id) = names(ty, id)?;
+    let body: ResolveBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body must be {{\"path\": FIELD, \"pick\": VALUE_ID}}: {e}"
+        ))
+    })?;
+    Ok(Json(node.resolve(ty, id, body.path, body.pick).await?))
 }
 
 async fn conflicts(State(node): State<NodeHandle>) -> ApiResult<Vec<crate::core::Conflict>> {

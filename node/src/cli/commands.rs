@@ -1,7 +1,7 @@
 //! What each command does once parsed: through the running node's API, or on the store when
 //! no node runs (see [`crate::client`]).
 
-use super::print::{print_history, print_peers, print_status};
+use super::print::{print_conflicts, print_history, print_peers, print_status};
 use super::*;
 
 /// Operations of fewer changes than this show no progress bar.
@@ -346,38 +346,15 @@ pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), 
             if json {
                 return print_json(&conflicts);
             }
-            if conflicts.is_empty() {
-                println!("no name collisions and no equivocations");
-            }
-            for c in &conflicts {
-                if let Some(e) = &c.equivocation {
-                    println!(
-                        "equivocation in {}/{} ({}): {} signed two changes as actor {} seq {}: {} and {}; both are refused with what depends on them",
-                        c.ty, c.local_id, c.doc, e.author, e.actor, e.seq, e.first, e.second
-                    );
-                    continue;
-                }
-                if c.kind == "replaced-by-view" {
-                    println!(
-                        "{}/{}: its publisher {} now shares only a view of it, which has the name; the full object this node held before ({}) is kept as {}/{}",
-                        c.ty, c.id, c.origin, c.doc, c.ty, c.local_id
-                    );
-                    continue;
-                }
-                println!(
-                    "{}/{}: {} (origin {}) is here as {}/{}; {}/{} is {} (origin {})",
-                    c.ty,
-                    c.id,
-                    c.doc,
-                    c.origin,
-                    c.ty,
-                    c.local_id,
-                    c.ty,
-                    c.id,
-                    c.holder.as_deref().unwrap_or("-"),
-                    c.holder_origin.as_deref().unwrap_or("-"),
-                );
-            }
+            print_conflicts(&conflicts);
+            Ok(())
+        }
+        Command::Resolve { ty, id, path, pick } => {
+            let (ty, id) = parse_names(ty, id)?;
+            print_json(&client.resolve(&ty, &id, &path, &pick).await?)
+        }
+        Command::Open => {
+            println!("{}", client.login_url().await?);
             Ok(())
         }
         Command::Status { json } => {

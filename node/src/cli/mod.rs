@@ -161,6 +161,20 @@ pub enum Command {
         ty: String,
         id: String,
     },
+    /// Resolve a field written concurrently on several nodes by picking one of its values (see
+    /// `tidesync conflicts`): an ordinary signed change that syncs like any other, after which
+    /// the field leaves the inbox on every node. A name collision is resolved by renaming one
+    /// object here instead (names are local).
+    Resolve {
+        #[arg(value_name = "TYPE")]
+        ty: String,
+        id: String,
+        /// The field: its name, or its path for a nested one (`meta/lab`, `steps/2`).
+        path: String,
+        /// The value id to keep, as `tidesync conflicts` lists it.
+        #[arg(long, value_name = "VALUE_ID")]
+        pick: String,
+    },
     /// Print the node's change feed after --since, one JSON line per change.
     Changes {
         /// Print changes with a SEQ greater than this.
@@ -183,6 +197,9 @@ pub enum Command {
         #[command(subcommand)]
         command: PeerCommand,
     },
+    /// Print a link to the running node's status page with a one-time login code (valid for
+    /// two minutes; the browser gets a session cookie and the API token stays out of it).
+    Open,
     /// Show the node's id, name, object counts and store size.
     Status {
         /// Print JSON instead of text.
@@ -204,10 +221,12 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<HeldAction>,
     },
-    /// List name collisions, two objects that arrived under one type and id (for example two
-    /// labs' `S-001` with no prefix; both are kept, the second reachable as `id~<doc id>`), and
-    /// equivocations, two different changes an author signed with one actor and sequence
-    /// number (both are refused, with every change that depends on them).
+    /// The conflicts inbox: fields written concurrently on several nodes (every value, its
+    /// author and time; pick one with `tidesync resolve`), name collisions (two objects that
+    /// arrived under one type and id; both are kept, the second reachable as `id~<doc id>`),
+    /// equivocations (two changes an author signed with one actor and sequence number; both
+    /// are refused with what depends on them), changes refused by policy, changes held for
+    /// missing dependencies and wanted files that have not arrived.
     Conflicts {
         /// Print JSON instead of text.
         #[arg(long)]

@@ -148,3 +148,115 @@ pub(super) fn print_status(s: &Status) {
     }
     print_peers(&s.peers);
 }
+
+/// A Unix time in milliseconds as an RFC 3339 time (UTC, seconds).
+fn when(ms: i64) -> String {
+    u64::try_from(ms)
+        .ok()
+        .map(|ms| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+            )
+            .to_string()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// The conflicts inbox, one paragraph per item.
+pub(super) fn print_conflicts(conflicts: &[crate::core::Conflict]) {
+    if conflicts.is_empty() {
+        println!(
+            "the inbox is empty: no concurrent values, name collisions, equivocations, refused or held changes, or missing files"
+        );
+    }
+    for c in conflicts {
+        if !c.fields.is_empty() {
+            println!(
+                "{}/{} ({}): fields written concurrently:",
+                c.ty, c.local_id, c.doc
+            );
+            for f in &c.fields {
+                println!("  {}:", f.path);
+                for v in &f.values {
+                    println!(
+                        "    {} {}  by {}{}{}",
+                        if v.winner { "*" } else { " " },
+                        v.value,
+                        v.author.as_deref().unwrap_or("an unknown actor"),
+                        v.time_ms
+                            .map(|t| format!(" at {}", when(t)))
+                            .unwrap_or_default(),
+                        format_args!("  (value id {})", v.id)
+                    );
+                }
+            }
+            println!(
+                "  (* is the value reads show; keep one with `tidesync resolve {} {} PATH --pick VALUE_ID`)",
+                c.ty, c.local_id
+            );
+            continue;
+        }
+        if let Some(r) = &c.refusal {
+            println!(
+                "refused {}/{} from {} at {}: {} ({})",
+                c.ty,
+                c.id,
+                r.peer,
+                when(r.time_ms),
+                r.reason,
+                r.rule
+            );
+            continue;
+        }
+        if let Some(h) = &c.held {
+            println!(
+                "held {}/{}: {} changes from {} since {}, waiting for {}",
+                c.ty,
+                c.id,
+                h.changes,
+                h.from.join(", "),
+                when(h.since_ms),
+                if h.waiting_for.is_empty() {
+                    "nothing missing (released at the next batch)".to_string()
+                } else {
+                    h.waiting_for.join(", ")
+                }
+            );
+            continue;
+        }
+        if let Some(f) = &c.file {
+            println!(
+                "file {} ({} bytes, {} of {} segments): {}",
+                f.hash, f.size, f.segments_done, f.segments, f.why
+            );
+            continue;
+        }
+        if let Some(e) = &c.equivocation {
+            println!(
+                "equivocation in {}/{} ({}): {} signed two changes as actor {} seq {}: {} and {}; both are refused with what depends on them",
+                c.ty, c.local_id, c.doc, e.author, e.actor, e.seq, e.first, e.second
+            );
+            continue;
+        }
+        if c.kind == "replaced-by-view" {
+            println!(
+                "{}/{}: its publisher {} now shares only a view of it, which has the name; the full object this node held before ({}) is kept as {}/{}",
+                c.ty, c.id, c.origin, c.doc, c.ty, c.local_id
+            );
+            continue;
+        }
+        println!(
+            "{}/{}: {} (origin {}) is here as {}/{}; {}/{} is {} (origin {})",
+            c.ty,
+            c.id,
+            c.doc,
+            c.origin,
+            c.ty,
+            c.local_id,
+            c.ty,
+            c.id,
+            c.holder.as_deref().unwrap_or("-"),
+            c.holder_origin.as_deref().unwrap_or("-"),
+        );
+    }
+}

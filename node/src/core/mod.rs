@@ -127,6 +127,11 @@ impl Core {
         }
     }
 
+    /// How long the batches received since the last call spent in each stage (metrics).
+    pub fn take_timings(&mut self) -> Vec<crate::model::BatchTiming> {
+        self.replica.take_timings()
+    }
+
     /// Run one sync step: its messages join the outbox when it succeeds; when it fails,
     /// nothing it produced does.
     fn step<T>(
@@ -247,6 +252,22 @@ impl Core {
         fields: &Map<String, Json>,
     ) -> Result<WriteReply, LocalWriteError> {
         let reply = self.replica.put(ty, id, fields)?;
+        if reply.changed {
+            self.push_committed();
+        }
+        Ok(reply)
+    }
+
+    /// Resolve the field at `path` of `ty/id` to its concurrent value `pick` (an ordinary
+    /// signed change, see [`crate::concurrent`]), then push it to connected peers.
+    pub fn resolve(
+        &mut self,
+        ty: &TypeName,
+        id: &ObjectId,
+        path: &str,
+        pick: &str,
+    ) -> Result<WriteReply, LocalWriteError> {
+        let reply = self.replica.resolve(ty, id, path, pick)?;
         if reply.changed {
             self.push_committed();
         }

@@ -127,6 +127,7 @@ impl NodeActor {
                 peers: live.peers.clone(),
                 sessions: live.sessions.clone(),
                 files,
+                traffic: live.traffic.clone(),
             });
             true
         });

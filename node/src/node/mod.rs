@@ -1,8 +1,9 @@
 //! The node actor that owns the core (a cloneable handle, an `Action` enum with oneshot
 //! replies, a private loop) beside the network actor, and the reads its handle answers off
-//! both. Its file work is in [`files`](mod@files).
+//! both. Its file work is in [`files`](mod@files), what it measures in [`observe`].
 
 mod files;
+mod observe;
 
 use crate::bundle::{BundleError, ExportReport, ImportReport};
 use std::sync::Arc;
@@ -60,6 +61,15 @@ enum Action {
     Delete {
         ty: TypeName,
         id: ObjectId,
+        reply: Reply<Result<WriteReply, LocalWriteError>>,
+    },
+    /// Answer at once: the actor's loop is turning (readiness).
+    Ping { reply: Reply<Result<(), ReadError>> },
+    Resolve {
+        ty: TypeName,
+        id: ObjectId,
+        path: String,
+        pick: String,
         reply: Reply<Result<WriteReply, LocalWriteError>>,
     },
     Held {
@@ -147,6 +157,7 @@ struct Live {
     peers: Vec<PeerConfig>,
     sessions: Sessions,
     files: crate::model::FilesStatus,
+    traffic: std::collections::BTreeMap<NodeId, observe::Traffic>,
 }
 
 impl NodeHandle {
@@ -216,6 +227,30 @@ impl NodeHandle {
         self.call(|reply| Action::Delete { ty, id, reply }).await
     }
 
+    /// Whether the node is ready: its actor answers and its store reads.
+    pub async fn ready(&self) -> Result<(), CallError<ReadError>> {
+        self.call(|reply| Action::Ping { reply }).await?;
+        self.read(|v| v.last_seq()).await.map(|_| ())
+    }
+
+    /// Resolve a field with concurrent values by picking one (see [`crate::concurrent`]).
+    pub async fn resolve(
+        &self,
+        ty: TypeName,
+        id: ObjectId,
+        path: String,
+        pick: String,
+    ) -> Result<WriteReply, CallError<LocalWriteError>> {
+        self.call(|reply| Action::Resolve {
+            ty,
+            id,
+            path,
+            pick,
+            reply,
+        })
+        .await
+    }
+
     pub async fn get(
         &self,
         ty: TypeName,
@@ -261,7 +296,18 @@ impl NodeHandle {
         status.listen = net.listen;
         status.refused_connections = net.refused;
         status.net = self.counters.totals();
-        status.files = self.live.borrow().files.clone();
+        let live = Arc::clone(&self.live.borrow());
+        status.files = live.files.clone();
+        for p in &mut status.peers {
+            if let Some(t) =
+                p.id.parse()
+                    .ok()
+                    .and_then(|id: NodeId| live.traffic.get(&id))
+            {
+                p.bytes_in = t.bytes_in;
+                p.bytes_out = t.bytes_out;
+            }
+        }
         Ok(status)
     }
 
@@ -404,6 +450,9 @@ struct NodeActor {
     file_ticks: u64,
     /// Shared with the handles: wakes the file feed's long polls.
     files_last: Arc<watch::Sender<u64>>,
+    /// Sync bytes per peer since start.
+    traffic: std::collections::BTreeMap<NodeId, observe::Traffic>,
+    timers: crate::metrics::Timers,
 }
 
 impl NodeActor {
@@ -450,17 +499,31 @@ impl NodeActor {
                 fields,
                 reply,
             } => {
-                let r = self.core.put(&ty, &id, &fields);
+                let r = self.timed(|core| core.put(&ty, &id, &fields));
                 log_refused(&r);
                 let _ = reply.send(r);
             }
             Action::PutMany { items, reply } => {
-                let r = self.core.put_many(&items);
+                let r = self.timed(|core| core.put_many(&items));
                 log_refused(&r);
                 let _ = reply.send(r);
             }
             Action::Delete { ty, id, reply } => {
-                let r = self.core.delete(&ty, &id);
+                let r = self.timed(|core| core.delete(&ty, &id));
+                log_refused(&r);
+                let _ = reply.send(r);
+            }
+            Action::Ping { reply } => {
+                let _ = reply.send(Ok(()));
+            }
+            Action::Resolve {
+                ty,
+                id,
+                path,
+                pick,
+                reply,
+            } => {
+                let r = self.timed(|core| core.resolve(&ty, &id, &path, &pick));
                 log_refused(&r);
                 let _ = reply.send(r);
             }
@@ -504,13 +567,17 @@ impl NodeActor {
     fn publish_live(&self) {
         let sessions = self.core.session_summaries();
         self.live.send_if_modified(|live| {
-            if live.sessions == sessions && live.peers == self.config.peers {
+            if live.sessions == sessions
+                && live.peers == self.config.peers
+                && live.traffic == self.traffic
+            {
                 return false;
             }
             *live = Arc::new(Live {
                 peers: self.config.peers.clone(),
                 sessions,
                 files: live.files.clone(),
+                traffic: self.traffic.clone(),
             });
             true
         });
@@ -525,6 +592,10 @@ impl NodeActor {
     /// tip of our log if a commit moved it.
     fn drain_outbox(&mut self) {
         let outbox = self.core.take_outbox();
+        for (peer, msg) in &outbox.sends {
+            self.count_out(peer, msg);
+        }
+        self.observe_batches();
         if !outbox.sends.is_empty() {
             self.out.push(NetCommand::Send(outbox.sends));
         }
@@ -585,8 +656,12 @@ impl NodeActor {
                     });
                     return;
                 }
+                self.count_in(&peer, &msg);
                 match self.core.on_request(peer, msg) {
-                    Ok(response) => self.out.push(NetCommand::Respond { id, msg: response }),
+                    Ok(response) => {
+                        self.count_out(&peer, &response);
+                        self.out.push(NetCommand::Respond { id, msg: response })
+                    }
                     Err(e) if e.blames_peer() => self.out.push(NetCommand::Disconnect {
                         peer,
                         id: Some(id),
@@ -599,6 +674,7 @@ impl NodeActor {
                 }
             }
             NetEvent::Response { peer, msg } if self.is_configured(&peer) => {
+                self.count_in(&peer, &msg);
                 log_failed_step(self.core.on_response(peer, msg));
             }
             NetEvent::Response { .. } => {}
@@ -645,6 +721,7 @@ pub fn spawn(
     home: Home,
     config: Config,
     counters: Arc<NetCounters>,
+    instruments: crate::metrics::Instruments,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(NodeHandle, tokio::task::JoinHandle<()>), ReadError> {
     let mut core = core;
@@ -676,13 +753,14 @@ pub fn spawn(
         peers: config.peers.clone(),
         sessions: Sessions::new(),
         files: Default::default(),
+        traffic: Default::default(),
     }));
     let info = Arc::new(NodeInfo {
         node: core.node_id(),
         name: core.name().to_string(),
     });
     let peers: Vec<(NodeId, PeerConfig)> = config.peers.iter().map(|p| (p.id, p.clone())).collect();
-    let (net_actor, ends) = NetActor::new(swarm, &peers);
+    let (net_actor, ends) = NetActor::new(swarm, &peers, instruments.libp2p);
     let handle = NodeHandle {
         tx,
         last_seq,
@@ -709,6 +787,8 @@ pub fn spawn(
         file_waiters: Default::default(),
         file_ticks: 0,
         files_last,
+        traffic: Default::default(),
+        timers: instruments.timers,
     };
     let net_task = tokio::spawn(net_actor.run(shutdown.clone()).in_current_span());
     let task = tokio::spawn(

@@ -48,6 +48,8 @@ pub(super) enum Prepared {
 /// A change refused by our policy for the peer that sent it.
 pub(super) struct Refused {
     pub(super) doc: DocId,
+    /// The object's name at its origin.
+    pub(super) id: ObjectId,
     pub(super) hash: automerge::ChangeHash,
     pub(super) why: crate::policy::Refusal,
 }
@@ -114,6 +116,7 @@ pub(super) fn prepare(
         ) {
             refused.push(Refused {
                 doc: doc_id,
+                id: header.id.clone(),
                 hash: v.hash,
                 why,
             });
@@ -138,6 +141,7 @@ pub(super) fn prepare(
         (Err(why), None) => {
             refused.extend(fresh.iter().map(|(_, v)| Refused {
                 doc: doc_id,
+                id: header.id.clone(),
                 hash: v.hash,
                 why: why.clone(),
             }));
@@ -290,9 +294,11 @@ pub(super) fn prepare(
             by_ref.contains(&doc_id),
         )
     {
+        let id = r.header.id.clone();
         for (_, hash) in r.held.drain(..) {
             refused.push(Refused {
                 doc: doc_id,
+                id: id.clone(),
                 hash,
                 why: why.clone(),
             });
@@ -335,6 +341,8 @@ pub(super) struct Written {
     pub(super) duplicates: u64,
     /// Changes refused by policy, per type.
     pub(super) rejected_types: std::collections::BTreeMap<String, u64>,
+    /// The first of them, for the refusal log.
+    pub(super) refusals: Vec<crate::model::RefusalRow>,
     pub(super) last_seq: u64,
     pub(super) moved: bool,
     /// Changes that found no room to be held.
@@ -387,6 +395,17 @@ pub(super) fn write(
             }
             t.rejected += 1;
             *t.rejected_types.entry(r.why.ty().to_string()).or_default() += 1;
+            if t.refusals.len() < crate::store::MAX_REFUSALS_PER_BATCH {
+                t.refusals.push(crate::model::RefusalRow {
+                    peer,
+                    doc: r.doc,
+                    ty: r.why.ty().to_string(),
+                    id: r.id.to_string(),
+                    rule: r.why.rule().into(),
+                    reason: r.why.to_string(),
+                    time_ms: now,
+                });
+            }
         }
     };
     let mut docs = Vec::with_capacity(prepared.len());
@@ -496,7 +515,8 @@ pub(super) fn write(
     }
     record.bound_rejected_types();
     record.last_sync_ms = now;
-    (t.last_seq, t.wanted) = store.commit_received(&peer, now, room_refused, &docs, &record)?;
+    (t.last_seq, t.wanted) =
+        store.commit_received(&peer, now, room_refused, &docs, &record, &t.refusals)?;
     t.refused_for_room = room_refused;
     Ok(t)
 }

@@ -40,6 +40,9 @@ pub enum WriteOp<'a> {
     Put(&'a Map<String, Json>),
     /// Mark the object deleted.
     Delete,
+    /// Write the concurrent value `pick` of the field at `path` again, superseding the others
+    /// (see [`crate::concurrent`]).
+    Resolve { path: &'a str, pick: &'a str },
 }
 
 impl WriteOp<'_> {
@@ -49,12 +52,15 @@ impl WriteOp<'_> {
             (WriteOp::Delete, _) => "delete",
             (WriteOp::Put(_), true) => "create",
             (WriteOp::Put(_), false) => "put",
+            (WriteOp::Resolve { .. }, _) => "resolve",
         }
     }
 }
 
-/// The engine's answer to a local write.
+/// The engine's answer to a local write. Both variants carry a whole document; an outcome is
+/// moved once from the engine to the commit, never kept, so neither is boxed.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum WriteOutcome {
     /// Nothing differed; no change was made.
     Unchanged(Loaded),
@@ -72,6 +78,12 @@ pub enum WriteError {
         ty: TypeName,
         id: ObjectId,
         source: Box<FieldsError>,
+    },
+    #[error("cannot resolve {ty}/{id}: {source}")]
+    Resolve {
+        ty: TypeName,
+        id: ObjectId,
+        source: Box<crate::concurrent::ResolveError>,
     },
 }
 
@@ -129,7 +141,7 @@ impl Engine {
         };
         let (doc_id, mut record, mut doc, new) = match existing {
             Some(l) => (l.doc_id, l.record, l.doc, false),
-            None if matches!(op, WriteOp::Delete) => return Err(not_found()),
+            None if !matches!(op, WriteOp::Put(_)) => return Err(not_found()),
             None => {
                 let node = self.node_id();
                 let record = DocRecord {
@@ -153,6 +165,17 @@ impl Engine {
         let applied = match op {
             WriteOp::Put(fields) => doc::put_fields(&mut tx, fields),
             WriteOp::Delete => doc::delete_object(&mut tx),
+            WriteOp::Resolve { path, pick } => {
+                if let Err(source) = crate::concurrent::resolve(&mut tx, path, pick) {
+                    tx.rollback();
+                    return Err(WriteError::Resolve {
+                        ty: ty.clone(),
+                        id: id.clone(),
+                        source: Box::new(source),
+                    });
+                }
+                Ok(())
+            }
         };
         if let Err(source) = applied {
             tx.rollback();
@@ -195,6 +218,7 @@ impl Engine {
             hash,
             author: self.node_id(),
             files: doc::file_refs(&doc),
+            concurrent: crate::concurrent::count(&doc),
             doc,
             time_ms: now_ms,
         }))
@@ -516,6 +540,7 @@ impl Engine {
             (Some(record), Some(state), Some(doc))
         };
         let files = doc.as_ref().map(doc::file_refs).unwrap_or_default();
+        let concurrent = doc.as_ref().map(crate::concurrent::count).unwrap_or(0);
         Arrived {
             received: ReceivedDoc {
                 doc_id: header.doc,
@@ -531,6 +556,7 @@ impl Engine {
                 banned,
                 supersedes: None,
                 files,
+                concurrent,
                 wants: Vec::new(),
             },
             doc,

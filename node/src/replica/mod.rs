@@ -147,7 +147,13 @@ pub struct Replica {
     new_tip: Option<u64>,
     /// Files put on the want-list by commits since the core last took them.
     new_wants: Vec<crate::model::WantRow>,
+    /// How long the received batches since the last take spent in each stage (the newest
+    /// [`MAX_BATCH_TIMINGS`]).
+    timings: Vec<crate::model::BatchTiming>,
 }
+
+/// Most batch timings kept until taken.
+pub const MAX_BATCH_TIMINGS: usize = 64;
 
 impl Replica {
     /// Open a node's home, whose config the caller loaded once: its key and store, with the
@@ -208,6 +214,7 @@ impl Replica {
             faults: crate::fault::Faults::default(),
             new_tip: None,
             new_wants: Vec::new(),
+            timings: Vec::new(),
         }
     }
 
@@ -373,6 +380,12 @@ impl Replica {
     /// The tip of our log if a commit appended to it since the last call.
     pub fn take_new_tip(&mut self) -> Option<u64> {
         self.new_tip.take()
+    }
+
+    /// How long the batches received since the last call spent verifying, applying and
+    /// committing (metrics).
+    pub fn take_timings(&mut self) -> Vec<crate::model::BatchTiming> {
+        std::mem::take(&mut self.timings)
     }
 
     /// The engine (tests forge stored changes with it).

@@ -304,6 +304,14 @@ impl Replica {
             commit_ms = (started.elapsed() - applied_at).as_secs_f64() * 1e3,
             "stored a batch"
         );
+        if self.timings.len() >= super::MAX_BATCH_TIMINGS {
+            self.timings.remove(0);
+        }
+        self.timings.push(crate::model::BatchTiming {
+            verify: verified_at,
+            apply: applied_at - verified_at,
+            commit: started.elapsed() - applied_at,
+        });
         Ok(report)
     }
 }

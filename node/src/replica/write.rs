@@ -26,6 +26,18 @@ impl Replica {
         self.write(ty, id, WriteOp::Delete)
     }
 
+    /// Resolve the field at `path` of `ty/id` by writing its concurrent value `pick` again
+    /// (see [`crate::concurrent`]).
+    pub fn resolve(
+        &mut self,
+        ty: &TypeName,
+        id: &ObjectId,
+        path: &str,
+        pick: &str,
+    ) -> Result<WriteReply, LocalWriteError> {
+        self.write(ty, id, WriteOp::Resolve { path, pick })
+    }
+
     fn write(
         &mut self,
         ty: &TypeName,

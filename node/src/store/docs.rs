@@ -12,9 +12,11 @@ impl Store {
         {
             let mut w = Writer::open(self, &tx, ctx)?;
             let mut index = super::wants::FileIndex::open(self, &tx, ctx)?;
+            let mut inbox = super::inbox::InboxTables::open(self, &tx, ctx)?;
             for p in writes {
                 w.put_doc(&p.doc_id, &p.record, &crate::doc::save_state(&p.doc))?;
                 index.set_doc_files(&p.doc_id, &p.files)?;
+                inbox.set_concurrent(&p.doc_id, p.concurrent)?;
                 let entry = LogEntry {
                     doc: p.doc_id,
                     hash: p.hash.0,
@@ -214,8 +216,10 @@ impl Store {
     /// states, applied changes appended to the log, held changes kept and released ones let
     /// go, `refused_for_room` added to the peer's tally, and the peer's `record` (whose
     /// checkpoint and counters the caller decided) written, the documents' file references
-    /// indexed and their wanted files put on the want-list. Returns the new last SEQ and what
-    /// became of each wanted file.
+    /// indexed and their wanted files put on the want-list, their concurrent values indexed
+    /// and `refusals` added to the refusal log. Returns the new last SEQ and what became of
+    /// each wanted file.
+    #[allow(clippy::too_many_arguments)]
     pub fn commit_received(
         &self,
         from: &NodeId,
@@ -223,6 +227,7 @@ impl Store {
         refused_for_room: u64,
         docs: &[ReceivedDoc],
         record: &PeerRecord,
+        refusals: &[crate::model::RefusalRow],
     ) -> Result<(u64, Vec<(crate::model::WantRow, super::Wanted)>), StoreError> {
         let ctx = "committing a received batch";
         let tx = self.db.begin_write().ctx(self, ctx)?;
@@ -234,6 +239,8 @@ impl Store {
             let mut peers = tx.open_table(PEERS).ctx(self, ctx)?;
             let mut by_ref = tx.open_table(BY_REF).ctx(self, ctx)?;
             let mut index = super::wants::FileIndex::open(self, &tx, ctx)?;
+            let mut inbox = super::inbox::InboxTables::open(self, &tx, ctx)?;
+            inbox.log_refusals(refusals)?;
             for d in docs {
                 if d.by_ref && d.record.is_some() {
                     by_ref.insert((from.0, d.doc_id.0), ()).ctx(self, ctx)?;
@@ -244,6 +251,7 @@ impl Store {
                     }
                     w.put_doc(&d.doc_id, record, state)?;
                     index.set_doc_files(&d.doc_id, &d.files)?;
+                    inbox.set_concurrent(&d.doc_id, d.concurrent)?;
                 }
                 for want in &d.wants {
                     wanted.push((want.clone(), index.want(want)?));

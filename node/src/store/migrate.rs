@@ -77,10 +77,26 @@ impl Store {
         tx.open_table(files::FILE_FEED).ctx(self, ctx)?;
         tx.open_table(META)
             .ctx(self, ctx)?
+            .insert("format", STORE_FORMAT_6.as_bytes())
+            .ctx(self, ctx)?;
+        tx.commit().ctx(self, ctx)?;
+        tracing::info!(path = %self.path.display(), documents_with_files = n, "store migrated from {STORE_FORMAT_5} to {STORE_FORMAT_6}");
+        Ok(())
+    }
+
+    /// Format 6 → 7: the conflicts inbox's tables; every document's fields with concurrent
+    /// values are indexed (`concurrent_v1`) and the refusal log starts empty
+    /// (`refusals_v1`). One transaction.
+    pub(super) fn migrate_6_to_7(&self) -> Result<(), StoreError> {
+        let ctx = "migrating the store from format 6 to 7";
+        let tx = self.db.begin_write().ctx(self, ctx)?;
+        let n = self.index_all_concurrent(&tx)?;
+        tx.open_table(META)
+            .ctx(self, ctx)?
             .insert("format", STORE_FORMAT.as_bytes())
             .ctx(self, ctx)?;
         tx.commit().ctx(self, ctx)?;
-        tracing::info!(path = %self.path.display(), documents_with_files = n, "store migrated from {STORE_FORMAT_5} to {STORE_FORMAT}");
+        tracing::info!(path = %self.path.display(), documents_with_concurrent_values = n, "store migrated from {STORE_FORMAT_6} to {STORE_FORMAT}");
         Ok(())
     }
 

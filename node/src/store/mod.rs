@@ -36,6 +36,8 @@ pub use transfer::{SegmentError, Verified};
 mod wants;
 pub use wants::{MAX_WANTED_BYTES_PER_PEER, MAX_WANTED_FILES_PER_PEER, Wanted};
 mod held;
+mod inbox;
+pub use inbox::{MAX_REFUSALS_KEPT, MAX_REFUSALS_PER_BATCH};
 mod migrate;
 mod scrub;
 pub use scrub::{DEFAULT_GC_GRACE_SECS, GcReport, VerifyReport};
@@ -48,7 +50,7 @@ pub use reader::Reader;
 mod outbound;
 
 /// The value of `meta_v1["format"]` this build reads and writes.
-pub const STORE_FORMAT: &str = "tidesync-store-6";
+pub const STORE_FORMAT: &str = "tidesync-store-7";
 
 /// The format before held changes recorded their sender (`pending_v1`); opened and migrated.
 const STORE_FORMAT_2: &str = "tidesync-store-2";
@@ -62,6 +64,9 @@ const STORE_FORMAT_4: &str = "tidesync-store-4";
 /// Format 5: before the file references, the want-list and its quotas (`file_refs_v1`,
 /// `doc_files_v1`, `wants_v1`, `want_tally_v1`); migrated at open.
 const STORE_FORMAT_5: &str = "tidesync-store-5";
+/// Format 6: before the conflicts inbox's tables (`concurrent_v1`, `refusals_v1`); migrated
+/// at open by indexing every document's concurrent values.
+const STORE_FORMAT_6: &str = "tidesync-store-6";
 
 /// Node-wide settings.
 /// Key: setting name (`format`). Value: UTF-8 bytes.
@@ -255,11 +260,14 @@ impl Store {
         if format == STORE_FORMAT_2 || format == STORE_FORMAT_3 {
             store.migrate_3_to_4()?;
         }
-        if format != STORE_FORMAT && format != STORE_FORMAT_5 {
+        if ![STORE_FORMAT, STORE_FORMAT_6, STORE_FORMAT_5].contains(&format) {
             store.migrate_4_to_5()?;
         }
-        if format != STORE_FORMAT {
+        if ![STORE_FORMAT, STORE_FORMAT_6].contains(&format) {
             store.migrate_5_to_6()?;
+        }
+        if format != STORE_FORMAT {
+            store.migrate_6_to_7()?;
         }
         Ok(store)
     }
@@ -326,6 +334,8 @@ impl Store {
             tx.open_table(wants::WANTS).ctx(self, ctx)?;
             tx.open_table(wants::WANT_TALLY).ctx(self, ctx)?;
             tx.open_table(files::FILE_FEED).ctx(self, ctx)?;
+            tx.open_table(inbox::CONCURRENT).ctx(self, ctx)?;
+            tx.open_table(inbox::REFUSALS).ctx(self, ctx)?;
         }
         tx.commit().ctx(self, ctx)
     }
@@ -361,6 +371,7 @@ impl Store {
             Some(f) if f == STORE_FORMAT_3 => Ok(STORE_FORMAT_3),
             Some(f) if f == STORE_FORMAT_4 => Ok(STORE_FORMAT_4),
             Some(f) if f == STORE_FORMAT_5 => Ok(STORE_FORMAT_5),
+            Some(f) if f == STORE_FORMAT_6 => Ok(STORE_FORMAT_6),
             other => Err(StoreError::Format {
                 path: self.path.clone(),
                 found: other.unwrap_or_else(|| "none".into()),

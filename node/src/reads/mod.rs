@@ -12,6 +12,9 @@ use crate::doc;
 use crate::model::DocRecord;
 use crate::store::{IdPage, Store, StoreError, TypeCount};
 
+mod inbox;
+pub use inbox::{Conflict, EquivocationReport, HeldWait, MAX_INBOX_ITEMS_PER_KIND, RefusalReport};
+
 /// Most ids returned by one page of a listing.
 pub const MAX_PAGE_IDS: usize = 10_000;
 /// Ids per page of a listing when the caller does not say.
@@ -120,6 +123,13 @@ pub struct Status {
     /// Changes refused because they are part of an equivocation or depend on one.
     #[serde(default)]
     pub refused_for_equivocation: u64,
+    /// Fields holding concurrent values, over all objects (listed by `tidesync conflicts`).
+    #[serde(default)]
+    pub concurrent_fields: u64,
+    /// Changes refused by policy in the refusal log (the newest
+    /// [`crate::store::MAX_REFUSALS_KEPT`]; the peers' counters count all).
+    #[serde(default)]
+    pub refusals_logged: u64,
     /// Addresses the node listens on for peers (running node only).
     #[serde(default)]
     pub listen: Vec<String>,
@@ -166,6 +176,11 @@ pub struct PeerStatus {
     pub rejected_by_peer: u64,
     /// Changes the peer sent that we already had.
     pub duplicates: u64,
+    /// Bytes of sync frames from and to the peer (running node, since start).
+    #[serde(default)]
+    pub bytes_in: u64,
+    #[serde(default)]
+    pub bytes_out: u64,
     /// Changes from the peer refused by policy, per type.
     #[serde(default)]
     pub rejected_types: std::collections::BTreeMap<String, u64>,
@@ -183,52 +198,6 @@ pub struct PeerStatus {
     /// What may pass to and from the peer.
     #[serde(default)]
     pub policy: crate::policy::Policy,
-}
-
-/// Two documents that arrived under one name: the one stored under its own name and the one
-/// renamed `id~<8 hex>`. Both are kept and reachable.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Conflict {
-    #[serde(rename = "type")]
-    pub ty: String,
-    /// The name both documents have at their origins.
-    pub id: String,
-    /// The local name the second document got here.
-    pub local_id: String,
-    pub doc: String,
-    pub origin: String,
-    /// The document holding the plain name here, and its origin.
-    pub holder: Option<String>,
-    pub holder_origin: Option<String>,
-    /// `name`: two documents arrived under one name. `replaced-by-view`: this node held the
-    /// object in full when its publisher began to share only a view of it (`fields`); the view
-    /// has the name, the object as it was is kept here. `equivocation`: an author signed two
-    /// different changes with one actor and sequence number in this document.
-    #[serde(default = "name_kind")]
-    pub kind: String,
-    /// The evidence, for an `equivocation`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub equivocation: Option<EquivocationReport>,
-}
-
-fn name_kind() -> String {
-    "name".into()
-}
-
-/// An equivocation's evidence as `conflicts` shows it: both changes are kept and relayed, and
-/// refused here with every change that depends on them.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct EquivocationReport {
-    /// The node whose key signed both changes (its PeerId).
-    pub author: String,
-    /// The Automerge actor both claim (hex) and their sequence number.
-    pub actor: String,
-    pub seq: u64,
-    /// The hashes of the change this node had first and of the one contradicting it.
-    pub first: String,
-    pub second: String,
-    /// When this node found it, Unix milliseconds.
-    pub detected_ms: i64,
 }
 
 /// Why a read failed. Each names what was read.
@@ -283,7 +252,7 @@ impl Reads {
     }
 }
 
-fn read_err(what: impl std::fmt::Display) -> impl FnOnce(StoreError) -> ReadError {
+pub(crate) fn read_err(what: impl std::fmt::Display) -> impl FnOnce(StoreError) -> ReadError {
     let what = what.to_string();
     move |source| ReadError::Store { what, source }
 }
@@ -475,71 +444,6 @@ impl Reads {
         self.store.last_seq().map_err(read_err("the change log"))
     }
 
-    /// Every name collision on this node (see [`Conflict`]).
-    pub fn conflicts(&self) -> Result<Vec<Conflict>, ReadError> {
-        let err = read_err("the name collisions");
-        let collisions = self.store.collisions().map_err(err)?;
-        let mut out = Vec::with_capacity(collisions.len());
-        for (doc, rec) in collisions {
-            let holder = self
-                .find(&rec.ty, &rec.id)
-                .map_err(read_err("the name collisions"))?;
-            out.push(Conflict {
-                ty: rec.ty.to_string(),
-                id: rec.id.to_string(),
-                local_id: rec.local_id.to_string(),
-                doc: doc.to_string(),
-                origin: rec.origin.to_string(),
-                kind: match &holder {
-                    Some((view, _))
-                        if *view
-                            == DocId::derive_view(&rec.origin, &self.node, &rec.ty, &rec.id) =>
-                    {
-                        "replaced-by-view".into()
-                    }
-                    _ => name_kind(),
-                },
-                holder: holder.as_ref().map(|(d, _)| d.to_string()),
-                holder_origin: holder.map(|(_, r)| r.origin.to_string()),
-                equivocation: None,
-            });
-        }
-        let err = read_err("the equivocations");
-        for e in self.store.equivocations().map_err(err)? {
-            let rec = self
-                .store
-                .record(&e.doc)
-                .map_err(read_err("the equivocations"))?;
-            let hash = |c: &tidesync_proto::SignedChange| {
-                tidesync_proto::chunk::ChangeHeader::parse(&c.bytes)
-                    .map(|h| hex::encode(h.hash))
-                    .unwrap_or_default()
-            };
-            out.push(Conflict {
-                ty: rec.as_ref().map(|r| r.ty.to_string()).unwrap_or_default(),
-                id: rec.as_ref().map(|r| r.id.to_string()).unwrap_or_default(),
-                local_id: rec
-                    .as_ref()
-                    .map(|r| r.local_id.to_string())
-                    .unwrap_or_default(),
-                doc: e.doc.to_string(),
-                origin: rec.map(|r| r.origin.to_string()).unwrap_or_default(),
-                holder: None,
-                holder_origin: None,
-                kind: "equivocation".into(),
-                equivocation: Some(EquivocationReport {
-                    author: e.author.to_string(),
-                    actor: hex::encode(&e.actor),
-                    seq: e.seq,
-                    first: hash(&e.first),
-                    second: hash(&e.second),
-                    detected_ms: e.detected_ms,
-                }),
-            });
-        }
-        Ok(out)
-    }
-
     /// The node's status, with the sync state of each configured peer; `sessions` holds the
     /// connected ones.
     pub fn status(
@@ -567,6 +471,8 @@ impl Reads {
                 .into_iter()
                 .collect(),
             refused_for_equivocation: self.store.banned_count().map_err(read_err(what))?,
+            concurrent_fields: self.store.concurrent_count().map_err(read_err(what))?,
+            refusals_logged: self.store.refusal_count().map_err(read_err(what))?,
             listen: Vec::new(),
             refused_connections: 0,
             net: Default::default(),
@@ -619,6 +525,8 @@ impl Reads {
             rejected: record.rejected,
             rejected_by_peer: record.rejected_by_peer,
             duplicates: record.duplicates,
+            bytes_in: 0,
+            bytes_out: 0,
             rejected_types: record.rejected_types,
             oversized_skipped,
             held: held.changes,
