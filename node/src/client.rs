@@ -479,6 +479,19 @@ impl Client {
         }
     }
 
+    /// Every node heard of (see [`crate::reads::FleetNode`]).
+    pub async fn fleet(&mut self) -> Result<Vec<crate::reads::FleetNode>, ClientError> {
+        match self {
+            Client::Local(core, config) => {
+                let peers = config.peers.clone();
+                Ok(core
+                    .reads()
+                    .fleet(&|id| peers.iter().find(|p| p.id == *id).map(|p| p.name.clone()))?)
+            }
+            Client::Api(api) => api.send(reqwest::Method::GET, "/v1/fleet", None, 0).await,
+        }
+    }
+
     /// The conflicts inbox (see [`crate::core::Conflict`]).
     pub async fn conflicts(&mut self) -> Result<Vec<crate::core::Conflict>, ClientError> {
         match self {

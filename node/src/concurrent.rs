@@ -63,6 +63,16 @@ pub enum ResolveError {
 /// The objects a walk visits: an object's id, and its path so far.
 type Pending = (ObjId, Vec<Prop>);
 
+/// Every value at `obj[prop]`. Automerge 0.12 asserts inside `get_all` that its op ids sort
+/// alike, which a hostile peer's actor ids can break; such a field is read as having none
+/// rather than panic.
+fn values_at<'a>(doc: &'a impl ReadDoc, obj: &ObjId, prop: Prop) -> Vec<(Value<'a>, ObjId)> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.get_all(obj, prop)))
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
+}
+
 /// Walk the document's fields (not its reserved keys), calling `found` with the path and the
 /// values of each field holding more than one. Descends into the winning value only, to at
 /// most [`MAX_JSON_DEPTH`] levels; stops when `found` returns false.
@@ -79,9 +89,7 @@ fn walk(doc: &impl ReadDoc, mut found: impl FnMut(&[Prop], Vec<(Value<'_>, ObjId
             _ => continue,
         };
         for prop in props {
-            let Ok(values) = doc.get_all(&obj, prop.clone()) else {
-                continue;
-            };
+            let values = values_at(doc, &obj, prop.clone());
             let mut here = path.clone();
             here.push(prop);
             if let Some((Value::Object(ObjType::Map | ObjType::Table | ObjType::List), child)) =
@@ -122,7 +130,9 @@ pub fn list(doc: &Automerge) -> Vec<ConcurrentField> {
     if raw.is_empty() {
         return Vec::new();
     }
-    let changes = doc.get_changes_meta(&[]);
+    let changes =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.get_changes_meta(&[])))
+            .unwrap_or_default();
     let made = |id: &ObjId| -> (Option<String>, Option<i64>) {
         let automerge::ObjId::Id(counter, actor, _) = id else {
             return (None, None);
@@ -176,7 +186,7 @@ pub fn resolve<T: Transactable + ReadDoc>(
             _ => return Err(ResolveError::NoField(path.to_string())),
         };
     }
-    let values = tx.get_all(&obj, last.clone())?;
+    let values = values_at(tx, &obj, last.clone());
     if values.is_empty() {
         return Err(ResolveError::NoField(path.to_string()));
     }

@@ -30,8 +30,13 @@ pub const DEFAULT_API: &str = "127.0.0.1:7401";
 /// moved out at the next start), `api.hosts`. 3: each `refs` field names the type it
 /// references (`"owner:User"`); a `refs` field without one is refused with the new form.
 /// 4: a peer may set `files` and `max-file-bytes` (older builds refuse those keys, so they
-/// refuse format 4 by name).
-pub const CONFIG_FORMAT: u32 = 4;
+/// refuse format 4 by name). 5: `[fleet]` (`status-interval-secs`).
+pub const CONFIG_FORMAT: u32 = 5;
+/// Default shortest time between two status records a node sends its peers, in seconds.
+pub const DEFAULT_STATUS_INTERVAL_SECS: u64 = 30;
+/// Bounds of `fleet.status-interval-secs`, in seconds.
+pub const MIN_STATUS_INTERVAL_SECS: u64 = 1;
+pub const MAX_STATUS_INTERVAL_SECS: u64 = 86_400;
 /// Most extra host names `api.hosts` may list.
 pub const MAX_API_HOSTS: usize = 64;
 
@@ -113,6 +118,8 @@ pub struct Config {
     pub api: ApiConfig,
     #[serde(default)]
     pub store: StoreConfig,
+    #[serde(default)]
+    pub fleet: FleetConfig,
     /// The peers this node syncs with. Only these may connect.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerConfig>,
@@ -189,6 +196,28 @@ fn default_store_cache_bytes() -> usize {
     DEFAULT_STORE_CACHE_BYTES
 }
 
+/// The fleet view: how often this node's status record may go to its peers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FleetConfig {
+    /// Shortest time between two status records sent (one is sent when the status changed),
+    /// in seconds.
+    #[serde(default = "default_status_interval")]
+    pub status_interval_secs: u64,
+}
+
+fn default_status_interval() -> u64 {
+    DEFAULT_STATUS_INTERVAL_SECS
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            status_interval_secs: DEFAULT_STATUS_INTERVAL_SECS,
+        }
+    }
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
@@ -224,6 +253,14 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.name.trim().is_empty() {
             return Err("name must not be empty".into());
+        }
+        if !(MIN_STATUS_INTERVAL_SECS..=MAX_STATUS_INTERVAL_SECS)
+            .contains(&self.fleet.status_interval_secs)
+        {
+            return Err(format!(
+                "fleet.status-interval-secs = {} is out of bounds ({MIN_STATUS_INTERVAL_SECS} to {MAX_STATUS_INTERVAL_SECS})",
+                self.fleet.status_interval_secs
+            ));
         }
         if self.format == 0 || self.format > CONFIG_FORMAT {
             return Err(format!(
@@ -395,6 +432,7 @@ pub(crate) mod tests {
                 hosts: vec![],
             },
             store: StoreConfig::default(),
+            fleet: FleetConfig::default(),
             peers: vec![],
         }
     }

@@ -489,6 +489,10 @@ impl Policies {
     ) -> Result<(), Refusal> {
         let policy = self.of(from);
         let ty_owned = || ty.clone();
+        if ty.as_str() == tidesync_proto::fleet::STATUS_TYPE {
+            // Status records never travel as objects (see `tidesync_proto::fleet`).
+            return Err(Refusal::TypeNotExchanged { ty: ty_owned() });
+        }
         if self.revoked.contains(author) {
             return Err(Refusal::Revoked {
                 ty: ty_owned(),

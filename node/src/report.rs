@@ -79,7 +79,9 @@ impl Kind for LocalWriteError {
             LocalWriteError::Refused(WriteError::Fields { .. })
             | LocalWriteError::BadId { .. }
             | LocalWriteError::BadFileRef { .. } => ErrorKind::Invalid,
-            LocalWriteError::ReadOnly { .. } => ErrorKind::Forbidden,
+            LocalWriteError::ReadOnly { .. } | LocalWriteError::Reserved { .. } => {
+                ErrorKind::Forbidden
+            }
             LocalWriteError::Store { .. } => ErrorKind::Internal,
         }
     }

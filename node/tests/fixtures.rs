@@ -2,7 +2,8 @@
 //! format version and committed: `node/tests/fixtures/v1/` by the code as it stood before the
 //! architecture change (issue 13: store 3, protocol 2, bundle 1), `v2/` by the code of issue 14
 //! (store 4, protocol 3, bundle 2), `v3/` by the code that gave views their own ids and
-//! recorded equivocations (store 5, protocol 4, bundle 3). Today's code opens (migrating) every older store, reads the
+//! recorded equivocations (store 5, protocol 4, bundle 3), `v4/` by issue 16's code (store 7,
+//! protocol 5 with the fleet's status records, bundle 3). Today's code opens (migrating) every older store, reads the
 //! newest frames and bundle, and refuses older frames and bundles with their version named. Each test reads them with today's code and must find exactly
 //! what the writer recorded beside them: the proof that no disk, wire or bundle format changed
 //! by accident. A deliberate format change raises that format's version and adds fixtures; it
@@ -30,7 +31,7 @@ const LAB_SECRET: u8 = 8;
 
 /// The fixtures of the current formats.
 fn dir() -> PathBuf {
-    dir_of("v3")
+    dir_of("v4")
 }
 
 fn dir_of(version: &str) -> PathBuf {
@@ -182,7 +183,7 @@ fn ids() -> (NodeId, NodeId) {
 #[test]
 fn the_fixture_stores_of_every_version_read_as_they_were_written() {
     let (hub, lab) = ids();
-    for version in ["v1", "v2", "v3"] {
+    for version in ["v1", "v2", "v3", "v4"] {
         let (_tmp, mut core) = open_copy(&dir_of(version), "hub.redb", HUB_SECRET, "hub");
         let want = read_json(&dir_of(version).join("hub.expect.json"));
         let mut got = digest(&mut core, &[lab, hub]);
@@ -205,12 +206,14 @@ fn keep_recorded(got: &mut Json, recorded: &Json) {
 
 #[test]
 fn frames_and_bundles_of_an_older_version_are_refused_with_their_version_named() {
-    for (old, protocol, bundle) in [("v1", 2, 1), ("v2", 3, 2)] {
+    for (old, protocol, bundle) in [("v1", 2, Some(1)), ("v2", 3, Some(2)), ("v3", 4, None)] {
         refused(&dir_of(old), protocol, bundle);
     }
 }
 
-fn refused(old: &Path, protocol: u16, bundle: u16) {
+/// The frames of `old` are refused as `protocol`, and its bundle as `bundle` (none: the bundle
+/// format has not changed since).
+fn refused(old: &Path, protocol: u16, bundle: Option<u16>) {
     let bytes = std::fs::read(old.join("frame-00.bin")).expect("a frame");
     let err = wire::decode_exact(&bytes).expect_err("an older protocol's frame is refused");
     assert!(
@@ -218,6 +221,9 @@ fn refused(old: &Path, protocol: u16, bundle: u16) {
             .contains(&format!("protocol version {protocol}")),
         "{err}"
     );
+    let Some(bundle) = bundle else {
+        return;
+    };
     let (_, lab) = ids();
     let tmp = tempfile::tempdir().expect("a temp dir");
     let store = Store::create(&tmp.path().join("store.redb")).expect("a store");
@@ -255,8 +261,8 @@ fn every_fixture_frame_decodes_to_what_was_recorded_and_encodes_to_the_same_byte
     }
     assert_eq!(
         kinds.len(),
-        4,
-        "Hello, Changes, Rewound and Ack all have fixtures"
+        5,
+        "Hello, Changes, Rewound, Ack and Status all have fixtures"
     );
 }
 
@@ -291,6 +297,7 @@ fn kind(msg: &Message) -> &'static str {
         Message::Changes { .. } => "changes",
         Message::Rewound { .. } => "rewound",
         Message::Ack { .. } => "ack",
+        Message::Status { .. } => "status",
     }
 }
 
@@ -394,6 +401,14 @@ fn write_fixtures() {
         hub.store().pending_count().expect("held") > 0,
         "one change is held"
     );
+    // The lab's signed status record (protocol 5), and the hub's answer.
+    let status = lab.status(&[]).expect("the lab's status");
+    let record = lab.status_record(&status, CLOCK_MS);
+    let signed = lab.sign_status(&record).expect("a signed record");
+    let status = Message::Status { status: signed };
+    let ack = hub.on_request(lab_id, status.clone()).expect("a status");
+    frames.push(status);
+    frames.push(ack);
 
     // The bundle: everything the lab lets out to the hub.
     let (bundle, _) = lab

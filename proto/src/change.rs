@@ -245,6 +245,11 @@ pub struct AuthorKey {
 }
 
 impl AuthorKey {
+    /// Whether `signature` is this key's over `msg` (the ZIP-215 rule, as for changes).
+    pub fn verify(&self, signature: &Signature, msg: &[u8]) -> bool {
+        self.key.verify(signature, msg).is_ok()
+    }
+
     /// The key of `author`, or `None` when it is not a usable ed25519 public key.
     pub fn new(author: &NodeId) -> Option<AuthorKey> {
         let dalek = ed25519_dalek::VerifyingKey::from_bytes(&author.0).ok()?;

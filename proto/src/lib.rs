@@ -11,6 +11,7 @@
 //! - [`change`]: the signed change envelope: signing a change, verifying author, hash and document.
 //! - [`files`]: the files protocol's messages (a segment asked for, answered bao-encoded)
 //!   and their codec, bounded by [`files::MAX_FILE_FRAME_BYTES`].
+//! - [`fleet`]: a node's signed status record for its direct peers (the fleet view).
 //! - [`wire`]: the versioned wire message enum and its length-prefixed codec, bounded by
 //!   [`wire::MAX_FRAME_BYTES`].
 
@@ -19,6 +20,7 @@ pub mod chunk;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod craft;
 pub mod files;
+pub mod fleet;
 pub mod ids;
 pub mod wire;
 

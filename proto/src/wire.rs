@@ -23,7 +23,12 @@ use crate::ids::{DocId, NodeId, ObjectId, TypeName};
 /// - 4: a view (`fields`) has its own id for each receiver, [`DocId::derive_view`], which a
 ///   header may carry besides [`DocId::derive`]; before, a view had its object's id and every
 ///   peer got the same one, so a peer holding the full object refused the view.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// - 5: [`Message::Status`], a node's signed status record for its direct peers (the fleet
+///   view), answered with an `Ack` whose `batch` is [`STATUS_ACK`].
+pub const PROTOCOL_VERSION: u16 = 5;
+/// The `batch` of the `Ack` that answers a [`Message::Status`] (no batch or Hello has it:
+/// their numbers count up from 1).
+pub const STATUS_ACK: u64 = u64::MAX;
 /// Largest frame body accepted or produced, in bytes.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 /// Size of the length prefix, in bytes.
@@ -89,11 +94,15 @@ pub enum Message {
     /// The answer to every request. For `Changes`: everything up to `upto` is durably stored;
     /// `rejected` of the batch's changes failed verification or policy.
     Ack {
-        /// The batch or Hello answered (its number), or 0 for a Rewound.
+        /// The batch or Hello answered (its number), 0 for a Rewound, [`STATUS_ACK`] for a
+        /// Status.
         batch: u64,
         upto: u64,
         rejected: u32,
     },
+    /// The sender's own status record (see [`crate::fleet`]); `rejected` of its Ack is 1 when
+    /// the receiver refused it.
+    Status { status: crate::fleet::SignedStatus },
 }
 
 /// Why bytes could not be decoded into a message.

@@ -200,6 +200,7 @@ pub(crate) fn kind(msg: &Message) -> String {
             upto,
             rejected,
         } => format!("ack {batch} upto {upto} rejected {rejected}"),
+        Message::Status { status } => format!("status {} bytes", status.record.len()),
     }
 }
 

@@ -512,3 +512,90 @@ fn the_status_page_in_a_real_browser() {
         shot.display()
     );
 }
+
+/// The fleet as `node` lists it, by name.
+fn fleet(node: &TestNode) -> Vec<Value> {
+    let (code, v) = node.http(reqwest::Method::GET, "/v1/fleet", None);
+    assert_eq!(code, 200, "{v}");
+    v.as_array().unwrap_or_else(|| panic!("{v}")).clone()
+}
+
+fn fleet_node(node: &TestNode, name: &str) -> Option<Value> {
+    fleet(node).into_iter().find(|n| n["name"] == name)
+}
+
+#[test]
+fn the_hub_shows_its_fleet_offline_nodes_and_bundle_ships_included_and_no_further() {
+    // A star: two labs peered with the hub only, and a ship that only exchanges bundles.
+    let mut hub = TestNode::init("hub");
+    let mut lab_a = TestNode::init("lab-a");
+    let mut lab_b = TestNode::init("lab-b");
+    let ship = TestNode::init("ship");
+    for n in [&mut hub, &mut lab_a, &mut lab_b] {
+        n.start();
+    }
+    for lab in [&lab_a, &lab_b] {
+        lab.add_peer(&hub, true);
+        hub.add_peer(lab, true);
+    }
+    hub.add_peer(&ship, false);
+    ship.add_peer(&hub, false);
+    lab_a.ok(&["put", "Sample", "S-1", r#"{"v":1}"#]);
+    wait_for("the hub has both labs' signed status records", || {
+        ["lab-a", "lab-b"].iter().all(|l| {
+            fleet_node(&hub, l).is_some_and(|n| {
+                n["record"]["peers"].as_array().is_some_and(|p| {
+                    p.iter()
+                        .any(|p| p["name"] == "hub" && p["connected"] == true)
+                })
+            })
+        })
+    });
+    let a = fleet_node(&hub, "lab-a").unwrap();
+    assert_eq!(a["id"], lab_a.id());
+    assert_eq!(
+        a["fingerprint"],
+        lab_a
+            .id()
+            .parse::<tidesync_proto::NodeId>()
+            .unwrap()
+            .fingerprint()
+    );
+    assert_eq!(a["record"]["version"], env!("CARGO_PKG_VERSION"));
+    wait_for("lab-a's record shows its object", || {
+        fleet_node(&hub, "lab-a").is_some_and(|n| n["record"]["objects"] == 1)
+    });
+    // Records go to direct peers and no further: lab-b hears of the hub, never of lab-a.
+    wait_for("lab-b has the hub's record", || {
+        fleet_node(&lab_b, "hub").is_some()
+    });
+    assert_eq!(fleet(&lab_b).len(), 1, "{:?}", fleet(&lab_b));
+    // A lab that goes offline still shows, with what the hub last knew of it.
+    lab_a.stop();
+    wait_for("the hub sees lab-a offline", || {
+        hub.peer("lab-a")["connected"] == false
+    });
+    let a = fleet_node(&hub, "lab-a").expect("an offline lab still shows");
+    assert!(a["record"]["made_ms"].as_i64().unwrap() > 0);
+    // A ship that only exchanges bundles shows its last bundle receipt.
+    let bundle = ship.home().join("to-hub.tsb");
+    ship.ok(&["put", "Sample", "ship-1", r#"{"v":1}"#]);
+    ship.ok(&["export", "--for", "hub", "--out", bundle.to_str().unwrap()]);
+    hub.ok(&["import", bundle.to_str().unwrap()]);
+    let s = fleet_node(&hub, "ship").expect("the ship shows after its bundle");
+    assert!(
+        s["bundle_ms"].as_i64().is_some() && s["record"].is_null(),
+        "{s}"
+    );
+    let text = hub.ok(&["fleet"]);
+    assert!(
+        text.contains("lab-a (")
+            && text.contains("status as of")
+            && text.contains("last bundle received"),
+        "{text}"
+    );
+    // No object may take the reserved type.
+    let out = hub.cli(&["put", "TidesyncStatus", "x", "{}"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reserved"));
+}

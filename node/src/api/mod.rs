@@ -9,6 +9,7 @@
 //! GET    /v1/objects/{type}/{id}/history
 //! POST   /v1/objects/{type}/{id}/resolve  body: {"path": FIELD, "pick": VALUE_ID}
 //! GET    /v1/conflicts                               the conflicts inbox
+//! GET    /v1/fleet                 every node heard of: its last status record, its age
 //! GET    /metrics                                    Prometheus text format
 //! GET    /healthz, /readyz      alive; ready (store open, actor answering); no token needed
 //! GET    /                                           the status page (see [`page`])
@@ -213,6 +214,7 @@ pub fn router(
         .route("/v1/changes", get(changes))
         .route("/v1/status", get(status))
         .route("/v1/conflicts", get(conflicts))
+        .route("/v1/fleet", get(fleet))
         .route("/v1/held", axum::routing::post(held))
         .route("/v1/peers", get(peers))
         .route(
@@ -453,6 +455,10 @@ async fn resolve(
         ))
     })?;
     Ok(Json(node.resolve(ty, id, body.path, body.pick).await?))
+}
+
+async fn fleet(State(node): State<NodeHandle>) -> ApiResult<Vec<crate::reads::FleetNode>> {
+    Ok(Json(node.fleet().await?))
 }
 
 async fn conflicts(State(node): State<NodeHandle>) -> ApiResult<Vec<crate::core::Conflict>> {

@@ -67,6 +67,7 @@ fn ago(ms: i64, now_ms: i64) -> String {
 struct View {
     status: Status,
     conflicts: Vec<Conflict>,
+    fleet: Vec<crate::reads::FleetNode>,
     recent: Feed,
     now_ms: i64,
 }
@@ -75,6 +76,7 @@ impl View {
     async fn read(node: &NodeHandle) -> Result<View, ApiError> {
         let status = node.status().await?;
         let conflicts = node.conflicts().await?;
+        let fleet = node.fleet().await?;
         let since = status.last_seq.saturating_sub(PAGE_RECENT_CHANGES);
         let recent = node
             .changes(
@@ -87,6 +89,7 @@ impl View {
         Ok(View {
             status,
             conflicts,
+            fleet,
             recent,
             now_ms: crate::replica::system_now_ms(),
         })
@@ -129,6 +132,7 @@ impl View {
             s.files.missing_bytes,
         );
         self.peers(&mut h);
+        self.fleet(&mut h);
         self.inbox(&mut h);
         self.recent(&mut h);
         h
@@ -179,6 +183,70 @@ impl View {
                 refused = p.rejected,
                 held = p.held,
                 policy = esc(&policy),
+            );
+        }
+        h.push_str("</tbody></table></section>");
+    }
+
+    fn fleet(&self, h: &mut String) {
+        let _ = write!(
+            h,
+            "<section id=\"fleet\"><h2>Fleet ({})</h2><table><thead><tr><th>Node</th>\
+             <th>Fingerprint</th><th>Status as of</th><th>Version</th><th>Its peers</th>\
+             <th>Held</th><th>Refused</th><th>Files wanted</th><th>Store</th><th>Last bundle</th>\
+             </tr></thead><tbody>",
+            self.fleet.len()
+        );
+        for n in &self.fleet {
+            let (asof, version, peers, held, refused, wanted, store) = match &n.record {
+                Some(r) => (
+                    ago(r.made_ms, self.now_ms),
+                    esc(&r.version),
+                    r.peers
+                        .iter()
+                        .map(|p| {
+                            format!(
+                                "{} {} (lag {}/{})",
+                                esc(&p.name),
+                                if p.connected { "online" } else { "offline" },
+                                p.lag_out,
+                                p.lag_in
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    r.held_changes.to_string(),
+                    r.refusals.to_string(),
+                    r.files_wanted.to_string(),
+                    format!("{} objects, {} bytes", r.objects, r.store_bytes),
+                ),
+                None => (
+                    "never".into(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ),
+            };
+            let _ = write!(
+                h,
+                "<tr class=\"fleet-node\" data-node=\"{}\"><td>{}</td><td><code>{}</code></td><td>{}</td>\
+                 <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&n.name),
+                esc(&n.name),
+                esc(&n.fingerprint),
+                asof,
+                version,
+                peers,
+                held,
+                refused,
+                wanted,
+                store,
+                n.bundle_ms
+                    .map(|b| ago(b, self.now_ms))
+                    .unwrap_or_else(|| "none".into()),
             );
         }
         h.push_str("</tbody></table></section>");

@@ -132,6 +132,9 @@ pub struct ExportReport {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImportReport {
     pub peer: String,
+    /// The exporter's node id (its PeerId).
+    #[serde(default)]
+    pub from: String,
     pub dry_run: bool,
     /// Objects this node did not have.
     pub added: u64,

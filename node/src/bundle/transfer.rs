@@ -102,6 +102,7 @@ pub fn import_bundle(
             .name_of(&peer)
             .unwrap_or_default()
             .to_string(),
+        from: peer.to_string(),
         dry_run,
         ..ImportReport::default()
     };

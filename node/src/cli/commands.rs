@@ -1,7 +1,7 @@
 //! What each command does once parsed: through the running node's API, or on the store when
 //! no node runs (see [`crate::client`]).
 
-use super::print::{print_conflicts, print_history, print_peers, print_status};
+use super::print::{print_conflicts, print_fleet, print_history, print_peers, print_status};
 use super::*;
 
 /// Operations of fewer changes than this show no progress bar.
@@ -353,6 +353,14 @@ pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), 
             let (ty, id) = parse_names(ty, id)?;
             print_json(&client.resolve(&ty, &id, &path, &pick).await?)
         }
+        Command::Fleet { json } => {
+            let fleet = client.fleet().await?;
+            if json {
+                return print_json(&fleet);
+            }
+            print_fleet(&fleet);
+            Ok(())
+        }
         Command::Open => {
             println!("{}", client.login_url().await?);
             Ok(())
@@ -461,6 +469,7 @@ pub(super) fn init(
             hosts,
         },
         store: StoreConfig::default(),
+        fleet: Default::default(),
         peers: vec![],
     };
     config.validate().map_err(CliError::Usage)?;

@@ -197,6 +197,14 @@ pub enum Command {
         #[command(subcommand)]
         command: PeerCommand,
     },
+    /// Every lab and ship this node has heard of, offline ones too: each one's last status
+    /// record (its peers, lag, held changes, refusals, wanted files, store size, version, key
+    /// fingerprint) with its age, and its last bundle receipt.
+    Fleet {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a link to the running node's status page with a one-time login code (valid for
     /// two minutes; the browser gets a session cookie and the API token stays out of it).
     Open,

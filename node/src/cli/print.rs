@@ -260,3 +260,52 @@ pub(super) fn print_conflicts(conflicts: &[crate::core::Conflict]) {
         );
     }
 }
+
+/// The fleet, one paragraph per node.
+pub(super) fn print_fleet(fleet: &[crate::reads::FleetNode]) {
+    if fleet.is_empty() {
+        println!("no other node heard of yet");
+    }
+    let now = crate::replica::system_now_ms();
+    let age = |ms: i64| {
+        humantime::format_duration(std::time::Duration::from_secs(
+            (now.saturating_sub(ms) / 1000).max(0) as u64,
+        ))
+        .to_string()
+    };
+    for n in fleet {
+        println!("{} ({}, fingerprint {})", n.name, n.id, n.fingerprint);
+        match &n.record {
+            Some(r) => {
+                println!(
+                    "  status as of {} ago (heard {} ago): version {}, {} objects, {} bytes, {} held, {} refused, {} files wanted, {} concurrent fields",
+                    age(r.made_ms),
+                    age(n.heard_ms.unwrap_or(r.made_ms)),
+                    r.version,
+                    r.objects,
+                    r.store_bytes,
+                    r.held_changes,
+                    r.refusals,
+                    r.files_wanted,
+                    r.concurrent_fields
+                );
+                for p in &r.peers {
+                    println!(
+                        "    peer {}: {}, lag {} out / {} in, last sync {}",
+                        p.name,
+                        if p.connected { "online" } else { "offline" },
+                        p.lag_out,
+                        p.lag_in,
+                        p.last_sync_ms
+                            .map(|t| format!("{} ago", age(t)))
+                            .unwrap_or_else(|| "never".into())
+                    );
+                }
+            }
+            None => println!("  no status record"),
+        }
+        if let Some(b) = n.bundle_ms {
+            println!("  last bundle received {} ago", age(b));
+        }
+    }
+}

@@ -5,6 +5,7 @@
 //! connected peer here, once it is committed, so no caller has to remember to.
 
 mod files;
+mod fleet;
 mod peers;
 
 #[cfg(test)]
@@ -316,6 +317,9 @@ impl Core {
     ) -> Result<ImportReport, BundleError> {
         let report =
             crate::bundle::transfer::import_bundle(&mut self.replica, bytes, dry_run, progress)?;
+        if !report.dry_run {
+            self.note_bundle(&report.from);
+        }
         if !report.dry_run && report.new_changes > 0 {
             self.push_committed();
         }
@@ -346,11 +350,25 @@ impl Core {
 
     /// A request from `peer`: returns the response (see [`Sessions::on_request`]).
     pub fn on_request(&mut self, peer: NodeId, msg: Message) -> Result<Message, SyncError> {
+        if let Message::Status { status } = msg {
+            return Ok(self.on_status(peer, &status));
+        }
         self.step(|s, r| s.on_request(r, peer, msg))
     }
 
     /// The response to a request we sent to `peer` (see [`Sessions::on_response`]).
     pub fn on_response(&mut self, peer: NodeId, msg: Message) -> Result<(), SyncError> {
+        if let Message::Ack {
+            batch: tidesync_proto::wire::STATUS_ACK,
+            rejected,
+            ..
+        } = msg
+        {
+            if rejected > 0 {
+                tracing::debug!(%peer, "the peer refused our status record");
+            }
+            return Ok(());
+        }
         self.step(|s, r| Ok(((), s.on_response(r, peer, msg)?)))
     }
 

@@ -1,8 +1,10 @@
 //! The node actor that owns the core (a cloneable handle, an `Action` enum with oneshot
 //! replies, a private loop) beside the network actor, and the reads its handle answers off
-//! both. Its file work is in [`files`](mod@files), what it measures in [`observe`].
+//! both. Its file work is in [`files`](mod@files), what it measures in [`observe`], its
+//! status record for the fleet view in [`fleet`](mod@fleet).
 
 mod files;
+mod fleet;
 mod observe;
 
 use crate::bundle::{BundleError, ExportReport, ImportReport};
@@ -225,6 +227,15 @@ impl NodeHandle {
         id: ObjectId,
     ) -> Result<WriteReply, CallError<LocalWriteError>> {
         self.call(|reply| Action::Delete { ty, id, reply }).await
+    }
+
+    /// Every node this one has heard of (see [`crate::reads::FleetNode`]).
+    pub async fn fleet(&self) -> Result<Vec<crate::reads::FleetNode>, CallError<ReadError>> {
+        let peers = self.live.borrow().peers.clone();
+        self.read(move |v| {
+            v.fleet(&|id| peers.iter().find(|p| p.id == *id).map(|p| p.name.clone()))
+        })
+        .await
     }
 
     /// Whether the node is ready: its actor answers and its store reads.
@@ -453,6 +464,8 @@ struct NodeActor {
     /// Sync bytes per peer since start.
     traffic: std::collections::BTreeMap<NodeId, observe::Traffic>,
     timers: crate::metrics::Timers,
+    /// The status record last sent to the peers (the fleet view).
+    published: fleet::Published,
 }
 
 impl NodeActor {
@@ -465,7 +478,10 @@ impl NodeActor {
                     Some(done) => self.on_file_done(done),
                     None => break,
                 },
-                _ = file_tick.tick() => tokio::task::block_in_place(|| self.on_file_tick()),
+                _ = file_tick.tick() => tokio::task::block_in_place(|| {
+                    self.on_file_tick();
+                    self.on_fleet_tick();
+                }),
                 action = self.rx.recv() => match action {
                     Some(action) => tokio::task::block_in_place(|| self.on_action(action)),
                     None => break,
@@ -644,6 +660,7 @@ impl NodeActor {
         match event {
             NetEvent::Connected(peer) if self.is_configured(&peer) => {
                 log_failed_step(self.core.on_connected(peer));
+                self.send_status_to(peer);
             }
             NetEvent::Connected(_) => {}
             NetEvent::Disconnected(peer) => self.core.on_disconnected(&peer),
@@ -789,6 +806,7 @@ pub fn spawn(
         files_last,
         traffic: Default::default(),
         timers: instruments.timers,
+        published: Default::default(),
     };
     let net_task = tokio::spawn(net_actor.run(shutdown.clone()).in_current_span());
     let task = tokio::spawn(

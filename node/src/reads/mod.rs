@@ -12,7 +12,9 @@ use crate::doc;
 use crate::model::DocRecord;
 use crate::store::{IdPage, Store, StoreError, TypeCount};
 
+mod fleet;
 mod inbox;
+pub use fleet::FleetNode;
 pub use inbox::{Conflict, EquivocationReport, HeldWait, MAX_INBOX_ITEMS_PER_KIND, RefusalReport};
 
 /// Most ids returned by one page of a listing.

@@ -82,6 +82,9 @@ impl Replica {
                 id: (*id).clone(),
                 source,
             };
+            if ty.as_str() == tidesync_proto::fleet::STATUS_TYPE {
+                return Err(LocalWriteError::Reserved { ty: (*ty).clone() });
+            }
             self.policies
                 .may_write(ty)
                 .map_err(|source| LocalWriteError::ReadOnly {
@@ -230,6 +233,10 @@ pub enum LocalWriteError {
         id: ObjectId,
         source: crate::policy::ReadOnlyType,
     },
+    #[error(
+        "{ty} is reserved for tidesync's own status records (the fleet view); no object may have it"
+    )]
+    Reserved { ty: TypeName },
     #[error("cannot create a {ty}: {source}")]
     BadId {
         ty: TypeName,

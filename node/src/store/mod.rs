@@ -14,7 +14,8 @@
 //! applied to each peer, revoked keys, forgetting a removed peer), `held` (changes waiting
 //! for dependencies, with each sender's tally), `outbound` (view acknowledgements, oversized
 //! changes, references owed), `equivocation` (equivocations with their evidence, and the
-//! changes they refuse), `files` (files content-addressed on disk, and their index).
+//! changes they refuse), `files` (files content-addressed on disk, and their index), `inbox`
+//! (the conflicts inbox's index and refusal log), `fleet` (other nodes' status records).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -35,8 +36,10 @@ mod transfer;
 pub use transfer::{SegmentError, Verified};
 mod wants;
 pub use wants::{MAX_WANTED_BYTES_PER_PEER, MAX_WANTED_FILES_PER_PEER, Wanted};
+mod fleet;
 mod held;
 mod inbox;
+pub use fleet::{FleetRow, MAX_FLEET_NODES};
 pub use inbox::{MAX_REFUSALS_KEPT, MAX_REFUSALS_PER_BATCH};
 mod migrate;
 mod scrub;
@@ -64,8 +67,8 @@ const STORE_FORMAT_4: &str = "tidesync-store-4";
 /// Format 5: before the file references, the want-list and its quotas (`file_refs_v1`,
 /// `doc_files_v1`, `wants_v1`, `want_tally_v1`); migrated at open.
 const STORE_FORMAT_5: &str = "tidesync-store-5";
-/// Format 6: before the conflicts inbox's tables (`concurrent_v1`, `refusals_v1`); migrated
-/// at open by indexing every document's concurrent values.
+/// Format 6: before the conflicts inbox's tables (`concurrent_v1`, `refusals_v1`) and the
+/// fleet table (`fleet_v1`); migrated at open by indexing every document's concurrent values.
 const STORE_FORMAT_6: &str = "tidesync-store-6";
 
 /// Node-wide settings.
@@ -336,6 +339,7 @@ impl Store {
             tx.open_table(files::FILE_FEED).ctx(self, ctx)?;
             tx.open_table(inbox::CONCURRENT).ctx(self, ctx)?;
             tx.open_table(inbox::REFUSALS).ctx(self, ctx)?;
+            tx.open_table(fleet::FLEET).ctx(self, ctx)?;
         }
         tx.commit().ctx(self, ctx)
     }

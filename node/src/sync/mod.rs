@@ -333,6 +333,11 @@ impl Sessions {
                 ))
             }
             Message::Ack { .. } => Err(SyncError::Unexpected { peer, what: "Ack" }),
+            // The core takes status records before a session sees a request.
+            Message::Status { .. } => Err(SyncError::Unexpected {
+                peer,
+                what: "Status",
+            }),
         }
     }
 
