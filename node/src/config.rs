@@ -538,7 +538,10 @@ pub(crate) mod tests {
         c.api.token = None;
         c.save(&home).unwrap();
         let text = fs::read_to_string(home.config()).unwrap();
-        assert!(text.contains("format = 4"), "{text}");
+        assert!(
+            text.contains(&format!("format = {CONFIG_FORMAT}")),
+            "{text}"
+        );
         assert!(!text.contains("token"), "{text}");
         assert_eq!(
             fs::metadata(home.config()).unwrap().permissions().mode() & 0o777,

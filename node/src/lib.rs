@@ -42,6 +42,7 @@
 //! - [`files`]: a file's content address (BLAKE3), the reference a field holds, the limits.
 //! - [`fault`]: every deliberate fault, behind the `fault-injection` feature.
 //! - [`ratelog`]: per-peer rate limits for log lines a peer can provoke (refused changes).
+//! - [`when`]: Unix times as RFC 3339, safe for any value a peer sends.
 //! - [`atomic`]: writing a file whole or not at all (temp file, sync, rename).
 
 pub mod api;
@@ -73,3 +74,4 @@ pub mod replica;
 pub mod report;
 pub mod store;
 pub mod sync;
+pub mod when;

@@ -366,7 +366,10 @@ fn an_old_home_gets_a_token_file_at_its_next_start() {
     assert_eq!(old.token_file().as_deref(), Some(legacy));
     let config = std::fs::read_to_string(old.home().join("config.toml")).unwrap();
     assert!(!config.contains(legacy), "{config}");
-    assert!(config.contains("format = 4"), "{config}");
+    assert!(
+        config.contains(&format!("format = {}", tidesync::config::CONFIG_FORMAT)),
+        "{config}"
+    );
     // A home with no token got a new one.
     let generated = bare.token_file().expect("a token file at start");
     assert_eq!(generated.len(), 64);

@@ -86,14 +86,15 @@ fn write_concurrently(nodes: &mut [TestNode], writers: &[(usize, &str)]) {
     wait_connected(nodes);
 }
 
-#[test]
-fn concurrent_values_are_listed_everywhere_and_one_resolution_clears_them_everywhere() {
-    let mut nodes = mesh(&["lab-a", "lab-b", "hub"]);
+/// A mesh of `names` in which the first two wrote `Sample/S-001`'s `status` and `meta/lab`
+/// concurrently (`done` and `failed`), every node holding both.
+fn conflicted_mesh(names: &[&str]) -> Vec<TestNode> {
+    let mut nodes = mesh(names);
     nodes[0].ok(&[
         "put",
         "Sample",
         "S-001",
-        r#"{"status":"new","meta":{"lab":"a"}}"#,
+        r#"{"status":"new","meta":{"lab":"new"}}"#,
     ]);
     for n in &nodes {
         wait_for(&format!("{} has S-001", n.name), || {
@@ -101,6 +102,12 @@ fn concurrent_values_are_listed_everywhere_and_one_resolution_clears_them_everyw
         });
     }
     write_concurrently(&mut nodes, &[(0, "done"), (1, "failed")]);
+    nodes
+}
+
+#[test]
+fn concurrent_values_are_listed_everywhere_and_one_resolution_clears_them_everywhere() {
+    let mut nodes = conflicted_mesh(&["lab-a", "lab-b", "hub"]);
     let ids: Vec<String> = nodes.iter().map(|n| n.id()).collect();
     for n in &nodes {
         wait_for(&format!("{} lists both values of status", n.name), || {
@@ -399,19 +406,7 @@ fn refusals_are_logged_metrics_parse_and_health_needs_no_token() {
 
 #[test]
 fn the_status_page_in_a_real_browser() {
-    let mut nodes = mesh(&["hub", "lab-1", "lab-2"]);
-    nodes[0].ok(&[
-        "put",
-        "Sample",
-        "S-001",
-        r#"{"status":"new","meta":{"lab":"hub"}}"#,
-    ]);
-    for n in &nodes {
-        wait_for(&format!("{} has S-001", n.name), || {
-            n.get("Sample", "S-001").is_some()
-        });
-    }
-    write_concurrently(&mut nodes, &[(0, "done"), (1, "failed")]);
+    let mut nodes = conflicted_mesh(&["hub", "lab-1", "lab-2"]);
     let hub = &nodes[0];
     wait_for("the hub lists both values of status", || {
         inbox(hub, "fields").first().is_some_and(|i| {
@@ -532,6 +527,12 @@ fn the_hub_shows_its_fleet_offline_nodes_and_bundle_ships_included_and_no_furthe
     let mut lab_b = TestNode::init("lab-b");
     let ship = TestNode::init("ship");
     for n in [&mut hub, &mut lab_a, &mut lab_b] {
+        // Status records at most once a second (the default is 30 s).
+        let config = n.home().join("config.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        assert!(text.contains("status-interval-secs = 30"), "{text}");
+        let text = text.replace("status-interval-secs = 30", "status-interval-secs = 1");
+        std::fs::write(&config, text).unwrap();
         n.start();
     }
     for lab in [&lab_a, &lab_b] {

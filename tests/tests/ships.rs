@@ -84,7 +84,8 @@ fn a_voyage_bundle_carries_the_ships_work_and_the_next_sync_sends_only_the_rest(
     assert_eq!(
         imported,
         json!({
-            "peer": "ship", "dry_run": false, "added": 10, "updated": 1, "new_changes": 11,
+            "peer": "ship", "from": ship.id(), "dry_run": false, "added": 10, "updated": 1,
+            "new_changes": 11,
             "duplicates": 0, "rejected": 0, "held": 0
         })
     );

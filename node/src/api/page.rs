@@ -52,14 +52,7 @@ fn ago(ms: i64, now_ms: i64) -> String {
         3600..=172_799 => format!("{} h ago", secs / 3600),
         _ => format!("{} days ago", secs / 86_400),
     };
-    let abs = u64::try_from(ms)
-        .map(|ms| {
-            humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
-            )
-            .to_string()
-        })
-        .unwrap_or_default();
+    let abs = crate::when::rfc3339_or_number(ms);
     format!("<time title=\"{}\">{}</time>", esc(&abs), esc(&rel))
 }
 

@@ -12,14 +12,10 @@ pub(super) fn print_history(h: &History) {
         if h.deleted { "  (deleted)" } else { "" }
     );
     for c in &h.changes {
-        let time = u64::try_from(c.time)
-            .ok()
-            .map(|t| {
-                humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
-                )
-                .to_string()
-            })
+        let time = c
+            .time
+            .checked_mul(1000)
+            .and_then(crate::when::rfc3339_ms)
             .unwrap_or_else(|| c.time.to_string());
         let verdict = if c.verified {
             "signature verified".to_string()
@@ -39,13 +35,7 @@ pub(super) fn print_history(h: &History) {
 }
 
 fn format_ms(ms: Option<i64>) -> String {
-    ms.and_then(|ms| u64::try_from(ms).ok())
-        .map(|ms| {
-            humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
-            )
-            .to_string()
-        })
+    ms.map(crate::when::rfc3339_or_number)
         .unwrap_or_else(|| "never".into())
 }
 
@@ -149,18 +139,7 @@ pub(super) fn print_status(s: &Status) {
     print_peers(&s.peers);
 }
 
-/// A Unix time in milliseconds as an RFC 3339 time (UTC, seconds).
-fn when(ms: i64) -> String {
-    u64::try_from(ms)
-        .ok()
-        .map(|ms| {
-            humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
-            )
-            .to_string()
-        })
-        .unwrap_or_else(|| ms.to_string())
-}
+use crate::when::rfc3339_or_number as when;
 
 /// The conflicts inbox, one paragraph per item.
 pub(super) fn print_conflicts(conflicts: &[crate::core::Conflict]) {

@@ -205,26 +205,12 @@ impl Reads {
             .into_iter()
             .take(MAX_INBOX_ITEMS_PER_KIND)
         {
-            let rec = self
-                .store
-                .record(&e.doc)
-                .map_err(read_err("the equivocations"))?;
             let hash = |c: &tidesync_proto::SignedChange| {
                 tidesync_proto::chunk::ChangeHeader::parse(&c.bytes)
                     .map(|h| hex::encode(h.hash))
                     .unwrap_or_default()
             };
             out.push(Conflict {
-                ty: rec.as_ref().map(|r| r.ty.to_string()).unwrap_or_default(),
-                id: rec.as_ref().map(|r| r.id.to_string()).unwrap_or_default(),
-                local_id: rec
-                    .as_ref()
-                    .map(|r| r.local_id.to_string())
-                    .unwrap_or_default(),
-                doc: e.doc.to_string(),
-                origin: rec.map(|r| r.origin.to_string()).unwrap_or_default(),
-                holder: None,
-                holder_origin: None,
                 equivocation: Some(EquivocationReport {
                     author: e.author.to_string(),
                     actor: hex::encode(&e.actor),
@@ -233,7 +219,7 @@ impl Reads {
                     second: hash(&e.second),
                     detected_ms: e.detected_ms,
                 }),
-                ..Conflict::empty("equivocation")
+                ..Conflict::about(self, "equivocation", &e.doc)?
             });
         }
         Ok(out)
