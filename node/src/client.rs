@@ -479,6 +479,23 @@ impl Client {
         }
     }
 
+    /// Send to peer `name` now, whatever its windows and budget say (running node only).
+    pub async fn sync_now(&mut self, name: &str) -> Result<(), ClientError> {
+        match self {
+            Client::Local(..) => Err(ClientError::Invalid(
+                "the node is not running: `sync --now` needs a running, connected node".into(),
+            )),
+            Client::Api(api) => {
+                api.send_empty(
+                    reqwest::Method::POST,
+                    &format!("/v1/peers/{}/sync-now", encode(name)),
+                    None,
+                )
+                .await
+            }
+        }
+    }
+
     /// Every node heard of (see [`crate::reads::FleetNode`]).
     pub async fn fleet(&mut self) -> Result<Vec<crate::reads::FleetNode>, ClientError> {
         match self {

@@ -30,7 +30,8 @@ pub const DEFAULT_API: &str = "127.0.0.1:7401";
 /// moved out at the next start), `api.hosts`. 3: each `refs` field names the type it
 /// references (`"owner:User"`); a `refs` field without one is refused with the new form.
 /// 4: a peer may set `files` and `max-file-bytes` (older builds refuse those keys, so they
-/// refuse format 4 by name). 5: `[fleet]` (`status-interval-secs`).
+/// refuse format 4 by name). 5: `[fleet]` (`status-interval-secs`), and a peer's link
+/// settings (`[peers.link]`: `max-rate`, `windows`, `budget`).
 pub const CONFIG_FORMAT: u32 = 5;
 /// Default shortest time between two status records a node sends its peers, in seconds.
 pub const DEFAULT_STATUS_INTERVAL_SECS: u64 = 30;

@@ -39,6 +39,7 @@
 //!   the checkpoint rule and the glossary of log positions.
 //! - [`doc`]: how an object's JSON maps onto an Automerge document; the deletion tombstone rule.
 //! - [`concurrent`]: fields with concurrent values: finding them, and the write that resolves one.
+//! - [`link`]: what a link may carry to a peer: sync windows, a daily budget, a rate (pure).
 //! - [`files`]: a file's content address (BLAKE3), the reference a field holds, the limits.
 //! - [`fault`]: every deliberate fault, behind the `fault-injection` feature.
 //! - [`ratelog`]: per-peer rate limits for log lines a peer can provoke (refused changes).
@@ -61,6 +62,7 @@ pub mod files;
 pub mod fuzzing;
 pub mod held;
 pub mod identity;
+pub mod link;
 pub mod metrics;
 pub mod model;
 pub mod net;

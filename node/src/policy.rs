@@ -76,6 +76,10 @@ pub struct Policy {
     /// [`crate::files::MAX_FILE_BYTES`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_file_bytes: Option<u64>,
+    /// What the link to this peer may carry: `max-rate`, `windows`, `budget` (see
+    /// [`crate::link`]); in `config.toml`, the peer's `[peers.link]` table.
+    #[serde(skip_serializing_if = "crate::link::Link::is_open_always")]
+    pub link: crate::link::Link,
 }
 
 /// When the files that objects exchanged with a peer refer to move.
@@ -251,6 +255,7 @@ impl Policy {
 
     /// Check the policy's own consistency; an error says what to fix.
     pub fn validate(&self) -> Result<(), String> {
+        self.link.validate()?;
         if !self.prefixed.is_empty() && self.prefix.is_none() {
             return Err("--prefixed needs --prefix".into());
         }

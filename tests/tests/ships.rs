@@ -1,7 +1,9 @@
 //! Ships: export bundles carried between real node processes, alone and mixed with network
 //! sync, and every kind of bad bundle refused whole.
 
-use serde_json::json;
+use std::time::Duration;
+
+use serde_json::{Value, json};
 use tidesync_tests::{TestNode, json, wait_for};
 
 fn put(n: &TestNode, id: &str, body: &str) {
@@ -233,35 +235,11 @@ fn a_large_sync_over_a_link_that_keeps_breaking_completes_by_resuming() {
     }
     // The ship reaches the hub only through a link that drops every 1.5 MiB: less than the
     // whole sync, more than the two batches in flight, so each connection gets further.
-    let hub_addr = hub.listen_addr();
-    let port: u16 = hub_addr.rsplit('/').next().unwrap().parse().unwrap();
-    let proxy = tidesync_tests::proxy::FlakyProxy::start(
-        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        1536 * 1024,
-    );
-    let via = format!("/ip4/127.0.0.1/tcp/{}", proxy.addr().port());
-    hub.add_peer(&ship, false);
-    ship.ok(&["peer", "add", "hub", "--id", &hub.id(), "--addr", &via]);
-    wait_for("the ship holds every object", || {
-        ship.status()["objects"]["Sample"]["live"] == json!(OBJECTS)
-    });
-    let from_hub = ship.peer("hub");
-    eprintln!(
-        "flaky link: {} connections, {} cut midway; {} changes stored, {} came twice",
-        proxy.connections(),
-        proxy.cuts(),
-        from_hub["changes_in"],
-        from_hub["duplicates"]
-    );
+    let (proxy, from_hub) = sync_through_cuts(&hub, &ship, 1536 * 1024, OBJECTS);
     assert!(
         proxy.cuts() >= 2,
         "the link never broke ({} connections)",
         proxy.connections()
-    );
-    assert_eq!(
-        from_hub["changes_in"],
-        json!(OBJECTS),
-        "each change stored once"
     );
     // Resuming, not restarting: at most the batches in flight at each cut come again.
     let resent = from_hub["duplicates"].as_u64().unwrap();
@@ -272,4 +250,153 @@ fn a_large_sync_over_a_link_that_keeps_breaking_completes_by_resuming() {
     );
     ship.stop();
     hub.stop();
+}
+
+// Regression: on a link that dropped every few hundred KiB, every 8 MiB batch was cut midway
+// and two of them interleaved on Yamux, so a sync needed a connection per few objects or never
+// finished. The sender now shrinks its batches and window after each failed batch (see
+// `tidesync::sync::pace`), so records of ordinary size cross a link that drops every 64 KiB.
+#[test]
+fn records_cross_a_link_that_drops_every_64_kib() {
+    const OBJECTS: usize = 400;
+    let mut ship = TestNode::init("ship");
+    let mut hub = TestNode::init("hub");
+    hub.start();
+    ship.start();
+    let pad = "x".repeat(2_000);
+    let items: Vec<serde_json::Value> = (0..OBJECTS)
+        .map(|k| json!({"type": "Sample", "id": format!("S-{k:04}"), "fields": {"k": k, "notes": pad}}))
+        .collect();
+    let (status, body) = hub.http(
+        reqwest::Method::POST,
+        "/v1/objects",
+        Some(&serde_json::Value::Array(items).to_string()),
+    );
+    assert_eq!(status, 200, "{body}");
+    let (proxy, _) = sync_through_cuts(&hub, &ship, 64 * 1024, OBJECTS);
+    assert!(
+        proxy.cuts() >= 5,
+        "the link broke only {} times",
+        proxy.cuts()
+    );
+    ship.stop();
+    hub.stop();
+}
+
+/// A window starting `from_h` hours from now and lasting an hour, as `HH:MM-HH:MM` UTC.
+fn window_from_now(from_h: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let minute = |secs: u64| (secs / 60) % (24 * 60);
+    let (a, b) = (
+        minute(now + from_h * 3600),
+        minute(now + (from_h + 1) * 3600),
+    );
+    format!("{:02}:{:02}-{:02}:{:02}", a / 60, a % 60, b / 60, b % 60)
+}
+
+#[test]
+fn windows_budgets_and_sync_now_decide_what_the_link_carries() {
+    let mut ship = TestNode::init("ship");
+    let mut hub = TestNode::init("hub");
+    hub.start();
+    ship.start();
+    let put = |n: &TestNode, from: usize, to: usize| {
+        let items: Vec<serde_json::Value> = (from..to)
+            .map(|k| json!({"type": "Sample", "id": format!("S-{k:03}"), "fields": {"k": k, "pad": "y".repeat(1_000)}}))
+            .collect();
+        let (status, body) = n.http(
+            reqwest::Method::POST,
+            "/v1/objects",
+            Some(&serde_json::Value::Array(items).to_string()),
+        );
+        assert_eq!(status, 200, "{body}");
+    };
+    put(&hub, 0, 50);
+    // The hub may send to the ship only in a window two hours from now, and 20 kB a day.
+    let window = window_from_now(2);
+    hub.add_peer_with(&ship, false, &["--window", &window, "--budget", "20000"]);
+    ship.add_peer(&hub, true);
+    wait_for("the ship is connected", || {
+        hub.peer("ship")["connected"] == true
+    });
+    wait_for("the hub says why it holds back", || {
+        hub.peer("ship")["held_back"]
+            .as_str()
+            .is_some_and(|h| h.contains("outside its sync windows"))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        ship.status()["objects"]["Sample"],
+        Value::Null,
+        "nothing crossed outside the window"
+    );
+    // The operator overrides it once.
+    let said = hub.ok(&["sync", "--now", "ship"]);
+    assert!(said.contains("sending to ship now"), "{said}");
+    wait_for("the ship holds the 50 samples", || {
+        ship.status()["objects"]["Sample"]["live"] == json!(50)
+    });
+    let sent = hub.peer("ship")["sent_today"].as_u64().unwrap();
+    assert!(
+        sent > 50_000,
+        "the override's bytes count against today's budget: {sent}"
+    );
+    // Without windows, the spent budget holds back what comes next, and says so.
+    hub.ok(&["peer", "set", "ship", "--window", "none"]);
+    put(&hub, 50, 60);
+    wait_for("the hub says the budget is spent", || {
+        hub.peer("ship")["held_back"]
+            .as_str()
+            .is_some_and(|h| h.contains("daily budget is spent"))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(ship.status()["objects"]["Sample"]["live"], json!(50));
+    // The meter survives a restart.
+    hub.stop();
+    hub.start();
+    let after = hub.peer("ship")["sent_today"].as_u64().unwrap();
+    assert!(after >= sent, "{after} < {sent}");
+    ship.stop();
+    hub.stop();
+}
+
+/// Peer `ship` with `hub` through a proxy that cuts every connection after `cut_bytes`, and
+/// wait until the ship holds `objects` samples, each stored once; the proxy and the ship's
+/// record of the hub.
+fn sync_through_cuts(
+    hub: &TestNode,
+    ship: &TestNode,
+    cut_bytes: u64,
+    objects: usize,
+) -> (tidesync_tests::proxy::FlakyProxy, Value) {
+    let hub_addr = hub.listen_addr();
+    let port: u16 = hub_addr.rsplit('/').next().unwrap().parse().unwrap();
+    let proxy = tidesync_tests::proxy::FlakyProxy::start(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        cut_bytes,
+    );
+    let via = format!("/ip4/127.0.0.1/tcp/{}", proxy.addr().port());
+    hub.add_peer(ship, false);
+    ship.ok(&["peer", "add", "hub", "--id", &hub.id(), "--addr", &via]);
+    wait_for("the ship holds every object", || {
+        ship.status()["objects"]["Sample"]["live"] == json!(objects)
+    });
+    let from_hub = ship.peer("hub");
+    eprintln!(
+        "link cut every {cut_bytes} bytes: {} connections, {} cut midway, {} bytes; {} changes stored, {} came twice",
+        proxy.connections(),
+        proxy.cuts(),
+        proxy.bytes(),
+        from_hub["changes_in"],
+        from_hub["duplicates"]
+    );
+    assert_eq!(
+        from_hub["changes_in"],
+        json!(objects),
+        "each change stored once"
+    );
+    (proxy, from_hub)
 }

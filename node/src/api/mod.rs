@@ -18,6 +18,7 @@
 //! GET    /v1/peers                                    the configured peers and their sync state
 //! PUT    /v1/peers/{name}    body: {"id": PEERID, "addrs": [MULTIADDR, ...]}   add or replace
 //! DELETE /v1/peers/{name}
+//! POST   /v1/peers/{name}/sync-now   send now, whatever its windows and budget say
 //! POST   /v1/files      body: the file's bytes (application/octet-stream)   {"hash", "size"}
 //! GET    /v1/files/{hash}                             the file; one Range; ETag = the hash
 //! GET    /v1/files                                    [{"hash", "size", "added_ms"}, ...]
@@ -221,6 +222,7 @@ pub fn router(
             "/v1/peers/{name}",
             axum::routing::put(set_peer).delete(remove_peer),
         )
+        .route("/v1/peers/{name}/sync-now", axum::routing::post(sync_now))
         .route("/v1/bundles/export", axum::routing::post(export_bundle))
         .route(BUNDLE_IMPORT_PATH, axum::routing::post(import_bundle))
         .route(files::FILES_PATH, get(files::list).post(files::upload))
@@ -455,6 +457,14 @@ async fn resolve(
         ))
     })?;
     Ok(Json(node.resolve(ty, id, body.path, body.pick).await?))
+}
+
+async fn sync_now(
+    State(node): State<NodeHandle>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    node.sync_now(name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn fleet(State(node): State<NodeHandle>) -> ApiResult<Vec<crate::reads::FleetNode>> {

@@ -361,6 +361,11 @@ pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), 
             print_fleet(&fleet);
             Ok(())
         }
+        Command::Sync { now } => {
+            client.sync_now(&now).await?;
+            println!("sending to {now} now, until it is in sync");
+            Ok(())
+        }
         Command::Open => {
             println!("{}", client.login_url().await?);
             Ok(())

@@ -205,6 +205,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Send to a peer now, whatever its sync windows and daily budget say, until it is in
+    /// sync: the operator's one-off override (running node, connected peer).
+    Sync {
+        /// The configured peer.
+        #[arg(long = "now", value_name = "PEER")]
+        now: String,
+    },
     /// Print a link to the running node's status page with a one-time login code (valid for
     /// two minutes; the browser gets a session cookie and the API token stays out of it).
     Open,
@@ -354,6 +361,16 @@ pub struct PolicyArgs {
     /// Largest file fetched from or served to this peer, in bytes (0: no limit).
     #[arg(long, value_name = "BYTES")]
     max_file_bytes: Option<u64>,
+    /// Most bytes a second sent to this peer, on average (0: no limit).
+    #[arg(long, value_name = "BYTES")]
+    max_rate: Option<u64>,
+    /// A daily window in which the link may carry anything, HH:MM-HH:MM in UTC (repeatable;
+    /// `--window none` removes them). Outside them nothing new starts.
+    #[arg(long = "window", value_name = "HH:MM-HH:MM")]
+    windows: Vec<String>,
+    /// Most bytes sent to this peer per UTC day (0: no limit).
+    #[arg(long, value_name = "BYTES")]
+    budget: Option<u64>,
 }
 
 impl PolicyArgs {
@@ -389,6 +406,20 @@ impl PolicyArgs {
         }
         if let Some(n) = self.max_file_bytes {
             policy.max_file_bytes = (n > 0).then_some(n);
+        }
+        if let Some(n) = self.max_rate {
+            policy.link.max_rate = (n > 0).then_some(n);
+        }
+        if let Some(n) = self.budget {
+            policy.link.budget = (n > 0).then_some(n);
+        }
+        if !self.windows.is_empty() {
+            policy.link.windows = self
+                .windows
+                .iter()
+                .filter(|w| w.as_str() != "none")
+                .map(|w| crate::link::Window::try_from(w.clone()).map_err(CliError::Usage))
+                .collect::<Result<_, _>>()?;
         }
         policy.validate().map_err(CliError::Usage)
     }

@@ -112,6 +112,22 @@ impl Core {
     /// `bytes` of a file were served to `peer` (for status).
     pub fn file_served(&mut self, peer: NodeId, bytes: u64) {
         self.fetcher.served(peer, bytes);
+        let link = &self.replica.policy(&peer).link;
+        if link.budget.is_some()
+            && let Err(e) = self.store().meter_sent(&peer, self.replica.now_ms(), bytes)
+        {
+            tracing::error!(%peer, error = %e, "could not count served file bytes against the budget");
+        }
+    }
+
+    /// Whether serving a file segment to `peer` waits (its windows, budget or rate), by the
+    /// same gate as its batches; a `sync --now` opens it too.
+    pub fn files_held_back(&mut self, peer: NodeId) -> bool {
+        self.sessions
+            .gate(&self.replica, peer)
+            .ok()
+            .flatten()
+            .is_some()
     }
 
     /// A read waits for `hash`: fetch it now, even under `on-demand`. Whether it is wanted.

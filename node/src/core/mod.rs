@@ -386,4 +386,9 @@ impl Core {
     pub fn pump_all(&mut self) -> Result<(), SyncError> {
         self.step(|s, r| Ok(((), s.pump_all(r)?)))
     }
+
+    /// Pump the peers whose link is shaped (see [`Sessions::pump_shaped`]).
+    pub fn pump_shaped(&mut self) -> Result<(), SyncError> {
+        self.step(|s, r| Ok(((), s.pump_shaped(r)?)))
+    }
 }

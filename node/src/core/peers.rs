@@ -58,6 +58,26 @@ impl Core {
         Ok(applied)
     }
 
+    /// Send to the configured peer `name` now, whatever its sync windows and its daily budget
+    /// say, until it is in sync (`tidesync sync --now`). Fails for an unknown or unconnected
+    /// peer.
+    pub fn sync_now(&mut self, config: &Config, name: &str) -> Result<(), PeerError> {
+        let peer = config
+            .peers
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| PeerError::Unknown(format!("no configured peer is called {name:?}")))?
+            .id;
+        if self.sessions.session(&peer).is_none() {
+            return Err(PeerError::Invalid(format!(
+                "peer {name} is not connected; `sync --now` sends once it is"
+            )));
+        }
+        tracing::info!(%peer, name, "sending now, whatever the link's windows and budget say");
+        self.step(|s, r| Ok(((), s.sync_now(r, peer)?)))
+            .map_err(|e| PeerError::Invalid(e.to_string()))
+    }
+
     /// Remove the peer called `name` from `config` (saved first), then forget it: its policy
     /// and, durably, all the store keeps of it, so adding it again starts from 0. Returns
     /// what was removed; the caller drops its link.

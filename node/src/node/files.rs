@@ -36,7 +36,7 @@ impl NodeActor {
             });
             return;
         }
-        if self.serving >= MAX_FILE_SERVES {
+        if self.serving >= MAX_FILE_SERVES || self.core.files_held_back(peer) {
             self.out.push(NetCommand::AnswerFile {
                 id,
                 answer: FileAnswer::Busy,

@@ -79,6 +79,11 @@ impl NodeHandle {
         .await
     }
 
+    /// Send to peer `name` now, whatever its windows and budget say (`tidesync sync --now`).
+    pub async fn sync_now(&self, name: String) -> Result<(), CallError<PeerError>> {
+        self.call(|reply| Action::SyncNow { name, reply }).await
+    }
+
     /// Whether the node is ready: its actor answers and its store reads.
     pub async fn ready(&self) -> Result<(), CallError<ReadError>> {
         self.call(|reply| Action::Ping { reply }).await?;

@@ -67,6 +67,11 @@ enum Action {
         id: ObjectId,
         reply: Reply<Result<WriteReply, LocalWriteError>>,
     },
+    /// `tidesync sync --now`: open a peer's gate until it is in sync.
+    SyncNow {
+        name: String,
+        reply: Reply<Result<(), PeerError>>,
+    },
     /// Answer at once: the actor's loop is turning (readiness).
     Ping { reply: Reply<Result<(), ReadError>> },
     Resolve {
@@ -208,6 +213,7 @@ impl NodeActor {
                 _ = file_tick.tick() => tokio::task::block_in_place(|| {
                     self.on_file_tick();
                     self.on_fleet_tick();
+                    log_failed_step(self.core.pump_shaped());
                 }),
                 action = self.rx.recv() => match action {
                     Some(action) => tokio::task::block_in_place(|| self.on_action(action)),
@@ -255,6 +261,9 @@ impl NodeActor {
                 let r = self.timed(|core| core.delete(&ty, &id));
                 log_refused(&r);
                 let _ = reply.send(r);
+            }
+            Action::SyncNow { name, reply } => {
+                let _ = reply.send(self.core.sync_now(&self.config, &name));
             }
             Action::Ping { reply } => {
                 let _ = reply.send(Ok(()));

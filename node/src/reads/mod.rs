@@ -178,6 +178,19 @@ pub struct PeerStatus {
     pub rejected_by_peer: u64,
     /// Changes the peer sent that we already had.
     pub duplicates: u64,
+    /// While connected: the pace of sending to the peer, most content bytes per batch and most
+    /// batches in flight; smaller than a healthy link's after failed transfers.
+    #[serde(default)]
+    pub batch_bytes: Option<u64>,
+    #[serde(default)]
+    pub window: Option<u64>,
+    /// Why nothing more goes to the peer now: outside its sync windows, its daily budget
+    /// spent, or paced by its rate (running node, while connected).
+    #[serde(default)]
+    pub held_back: Option<String>,
+    /// Bytes sent to the peer today (UTC), against its `budget`; none without one.
+    #[serde(default)]
+    pub sent_today: Option<u64>,
     /// Bytes of sync frames from and to the peer (running node, since start).
     #[serde(default)]
     pub bytes_in: u64,
@@ -225,6 +238,12 @@ pub struct SessionSummary {
     pub unacked: u64,
     /// How long the session took to come in sync, if it has.
     pub in_sync_after_ms: Option<i64>,
+    /// The pace of sending to the peer: most content bytes per batch, most batches in flight
+    /// (see [`crate::sync::pace`]).
+    pub batch_bytes: u64,
+    pub window: u64,
+    /// Why nothing more goes to the peer now (its windows, budget or rate).
+    pub held_back: Option<crate::link::HeldBack>,
 }
 
 impl SessionSummary {
@@ -520,6 +539,21 @@ impl Reads {
             connected_since_ms: session.map(|s| s.since_ms),
             last_sync_ms: (record.last_sync_ms > 0).then_some(record.last_sync_ms),
             in_sync_after_ms: session.and_then(|s| s.in_sync_after_ms),
+            batch_bytes: session.map(|s| s.batch_bytes),
+            window: session.map(|s| s.window),
+            held_back: session.and_then(|s| s.held_back).map(|h| h.to_string()),
+            sent_today: match peer.policy.link.budget {
+                Some(_) => Some(
+                    self.store
+                        .meter(&id)
+                        .map_err(read_err(&what))?
+                        .on(std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as i64))
+                        .bytes,
+                ),
+                None => None,
+            },
             pending_out,
             pending_in,
             changes_in: record.changes_in,

@@ -98,12 +98,20 @@ impl Replica {
         unfiltered: bool,
         by_ref: &mut HashSet<DocId>,
     ) -> Result<OutBatch, SyncError> {
-        self.read_next(peer, cursor, unfiltered, by_ref, false)
+        self.read_next(
+            peer,
+            cursor,
+            unfiltered,
+            by_ref,
+            false,
+            SYNC_BATCH_CONTENT_BYTES,
+        )
     }
 
     /// As [`Replica::read_for`]; when `idle` (no batch to the peer in flight), objects owed to
     /// the peer (see [`crate::store::Store::owed_refs`]) go first, in a batch of their own
-    /// that covers no log entry.
+    /// that covers no log entry. A batch holds at most `batch_bytes` of content (the peer's
+    /// pace, see [`crate::sync::pace`]), or one change alone when that change is larger.
     pub(crate) fn read_next(
         &mut self,
         peer: NodeId,
@@ -111,6 +119,7 @@ impl Replica {
         unfiltered: bool,
         by_ref: &mut HashSet<DocId>,
         idle: bool,
+        batch_bytes: usize,
     ) -> Result<OutBatch, SyncError> {
         let err = |source| SyncError::Store { peer, source };
         if idle && !self.policies.of(&peer).refs.is_empty() {
@@ -133,7 +142,8 @@ impl Replica {
             !policies.may_send(&peer, rec, by_ref.contains(doc))
         };
         let reader = self.store.reader().map_err(err)?;
-        let mut batch = scan_log(&reader, cursor, skip_entry, skip_doc).map_err(err)?;
+        let mut batch =
+            scan_log(&reader, cursor, batch_bytes, skip_entry, skip_doc).map_err(err)?;
         drop(reader);
         // The scan's checkpoint holds the hash of the last entry scanned, perhaps one this
         // peer may not see: it leaves as the peer's token.
@@ -372,14 +382,16 @@ impl Replica {
 /// Read our log after `after` for a peer: at most [`SYNC_BATCH_CHANGES`] changes, scanning at
 /// most [`SYNC_SCAN_ENTRIES`] entries, and stopping before a change whose encoded size (with
 /// its document's header, the first time) would take the batch past
-/// [`SYNC_BATCH_CONTENT_BYTES`] (see [`change_wire_bytes`]). A change that alone exceeds that
-/// can never be sent: it is listed in `oversized` and passed over, so it blocks nothing.
+/// `limit` (at most [`SYNC_BATCH_CONTENT_BYTES`]; see [`change_wire_bytes`]), unless it is
+/// the batch's first. A change that alone exceeds [`SYNC_BATCH_CONTENT_BYTES`] can never be
+/// sent: it is listed in `oversized` and passed over, so it blocks nothing.
 /// Entries for which `skip_entry` is true, or whose document `skip_doc` refuses (given the
 /// entry's SEQ), are passed over (but still covered by `upto`); `skip_entry` is asked first, so
 /// it costs no document lookup.
 fn scan_log(
     reader: &Reader<'_>,
     after: u64,
+    limit: usize,
     skip_entry: impl Fn(&LogEntry) -> bool,
     mut skip_doc: impl FnMut(u64, &DocId, &DocRecord) -> bool,
 ) -> Result<OutBatch, StoreError> {
@@ -431,7 +443,7 @@ fn scan_log(
             continue;
         }
         let size = if new_doc { alone } else { change_bytes };
-        if batch.bytes + size > SYNC_BATCH_CONTENT_BYTES {
+        if !batch.changes.is_empty() && batch.bytes + size > limit.min(SYNC_BATCH_CONTENT_BYTES) {
             // The batch ends before this change; the next one starts with it.
             break;
         }

@@ -1,5 +1,6 @@
 //! The fleet table: the last status record heard from each node (replaced, never kept as a
-//! history) and when a bundle from it last arrived.
+//! history) and when a bundle from it last arrived; and each peer's meter of bytes sent today
+//! (its daily budget).
 
 use super::*;
 use tidesync_proto::fleet::StatusRecord;
@@ -74,5 +75,40 @@ impl Store {
             ));
         }
         Ok(out)
+    }
+}
+
+/// Bytes sent to each peer today, for its daily budget (see [`crate::link`]).
+/// Key: peer NodeId. Value: postcard [`crate::link::Meter`].
+pub(super) const METERS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("meters_v1");
+
+impl Store {
+    /// The bytes sent to `peer` on the day the meter last counted.
+    pub fn meter(&self, peer: &NodeId) -> Result<crate::link::Meter, StoreError> {
+        let ctx = "reading a peer's meter";
+        let tx = self.db.begin_read().ctx(self, ctx)?;
+        let table = tx.open_table(METERS).ctx(self, ctx)?;
+        match table.get(peer.0).ctx(self, ctx)? {
+            Some(v) => self.decode(|| format!("meters_v1[{peer}]"), v.value()),
+            None => Ok(crate::link::Meter::default()),
+        }
+    }
+
+    /// Count `bytes` sent to `peer` at `now_ms`, durably (a restart keeps the day's count).
+    pub fn meter_sent(&self, peer: &NodeId, now_ms: i64, bytes: u64) -> Result<(), StoreError> {
+        let ctx = "counting bytes sent to a peer";
+        let tx = self.db.begin_write().ctx(self, ctx)?;
+        {
+            let mut table = tx.open_table(METERS).ctx(self, ctx)?;
+            let old = match table.get(peer.0).ctx(self, ctx)? {
+                Some(v) => self.decode(|| format!("meters_v1[{peer}]"), v.value())?,
+                None => crate::link::Meter::default(),
+            };
+            let mut meter = old.on(now_ms);
+            meter.bytes = meter.bytes.saturating_add(bytes);
+            let encoded = postcard::to_stdvec(&meter).map_err(|e| self.encode_error(e))?;
+            table.insert(peer.0, encoded.as_slice()).ctx(self, ctx)?;
+        }
+        tx.commit().ctx(self, ctx)
     }
 }

@@ -86,12 +86,13 @@ impl Store {
 
     /// Format 6 → 7: the conflicts inbox's tables; every document's fields with concurrent
     /// values are indexed (`concurrent_v1`); the refusal log (`refusals_v1`) and the fleet
-    /// table (`fleet_v1`) start empty. One transaction.
+    /// table (`fleet_v1`) and the meters (`meters_v1`) start empty. One transaction.
     pub(super) fn migrate_6_to_7(&self) -> Result<(), StoreError> {
         let ctx = "migrating the store from format 6 to 7";
         let tx = self.db.begin_write().ctx(self, ctx)?;
         let n = self.index_all_concurrent(&tx)?;
         tx.open_table(fleet::FLEET).ctx(self, ctx)?;
+        tx.open_table(fleet::METERS).ctx(self, ctx)?;
         tx.open_table(META)
             .ctx(self, ctx)?
             .insert("format", STORE_FORMAT.as_bytes())

@@ -68,7 +68,7 @@ const STORE_FORMAT_4: &str = "tidesync-store-4";
 /// `doc_files_v1`, `wants_v1`, `want_tally_v1`); migrated at open.
 const STORE_FORMAT_5: &str = "tidesync-store-5";
 /// Format 6: before the conflicts inbox's tables (`concurrent_v1`, `refusals_v1`) and the
-/// fleet table (`fleet_v1`); migrated at open by indexing every document's concurrent values.
+/// fleet table and the meters (`fleet_v1`, `meters_v1`); migrated at open by indexing every document's concurrent values.
 const STORE_FORMAT_6: &str = "tidesync-store-6";
 
 /// Node-wide settings.
@@ -340,6 +340,7 @@ impl Store {
             tx.open_table(inbox::CONCURRENT).ctx(self, ctx)?;
             tx.open_table(inbox::REFUSALS).ctx(self, ctx)?;
             tx.open_table(fleet::FLEET).ctx(self, ctx)?;
+            tx.open_table(fleet::METERS).ctx(self, ctx)?;
         }
         tx.commit().ctx(self, ctx)
     }

@@ -9,10 +9,13 @@
 //! New changes (local or received from anyone) are pushed the moment they are committed.
 //! Entries authored by the peer or received from it are not echoed back to it.
 //!
-//! Modules: [`session`] (one peer's bookkeeping, unit-tested without a store), [`fetch`]
-//! (which segment of which wanted file to ask of which peer).
+//! Modules: [`session`] (one peer's bookkeeping, unit-tested without a store), [`pace`] (the
+//! batch size and window per peer, which shrink on a flaky link), [`fetch`] (which segment of
+//! which wanted file to ask of which peer).
 
 pub mod fetch;
+mod gate;
+pub mod pace;
 pub mod session;
 
 use std::collections::BTreeMap;
@@ -29,12 +32,12 @@ use crate::store::StoreError;
 use session::Inflight;
 pub use session::Session;
 
-/// Batches sent to one peer and not yet acknowledged: two, so that the receiver applies one
-/// while the next is read and sent. Request-response gives each request its own stream, so
-/// batches may arrive out of order; the receiver then stores the later one but moves its
-/// checkpoint only across no gap (see `Store::commit_received`), and holds changes whose
-/// dependencies are in the earlier one.
-pub const SYNC_WINDOW_BATCHES: usize = 2;
+/// Batches sent to one peer and not yet acknowledged: two on a healthy link (see [`pace`]),
+/// so that the receiver applies one while the next is read and sent. Request-response gives
+/// each request its own stream, so batches may arrive out of order; the receiver then stores
+/// the later one but moves its checkpoint only across no gap (see `Store::commit_received`),
+/// and holds changes whose dependencies are in the earlier one.
+pub use pace::SYNC_WINDOW_BATCHES;
 
 /// A request to send to a peer.
 pub type Outgoing = (NodeId, Message);
@@ -44,6 +47,12 @@ pub type Outgoing = (NodeId, Message);
 #[derive(Debug, Default)]
 pub struct Sessions {
     pub(crate) peers: BTreeMap<NodeId, Session>,
+    /// Each peer's pace, kept across its connections.
+    paces: BTreeMap<NodeId, pace::Pace>,
+    /// When the rate of each rate-limited peer allows its next batch, Unix milliseconds.
+    next_send: BTreeMap<NodeId, i64>,
+    /// Peers whose gate `sync --now` opened until they are in sync.
+    overrides: std::collections::BTreeSet<NodeId>,
 }
 
 /// A `Rewound` for `peer`: where we hold its log up to, so that it resends from there.
@@ -70,7 +79,13 @@ impl Sessions {
     pub fn session_summaries(&self) -> crate::reads::Sessions {
         self.peers
             .iter()
-            .map(|(id, s)| (*id, s.summary()))
+            .map(|(id, s)| {
+                let pace = self.pace(id);
+                let mut summary = s.summary();
+                summary.batch_bytes = pace.batch_bytes as u64;
+                summary.window = pace.window as u64;
+                (*id, summary)
+            })
             .collect()
     }
 
@@ -175,7 +190,23 @@ impl Sessions {
 
     /// The last connection to `peer` is gone.
     pub fn on_disconnected(&mut self, peer: &NodeId) {
-        self.peers.remove(peer);
+        self.overrides.remove(peer);
+        if let Some(session) = self.peers.remove(peer)
+            && !session.inflight.is_empty()
+        {
+            self.pace_failed(*peer);
+        }
+    }
+
+    /// The pace of sending to `peer` (see [`pace`]).
+    pub fn pace(&self, peer: &NodeId) -> pace::Pace {
+        self.paces.get(peer).copied().unwrap_or_default()
+    }
+
+    fn pace_failed(&mut self, peer: NodeId) {
+        let pace = self.paces.entry(peer).or_default();
+        pace.failed();
+        tracing::debug!(%peer, batch_bytes = pace.batch_bytes, window = pace.window, "a batch failed; sending smaller batches");
     }
 
     /// Where to start sending our log to a peer that holds it up to `resume`. A checkpoint
@@ -383,6 +414,9 @@ impl Sessions {
         {
             batch.answered = true;
             sent = batch.changes;
+            if let Some(pace) = self.paces.get_mut(&peer) {
+                pace.acked();
+            }
             views = std::mem::take(&mut batch.views);
             owed = std::mem::take(&mut batch.owed);
         }
@@ -457,6 +491,13 @@ impl Sessions {
         peer: NodeId,
     ) -> Result<Vec<Outgoing>, SyncError> {
         let mut out = Vec::new();
+        if self
+            .peers
+            .get(&peer)
+            .is_some_and(|s| !s.inflight.is_empty())
+        {
+            self.pace_failed(peer);
+        }
         if let Some(session) = self.peers.get_mut(&peer) {
             let acked = session
                 .restart_wanted
@@ -517,15 +558,34 @@ impl Sessions {
                 return Ok(out);
             };
             let idle = owed && session.inflight.is_empty();
+            let pace = self.paces.get(&peer).copied().unwrap_or_default();
+            if session.cursor >= last && session.inflight.is_empty() {
+                // In sync: a `sync --now` has done its work.
+                self.overrides.remove(&peer);
+            }
             if !session.streaming
-                || session.inflight.len() >= SYNC_WINDOW_BATCHES
+                || session.inflight.len() >= pace.window
                 || (session.cursor >= last && !idle)
             {
                 return Ok(out);
             }
+            if self.gate(replica, peer)?.is_some() {
+                return Ok(out);
+            }
+            let room = self.budget_room(replica, peer)?;
+            let Some(session) = self.peers.get(&peer) else {
+                return Ok(out);
+            };
             let (cursor, sent_upto, unfiltered) =
                 (session.cursor, session.sent_upto, session.unfiltered);
-            let mut batch = replica.read_next(peer, cursor, unfiltered, &mut by_ref, idle)?;
+            let mut batch = replica.read_next(
+                peer,
+                cursor,
+                unfiltered,
+                &mut by_ref,
+                idle,
+                pace.batch_bytes.min(room),
+            )?;
             if idle {
                 // One batch of owed objects per pump; more follow its Ack.
                 owed = false;
@@ -569,17 +629,16 @@ impl Sessions {
                     }
                 }
             }
-            out.push((
-                peer,
-                Message::Changes {
-                    batch: number,
-                    after: sent_upto,
-                    docs: batch.docs,
-                    changes: batch.changes,
-                    upto: batch.upto,
-                    tip: last,
-                },
-            ));
+            let msg = Message::Changes {
+                batch: number,
+                after: sent_upto,
+                docs: batch.docs,
+                changes: batch.changes,
+                upto: batch.upto,
+                tip: last,
+            };
+            self.metered(replica, peer, &msg)?;
+            out.push((peer, msg));
         }
     }
 }

@@ -61,6 +61,8 @@ pub struct Session {
     /// Whether the peer's `Rewound` already made us resend our log to it, unfiltered, in this
     /// session; later ones in the same session are acknowledged and ignored.
     pub(super) resend_granted: bool,
+    /// Why nothing more goes to the peer now, when its link settings say so.
+    pub held_back: Option<crate::link::HeldBack>,
 }
 
 impl Session {
@@ -72,6 +74,9 @@ impl Session {
             cursor: self.cursor,
             unacked: self.inflight.iter().map(|b| b.changes).sum(),
             in_sync_after_ms: self.in_sync_after_ms,
+            batch_bytes: 0,
+            window: 0,
+            held_back: self.held_back,
         }
     }
 
@@ -95,6 +100,7 @@ impl Session {
             restart_wanted: None,
             rewound_sent: false,
             rewound_answered: false,
+            held_back: None,
             resend_granted: false,
         }
     }

@@ -1,0 +1,92 @@
+//! The link gate of each peer's sending (see [`crate::link`]): checked before every batch,
+//! with the day's meter and the rate's next slot; `sync --now` opens it until the peer is in
+//! sync.
+
+use tidesync_proto::{Message, NodeId};
+
+use super::{Outgoing, Sessions, SyncError, store_err};
+use crate::link::HeldBack;
+use crate::replica::Replica;
+
+impl Sessions {
+    /// Why nothing more may go to `peer` now, if so (recorded in its session for status).
+    pub fn gate(&mut self, replica: &Replica, peer: NodeId) -> Result<Option<HeldBack>, SyncError> {
+        let link = &replica.policy(&peer).link;
+        let held = if link.is_open_always() || self.overrides.contains(&peer) {
+            None
+        } else {
+            let meter = replica.store().meter(&peer).map_err(store_err(peer))?;
+            let next = self.next_send.get(&peer).copied().unwrap_or(i64::MIN);
+            link.held_back(meter, next, replica.now_ms())
+        };
+        if let Some(session) = self.peers.get_mut(&peer) {
+            session.held_back = held;
+        }
+        Ok(held)
+    }
+
+    /// Most content bytes the next batch to `peer` may hold under its budget (`usize::MAX`
+    /// without one, or while `sync --now` holds the gate open).
+    pub(super) fn budget_room(&self, replica: &Replica, peer: NodeId) -> Result<usize, SyncError> {
+        let Some(budget) = replica.policy(&peer).link.budget else {
+            return Ok(usize::MAX);
+        };
+        if self.overrides.contains(&peer) {
+            return Ok(usize::MAX);
+        }
+        let meter = replica.store().meter(&peer).map_err(store_err(peer))?;
+        let used = meter.on(replica.now_ms()).bytes;
+        Ok(usize::try_from(budget.saturating_sub(used)).unwrap_or(usize::MAX))
+    }
+
+    /// A batch `msg` goes to `peer`: count its bytes against the budget and the rate.
+    pub(super) fn metered(
+        &mut self,
+        replica: &Replica,
+        peer: NodeId,
+        msg: &Message,
+    ) -> Result<(), SyncError> {
+        let link = &replica.policy(&peer).link;
+        if link.is_open_always() {
+            return Ok(());
+        }
+        let bytes = tidesync_proto::wire::frame_bytes(msg) as u64;
+        let now = replica.now_ms();
+        if link.budget.is_some() {
+            replica
+                .store()
+                .meter_sent(&peer, now, bytes)
+                .map_err(store_err(peer))?;
+        }
+        if link.max_rate.is_some() {
+            self.next_send.insert(peer, link.next_send(bytes, now));
+        }
+        Ok(())
+    }
+
+    /// Open `peer`'s gate once, whatever its windows and budget say, until it is in sync.
+    pub fn sync_now(
+        &mut self,
+        replica: &mut Replica,
+        peer: NodeId,
+    ) -> Result<Vec<Outgoing>, SyncError> {
+        self.overrides.insert(peer);
+        self.pump(replica, peer)
+    }
+
+    /// Pump every connected peer whose link is shaped: a window may have opened, a day begun
+    /// or the rate allowed the next batch (the node calls this on its tick).
+    pub fn pump_shaped(&mut self, replica: &mut Replica) -> Result<Vec<Outgoing>, SyncError> {
+        let shaped: Vec<NodeId> = self
+            .peers
+            .keys()
+            .filter(|p| !replica.policy(p).link.is_open_always())
+            .copied()
+            .collect();
+        let mut out = Vec::new();
+        for peer in shaped {
+            out.extend(self.pump(replica, peer)?);
+        }
+        Ok(out)
+    }
+}
