@@ -105,6 +105,21 @@ fn walk(doc: &impl ReadDoc, mut found: impl FnMut(&[Prop], Vec<(Value<'_>, ObjId
     }
 }
 
+/// Whether the document's history is a line: each change depends on exactly the one before
+/// it. No two changes are then concurrent, so no field can hold concurrent values and the
+/// walk in [`count`] can be skipped. Any other history (or one Automerge cannot list) is not.
+pub fn linear(doc: &Automerge) -> bool {
+    let Ok(changes) =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.get_changes_meta(&[])))
+    else {
+        return false;
+    };
+    changes.first().is_some_and(|first| first.deps.is_empty())
+        && changes
+            .windows(2)
+            .all(|pair| pair[1].deps.as_slice() == [pair[0].hash])
+}
+
 /// How many fields of the document hold concurrent values (kept in the store's index).
 pub fn count(doc: &impl ReadDoc) -> u32 {
     let mut n = 0u32;
@@ -361,6 +376,27 @@ mod tests {
             resolve(&mut tx, &"x/".repeat(40), "1@00"),
             Err(ResolveError::BadPath(_))
         ));
+    }
+
+    #[test]
+    fn a_line_of_changes_has_no_concurrent_values_and_a_fork_is_not_a_line() {
+        let mut a = Automerge::new().with_actor(actor(1));
+        let mut tx = a.transaction();
+        tx.put(ROOT, "x", 1).unwrap();
+        tx.commit();
+        let mut tx = a.transaction();
+        tx.put(ROOT, "x", 2).unwrap();
+        tx.commit();
+        assert!(linear(&a) && count(&a) == 0);
+        // A second actor that edits after the first, without overlap, keeps the line.
+        let mut b = a.fork().with_actor(actor(2));
+        let mut tx = b.transaction();
+        tx.put(ROOT, "x", 3).unwrap();
+        tx.commit();
+        a.merge(&mut b).unwrap();
+        assert!(linear(&a) && count(&a) == 0);
+        let doc = concurrent();
+        assert!(!linear(&doc) && count(&doc) > 0);
     }
 
     #[test]

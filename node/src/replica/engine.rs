@@ -540,7 +540,12 @@ impl Engine {
             (Some(record), Some(state), Some(doc))
         };
         let files = doc.as_ref().map(doc::file_refs).unwrap_or_default();
-        let concurrent = doc.as_ref().map(crate::concurrent::count).unwrap_or(0);
+        // A document whose history is a line has no concurrent values: the walk is skipped
+        // (most documents of an initial sync, and of any node that edits alone).
+        let concurrent = match &doc {
+            Some(d) if !crate::concurrent::linear(d) => crate::concurrent::count(d),
+            _ => 0,
+        };
         Arrived {
             received: ReceivedDoc {
                 doc_id: header.doc,
