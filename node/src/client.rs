@@ -496,6 +496,17 @@ impl Client {
         }
     }
 
+    /// What would cross to peer `name` now (see [`crate::core::Plan`]).
+    pub async fn plan(&mut self, name: &str, all: bool) -> Result<crate::core::Plan, ClientError> {
+        match self {
+            Client::Local(core, _) => Ok(core.plan(name, all)?),
+            Client::Api(api) => {
+                let path = format!("/v1/peers/{}/plan?all={all}", encode(name));
+                api.send(reqwest::Method::GET, &path, None, 0).await
+            }
+        }
+    }
+
     /// Every node heard of (see [`crate::reads::FleetNode`]).
     pub async fn fleet(&mut self) -> Result<Vec<crate::reads::FleetNode>, ClientError> {
         match self {

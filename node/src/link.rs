@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 pub const DAY_MS: i64 = 86_400_000;
 /// Most sync windows one peer may have.
 pub const MAX_WINDOWS: usize = 24;
+/// Percent of a day's budget that file segments may spend; the rest is kept for record
+/// changes, so a day of imagery never spends what the records written after it need.
+pub const FILES_BUDGET_PERCENT: u64 = 80;
 
 /// A daily sync window, `HH:MM-HH:MM` in UTC; one that ends before it starts spans midnight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,6 +166,41 @@ impl Link {
         None
     }
 
+    /// Why a file segment of `bytes` may not go now, if so: as [`Link::held_back`], but the
+    /// day's file segments, this one included, may spend only [`FILES_BUDGET_PERCENT`] of
+    /// the budget.
+    pub fn files_held_back(
+        &self,
+        meter: Meter,
+        bytes: u64,
+        next_ms: i64,
+        now_ms: i64,
+    ) -> Option<HeldBack> {
+        if let Some(budget) = self.budget {
+            let share = (u128::from(budget) * u128::from(FILES_BUDGET_PERCENT) / 100) as u64;
+            if meter.on(now_ms).bytes.saturating_add(bytes) > share {
+                return Some(HeldBack::BudgetSpent {
+                    resets_ms: (now_ms.div_euclid(DAY_MS) + 1) * DAY_MS,
+                });
+            }
+        }
+        let unbudgeted = Link {
+            budget: None,
+            ..self.clone()
+        };
+        unbudgeted.held_back(meter, next_ms, now_ms)
+    }
+
+    /// Minutes a day the windows leave open (all 1,440 without windows; overlaps counted once).
+    pub fn open_minutes_per_day(&self) -> u64 {
+        if self.windows.is_empty() {
+            return 1_440;
+        }
+        (0..1_440u16)
+            .filter(|m| self.windows.iter().any(|w| w.contains(*m)))
+            .count() as u64
+    }
+
     /// When the next window opens after `now_ms`.
     fn next_open(&self, now_ms: i64) -> i64 {
         let day = now_ms.div_euclid(DAY_MS) * DAY_MS;
@@ -271,5 +309,25 @@ mod tests {
             Some(HeldBack::Rate { at_ms: next })
         );
         assert_eq!(link.held_back(spare, next, next), None);
+    }
+
+    #[test]
+    fn files_may_spend_only_their_share_of_the_budget() {
+        let link = Link {
+            budget: Some(1_000),
+            ..Link::default()
+        };
+        let spent = |bytes| Meter {
+            day: at(10, 0).div_euclid(DAY_MS),
+            bytes,
+        };
+        assert_eq!(link.files_held_back(spent(700), 100, 0, at(10, 0)), None);
+        assert!(
+            link.files_held_back(spent(700), 101, 0, at(10, 0))
+                .is_some()
+        );
+        assert!(link.files_held_back(spent(800), 1, 0, at(10, 0)).is_some());
+        // Records still have the rest of the day's budget.
+        assert_eq!(link.held_back(spent(800), 0, at(10, 0)), None);
     }
 }

@@ -108,6 +108,15 @@ impl Kind for BundleError {
     }
 }
 
+impl Kind for crate::replica::plan::PlanError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            crate::replica::plan::PlanError::UnknownPeer { .. } => ErrorKind::NotFound,
+            crate::replica::plan::PlanError::Store { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
 impl Kind for HeldError {
     fn kind(&self) -> ErrorKind {
         match self {

@@ -333,6 +333,18 @@ fn windows_budgets_and_sync_now_decide_what_the_link_carries() {
         Value::Null,
         "nothing crossed outside the window"
     );
+    // The plan says what the window holds back, and what it costs.
+    let plan = json(&hub.ok(&["plan", "--for", "ship", "--json"]));
+    assert_eq!(plan["changes"], json!(50), "{plan}");
+    assert_eq!(plan["objects"], json!(50), "{plan}");
+    assert_eq!(plan["types"]["Sample"]["changes"], json!(50), "{plan}");
+    let bytes = plan["bytes"].as_u64().unwrap();
+    assert!(bytes > 50_000, "{plan}");
+    // 20 kB a day from today on.
+    assert_eq!(plan["days"], json!(bytes.div_ceil(20_000)), "{plan}");
+    assert!(plan["held_back"]["reason"] == "outside-window", "{plan}");
+    let text = hub.ok(&["export", "--for", "ship", "--plan"]);
+    assert!(text.contains("50 changes of 50 objects"), "{text}");
     // The operator overrides it once.
     let said = hub.ok(&["sync", "--now", "ship"]);
     assert!(said.contains("sending to ship now"), "{said}");
@@ -354,11 +366,80 @@ fn windows_budgets_and_sync_now_decide_what_the_link_carries() {
     });
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(ship.status()["objects"]["Sample"]["live"], json!(50));
-    // The meter survives a restart.
+    // The meter survives a restart; the plan reads a stopped node's store too.
     hub.stop();
+    let plan = json(&hub.ok(&["plan", "--for", "ship", "--json"]));
+    assert_eq!(plan["changes"], json!(10), "{plan}");
+    assert_eq!(plan["held_back"]["reason"], "budget-spent", "{plan}");
     hub.start();
     let after = hub.peer("ship")["sent_today"].as_u64().unwrap();
     assert!(after >= sent, "{after} < {sent}");
+    ship.stop();
+    hub.stop();
+}
+
+#[test]
+fn imagery_never_spends_the_budget_the_records_need() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ship = TestNode::init("ship");
+    let mut hub = TestNode::init("hub");
+    hub.start();
+    ship.start();
+    let image = dir.path().join("image.tif");
+    std::fs::write(&image, tidesync_tests::content(4 << 20, 7)).unwrap();
+    hub.ok(&[
+        "put",
+        "Volume",
+        "V-1",
+        r#"{"kind":"mosaic"}"#,
+        "--file",
+        &format!("image={}", image.display()),
+    ]);
+    for k in 0..10 {
+        put(&hub, &format!("S-{k:02}"), &format!(r#"{{"k":{k}}}"#));
+    }
+    // 3 MB a day to the ship: files may spend 80 % of it.
+    hub.add_peer_with(&ship, false, &["--budget", "3000000"]);
+    let plan = json(&hub.ok(&["plan", "--for", "ship", "--json"]));
+    assert_eq!(plan["changes"], json!(11), "{plan}");
+    assert_eq!(plan["files"], json!(1), "{plan}");
+    assert_eq!(plan["file_bytes"], json!(4 << 20), "{plan}");
+    assert_eq!(plan["days"], json!(2), "{plan}");
+    ship.add_peer(&hub, true);
+    wait_for("the ship holds the records", || {
+        ship.status()["objects"]["Sample"]["live"] == json!(10)
+            && ship.status()["objects"]["Volume"]["live"] == json!(1)
+    });
+    wait_for("two segments of the image cross", || {
+        hub.peer("ship")["sent_today"].as_u64().unwrap() > 2_000_000
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let spent = hub.peer("ship")["sent_today"].as_u64().unwrap();
+    assert!(
+        spent <= 2_400_000,
+        "files stop at 80 % of the budget: {spent}"
+    );
+    assert_eq!(
+        json(&ship.ok(&["file", "ls", "--missing", "--json"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "the rest of the image waits for tomorrow"
+    );
+    // Records written after the imagery still cross today.
+    for k in 10..30 {
+        put(
+            &hub,
+            &format!("S-{k:02}"),
+            &format!(r#"{{"k":{k},"pad":"{}"}}"#, "z".repeat(500)),
+        );
+    }
+    wait_for("the new records cross", || {
+        ship.status()["objects"]["Sample"]["live"] == json!(30)
+    });
+    let spent = hub.peer("ship")["sent_today"].as_u64().unwrap();
+    assert!(spent <= 3_000_000, "within the day's budget: {spent}");
     ship.stop();
     hub.stop();
 }

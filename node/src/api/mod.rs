@@ -19,6 +19,7 @@
 //! PUT    /v1/peers/{name}    body: {"id": PEERID, "addrs": [MULTIADDR, ...]}   add or replace
 //! DELETE /v1/peers/{name}
 //! POST   /v1/peers/{name}/sync-now   send now, whatever its windows and budget say
+//! GET    /v1/peers/{name}/plan?all=BOOL   what would cross now: changes, bytes, files, time
 //! POST   /v1/files      body: the file's bytes (application/octet-stream)   {"hash", "size"}
 //! GET    /v1/files/{hash}                             the file; one Range; ETag = the hash
 //! GET    /v1/files                                    [{"hash", "size", "added_ms"}, ...]
@@ -223,6 +224,7 @@ pub fn router(
             axum::routing::put(set_peer).delete(remove_peer),
         )
         .route("/v1/peers/{name}/sync-now", axum::routing::post(sync_now))
+        .route("/v1/peers/{name}/plan", get(plan))
         .route("/v1/bundles/export", axum::routing::post(export_bundle))
         .route(BUNDLE_IMPORT_PATH, axum::routing::post(import_bundle))
         .route(files::FILES_PATH, get(files::list).post(files::upload))
@@ -484,6 +486,20 @@ async fn peers(State(node): State<NodeHandle>) -> ApiResult<Vec<crate::core::Pee
 pub const MAX_API_BUNDLE_BYTES: usize = 1024 * 1024 * 1024;
 /// The response header of `POST /v1/bundles/export` that carries the export's report (JSON).
 pub const EXPORT_REPORT_HEADER: &str = "x-tidesync-export";
+
+#[derive(Deserialize)]
+struct PlanQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn plan(
+    State(node): State<NodeHandle>,
+    Path(name): Path<String>,
+    Query(q): Query<PlanQuery>,
+) -> ApiResult<crate::core::Plan> {
+    Ok(Json(node.plan(name, q.all).await?))
+}
 
 #[derive(Deserialize)]
 struct ExportQuery {

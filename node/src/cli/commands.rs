@@ -53,6 +53,16 @@ impl Progress {
     }
 }
 
+/// `plan --for PEER` and `export --plan`: what would cross, as text or JSON.
+async fn show_plan(client: &mut Client, peer: &str, all: bool, json: bool) -> Result<(), CliError> {
+    let plan = client.plan(peer, all).await?;
+    if json {
+        return print_json(&plan);
+    }
+    super::print::print_plan(&plan);
+    Ok(())
+}
+
 pub(super) fn print_json(v: &impl serde::Serialize) -> Result<(), CliError> {
     let line = serde_json::to_string(v).map_err(|e| CliError::Output(std::io::Error::other(e)))?;
     println!("{line}");
@@ -231,10 +241,15 @@ pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), 
         Command::Export {
             peer,
             out,
+            plan,
             all,
             plain,
             json,
         } => {
+            let out = match (plan, out) {
+                (false, Some(out)) => out,
+                _ => return show_plan(&mut client, &peer, all, json).await,
+            };
             let bar = Progress::new(false, "changes gathered");
             let tick = |n: u64| bar.update(n, None);
             let (bytes, report) = client.export_bundle(&peer, all, !plain, &tick).await?;
@@ -361,6 +376,7 @@ pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), 
             print_fleet(&fleet);
             Ok(())
         }
+        Command::Plan { peer, all, json } => show_plan(&mut client, &peer, all, json).await,
         Command::Sync { now } => {
             client.sync_now(&now).await?;
             println!("sending to {now} now, until it is in sync");

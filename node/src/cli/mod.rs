@@ -205,6 +205,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What would cross to a peer now and what it costs, before anything is sent: changes
+    /// and bytes by its policy, the files those objects refer to, and the time the link's
+    /// rate, windows and budget make of it.
+    Plan {
+        /// The configured peer.
+        #[arg(long = "for", value_name = "PEER")]
+        peer: String,
+        /// Everything the policy lets out, not only what the peer has not acknowledged (as
+        /// `export --all`).
+        #[arg(long)]
+        all: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Send to a peer now, whatever its sync windows and daily budget say, until it is in
     /// sync: the operator's one-off override (running node, connected peer).
     Sync {
@@ -254,8 +269,11 @@ pub enum Command {
         #[arg(long = "for", value_name = "PEER")]
         peer: String,
         /// The bundle file to write (replaced only once the bundle is complete).
-        #[arg(long, value_name = "FILE")]
-        out: PathBuf,
+        #[arg(long, value_name = "FILE", required_unless_present = "plan")]
+        out: Option<PathBuf>,
+        /// Print what the bundle would carry (as `tidesync plan`) and write nothing.
+        #[arg(long)]
+        plan: bool,
         /// Everything the policy lets out, not only what the peer has not acknowledged.
         #[arg(long)]
         all: bool,

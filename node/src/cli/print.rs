@@ -288,3 +288,74 @@ pub(super) fn print_fleet(fleet: &[crate::reads::FleetNode]) {
         }
     }
 }
+
+/// A plan (see [`crate::core::Plan`]) for people.
+pub(super) fn print_plan(p: &crate::core::Plan) {
+    let from = if p.after == 0 {
+        "all of our log".to_string()
+    } else {
+        format!("our log after {}", p.after)
+    };
+    println!("plan for {} ({from}, up to {}):", p.peer, p.tip);
+    println!(
+        "  records: {} changes of {} objects in {} batches, {} bytes",
+        p.changes, p.objects, p.batches, p.bytes
+    );
+    for (ty, t) in &p.types {
+        println!("    {ty}: {} changes, {} bytes", t.changes, t.bytes);
+    }
+    if p.views > 0 {
+        println!(
+            "  views: {} objects cross as views (not counted above)",
+            p.views
+        );
+    }
+    if p.oversized > 0 {
+        println!(
+            "  {} changes are too large for any frame and never cross",
+            p.oversized
+        );
+    }
+    println!(
+        "  files: at most {} files, {} bytes (those the peer lacks){}",
+        p.files,
+        p.file_bytes,
+        if p.files_not_here > 0 {
+            format!("; {} more are not held here", p.files_not_here)
+        } else {
+            String::new()
+        }
+    );
+    println!("  total: {} bytes", p.total_bytes());
+    match p.send_secs {
+        Some(secs) => println!(
+            "  at max-rate {} bytes/s: {} of sending",
+            p.link.max_rate.unwrap_or(0),
+            humantime::format_duration(std::time::Duration::from_secs(secs))
+        ),
+        None => println!("  no max-rate: as fast as the link goes"),
+    }
+    if !p.link.windows.is_empty() {
+        let windows: Vec<String> = p.link.windows.iter().map(|w| String::from(*w)).collect();
+        println!(
+            "  windows (UTC): {} ({} minutes a day)",
+            windows.join(", "),
+            p.link.open_minutes_per_day()
+        );
+    }
+    if let Some(budget) = p.link.budget {
+        println!(
+            "  budget: {budget} bytes a day, {} sent today",
+            p.sent_today
+        );
+    }
+    if let Some(days) = p.days {
+        println!(
+            "  takes {days} UTC day{} under the windows and the budget, today counted",
+            if days == 1 { "" } else { "s" }
+        );
+    }
+    if let Some(why) = p.held_back {
+        println!("  now: held back: {why}");
+    }
+}

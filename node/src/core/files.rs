@@ -109,25 +109,48 @@ impl Core {
             .may_serve_file(peer, &FileHash(ask.hash), ask.size)
     }
 
-    /// `bytes` of a file were served to `peer` (for status).
-    pub fn file_served(&mut self, peer: NodeId, bytes: u64) {
+    /// `bytes` of a file were served to `peer` (for status), of which `granted` were counted
+    /// against its budget when the segment was granted: the rest are counted now.
+    pub fn file_served(&mut self, peer: NodeId, bytes: u64, granted: u64) {
         self.fetcher.served(peer, bytes);
+        self.meter_file_bytes(peer, bytes.saturating_sub(granted));
+    }
+
+    fn meter_file_bytes(&self, peer: NodeId, bytes: u64) {
         let link = &self.replica.policy(&peer).link;
-        if link.budget.is_some()
+        if bytes > 0
+            && link.budget.is_some()
             && let Err(e) = self.store().meter_sent(&peer, self.replica.now_ms(), bytes)
         {
             tracing::error!(%peer, error = %e, "could not count served file bytes against the budget");
         }
     }
 
-    /// Whether serving a file segment to `peer` waits (its windows, budget or rate), by the
-    /// same gate as its batches; a `sync --now` opens it too.
-    pub fn files_held_back(&mut self, peer: NodeId) -> bool {
-        self.sessions
-            .gate(&self.replica, peer)
-            .ok()
-            .flatten()
-            .is_some()
+    /// Whether a file segment may be served to `peer` now, and if so the bytes counted
+    /// against its budget at once (the segment's content size), so that segments granted
+    /// together cannot overrun it; `None` while it waits: its windows, budget or rate, or
+    /// record changes still to go first (see [`crate::sync::Sessions::files_wait`]). A
+    /// segment that then fails to go stays counted.
+    pub fn grant_segment(&mut self, peer: NodeId, ask: &FileAsk) -> Option<u64> {
+        let start = ask
+            .segment
+            .saturating_mul(tidesync_proto::files::SEGMENT_BYTES);
+        let bytes = ask
+            .size
+            .saturating_sub(start)
+            .min(tidesync_proto::files::SEGMENT_BYTES);
+        let waits = self
+            .sessions
+            .files_wait(&self.replica, peer, bytes)
+            .unwrap_or_else(|e| {
+                tracing::error!(%peer, error = %e, "could not read the link's meter; holding files back");
+                true
+            });
+        if waits {
+            return None;
+        }
+        self.meter_file_bytes(peer, bytes);
+        Some(bytes)
     }
 
     /// A read waits for `hash`: fetch it now, even under `on-demand`. Whether it is wanted.

@@ -27,6 +27,7 @@ pub use crate::reads::{
     Conflict, DEFAULT_PAGE_IDS, Feed, FeedEntry, History, HistoryEntry, MAX_FEED_ENTRIES,
     MAX_PAGE_IDS, PeerStatus, ReadError, Reads, Status,
 };
+pub use crate::replica::plan::{Plan, PlanError};
 pub use crate::replica::{
     AuditedChange, Clock, DocAudit, LocalWriteError, OpenError, Replica, WriteReply, system_now_ms,
 };
@@ -294,6 +295,11 @@ impl Core {
             self.push_committed();
         }
         Ok(replies)
+    }
+
+    /// What would cross to the configured peer `name` now (see [`crate::replica::plan`]).
+    pub fn plan(&self, name: &str, all: bool) -> Result<crate::replica::plan::Plan, PlanError> {
+        self.replica.plan(name, all)
     }
 
     /// A bundle for the configured peer `name` (see [`crate::bundle::transfer::export_bundle`]).

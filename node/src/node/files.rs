@@ -36,13 +36,19 @@ impl NodeActor {
             });
             return;
         }
-        if self.serving >= MAX_FILE_SERVES || self.core.files_held_back(peer) {
-            self.out.push(NetCommand::AnswerFile {
-                id,
-                answer: FileAnswer::Busy,
-            });
-            return;
-        }
+        let granted = match (self.serving < MAX_FILE_SERVES)
+            .then(|| self.core.grant_segment(peer, &ask))
+            .flatten()
+        {
+            Some(granted) => granted,
+            None => {
+                self.out.push(NetCommand::AnswerFile {
+                    id,
+                    answer: FileAnswer::Busy,
+                });
+                return;
+            }
+        };
         self.serving += 1;
         let store = self.core.store().clone();
         let net = self.net.clone();
@@ -60,7 +66,11 @@ impl NodeActor {
                 }
             };
             let _ = net.blocking_send(NetCommand::AnswerFile { id, answer });
-            let _ = results.blocking_send(FileDone::Served { peer, bytes });
+            let _ = results.blocking_send(FileDone::Served {
+                peer,
+                bytes,
+                granted,
+            });
         });
     }
 
@@ -70,9 +80,13 @@ impl NodeActor {
             FileDone::Decoded { peer, ask, outcome } => {
                 self.core.file_answered(peer, &ask, outcome, now())
             }
-            FileDone::Served { peer, bytes } => {
+            FileDone::Served {
+                peer,
+                bytes,
+                granted,
+            } => {
                 self.serving = self.serving.saturating_sub(1);
-                self.core.file_served(peer, bytes);
+                self.core.file_served(peer, bytes, granted);
             }
             FileDone::Finished { hash, result } => {
                 let stored = result.is_ok();

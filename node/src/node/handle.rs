@@ -172,6 +172,15 @@ impl NodeHandle {
         self.read(|v| v.conflicts()).await
     }
 
+    /// What would cross to the configured peer `peer` now (see [`Core::plan`]).
+    pub async fn plan(
+        &self,
+        peer: String,
+        all: bool,
+    ) -> Result<crate::replica::plan::Plan, CallError<crate::replica::plan::PlanError>> {
+        self.call(|reply| Action::Plan { peer, all, reply }).await
+    }
+
     /// A bundle for the configured peer `peer` (see [`Core::export_bundle`]).
     pub async fn export_bundle(
         &self,

@@ -93,6 +93,11 @@ enum Action {
         name: String,
         reply: Reply<Result<(), PeerError>>,
     },
+    Plan {
+        peer: String,
+        all: bool,
+        reply: Reply<Result<crate::replica::plan::Plan, crate::replica::plan::PlanError>>,
+    },
     ExportBundle {
         peer: String,
         all: bool,
@@ -123,6 +128,8 @@ enum FileDone {
     Served {
         peer: NodeId,
         bytes: u64,
+        /// Bytes already counted against the peer's budget when the segment was granted.
+        granted: u64,
     },
 }
 
@@ -281,6 +288,9 @@ impl NodeActor {
             }
             Action::Held { query, reply } => {
                 let _ = reply.send(crate::held::held(&self.core, &query));
+            }
+            Action::Plan { peer, all, reply } => {
+                let _ = reply.send(self.core.plan(&peer, all));
             }
             Action::ExportBundle {
                 peer,

@@ -20,6 +20,7 @@ pub mod equivocation;
 pub mod files;
 pub mod outbound;
 pub mod peers;
+pub mod plan;
 pub mod receive;
 pub mod write;
 

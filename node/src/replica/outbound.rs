@@ -388,7 +388,7 @@ impl Replica {
 /// Entries for which `skip_entry` is true, or whose document `skip_doc` refuses (given the
 /// entry's SEQ), are passed over (but still covered by `upto`); `skip_entry` is asked first, so
 /// it costs no document lookup.
-fn scan_log(
+pub(super) fn scan_log(
     reader: &Reader<'_>,
     after: u64,
     limit: usize,

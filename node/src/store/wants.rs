@@ -241,6 +241,17 @@ impl Store {
         Ok(out)
     }
 
+    /// The files document `doc` refers to now, with the sizes its references give.
+    pub fn doc_files(&self, doc: &DocId) -> Result<Vec<(FileHash, u64)>, StoreError> {
+        let ctx = "reading a document's files";
+        let tx = self.db.begin_read().ctx(self, ctx)?;
+        let table = tx.open_table(DOC_FILES).ctx(self, ctx)?;
+        match table.get(doc.0).ctx(self, ctx)? {
+            Some(v) => self.decode(|| format!("doc_files_v1[{doc}]"), v.value()),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// Whether any document refers to file `hash`.
     pub fn is_referenced(&self, hash: &FileHash) -> Result<bool, StoreError> {
         Ok(!self.docs_referring(hash, 1)?.is_empty())

@@ -9,7 +9,7 @@
 //! peer that sent it, which is not asked for that file again for [`CORRUPT_COOLDOWN_MS`]:
 //! the segment is fetched again from another source where there is one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tidesync_proto::NodeId;
 use tidesync_proto::files::FileAsk;
@@ -102,6 +102,9 @@ impl Fetch {
 #[derive(Debug, Default)]
 pub struct Fetcher {
     wants: BTreeMap<FileHash, Fetch>,
+    /// The wanted files by size, smallest first: the order segments are asked in, so that a
+    /// large file never holds back the small ones behind it.
+    by_size: BTreeSet<(u64, FileHash)>,
     connected: BTreeMap<NodeId, usize>,
     peers: BTreeMap<NodeId, PeerFiles>,
 }
@@ -133,12 +136,14 @@ impl Fetcher {
         };
         fetch.row.done.truncate(segments.div_ceil(8) as usize);
         fetch.done = (0..segments).filter(|s| fetch.is_done(*s)).count() as u64;
+        self.by_size.insert((fetch.row.size, fetch.row.hash));
         self.wants.insert(fetch.row.hash, fetch);
     }
 
     /// Stop tracking `hash` (stored, or no longer wanted).
     pub fn forget(&mut self, hash: &FileHash) {
         if let Some(f) = self.wants.remove(hash) {
+            self.by_size.remove(&(f.row.size, *hash));
             for peer in f.in_flight.values() {
                 self.release(peer);
             }
@@ -190,11 +195,22 @@ impl Fetcher {
 
     /// The asks to send now: the missing segments of wanted files, each to the connected
     /// source with the fewest asks in flight, within [`MAX_ASKS_PER_PEER`] and
-    /// [`MAX_ASKS_IN_FLIGHT`].
+    /// [`MAX_ASKS_IN_FLIGHT`]. Files a read waits for go first, then the rest smallest first.
     pub fn plan(&mut self, now_ms: i64) -> Vec<(NodeId, FileAsk)> {
         let mut total: usize = self.connected.values().sum();
         let mut out = Vec::new();
-        for (hash, f) in self.wants.iter_mut() {
+        let order = self.by_size.iter().map(|(_, h)| h);
+        let requested = order
+            .clone()
+            .filter(|h| self.wants.get(h).is_some_and(|f| f.requested));
+        let order: Vec<FileHash> = requested
+            .chain(order.filter(|h| self.wants.get(h).is_some_and(|f| !f.requested)))
+            .copied()
+            .collect();
+        for hash in order {
+            let Some(f) = self.wants.get_mut(&hash) else {
+                continue;
+            };
             if total >= MAX_ASKS_IN_FLIGHT {
                 break;
             }
@@ -400,6 +416,32 @@ mod tests {
             done: Vec::new(),
             last_error: None,
         }
+    }
+
+    #[test]
+    fn small_files_are_asked_for_before_large_ones_and_a_read_before_both() {
+        let mut f = Fetcher::default();
+        // The large file has the smaller hash, so hash order would take it first.
+        f.want(row(1, 100, &[node(9)]));
+        f.want(row(2, 1, &[node(9)]));
+        f.want(row(3, 2, &[node(9)]));
+        f.connected(node(9));
+        let asks = f.plan(0);
+        let first: Vec<u8> = asks.iter().take(4).map(|(_, a)| a.hash[0]).collect();
+        assert_eq!(first, vec![2, 3, 3, 1], "smallest first: {first:?}");
+        let mut f = Fetcher::default();
+        f.want(row(1, 100, &[node(9)]));
+        f.want(row(2, 1, &[node(9)]));
+        assert!(f.request(&FileHash([1; 32])));
+        f.connected(node(9));
+        assert_eq!(
+            f.plan(0)[0].1.hash[0],
+            1,
+            "the file a read waits for goes first"
+        );
+        f.forget(&FileHash([1; 32]));
+        f.forget(&FileHash([2; 32]));
+        assert!(f.by_size.is_empty());
     }
 
     #[test]

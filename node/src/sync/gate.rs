@@ -25,6 +25,42 @@ impl Sessions {
         Ok(held)
     }
 
+    /// Whether a file segment for `peer` waits. On a shaped link record changes go first:
+    /// no segment is served while the peer's session has changes of ours to send or
+    /// unacknowledged, and the day's segments, this one of `bytes` included, may spend only
+    /// [`crate::link::FILES_BUDGET_PERCENT`] of the day's budget; windows and rate hold them back as they hold batches. An unshaped
+    /// link carries both at once. A `sync --now` opens the link's gate, not the order.
+    pub fn files_wait(
+        &self,
+        replica: &Replica,
+        peer: NodeId,
+        bytes: u64,
+    ) -> Result<bool, SyncError> {
+        let link = &replica.policy(&peer).link;
+        if link.is_open_always() {
+            return Ok(false);
+        }
+        let records_pending = match self.peers.get(&peer) {
+            Some(s) => {
+                !s.streaming
+                    || !s.inflight.is_empty()
+                    || s.cursor < replica.log_tip().map_err(store_err(peer))?
+            }
+            None => false,
+        };
+        if records_pending {
+            return Ok(true);
+        }
+        if self.overrides.contains(&peer) {
+            return Ok(false);
+        }
+        let meter = replica.store().meter(&peer).map_err(store_err(peer))?;
+        let next = self.next_send.get(&peer).copied().unwrap_or(i64::MIN);
+        Ok(link
+            .files_held_back(meter, bytes, next, replica.now_ms())
+            .is_some())
+    }
+
     /// Most content bytes the next batch to `peer` may hold under its budget (`usize::MAX`
     /// without one, or while `sync --now` holds the gate open).
     pub(super) fn budget_room(&self, replica: &Replica, peer: NodeId) -> Result<usize, SyncError> {
