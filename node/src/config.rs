@@ -31,8 +31,8 @@ pub const DEFAULT_API: &str = "127.0.0.1:7401";
 /// references (`"owner:User"`); a `refs` field without one is refused with the new form.
 /// 4: a peer may set `files` and `max-file-bytes` (older builds refuse those keys, so they
 /// refuse format 4 by name). 5: `[fleet]` (`status-interval-secs`), and a peer's link
-/// settings (`[peers.link]`: `max-rate`, `windows`, `budget`).
-pub const CONFIG_FORMAT: u32 = 5;
+/// settings (`[peers.link]`: `max-rate`, `windows`, `budget`). 6: `[discovery]` (`mdns`).
+pub const CONFIG_FORMAT: u32 = 6;
 /// Default shortest time between two status records a node sends its peers, in seconds.
 pub const DEFAULT_STATUS_INTERVAL_SECS: u64 = 30;
 /// Bounds of `fleet.status-interval-secs`, in seconds.
@@ -121,6 +121,8 @@ pub struct Config {
     pub store: StoreConfig,
     #[serde(default)]
     pub fleet: FleetConfig,
+    #[serde(default, skip_serializing_if = "DiscoveryConfig::is_off")]
+    pub discovery: DiscoveryConfig,
     /// The peers this node syncs with. Only these may connect.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerConfig>,
@@ -195,6 +197,23 @@ fn default_cache_docs() -> usize {
 }
 fn default_store_cache_bytes() -> usize {
     DEFAULT_STORE_CACHE_BYTES
+}
+
+/// Finding configured peers on the local network. Discovery is never authorisation: only
+/// configured ids connect, and a discovered address is dialled only for a configured peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DiscoveryConfig {
+    /// Announce this node and listen for configured peers with libp2p mDNS (multicast on
+    /// every local interface). Off unless set; configured addresses are dialled either way.
+    #[serde(default)]
+    pub mdns: bool,
+}
+
+impl DiscoveryConfig {
+    fn is_off(&self) -> bool {
+        !self.mdns
+    }
 }
 
 /// The fleet view: how often this node's status record may go to its peers.
@@ -434,6 +453,7 @@ pub(crate) mod tests {
             },
             store: StoreConfig::default(),
             fleet: FleetConfig::default(),
+            discovery: DiscoveryConfig::default(),
             peers: vec![],
         }
     }
@@ -563,6 +583,25 @@ pub(crate) mod tests {
             crate::api::token::load(&home.token()).unwrap().as_deref(),
             Some("a-long-enough-secret")
         );
+    }
+
+    #[test]
+    fn mdns_is_off_unless_set_and_round_trips() {
+        let c = sample();
+        let text = toml::to_string(&c).unwrap();
+        assert!(!text.contains("discovery"), "off is not written: {text}");
+        let mut c = sample();
+        c.discovery.mdns = true;
+        let text = toml::to_string(&c).unwrap();
+        assert!(text.contains("[discovery]\nmdns = true"), "{text}");
+        let back: Config = toml::from_str(&text).unwrap();
+        assert!(back.discovery.mdns);
+        // A format-5 file has no [discovery]: mDNS stays off.
+        let old = text
+            .replace("[discovery]\nmdns = true\n", "")
+            .replace("format = 6", "format = 5");
+        let back: Config = toml::from_str(&old).unwrap();
+        assert!(!back.discovery.mdns && back.validate().is_ok());
     }
 
     #[test]

@@ -80,7 +80,12 @@ pub async fn run(home: &Home) -> Result<(), RunError> {
         }
         core.inject_process_fault(fault);
         let counters = Arc::new(NetCounters::default());
-        let mut swarm = build_swarm(core.identity(), fault, Arc::clone(&counters))?;
+        let mut swarm = build_swarm(
+            core.identity(),
+            fault,
+            Arc::clone(&counters),
+            config.discovery.mdns,
+        )?;
         for addr in &config.listen {
             swarm
                 .listen_on(addr.clone())

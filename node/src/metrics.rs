@@ -224,7 +224,7 @@ impl Collector for StatusCollector {
         for (name, help, v) in gauges {
             family(&mut encoder, name, help, false, &one(v))?;
         }
-        let counters: [(&str, &str, u64); 5] = [
+        let counters: [(&str, &str, u64); 7] = [
             (
                 "tidesync_sync_frames_received",
                 "Sync frames received (since start)",
@@ -249,6 +249,16 @@ impl Collector for StatusCollector {
                 "tidesync_connections_refused",
                 "Incoming connections refused: peer not configured or over the limits (since start)",
                 s.refused_connections,
+            ),
+            (
+                "tidesync_discovered_unconfigured",
+                "Nodes that are not configured found by mDNS, never dialled (since start)",
+                s.discovered_strangers,
+            ),
+            (
+                "tidesync_discovered_peers",
+                "Configured peers found by mDNS (since start)",
+                s.discovered_peers,
             ),
         ];
         for (name, help, v) in counters {

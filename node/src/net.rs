@@ -13,7 +13,8 @@ use libp2p::allow_block_list::{self, AllowedPeers};
 use libp2p::connection_limits::{self, ConnectionLimits};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{StreamProtocol, Swarm, noise, ping, tcp, yamux};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{StreamProtocol, Swarm, mdns, noise, ping, tcp, yamux};
 use rand::{Rng, RngExt};
 use tidesync_proto::Message;
 use tidesync_proto::wire::{self, FRAME_HEADER_BYTES, MAX_FRAME_BYTES};
@@ -33,6 +34,11 @@ pub const IDLE_CONNECTION_TIMEOUT_SECS: u64 = 600;
 pub const RECONNECT_BACKOFF_MIN_MS: u64 = 250;
 /// Longest delay between redials, in milliseconds.
 pub const RECONNECT_BACKOFF_MAX_MS: u64 = 30_000;
+/// How often mDNS asks the local network for peers, in seconds, besides the query at start and
+/// on every new interface (libp2p's default is 5 minutes; a ship's laptop joins and leaves).
+pub const MDNS_QUERY_INTERVAL_SECS: u64 = 30;
+/// How long an mDNS record of ours is valid, in seconds.
+pub const MDNS_TTL_SECS: u64 = 120;
 /// How often the node checks for peers due a redial, in milliseconds.
 pub const DIAL_TICK_MS: u64 = 100;
 /// Longest a TCP connection may take, in seconds, from accept (or dial) to a finished
@@ -294,6 +300,9 @@ pub struct Behaviour {
     /// queue in front of a sync batch.
     pub files: request_response::Behaviour<crate::netfiles::FileCodec>,
     pub ping: ping::Behaviour,
+    /// Local discovery (`discovery.mdns`), off unless configured: it only ever adds addresses
+    /// of configured peers (see `crate::netloop`).
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
 /// Why the network could not start.
@@ -330,12 +339,14 @@ fn sync_config() -> request_response::Config {
 }
 
 /// Build the swarm for `identity`; its PeerId is the node id.
+/// The node's swarm; with `mdns`, local discovery runs too.
 pub fn build_swarm(
     identity: &Identity,
     fault: Fault,
     counters: Arc<NetCounters>,
+    mdns: bool,
 ) -> Result<Swarm<Behaviour>, NetError> {
-    build_swarm_with(identity, fault, counters, sync_config())
+    build_swarm_with(identity, fault, counters, sync_config(), mdns)
 }
 
 /// [`build_swarm`] with the given request-response settings (tests build a peer that opens
@@ -345,8 +356,22 @@ fn build_swarm_with(
     fault: Fault,
     counters: Arc<NetCounters>,
     sync: request_response::Config,
+    mdns: bool,
 ) -> Result<Swarm<Behaviour>, NetError> {
     let protocol = StreamProtocol::new(PROTOCOL);
+    let local = identity.libp2p_keypair().public().to_peer_id();
+    let mdns = if mdns {
+        let config = mdns::Config {
+            ttl: Duration::from_secs(MDNS_TTL_SECS),
+            query_interval: Duration::from_secs(MDNS_QUERY_INTERVAL_SECS),
+            enable_ipv6: false,
+        };
+        let behaviour = mdns::tokio::Behaviour::new(config, local)
+            .map_err(|e| NetError::Transport(format!("cannot start mDNS: {e}")))?;
+        Some(behaviour)
+    } else {
+        None
+    };
     let swarm = libp2p::SwarmBuilder::with_existing_identity(identity.libp2p_keypair())
         .with_tokio()
         .with_tcp(
@@ -368,6 +393,7 @@ fn build_swarm_with(
             ),
             files: crate::netfiles::behaviour(counters, fault),
             ping: ping::Behaviour::default(),
+            mdns: Toggle::from(mdns),
         })
         .map_err(|e| NetError::Transport(e.to_string()))?
         .with_swarm_config(|c| {
@@ -408,13 +434,19 @@ mod tests {
     async fn one_connection_gets_at_most_the_stream_cap_read() {
         let cap = MAX_SYNC_STREAMS_PER_CONNECTION;
         let sent = 3 * cap;
-        let mut victim =
-            build_swarm(&Identity::from_secret([1; 32]), Fault::None, Arc::default()).unwrap();
+        let mut victim = build_swarm(
+            &Identity::from_secret([1; 32]),
+            Fault::None,
+            Arc::default(),
+            false,
+        )
+        .unwrap();
         let mut attacker = build_swarm_with(
             &Identity::from_secret([2; 32]),
             Fault::None,
             Arc::default(),
             request_response::Config::default().with_max_concurrent_streams(10 * sent),
+            false,
         )
         .unwrap();
         let (v_peer, a_peer) = (*victim.local_peer_id(), *attacker.local_peer_id());

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::{PeerId, Swarm, request_response};
+use libp2p::{Multiaddr, PeerId, Swarm, request_response};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tidesync_proto::NodeId;
@@ -34,6 +34,14 @@ pub const MAX_NET_BACKLOG: usize = 4_096;
 /// stream is closed, in seconds: the peer then sends it again, at most this often, and keeps
 /// its connection.
 pub const LOCAL_FAILURE_RETRY_SECS: u64 = 5;
+
+/// Most addresses kept per configured peer from mDNS: a hostile host on the LAN may announce
+/// any number of addresses under a configured peer's id (Noise refuses it on dial, but the
+/// list must not grow).
+pub const MAX_DISCOVERED_ADDRS_PER_PEER: usize = 8;
+/// Most unconfigured peers remembered as discovered (to count each once); past it they are
+/// still refused, and counted no more.
+pub const MAX_DISCOVERED_STRANGERS: usize = 1_024;
 
 /// Which inbound request a response answers.
 pub type InboundId = u64;
@@ -109,6 +117,11 @@ pub struct NetState {
     /// Incoming connections refused (peer not configured, or over the connection limits),
     /// since start.
     pub refused: u64,
+    /// Peers that are not configured found by mDNS, since start: never dialled, refused if
+    /// they dial us.
+    pub discovered_strangers: u64,
+    /// Configured peers found by mDNS, since start.
+    pub discovered_peers: u64,
 }
 
 /// A configured peer, as the network actor tracks it.
@@ -116,6 +129,9 @@ struct PeerLink {
     config: PeerConfig,
     peer_id: PeerId,
     connected: bool,
+    /// Addresses mDNS found for the peer, tried after the configured ones (at most
+    /// [`MAX_DISCOVERED_ADDRS_PER_PEER`]).
+    discovered: Vec<Multiaddr>,
     /// Redials since the last successful connection.
     attempt: u32,
     next_dial: Instant,
@@ -148,6 +164,10 @@ pub struct NetActor {
     rng: StdRng,
     /// libp2p's own connection metrics (served at `GET /metrics`).
     metrics: libp2p::metrics::Metrics,
+    /// Unconfigured peers mDNS found, with their addresses (at most
+    /// [`MAX_DISCOVERED_STRANGERS`], each with at most [`MAX_DISCOVERED_ADDRS_PER_PEER`]):
+    /// a peer configured later starts with them.
+    strangers: HashMap<PeerId, Vec<Multiaddr>>,
 }
 
 /// The two ends the node actor holds: its event queue and the command sender.
@@ -181,6 +201,7 @@ impl NetActor {
             state: state_tx,
             rng: StdRng::from_rng(&mut rand::rng()),
             metrics,
+            strangers: HashMap::new(),
         };
         for (id, config) in peers {
             actor.add_link(config.clone(), *id);
@@ -316,14 +337,26 @@ impl NetActor {
         };
         self.swarm.behaviour_mut().allow.allow_peer(peer_id);
         let connected = self.swarm.is_connected(&peer_id);
+        let found = self.strangers.remove(&peer_id).unwrap_or_default();
+        if !found.is_empty() {
+            self.state.send_modify(|s| s.discovered_peers += 1);
+        }
         let link = self.links.entry(id).or_insert(PeerLink {
             config: config.clone(),
             peer_id,
             connected,
+            discovered: Vec::new(),
             attempt: 0,
             next_dial: Instant::now(),
         });
         link.config = config;
+        for addr in found {
+            if !link.discovered.contains(&addr)
+                && link.discovered.len() < MAX_DISCOVERED_ADDRS_PER_PEER
+            {
+                link.discovered.push(addr);
+            }
+        }
         link.next_dial = Instant::now();
         // Dial now rather than at the next tick.
         self.on_tick();
@@ -346,14 +379,24 @@ impl NetActor {
             self.abandoned.pop_front();
         }
         for link in self.links.values_mut() {
-            if link.connected || link.config.addrs.is_empty() || link.next_dial > now {
+            if link.connected
+                || (link.config.addrs.is_empty() && link.discovered.is_empty())
+                || link.next_dial > now
+            {
                 continue;
             }
             let delay = backoff_ms(link.attempt, &mut self.rng);
             link.attempt = link.attempt.saturating_add(1);
             link.next_dial = now + Duration::from_millis(delay);
             let opts = DialOpts::peer_id(link.peer_id)
-                .addresses(link.config.addrs.clone())
+                .addresses(
+                    link.config
+                        .addrs
+                        .iter()
+                        .chain(&link.discovered)
+                        .cloned()
+                        .collect(),
+                )
                 .condition(PeerCondition::DisconnectedAndNotDialing)
                 .build();
             if let Err(e) = self.swarm.dial(opts) {
@@ -425,7 +468,60 @@ impl NetActor {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Sync(event)) => self.on_sync_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Files(event)) => self.on_files_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(event)) => self.on_mdns_event(event),
             _ => {}
+        }
+    }
+
+    /// mDNS found or lost addresses. Discovery is never authorisation: an address is kept
+    /// only for a configured peer (and dialled at once if it is down); any other peer is
+    /// counted once and never dialled.
+    fn on_mdns_event(&mut self, event: libp2p::mdns::Event) {
+        match event {
+            libp2p::mdns::Event::Discovered(found) => {
+                for (peer_id, addr) in found {
+                    let Some(id) = self.configured(&peer_id) else {
+                        if let Some(addrs) = self.strangers.get_mut(&peer_id) {
+                            if !addrs.contains(&addr) && addrs.len() < MAX_DISCOVERED_ADDRS_PER_PEER
+                            {
+                                addrs.push(addr);
+                            }
+                        } else if self.strangers.len() < MAX_DISCOVERED_STRANGERS {
+                            tracing::info!(%peer_id, %addr, "mDNS found a node that is not configured; it will not be dialled");
+                            self.strangers.insert(peer_id, vec![addr]);
+                            self.state.send_modify(|s| s.discovered_strangers += 1);
+                        }
+                        continue;
+                    };
+                    let Some(link) = self.links.get_mut(&id) else {
+                        continue;
+                    };
+                    if link.discovered.contains(&addr)
+                        || link.discovered.len() >= MAX_DISCOVERED_ADDRS_PER_PEER
+                    {
+                        continue;
+                    }
+                    tracing::info!(peer = %link.config.name, %addr, "mDNS found a configured peer");
+                    if link.discovered.is_empty() {
+                        self.state.send_modify(|s| s.discovered_peers += 1);
+                    }
+                    link.discovered.push(addr);
+                    if !link.connected {
+                        link.next_dial = Instant::now();
+                    }
+                }
+                self.on_tick();
+            }
+            libp2p::mdns::Event::Expired(gone) => {
+                for (peer_id, addr) in gone {
+                    if let Some(link) = self
+                        .configured(&peer_id)
+                        .and_then(|id| self.links.get_mut(&id))
+                    {
+                        link.discovered.retain(|a| *a != addr);
+                    }
+                }
+            }
         }
     }
 

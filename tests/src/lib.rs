@@ -7,12 +7,14 @@
 //!   crafted frames.
 //! - [`browser`]: a real headless Chromium over WebDriver (the status page's test).
 //! - [`proxy`]: a TCP proxy that cuts every connection after so many bytes (flaky links).
+//! - [`netns`]: a LAN of network namespaces the test creates, for mDNS.
 //! - `src/bin/bench.rs`: the sync benchmark (`cargo run --release -p tidesync-tests --bin bench`).
 //! - `src/bin/filebench.rs`: files against Syncthing (`cargo run --release -p tidesync-tests
 //!   --bin filebench`).
 
 pub mod browser;
 pub mod mallory;
+pub mod netns;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};
@@ -58,6 +60,9 @@ pub struct TestNode {
     child: Option<Child>,
     api: Option<String>,
     token: Option<String>,
+    /// The network namespace the node and its CLI run in (see [`netns`]); its API is then
+    /// reachable only through the CLI.
+    netns: Option<String>,
 }
 
 impl TestNode {
@@ -68,13 +73,25 @@ impl TestNode {
 
     /// `tidesync init` with extra flags.
     pub fn init_with(name: &str, extra: &[&str]) -> TestNode {
+        Self::init_in(name, None, extra)
+    }
+
+    /// `tidesync init` a node that runs in network namespace `netns` (listening for peers on
+    /// all of its addresses), with extra flags.
+    pub fn init_in(name: &str, netns: Option<String>, extra: &[&str]) -> TestNode {
         let dir = tempfile::tempdir().expect("temporary directory");
+        let listen = if netns.is_some() {
+            "/ip4/0.0.0.0/tcp/0"
+        } else {
+            "/ip4/127.0.0.1/tcp/0"
+        };
         let mut node = TestNode {
             dir,
             name: name.to_string(),
             child: None,
             api: None,
             token: None,
+            netns,
         };
         let home = node.home();
         let mut args = vec![
@@ -84,15 +101,12 @@ impl TestNode {
             "--name",
             name,
             "--listen",
-            "/ip4/127.0.0.1/tcp/0",
+            listen,
             "--api",
             "127.0.0.1:0",
         ];
         args.extend_from_slice(extra);
-        let out = Command::new(tidesync_bin())
-            .args(&args)
-            .output()
-            .expect("running init");
+        let out = node.command().args(&args).output().expect("running init");
         assert!(
             out.status.success(),
             "init failed: {}",
@@ -108,6 +122,18 @@ impl TestNode {
         std::fs::read_to_string(self.home().join("api.token"))
             .ok()
             .map(|t| t.trim().to_string())
+    }
+
+    /// A command running the `tidesync` binary, inside the node's namespace if it has one.
+    fn command(&self) -> Command {
+        match &self.netns {
+            None => Command::new(tidesync_bin()),
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(tidesync_bin());
+                cmd
+            }
+        }
     }
 
     /// The token this node's requests carry.
@@ -133,7 +159,8 @@ impl TestNode {
             .append(true)
             .open(self.dir.path().join("node.log"))
             .expect("log file");
-        let child = Command::new(tidesync_bin())
+        let child = self
+            .command()
             .args(["run", "--home"])
             .arg(self.home())
             .env(
@@ -163,7 +190,11 @@ impl TestNode {
                 let addr = addr.trim().to_string();
                 self.api = Some(addr);
                 self.token = self.token_file();
-                if self.http(reqwest::Method::GET, "/v1/status", None).0 == 200 {
+                let answers = match self.netns {
+                    None => self.http(reqwest::Method::GET, "/v1/status", None).0 == 200,
+                    Some(_) => self.cli(&["status"]).status.success(),
+                };
+                if answers {
                     return;
                 }
             }
@@ -277,7 +308,7 @@ impl TestNode {
 
     /// Run a CLI command with `stdin` piped in.
     pub fn cli_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut cmd = Command::new(tidesync_bin());
+        let mut cmd = self.command();
         cmd.env("TIDESYNC_HOME", self.home()).args(args);
         cmd.stdin(if stdin.is_some() {
             Stdio::piped()

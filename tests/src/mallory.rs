@@ -45,6 +45,7 @@ impl Mallory {
                 &identity,
                 Fault::None,
                 std::sync::Arc::new(NetCounters::default()),
+                false,
             )
             .expect("a swarm");
             swarm.behaviour_mut().allow.allow_peer(victim_peer);

@@ -464,6 +464,7 @@ pub(super) fn init(
     listen: Vec<Multiaddr>,
     api: std::net::SocketAddr,
     hosts: Vec<String>,
+    mdns: bool,
 ) -> Result<(), CliError> {
     for file in [home.config(), home.key(), home.store(), home.token()] {
         if file.exists() {
@@ -491,6 +492,7 @@ pub(super) fn init(
         },
         store: StoreConfig::default(),
         fleet: Default::default(),
+        discovery: crate::config::DiscoveryConfig { mdns },
         peers: vec![],
     };
     config.validate().map_err(CliError::Usage)?;

@@ -113,6 +113,10 @@ pub enum Command {
         /// in their Host header (repeatable; saved as api.hosts).
         #[arg(long = "api-host", value_name = "NAME")]
         api_hosts: Vec<String>,
+        /// Find configured peers on the local network with mDNS (saved as discovery.mdns):
+        /// for a ship's LAN with no fixed addresses. Only configured peers ever connect.
+        #[arg(long)]
+        mdns: bool,
     },
     /// Run the node until Ctrl-C or SIGTERM. Logs go to stderr; filter them with RUST_LOG.
     Run,
@@ -583,7 +587,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             listen,
             api,
             api_hosts,
-        } => init(&home, name, listen, api, api_hosts),
+            mdns,
+        } => init(&home, name, listen, api, api_hosts, mdns),
         Command::Run => runtime
             .block_on(crate::daemon::run(&home))
             .map_err(Into::into),

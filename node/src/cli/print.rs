@@ -136,6 +136,12 @@ pub(super) fn print_status(s: &Status) {
             s.refused_connections
         );
     }
+    if s.discovered_peers + s.discovered_strangers > 0 {
+        println!(
+            "mDNS:    found {} configured peers and {} other nodes (never dialled)",
+            s.discovered_peers, s.discovered_strangers
+        );
+    }
     print_peers(&s.peers);
 }
 

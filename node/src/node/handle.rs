@@ -152,6 +152,8 @@ impl NodeHandle {
         let net = self.net.borrow().clone();
         status.listen = net.listen;
         status.refused_connections = net.refused;
+        status.discovered_strangers = net.discovered_strangers;
+        status.discovered_peers = net.discovered_peers;
         status.net = self.counters.totals();
         let live = Arc::clone(&self.live.borrow());
         status.files = live.files.clone();

@@ -139,6 +139,13 @@ pub struct Status {
     /// limits were reached (running node, since start).
     #[serde(default)]
     pub refused_connections: u64,
+    /// Nodes that are not configured found by mDNS (running node, since start): never
+    /// dialled, and refused if they dial.
+    #[serde(default)]
+    pub discovered_strangers: u64,
+    /// Configured peers found by mDNS (running node, since start).
+    #[serde(default)]
+    pub discovered_peers: u64,
     /// Sync frames and bytes sent and received (running node, since start).
     #[serde(default)]
     pub net: crate::model::NetTotals,
@@ -496,6 +503,8 @@ impl Reads {
             refusals_logged: self.store.refusal_count().map_err(read_err(what))?,
             listen: Vec::new(),
             refused_connections: 0,
+            discovered_strangers: 0,
+            discovered_peers: 0,
             net: Default::default(),
             files: Default::default(),
             peers: peers
