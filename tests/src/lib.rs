@@ -47,10 +47,40 @@ pub fn tidesync_bin() -> &'static Path {
             .features("fault-injection")
             .current_release()
             .manifest_path(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"))
-            .run()
-            .expect("building the tidesync binary");
-        build.path().to_path_buf()
+            .run();
+        match build {
+            Ok(build) => build.path().to_path_buf(),
+            Err(e) => panic!(
+                "building the tidesync binary: {e}\n{}",
+                rebuild_for_the_error()
+            ),
+        }
     })
+}
+
+/// The compiler's own words when building the binary failed: escargot keeps only cargo's
+/// summary line (the diagnostics travel in its JSON messages), so the same build runs again
+/// in plain text and its last lines are returned for the panic message.
+fn rebuild_for_the_error() -> String {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-p", "tidesync", "--bin", "tidesync"]);
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    let out = cmd
+        .args(["--features", "fault-injection", "--manifest-path"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"))
+        .output();
+    match out {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stderr);
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+            format!("cargo build again ({}):\n{tail}", out.status)
+        }
+        Err(e) => format!("cargo could not be run again: {e}"),
+    }
 }
 
 /// A node's home in a temporary directory, and its running process if started.
