@@ -31,16 +31,19 @@ pub enum EngineFault {
     DropHeld,
     /// Ignore `skip` lists on both ends: skipped types are sent and taken.
     IgnoreSkip,
+    /// Send as if no link were shaped: windows, budgets and rates are ignored.
+    IgnoreLink,
 }
 
 impl EngineFault {
     /// Every fault, in the order the simulation's fault test runs them.
-    pub const ALL: [EngineFault; 5] = [
+    pub const ALL: [EngineFault; 6] = [
         EngineFault::AcceptUnsigned,
         EngineFault::ForgetCheckpoint,
         EngineFault::CheckpointSkipsGaps,
         EngineFault::DropHeld,
         EngineFault::IgnoreSkip,
+        EngineFault::IgnoreLink,
     ];
 
     /// The fault's name on the command line.
@@ -51,6 +54,7 @@ impl EngineFault {
             EngineFault::CheckpointSkipsGaps => "checkpoint-skips-gaps",
             EngineFault::DropHeld => "drop-held",
             EngineFault::IgnoreSkip => "ignore-skip",
+            EngineFault::IgnoreLink => "ignore-link",
         }
     }
 }
@@ -64,7 +68,7 @@ impl fmt::Display for EngineFault {
 /// A fault name that is not one of [`EngineFault::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown engine fault {0:?} (known: accept-unsigned, forget-checkpoint, checkpoint-skips-gaps, drop-held, ignore-skip)"
+    "unknown engine fault {0:?} (known: accept-unsigned, forget-checkpoint, checkpoint-skips-gaps, drop-held, ignore-skip, ignore-link)"
 )]
 pub struct UnknownFault(pub String);
 
@@ -91,6 +95,8 @@ pub struct Faults {
     pub ignore_own_policy: bool,
     /// Ignore `skip` lists on both ends ([`EngineFault::IgnoreSkip`]).
     pub ignore_skip: bool,
+    /// Ignore every link's windows, budget and rate ([`EngineFault::IgnoreLink`]).
+    pub ignore_link: bool,
     /// Send every other configured peer a twin of each of this node's own changes
     /// ([`Fault::Equivocate`]).
     pub equivocate: bool,
@@ -108,6 +114,7 @@ impl Faults {
             EngineFault::CheckpointSkipsGaps => self.checkpoint_skips_gaps = true,
             EngineFault::DropHeld => self.drop_held = true,
             EngineFault::IgnoreSkip => self.ignore_skip = true,
+            EngineFault::IgnoreLink => self.ignore_link = true,
         }
     }
 }

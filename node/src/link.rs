@@ -57,7 +57,8 @@ impl From<Window> for String {
 }
 
 impl Window {
-    fn contains(&self, minute: u16) -> bool {
+    /// Whether the window holds `minute` (after midnight UTC).
+    pub fn contains(&self, minute: u16) -> bool {
         if self.start < self.end {
             (self.start..self.end).contains(&minute)
         } else {
@@ -97,6 +98,13 @@ pub enum HeldBack {
     OutsideWindow { opens_ms: i64 },
     /// The day's budget is spent; it resets at `resets_ms` (midnight UTC).
     BudgetSpent { resets_ms: i64 },
+    /// The next batch needs more bytes than are left of the day's budget.
+    BudgetShort {
+        needs: u64,
+        left: u64,
+        budget: u64,
+        resets_ms: i64,
+    },
     /// The rate allows the next batch at `at_ms`.
     Rate { at_ms: i64 },
 }
@@ -119,6 +127,22 @@ impl std::fmt::Display for HeldBack {
                     at(*resets_ms)
                 )
             }
+            HeldBack::BudgetShort { needs, budget, .. } if needs > budget => write!(
+                f,
+                "its next batch needs {needs} bytes, more than the whole daily budget of \
+                 {budget}: only `tidesync sync --now` sends it"
+            ),
+            HeldBack::BudgetShort {
+                needs,
+                left,
+                resets_ms,
+                ..
+            } => write!(
+                f,
+                "its next batch needs {needs} bytes and {left} are left of the day's budget; \
+                 it resets at {}",
+                at(*resets_ms)
+            ),
             HeldBack::Rate { at_ms } => write!(f, "paced by max-rate until {}", at(*at_ms)),
         }
     }

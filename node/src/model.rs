@@ -275,6 +275,9 @@ pub struct OutBatch {
     /// Objects owed to the peer (owed references, the store's `refs_owed_v1`) that this batch carries: settled
     /// once it is acknowledged.
     pub owed: Vec<DocId>,
+    /// Under a hard limit, the frame bytes the first change that did not fit needs (the
+    /// batch holds none then): it waits for more room.
+    pub held: Option<usize>,
 }
 
 /// Proof that an author signed two different changes with the same actor and sequence number

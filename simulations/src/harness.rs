@@ -34,6 +34,7 @@ pub fn run(opts: &Options) -> Result<Report, Violation> {
     for step in 0..opts.steps {
         run_step(&mut world, step)?;
     }
+    crate::shaping::check_meters(&world, "before the heal")?;
     heal(&mut world)?;
     invariants::check(&mut world)?;
     idle_resync(&mut world)?;
@@ -56,7 +57,7 @@ pub(crate) fn start_node(w: &mut World, i: usize, phase: &str) -> Result<(), Vio
         &w.clock,
     );
     for peer in w.neighbours(i) {
-        let policy = w.layout.policy(i, peer, &w.narrowed);
+        let policy = w.policy(i, peer);
         core.set_policy(w.node_id(peer), w.layout.name(peer), policy)
             .map_err(|e| fail(phase, format!("node {i}: setting a policy: {e}")))?;
     }
@@ -89,8 +90,14 @@ pub(crate) fn crash_node(w: &mut World, i: usize, until: u32) {
 pub(crate) fn run_step(w: &mut World, step: u32) -> Result<(), Violation> {
     let phase = format!("step {step}");
     w.now += STEP_MS;
+    if let Some(minutes) = w.shaping.jump() {
+        // Time passes with nothing happening: windows open and close, days turn.
+        w.now += minutes * 60_000;
+        w.trace.line(&format!("{} jump {minutes} min", w.now));
+    }
     w.clock.store(w.now, Ordering::SeqCst);
     shell::deliver(w, &phase)?;
+    shell::tick(w, &phase)?;
     for i in 0..w.nodes.len() {
         if w.nodes[i].core.is_none() && step >= w.nodes[i].down_until {
             w.trace.line(&format!("{} restart {i}", w.now));
@@ -143,6 +150,15 @@ pub(crate) fn heal(w: &mut World) -> Result<(), Violation> {
     }
     for (me, peer) in std::mem::take(&mut w.narrowed) {
         workload::apply_policy(w, me, peer, phase)?;
+    }
+    // Links lose their shaping, so that what waited for a window or a budget goes now.
+    for (me, peer) in std::mem::take(&mut w.shaping.links).into_keys() {
+        workload::apply_policy(w, me, peer, phase)?;
+        let out = match w.nodes[me].core.as_mut() {
+            Some(core) => core.pump_all(),
+            None => Ok(()),
+        };
+        shell::route(w, me, out, phase)?;
     }
     w.report.heal_rounds = settle(w, phase)?;
     Ok(())

@@ -16,6 +16,8 @@
 //! - [`workload`]: writes, deletes, forgeries, partitions, voyages and policy changes.
 //! - [`bad`]: the misbehaving node a world may have, and what it does wrong.
 //! - [`invariants`]: what must hold after the heal, at every honest node.
+//! - [`shaping`]: metered and windowed links, the clock's jumps, and the link invariants
+//!   checked as each message leaves.
 //! - [`solo`]: one node alone under crashes, checked after every step against a model of its
 //!   acknowledged writes.
 
@@ -24,6 +26,7 @@ pub mod harness;
 pub mod invariants;
 pub mod net;
 pub mod options;
+pub mod shaping;
 pub mod shell;
 pub mod solo;
 pub mod topology;

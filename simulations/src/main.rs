@@ -44,7 +44,7 @@ struct Args {
     #[arg(long)]
     max_delay_ms: Option<i64>,
     /// Break the engine on purpose (accept-unsigned, forget-checkpoint, checkpoint-skips-gaps,
-    /// drop-held, ignore-skip): the run then succeeds only if an invariant catches it.
+    /// drop-held, ignore-skip, ignore-link): the run then succeeds only if an invariant catches it.
     #[arg(long)]
     fault: Option<EngineFault>,
     /// The misbehaving node's misbehaviour (none, ignore-policy, send-skipped, equivocate,
@@ -54,6 +54,9 @@ struct Args {
     /// Which node misbehaves (never node 0) [default: drawn from the seed].
     #[arg(long)]
     bad_node: Option<usize>,
+    /// Whether links carry budgets, windows and rates [default: drawn from the seed].
+    #[arg(long)]
+    shaped: Option<bool>,
 }
 
 fn main() -> ExitCode {
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
         fault: args.fault,
         bad,
         bad_node: args.bad_node,
+        shaped: args.shaped,
     };
     println!("seed {first} seeds {}", args.seeds);
     let started = Instant::now();

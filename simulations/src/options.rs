@@ -22,6 +22,8 @@ pub struct Options {
     pub fault: Option<EngineFault>,
     /// The misbehaving node, if the world has one, and how it misbehaves (never node 0).
     pub bad: Option<(usize, Misbehaviour)>,
+    /// Whether links carry budgets, windows and rates (see [`crate::shaping`]).
+    pub shaped: bool,
 }
 
 /// Options given on the command line; the rest come from the seed.
@@ -38,6 +40,7 @@ pub struct Given {
     /// `Some(None)`: no misbehaving node; `Some(Some(m))`: one that does `m`.
     pub bad: Option<Option<Misbehaviour>>,
     pub bad_node: Option<usize>,
+    pub shaped: Option<bool>,
 }
 
 impl Options {
@@ -63,6 +66,8 @@ impl Options {
             .bad
             .unwrap_or(kind)
             .map(|k| (given.bad_node.unwrap_or(node).clamp(1, nodes - 1), k));
+        // Half the worlds have shaped links (drawn after the rest, which stay as they were).
+        let shaped = given.shaped.unwrap_or(rng.random_bool(0.5));
         Options {
             seed,
             topology,
@@ -76,6 +81,7 @@ impl Options {
             },
             fault: given.fault,
             bad,
+            shaped,
         }
     }
 
@@ -99,6 +105,7 @@ impl Options {
             Some((n, m)) => c.push_str(&format!(" --bad {m} --bad-node {n}")),
             None => c.push_str(" --bad none"),
         }
+        c.push_str(&format!(" --shaped {}", self.shaped));
         c
     }
 }
@@ -107,7 +114,7 @@ impl std::fmt::Display for Options {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "seed {} topology {} nodes {} steps {} crash-per-mille {} drop-per-mille {} dup-per-mille {} max-delay-ms {} fault {} bad {}",
+            "seed {} topology {} nodes {} steps {} crash-per-mille {} drop-per-mille {} dup-per-mille {} max-delay-ms {} fault {} bad {} shaped {}",
             self.seed,
             self.topology,
             self.nodes,
@@ -119,7 +126,8 @@ impl std::fmt::Display for Options {
             self.fault.map(|f| f.name()).unwrap_or("none"),
             self.bad
                 .map(|(n, m)| format!("{m}@{n}"))
-                .unwrap_or_else(|| "none".into())
+                .unwrap_or_else(|| "none".into()),
+            self.shaped
         )
     }
 }

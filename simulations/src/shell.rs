@@ -117,6 +117,7 @@ pub(crate) fn route(
             return Err(fail(phase, format!("node {from} sent to unknown {peer}")));
         };
         remember(w, from, to, &msg);
+        crate::shaping::sent(w, from, to, &msg, phase)?;
         if let Message::Changes { changes, upto, .. } = &msg {
             // The idle resync counts what honest nodes send (see `harness::idle_resync`).
             if !w.is_bad(from) {
@@ -134,6 +135,18 @@ pub(crate) fn route(
                 phase,
                 format!("node {from} sent to {to}, which it is not connected to"),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Each node's tick, as the daemon's: links whose window opened, whose day turned or whose
+/// rate allows the next batch send it.
+pub(crate) fn tick(w: &mut World, phase: &str) -> Result<(), Violation> {
+    for i in 0..w.nodes.len() {
+        if let Some(core) = w.nodes[i].core.as_mut() {
+            let out = core.pump_shaped();
+            route(w, i, out, phase)?;
         }
     }
     Ok(())
@@ -159,6 +172,7 @@ pub(crate) fn handle(w: &mut World, event: Event, phase: &str) -> Result<(), Vio
                 .line(&format!("{} request {from}->{to} {}", w.now, kind(msg)));
             match core.on_request(peer, msg.clone()) {
                 Ok(response) => {
+                    crate::shaping::sent(w, to, from, &response, phase)?;
                     w.net.respond(&mut w.rng, w.now, &event, response);
                     route(w, to, Ok(()), phase)
                 }

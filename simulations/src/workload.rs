@@ -64,7 +64,7 @@ pub(crate) fn apply_policy(
     peer: usize,
     phase: &str,
 ) -> Result<(), Violation> {
-    let policy = w.layout.policy(me, peer, &w.narrowed);
+    let policy = w.policy(me, peer);
     let (id, name) = (w.node_id(peer), w.layout.name(peer));
     let Some(core) = w.nodes[me].core.as_mut() else {
         return Ok(());

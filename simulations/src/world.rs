@@ -3,6 +3,7 @@
 //! What changes it lives in the harness, the shell and the workload (`harness.rs`,
 //! `shell.rs`, `workload.rs`), which build on this module.
 
+use crate::shaping::Shaping;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
@@ -73,6 +74,8 @@ pub(crate) struct World {
     pub(crate) changes_sent: u64,
     /// `Changes` requests the misbehaving node sent, with their receiver, to replay.
     pub(crate) replays: Vec<(usize, tidesync_proto::Message)>,
+    /// The world's shaped links and what crossed them.
+    pub(crate) shaping: Shaping,
 }
 
 impl World {
@@ -97,6 +100,7 @@ impl World {
             });
         }
         let net = Net::new(&layout.links, opts.net);
+        let shaping = Shaping::draw(opts.seed, opts.shaped, &layout.links);
         let world = World {
             opts: opts.clone(),
             layout,
@@ -125,6 +129,7 @@ impl World {
             },
             changes_sent: 0,
             replays: Vec::new(),
+            shaping,
         };
         Ok(world)
     }
@@ -136,6 +141,16 @@ impl World {
 
     pub(crate) fn node_id(&self, i: usize) -> NodeId {
         self.nodes[i].identity.node_id()
+    }
+
+    /// Node `me`'s policy for `peer` now: the topology's rules, `Volume` narrowed where the
+    /// workload narrowed it, and the link's shaping.
+    pub(crate) fn policy(&self, me: usize, peer: usize) -> tidesync::policy::Policy {
+        let mut policy = self.layout.policy(me, peer, &self.narrowed);
+        if let Some(link) = self.shaping.links.get(&(me, peer)) {
+            policy.link = link.clone();
+        }
+        policy
     }
 
     /// The peers of node `i`, by link.

@@ -12,6 +12,8 @@ use tidesync_sim::{Given, MAX_HEAL_ROUNDS, Options, Report, run};
 const SWEEP_STEPS: u32 = 150;
 /// Worlds per topology in the suite's sweep (five topologies).
 const SWEEP_SEEDS: u64 = 50;
+/// Shaped worlds per topology in the suite (half the sweep's worlds are shaped too).
+const SHAPED_SEEDS: u64 = 20;
 
 fn opts(seed: u64, topology: Topology, steps: u32) -> Options {
     Options::derive(
@@ -77,6 +79,27 @@ fn ship_worlds_converge() {
     sweep(Topology::Ships);
 }
 
+/// Worlds whose links carry budgets, windows and rates: every batch goes inside its
+/// windows, no day's batches pass the budget, the meters count every byte (see
+/// `tidesync_sim::shaping`), and everything still converges once the shaping is lifted.
+#[test]
+fn shaped_worlds_keep_their_links() {
+    for t in Topology::ALL {
+        for seed in 0..SHAPED_SEEDS {
+            let o = Options::derive(
+                3_000 + seed,
+                &Given {
+                    topology: Some(t),
+                    steps: Some(SWEEP_STEPS),
+                    shaped: Some(true),
+                    ..Given::default()
+                },
+            );
+            must_pass(&o);
+        }
+    }
+}
+
 /// Each deliberate engine bug is caught by an invariant within a few worlds: the
 /// simulation can fail.
 #[test]
@@ -84,9 +107,12 @@ fn every_engine_fault_is_caught() {
     for fault in EngineFault::ALL {
         let caught = (0..12).find_map(|seed| {
             let t = Topology::ALL[seed as usize % Topology::ALL.len()];
+            let o = opts(seed, t, 200);
             let o = Options {
                 fault: Some(fault),
-                ..opts(seed, t, 200)
+                // Only shaped links can show a link rule broken.
+                shaped: o.shaped || fault == EngineFault::IgnoreLink,
+                ..o
             };
             run(&o).err()
         });
@@ -137,6 +163,7 @@ fn pinned(seed: u64, topology: Topology, nodes: usize, steps: u32, rates: [u32; 
         },
         fault: None,
         bad: None,
+        shaped: false,
     }
 }
 
@@ -197,4 +224,19 @@ fn regression_seed_1029_late_first_batch() {
 fn regression_seed_859_widening_replaced_by_a_waiting_restart() {
     must_pass(&pinned(859, Topology::Star, 3, 219, [9, 52, 26, 1]));
     must_pass(&pinned(1234, Topology::Ships, 3, 298, [15, 38, 4, 10]));
+}
+
+// Regression (seed 221, the first 300 shaped worlds of 2026-12-06): after a widening, a node
+// resends its whole log and clears its `resend_all` flag once all of it is acknowledged, but
+// it checked only after an Ack. On a shaped link the pump held at a closed gate, and the tick
+// later moved it over the rest of the log (entries the peer had sent us, so nothing to send):
+// no Ack followed, the flag stayed, and every reconnect resent the whole log again.
+#[test]
+fn regression_seed_221_resend_flag_kept_behind_a_closed_gate() {
+    let o = Options {
+        bad: Some((3, Misbehaviour::Replay)),
+        shaped: true,
+        ..pinned(221, Topology::Star, 6, 428, [2, 56, 36, 36])
+    };
+    must_pass(&o);
 }

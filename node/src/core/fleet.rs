@@ -112,13 +112,27 @@ impl Core {
             None => self.session_summaries().keys().copied().collect(),
         };
         for peer in peers {
-            if self.status_flows(&peer, true) {
-                self.outbox.push((
-                    peer,
-                    Message::Status {
-                        status: signed.clone(),
-                    },
-                ));
+            if !self.status_flows(&peer, true) {
+                continue;
+            }
+            let msg = Message::Status {
+                status: signed.clone(),
+            };
+            // A shaped link carries status records only while its gate is open and they fit
+            // in the day's budget, and counts them.
+            let sent = self
+                .sessions
+                .fits(&self.replica, peer, &msg)
+                .and_then(|fits| {
+                    if fits {
+                        self.sessions.metered_all(&self.replica, [(&peer, &msg)])?;
+                    }
+                    Ok(fits)
+                });
+            match sent {
+                Ok(true) => self.outbox.push((peer, msg)),
+                Ok(false) => {}
+                Err(e) => tracing::error!(%peer, error = %e, "could not meter a status record"),
             }
         }
     }

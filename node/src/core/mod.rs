@@ -11,6 +11,8 @@ mod peers;
 #[cfg(test)]
 mod bundle_tests;
 #[cfg(test)]
+mod link_tests;
+#[cfg(test)]
 mod outbound_tests;
 #[cfg(test)]
 pub(crate) mod sync_tests;
@@ -134,13 +136,15 @@ impl Core {
         self.replica.take_timings()
     }
 
-    /// Run one sync step: its messages join the outbox when it succeeds; when it fails,
-    /// nothing it produced does.
+    /// Run one sync step: its messages join the outbox when it succeeds, counted against
+    /// the budgets of shaped links; when it fails, nothing it produced does.
     fn step<T>(
         &mut self,
         f: impl FnOnce(&mut Sessions, &mut Replica) -> Result<(T, Vec<Outgoing>), SyncError>,
     ) -> Result<T, SyncError> {
         let (value, out) = f(&mut self.sessions, &mut self.replica)?;
+        self.sessions
+            .metered_all(&self.replica, out.iter().map(|(p, m)| (p, m)))?;
         self.outbox.extend(out);
         Ok(value)
     }
@@ -356,10 +360,13 @@ impl Core {
 
     /// A request from `peer`: returns the response (see [`Sessions::on_request`]).
     pub fn on_request(&mut self, peer: NodeId, msg: Message) -> Result<Message, SyncError> {
-        if let Message::Status { status } = msg {
-            return Ok(self.on_status(peer, &status));
-        }
-        self.step(|s, r| s.on_request(r, peer, msg))
+        let response = match msg {
+            Message::Status { status } => self.on_status(peer, &status),
+            msg => self.step(|s, r| s.on_request(r, peer, msg))?,
+        };
+        self.sessions
+            .metered_all(&self.replica, [(&peer, &response)])?;
+        Ok(response)
     }
 
     /// The response to a request we sent to `peer` (see [`Sessions::on_response`]).

@@ -47,6 +47,26 @@ pub const MAX_LOCAL_CHANGE_BYTES: usize = {
         tidesync_proto::MAX_CHANGE_BYTES
     }
 };
+/// How many content bytes (headers and changes, see [`SYNC_BATCH_CONTENT_BYTES`]) a batch
+/// may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub bytes: usize,
+    /// A hard limit (the day's budget binds): a change that does not fit waits, even the
+    /// first of the batch. A soft limit (the pace) lets a larger change go alone.
+    pub strict: bool,
+}
+
+impl Limit {
+    /// A limit the first change may exceed, alone.
+    pub const fn soft(bytes: usize) -> Limit {
+        Limit {
+            bytes,
+            strict: false,
+        }
+    }
+}
+
 /// Most documents one batch carries because objects in it reference them (see
 /// [`crate::policy::Policy::refs`]); the rest are carried by later batches.
 pub const MAX_REFERENCED_DOCS_PER_BATCH: usize = 1_000;
@@ -104,14 +124,15 @@ impl Replica {
             unfiltered,
             by_ref,
             false,
-            SYNC_BATCH_CONTENT_BYTES,
+            Limit::soft(SYNC_BATCH_CONTENT_BYTES),
         )
     }
 
     /// As [`Replica::read_for`]; when `idle` (no batch to the peer in flight), objects owed to
     /// the peer (see [`crate::store::Store::owed_refs`]) go first, in a batch of their own
-    /// that covers no log entry. A batch holds at most `batch_bytes` of content (the peer's
-    /// pace, see [`crate::sync::pace`]), or one change alone when that change is larger.
+    /// that covers no log entry. A batch holds at most `limit` of content (the peer's pace,
+    /// see [`crate::sync::pace`], or what is left of its day's budget), or one change alone
+    /// when that change is larger and the limit is soft.
     pub(crate) fn read_next(
         &mut self,
         peer: NodeId,
@@ -119,7 +140,7 @@ impl Replica {
         unfiltered: bool,
         by_ref: &mut HashSet<DocId>,
         idle: bool,
-        batch_bytes: usize,
+        limit: Limit,
     ) -> Result<OutBatch, SyncError> {
         let err = |source| SyncError::Store { peer, source };
         if idle && !self.policies.of(&peer).refs.is_empty() {
@@ -142,8 +163,7 @@ impl Replica {
             !policies.may_send(&peer, rec, by_ref.contains(doc))
         };
         let reader = self.store.reader().map_err(err)?;
-        let mut batch =
-            scan_log(&reader, cursor, batch_bytes, skip_entry, skip_doc).map_err(err)?;
+        let mut batch = scan_log(&reader, cursor, limit, skip_entry, skip_doc).map_err(err)?;
         drop(reader);
         // The scan's checkpoint holds the hash of the last entry scanned, perhaps one this
         // peer may not see: it leaves as the peer's token.
@@ -391,7 +411,7 @@ impl Replica {
 pub(super) fn scan_log(
     reader: &Reader<'_>,
     after: u64,
-    limit: usize,
+    limit: Limit,
     skip_entry: impl Fn(&LogEntry) -> bool,
     mut skip_doc: impl FnMut(u64, &DocId, &DocRecord) -> bool,
 ) -> Result<OutBatch, StoreError> {
@@ -443,9 +463,16 @@ pub(super) fn scan_log(
             continue;
         }
         let size = if new_doc { alone } else { change_bytes };
-        if !batch.changes.is_empty() && batch.bytes + size > limit.min(SYNC_BATCH_CONTENT_BYTES) {
-            // The batch ends before this change; the next one starts with it.
-            break;
+        if batch.bytes + size > limit.bytes.min(SYNC_BATCH_CONTENT_BYTES) {
+            if batch.changes.is_empty() && limit.strict {
+                // Not even this change fits under a hard limit: it waits.
+                batch.held = Some(size.saturating_add(CHANGES_OVERHEAD_BYTES));
+                break;
+            }
+            if !batch.changes.is_empty() {
+                // The batch ends before this change; the next one starts with it.
+                break;
+            }
         }
         batch.bytes += size;
         batch.upto = here;

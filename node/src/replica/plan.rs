@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tidesync_proto::{DocHeader, DocId, NodeId};
 
 use super::Replica;
-use super::outbound::{CHANGES_OVERHEAD_BYTES, SYNC_BATCH_CONTENT_BYTES, scan_log};
+use super::outbound::{CHANGES_OVERHEAD_BYTES, Limit, SYNC_BATCH_CONTENT_BYTES, scan_log};
 use crate::files::FileHash;
 use crate::link::{HeldBack, Link};
 use crate::model::{DocRecord, LogEntry};
@@ -146,7 +146,7 @@ impl Replica {
             let batch = scan_log(
                 &reader,
                 cursor,
-                SYNC_BATCH_CONTENT_BYTES,
+                Limit::soft(SYNC_BATCH_CONTENT_BYTES),
                 skip_entry,
                 skip_doc,
             )

@@ -12,7 +12,8 @@ impl Sessions {
     /// Why nothing more may go to `peer` now, if so (recorded in its session for status).
     pub fn gate(&mut self, replica: &Replica, peer: NodeId) -> Result<Option<HeldBack>, SyncError> {
         let link = &replica.policy(&peer).link;
-        let held = if link.is_open_always() || self.overrides.contains(&peer) {
+        let ignored = replica.faults().ignore_link;
+        let held = if link.is_open_always() || self.overrides.contains(&peer) || ignored {
             None
         } else {
             let meter = replica.store().meter(&peer).map_err(store_err(peer))?;
@@ -23,6 +24,20 @@ impl Sessions {
             session.held_back = held;
         }
         Ok(held)
+    }
+
+    /// Whether `msg`, which nobody waits for (a status record), may go to `peer` now: its
+    /// gate is open and the frame fits in what is left of the day's budget.
+    pub fn fits(
+        &mut self,
+        replica: &Replica,
+        peer: NodeId,
+        msg: &Message,
+    ) -> Result<bool, SyncError> {
+        if self.gate(replica, peer)?.is_some() {
+            return Ok(false);
+        }
+        Ok(tidesync_proto::wire::frame_bytes(msg) <= self.budget_room(replica, peer)?)
     }
 
     /// Whether a file segment for `peer` waits. On a shaped link record changes go first:
@@ -61,13 +76,13 @@ impl Sessions {
             .is_some())
     }
 
-    /// Most content bytes the next batch to `peer` may hold under its budget (`usize::MAX`
-    /// without one, or while `sync --now` holds the gate open).
+    /// Frame bytes left of `peer`'s budget today (`usize::MAX` without one, or while
+    /// `sync --now` holds the gate open): the next batch must fit in them.
     pub(super) fn budget_room(&self, replica: &Replica, peer: NodeId) -> Result<usize, SyncError> {
         let Some(budget) = replica.policy(&peer).link.budget else {
             return Ok(usize::MAX);
         };
-        if self.overrides.contains(&peer) {
+        if self.overrides.contains(&peer) || replica.faults().ignore_link {
             return Ok(usize::MAX);
         }
         let meter = replica.store().meter(&peer).map_err(store_err(peer))?;
@@ -75,7 +90,31 @@ impl Sessions {
         Ok(usize::try_from(budget.saturating_sub(used)).unwrap_or(usize::MAX))
     }
 
-    /// A batch `msg` goes to `peer`: count its bytes against the budget and the rate.
+    /// The next batch to `peer` needs `needs` frame bytes and only `room` are left today: it
+    /// waits, and the peer's status says so.
+    pub(super) fn hold_for_budget(
+        &mut self,
+        replica: &Replica,
+        peer: NodeId,
+        needs: usize,
+        room: usize,
+    ) {
+        let now = replica.now_ms();
+        let held = HeldBack::BudgetShort {
+            needs: needs as u64,
+            left: room as u64,
+            budget: replica.policy(&peer).link.budget.unwrap_or(0),
+            resets_ms: (now.div_euclid(crate::link::DAY_MS) + 1) * crate::link::DAY_MS,
+        };
+        if let Some(session) = self.peers.get_mut(&peer) {
+            session.held_back = Some(held);
+        }
+    }
+
+    /// `msg` goes to `peer`: count its bytes against the day's budget (durably) and the
+    /// rate. Batches are counted as the pump decides them, since the next one's room depends
+    /// on it; everything else that leaves the core (Hello, Ack, Rewound, status records)
+    /// through [`Sessions::metered_all`].
     pub(super) fn metered(
         &mut self,
         replica: &Replica,
@@ -95,7 +134,24 @@ impl Sessions {
                 .map_err(store_err(peer))?;
         }
         if link.max_rate.is_some() {
-            self.next_send.insert(peer, link.next_send(bytes, now));
+            let from = self.next_send.get(&peer).copied().unwrap_or(now).max(now);
+            self.next_send.insert(peer, link.next_send(bytes, from));
+        }
+        Ok(())
+    }
+
+    /// Count what leaves the core for shaped links, batches excepted (the pump counted them).
+    /// Control frames are counted but never held: a peer must hear our Hello and get the Ack
+    /// of what it sent, or it sends it again.
+    pub fn metered_all<'a>(
+        &mut self,
+        replica: &Replica,
+        out: impl IntoIterator<Item = (&'a NodeId, &'a Message)>,
+    ) -> Result<(), SyncError> {
+        for (peer, msg) in out {
+            if !matches!(msg, Message::Changes { .. }) {
+                self.metered(replica, *peer, msg)?;
+            }
         }
         Ok(())
     }

@@ -11,11 +11,13 @@
 //!
 //! Modules: [`session`] (one peer's bookkeeping, unit-tested without a store), [`pace`] (the
 //! batch size and window per peer, which shrink on a flaky link), [`fetch`] (which segment of
-//! which wanted file to ask of which peer).
+//! which wanted file to ask of which peer), `pump` (the next batches for a peer) and `gate`
+//! (what a shaped link lets through).
 
 pub mod fetch;
 mod gate;
 pub mod pace;
+mod pump;
 pub mod session;
 
 use std::collections::BTreeMap;
@@ -26,10 +28,8 @@ use crate::model::Claim;
 use crate::replica::Replica;
 pub use crate::replica::SyncError;
 use crate::replica::apply::MAX_HELD_CHANGES_PER_PEER;
-use crate::replica::outbound::SYNC_BATCH_CHANGES;
 use crate::replica::receive::ReceiveReport;
 use crate::store::StoreError;
-use session::Inflight;
 pub use session::Session;
 
 /// Batches sent to one peer and not yet acknowledged: two on a healthy link (see [`pace`]),
@@ -289,7 +289,6 @@ impl Sessions {
                     out.push(rewound_message(replica, peer)?);
                 }
                 out.extend(self.pump(replica, peer)?);
-                self.note_in_sync(replica, peer)?;
                 Ok((
                     Message::Ack {
                         batch: number,
@@ -439,10 +438,7 @@ impl Sessions {
         if rejected > 0 {
             tracing::warn!(%peer, rejected, "peer rejected changes we sent");
         }
-        let out = self.pump(replica, peer)?;
-        self.note_in_sync(replica, peer)?;
-        self.note_resent(replica, peer)?;
-        Ok(out)
+        self.pump(replica, peer)
     }
 
     /// Once a resend after a widening is wholly acknowledged, clear `resend_all`.
@@ -515,130 +511,5 @@ impl Sessions {
         }
         out.extend(self.pump(replica, peer)?);
         Ok(out)
-    }
-
-    /// After a local write: push it to every connected peer.
-    pub fn pump_all(&mut self, replica: &mut Replica) -> Result<Vec<Outgoing>, SyncError> {
-        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
-        let mut out = Vec::new();
-        for peer in peers {
-            out.extend(self.pump(replica, peer)?);
-        }
-        Ok(out)
-    }
-
-    /// Send `peer` the next batches of our log, up to the window.
-    pub fn pump(
-        &mut self,
-        replica: &mut Replica,
-        peer: NodeId,
-    ) -> Result<Vec<Outgoing>, SyncError> {
-        let mut out = Vec::new();
-        let last = replica.log_tip().map_err(store_err(peer))?;
-        let (me, alter_relayed) = (replica.node_id(), replica.faults().alter_relayed);
-        let twins = replica.faults().equivocate
-            && crate::fault::gets_twins(replica.policies().ids(), &peer);
-        let mut by_ref = replica.carried_to(peer)?;
-        if !self
-            .peers
-            .get_mut(&peer)
-            .is_none_or(|s| s.apply_wanted_restart())
-        {
-            return Ok(out);
-        }
-        // Referenced objects owed to the peer go out when nothing else is in flight: the
-        // batch that owes them must be stored there first (see `crate::replica::outbound`).
-        let mut owed = !replica.policy(&peer).refs.is_empty()
-            && !replica
-                .owed_refs(&peer)
-                .map_err(store_err(peer))?
-                .is_empty();
-        loop {
-            let Some(session) = self.peers.get(&peer) else {
-                return Ok(out);
-            };
-            let idle = owed && session.inflight.is_empty();
-            let pace = self.paces.get(&peer).copied().unwrap_or_default();
-            if session.cursor >= last && session.inflight.is_empty() {
-                // In sync: a `sync --now` has done its work.
-                self.overrides.remove(&peer);
-            }
-            if !session.streaming
-                || session.inflight.len() >= pace.window
-                || (session.cursor >= last && !idle)
-            {
-                return Ok(out);
-            }
-            if self.gate(replica, peer)?.is_some() {
-                return Ok(out);
-            }
-            let room = self.budget_room(replica, peer)?;
-            let Some(session) = self.peers.get(&peer) else {
-                return Ok(out);
-            };
-            let (cursor, sent_upto, unfiltered) =
-                (session.cursor, session.sent_upto, session.unfiltered);
-            let mut batch = replica.read_next(
-                peer,
-                cursor,
-                unfiltered,
-                &mut by_ref,
-                idle,
-                pace.batch_bytes.min(room),
-            )?;
-            if idle {
-                // One batch of owed objects per pump; more follow its Ack.
-                owed = false;
-            }
-            let session = self.peers.get_mut(&peer).ok_or(SyncError::Unexpected {
-                peer,
-                what: "lost session",
-            })?;
-            session.cursor = batch.upto.seq;
-            if batch.changes.is_empty()
-                && batch.upto.seq.saturating_sub(sent_upto) < SYNC_BATCH_CHANGES as u64
-            {
-                // Nothing the peer lacks in this stretch: move on without a message. Once a
-                // batch's worth of such entries has gone by unannounced, an empty batch tells
-                // the peer, so that a reconnect does not rescan them.
-                continue;
-            }
-            session.sent_upto = batch.upto.seq;
-            session.last_batch += 1;
-            let number = session.last_batch;
-            session.inflight.push_back(Inflight {
-                batch: number,
-                upto: batch.upto.seq,
-                changes: batch.changes.len() as u64,
-                answered: false,
-                views: std::mem::take(&mut batch.views),
-                owed: std::mem::take(&mut batch.owed),
-            });
-            if alter_relayed {
-                for change in &mut batch.changes {
-                    crate::fault::tamper_if_relayed(change, &me);
-                }
-            }
-            if twins {
-                for change in &mut batch.changes {
-                    if let Ok(Some(doc)) = replica.store().load_doc(&change.doc)
-                        && let Some(t) =
-                            crate::fault::twin(&doc, change, replica.identity().signing_key(), &me)
-                    {
-                        *change = t;
-                    }
-                }
-            }
-            let msg = Message::Changes {
-                batch: number,
-                after: sent_upto,
-                docs: batch.docs,
-                changes: batch.changes,
-                upto: batch.upto,
-                tip: last,
-            };
-            self.metered(replica, peer, &msg)?;
-            out.push((peer, msg));
-        }
     }
 }
