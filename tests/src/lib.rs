@@ -6,12 +6,15 @@
 //! - [`mallory`]: a hostile peer: a real libp2p node with a configured peer's key that sends
 //!   crafted frames.
 //! - [`browser`]: a real headless Chromium over WebDriver (the status page's test).
-//! - [`proxy`]: a TCP proxy that cuts every connection after so many bytes (flaky links).
+//! - [`proxy`]: a TCP proxy that shapes each direction (rate, delay) and cuts every
+//!   connection after so many bytes or seconds (thin, flaky links).
+//! - [`bench`]: what the benchmark binaries share (data files, peak memory, raw requests).
 //! - [`netns`]: a LAN of network namespaces the test creates, for mDNS.
 //! - `src/bin/bench.rs`: the sync benchmark (`cargo run --release -p tidesync-tests --bin bench`).
 //! - `src/bin/filebench.rs`: files against Syncthing (`cargo run --release -p tidesync-tests
 //!   --bin filebench`).
 
+pub mod bench;
 pub mod browser;
 pub mod mallory;
 pub mod netns;

@@ -17,8 +17,13 @@ use tidesync_proto::files::FileAsk;
 use crate::files::FileHash;
 use crate::model::{MAX_WANT_SOURCES, PeerFiles, WantRow};
 
-/// Segment asks in flight to one peer (each up to 1 MiB).
+/// Segment asks in flight to one peer (each up to 1 MiB), at most: a peer's window starts
+/// here, halves when asks time out and grows back by one for each window's worth answered.
 pub const MAX_ASKS_PER_PEER: usize = 16;
+/// Asks that fail within this long of a halving, in milliseconds, halve the window no
+/// further: the asks in flight on a link too slow for them all fail together, and that is one
+/// signal, not sixteen.
+pub const ASK_BACKOFF_MS: i64 = 10_000;
 /// Segment asks in flight to all peers together: what downloads hold in memory is bounded by
 /// this many segments, whatever the files' sizes.
 pub const MAX_ASKS_IN_FLIGHT: usize = 32;
@@ -107,6 +112,45 @@ pub struct Fetcher {
     by_size: BTreeSet<(u64, FileHash)>,
     connected: BTreeMap<NodeId, usize>,
     peers: BTreeMap<NodeId, PeerFiles>,
+    /// Each peer's ask window (kept across its connections, not across restarts).
+    windows: BTreeMap<NodeId, AskWindow>,
+}
+
+/// How many segment asks one peer gets at once: on a thin link (1 Mbit/s carries 1 MiB in
+/// about 8 s) sixteen asks of 1 MiB all outlast their timeout, and no segment ever arrives.
+#[derive(Debug, Clone, Copy)]
+struct AskWindow {
+    size: usize,
+    answered: usize,
+    halved_ms: i64,
+}
+
+impl Default for AskWindow {
+    fn default() -> AskWindow {
+        AskWindow {
+            size: MAX_ASKS_PER_PEER,
+            answered: 0,
+            halved_ms: i64::MIN,
+        }
+    }
+}
+
+impl AskWindow {
+    fn failed(&mut self, now_ms: i64) {
+        if now_ms.saturating_sub(self.halved_ms) >= ASK_BACKOFF_MS {
+            self.size = (self.size / 2).max(1);
+            self.answered = 0;
+            self.halved_ms = now_ms;
+        }
+    }
+
+    fn verified(&mut self) {
+        self.answered += 1;
+        if self.answered >= self.size {
+            self.size = (self.size + 1).min(MAX_ASKS_PER_PEER);
+            self.answered = 0;
+        }
+    }
 }
 
 impl Fetcher {
@@ -194,8 +238,8 @@ impl Fetcher {
     }
 
     /// The asks to send now: the missing segments of wanted files, each to the connected
-    /// source with the fewest asks in flight, within [`MAX_ASKS_PER_PEER`] and
-    /// [`MAX_ASKS_IN_FLIGHT`]. Files a read waits for go first, then the rest smallest first.
+    /// source with the fewest asks in flight, within its window (at most
+    /// [`MAX_ASKS_PER_PEER`]) and [`MAX_ASKS_IN_FLIGHT`]. Files a read waits for go first, then the rest smallest first.
     pub fn plan(&mut self, now_ms: i64) -> Vec<(NodeId, FileAsk)> {
         let mut total: usize = self.connected.values().sum();
         let mut out = Vec::new();
@@ -228,11 +272,13 @@ impl Fetcher {
                     continue;
                 }
                 let ready = |p: &NodeId| f.wait.get(p).is_none_or(|t| *t <= now_ms);
+                let windows = &self.windows;
+                let room = |p: &NodeId| windows.get(p).map_or(MAX_ASKS_PER_PEER, |w| w.size);
                 let pick = |peers: &mut dyn Iterator<Item = &NodeId>| {
                     peers
                         .filter(|p| ready(p))
                         .filter_map(|p| self.connected.get(p).map(|n| (*n, *p)))
-                        .filter(|(n, _)| *n < MAX_ASKS_PER_PEER)
+                        .filter(|(n, p)| *n < room(p))
                         .min()
                 };
                 // The sources first; when none can be asked, any connected peer (one that got
@@ -292,6 +338,7 @@ impl Fetcher {
                 if f.set_done(ask.segment) {
                     f.dirty = true;
                 }
+                self.windows.entry(peer).or_default().verified();
                 None
             }
             Outcome::Corrupt(why) => {
@@ -309,6 +356,7 @@ impl Fetcher {
             }
             Outcome::Failed(why) => {
                 f.wait.insert(peer, now_ms + FAILED_RETRY_MS);
+                self.windows.entry(peer).or_default().failed(now_ms);
                 Some(format!("asking {peer} failed: {why}"))
             }
             Outcome::Local(why) => {
@@ -442,6 +490,47 @@ mod tests {
         f.forget(&FileHash([1; 32]));
         f.forget(&FileHash([2; 32]));
         assert!(f.by_size.is_empty());
+    }
+
+    // Regression (shipbench, 1 Mbit/s, 2026-12-06): sixteen asks of 1 MiB in flight to one
+    // peer take over two minutes to arrive at 1 Mbit/s, longer than an ask may wait, so every
+    // ask timed out, was asked again, and no file ever arrived. A peer's asks now halve when
+    // they time out (once per burst of timeouts) and grow back as answers come.
+    #[test]
+    fn a_peers_asks_shrink_when_they_time_out_and_grow_back() {
+        let mut f = Fetcher::default();
+        f.want(row(1, 1_000, &[node(1)]));
+        f.connected(node(1));
+        let asks = f.plan(0);
+        assert_eq!(asks.len(), MAX_ASKS_PER_PEER);
+        // The whole burst times out together: one halving.
+        for (peer, ask) in &asks {
+            f.answered(*peer, ask, Outcome::Failed("timeout".into()), 60_000);
+        }
+        let asks = f.plan(70_000);
+        assert_eq!(asks.len(), MAX_ASKS_PER_PEER / 2);
+        for (peer, ask) in &asks {
+            f.answered(*peer, ask, Outcome::Failed("timeout".into()), 130_000);
+        }
+        let asks = f.plan(140_000);
+        assert_eq!(asks.len(), MAX_ASKS_PER_PEER / 4);
+        // Answers grow it back, one more ask for each window's worth.
+        let mut now = 140_000;
+        let mut sizes = Vec::new();
+        let mut asks = asks;
+        while sizes.len() < 40 {
+            sizes.push(asks.len());
+            for (peer, ask) in &asks {
+                let verified = Outcome::Verified {
+                    bytes: SEGMENT_BYTES,
+                };
+                f.answered(*peer, ask, verified, now);
+            }
+            now += 1_000;
+            asks = f.plan(now);
+        }
+        assert!(sizes.windows(2).all(|w| w[1] >= w[0]), "{sizes:?}");
+        assert_eq!(sizes.last(), Some(&MAX_ASKS_PER_PEER), "{sizes:?}");
     }
 
     #[test]

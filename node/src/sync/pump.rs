@@ -145,7 +145,12 @@ impl Sessions {
                 upto: batch.upto,
                 tip: last,
             };
-            let frame = tidesync_proto::wire::frame_bytes(&msg);
+            // The exact frame (compressed) is known only by encoding it: only a budget needs it.
+            let frame = if room == usize::MAX {
+                0
+            } else {
+                tidesync_proto::wire::frame_bytes(&msg)
+            };
             if frame > room {
                 // Views and carried objects made the batch larger than what is left today.
                 self.hold_for_budget(replica, peer, frame, room);

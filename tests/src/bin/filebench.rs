@@ -15,7 +15,7 @@
 //!
 //! Run: `cargo run --release -p tidesync-tests --bin filebench -- [--cases 1,2,3]`.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,10 +23,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tidesync_tests::TestNode;
+use tidesync_tests::bench::{peak_mib, request, wait_until, write_data};
 use tidesync_tests::proxy::FlakyProxy;
 
-/// Longest any case may take before the benchmark gives up on it, in seconds.
-const CASE_TIMEOUT_SECS: u64 = 1_800;
+/// Longest any case may take before the benchmark gives up on it.
+const CASE_LIMIT: Duration = Duration::from_secs(1_800);
 
 struct Args {
     big_mib: u64,
@@ -59,47 +60,6 @@ fn args() -> Args {
 }
 
 /// `len` pseudo-random bytes from `seed` (xorshift64), written to `path` in 1 MiB pieces.
-fn write_data(path: &Path, len: u64, seed: u64) {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("data file"));
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut left = len;
-    let mut buf = vec![0u8; 1 << 20];
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        for chunk in buf[..n].chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let b = x.to_le_bytes();
-            chunk.copy_from_slice(&b[..chunk.len()]);
-        }
-        f.write_all(&buf[..n]).expect("writing data");
-        left -= n as u64;
-    }
-    f.flush().expect("writing data");
-}
-
-/// Peak resident memory of a process, in MiB.
-fn peak_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(CASE_TIMEOUT_SECS);
-    while !done() {
-        assert!(Instant::now() < deadline, "gave up waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// What one tool did in one case.
 struct Run {
     secs: f64,
@@ -138,32 +98,6 @@ fn machine_limit(files: &[PathBuf]) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
-fn http(
-    node: &TestNode,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Vec<u8>>,
-    ty: &str,
-) -> Value {
-    let client = reqwest::blocking::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(600))
-        .build()
-        .expect("client");
-    let mut req = client
-        .request(method, format!("{}{path}", node.api_url()))
-        .header("content-type", ty);
-    if let Some(t) = node.token() {
-        req = req.bearer_auth(t);
-    }
-    if let Some(b) = body {
-        req = req.body(b);
-    }
-    let resp = req.send().expect("request");
-    assert!(resp.status().is_success(), "{path}: {}", resp.status());
-    resp.json().unwrap_or(Value::Null)
-}
-
 fn run_tidesync(files: &[PathBuf], cut_bytes: u64) -> Run {
     let mut a = TestNode::init("send");
     let mut b = TestNode::init("recv");
@@ -173,7 +107,7 @@ fn run_tidesync(files: &[PathBuf], cut_bytes: u64) -> Run {
     let mut objects = Vec::new();
     for (i, f) in files.iter().enumerate() {
         let bytes = std::fs::read(f).expect("read data");
-        let stored = http(
+        let stored = request(
             &a,
             reqwest::Method::POST,
             "/v1/files",
@@ -186,7 +120,7 @@ fn run_tidesync(files: &[PathBuf], cut_bytes: u64) -> Run {
     }
     for batch in objects.chunks(5_000) {
         let body = serde_json::to_vec(batch).expect("json");
-        http(
+        request(
             &a,
             reqwest::Method::POST,
             "/v1/objects",
@@ -208,10 +142,14 @@ fn run_tidesync(files: &[PathBuf], cut_bytes: u64) -> Run {
     let want = files.len();
     // The file feed's last number counts the files the receiver stored (it started empty).
     let feed = format!("/v1/changes?since={}&files_since=0&limit=1", u64::MAX);
-    wait_until("tidesync's receiver to store every file", || {
-        let f = http(&b, reqwest::Method::GET, &feed, None, "application/json");
-        f["files"]["last"].as_u64() == Some(want as u64)
-    });
+    wait_until(
+        CASE_LIMIT,
+        "tidesync's receiver to store every file",
+        || {
+            let f = request(&b, reqwest::Method::GET, &feed, None, "application/json");
+            f["files"]["last"].as_u64() == Some(want as u64)
+        },
+    );
     let secs = t.elapsed().as_secs_f64();
     let run = Run {
         secs,
@@ -337,7 +275,9 @@ impl Syncthing {
             gui,
             child: Some(child),
         };
-        wait_until("syncthing's API", || st.rest("/rest/system/ping").is_some());
+        wait_until(CASE_LIMIT, "syncthing's API", || {
+            st.rest("/rest/system/ping").is_some()
+        });
         st
     }
 
@@ -397,19 +337,23 @@ fn run_syncthing(files: &[PathBuf], cut_bytes: u64) -> Run {
     );
     let a = Syncthing::start(&ha, ga);
     let n = files.len() as u64;
-    wait_until("syncthing's sender to scan its folder", || {
+    wait_until(CASE_LIMIT, "syncthing's sender to scan its folder", || {
         a.rest("/rest/db/status?folder=bench")
             .is_some_and(|s| s["state"] == "idle" && s["localFiles"].as_u64() == Some(n))
     });
     let t = Instant::now();
     let b = Syncthing::start(&hb, gb);
-    wait_until("syncthing's receiver to hold every file", || {
-        b.rest("/rest/db/status?folder=bench").is_some_and(|s| {
-            s["needFiles"].as_u64() == Some(0)
-                && s["localFiles"].as_u64() == Some(n)
-                && s["state"] == "idle"
-        })
-    });
+    wait_until(
+        CASE_LIMIT,
+        "syncthing's receiver to hold every file",
+        || {
+            b.rest("/rest/db/status?folder=bench").is_some_and(|s| {
+                s["needFiles"].as_u64() == Some(0)
+                    && s["localFiles"].as_u64() == Some(n)
+                    && s["state"] == "idle"
+            })
+        },
+    );
     let secs = t.elapsed().as_secs_f64();
     Run {
         secs,
