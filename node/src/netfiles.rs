@@ -21,6 +21,8 @@ use crate::net::NetCounters;
 pub const FILES_PROTOCOL: &str = "/tidesync/files/1";
 /// How long a segment ask may wait for its answer, in seconds (1 MiB over a slow link).
 pub const FILE_REQUEST_TIMEOUT_SECS: u64 = 60;
+// The fetcher sizes its asks to arrive in half the time an ask may wait.
+const _: () = assert!(2 * crate::sync::fetch::ASK_TARGET_SECS <= FILE_REQUEST_TIMEOUT_SECS);
 /// Most files-protocol streams open at once on one connection, both directions: our asks
 /// in flight to the peer and its asks of us.
 pub const MAX_FILE_STREAMS_PER_CONNECTION: usize = 2 * crate::sync::fetch::MAX_ASKS_PER_PEER;

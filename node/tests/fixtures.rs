@@ -3,7 +3,8 @@
 //! architecture change (issue 13: store 3, protocol 2, bundle 1), `v2/` by the code of issue 14
 //! (store 4, protocol 3, bundle 2), `v3/` by the code that gave views their own ids and
 //! recorded equivocations (store 5, protocol 4, bundle 3), `v4/` by issue 16's code (store 7,
-//! protocol 5 with the fleet's status records, bundle 3). Today's code opens (migrating) every older store, reads the
+//! protocol 5 with the fleet's status records, bundle 3), `v5/` by the ships issue's code
+//! (store 7, protocol 6 with the codec byte and zstd, bundle 3). Today's code opens (migrating) every older store, reads the
 //! newest frames and bundle, and refuses older frames and bundles with their version named. Each test reads them with today's code and must find exactly
 //! what the writer recorded beside them: the proof that no disk, wire or bundle format changed
 //! by accident. A deliberate format change raises that format's version and adds fixtures; it
@@ -31,7 +32,7 @@ const LAB_SECRET: u8 = 8;
 
 /// The fixtures of the current formats.
 fn dir() -> PathBuf {
-    dir_of("v4")
+    dir_of("v5")
 }
 
 fn dir_of(version: &str) -> PathBuf {
@@ -183,7 +184,7 @@ fn ids() -> (NodeId, NodeId) {
 #[test]
 fn the_fixture_stores_of_every_version_read_as_they_were_written() {
     let (hub, lab) = ids();
-    for version in ["v1", "v2", "v3", "v4"] {
+    for version in ["v1", "v2", "v3", "v4", "v5"] {
         let (_tmp, mut core) = open_copy(&dir_of(version), "hub.redb", HUB_SECRET, "hub");
         let want = read_json(&dir_of(version).join("hub.expect.json"));
         let mut got = digest(&mut core, &[lab, hub]);
@@ -206,7 +207,12 @@ fn keep_recorded(got: &mut Json, recorded: &Json) {
 
 #[test]
 fn frames_and_bundles_of_an_older_version_are_refused_with_their_version_named() {
-    for (old, protocol, bundle) in [("v1", 2, Some(1)), ("v2", 3, Some(2)), ("v3", 4, None)] {
+    for (old, protocol, bundle) in [
+        ("v1", 2, Some(1)),
+        ("v2", 3, Some(2)),
+        ("v3", 4, None),
+        ("v4", 5, None),
+    ] {
         refused(&dir_of(old), protocol, bundle);
     }
 }

@@ -17,9 +17,19 @@ use tidesync_proto::files::FileAsk;
 use crate::files::FileHash;
 use crate::model::{MAX_WANT_SOURCES, PeerFiles, WantRow};
 
-/// Segment asks in flight to one peer (each up to 1 MiB), at most: a peer's window starts
-/// here, halves when asks time out and grows back by one for each window's worth answered.
+/// Segment asks in flight to one peer (each up to 1 MiB), at most. A peer's window starts at
+/// [`INITIAL_ASKS`] and doubles with each window's worth answered, up to what the measured
+/// rate delivers within [`ASK_TARGET_SECS`]; it halves when asks time out and then grows back
+/// by one for each window's worth answered.
 pub const MAX_ASKS_PER_PEER: usize = 16;
+/// A peer's ask window before anything was answered.
+pub const INITIAL_ASKS: usize = 2;
+/// How long the asks in flight to one peer should take to arrive at its measured rate, in
+/// seconds: half of how long the network shell lets an ask wait
+/// (`netfiles::FILE_REQUEST_TIMEOUT_SECS`).
+pub const ASK_TARGET_SECS: u64 = 30;
+/// Shortest stretch of answers the rate is measured over, in milliseconds.
+pub const RATE_SAMPLE_MS: i64 = 1_000;
 /// Asks that fail within this long of a halving, in milliseconds, halve the window no
 /// further: the asks in flight on a link too slow for them all fail together, and that is one
 /// signal, not sixteen.
@@ -116,27 +126,41 @@ pub struct Fetcher {
     windows: BTreeMap<NodeId, AskWindow>,
 }
 
-/// How many segment asks one peer gets at once: on a thin link (1 Mbit/s carries 1 MiB in
-/// about 8 s) sixteen asks of 1 MiB all outlast their timeout, and no segment ever arrives.
+/// How many segment asks one peer gets at once. The asks in flight share the link, so on a
+/// thin one (1 Mbit/s carries 1 MiB in about 8 s) sixteen asks of 1 MiB all outlast their
+/// timeout together and no segment ever arrives: the window starts small, grows while the
+/// link keeps up, and never asks for more than the measured rate delivers in
+/// [`ASK_TARGET_SECS`].
 #[derive(Debug, Clone, Copy)]
 struct AskWindow {
     size: usize,
     answered: usize,
     halved_ms: i64,
+    /// Doubling (until the first timeout), or growing by one.
+    slow_start: bool,
+    /// Bytes a second the peer's answers arrived at, once measured.
+    rate: Option<f64>,
+    sample_from_ms: Option<i64>,
+    sample_bytes: u64,
 }
 
 impl Default for AskWindow {
     fn default() -> AskWindow {
         AskWindow {
-            size: MAX_ASKS_PER_PEER,
+            size: INITIAL_ASKS,
             answered: 0,
             halved_ms: i64::MIN,
+            slow_start: true,
+            rate: None,
+            sample_from_ms: None,
+            sample_bytes: 0,
         }
     }
 }
 
 impl AskWindow {
     fn failed(&mut self, now_ms: i64) {
+        self.slow_start = false;
         if now_ms.saturating_sub(self.halved_ms) >= ASK_BACKOFF_MS {
             self.size = (self.size / 2).max(1);
             self.answered = 0;
@@ -144,12 +168,35 @@ impl AskWindow {
         }
     }
 
-    fn verified(&mut self) {
+    fn verified(&mut self, bytes: u64, now_ms: i64) {
+        let from = *self.sample_from_ms.get_or_insert(now_ms);
+        self.sample_bytes += bytes;
+        let span = now_ms.saturating_sub(from);
+        if span >= RATE_SAMPLE_MS {
+            let rate = self.sample_bytes as f64 * 1_000.0 / span as f64;
+            self.rate = Some(self.rate.map_or(rate, |r| (r + rate) / 2.0));
+            self.sample_from_ms = Some(now_ms);
+            self.sample_bytes = 0;
+        }
         self.answered += 1;
         if self.answered >= self.size {
-            self.size = (self.size + 1).min(MAX_ASKS_PER_PEER);
+            let grown = if self.slow_start {
+                self.size * 2
+            } else {
+                self.size + 1
+            };
+            self.size = grown.min(self.rate_cap()).min(MAX_ASKS_PER_PEER);
             self.answered = 0;
         }
+    }
+
+    /// Asks of a whole segment the measured rate delivers in [`ASK_TARGET_SECS`] (at least
+    /// one; no limit before the rate is known).
+    fn rate_cap(&self) -> usize {
+        self.rate.map_or(usize::MAX, |rate| {
+            let bytes = rate * ASK_TARGET_SECS as f64;
+            ((bytes / tidesync_proto::files::SEGMENT_BYTES as f64) as usize).max(1)
+        })
     }
 }
 
@@ -273,7 +320,7 @@ impl Fetcher {
                 }
                 let ready = |p: &NodeId| f.wait.get(p).is_none_or(|t| *t <= now_ms);
                 let windows = &self.windows;
-                let room = |p: &NodeId| windows.get(p).map_or(MAX_ASKS_PER_PEER, |w| w.size);
+                let room = |p: &NodeId| windows.get(p).map_or(INITIAL_ASKS, |w| w.size);
                 let pick = |peers: &mut dyn Iterator<Item = &NodeId>| {
                     peers
                         .filter(|p| ready(p))
@@ -338,7 +385,10 @@ impl Fetcher {
                 if f.set_done(ask.segment) {
                     f.dirty = true;
                 }
-                self.windows.entry(peer).or_default().verified();
+                self.windows
+                    .entry(peer)
+                    .or_default()
+                    .verified(bytes, now_ms);
                 None
             }
             Outcome::Corrupt(why) => {
@@ -474,9 +524,13 @@ mod tests {
         f.want(row(2, 1, &[node(9)]));
         f.want(row(3, 2, &[node(9)]));
         f.connected(node(9));
-        let asks = f.plan(0);
-        let first: Vec<u8> = asks.iter().take(4).map(|(_, a)| a.hash[0]).collect();
-        assert_eq!(first, vec![2, 3, 3, 1], "smallest first: {first:?}");
+        let mut first: Vec<u8> = Vec::new();
+        let mut asks = f.plan(0);
+        while first.len() < 4 {
+            first.extend(asks.iter().map(|(_, a)| a.hash[0]));
+            asks = answer_all(&mut f, &asks, 1);
+        }
+        assert_eq!(first[..4], [2, 3, 3, 1], "smallest first: {first:?}");
         let mut f = Fetcher::default();
         f.want(row(1, 100, &[node(9)]));
         f.want(row(2, 1, &[node(9)]));
@@ -492,45 +546,78 @@ mod tests {
         assert!(f.by_size.is_empty());
     }
 
+    /// Answer every ask in `asks` as verified at `now`; the next plan at `now`.
+    fn answer_all(f: &mut Fetcher, asks: &[(NodeId, FileAsk)], now: i64) -> Vec<(NodeId, FileAsk)> {
+        for (peer, ask) in asks {
+            let verified = Outcome::Verified {
+                bytes: SEGMENT_BYTES,
+            };
+            f.answered(*peer, ask, verified, now);
+        }
+        f.plan(now)
+    }
+
     // Regression (shipbench, 1 Mbit/s, 2026-12-06): sixteen asks of 1 MiB in flight to one
-    // peer take over two minutes to arrive at 1 Mbit/s, longer than an ask may wait, so every
-    // ask timed out, was asked again, and no file ever arrived. A peer's asks now halve when
-    // they time out (once per burst of timeouts) and grow back as answers come.
+    // peer share the link, so at 1 Mbit/s each took over two minutes to arrive, longer than an
+    // ask may wait: every ask timed out, was asked again, and no file ever arrived. A peer's
+    // window now starts at two asks, doubles while answers come, stops at what the measured
+    // rate delivers in `ASK_TARGET_SECS`, and halves when asks time out (once per burst).
     #[test]
-    fn a_peers_asks_shrink_when_they_time_out_and_grow_back() {
+    fn a_peers_asks_grow_with_its_answers_and_shrink_when_they_time_out() {
         let mut f = Fetcher::default();
-        f.want(row(1, 1_000, &[node(1)]));
+        f.want(row(1, 10_000, &[node(1)]));
         f.connected(node(1));
-        let asks = f.plan(0);
-        assert_eq!(asks.len(), MAX_ASKS_PER_PEER);
-        // The whole burst times out together: one halving.
+        // A fast link: 1 MiB answers every few milliseconds, the window doubles to the cap.
+        let mut asks = f.plan(0);
+        let mut sizes = vec![asks.len()];
+        for round in 1..8 {
+            asks = answer_all(&mut f, &asks, round * 5);
+            sizes.push(asks.len());
+        }
+        assert_eq!(sizes[..4], [2, 4, 8, 16], "{sizes:?}");
+        assert_eq!(sizes.last(), Some(&MAX_ASKS_PER_PEER));
+        // The whole window times out together: one halving.
         for (peer, ask) in &asks {
             f.answered(*peer, ask, Outcome::Failed("timeout".into()), 60_000);
         }
-        let asks = f.plan(70_000);
+        asks = f.plan(70_000);
         assert_eq!(asks.len(), MAX_ASKS_PER_PEER / 2);
-        for (peer, ask) in &asks {
-            f.answered(*peer, ask, Outcome::Failed("timeout".into()), 130_000);
-        }
-        let asks = f.plan(140_000);
-        assert_eq!(asks.len(), MAX_ASKS_PER_PEER / 4);
-        // Answers grow it back, one more ask for each window's worth.
-        let mut now = 140_000;
+        // Then it grows by one for each window's worth answered.
+        let mut now = 70_000;
         let mut sizes = Vec::new();
-        let mut asks = asks;
-        while sizes.len() < 40 {
+        while sizes.len() < 12 {
             sizes.push(asks.len());
-            for (peer, ask) in &asks {
-                let verified = Outcome::Verified {
-                    bytes: SEGMENT_BYTES,
-                };
-                f.answered(*peer, ask, verified, now);
-            }
-            now += 1_000;
-            asks = f.plan(now);
+            now += 5;
+            asks = answer_all(&mut f, &asks, now);
         }
-        assert!(sizes.windows(2).all(|w| w[1] >= w[0]), "{sizes:?}");
-        assert_eq!(sizes.last(), Some(&MAX_ASKS_PER_PEER), "{sizes:?}");
+        assert_eq!(sizes[..3], [8, 9, 10], "{sizes:?}");
+    }
+
+    #[test]
+    fn on_a_thin_link_the_asks_stop_at_what_arrives_in_the_target_time() {
+        let mut f = Fetcher::default();
+        f.want(row(1, 10_000, &[node(1)]));
+        f.connected(node(1));
+        // 125 kB/s (1 Mbit/s): the asks in flight share it, so a window of n asks of 1 MiB
+        // is answered after n * 8.4 s.
+        let ms_per_segment = (SEGMENT_BYTES as f64 / 125.0) as i64;
+        let mut now = 0;
+        let mut asks = f.plan(now);
+        let mut largest = 0;
+        for _ in 0..20 {
+            largest = largest.max(asks.len());
+            now += ms_per_segment * asks.len() as i64;
+            asks = answer_all(&mut f, &asks, now);
+        }
+        let in_target = (125_000 * ASK_TARGET_SECS / SEGMENT_BYTES) as usize;
+        assert!(
+            largest <= in_target.max(INITIAL_ASKS * 2),
+            "{largest} > {in_target}"
+        );
+        assert!(
+            largest * ms_per_segment as usize <= 60_000,
+            "asks would time out"
+        );
     }
 
     #[test]
@@ -541,9 +628,9 @@ mod tests {
         f.connected(node(1));
         f.connected(node(2));
         let asks = f.plan(0);
-        assert_eq!(asks.len(), 2 * MAX_ASKS_PER_PEER);
+        assert_eq!(asks.len(), 2 * INITIAL_ASKS);
         let to_1 = asks.iter().filter(|(p, _)| *p == node(1)).count();
-        assert_eq!(to_1, MAX_ASKS_PER_PEER, "both peers get asks");
+        assert_eq!(to_1, INITIAL_ASKS, "both peers get asks");
         assert!(f.plan(0).is_empty(), "every slot is taken");
         for (peer, ask) in &asks {
             f.answered(
@@ -635,6 +722,8 @@ mod tests {
         let asks = f.plan(0);
         let segments: Vec<u64> = asks.iter().map(|(_, a)| a.segment).collect();
         assert_eq!(segments, vec![3, 9], "only the missing segments");
+        assert!(answer_all(&mut f, &asks, 1).is_empty());
+        assert_eq!(f.complete(), vec![(FileHash([1; 32]), 10 * SEGMENT_BYTES)]);
         let mut lazy = row(2, 3, &[node(1)]);
         lazy.on_demand = true;
         f.want(lazy);
