@@ -431,6 +431,25 @@ impl Drop for TestNode {
     }
 }
 
+/// `chars` characters of base64 over pseudo-random bytes drawn from `seed`: padding for test
+/// records that zstd cannot shrink (repeated characters would compress to almost nothing on
+/// the wire, and a test that needs bytes on the link would get none).
+pub fn noise(seed: u64, chars: usize) -> String {
+    use base64::Engine;
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let bytes: Vec<u8> = (0..chars.div_ceil(4) * 3)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let mut text = base64::engine::general_purpose::STANDARD.encode(bytes);
+    text.truncate(chars);
+    text
+}
+
 /// Wait until `cond` holds, polling; panics with `what` after [`CONVERGE_TIMEOUT_SECS`].
 /// Convergence is asserted on state, never on how long it took.
 pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tidesync_tests::{TestNode, json, wait_for};
+use tidesync_tests::{TestNode, json, noise, wait_for};
 
 fn put(n: &TestNode, id: &str, body: &str) {
     n.ok(&["put", "Sample", id, body]);
@@ -223,7 +223,7 @@ fn a_large_sync_over_a_link_that_keeps_breaking_completes_by_resuming() {
     while i < OBJECTS {
         let end = (i + 2_000).min(OBJECTS);
         let items: Vec<serde_json::Value> = (i..end)
-            .map(|k| json!({"type": "Sample", "id": format!("S-{k:05}"), "fields": {"k": k}}))
+            .map(|k| json!({"type": "Sample", "id": format!("S-{k:05}"), "fields": {"k": k, "pad": noise(k as u64, 160)}}))
             .collect();
         let (status, body) = hub.http(
             reqwest::Method::POST,
@@ -263,9 +263,8 @@ fn records_cross_a_link_that_drops_every_64_kib() {
     let mut hub = TestNode::init("hub");
     hub.start();
     ship.start();
-    let pad = "x".repeat(2_000);
     let items: Vec<serde_json::Value> = (0..OBJECTS)
-        .map(|k| json!({"type": "Sample", "id": format!("S-{k:04}"), "fields": {"k": k, "notes": pad}}))
+        .map(|k| json!({"type": "Sample", "id": format!("S-{k:04}"), "fields": {"k": k, "notes": noise(k as u64, 2_000)}}))
         .collect();
     let (status, body) = hub.http(
         reqwest::Method::POST,
@@ -305,7 +304,7 @@ fn windows_budgets_and_sync_now_decide_what_the_link_carries() {
     ship.start();
     let put = |n: &TestNode, from: usize, to: usize| {
         let items: Vec<serde_json::Value> = (from..to)
-            .map(|k| json!({"type": "Sample", "id": format!("S-{k:03}"), "fields": {"k": k, "pad": "y".repeat(1_000)}}))
+            .map(|k| json!({"type": "Sample", "id": format!("S-{k:03}"), "fields": {"k": k, "pad": noise(k as u64, 1_400)}}))
             .collect();
         let (status, body) = n.http(
             reqwest::Method::POST,
