@@ -34,7 +34,7 @@ pub fn run(opts: &Options) -> Result<Report, Violation> {
     for step in 0..opts.steps {
         run_step(&mut world, step)?;
     }
-    crate::shaping::check_meters(&world, "before the heal")?;
+    invariants::check_meters(&world, "before the heal")?;
     heal(&mut world)?;
     invariants::check(&mut world)?;
     idle_resync(&mut world)?;

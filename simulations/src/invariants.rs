@@ -339,3 +339,33 @@ fn agree(
     }
     Ok(())
 }
+
+/// Every byte that crossed a budgeted link today was counted by its sender's durable meter
+/// (which a crash keeps): the meter may count more (a step that failed after its batch was
+/// counted), never less. The misbehaving node is held to nothing.
+pub(crate) fn check_meters(w: &World, phase: &str) -> Result<(), Violation> {
+    for (me, peer, crossed) in w.shaping.budgeted_today(w.now) {
+        if w.is_bad(me) {
+            continue;
+        }
+        let store = match (&w.nodes[me].core, &w.nodes[me].store) {
+            (Some(core), _) => core.store(),
+            (None, Some(store)) => store,
+            (None, None) => continue,
+        };
+        let counted = store
+            .meter(&w.node_id(peer))
+            .map_err(|e| fail(phase, format!("node {me}: reading a meter: {e}")))?
+            .on(w.now)
+            .bytes;
+        if counted < crossed {
+            return Err(fail(
+                phase,
+                format!(
+                    "node {me} sent {peer} {crossed} bytes today but its meter counts {counted}"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}

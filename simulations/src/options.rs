@@ -22,7 +22,7 @@ pub struct Options {
     pub fault: Option<EngineFault>,
     /// The misbehaving node, if the world has one, and how it misbehaves (never node 0).
     pub bad: Option<(usize, Misbehaviour)>,
-    /// Whether links carry budgets, windows and rates (see [`crate::shaping`]).
+    /// Whether links carry budgets, windows and rates (see the `shaping` module).
     pub shaped: bool,
 }
 

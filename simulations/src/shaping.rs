@@ -4,7 +4,9 @@
 //! checked as each message leaves:
 //! - no peer ever receives more batch bytes in a UTC day than its budget allows;
 //! - no batch starts outside its link's windows;
-//! - every byte that crossed was counted by the sender's durable meter, across crashes.
+//!
+//! and, before the heal (`invariants::check_meters`), every byte that crossed was counted by
+//! the sender's durable meter, across crashes.
 //!
 //! Shaped worlds draw all of this from a stream of their own (see [`Shaping::draw`]), so
 //! the rest of the world's draws stay as they are.
@@ -17,7 +19,6 @@ use tidesync::link::{DAY_MS, Link, Window};
 use tidesync_proto::Message;
 
 use crate::options::{Violation, fail};
-use crate::world::World;
 
 /// Chance, in thousandths, that simulated time jumps ahead at a step of a shaped world.
 const JUMP_PER_MILLE: u32 = 20;
@@ -66,6 +67,65 @@ impl Shaping {
         let rng = self.rng.as_mut()?;
         (rng.random_range(0..1000) < JUMP_PER_MILLE).then(|| rng.random_range(1..=MAX_JUMP_MINUTES))
     }
+    /// `msg` leaves honest node `from` for `to` at `now_ms`: enter it in the ledger and check
+    /// the link's rules.
+    pub(crate) fn sent(
+        &mut self,
+        from: usize,
+        to: usize,
+        msg: &Message,
+        now_ms: i64,
+        phase: &str,
+    ) -> Result<(), Violation> {
+        let Some(link) = self.links.get(&(from, to)) else {
+            return Ok(());
+        };
+        let bytes = tidesync_proto::wire::frame_bytes(msg) as u64;
+        let day = now_ms.div_euclid(DAY_MS);
+        *self.sent.entry((from, to, day)).or_default() += bytes;
+        if !matches!(msg, Message::Changes { .. }) {
+            return Ok(());
+        }
+        let minute = (now_ms.rem_euclid(DAY_MS) / 60_000) as u16;
+        if !link.windows.is_empty() && !link.windows.iter().any(|win| win.contains(minute)) {
+            let windows: Vec<String> = link.windows.iter().map(|&win| win.into()).collect();
+            return Err(fail(
+                phase,
+                format!(
+                    "node {from} started a batch to {to} at {:02}:{:02} UTC, outside its windows {}",
+                    minute / 60,
+                    minute % 60,
+                    windows.join(", ")
+                ),
+            ));
+        }
+        let budget = link.budget.unwrap_or(u64::MAX);
+        let total = self.batches.entry((from, to, day)).or_default();
+        *total += bytes;
+        if *total > budget {
+            return Err(fail(
+                phase,
+                format!(
+                    "node {from} sent {to} {total} bytes of batches on day {day}, over its budget of {budget}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Each link side with a budget, and the frame bytes that crossed it on the UTC day of
+    /// `now_ms`: (me, peer, bytes).
+    pub(crate) fn budgeted_today(&self, now_ms: i64) -> Vec<(usize, usize, u64)> {
+        let day = now_ms.div_euclid(DAY_MS);
+        self.links
+            .iter()
+            .filter(|(_, link)| link.budget.is_some())
+            .map(|(&(me, peer), _)| {
+                let crossed = self.sent.get(&(me, peer, day)).copied().unwrap_or(0);
+                (me, peer, crossed)
+            })
+            .collect()
+    }
 }
 
 fn draw_link(rng: &mut StdRng) -> Link {
@@ -86,84 +146,4 @@ fn draw_link(rng: &mut StdRng) -> Link {
         windows,
         budget: Some(rng.random_range(BUDGET_BYTES.0..=BUDGET_BYTES.1)),
     }
-}
-
-/// `msg` leaves `from` for `to` now: enter it in the ledger and check the link's rules. The
-/// misbehaving node keeps no rules.
-pub(crate) fn sent(
-    w: &mut World,
-    from: usize,
-    to: usize,
-    msg: &Message,
-    phase: &str,
-) -> Result<(), Violation> {
-    if w.is_bad(from) {
-        return Ok(());
-    }
-    let Some(link) = w.shaping.links.get(&(from, to)) else {
-        return Ok(());
-    };
-    let bytes = tidesync_proto::wire::frame_bytes(msg) as u64;
-    let day = w.now.div_euclid(DAY_MS);
-    *w.shaping.sent.entry((from, to, day)).or_default() += bytes;
-    if !matches!(msg, Message::Changes { .. }) {
-        return Ok(());
-    }
-    let minute = (w.now.rem_euclid(DAY_MS) / 60_000) as u16;
-    if !link.windows.is_empty() && !link.windows.iter().any(|win| win.contains(minute)) {
-        let windows: Vec<String> = link.windows.iter().map(|&win| win.into()).collect();
-        return Err(fail(
-            phase,
-            format!(
-                "node {from} started a batch to {to} at {:02}:{:02} UTC, outside its windows {}",
-                minute / 60,
-                minute % 60,
-                windows.join(", ")
-            ),
-        ));
-    }
-    let budget = link.budget.unwrap_or(u64::MAX);
-    let total = w.shaping.batches.entry((from, to, day)).or_default();
-    *total += bytes;
-    if *total > budget {
-        return Err(fail(
-            phase,
-            format!(
-                "node {from} sent {to} {total} bytes of batches on day {day}, over its budget of {budget}"
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Every byte that crossed today was counted by its sender's durable meter (which a crash
-/// keeps): the meter may count more (a step that failed after its batch was counted), never
-/// less.
-pub(crate) fn check_meters(w: &World, phase: &str) -> Result<(), Violation> {
-    let day = w.now.div_euclid(DAY_MS);
-    for (&(me, peer), link) in &w.shaping.links {
-        if link.budget.is_none() || w.is_bad(me) {
-            continue;
-        }
-        let store = match (&w.nodes[me].core, &w.nodes[me].store) {
-            (Some(core), _) => core.store(),
-            (None, Some(store)) => store,
-            (None, None) => continue,
-        };
-        let counted = store
-            .meter(&w.node_id(peer))
-            .map_err(|e| fail(phase, format!("node {me}: reading a meter: {e}")))?
-            .on(w.now)
-            .bytes;
-        let crossed = w.shaping.sent.get(&(me, peer, day)).copied().unwrap_or(0);
-        if counted < crossed {
-            return Err(fail(
-                phase,
-                format!(
-                    "node {me} sent {peer} {crossed} bytes today but its meter counts {counted}"
-                ),
-            ));
-        }
-    }
-    Ok(())
 }

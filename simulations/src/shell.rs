@@ -117,7 +117,9 @@ pub(crate) fn route(
             return Err(fail(phase, format!("node {from} sent to unknown {peer}")));
         };
         remember(w, from, to, &msg);
-        crate::shaping::sent(w, from, to, &msg, phase)?;
+        if !w.is_bad(from) {
+            w.shaping.sent(from, to, &msg, w.now, phase)?;
+        }
         if let Message::Changes { changes, upto, .. } = &msg {
             // The idle resync counts what honest nodes send (see `harness::idle_resync`).
             if !w.is_bad(from) {
@@ -172,7 +174,9 @@ pub(crate) fn handle(w: &mut World, event: Event, phase: &str) -> Result<(), Vio
                 .line(&format!("{} request {from}->{to} {}", w.now, kind(msg)));
             match core.on_request(peer, msg.clone()) {
                 Ok(response) => {
-                    crate::shaping::sent(w, to, from, &response, phase)?;
+                    if !w.is_bad(to) {
+                        w.shaping.sent(to, from, &response, w.now, phase)?;
+                    }
                     w.net.respond(&mut w.rng, w.now, &event, response);
                     route(w, to, Ok(()), phase)
                 }

@@ -3,7 +3,6 @@
 //! What changes it lives in the harness, the shell and the workload (`harness.rs`,
 //! `shell.rs`, `workload.rs`), which build on this module.
 
-use crate::shaping::Shaping;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
@@ -17,6 +16,7 @@ use tidesync_proto::NodeId;
 
 use crate::net::Net;
 use crate::options::{Options, Report, Violation, fail};
+use crate::shaping::Shaping;
 use crate::topology::Layout;
 
 /// The simulated clock's start, Unix milliseconds.
