@@ -120,12 +120,14 @@ impl Sessions {
         replica: &Replica,
         peer: NodeId,
         msg: &Message,
+        frame: Option<usize>,
     ) -> Result<(), SyncError> {
         let link = &replica.policy(&peer).link;
         if link.is_open_always() {
             return Ok(());
         }
-        let bytes = tidesync_proto::wire::frame_bytes(msg) as u64;
+        // The frame's size, when the caller already encoded it (compression makes it cost).
+        let bytes = frame.unwrap_or_else(|| tidesync_proto::wire::frame_bytes(msg)) as u64;
         let now = replica.now_ms();
         if link.budget.is_some() {
             replica
@@ -150,7 +152,7 @@ impl Sessions {
     ) -> Result<(), SyncError> {
         for (peer, msg) in out {
             if !matches!(msg, Message::Changes { .. }) {
-                self.metered(replica, *peer, msg)?;
+                self.metered(replica, *peer, msg, None)?;
             }
         }
         Ok(())

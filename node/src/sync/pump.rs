@@ -171,7 +171,7 @@ impl Sessions {
                 views: batch.views,
                 owed: batch.owed,
             });
-            self.metered(replica, peer, &msg)?;
+            self.metered(replica, peer, &msg, (frame > 0).then_some(frame))?;
             out.push((peer, msg));
         }
     }
