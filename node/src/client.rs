@@ -373,7 +373,9 @@ impl Client {
             }
             Client::Api(api) => {
                 let to = tokio::fs::File::from_std(tmp.reopen().map_err(write_err)?);
-                api.download(&format!("/v1/files/{hash}"), to).await?
+                api.download(reqwest::Method::GET, &format!("/v1/files/{hash}"), to)
+                    .await?
+                    .1
             }
         };
         tmp.persist(out).map_err(|e| write_err(e.error))?;
@@ -531,56 +533,85 @@ impl Client {
         }
     }
 
-    /// A bundle for peer `name`; `progress` is told the changes gathered (stopped node only;
-    /// a running node answers when it is done).
+    /// Write a bundle for the configured peer `name` to `out`, through a temporary file
+    /// beside it renamed once whole, with the files it lacks unless `files` is false; its
+    /// report. `progress` is told the changes gathered (stopped node only).
     pub async fn export_bundle(
         &mut self,
         name: &str,
         all: bool,
         encrypt: bool,
+        files: bool,
+        out: &std::path::Path,
         progress: &dyn Fn(u64),
-    ) -> Result<(Vec<u8>, ExportReport), ClientError> {
-        match self {
-            Client::Local(core, _) => Ok(core.export_bundle(name, all, encrypt, progress)?),
+    ) -> Result<ExportReport, ClientError> {
+        let write_err =
+            |e: std::io::Error| ClientError::Failed(format!("cannot write {}: {e}", out.display()));
+        let dir = out
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let tmp = tempfile::Builder::new()
+            .prefix(".tidesync-bundle-")
+            .tempfile_in(dir)
+            .map_err(write_err)?;
+        let mut report = match self {
+            Client::Local(core, _) => {
+                let to = std::io::BufWriter::new(tmp.reopen().map_err(write_err)?);
+                let (to, report) = core.export_to(name, all, encrypt, files, to, progress)?;
+                to.into_inner()
+                    .map_err(|e| write_err(e.into_error()))?
+                    .sync_all()
+                    .map_err(write_err)?;
+                report
+            }
             Client::Api(api) => {
                 let path = format!(
-                    "/v1/bundles/export?for={}&all={all}&plain={}",
+                    "/v1/bundles/export?for={}&all={all}&plain={}&files={files}",
                     encode(name),
                     !encrypt
                 );
-                // Exports of large stores take a while: allow for it beyond the usual timeout.
-                let (headers, bytes) = api
-                    .request(reqwest::Method::POST, &path, Body::None, BUNDLE_WAIT_SECS)
-                    .await?;
-                let report = headers
+                let to = tokio::fs::File::from_std(tmp.reopen().map_err(write_err)?);
+                let (headers, _) = api.download(reqwest::Method::POST, &path, to).await?;
+                headers
                     .get(crate::api::EXPORT_REPORT_HEADER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| serde_json::from_str(v).ok())
                     .ok_or_else(|| {
                         ClientError::Failed("the node's export came without its report".into())
-                    })?;
-                Ok((bytes, report))
+                    })?
             }
-        }
+        };
+        report.bytes = tmp.as_file().metadata().map_err(write_err)?.len();
+        // A temporary file is created readable by its owner alone (0600), as a bundle should be.
+        tmp.persist(out).map_err(|e| write_err(e.error))?;
+        Ok(report)
     }
 
-    /// Import a bundle; `progress` is told the changes stored and their total (stopped node
-    /// only).
+    /// Import the bundle in `file`, read as a stream; `progress` is told the changes stored
+    /// and their total (stopped node only).
     pub async fn import_bundle(
         &mut self,
-        bytes: Vec<u8>,
+        file: &std::path::Path,
         dry_run: bool,
         progress: &dyn Fn(u64, u64),
     ) -> Result<ImportReport, ClientError> {
+        let read_err = |e: std::io::Error| {
+            ClientError::Failed(format!("cannot read the bundle {}: {e}", file.display()))
+        };
+        let src = std::fs::File::open(file).map_err(read_err)?;
         match self {
-            Client::Local(core, _) => Ok(core.import_bundle(&bytes, dry_run, progress)?),
+            Client::Local(core, _) => {
+                Ok(core.import_from(std::io::BufReader::new(src), dry_run, progress)?)
+            }
             Client::Api(api) => {
+                let len = src.metadata().map_err(read_err)?.len();
                 let path = format!("/v1/bundles/import?dry_run={dry_run}");
                 let (_, answer) = api
                     .request(
                         reqwest::Method::POST,
                         &path,
-                        Body::Bytes(bytes),
+                        Body::File(tokio::fs::File::from_std(src), len),
                         BUNDLE_WAIT_SECS,
                     )
                     .await?;
@@ -603,7 +634,6 @@ impl Client {
 enum Body {
     None,
     Json(Json),
-    Bytes(Vec<u8>),
     /// A file streamed from disk, with its length.
     File(tokio::fs::File, u64),
 }
@@ -657,13 +687,22 @@ impl ApiClient {
         })
     }
 
-    /// Stream the body of a GET of `path` into `out`, flushed and synced; returns its length.
-    async fn download(&self, path: &str, mut out: tokio::fs::File) -> Result<u64, ClientError> {
+    /// Stream the body of a request for `path` into `out`, flushed and synced; returns the
+    /// answer's headers and the body's length.
+    async fn download(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        mut out: tokio::fs::File,
+    ) -> Result<(reqwest::header::HeaderMap, u64), ClientError> {
         use tokio::io::AsyncWriteExt;
         let url = format!("{}{path}", self.base);
-        let mut req = self.http.get(&url);
+        let mut req = self.http.request(method.clone(), &url);
         if let Some(token) = &self.token {
             req = req.bearer_auth(token);
+        }
+        if method != reqwest::Method::GET {
+            req = req.header(reqwest::header::CONTENT_TYPE, guard::JSON_MEDIA_TYPE);
         }
         let unreachable = |detail: String| ClientError::Unreachable {
             home: self.home.clone(),
@@ -672,6 +711,7 @@ impl ApiClient {
         };
         let mut resp = req.send().await.map_err(|e| unreachable(e.to_string()))?;
         let status = resp.status();
+        let headers = resp.headers().clone();
         if !status.is_success() {
             let bytes = resp.bytes().await.map_err(|e| unreachable(e.to_string()))?;
             return Err(failure(status, &bytes));
@@ -685,7 +725,7 @@ impl ApiClient {
         }
         out.flush().await.map_err(write_err)?;
         out.sync_all().await.map_err(write_err)?;
-        Ok(size)
+        Ok((headers, size))
     }
 
     /// One request; a successful answer's headers and body, or the node's error.
@@ -713,13 +753,16 @@ impl ApiClient {
             }
             Body::None => req,
             Body::Json(body) => req.json(&body),
-            Body::Bytes(bytes) => req
-                .header(reqwest::header::CONTENT_TYPE, guard::BUNDLE_MEDIA_TYPE)
-                .body(bytes),
             Body::File(file, len) => req
                 .header(
                     reqwest::header::CONTENT_TYPE,
-                    crate::api::files::FILE_MEDIA_TYPE,
+                    if path == crate::api::BUNDLE_IMPORT_PATH
+                        || path.starts_with(&format!("{}?", crate::api::BUNDLE_IMPORT_PATH))
+                    {
+                        guard::BUNDLE_MEDIA_TYPE
+                    } else {
+                        crate::api::files::FILE_MEDIA_TYPE
+                    },
                 )
                 .header(reqwest::header::CONTENT_LENGTH, len)
                 .body(reqwest::Body::from(file)),

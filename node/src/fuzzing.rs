@@ -16,14 +16,13 @@ use std::cell::RefCell;
 
 use automerge::{Automerge, ChangeHash};
 use ed25519_dalek::Signer;
-use serde::Serialize;
 use serde_json::{Map, Value as Json, json};
 use sha2::{Digest, Sha256};
 use tidesync_proto::change::signing_message;
 use tidesync_proto::chunk::ChangeHeader;
 use tidesync_proto::{DocHeader, DocId, NodeId, ObjectId, SignedChange, TypeName, wire};
 
-use crate::bundle::{self, BUNDLE_HEADER_BYTES, BUNDLE_MAGIC, BUNDLE_SIGNING_DOMAIN, BundleBody};
+use crate::bundle::{self, BundleBody};
 use crate::config::Config;
 use crate::core::Core;
 use crate::identity::Identity;
@@ -232,47 +231,10 @@ pub fn wire_decode(data: &[u8]) {
     }
 }
 
-/// The sealed bundle's layout (see `bundle.rs`), rebuilt here so that a raw fuzzed body can be
-/// sealed; `sealing_raw_bodies_matches_seal` proves it byte for byte against `bundle::seal`.
-#[derive(Serialize)]
-struct Sealed<'a> {
-    #[serde(with = "tidesync_proto::change::serde_bytes_vec")]
-    body: Vec<u8>,
-    #[serde(with = "tidesync_proto::change::serde_bytes_64")]
-    signature: &'a [u8; 64],
-}
-
-/// A bundle from `from` to `to` whose body is exactly `body`, signed by `from` and (when
-/// `encrypt`) encrypted to `to` with age, as `bundle::seal` does with an encoded body.
+/// A bundle from `from` to `to` whose body is exactly `body` (listing no files), signed by
+/// `from` and (when `encrypt`) encrypted to `to`, through the writer `bundle::seal` uses.
 pub fn seal_raw(from: &Identity, to: &NodeId, body: &[u8], encrypt: bool) -> Option<Vec<u8>> {
-    let flags = u8::from(encrypt);
-    let mut header = Vec::with_capacity(BUNDLE_HEADER_BYTES);
-    header.extend_from_slice(BUNDLE_MAGIC);
-    header.extend_from_slice(&bundle::BUNDLE_FORMAT_VERSION.to_be_bytes());
-    header.push(flags);
-    header.extend_from_slice(&from.node_id().0);
-    header.extend_from_slice(&to.0);
-    let mut signed = BUNDLE_SIGNING_DOMAIN.to_vec();
-    signed.extend_from_slice(&header);
-    signed.extend_from_slice(body);
-    let signature = from.signing_key().sign(&signed).to_bytes();
-    let sealed = postcard::to_stdvec(&Sealed {
-        body: body.to_vec(),
-        signature: &signature,
-    })
-    .ok()?;
-    let payload = if encrypt {
-        let key = ed25519_dalek::VerifyingKey::from_bytes(&to.0).ok()?;
-        let hrp = bech32::Hrp::parse("age").ok()?;
-        let encoded = bech32::encode::<bech32::Bech32>(hrp, key.to_montgomery().as_bytes()).ok()?;
-        let recipient: age::x25519::Recipient = encoded.parse().ok()?;
-        age::encrypt(&recipient, &sealed).ok()?
-    } else {
-        sealed
-    };
-    header.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-    header.extend_from_slice(&payload);
-    Some(header)
+    bundle::stream::write_encoded(from, to, body, encrypt, &[], Vec::new(), &mut |_, _| Ok(())).ok()
 }
 
 /// A hub over a fresh in-memory store that takes everything from the ship.
@@ -452,6 +414,8 @@ mod tests {
                 holds: Default::default(),
                 docs: vec![f.header.clone()],
                 changes: vec![f.genesis.clone()],
+                files: Vec::new(),
+                wants: Vec::new(),
             };
             let encoded = postcard::to_stdvec(&body).unwrap();
             let ours = seal_raw(&f.ship, &f.hub.node_id(), &encoded, false).unwrap();
@@ -608,6 +572,8 @@ mod seeds {
                 holds: Checkpoint::default(),
                 docs: vec![f.header.clone()],
                 changes,
+                files: Vec::new(),
+                wants: Vec::new(),
             };
             let enc = |b: &BundleBody| postcard::to_stdvec(b).unwrap();
             write("bundle_open", "empty", &enc(&body(vec![])));

@@ -23,7 +23,8 @@
 //!
 //! **Core, sync and replica**
 //! - [`core`]: the façade every caller drives: replica, sessions, and the outbox to drain.
-//! - [`bundle`]: signed, encrypted export bundles for one peer: the format, export and import.
+//! - [`bundle`]: signed, encrypted export bundles for one peer, streamed with their files: the
+//!   format, export and import.
 //! - [`sync`]: the session state machine (Hello, Changes, Ack, Rewound) over the replica.
 //! - [`replica`]: the only writer of document state: local writes, receiving a batch in three
 //!   stages, reading the log for a peer, views and references; its [`replica::engine`] turns

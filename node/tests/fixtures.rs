@@ -4,7 +4,9 @@
 //! (store 4, protocol 3, bundle 2), `v3/` by the code that gave views their own ids and
 //! recorded equivocations (store 5, protocol 4, bundle 3), `v4/` by issue 16's code (store 7,
 //! protocol 5 with the fleet's status records, bundle 3), `v5/` by the ships issue's code
-//! (store 7, protocol 6 with the codec byte and zstd, bundle 3). Today's code opens (migrating) every older store, reads the
+//! (store 7, protocol 6 with the codec byte and zstd, bundle 3), `v6/` by the code that put
+//! files in bundles (store 8 with `peer_lacks_v1`, protocol 6, bundle 4: streamed, records
+//! compressed, files after them). Today's code opens (migrating) every older store, reads the
 //! newest frames and bundle, and refuses older frames and bundles with their version named. Each test reads them with today's code and must find exactly
 //! what the writer recorded beside them: the proof that no disk, wire or bundle format changed
 //! by accident. A deliberate format change raises that format's version and adds fixtures; it
@@ -32,7 +34,7 @@ const LAB_SECRET: u8 = 8;
 
 /// The fixtures of the current formats.
 fn dir() -> PathBuf {
-    dir_of("v5")
+    dir_of("v6")
 }
 
 fn dir_of(version: &str) -> PathBuf {
@@ -184,7 +186,7 @@ fn ids() -> (NodeId, NodeId) {
 #[test]
 fn the_fixture_stores_of_every_version_read_as_they_were_written() {
     let (hub, lab) = ids();
-    for version in ["v1", "v2", "v3", "v4", "v5"] {
+    for version in ["v1", "v2", "v3", "v4", "v5", "v6"] {
         let (_tmp, mut core) = open_copy(&dir_of(version), "hub.redb", HUB_SECRET, "hub");
         let want = read_json(&dir_of(version).join("hub.expect.json"));
         let mut got = digest(&mut core, &[lab, hub]);
@@ -208,25 +210,28 @@ fn keep_recorded(got: &mut Json, recorded: &Json) {
 #[test]
 fn frames_and_bundles_of_an_older_version_are_refused_with_their_version_named() {
     for (old, protocol, bundle) in [
-        ("v1", 2, Some(1)),
-        ("v2", 3, Some(2)),
-        ("v3", 4, None),
-        ("v4", 5, None),
+        ("v1", Some(2), Some(1)),
+        ("v2", Some(3), Some(2)),
+        ("v3", Some(4), Some(3)),
+        ("v4", Some(5), Some(3)),
+        ("v5", None, Some(3)),
     ] {
         refused(&dir_of(old), protocol, bundle);
     }
 }
 
-/// The frames of `old` are refused as `protocol`, and its bundle as `bundle` (none: the bundle
+/// The frames of `old` are refused as `protocol`, and its bundle as `bundle` (none: that
 /// format has not changed since).
-fn refused(old: &Path, protocol: u16, bundle: Option<u16>) {
-    let bytes = std::fs::read(old.join("frame-00.bin")).expect("a frame");
-    let err = wire::decode_exact(&bytes).expect_err("an older protocol's frame is refused");
-    assert!(
-        err.to_string()
-            .contains(&format!("protocol version {protocol}")),
-        "{err}"
-    );
+fn refused(old: &Path, protocol: Option<u16>, bundle: Option<u16>) {
+    if let Some(protocol) = protocol {
+        let bytes = std::fs::read(old.join("frame-00.bin")).expect("a frame");
+        let err = wire::decode_exact(&bytes).expect_err("an older protocol's frame is refused");
+        assert!(
+            err.to_string()
+                .contains(&format!("protocol version {protocol}")),
+            "{err}"
+        );
+    }
     let Some(bundle) = bundle else {
         return;
     };
@@ -416,9 +421,22 @@ fn write_fixtures() {
     frames.push(status);
     frames.push(ack);
 
-    // The bundle: everything the lab lets out to the hub.
+    // A file the lab stores and refers to after the frames (bundle 4 carries it).
+    let report = b"a result report, as a SENAITE lab attaches to a sample";
+    let (hash, size) = lab
+        .store()
+        .add_file(&mut &report[..], CLOCK_MS)
+        .expect("a file");
+    put(
+        &mut lab,
+        "Sample",
+        "S-9",
+        json!({"report": {"$file": hash.to_string(), "size": size, "name": "report.txt"}}),
+    );
+
+    // The bundle: everything the lab lets out to the hub, with the file.
     let (bundle, _) = lab
-        .export_bundle("hub", true, true, &|_| {})
+        .export_bundle("hub", true, true, true, &|_| {})
         .expect("a bundle");
     std::fs::write(dir.join("lab-to-hub.bundle"), &bundle).expect("writing the bundle");
     let tmp = tempfile::tempdir().expect("a temp dir");

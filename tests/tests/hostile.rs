@@ -57,6 +57,8 @@ impl Mallory {
             holds: Checkpoint::default(),
             docs,
             changes,
+            files: Vec::new(),
+            wants: Vec::new(),
         };
         let bytes = seal(&self.identity, &body, true).expect("sealing a bundle");
         self.n += 1;

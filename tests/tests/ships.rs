@@ -88,7 +88,8 @@ fn a_voyage_bundle_carries_the_ships_work_and_the_next_sync_sends_only_the_rest(
         json!({
             "peer": "ship", "from": ship.id(), "dry_run": false, "added": 10, "updated": 1,
             "new_changes": 11,
-            "duplicates": 0, "rejected": 0, "held": 0
+            "duplicates": 0, "rejected": 0, "held": 0,
+            "files": 0, "files_stored": 0, "file_bytes_stored": 0
         })
     );
     let shared = hub.get("Sample", "S-shared").unwrap();

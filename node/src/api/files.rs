@@ -6,7 +6,6 @@
 use std::io::{Read, Seek, SeekFrom};
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -25,8 +24,6 @@ pub const FILES_PATH: &str = "/v1/files";
 pub const FILE_MEDIA_TYPE: &str = "application/octet-stream";
 /// Upload chunks in flight between the request and the disk writer.
 const UPLOAD_CHANNEL_CHUNKS: usize = 8;
-/// Download chunks read ahead of the client.
-const DOWNLOAD_CHANNEL_CHUNKS: usize = 4;
 
 /// A stored file, as `POST /v1/files` answers and `GET /v1/files` lists.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -335,8 +332,7 @@ pub async fn download(
     let (start, end) = part.unwrap_or((0, row.size.saturating_sub(1)));
     let len = if row.size == 0 { 0 } else { end - start + 1 };
     // A blocking reader sends chunks through a bounded channel: memory stays flat.
-    let (tx, rx) =
-        tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(DOWNLOAD_CHANNEL_CHUNKS);
+    let (tx, body) = super::stream::channel();
     tokio::task::spawn_blocking(move || {
         let read = || -> Result<(), std::io::Error> {
             let mut file = std::fs::File::open(&path)?;
@@ -356,10 +352,7 @@ pub async fn download(
             let _ = tx.blocking_send(Err(e));
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
-    let mut response = Response::new(Body::from_stream(stream));
+    let mut response = Response::new(body);
     let h = response.headers_mut();
     h.insert(header::ETAG, etag_value);
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));

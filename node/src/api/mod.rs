@@ -33,7 +33,8 @@
 //! Modules: [`guard`] (the checks before a handler), [`page`] (the status page),
 //! [`login`] (its one-time login codes and sessions), [`serve`](mod@serve) (the HTTP server and its
 //! limits), [`token`] (the token file), [`spool`] (bundle uploads to a temporary file),
-//! [`files`] (file uploads and downloads, streamed).
+//! [`files`] (file uploads and downloads, streamed), [`stream`] (bodies that blocking code
+//! writes: file downloads and bundle exports).
 
 pub mod files;
 pub mod guard;
@@ -41,6 +42,7 @@ pub mod login;
 pub mod page;
 pub mod serve;
 pub mod spool;
+pub mod stream;
 pub mod token;
 
 use std::sync::Arc;
@@ -483,7 +485,7 @@ async fn peers(State(node): State<NodeHandle>) -> ApiResult<Vec<crate::core::Pee
 
 /// Largest bundle `POST /v1/bundles/import` takes, in bytes; larger ones are imported with
 /// the node stopped (`tidesync import` then opens the store itself).
-pub const MAX_API_BUNDLE_BYTES: usize = 1024 * 1024 * 1024;
+pub const MAX_API_BUNDLE_BYTES: u64 = 1 << 40;
 /// The response header of `POST /v1/bundles/export` that carries the export's report (JSON).
 pub const EXPORT_REPORT_HEADER: &str = "x-tidesync-export";
 
@@ -509,15 +511,33 @@ struct ExportQuery {
     all: bool,
     #[serde(default)]
     plain: bool,
+    /// Leave the files out (`files=false`); they are carried by default.
+    #[serde(default = "yes")]
+    files: bool,
 }
 
-/// `POST /v1/bundles/export?for=PEER[&all=true][&plain=true]`: the bundle's bytes, with the
-/// report in the `x-tidesync-export` header.
+fn yes() -> bool {
+    true
+}
+
+/// `POST /v1/bundles/export?for=PEER[&all=true][&plain=true][&files=false]`: the bundle,
+/// streamed as it is written, with the report in the `x-tidesync-export` header (its `bytes`
+/// is 0: the length is known only at the end). A bundle that cannot be finished (a stored file
+/// found rotted) cuts the response off.
 async fn export_bundle(
     State(node): State<NodeHandle>,
     Query(q): Query<ExportQuery>,
 ) -> Result<axum::response::Response, ApiError> {
-    let (bytes, report) = node.export_bundle(q.peer, q.all, !q.plain).await?;
+    let (tx, bytes) = stream::channel();
+    let out = Box::new(stream::ChunkWriter::new(tx.clone()));
+    let done = Box::new(move |result: Result<(), crate::bundle::BundleError>| {
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    let report = node
+        .export_bundle(q.peer, q.all, !q.plain, q.files, out, done)
+        .await?;
     let report = serde_json::to_string(&report)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     Ok((
@@ -553,7 +573,7 @@ async fn import_bundle(
     request: axum::extract::Request,
 ) -> ApiResult<ImportReport> {
     let file = spool::receive(&spool_dir, request).await?;
-    let bytes = tokio::fs::read(file.path()).await.map_err(|e| {
+    let src = file.reopen().map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!(
@@ -562,8 +582,11 @@ async fn import_bundle(
             ),
         )
     })?;
+    let report = node
+        .import_bundle(Box::new(std::io::BufReader::new(src)), q.dry_run)
+        .await?;
     drop(file);
-    Ok(Json(node.import_bundle(bytes, q.dry_run).await?))
+    Ok(Json(report))
 }
 
 /// The body of `PUT /v1/peers/{name}`.

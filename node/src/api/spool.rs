@@ -39,7 +39,7 @@ pub async fn receive(dir: &SpoolDir, request: Request) -> Result<NamedTempFile, 
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_API_BUNDLE_BYTES as u64) {
+    if declared.is_some_and(|n| n > MAX_API_BUNDLE_BYTES) {
         return Err(too_large());
     }
     let disk = |what: &str, e: std::io::Error| {
@@ -54,7 +54,7 @@ pub async fn receive(dir: &SpoolDir, request: Request) -> Result<NamedTempFile, 
         .map_err(|e| disk("create", e))?;
     let mut out = tokio::fs::File::from_std(tmp.reopen().map_err(|e| disk("open", e))?);
     let mut body = request.into_body().into_data_stream();
-    let mut total: usize = 0;
+    let mut total: u64 = 0;
     loop {
         let next = tokio::time::timeout(Duration::from_secs(UPLOAD_IDLE_TIMEOUT_SECS), body.next())
             .await
@@ -73,7 +73,7 @@ pub async fn receive(dir: &SpoolDir, request: Request) -> Result<NamedTempFile, 
                 )));
             }
         };
-        total = total.saturating_add(chunk.len());
+        total = total.saturating_add(chunk.len() as u64);
         if total > MAX_API_BUNDLE_BYTES {
             return Err(too_large());
         }

@@ -1,14 +1,9 @@
-//! Export bundles: one signed, versioned file of signed changes for one peer, encrypted to that
-//! peer's key, carried where no link reaches (a ship's USB stick) and imported like a sync batch.
+//! Export bundles: one signed, versioned file of signed changes and the files they refer to,
+//! for one peer, encrypted to that peer's key, carried where no link reaches (a ship's USB
+//! stick) and imported like a sync batch. A bundle is written and read as a stream, so its
+//! files may be of any size and nothing holds a whole file in memory.
 //!
-//! # File format (version 3)
-//!
-//! Version 2 has version 1's layout; its checkpoints (`upto`, `holds`) hold tokens made for
-//! the recipient (see [`crate::identity::Identity::checkpoint_token`]) where version 1 held
-//! change hashes, which leaked the hash of changes the recipient may not see. Version 3 has
-//! version 2's layout; a view it carries has the id made for the recipient alone
-//! (`DocId::derive_view`, as in protocol 4). A bundle of another version is refused with both
-//! versions named.
+//! # File format (version 4)
 //!
 //! | Bytes | What |
 //! | --- | --- |
@@ -17,25 +12,46 @@
 //! | 1 | flags: bit 0 set when the payload is encrypted |
 //! | 32 | the exporter's node key |
 //! | 32 | the recipient's node key |
-//! | 8 | payload length in bytes, big-endian (at most `MAX_BUNDLE_BYTES`) |
-//! | n | payload |
+//! | rest | payload, to the end of the file |
 //!
-//! The payload is the sealed bundle, or (flag 0 set, the default) its age encryption to the
-//! recipient: an X25519 recipient whose key is the recipient's ed25519 node key in Montgomery
-//! form, as age's own `ssh-ed25519` recipients derive it. The sealed bundle is the postcard
-//! encoding of `Sealed { body, signature }`: `body` is the postcard encoding of [`BundleBody`]
-//! and `signature` the exporter's ed25519 signature over `BUNDLE_SIGNING_DOMAIN`, the 91 header
-//! bytes and `body`, so nothing in the header or the body can change unnoticed. Every change
+//! The payload is, or (flag 0 set, the default) its age encryption to the recipient holds:
+//!
+//! | Bytes | What |
+//! | --- | --- |
+//! | 8 | `z`: length of the compressed records, big-endian (at most `MAX_BUNDLE_RECORDS_BYTES`) |
+//! | 8 | `n`: their length uncompressed, big-endian (at most `MAX_BUNDLE_RECORDS_BYTES`) |
+//! | z | the sealed records, compressed with zstd |
+//! | ... | each file that `BundleBody::files` lists, in its order: exactly its size in bytes |
+//!
+//! Nothing follows the last file. The age recipient is an X25519 recipient whose key is the
+//! recipient's ed25519 node key in Montgomery form, as age's own `ssh-ed25519` recipients
+//! derive it; age's STREAM construction authenticates every 64 KiB and the end. The sealed
+//! records are the postcard encoding of `Sealed { body, signature }`: `body` is the postcard
+//! encoding of [`BundleBody`] and `signature` the exporter's ed25519 signature over
+//! `BUNDLE_SIGNING_DOMAIN`, the 83 header bytes and `body`, so nothing in the header or the
+//! body can change unnoticed. The body lists each file's BLAKE3 hash and size, so the signature
+//! binds the files too: each is hashed as it is read and stored only if it matches. Every change
 //! inside is signed by its own author as on the wire, and is verified again on import.
 //!
-//! Modules: [`transfer`] (export for a peer, import from one).
+//! Older versions: 1 to 3 had one in-memory payload with its length in the header, and no
+//! files; 2 held checkpoint tokens made for the recipient where 1 held change hashes, and 3
+//! gave a view the id made for the recipient alone. A bundle of another version is refused
+//! with both versions named.
+//!
+//! Modules: [`stream`] (writing and reading the format), [`transfer`] (export for a peer,
+//! import from one), [`files`] (the files a bundle carries, stored verified).
 
+pub mod files;
+pub mod stream;
 pub mod transfer;
 
-use ed25519_dalek::{Signature, Signer, Verifier, VerifyingKey};
+pub use stream::{Opened, open, seal};
+
+use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 use tidesync_proto::{Checkpoint, DocHeader, NodeId, SignedChange};
 
+use crate::files::FileHash;
 use crate::identity::Identity;
 use crate::replica::SyncError;
 use crate::store::StoreError;
@@ -43,15 +59,25 @@ use crate::store::StoreError;
 /// The first bytes of every bundle.
 pub const BUNDLE_MAGIC: &[u8; 16] = b"tidesync-bundle\0";
 /// The bundle format this build writes and reads.
-pub const BUNDLE_FORMAT_VERSION: u16 = 3;
+pub const BUNDLE_FORMAT_VERSION: u16 = 4;
 /// Bytes of the cleartext header.
-pub const BUNDLE_HEADER_BYTES: usize = 16 + 2 + 1 + 32 + 32 + 8;
-/// Largest payload a bundle may carry, in bytes; a larger one is refused before it is read.
-pub const MAX_BUNDLE_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+pub const BUNDLE_HEADER_BYTES: usize = 16 + 2 + 1 + 32 + 32;
+/// Largest the sealed records of a bundle may be, compressed or not, in bytes; larger ones are
+/// refused before they are read. The files that follow are not bounded by it.
+pub const MAX_BUNDLE_RECORDS_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+/// Most files one bundle may carry, and most files a bundle may say its exporter wants.
+pub const MAX_BUNDLE_FILES: usize = crate::store::MAX_LACKS_PER_PEER;
 /// What the exporter signs before the header and the body.
 pub const BUNDLE_SIGNING_DOMAIN: &[u8] = b"tidesync/bundle/v1\0";
 /// Header flag: the payload is encrypted to the recipient.
 const FLAG_ENCRYPTED: u8 = 1;
+
+/// A file a bundle carries or asks for: its BLAKE3 hash and size in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleFile {
+    pub hash: FileHash,
+    pub size: u64,
+}
 
 /// What a bundle carries.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,10 +95,16 @@ pub struct BundleBody {
     pub holds: Checkpoint,
     pub docs: Vec<DocHeader>,
     pub changes: Vec<SignedChange>,
+    /// The files that follow the records, in their order: files objects this peer may see
+    /// refer to, that it lacks as far as the exporter knows.
+    pub files: Vec<BundleFile>,
+    /// Files the exporter wants from the recipient: referred to by objects it received from
+    /// the recipient, not stored at the exporter yet. The recipient's next bundle carries them.
+    pub wants: Vec<BundleFile>,
 }
 
 #[derive(Serialize, Deserialize)]
-struct Sealed {
+pub(crate) struct Sealed {
     #[serde(with = "tidesync_proto::change::serde_bytes_vec")]
     body: Vec<u8>,
     #[serde(with = "tidesync_proto::change::serde_bytes_64")]
@@ -90,9 +122,11 @@ pub enum BundleError {
         "bundle format version {got} is not supported (this build reads version {BUNDLE_FORMAT_VERSION})"
     )]
     Version { got: u16 },
-    #[error("the bundle is truncated: {need} bytes expected, {have} present")]
-    Truncated { need: u64, have: u64 },
-    #[error("the bundle's payload of {len} bytes exceeds the limit of {MAX_BUNDLE_BYTES} bytes")]
+    #[error("the bundle is truncated: it ends inside its {part}")]
+    Truncated { part: &'static str },
+    #[error(
+        "the bundle's records of {len} bytes exceed the limit of {MAX_BUNDLE_RECORDS_BYTES} bytes"
+    )]
     TooLarge { len: u64 },
     #[error("the bundle is for node {to}, not for this node ({me})")]
     WrongRecipient { to: NodeId, me: NodeId },
@@ -110,10 +144,45 @@ pub enum BundleError {
     Damaged { from: NodeId, detail: String },
     #[error("encrypting the bundle for {to}: {detail}")]
     Encrypt { to: NodeId, detail: String },
+    #[error("writing the bundle for {to}: {source}")]
+    Write { to: NodeId, source: std::io::Error },
+    #[error("reading the bundle: {0}")]
+    Read(std::io::Error),
+    #[error("file {hash} of the bundle for {to}: {source}")]
+    ExportFile {
+        to: NodeId,
+        hash: FileHash,
+        source: Box<crate::store::FileError>,
+    },
+    #[error("storing file {hash} of the bundle from {from}: {source}")]
+    StoreFile {
+        from: NodeId,
+        hash: FileHash,
+        source: Box<crate::store::FileError>,
+    },
+    #[error(
+        "the bundle's records were imported ({new_changes} new changes) and {stored} of its files stored, then: {source}"
+    )]
+    FilesStopped {
+        new_changes: u64,
+        stored: u64,
+        source: Box<BundleError>,
+    },
     #[error("bundle for or from peer {peer}: {source}")]
     Store { peer: NodeId, source: StoreError },
     #[error(transparent)]
     Sync(#[from] SyncError),
+}
+
+impl BundleError {
+    /// This error, met storing the files of a bundle whose records `report` imported.
+    pub fn after_records(self, report: &ImportReport) -> BundleError {
+        BundleError::FilesStopped {
+            new_changes: report.new_changes,
+            stored: report.files_stored,
+            source: Box::new(self),
+        }
+    }
 }
 
 /// What an export wrote.
@@ -125,7 +194,16 @@ pub struct ExportReport {
     pub after: u64,
     pub upto: u64,
     pub encrypted: bool,
+    /// The bundle's size in bytes (0 until it is written).
     pub bytes: u64,
+    /// Files carried, and their bytes.
+    #[serde(default)]
+    pub files: u64,
+    #[serde(default)]
+    pub file_bytes: u64,
+    /// Files this node asks the peer's next bundle to carry.
+    #[serde(default)]
+    pub wants: u64,
 }
 
 /// What an import did (or, with `dry_run`, would do).
@@ -148,10 +226,19 @@ pub struct ImportReport {
     pub rejected: u64,
     /// Of the new changes, those waiting for changes they depend on.
     pub held: u64,
+    /// Files the bundle carries.
+    #[serde(default)]
+    pub files: u64,
+    /// Of those, the files stored here now (each verified against its hash first), and
+    /// their bytes; the others were stored already or are not wanted here.
+    #[serde(default)]
+    pub files_stored: u64,
+    #[serde(default)]
+    pub file_bytes_stored: u64,
 }
 
 /// The X25519 (age) identity of a node: its ed25519 secret scalar.
-fn age_identity(identity: &Identity) -> Result<age::x25519::Identity, String> {
+pub(crate) fn age_identity(identity: &Identity) -> Result<age::x25519::Identity, String> {
     let hrp = bech32::Hrp::parse("AGE-SECRET-KEY-").map_err(|e| e.to_string())?;
     let scalar = identity.signing_key().to_scalar_bytes();
     let encoded = bech32::encode::<bech32::Bech32>(hrp, &scalar).map_err(|e| e.to_string())?;
@@ -162,146 +249,10 @@ fn age_identity(identity: &Identity) -> Result<age::x25519::Identity, String> {
 }
 
 /// The X25519 (age) recipient of a node: its ed25519 key in Montgomery form.
-fn age_recipient(node: &NodeId) -> Result<age::x25519::Recipient, String> {
+pub(crate) fn age_recipient(node: &NodeId) -> Result<age::x25519::Recipient, String> {
     let key = VerifyingKey::from_bytes(&node.0).map_err(|e| e.to_string())?;
     let hrp = bech32::Hrp::parse("age").map_err(|e| e.to_string())?;
     let encoded = bech32::encode::<bech32::Bech32>(hrp, key.to_montgomery().as_bytes())
         .map_err(|e| e.to_string())?;
     encoded.parse().map_err(|e: &str| e.to_string())
-}
-
-fn header(flags: u8, from: &NodeId, to: &NodeId, len: u64) -> Vec<u8> {
-    let mut h = Vec::with_capacity(BUNDLE_HEADER_BYTES);
-    h.extend_from_slice(BUNDLE_MAGIC);
-    h.extend_from_slice(&BUNDLE_FORMAT_VERSION.to_be_bytes());
-    h.push(flags);
-    h.extend_from_slice(&from.0);
-    h.extend_from_slice(&to.0);
-    h.extend_from_slice(&len.to_be_bytes());
-    h
-}
-
-fn signed_bytes(header_without_len: &[u8], body: &[u8]) -> Vec<u8> {
-    let mut m =
-        Vec::with_capacity(BUNDLE_SIGNING_DOMAIN.len() + header_without_len.len() + body.len());
-    m.extend_from_slice(BUNDLE_SIGNING_DOMAIN);
-    m.extend_from_slice(header_without_len);
-    m.extend_from_slice(body);
-    m
-}
-
-/// Seal `body` as `identity` and, when `encrypt`, encrypt it to `body.to`: the bundle's bytes.
-pub fn seal(identity: &Identity, body: &BundleBody, encrypt: bool) -> Result<Vec<u8>, BundleError> {
-    let to = body.to;
-    let flags = if encrypt { FLAG_ENCRYPTED } else { 0 };
-    let encoded = postcard::to_stdvec(body).map_err(|e| BundleError::Encrypt {
-        to,
-        detail: e.to_string(),
-    })?;
-    // The signature covers the header but its length field, which depends on the payload.
-    let unsized_header = header(flags, &body.from, &to, 0);
-    let signed = signed_bytes(&unsized_header[..BUNDLE_HEADER_BYTES - 8], &encoded);
-    let sealed = Sealed {
-        body: encoded,
-        signature: identity.signing_key().sign(&signed).to_bytes(),
-    };
-    let sealed = postcard::to_stdvec(&sealed).map_err(|e| BundleError::Encrypt {
-        to,
-        detail: e.to_string(),
-    })?;
-    let payload = if encrypt {
-        let recipient = age_recipient(&to).map_err(|detail| BundleError::Encrypt { to, detail })?;
-        age::encrypt(&recipient, &sealed).map_err(|e| BundleError::Encrypt {
-            to,
-            detail: e.to_string(),
-        })?
-    } else {
-        sealed
-    };
-    let mut out = header(flags, &body.from, &to, payload.len() as u64);
-    out.extend_from_slice(&payload);
-    Ok(out)
-}
-
-/// The cleartext header of a bundle: (encrypted, exporter, recipient, payload).
-fn read_header(bytes: &[u8]) -> Result<(bool, NodeId, NodeId, &[u8]), BundleError> {
-    if bytes.len() < BUNDLE_MAGIC.len() || &bytes[..BUNDLE_MAGIC.len()] != BUNDLE_MAGIC {
-        return Err(BundleError::NotABundle);
-    }
-    if bytes.len() < BUNDLE_HEADER_BYTES {
-        return Err(BundleError::Truncated {
-            need: BUNDLE_HEADER_BYTES as u64,
-            have: bytes.len() as u64,
-        });
-    }
-    let version = u16::from_be_bytes([bytes[16], bytes[17]]);
-    if version != BUNDLE_FORMAT_VERSION {
-        return Err(BundleError::Version { got: version });
-    }
-    let flags = bytes[18];
-    let key = |at: usize| {
-        let mut k = [0u8; 32];
-        k.copy_from_slice(&bytes[at..at + 32]);
-        NodeId(k)
-    };
-    let (from, to) = (key(19), key(51));
-    let mut len = [0u8; 8];
-    len.copy_from_slice(&bytes[83..91]);
-    let len = u64::from_be_bytes(len);
-    if len > MAX_BUNDLE_BYTES {
-        return Err(BundleError::TooLarge { len });
-    }
-    let have = (bytes.len() - BUNDLE_HEADER_BYTES) as u64;
-    if have != len {
-        return Err(BundleError::Truncated {
-            need: BUNDLE_HEADER_BYTES as u64 + len,
-            have: bytes.len() as u64,
-        });
-    }
-    Ok((
-        flags & FLAG_ENCRYPTED != 0,
-        from,
-        to,
-        &bytes[BUNDLE_HEADER_BYTES..],
-    ))
-}
-
-/// Open a bundle addressed to `identity`: check the header, decrypt, check the exporter's
-/// signature and decode. `exporter_known` says whether an exporter is a configured peer.
-pub fn open(
-    identity: &Identity,
-    bytes: &[u8],
-    exporter_known: impl Fn(&NodeId) -> bool,
-) -> Result<BundleBody, BundleError> {
-    let me = identity.node_id();
-    let (encrypted, from, to, payload) = read_header(bytes)?;
-    if to != me {
-        return Err(BundleError::WrongRecipient { to, me });
-    }
-    if !exporter_known(&from) {
-        return Err(BundleError::UnknownExporter { from });
-    }
-    let damaged = |detail: String| BundleError::Damaged { from, detail };
-    let decrypted;
-    let sealed = if encrypted {
-        let key = age_identity(identity).map_err(|detail| BundleError::Decrypt { from, detail })?;
-        decrypted = age::decrypt(&key, payload).map_err(|e| BundleError::Decrypt {
-            from,
-            detail: e.to_string().lines().next().unwrap_or_default().to_string(),
-        })?;
-        &decrypted[..]
-    } else {
-        payload
-    };
-    let sealed: Sealed = postcard::from_bytes(sealed).map_err(|e| damaged(e.to_string()))?;
-    let key = VerifyingKey::from_bytes(&from.0).map_err(|e| damaged(e.to_string()))?;
-    let signed = signed_bytes(&bytes[..BUNDLE_HEADER_BYTES - 8], &sealed.body);
-    key.verify(&signed, &Signature::from_bytes(&sealed.signature))
-        .map_err(|_| damaged("the exporter's signature does not verify".into()))?;
-    let body: BundleBody =
-        postcard::from_bytes(&sealed.body).map_err(|e| damaged(e.to_string()))?;
-    if body.from != from || body.to != to {
-        return Err(damaged("the body names other nodes than the header".into()));
-    }
-    Ok(body)
 }

@@ -5,7 +5,8 @@ use std::collections::{HashMap, HashSet};
 
 use tidesync_proto::{DocHeader, DocId, NodeId};
 
-use super::{BundleBody, BundleError, ExportReport, ImportReport, open, seal};
+use super::stream::{Opened, open_stream};
+use super::{BundleBody, BundleError, BundleFile, ExportReport, ImportReport, MAX_BUNDLE_FILES};
 use crate::model::Claim;
 use crate::replica::Replica;
 use crate::replica::outbound::SYNC_BATCH_CHANGES;
@@ -15,16 +16,18 @@ fn bundle_store_err(peer: NodeId) -> impl FnOnce(StoreError) -> BundleError {
     move |source| BundleError::Store { peer, source }
 }
 
-/// A bundle for the configured peer `name`: everything our policy for it lets out that it
-/// has not acknowledged (or, with `all`, everything the policy lets out), encrypted to it
-/// unless `encrypt` is false. `progress` is told the changes gathered so far.
-pub fn export_bundle(
+/// The body of a bundle for the configured peer `name`: everything our policy for it lets out
+/// that it has not acknowledged (or, with `all`, everything the policy lets out); with
+/// `with_files`, the files it lacks that those objects refer to, or that its last bundle said
+/// it wants, where our policy lets them go; and the files we want from it. `progress` is told
+/// the changes gathered so far. The bundle itself is written by [`super::stream::write`].
+pub fn export_body(
     replica: &mut Replica,
     name: &str,
     all: bool,
-    encrypt: bool,
+    with_files: bool,
     progress: &dyn Fn(u64),
-) -> Result<(Vec<u8>, ExportReport), BundleError> {
+) -> Result<(BundleBody, ExportReport), BundleError> {
     let peer = replica
         .policies()
         .named(name)
@@ -51,6 +54,23 @@ pub fn export_bundle(
         .checkpoint_for(&peer, cursor)
         .map_err(bundle_store_err(peer))?
         .unwrap_or_default();
+    let files = if with_files {
+        files_for(replica, peer, &docs)?
+    } else {
+        Vec::new()
+    };
+    let wants: Vec<BundleFile> = replica
+        .store()
+        .wants()
+        .map_err(bundle_store_err(peer))?
+        .into_iter()
+        .filter(|w| w.sources.contains(&peer))
+        .map(|w| BundleFile {
+            hash: w.hash,
+            size: w.size,
+        })
+        .take(MAX_BUNDLE_FILES)
+        .collect();
     let body = BundleBody {
         from: replica.node_id(),
         to: peer,
@@ -60,41 +80,83 @@ pub fn export_bundle(
         holds: record.received,
         docs,
         changes,
+        files,
+        wants,
     };
-    let bytes = seal(replica.identity(), &body, encrypt)?;
     let report = ExportReport {
         peer: name.to_string(),
         documents: body.docs.len() as u64,
         changes: body.changes.len() as u64,
         after,
         upto: upto.seq,
-        encrypted: encrypt,
-        bytes: bytes.len() as u64,
+        encrypted: false,
+        bytes: 0,
+        files: body.files.len() as u64,
+        file_bytes: body.files.iter().map(|f| f.size).sum(),
+        wants: body.wants.len() as u64,
     };
-    Ok((bytes, report))
+    Ok((body, report))
 }
 
-/// Import a bundle addressed to this node from a configured peer: every change is verified
-/// and checked against our policy for the exporter, exactly as if it came over the
-/// network, and stored in batches; the exporter's checkpoint moves to the bundle's end
-/// when nothing before it is missing, so the next sync carries only what the bundle did
-/// not. With `dry_run` nothing is written. A bundle that fails any check is refused whole.
-pub fn import_bundle(
+/// The files a bundle for `peer` carries: those the objects in it refer to, then those the
+/// peer's last bundle said it lacks; each only if stored here and our policy lets the peer
+/// have it (as for a file it asked for over the network).
+fn files_for(
+    replica: &Replica,
+    peer: NodeId,
+    docs: &[DocHeader],
+) -> Result<Vec<BundleFile>, BundleError> {
+    let store = replica.store();
+    let mut candidates = Vec::new();
+    for h in docs {
+        candidates.extend(store.doc_files(&h.doc).map_err(bundle_store_err(peer))?);
+    }
+    candidates.extend(store.peer_lacks(&peer).map_err(bundle_store_err(peer))?);
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (hash, size) in candidates {
+        if out.len() >= MAX_BUNDLE_FILES {
+            break;
+        }
+        if seen.insert(hash)
+            && replica
+                .may_serve_file(peer, &hash, size)
+                .map_err(bundle_store_err(peer))?
+        {
+            out.push(BundleFile { hash, size });
+        }
+    }
+    Ok(out)
+}
+
+/// Open a bundle from `src` addressed to this node from a configured peer (see
+/// [`open_stream`]): its records checked, its files still to be read.
+pub fn open_from<'a>(
+    replica: &Replica,
+    src: impl std::io::Read + Send + 'a,
+) -> Result<Opened<'a>, BundleError> {
+    let policies = &replica.policies();
+    open_stream(replica.identity(), src, |n| policies.name_of(n).is_some()).map_err(|e| match e {
+        BundleError::UnknownExporter { from } if policies.is_revoked(&from) => {
+            BundleError::RevokedExporter { from }
+        }
+        other => other,
+    })
+}
+
+/// Import the records of an opened bundle (see [`open_from`]): every change is verified and
+/// checked against our policy for the exporter, exactly as if it came over the network, and
+/// stored in batches; the exporter's checkpoint moves to the bundle's end when nothing before
+/// it is missing, so the next sync carries only what the bundle did not; the files it says it
+/// wants are recorded for our next bundle to it. With `dry_run` nothing is written. Records that
+/// fail any check refuse the bundle whole. Its files are stored after, by
+/// [`super::files::store_wanted`], once the want-list knows which this node wants.
+pub fn import_body(
     replica: &mut Replica,
-    bytes: &[u8],
+    body: &BundleBody,
     dry_run: bool,
     progress: &dyn Fn(u64, u64),
 ) -> Result<ImportReport, BundleError> {
-    let policies = &replica.policies();
-    let body =
-        open(replica.identity(), bytes, |n| policies.name_of(n).is_some()).map_err(
-            |e| match e {
-                BundleError::UnknownExporter { from } if policies.is_revoked(&from) => {
-                    BundleError::RevokedExporter { from }
-                }
-                other => other,
-            },
-        )?;
     let peer = body.from;
     let mut report = ImportReport {
         peer: replica
@@ -104,15 +166,24 @@ pub fn import_bundle(
             .to_string(),
         from: peer.to_string(),
         dry_run,
+        files: body.files.len() as u64,
         ..ImportReport::default()
     };
-    let fresh = classify(replica, &body, &mut report)?;
+    let fresh = classify(replica, body, &mut report)?;
     let record = replica
         .store()
         .peer(&peer)
         .map_err(bundle_store_err(peer))?;
     let moves = record.received.seq < body.upto.seq;
-    if dry_run || (fresh == 0 && !moves) {
+    if dry_run {
+        return Ok(report);
+    }
+    let lacks: Vec<_> = body.wants.iter().map(|f| (f.hash, f.size)).collect();
+    replica
+        .store()
+        .set_peer_lacks(&peer, &lacks)
+        .map_err(bundle_store_err(peer))?;
+    if fresh == 0 && !moves {
         return Ok(report);
     }
     // Stored in batches, one transaction each; only the last claims the bundle's stretch

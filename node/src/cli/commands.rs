@@ -244,6 +244,8 @@ pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), 
             plan,
             all,
             plain,
+            files: _,
+            no_files,
             json,
         } => {
             let out = match (plan, out) {
@@ -252,25 +254,24 @@ pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), 
             };
             let bar = Progress::new(false, "changes gathered");
             let tick = |n: u64| bar.update(n, None);
-            let (bytes, report) = client.export_bundle(&peer, all, !plain, &tick).await?;
+            let report = client
+                .export_bundle(&peer, all, !plain, !no_files, &out, &tick)
+                .await?;
             bar.finish();
-            crate::atomic::write_atomic(&out, &bytes, 0o600).map_err(|source| {
-                CliError::WriteBundle {
-                    file: out.clone(),
-                    source,
-                }
-            })?;
             if json {
                 return print_json(&report);
             }
             println!(
-                "wrote {}: {} changes of {} objects for {} (log {}..{}), {} bytes, {}",
+                "wrote {}: {} changes of {} objects and {} files ({} bytes) for {} (log {}..{}), asking it for {} files; {} bytes, {}",
                 out.display(),
                 report.changes,
                 report.documents,
+                report.files,
+                report.file_bytes,
                 report.peer,
                 report.after,
                 report.upto,
+                report.wants,
                 report.bytes,
                 if report.encrypted {
                     "encrypted to the peer's key"
@@ -285,19 +286,15 @@ pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), 
             dry_run,
             json,
         } => {
-            let bytes = std::fs::read(&file).map_err(|source| CliError::ReadBundle {
-                file: file.clone(),
-                source,
-            })?;
             let bar = Progress::new(true, "changes stored");
             let tick = |done: u64, total: u64| bar.update(done, Some(total));
-            let report = client.import_bundle(bytes, dry_run, &tick).await?;
+            let report = client.import_bundle(&file, dry_run, &tick).await?;
             bar.finish();
             if json {
                 return print_json(&report);
             }
             println!(
-                "{}{}: {} objects added, {} updated; {} new changes ({} waiting for earlier ones), {} already here, {} rejected",
+                "{}{}: {} objects added, {} updated; {} new changes ({} waiting for earlier ones), {} already here, {} rejected; {} of its {} files stored ({} bytes)",
                 if report.dry_run {
                     "dry run, nothing written: "
                 } else {
@@ -309,7 +306,10 @@ pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), 
                 report.new_changes,
                 report.held,
                 report.duplicates,
-                report.rejected
+                report.rejected,
+                report.files_stored,
+                report.files,
+                report.file_bytes_stored
             );
             Ok(())
         }

@@ -284,6 +284,14 @@ pub enum Command {
         /// Do not encrypt (the bundle is still signed; anyone holding it can read it).
         #[arg(long)]
         plain: bool,
+        /// Carry the files the peer lacks that the objects refer to, where its policy lets
+        /// them go (the default).
+        #[arg(long, conflicts_with = "no_files")]
+        files: bool,
+        /// Leave the files out: metadata only (the peer wants them, and a later bundle or a
+        /// connection brings them).
+        #[arg(long)]
+        no_files: bool,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -510,16 +518,6 @@ pub enum CliError {
     Output(std::io::Error),
     #[error("demo failed: {0}")]
     Demo(crate::demo::DemoError),
-    #[error("cannot read the bundle {file}: {source}")]
-    ReadBundle {
-        file: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot write the bundle {file}: {source}")]
-    WriteBundle {
-        file: PathBuf,
-        source: std::io::Error,
-    },
     /// The command ran and found a problem it reports (rotted files).
     #[error("{0}")]
     Failed(String),

@@ -21,7 +21,7 @@ use automerge::Automerge;
 use serde_json::{Map, Value as Json};
 use tidesync_proto::{DocId, Message, NodeId, ObjectId, TypeName};
 
-use crate::bundle::{BundleError, ExportReport, ImportReport};
+use crate::bundle::{BundleBody, BundleError, ExportReport, ImportReport, Opened};
 use crate::config::{Config, Home, PeerConfig};
 use crate::identity::Identity;
 use crate::model::DocRecord;
@@ -306,27 +306,74 @@ impl Core {
         self.replica.plan(name, all)
     }
 
-    /// A bundle for the configured peer `name` (see [`crate::bundle::transfer::export_bundle`]).
+    /// The body of a bundle for the configured peer `name` (see
+    /// [`crate::bundle::transfer::export_body`]); the shell writes it with its files.
+    pub fn export_body(
+        &mut self,
+        name: &str,
+        all: bool,
+        with_files: bool,
+        progress: &dyn Fn(u64),
+    ) -> Result<(BundleBody, ExportReport), BundleError> {
+        crate::bundle::transfer::export_body(&mut self.replica, name, all, with_files, progress)
+    }
+
+    /// A whole bundle for `name` written to `out`, its files read from the store as they go.
+    pub fn export_to<W: std::io::Write>(
+        &mut self,
+        name: &str,
+        all: bool,
+        encrypt: bool,
+        with_files: bool,
+        out: W,
+        progress: &dyn Fn(u64),
+    ) -> Result<(W, ExportReport), BundleError> {
+        let (body, mut report) = self.export_body(name, all, with_files, progress)?;
+        let out = crate::bundle::stream::write(
+            self.replica.identity(),
+            &body,
+            encrypt,
+            out,
+            &mut crate::bundle::files::copy_from_store(self.store(), body.to),
+        )?;
+        report.encrypted = encrypt;
+        Ok((out, report))
+    }
+
+    /// A whole bundle for `name` in memory (see [`Core::export_to`]).
     pub fn export_bundle(
         &mut self,
         name: &str,
         all: bool,
         encrypt: bool,
+        with_files: bool,
         progress: &dyn Fn(u64),
     ) -> Result<(Vec<u8>, ExportReport), BundleError> {
-        crate::bundle::transfer::export_bundle(&mut self.replica, name, all, encrypt, progress)
+        let (bytes, mut report) =
+            self.export_to(name, all, encrypt, with_files, Vec::new(), progress)?;
+        report.bytes = bytes.len() as u64;
+        Ok((bytes, report))
     }
 
-    /// Import a bundle (see [`crate::bundle::transfer::import_bundle`]), then push what it
-    /// added to connected peers.
-    pub fn import_bundle(
+    /// Open a bundle read from `src` (see [`crate::bundle::transfer::open_from`]).
+    pub fn open_bundle<'a>(
+        &self,
+        src: impl std::io::Read + Send + 'a,
+    ) -> Result<Opened<'a>, BundleError> {
+        crate::bundle::transfer::open_from(&self.replica, src)
+    }
+
+    /// Import the records of an opened bundle (see [`crate::bundle::transfer::import_body`]),
+    /// then push what they added to connected peers. Its files are for
+    /// [`crate::bundle::files::store_wanted`].
+    pub fn import_body(
         &mut self,
-        bytes: &[u8],
+        body: &BundleBody,
         dry_run: bool,
         progress: &dyn Fn(u64, u64),
     ) -> Result<ImportReport, BundleError> {
         let report =
-            crate::bundle::transfer::import_bundle(&mut self.replica, bytes, dry_run, progress)?;
+            crate::bundle::transfer::import_body(&mut self.replica, body, dry_run, progress)?;
         if !report.dry_run {
             self.note_bundle(&report.from);
         }
@@ -334,6 +381,43 @@ impl Core {
             self.push_committed();
         }
         Ok(report)
+    }
+
+    /// Import a whole bundle read from `src`: its records, then each file it carries that
+    /// this node now wants, verified.
+    pub fn import_from(
+        &mut self,
+        src: impl std::io::Read + Send,
+        dry_run: bool,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<ImportReport, BundleError> {
+        let mut opened = self.open_bundle(src)?;
+        let mut report = self.import_body(&opened.body, dry_run, progress)?;
+        if !dry_run {
+            let now = self.replica.now_ms();
+            let stored = crate::bundle::files::store_wanted(
+                self.store(),
+                &mut opened,
+                now,
+                &mut report,
+                &mut |_| {},
+            );
+            if let Err(e) = self.reconcile_wants() {
+                tracing::error!(error = %e, "could not read the want-list after a bundle's files");
+            }
+            stored.map_err(|e| e.after_records(&report))?;
+        }
+        Ok(report)
+    }
+
+    /// Import the bundle `bytes` (see [`Core::import_from`]).
+    pub fn import_bundle(
+        &mut self,
+        bytes: &[u8],
+        dry_run: bool,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<ImportReport, BundleError> {
+        self.import_from(bytes, dry_run, progress)
     }
 
     /// The session with `peer`, if connected.

@@ -1,12 +1,16 @@
 //! The node actor's file work: segments served and decoded off the actor, finished
-//! downloads moved into place, progress saved, and the files' status published.
+//! downloads moved into place, progress saved, the files' status published, and bundles
+//! written and their files stored off the actor.
 
 use std::sync::Arc;
 
 use tidesync_proto::NodeId;
 use tidesync_proto::files::{FileAnswer, FileAsk};
 
-use super::{FileDone, Live, MAX_FILE_SERVES, NodeActor, WANTS_RECONCILE_TICKS, now};
+use super::{
+    BundleSink, FileDone, Live, MAX_FILE_SERVES, NodeActor, Reply, WANTS_RECONCILE_TICKS, now,
+};
+use crate::bundle::{BundleError, ExportReport, ImportReport};
 use crate::files::FileHash;
 use crate::netloop::NetCommand;
 use crate::store::SegmentError;
@@ -71,6 +75,82 @@ impl NodeActor {
                 bytes,
                 granted,
             });
+        });
+    }
+
+    /// Gather a bundle's body for `peer` and reply with its report; write the bundle to `out`
+    /// off the actor, its files read from the store, and tell `done` how that ended.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn export_bundle(
+        &mut self,
+        peer: &str,
+        all: bool,
+        encrypt: bool,
+        files: bool,
+        out: BundleSink,
+        done: Box<dyn FnOnce(Result<(), BundleError>) + Send>,
+        reply: Reply<Result<ExportReport, BundleError>>,
+    ) {
+        let (body, mut report) = match self.core.export_body(peer, all, files, &|_| {}) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        report.encrypted = encrypt;
+        let _ = reply.send(Ok(report));
+        let store = self.core.store().clone();
+        let identity = self.core.identity().clone();
+        tokio::task::spawn_blocking(move || {
+            let mut copy = crate::bundle::files::copy_from_store(&store, body.to);
+            let written = crate::bundle::stream::write(&identity, &body, encrypt, out, &mut copy);
+            if let Err(e) = &written {
+                tracing::error!(peer = %body.to, error = %e, "could not write a bundle");
+            }
+            done(written.map(drop));
+        });
+    }
+
+    /// Import a bundle's records on the actor; store the files it carries that this node now
+    /// wants off the actor, each reported as stored, and reply at the end.
+    pub(super) fn import_bundle(
+        &mut self,
+        src: Box<dyn std::io::Read + Send>,
+        dry_run: bool,
+        reply: Reply<Result<ImportReport, BundleError>>,
+    ) {
+        let imported = self.core.open_bundle(src).and_then(|opened| {
+            let report = self.core.import_body(&opened.body, dry_run, &|_, _| {})?;
+            Ok((opened, report))
+        });
+        let (mut opened, mut report) = match imported {
+            Ok(x) if !dry_run => x,
+            other => {
+                let _ = reply.send(other.map(|(_, report)| report));
+                return;
+            }
+        };
+        let store = self.core.store().clone();
+        let results = self.file_results_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let stored = crate::bundle::files::store_wanted(
+                &store,
+                &mut opened,
+                now(),
+                &mut report,
+                &mut |file| {
+                    let _ = results.blocking_send(FileDone::Finished {
+                        hash: file.hash,
+                        result: Ok(()),
+                    });
+                },
+            );
+            let _ = reply.send(
+                stored
+                    .map(|()| report.clone())
+                    .map_err(|e| e.after_records(&report)),
+            );
         });
     }
 

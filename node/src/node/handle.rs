@@ -183,30 +183,39 @@ impl NodeHandle {
         self.call(|reply| Action::Plan { peer, all, reply }).await
     }
 
-    /// A bundle for the configured peer `peer` (see [`Core::export_bundle`]).
+    /// A bundle for the configured peer `peer` (see [`Core::export_to`]), written to `out` off
+    /// the actor: the report once the body is gathered; `done` is told when the bundle is
+    /// whole, or why it is not.
     pub async fn export_bundle(
         &self,
         peer: String,
         all: bool,
         encrypt: bool,
-    ) -> Result<(Vec<u8>, ExportReport), CallError<BundleError>> {
+        files: bool,
+        out: BundleSink,
+        done: Box<dyn FnOnce(Result<(), BundleError>) + Send>,
+    ) -> Result<ExportReport, CallError<BundleError>> {
         self.call(|reply| Action::ExportBundle {
             peer,
             all,
             encrypt,
+            files,
+            out,
+            done,
             reply,
         })
         .await
     }
 
-    /// Import a bundle (see [`Core::import_bundle`]); what it adds is relayed to the peers.
+    /// Import the bundle `src` reads (see [`Core::import_from`]); what it adds is relayed to
+    /// the peers.
     pub async fn import_bundle(
         &self,
-        bytes: Vec<u8>,
+        src: Box<dyn std::io::Read + Send>,
         dry_run: bool,
     ) -> Result<ImportReport, CallError<BundleError>> {
         self.call(|reply| Action::ImportBundle {
-            bytes,
+            src,
             dry_run,
             reply,
         })

@@ -98,14 +98,20 @@ enum Action {
         all: bool,
         reply: Reply<Result<crate::replica::plan::Plan, crate::replica::plan::PlanError>>,
     },
+    /// The reply is the report, once the body is gathered; the bundle is then written to
+    /// `out` off the actor, and `done` told how that ended.
     ExportBundle {
         peer: String,
         all: bool,
         encrypt: bool,
-        reply: Reply<Result<(Vec<u8>, ExportReport), BundleError>>,
+        files: bool,
+        out: BundleSink,
+        done: Box<dyn FnOnce(Result<(), BundleError>) + Send>,
+        reply: Reply<Result<ExportReport, BundleError>>,
     },
+    /// The records are imported on the actor, the files off it; the reply comes at the end.
     ImportBundle {
-        bytes: Vec<u8>,
+        src: Box<dyn std::io::Read + Send>,
         dry_run: bool,
         reply: Reply<Result<ImportReport, BundleError>>,
     },
@@ -113,6 +119,9 @@ enum Action {
     /// when it is not wanted.
     FetchFile { hash: FileHash, reply: Reply<bool> },
 }
+
+/// Where a bundle exported by a running node is written.
+pub type BundleSink = Box<dyn std::io::Write + Send>;
 
 /// File work done off the actor, reported back to it.
 enum FileDone {
@@ -296,18 +305,16 @@ impl NodeActor {
                 peer,
                 all,
                 encrypt,
+                files,
+                out,
+                done,
                 reply,
-            } => {
-                let _ = reply.send(self.core.export_bundle(&peer, all, encrypt, &|_| {}));
-            }
+            } => self.export_bundle(&peer, all, encrypt, files, out, done, reply),
             Action::ImportBundle {
-                bytes,
+                src,
                 dry_run,
                 reply,
-            } => {
-                let result = self.core.import_bundle(&bytes, dry_run, &|_, _| {});
-                let _ = reply.send(result);
-            }
+            } => self.import_bundle(src, dry_run, reply),
             Action::SetPeer { peer, reply } => {
                 let _ = reply.send(self.set_peer(*peer));
             }

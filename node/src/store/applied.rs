@@ -141,6 +141,7 @@ impl Store {
                 .retain_in((peer.0, [0; 16])..=(peer.0, [0xff; 16]), |_, _| false)
                 .ctx(self, ctx)?;
             self.forget_outbound(&tx, peer)?;
+            self.forget_lacks(&tx, peer)?;
         }
         tx.commit().ctx(self, ctx)
     }

@@ -109,6 +109,11 @@ impl Partial {
         Ok((self.file, self.path))
     }
 
+    /// The hash and size of what was written so far.
+    pub fn written(&self) -> (FileHash, u64) {
+        (FileHash(*self.hasher.finalize().as_bytes()), self.size)
+    }
+
     /// Append `bytes`, hashing them.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), FileError> {
         self.size = self.size.saturating_add(bytes.len() as u64);

@@ -95,10 +95,23 @@ impl Store {
         tx.open_table(fleet::METERS).ctx(self, ctx)?;
         tx.open_table(META)
             .ctx(self, ctx)?
+            .insert("format", STORE_FORMAT_7.as_bytes())
+            .ctx(self, ctx)?;
+        tx.commit().ctx(self, ctx)?;
+        tracing::info!(path = %self.path.display(), documents_with_concurrent_values = n, "store migrated from {STORE_FORMAT_6} to {STORE_FORMAT_7}");
+        Ok(())
+    }
+
+    pub(super) fn migrate_7_to_8(&self) -> Result<(), StoreError> {
+        let ctx = "migrating the store from format 7 to 8";
+        let tx = self.db.begin_write().ctx(self, ctx)?;
+        tx.open_table(lacks::PEER_LACKS).ctx(self, ctx)?;
+        tx.open_table(META)
+            .ctx(self, ctx)?
             .insert("format", STORE_FORMAT.as_bytes())
             .ctx(self, ctx)?;
         tx.commit().ctx(self, ctx)?;
-        tracing::info!(path = %self.path.display(), documents_with_concurrent_values = n, "store migrated from {STORE_FORMAT_6} to {STORE_FORMAT}");
+        tracing::info!(path = %self.path.display(), "store migrated from {STORE_FORMAT_7} to {STORE_FORMAT}");
         Ok(())
     }
 

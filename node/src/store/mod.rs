@@ -15,7 +15,7 @@
 //! for dependencies, with each sender's tally), `outbound` (view acknowledgements, oversized
 //! changes, references owed), `equivocation` (equivocations with their evidence, and the
 //! changes they refuse), `files` (files content-addressed on disk, and their index), `inbox`
-//! (the conflicts inbox's index and refusal log), `fleet` (other nodes' status records).
+//! (the conflicts inbox's index and refusal log), `fleet` (other nodes' status records), `lacks` (the files each peer said it lacks).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -38,6 +38,8 @@ mod wants;
 pub use wants::{MAX_WANTED_BYTES_PER_PEER, MAX_WANTED_FILES_PER_PEER, Wanted};
 mod fleet;
 mod held;
+mod lacks;
+pub use lacks::MAX_LACKS_PER_PEER;
 mod inbox;
 pub use fleet::{FleetRow, MAX_FLEET_NODES};
 pub use inbox::{MAX_REFUSALS_KEPT, MAX_REFUSALS_PER_BATCH};
@@ -53,7 +55,7 @@ pub use reader::Reader;
 mod outbound;
 
 /// The value of `meta_v1["format"]` this build reads and writes.
-pub const STORE_FORMAT: &str = "tidesync-store-7";
+pub const STORE_FORMAT: &str = "tidesync-store-8";
 
 /// The format before held changes recorded their sender (`pending_v1`); opened and migrated.
 const STORE_FORMAT_2: &str = "tidesync-store-2";
@@ -70,6 +72,8 @@ const STORE_FORMAT_5: &str = "tidesync-store-5";
 /// Format 6: before the conflicts inbox's tables (`concurrent_v1`, `refusals_v1`) and the
 /// fleet table and the meters (`fleet_v1`, `meters_v1`); migrated at open by indexing every document's concurrent values.
 const STORE_FORMAT_6: &str = "tidesync-store-6";
+/// Format 7: before the files peers lack (`peer_lacks_v1`); migrated at open by creating it.
+const STORE_FORMAT_7: &str = "tidesync-store-7";
 
 /// Node-wide settings.
 /// Key: setting name (`format`). Value: UTF-8 bytes.
@@ -263,14 +267,17 @@ impl Store {
         if format == STORE_FORMAT_2 || format == STORE_FORMAT_3 {
             store.migrate_3_to_4()?;
         }
-        if ![STORE_FORMAT, STORE_FORMAT_6, STORE_FORMAT_5].contains(&format) {
+        if ![STORE_FORMAT, STORE_FORMAT_7, STORE_FORMAT_6, STORE_FORMAT_5].contains(&format) {
             store.migrate_4_to_5()?;
         }
-        if ![STORE_FORMAT, STORE_FORMAT_6].contains(&format) {
+        if ![STORE_FORMAT, STORE_FORMAT_7, STORE_FORMAT_6].contains(&format) {
             store.migrate_5_to_6()?;
         }
-        if format != STORE_FORMAT {
+        if ![STORE_FORMAT, STORE_FORMAT_7].contains(&format) {
             store.migrate_6_to_7()?;
+        }
+        if format != STORE_FORMAT {
+            store.migrate_7_to_8()?;
         }
         Ok(store)
     }
@@ -341,6 +348,7 @@ impl Store {
             tx.open_table(inbox::REFUSALS).ctx(self, ctx)?;
             tx.open_table(fleet::FLEET).ctx(self, ctx)?;
             tx.open_table(fleet::METERS).ctx(self, ctx)?;
+            tx.open_table(lacks::PEER_LACKS).ctx(self, ctx)?;
         }
         tx.commit().ctx(self, ctx)
     }
@@ -377,6 +385,7 @@ impl Store {
             Some(f) if f == STORE_FORMAT_4 => Ok(STORE_FORMAT_4),
             Some(f) if f == STORE_FORMAT_5 => Ok(STORE_FORMAT_5),
             Some(f) if f == STORE_FORMAT_6 => Ok(STORE_FORMAT_6),
+            Some(f) if f == STORE_FORMAT_7 => Ok(STORE_FORMAT_7),
             other => Err(StoreError::Format {
                 path: self.path.clone(),
                 found: other.unwrap_or_else(|| "none".into()),
