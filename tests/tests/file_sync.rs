@@ -1,11 +1,12 @@
 //! Files between real node processes on 127.0.0.1: a file follows the object that refers to
 //! it (and is relayed on), a file only a hidden field refers to never leaves, a peer serving
-//! corrupted segments is caught and the file comes from an honest one, and a download cut by
-//! `kill -9` carries on after a restart.
+//! corrupted segments is caught and the file comes from an honest one, a download cut by
+//! `kill -9` carries on after a restart, and one whose link is cut every 64 MiB completes with
+//! each verified segment sent once.
 
 use std::path::Path;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tidesync_tests::{TestNode, content, json, wait_for};
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
@@ -336,6 +337,63 @@ fn a_download_killed_with_sigkill_carries_on_after_a_restart() {
     });
     assert!(read_back(&shore, &hash, dir.path()) == video);
     assert!(missing(&shore).is_empty());
+    shore.stop();
+    ship.stop();
+}
+
+#[test]
+fn a_transfer_cut_every_64_mib_completes_and_each_verified_segment_comes_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ship, mut shore) = (TestNode::init("ship"), TestNode::init("shore"));
+    ship.start();
+    shore.start();
+    let video = content(192 * 1024 * 1024, 11);
+    let path = write(dir.path(), "transect.mp4", &video);
+    ship.ok(&[
+        "put",
+        "Volume",
+        "V-64",
+        "{}",
+        "--file",
+        &format!("video={path}"),
+    ]);
+    let hash = ship.get("Volume", "V-64").unwrap()["video"]["$file"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The shore reaches the ship only through a proxy that cuts every connection after 64 MiB.
+    let ship_addr = ship.listen_addr();
+    let port: u16 = ship_addr.rsplit('/').next().unwrap().parse().unwrap();
+    let proxy = tidesync_tests::proxy::FlakyProxy::start(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        64 * 1024 * 1024,
+    );
+    ship.add_peer(&shore, false);
+    let via = format!("/ip4/127.0.0.1/tcp/{}", proxy.addr().port());
+    shore.ok(&["peer", "add", "ship", "--id", &ship.id(), "--addr", &via]);
+    wait_for("the video to be stored at the shore", || {
+        stored(&shore).contains(&hash)
+    });
+    let size = video.len() as u64;
+    // Status counts a segment's bytes when the node publishes it (every half second).
+    let verified = || shore.status()["files"]["peers"][ship.id()]["bytes_in"].clone();
+    wait_for("status to count the last segments", || {
+        verified().as_u64().unwrap_or(0) >= size
+    });
+    let verified = verified();
+    let served = ship.status()["files"]["peers"][shore.id()]["bytes_out"]
+        .as_u64()
+        .unwrap();
+    eprintln!(
+        "64 MiB cuts: {} connections, {} cut midway, {} bytes through the proxy; {size} bytes of file, {served} served, {verified} verified",
+        proxy.connections(),
+        proxy.cuts(),
+        proxy.bytes()
+    );
+    assert!(proxy.cuts() >= 2, "the link was cut during the transfer");
+    assert_eq!(verified, json!(size), "each verified segment came once");
+    assert!(served >= size);
+    assert!(read_back(&shore, &hash, dir.path()) == video);
     shore.stop();
     ship.stop();
 }

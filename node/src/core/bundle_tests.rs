@@ -252,3 +252,50 @@ fn a_peer_whose_policy_keeps_files_home_gets_none_in_a_bundle() {
         .unwrap();
     assert_eq!((ex.changes, ex.files), (1, 0));
 }
+
+#[test]
+fn a_files_rule_widened_later_wants_the_files_objects_already_refer_to() {
+    // Regression: switching a peer from `--files never` to `eager` fetched nothing for the
+    // objects already held; only objects that changed again added wants.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ship, mut hub) = (
+        on_disk(dir.path(), 1, "ship"),
+        on_disk(dir.path(), 2, "hub"),
+    );
+    let (s, h) = (ship.node_id(), hub.node_id());
+    ship.set_policy(h, "hub".into(), Default::default())
+        .unwrap();
+    let never: crate::policy::Policy = serde_json::from_value(json!({"files": "never"})).unwrap();
+    hub.set_policy(s, "ship".into(), never).unwrap();
+    let (hash, size) = ship
+        .store()
+        .add_file(&mut &b"a sonar trace"[..], 0)
+        .unwrap();
+    put(
+        &mut ship,
+        "S-1",
+        json!({"trace": {"$file": hash.to_string(), "size": size}}),
+    );
+    let (bytes, ex) = ship
+        .export_bundle("hub", true, true, true, &|_| {})
+        .unwrap();
+    assert_eq!(ex.files, 1);
+    let r = hub.import_bundle(&bytes, false, &|_, _| {}).unwrap();
+    assert_eq!((r.new_changes, r.files, r.files_stored), (1, 1, 0));
+    assert!(
+        hub.store().want(&hash).unwrap().is_none(),
+        "never: not wanted"
+    );
+
+    hub.set_policy(s, "ship".into(), Default::default())
+        .unwrap();
+    let want = hub
+        .store()
+        .want(&hash)
+        .unwrap()
+        .expect("wanted once the rule allows it");
+    assert_eq!((want.claimant, want.sources.clone()), (s, vec![s]));
+    let r = hub.import_bundle(&bytes, false, &|_, _| {}).unwrap();
+    assert_eq!(r.files_stored, 1);
+    assert!(hub.store().want(&hash).unwrap().is_none());
+}

@@ -6,8 +6,8 @@ use tidesync_proto::NodeId;
 use super::Replica;
 use crate::files::{FileHash, FileRef};
 use crate::model::{MAX_WANT_SOURCES, ReceivedDoc, WantRow};
-use crate::policy::{Direction, FilesMode, Policies};
-use crate::store::StoreError;
+use crate::policy::{Direction, FilesMode, Policies, Policy};
+use crate::store::{StoreError, Wanted};
 
 /// Most documents referring to one file that are checked when a peer asks for it: a file is
 /// served if one of them may go to the peer.
@@ -45,6 +45,16 @@ pub(super) fn wants_of(
             last_error: None,
         })
         .collect()
+}
+
+/// Whether the files rule of `after` lets in a file that `before` kept out: `never` lifted,
+/// or a larger `max-file-bytes`.
+pub fn files_widened(before: &Policy, after: &Policy) -> bool {
+    let most = |p: &Policy| match p.files {
+        FilesMode::Never => 0,
+        _ => p.max_file_bytes.unwrap_or(crate::files::MAX_FILE_BYTES),
+    };
+    most(after) > most(before)
 }
 
 impl Replica {
@@ -106,6 +116,50 @@ impl Replica {
             }
         }
         Ok(false)
+    }
+
+    /// After `peer`'s files rule widened (see [`files_widened`]): want the files that objects
+    /// from it refer to and the new rule lets in, as if those objects had just arrived. An
+    /// object counts as from `peer` when it originated there, or at a node that is not a
+    /// configured peer (it was relayed, possibly by `peer`). Returns how many were wanted anew.
+    pub(super) fn want_files_now_allowed(&mut self, peer: NodeId) -> Result<usize, StoreError> {
+        let me = self.node_id();
+        let now = self.now_ms();
+        let mut rows = Vec::new();
+        let (store, policies) = (&self.store, &self.policies);
+        store.each_doc_with_files(|doc_id, files| {
+            let Some(rec) = store.record(&doc_id)? else {
+                return Ok(());
+            };
+            let origin = rec.origin;
+            if origin == me || (origin != peer && policies.name_of(&origin).is_some()) {
+                return Ok(());
+            }
+            let doc = ReceivedDoc {
+                files,
+                ..ReceivedDoc::nothing(tidesync_proto::DocHeader {
+                    doc: doc_id,
+                    origin,
+                    ty: rec.ty.clone(),
+                    id: rec.id.clone(),
+                })
+            };
+            for want in wants_of(policies, me, peer, &doc, now) {
+                if store.file(&want.hash).ok().flatten().is_none() {
+                    rows.push(want);
+                }
+            }
+            Ok(())
+        })?;
+        let outcomes = self.store.add_wants(&rows)?;
+        let mut added = 0;
+        for (row, outcome) in rows.into_iter().zip(outcomes) {
+            if matches!(outcome, Wanted::Added | Wanted::Merged) {
+                added += usize::from(outcome == Wanted::Added);
+                self.new_wants.push(row);
+            }
+        }
+        Ok(added)
     }
 
     /// Files newly on the want-list (or wanted from new sources) since the last call.

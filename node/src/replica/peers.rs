@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use tidesync_proto::NodeId;
 
 use super::Replica;
+use super::files::files_widened;
 use crate::config::PeerConfig;
 use crate::policy::Policy;
 use crate::store::{PolicyChange, Revoked, StoreError};
@@ -116,6 +117,14 @@ impl Replica {
         })?;
         if widened {
             tracing::info!(peer = %id, %name, "the policy of this peer widened: what it now allows is backfilled");
+        }
+        let files_before = match &old {
+            Some((_, Some(a))) => Some(&a.policy),
+            _ => None,
+        };
+        if files_before.is_some_and(|before| files_widened(before, policy)) {
+            let n = self.want_files_now_allowed(id)?;
+            tracing::info!(peer = %id, %name, files = n, "the files rule of this peer widened: the files its objects refer to are wanted now");
         }
         Ok(PeerApplied { widened, revoked })
     }

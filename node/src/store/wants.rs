@@ -252,6 +252,26 @@ impl Store {
         }
     }
 
+    /// Hand `f` every document that refers to files, with the files it refers to now, one
+    /// at a time (nothing gathers them all).
+    pub fn each_doc_with_files(
+        &self,
+        mut f: impl FnMut(DocId, Vec<(FileHash, u64)>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let ctx = "reading the documents' files";
+        let tx = self.db.begin_read().ctx(self, ctx)?;
+        let table = tx.open_table(DOC_FILES).ctx(self, ctx)?;
+        for item in table.iter().ctx(self, ctx)? {
+            let (k, v) = item.ctx(self, ctx)?;
+            let doc = DocId(k.value());
+            f(
+                doc,
+                self.decode(|| format!("doc_files_v1[{doc}]"), v.value())?,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Whether any document refers to file `hash`.
     pub fn is_referenced(&self, hash: &FileHash) -> Result<bool, StoreError> {
         Ok(!self.docs_referring(hash, 1)?.is_empty())
