@@ -326,8 +326,12 @@ impl Store {
         let Some((path, row)) = self.file(hash)? else {
             return Err(FileError::NotFound(*hash));
         };
-        let mut file =
-            std::fs::File::open(&path).map_err(FileError::io(&path, "opening a stored file"))?;
+        let mut file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            // Gone from the disk: as lost as rotted bytes.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(FileError::io(&path, "opening a stored file")(e)),
+        };
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; FILE_CHUNK_BYTES];
         let mut size = 0u64;

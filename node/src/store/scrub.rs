@@ -171,4 +171,27 @@ mod tests {
         assert!(store.file(&kept).unwrap().is_none());
         assert_eq!(store.wants().unwrap()[0].sources, vec![peer]);
     }
+
+    #[test]
+    fn a_stored_file_gone_from_the_disk_counts_as_rotted_and_is_wanted_again() {
+        // Regression: `file verify` stopped with "opening a stored file: No such file or
+        // directory" when a stored file had been deleted from `files/`, and checked no further.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(&dir.path().join("store.redb")).unwrap();
+        let (gone, _) = store.add_file(&mut &b"deleted by hand"[..], 0).unwrap();
+        let (fine, _) = store.add_file(&mut &b"still here"[..], 0).unwrap();
+        let tx = store.db.begin_write().unwrap();
+        FileIndex::open(&store, &tx, "test")
+            .unwrap()
+            .set_doc_files(&tidesync_proto::DocId([1; 16]), &[(gone, 15)])
+            .unwrap();
+        tx.commit().unwrap();
+        std::fs::remove_file(store.file(&gone).unwrap().unwrap().0).unwrap();
+        let report = store.verify_files(&[], NodeId([1; 32]), 1).unwrap();
+        assert_eq!(report.checked, 2);
+        assert_eq!(report.rotted, vec![gone.to_string()]);
+        assert_eq!(report.refetching, vec![gone.to_string()]);
+        assert!(store.want(&gone).unwrap().is_some());
+        assert!(store.file(&fine).unwrap().is_some());
+    }
 }
