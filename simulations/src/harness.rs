@@ -61,6 +61,9 @@ pub(crate) fn start_node(w: &mut World, i: usize, phase: &str) -> Result<(), Vio
         core.set_policy(w.node_id(peer), w.layout.name(peer), policy)
             .map_err(|e| fail(phase, format!("node {i}: setting a policy: {e}")))?;
     }
+    // As the daemon does at start: downloads carry on where they were.
+    core.load_wants()
+        .map_err(|e| fail(phase, format!("node {i}: loading the want-list: {e}")))?;
     if let Some(f) = w.opts.fault {
         core.inject_fault(f);
     }
@@ -161,6 +164,9 @@ pub(crate) fn heal(w: &mut World) -> Result<(), Violation> {
         shell::route(w, me, out, phase)?;
     }
     w.report.heal_rounds = settle(w, phase)?;
+    if w.opts.files {
+        crate::files::settle(w, phase)?;
+    }
     Ok(())
 }
 

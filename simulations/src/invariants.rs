@@ -56,6 +56,9 @@ pub(crate) fn check(w: &mut World) -> Result<(), Violation> {
         audits.push(audit.into_iter().map(|a| (a.doc, a)).collect());
     }
     w.report.docs = audits.iter().map(BTreeMap::len).sum();
+    if w.opts.files {
+        crate::files::check(w, phase)?;
+    }
     // Each node's equivocations: (document, author).
     let mut flagged: Vec<BTreeSet<(tidesync_proto::DocId, NodeId)>> = Vec::new();
     for i in 0..w.nodes.len() {

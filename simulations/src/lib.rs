@@ -18,10 +18,13 @@
 //! - [`invariants`]: what must hold after the heal, at every honest node.
 //! - [`shaping`]: metered and windowed links, the clock's jumps, and the link invariants
 //!   checked as each message leaves.
+//! - [`files`]: files attached by writes, moved segment by segment through the nodes' real
+//!   stores over the simulated links, and the file invariants.
 //! - [`solo`]: one node alone under crashes, checked after every step against a model of its
 //!   acknowledged writes.
 
 pub mod bad;
+pub mod files;
 pub mod harness;
 pub mod invariants;
 pub mod net;

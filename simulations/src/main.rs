@@ -57,6 +57,9 @@ struct Args {
     /// Whether links carry budgets, windows and rates [default: drawn from the seed].
     #[arg(long)]
     shaped: Option<bool>,
+    /// Whether writes attach files that move between the nodes [default: drawn from the seed].
+    #[arg(long)]
+    files: Option<bool>,
 }
 
 fn main() -> ExitCode {
@@ -96,6 +99,7 @@ fn main() -> ExitCode {
         bad,
         bad_node: args.bad_node,
         shaped: args.shaped,
+        files: args.files,
     };
     println!("seed {first} seeds {}", args.seeds);
     let started = Instant::now();
@@ -108,7 +112,7 @@ fn main() -> ExitCode {
             Ok(r) => {
                 worst_rounds = worst_rounds.max(r.heal_rounds);
                 println!(
-                    "  ok: trace {:016x}, {} writes acknowledged, {} refused, {} forgeries, {} crashes, {} partitions, {} policy changes, {} messages ({} dropped, {} duplicated), converged {} rounds after the heal, {} documents, {} equivocations found",
+                    "  ok: trace {:016x}, {} writes acknowledged, {} refused, {} forgeries, {} crashes, {} partitions, {} policy changes, {} messages ({} dropped, {} duplicated), converged {} rounds after the heal, {} documents, {} equivocations found, {} files attached, {} stored",
                     r.trace_hash,
                     r.writes_acked,
                     r.writes_refused,
@@ -121,7 +125,9 @@ fn main() -> ExitCode {
                     r.duplicated,
                     r.heal_rounds,
                     r.docs,
-                    r.equivocations
+                    r.equivocations,
+                    r.files_added,
+                    r.files_stored
                 );
             }
             Err(v) if opts.fault.is_some() => {

@@ -24,6 +24,8 @@ pub struct Options {
     pub bad: Option<(usize, Misbehaviour)>,
     /// Whether links carry budgets, windows and rates (see the `shaping` module).
     pub shaped: bool,
+    /// Whether writes attach files, which then move between the nodes (see `files.rs`).
+    pub files: bool,
 }
 
 /// Options given on the command line; the rest come from the seed.
@@ -41,6 +43,7 @@ pub struct Given {
     pub bad: Option<Option<Misbehaviour>>,
     pub bad_node: Option<usize>,
     pub shaped: Option<bool>,
+    pub files: Option<bool>,
 }
 
 impl Options {
@@ -68,6 +71,8 @@ impl Options {
             .map(|k| (given.bad_node.unwrap_or(node).clamp(1, nodes - 1), k));
         // Half the worlds have shaped links (drawn after the rest, which stay as they were).
         let shaped = given.shaped.unwrap_or(rng.random_bool(0.5));
+        // Half the worlds have files (drawn last again).
+        let files = given.files.unwrap_or(rng.random_bool(0.5));
         Options {
             seed,
             topology,
@@ -82,6 +87,7 @@ impl Options {
             fault: given.fault,
             bad,
             shaped,
+            files,
         }
     }
 
@@ -105,7 +111,7 @@ impl Options {
             Some((n, m)) => c.push_str(&format!(" --bad {m} --bad-node {n}")),
             None => c.push_str(" --bad none"),
         }
-        c.push_str(&format!(" --shaped {}", self.shaped));
+        c.push_str(&format!(" --shaped {} --files {}", self.shaped, self.files));
         c
     }
 }
@@ -114,7 +120,7 @@ impl std::fmt::Display for Options {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "seed {} topology {} nodes {} steps {} crash-per-mille {} drop-per-mille {} dup-per-mille {} max-delay-ms {} fault {} bad {} shaped {}",
+            "seed {} topology {} nodes {} steps {} crash-per-mille {} drop-per-mille {} dup-per-mille {} max-delay-ms {} fault {} bad {} shaped {} files {}",
             self.seed,
             self.topology,
             self.nodes,
@@ -127,7 +133,8 @@ impl std::fmt::Display for Options {
             self.bad
                 .map(|(n, m)| format!("{m}@{n}"))
                 .unwrap_or_else(|| "none".into()),
-            self.shaped
+            self.shaped,
+            self.files
         )
     }
 }
@@ -152,6 +159,9 @@ pub struct Report {
     pub equivocations: u64,
     /// Documents held across all nodes at the end.
     pub docs: usize,
+    /// Files attached by writes, and files stored across all nodes at the end.
+    pub files_added: u64,
+    pub files_stored: u64,
 }
 
 /// An invariant that failed, and where.

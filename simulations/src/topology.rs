@@ -13,7 +13,9 @@
 //!   it only receives (`direction receive`), and `Template` reaches it as a view of `title`
 //!   alone (`fields`);
 //! - `Volume` is narrowed (skipped) on random links while the world runs and widened again
-//!   before the heal.
+//!   before the heal;
+//! - files (in worlds with files): a link that touches a ship carries files of at most
+//!   [`SHIP_MAX_FILE_BYTES`] (`max-file-bytes`, set at both ends); other links carry all.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -26,6 +28,8 @@ use tidesync_proto::TypeName;
 pub const TYPES: [&str; 5] = ["Sample", "Volume", "Template", "Invoice", "Method"];
 /// The one field of `Template` the archive of a `line` world is sent.
 pub const PUBLISHED_FIELD: &str = "title";
+/// The largest file a link touching a ship carries, in bytes.
+pub const SHIP_MAX_FILE_BYTES: u64 = 1024 * 1024;
 
 /// The shape of a world.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -201,12 +205,24 @@ impl Layout {
         if self.roles[me] == Role::Archive {
             p.direction = Direction::Receive;
         }
+        if self.touches_ship(me, peer) {
+            p.max_file_bytes = Some(SHIP_MAX_FILE_BYTES);
+        }
         if self.publishes_view(me, peer) {
             p.direction = Direction::Send;
             p.fields
                 .insert(ty("Template"), vec![PUBLISHED_FIELD.to_string()]);
         }
         p
+    }
+
+    fn touches_ship(&self, a: usize, b: usize) -> bool {
+        self.roles[a] == Role::Ship || self.roles[b] == Role::Ship
+    }
+
+    /// Whether a file of `size` bytes may cross between neighbours `x` and `y` (restated).
+    pub fn file_passes(&self, x: usize, y: usize, size: u64) -> bool {
+        !self.touches_ship(x, y) || size <= SHIP_MAX_FILE_BYTES
     }
 
     /// Whether the workload may write `ty` at node `i` (writes there are acknowledged):

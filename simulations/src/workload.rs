@@ -127,7 +127,7 @@ pub(crate) fn write(w: &mut World, phase: &str) -> Result<(), Violation> {
     let ty = TypeName::new(ty_s).map_err(|e| fail(phase, e.to_string()))?;
     let id = pick_id(w, i, &ty, phase)?;
     let delete = w.rng.random_range(0..100) < 12;
-    let fields: Map<String, Json> = (0..w.rng.random_range(1..=3))
+    let mut fields: Map<String, Json> = (0..w.rng.random_range(1..=3))
         .map(|_| {
             let f = FIELDS[w.rng.random_range(0..FIELDS.len())];
             let v = match w.rng.random_range(0..5) {
@@ -138,6 +138,13 @@ pub(crate) fn write(w: &mut World, phase: &str) -> Result<(), Violation> {
             (f.to_string(), v)
         })
         .collect();
+    if w.opts.files
+        && !delete
+        && w.rng.random_range(0..crate::files::ATTACH_ONE_IN) == 0
+        && let Some((field, value)) = crate::files::attach(w, i, ty_s, phase)?
+    {
+        fields.insert(field, value);
+    }
     let Some(core) = w.nodes[i].core.as_mut() else {
         return Ok(());
     };

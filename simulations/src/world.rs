@@ -76,6 +76,10 @@ pub(crate) struct World {
     pub(crate) replays: Vec<(usize, tidesync_proto::Message)>,
     /// The world's shaped links and what crossed them.
     pub(crate) shaping: Shaping,
+    /// Where the nodes keep their files, in a world with files (removed with the world).
+    pub(crate) _files_dir: Option<tempfile::TempDir>,
+    /// What the workload attached to objects (see `files.rs`).
+    pub(crate) files: crate::files::Attached,
 }
 
 impl World {
@@ -85,12 +89,20 @@ impl World {
         let clock = Arc::new(AtomicI64::new(EPOCH_MS));
         let mut nodes = Vec::new();
         let mut ids = BTreeMap::new();
+        let files_dir = match opts.files {
+            true => Some(tempfile::tempdir().map_err(|e| fail("start", e.to_string()))?),
+            false => None,
+        };
         for i in 0..layout.len() {
             let mut secret = [0u8; 32];
             rng.fill_bytes(&mut secret);
             let identity = Identity::from_secret(secret);
             ids.insert(identity.node_id(), i);
-            let store = Store::in_memory().map_err(|e| fail("start", e.to_string()))?;
+            let store = match &files_dir {
+                Some(dir) => Store::in_memory_beside(&dir.path().join(format!("node-{i}"))),
+                None => Store::in_memory(),
+            }
+            .map_err(|e| fail("start", e.to_string()))?;
             nodes.push(SimNode {
                 identity,
                 core: None,
@@ -126,10 +138,14 @@ impl World {
                 heal_rounds: 0,
                 docs: 0,
                 equivocations: 0,
+                files_added: 0,
+                files_stored: 0,
             },
             changes_sent: 0,
             replays: Vec::new(),
             shaping,
+            _files_dir: files_dir,
+            files: Default::default(),
         };
         Ok(world)
     }

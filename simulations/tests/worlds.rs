@@ -164,6 +164,7 @@ fn pinned(seed: u64, topology: Topology, nodes: usize, steps: u32, rates: [u32; 
         fault: None,
         bad: None,
         shaped: false,
+        files: false,
     }
 }
 
@@ -239,4 +240,22 @@ fn regression_seed_221_resend_flag_kept_behind_a_closed_gate() {
         ..pinned(221, Topology::Star, 6, 428, [2, 56, 36, 36])
     };
     must_pass(&o);
+}
+
+// Regression (seeds 120, 104 and 1222, the first worlds with files, 2026-12-06): a peer's ask
+// window, down to one, went each round to files that peer answered "not here", so a file it
+// held was never asked for (see `files_a_peer_lacks_do_not_starve_one_it_holds`).
+#[test]
+fn regression_seeds_120_104_1222_files_starved_behind_ones_a_peer_lacks() {
+    for seed in [120, 104, 1222] {
+        let o = Options::derive(
+            seed,
+            &Given {
+                files: Some(true),
+                ..Given::default()
+            },
+        );
+        assert!(o.files);
+        must_pass(&o);
+    }
 }

@@ -282,9 +282,18 @@ impl Store {
         Ok(store)
     }
 
-    /// An in-memory store, for simulations and tests.
+    /// An in-memory store, for simulations and tests. It keeps no files.
     pub fn in_memory() -> Result<Store, StoreError> {
-        let path = PathBuf::from("<memory>");
+        Store::memory_at(PathBuf::from("<memory>"))
+    }
+
+    /// An in-memory store whose files live on disk under `dir/files`, as if the store file
+    /// were `dir/store.redb` (simulations with files).
+    pub fn in_memory_beside(dir: &Path) -> Result<Store, StoreError> {
+        Store::memory_at(dir.join("store.redb"))
+    }
+
+    fn memory_at(path: PathBuf) -> Result<Store, StoreError> {
         let db = Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(|e| open_error(&path, e))?;

@@ -38,8 +38,11 @@ pub const ASK_BACKOFF_MS: i64 = 10_000;
 /// this many segments, whatever the files' sizes.
 pub const MAX_ASKS_IN_FLIGHT: usize = 32;
 /// A peer that does not have a file is asked again after this long, in milliseconds (it may
-/// be fetching it itself).
+/// be fetching it itself); each further empty answer doubles the wait, up to
+/// [`MAX_UNKNOWN_RETRY_MS`], so that files a peer lacks do not keep taking its asks.
 pub const UNKNOWN_RETRY_MS: i64 = 5_000;
+/// The longest wait before asking a peer again for a file it did not have, in milliseconds.
+pub const MAX_UNKNOWN_RETRY_MS: i64 = 120_000;
 /// A peer busy serving others is asked again after this long, in milliseconds.
 pub const BUSY_RETRY_MS: i64 = 500;
 /// A failed ask (timeout, closed stream) is retried from that peer after this long, in
@@ -69,6 +72,17 @@ pub enum Outcome {
     Local(String),
 }
 
+/// Which peers a pass of [`Fetcher::plan`] asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// A file's sources that never answered it without its bytes.
+    Fresh,
+    /// A file's sources.
+    Sources,
+    /// Any connected peer, for a file none of whose sources can be asked.
+    Anyone,
+}
+
 /// One wanted file as the fetcher tracks it.
 #[derive(Debug)]
 struct Fetch {
@@ -79,6 +93,8 @@ struct Fetch {
     in_flight: BTreeMap<u64, NodeId>,
     /// Sources not to ask before the time given (Unix ms).
     wait: BTreeMap<NodeId, i64>,
+    /// Empty answers in a row from each peer ("not here").
+    empty: BTreeMap<NodeId, u32>,
     /// The lowest segment that may be neither done nor in flight.
     cursor: u64,
     /// A read waits for it (an `on-demand` file is fetched only then).
@@ -178,6 +194,12 @@ impl AskWindow {
             self.sample_from_ms = Some(now_ms);
             self.sample_bytes = 0;
         }
+        self.grow_on_answer();
+    }
+
+    /// An ask was answered, with a segment or without one (the peer lacks the file, or is
+    /// busy): the link carried it, so the window grows as answers come.
+    fn grow_on_answer(&mut self) {
         self.answered += 1;
         if self.answered >= self.size {
             let grown = if self.slow_start {
@@ -218,6 +240,7 @@ impl Fetcher {
             done: 0,
             in_flight: BTreeMap::new(),
             wait: BTreeMap::new(),
+            empty: BTreeMap::new(),
             cursor: 0,
             requested: false,
             paused_until: i64::MIN,
@@ -298,68 +321,80 @@ impl Fetcher {
             .chain(order.filter(|h| self.wants.get(h).is_some_and(|f| !f.requested)))
             .copied()
             .collect();
-        for hash in order {
-            let Some(f) = self.wants.get_mut(&hash) else {
-                continue;
-            };
-            if total >= MAX_ASKS_IN_FLIGHT {
-                break;
-            }
-            if f.finishing
-                || f.paused_until > now_ms
-                || (f.row.on_demand && !f.requested)
-                || f.done == f.segments
-            {
-                continue;
-            }
-            while total < MAX_ASKS_IN_FLIGHT && f.cursor < f.segments {
-                let segment = f.cursor;
-                if f.is_done(segment) || f.in_flight.contains_key(&segment) {
-                    f.cursor += 1;
+        // Three passes, so that no ask likely to come back empty takes a peer's window from
+        // one that would not: first the sources that never answered a file without its
+        // bytes, then the sources again after they did (once their wait is over), then other
+        // peers for what no source could take.
+        for pass in [Pass::Fresh, Pass::Sources, Pass::Anyone] {
+            for hash in &order {
+                let Some(f) = self.wants.get_mut(hash) else {
+                    continue;
+                };
+                if total >= MAX_ASKS_IN_FLIGHT {
+                    break;
+                }
+                if f.finishing
+                    || f.paused_until > now_ms
+                    || (f.row.on_demand && !f.requested)
+                    || f.done == f.segments
+                {
                     continue;
                 }
-                let ready = |p: &NodeId| f.wait.get(p).is_none_or(|t| *t <= now_ms);
-                let windows = &self.windows;
-                let room = |p: &NodeId| windows.get(p).map_or(INITIAL_ASKS, |w| w.size);
-                let pick = |peers: &mut dyn Iterator<Item = &NodeId>| {
-                    peers
-                        .filter(|p| ready(p))
-                        .filter_map(|p| self.connected.get(p).map(|n| (*n, *p)))
-                        .filter(|(n, p)| *n < room(p))
-                        .min()
-                };
-                // The sources first; when none can be asked, any connected peer (one that got
-                // the object from elsewhere may hold the file; one that does not, or may not
-                // give it to us, answers as if it had none).
-                let peer = pick(&mut f.row.sources.iter()).or_else(|| {
-                    let usable = f
-                        .row
-                        .sources
-                        .iter()
-                        .any(|p| self.connected.contains_key(p) && ready(p));
-                    if usable {
-                        None
-                    } else {
-                        pick(&mut self.connected.keys())
+                while total < MAX_ASKS_IN_FLIGHT && f.cursor < f.segments {
+                    let segment = f.cursor;
+                    if f.is_done(segment) || f.in_flight.contains_key(&segment) {
+                        f.cursor += 1;
+                        continue;
                     }
-                });
-                let Some((_, peer)) = peer else {
-                    break;
-                };
-                f.in_flight.insert(segment, peer);
-                f.cursor += 1;
-                if let Some(n) = self.connected.get_mut(&peer) {
-                    *n += 1;
+                    let ready = |p: &NodeId| f.wait.get(p).is_none_or(|t| *t <= now_ms);
+                    let windows = &self.windows;
+                    let room = |p: &NodeId| windows.get(p).map_or(INITIAL_ASKS, |w| w.size);
+                    let pick = |peers: &mut dyn Iterator<Item = &NodeId>| {
+                        peers
+                            .filter(|p| ready(p))
+                            .filter_map(|p| self.connected.get(p).map(|n| (*n, *p)))
+                            .filter(|(n, p)| *n < room(p))
+                            .min()
+                    };
+                    // When no source can be asked, any connected peer (one that got the object
+                    // from elsewhere may hold the file; one that does not, or may not give it to
+                    // us, answers as if it had none).
+                    let peer = match pass {
+                        Pass::Fresh => {
+                            pick(&mut f.row.sources.iter().filter(|p| !f.wait.contains_key(p)))
+                        }
+                        Pass::Sources => pick(&mut f.row.sources.iter()),
+                        Pass::Anyone => {
+                            let usable = f
+                                .row
+                                .sources
+                                .iter()
+                                .any(|p| self.connected.contains_key(p) && ready(p));
+                            if usable {
+                                None
+                            } else {
+                                pick(&mut self.connected.keys())
+                            }
+                        }
+                    };
+                    let Some((_, peer)) = peer else {
+                        break;
+                    };
+                    f.in_flight.insert(segment, peer);
+                    f.cursor += 1;
+                    if let Some(n) = self.connected.get_mut(&peer) {
+                        *n += 1;
+                    }
+                    total += 1;
+                    out.push((
+                        peer,
+                        FileAsk {
+                            hash: hash.0,
+                            size: f.row.size,
+                            segment,
+                        },
+                    ));
                 }
-                total += 1;
-                out.push((
-                    peer,
-                    FileAsk {
-                        hash: hash.0,
-                        size: f.row.size,
-                        segment,
-                    },
-                ));
             }
         }
         out
@@ -382,6 +417,7 @@ impl Fetcher {
         let error = match outcome {
             Outcome::Verified { bytes } => {
                 stats.bytes_in += bytes;
+                f.empty.remove(&peer);
                 if f.set_done(ask.segment) {
                     f.dirty = true;
                 }
@@ -397,10 +433,18 @@ impl Fetcher {
                 Some(format!("a segment from {peer} did not verify: {why}"))
             }
             Outcome::Unknown => {
-                f.wait.insert(peer, now_ms + UNKNOWN_RETRY_MS);
+                // Answers without a segment open the window too: otherwise asks that a peer
+                // answers "not here" could keep it at one ask, which then never reaches the
+                // files it does hold.
+                self.windows.entry(peer).or_default().grow_on_answer();
+                let n = f.empty.entry(peer).or_insert(0);
+                *n = n.saturating_add(1);
+                let wait = UNKNOWN_RETRY_MS.saturating_mul(1 << (*n - 1).min(10));
+                f.wait.insert(peer, now_ms + wait.min(MAX_UNKNOWN_RETRY_MS));
                 Some(format!("{peer} does not have it for us"))
             }
             Outcome::Busy => {
+                self.windows.entry(peer).or_default().grow_on_answer();
                 f.wait.insert(peer, now_ms + BUSY_RETRY_MS);
                 None
             }
@@ -555,6 +599,72 @@ mod tests {
             f.answered(*peer, ask, verified, now);
         }
         f.plan(now)
+    }
+
+    // Regression (simulation seeds 120, 104 and 1222 with files, 2026-12-06): a peer whose
+    // window was down to one ask (after failed asks, with a low measured rate) spent it each
+    // round on smaller files it answered "not here", retried in turn as their waits ran out,
+    // so a file it held and was the source of was never asked for. Answers without a segment
+    // now grow the window too (within the rate's cap), each round asks sources that never came
+    // back empty first, and a peer's "not here" for a file doubles the wait before asking it
+    // again, up to two minutes.
+    #[test]
+    fn files_a_peer_lacks_do_not_starve_one_it_holds() {
+        let mut f = Fetcher::default();
+        let peer = node(9);
+        f.connected(peer);
+        // Two small files arrive two seconds apart: a measured rate of 1 kB/s caps the window
+        // at one ask; a failed ask then takes it there.
+        for (n, now) in [(200u8, 0), (201, 2_000)] {
+            let mut r = row(n, 1, &[peer]);
+            r.size = 1_000;
+            f.want(r);
+            for (p, ask) in f.plan(now) {
+                f.answered(p, &ask, Outcome::Verified { bytes: 1_000 }, now);
+            }
+            f.forget(&FileHash([n; 32]));
+        }
+        f.want(row(202, 1, &[peer]));
+        for (p, ask) in f.plan(2_500) {
+            f.answered(p, &ask, Outcome::Failed("timed out".into()), 2_500);
+        }
+        f.forget(&FileHash([202; 32]));
+        // Eight small files the peer does not have, and a larger one it has, asked once
+        // before, when the peer did not have it yet.
+        let held = FileHash([100; 32]);
+        f.want(row(100, 3, &[peer]));
+        for (p, ask) in f.plan(3_000) {
+            f.answered(p, &ask, Outcome::Unknown, 3_000);
+        }
+        for n in 1..=8 {
+            let mut r = row(n, 1, &[peer]);
+            r.size = 1_000 + u64::from(n);
+            f.want(r);
+        }
+        let mut asked_at = None;
+        for round in 0..300 {
+            let now = 4_000 + round * 1_000;
+            let asks = f.plan(now);
+            assert!(asks.len() <= 1, "the window stays at one ask");
+            for (p, ask) in asks {
+                let outcome = if FileHash(ask.hash) == held {
+                    asked_at = asked_at.or(Some(round));
+                    Outcome::Verified {
+                        bytes: SEGMENT_BYTES,
+                    }
+                } else {
+                    Outcome::Unknown
+                };
+                f.answered(p, &ask, outcome, now);
+            }
+            if asked_at.is_some() {
+                break;
+            }
+        }
+        assert!(
+            asked_at.is_some(),
+            "the file the peer holds was never asked for again"
+        );
     }
 
     // Regression (shipbench, 1 Mbit/s, 2026-12-06): sixteen asks of 1 MiB in flight to one
