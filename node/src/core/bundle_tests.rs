@@ -156,18 +156,29 @@ fn on_disk(dir: &std::path::Path, secret: u8, name: &str) -> Core {
     )
 }
 
+/// A ship and a hub over stores on disk in `dir`, each configured as the other's peer: the
+/// ship's policy for the hub, and the hub's for the ship.
+fn disk_pair(
+    dir: &std::path::Path,
+    ship_for_hub: crate::policy::Policy,
+    hub_for_ship: crate::policy::Policy,
+) -> (Core, Core) {
+    let (mut ship, mut hub) = (on_disk(dir, 1, "ship"), on_disk(dir, 2, "hub"));
+    let (s, h) = (ship.node_id(), hub.node_id());
+    ship.set_policy(h, "hub".into(), ship_for_hub).unwrap();
+    hub.set_policy(s, "ship".into(), hub_for_ship).unwrap();
+    (ship, hub)
+}
+
+fn files_never() -> crate::policy::Policy {
+    serde_json::from_value(json!({"files": "never"})).unwrap()
+}
+
 #[test]
 fn files_go_in_the_bundle_or_in_a_later_one_once_the_peer_says_it_lacks_them() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut ship, mut hub) = (
-        on_disk(dir.path(), 1, "ship"),
-        on_disk(dir.path(), 2, "hub"),
-    );
+    let (mut ship, mut hub) = disk_pair(dir.path(), Default::default(), Default::default());
     let (s, h) = (ship.node_id(), hub.node_id());
-    ship.set_policy(h, "hub".into(), Default::default())
-        .unwrap();
-    hub.set_policy(s, "ship".into(), Default::default())
-        .unwrap();
     let image: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let (hash, size) = ship.store().add_file(&mut &image[..], 0).unwrap();
     let reference = json!({"$file": hash.to_string(), "size": size, "name": "img-0001.jpg"});
@@ -235,12 +246,7 @@ fn files_go_in_the_bundle_or_in_a_later_one_once_the_peer_says_it_lacks_them() {
 #[test]
 fn a_peer_whose_policy_keeps_files_home_gets_none_in_a_bundle() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut ship, hub) = (
-        on_disk(dir.path(), 1, "ship"),
-        on_disk(dir.path(), 2, "hub"),
-    );
-    let never: crate::policy::Policy = serde_json::from_value(json!({"files": "never"})).unwrap();
-    ship.set_policy(hub.node_id(), "hub".into(), never).unwrap();
+    let (mut ship, _hub) = disk_pair(dir.path(), files_never(), Default::default());
     let (hash, size) = ship.store().add_file(&mut &b"raw data"[..], 0).unwrap();
     put(
         &mut ship,
@@ -258,15 +264,8 @@ fn a_files_rule_widened_later_wants_the_files_objects_already_refer_to() {
     // Regression: switching a peer from `--files never` to `eager` fetched nothing for the
     // objects already held; only objects that changed again added wants.
     let dir = tempfile::tempdir().unwrap();
-    let (mut ship, mut hub) = (
-        on_disk(dir.path(), 1, "ship"),
-        on_disk(dir.path(), 2, "hub"),
-    );
-    let (s, h) = (ship.node_id(), hub.node_id());
-    ship.set_policy(h, "hub".into(), Default::default())
-        .unwrap();
-    let never: crate::policy::Policy = serde_json::from_value(json!({"files": "never"})).unwrap();
-    hub.set_policy(s, "ship".into(), never).unwrap();
+    let (mut ship, mut hub) = disk_pair(dir.path(), Default::default(), files_never());
+    let s = ship.node_id();
     let (hash, size) = ship
         .store()
         .add_file(&mut &b"a sonar trace"[..], 0)
