@@ -32,7 +32,8 @@ pub const DEFAULT_API: &str = "127.0.0.1:7401";
 /// 4: a peer may set `files` and `max-file-bytes` (older builds refuse those keys, so they
 /// refuse format 4 by name). 5: `[fleet]` (`status-interval-secs`), and a peer's link
 /// settings (`[peers.link]`: `max-rate`, `windows`, `budget`). 6: `[discovery]` (`mdns`).
-pub const CONFIG_FORMAT: u32 = 6;
+/// 7: a peer's link may name the time `zone` of its windows and days.
+pub const CONFIG_FORMAT: u32 = 7;
 /// Default shortest time between two status records a node sends its peers, in seconds.
 pub const DEFAULT_STATUS_INTERVAL_SECS: u64 = 30;
 /// Bounds of `fleet.status-interval-secs`, in seconds.
@@ -599,7 +600,7 @@ pub(crate) mod tests {
         // A format-5 file has no [discovery]: mDNS stays off.
         let old = text
             .replace("[discovery]\nmdns = true\n", "")
-            .replace("format = 6", "format = 5");
+            .replace(&format!("format = {CONFIG_FORMAT}"), "format = 5");
         let back: Config = toml::from_str(&old).unwrap();
         assert!(!back.discovery.mdns && back.validate().is_ok());
     }

@@ -1,9 +1,11 @@
-//! What the operator lets a link carry to one peer: sync windows (UTC), a byte budget per UTC
-//! day and a rate, decided here from the time and the day's meter handed in.
+//! What the operator lets a link carry to one peer: sync windows, a byte budget per day and a
+//! rate, decided here from the time and the day's meter handed in. Windows and days are in
+//! UTC, or in the link's named time zone (`zone = "Europe/Oslo"`, IANA names, from the time
+//! zone database built into the binary, so a ship's clock setting does not matter).
 //!
 //! The gate is checked before each batch and each file segment served. When a window closes
 //! the batches in flight finish and no new one starts; when the day's budget is spent nothing
-//! more goes until the next UTC day; the rate spaces batches so that on average no more than
+//! more goes until the next day; the rate spaces batches so that on average no more than
 //! `max-rate` bytes a second leave. `tidesync sync --now PEER` opens the gate once, until that
 //! peer is in sync.
 
@@ -17,11 +19,12 @@ pub const MAX_WINDOWS: usize = 24;
 /// changes, so a day of imagery never spends what the records written after it need.
 pub const FILES_BUDGET_PERCENT: u64 = 80;
 
-/// A daily sync window, `HH:MM-HH:MM` in UTC; one that ends before it starts spans midnight.
+/// A daily sync window, `HH:MM-HH:MM` in UTC or the link's zone; one that ends before it
+/// starts spans midnight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Window {
-    /// Minutes after midnight UTC.
+    /// Minutes after midnight (UTC, or in the link's zone).
     pub start: u16,
     pub end: u16,
 }
@@ -29,7 +32,7 @@ pub struct Window {
 impl TryFrom<String> for Window {
     type Error = String;
     fn try_from(s: String) -> Result<Window, String> {
-        let bad = || format!("window {s:?} is not HH:MM-HH:MM (UTC, 00:00 to 24:00)");
+        let bad = || format!("window {s:?} is not HH:MM-HH:MM (00:00 to 24:00)");
         let minutes = |t: &str| -> Option<u16> {
             let (h, m) = t.trim().split_once(':')?;
             let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
@@ -57,7 +60,7 @@ impl From<Window> for String {
 }
 
 impl Window {
-    /// Whether the window holds `minute` (after midnight UTC).
+    /// Whether the window holds `minute` (after midnight).
     pub fn contains(&self, minute: u16) -> bool {
         if self.start < self.end {
             (self.start..self.end).contains(&minute)
@@ -77,15 +80,62 @@ pub struct Link {
     /// When the link may carry anything; none: always.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub windows: Vec<Window>,
-    /// Most bytes sent to the peer per UTC day.
+    /// Most bytes sent to the peer per day.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget: Option<u64>,
+    /// The time zone of the windows and of the budget's days; none: UTC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<Zone>,
 }
 
-/// Bytes sent to one peer on one UTC day (kept in the store, so a restart keeps counting).
+/// A named time zone (IANA, such as `Europe/Oslo`), checked against the built-in time zone
+/// database when it is read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Zone {
+    name: String,
+    tz: jiff::tz::TimeZone,
+}
+
+impl TryFrom<String> for Zone {
+    type Error = String;
+    fn try_from(name: String) -> Result<Zone, String> {
+        match jiff::tz::TimeZone::get(&name) {
+            Ok(tz) => Ok(Zone { name, tz }),
+            Err(e) => Err(format!(
+                "unknown time zone {name:?} ({e}); name one as the time zone database does, such as Europe/Oslo or America/Halifax, or leave it out for UTC"
+            )),
+        }
+    }
+}
+
+impl From<Zone> for String {
+    fn from(z: Zone) -> String {
+        z.name
+    }
+}
+
+impl PartialEq for Zone {
+    fn eq(&self, other: &Zone) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for Zone {}
+
+impl Zone {
+    /// The zone's offset from UTC at `ms` (Unix ms), in milliseconds.
+    fn offset_ms(&self, ms: i64) -> i64 {
+        jiff::Timestamp::from_millisecond(ms)
+            .map(|t| i64::from(self.tz.to_offset(t).seconds()) * 1_000)
+            .unwrap_or(0)
+    }
+}
+
+/// Bytes sent to one peer on one day (kept in the store, so a restart keeps counting).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meter {
-    /// Days since 1970-01-01 (UTC).
+    /// Days since 1970-01-01, in UTC or the link's zone ([`Link::day`]).
     pub day: i64,
     pub bytes: u64,
 }
@@ -96,7 +146,7 @@ pub struct Meter {
 pub enum HeldBack {
     /// Outside every window; the next opens at `opens_ms`.
     OutsideWindow { opens_ms: i64 },
-    /// The day's budget is spent; it resets at `resets_ms` (midnight UTC).
+    /// The day's budget is spent; it resets at `resets_ms` (midnight, UTC or the link's zone).
     BudgetSpent { resets_ms: i64 },
     /// The next batch needs more bytes than are left of the day's budget.
     BudgetShort {
@@ -149,9 +199,8 @@ impl std::fmt::Display for HeldBack {
 }
 
 impl Meter {
-    /// The meter as of `now_ms`: a new day starts at zero.
-    pub fn on(self, now_ms: i64) -> Meter {
-        let day = now_ms.div_euclid(DAY_MS);
+    /// The meter as of `day` (see [`Link::day`]): a new day starts at zero.
+    pub fn on(self, day: i64) -> Meter {
         if day == self.day {
             self
         } else {
@@ -166,11 +215,40 @@ impl Link {
         self.max_rate.is_none() && self.windows.is_empty() && self.budget.is_none()
     }
 
+    /// `now_ms` moved to the link's local time (itself in UTC).
+    fn local(&self, now_ms: i64) -> i64 {
+        match &self.zone {
+            Some(z) => now_ms.saturating_add(z.offset_ms(now_ms)),
+            None => now_ms,
+        }
+    }
+
+    /// The instant (Unix ms) of local time `local_ms`, taking the zone's offset near it.
+    fn instant(&self, local_ms: i64) -> i64 {
+        match &self.zone {
+            Some(z) => {
+                let guess = local_ms.saturating_sub(z.offset_ms(local_ms));
+                local_ms.saturating_sub(z.offset_ms(guess))
+            }
+            None => local_ms,
+        }
+    }
+
+    /// The budget's day at `now_ms`: days since 1970-01-01 in UTC or the link's zone.
+    pub fn day(&self, now_ms: i64) -> i64 {
+        self.local(now_ms).div_euclid(DAY_MS)
+    }
+
+    /// When the budget's next day starts after `now_ms` (Unix ms).
+    pub fn next_day_ms(&self, now_ms: i64) -> i64 {
+        self.instant((self.day(now_ms) + 1) * DAY_MS)
+    }
+
     /// Why nothing may go now, if so: `meter` is the day's bytes so far, `next_ms` when the
     /// rate allows the next send.
     pub fn held_back(&self, meter: Meter, next_ms: i64, now_ms: i64) -> Option<HeldBack> {
         if !self.windows.is_empty() {
-            let minute = (now_ms.rem_euclid(DAY_MS) / 60_000) as u16;
+            let minute = (self.local(now_ms).rem_euclid(DAY_MS) / 60_000) as u16;
             if !self.windows.iter().any(|w| w.contains(minute)) {
                 return Some(HeldBack::OutsideWindow {
                     opens_ms: self.next_open(now_ms),
@@ -178,10 +256,10 @@ impl Link {
             }
         }
         if let Some(budget) = self.budget
-            && meter.on(now_ms).bytes >= budget
+            && meter.on(self.day(now_ms)).bytes >= budget
         {
             return Some(HeldBack::BudgetSpent {
-                resets_ms: (now_ms.div_euclid(DAY_MS) + 1) * DAY_MS,
+                resets_ms: self.next_day_ms(now_ms),
             });
         }
         if self.max_rate.is_some() && next_ms > now_ms {
@@ -202,9 +280,9 @@ impl Link {
     ) -> Option<HeldBack> {
         if let Some(budget) = self.budget {
             let share = (u128::from(budget) * u128::from(FILES_BUDGET_PERCENT) / 100) as u64;
-            if meter.on(now_ms).bytes.saturating_add(bytes) > share {
+            if meter.on(self.day(now_ms)).bytes.saturating_add(bytes) > share {
                 return Some(HeldBack::BudgetSpent {
-                    resets_ms: (now_ms.div_euclid(DAY_MS) + 1) * DAY_MS,
+                    resets_ms: self.next_day_ms(now_ms),
                 });
             }
         }
@@ -227,17 +305,19 @@ impl Link {
 
     /// When the next window opens after `now_ms`.
     fn next_open(&self, now_ms: i64) -> i64 {
-        let day = now_ms.div_euclid(DAY_MS) * DAY_MS;
-        let minute = now_ms.rem_euclid(DAY_MS) / 60_000;
+        let local = self.local(now_ms);
+        let day = local.div_euclid(DAY_MS) * DAY_MS;
+        let minute = local.rem_euclid(DAY_MS) / 60_000;
         self.windows
             .iter()
             .map(|w| {
                 let start = i64::from(w.start);
-                if start > minute {
+                let opens = if start > minute {
                     day + start * 60_000
                 } else {
                     day + DAY_MS + start * 60_000
-                }
+                };
+                self.instant(opens)
             })
             .min()
             .unwrap_or(now_ms)
@@ -353,5 +433,54 @@ mod tests {
         assert!(link.files_held_back(spent(800), 1, 0, at(10, 0)).is_some());
         // Records still have the rest of the day's budget.
         assert_eq!(link.held_back(spent(800), 0, at(10, 0)), None);
+    }
+
+    fn zone(name: &str) -> Option<Zone> {
+        Some(Zone::try_from(name.to_string()).unwrap())
+    }
+
+    #[test]
+    fn windows_and_days_follow_a_named_zone() {
+        // 2024-10-04: Auckland keeps daylight time, UTC+13.
+        let link = Link {
+            windows: vec![window("02:00-05:00")],
+            budget: Some(1_000),
+            zone: zone("Pacific/Auckland"),
+            ..Link::default()
+        };
+        // 13:30 UTC is 02:30 the next day in Auckland: open.
+        assert_eq!(link.held_back(Meter::default(), 0, at(13, 30)), None);
+        assert_eq!(
+            link.held_back(Meter::default(), 0, at(12, 0)),
+            Some(HeldBack::OutsideWindow {
+                opens_ms: at(13, 0)
+            })
+        );
+        // The budget's day turns at local midnight, 11:00 UTC.
+        assert_eq!(link.day(at(10, 59)), 20_000);
+        assert_eq!(link.day(at(11, 0)), 20_001);
+        let spent = Meter {
+            day: 20_001,
+            bytes: 1_000,
+        };
+        assert_eq!(
+            link.held_back(spent, 0, at(13, 30)),
+            Some(HeldBack::BudgetSpent {
+                resets_ms: at(35, 0)
+            })
+        );
+        // Oslo leaves summer time on 2024-10-27: midnight is 22:00 UTC before, 23:00 after.
+        let oslo = Link {
+            zone: zone("Europe/Oslo"),
+            ..Link::default()
+        };
+        assert_eq!(oslo.next_day_ms(1_729_944_000_000), 1_729_980_000_000);
+        assert_eq!(oslo.next_day_ms(1_730_030_400_000), 1_730_070_000_000);
+        // A zone is written and read by its name; an unknown one says what to write.
+        let text = toml::to_string(&oslo).unwrap();
+        assert_eq!(text.trim(), r#"zone = "Europe/Oslo""#);
+        assert_eq!(toml::from_str::<Link>(&text).unwrap(), oslo);
+        let err = toml::from_str::<Link>(r#"zone = "Mars/Olympus""#).unwrap_err();
+        assert!(err.to_string().contains("unknown time zone"), "{err}");
     }
 }

@@ -145,5 +145,7 @@ fn draw_link(rng: &mut StdRng) -> Link {
             .then(|| rng.random_range(1_000..=50_000)),
         windows,
         budget: Some(rng.random_range(BUDGET_BYTES.0..=BUDGET_BYTES.1)),
+        // UTC: the ledger's days and windows are UTC ones (named zones: `link.rs`'s tests).
+        zone: None,
     }
 }

@@ -481,3 +481,40 @@ fn sync_through_cuts(
     );
     (proxy, from_hub)
 }
+
+#[test]
+fn a_link_names_its_time_zone_and_an_unknown_one_is_refused() {
+    let ship = TestNode::init("ship");
+    let hub = TestNode::init("hub");
+    // Windows in the ship's home port's local time, on a stopped node's config.
+    hub.add_peer_with(
+        &ship,
+        false,
+        &[
+            "--window",
+            "02:00-05:00",
+            "--budget",
+            "5000000",
+            "--zone",
+            "Pacific/Auckland",
+        ],
+    );
+    let config = std::fs::read_to_string(hub.home().join("config.toml")).unwrap();
+    assert!(config.contains(r#"zone = "Pacific/Auckland""#), "{config}");
+    assert!(config.contains("format = 7"), "{config}");
+    let plan = hub.ok(&["plan", "--for", "ship"]);
+    assert!(
+        plan.contains("windows (Pacific/Auckland): 02:00-05:00"),
+        "{plan}"
+    );
+    let out = hub.cli(&["peer", "set", "ship", "--zone", "Mars/Olympus"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("unknown time zone"),
+        "{err}"
+    );
+    // Back to UTC.
+    hub.ok(&["peer", "set", "ship", "--zone", "UTC"]);
+    let plan = hub.ok(&["plan", "--for", "ship"]);
+    assert!(plan.contains("windows (UTC): 02:00-05:00"), "{plan}");
+}

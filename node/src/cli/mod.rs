@@ -394,13 +394,17 @@ pub struct PolicyArgs {
     /// Most bytes a second sent to this peer, on average (0: no limit).
     #[arg(long, value_name = "BYTES")]
     max_rate: Option<u64>,
-    /// A daily window in which the link may carry anything, HH:MM-HH:MM in UTC (repeatable;
-    /// `--window none` removes them). Outside them nothing new starts.
+    /// A daily window in which the link may carry anything, HH:MM-HH:MM in UTC or in --zone
+    /// (repeatable; `--window none` removes them). Outside them nothing new starts.
     #[arg(long = "window", value_name = "HH:MM-HH:MM")]
     windows: Vec<String>,
-    /// Most bytes sent to this peer per UTC day (0: no limit).
+    /// Most bytes sent to this peer per day, UTC or in --zone (0: no limit).
     #[arg(long, value_name = "BYTES")]
     budget: Option<u64>,
+    /// The time zone of the windows and of the budget's days, as the time zone database
+    /// names it (`Europe/Oslo`); `UTC` or `none` for UTC, the default.
+    #[arg(long, value_name = "ZONE")]
+    zone: Option<String>,
 }
 
 impl PolicyArgs {
@@ -442,6 +446,14 @@ impl PolicyArgs {
         }
         if let Some(n) = self.budget {
             policy.link.budget = (n > 0).then_some(n);
+        }
+        if let Some(z) = &self.zone {
+            policy.link.zone = match z.as_str() {
+                "none" | "UTC" => None,
+                name => {
+                    Some(crate::link::Zone::try_from(name.to_string()).map_err(CliError::Usage)?)
+                }
+            };
         }
         if !self.windows.is_empty() {
             policy.link.windows = self

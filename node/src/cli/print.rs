@@ -341,10 +341,15 @@ pub(super) fn print_plan(p: &crate::core::Plan) {
         ),
         None => println!("  no max-rate: as fast as the link goes"),
     }
+    let zone = p
+        .link
+        .zone
+        .clone()
+        .map_or_else(|| "UTC".to_string(), String::from);
     if !p.link.windows.is_empty() {
         let windows: Vec<String> = p.link.windows.iter().map(|w| String::from(*w)).collect();
         println!(
-            "  windows (UTC): {} ({} minutes a day)",
+            "  windows ({zone}): {} ({} minutes a day)",
             windows.join(", "),
             p.link.open_minutes_per_day()
         );
@@ -357,7 +362,7 @@ pub(super) fn print_plan(p: &crate::core::Plan) {
     }
     if let Some(days) = p.days {
         println!(
-            "  takes {days} UTC day{} under the windows and the budget, today counted",
+            "  takes {days} day{} ({zone}) under the windows and the budget, today counted",
             if days == 1 { "" } else { "s" }
         );
     }

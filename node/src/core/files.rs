@@ -120,7 +120,9 @@ impl Core {
         let link = &self.replica.policy(&peer).link;
         if bytes > 0
             && link.budget.is_some()
-            && let Err(e) = self.store().meter_sent(&peer, self.replica.now_ms(), bytes)
+            && let Err(e) = self
+                .store()
+                .meter_sent(&peer, link.day(self.replica.now_ms()), bytes)
         {
             tracing::error!(%peer, error = %e, "could not count served file bytes against the budget");
         }

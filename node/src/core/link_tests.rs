@@ -91,7 +91,12 @@ fn a_days_budget_holds_every_batch_and_counts_every_frame() {
     let q = connect(&mut cores, 0, 1);
     let sent = settle_counting(&mut cores, q);
     let now = clock.load(Ordering::SeqCst);
-    let counted = cores[0].store().meter(&ship).unwrap().on(now).bytes;
+    let counted = cores[0]
+        .store()
+        .meter(&ship)
+        .unwrap()
+        .on(now.div_euclid(crate::link::DAY_MS))
+        .bytes;
     // Every frame, Hello and Acks included, is counted, and none passes the budget.
     assert_eq!(counted, sent);
     assert!(

@@ -65,13 +65,13 @@ pub struct Plan {
     pub files_not_here: u64,
     /// The link's settings, and what they make of it.
     pub link: Link,
-    /// Bytes already sent to the peer today (UTC), against its budget.
+    /// Bytes already sent to the peer today (UTC, or the link's zone), against its budget.
     pub sent_today: u64,
     /// Why nothing would go at this moment, if so.
     pub held_back: Option<HeldBack>,
     /// Seconds of sending at the link's max-rate (none without a rate).
     pub send_secs: Option<u64>,
-    /// UTC days it takes under the windows and the budget, today counted (none when the
+    /// Days (UTC, or the link's zone) it takes under the windows and the budget, today counted (none when the
     /// link carries it all at once).
     pub days: Option<u64>,
 }
@@ -205,7 +205,7 @@ impl Replica {
         let now = self.now_ms();
         if !policy.link.is_open_always() {
             let meter = self.store.meter(&peer).map_err(err)?;
-            plan.sent_today = meter.on(now).bytes;
+            plan.sent_today = meter.on(policy.link.day(now)).bytes;
             plan.held_back = policy.link.held_back(meter, i64::MIN, now);
         }
         plan.estimate();

@@ -94,8 +94,9 @@ impl Store {
         }
     }
 
-    /// Count `bytes` sent to `peer` at `now_ms`, durably (a restart keeps the day's count).
-    pub fn meter_sent(&self, peer: &NodeId, now_ms: i64, bytes: u64) -> Result<(), StoreError> {
+    /// Count `bytes` sent to `peer` on `day` (its link's day, [`crate::link::Link::day`]),
+    /// durably (a restart keeps the day's count).
+    pub fn meter_sent(&self, peer: &NodeId, day: i64, bytes: u64) -> Result<(), StoreError> {
         let ctx = "counting bytes sent to a peer";
         let tx = self.db.begin_write().ctx(self, ctx)?;
         {
@@ -104,7 +105,7 @@ impl Store {
                 Some(v) => self.decode(|| format!("meters_v1[{peer}]"), v.value())?,
                 None => crate::link::Meter::default(),
             };
-            let mut meter = old.on(now_ms);
+            let mut meter = old.on(day);
             meter.bytes = meter.bytes.saturating_add(bytes);
             let encoded = postcard::to_stdvec(&meter).map_err(|e| self.encode_error(e))?;
             table.insert(peer.0, encoded.as_slice()).ctx(self, ctx)?;

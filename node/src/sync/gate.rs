@@ -86,7 +86,9 @@ impl Sessions {
             return Ok(usize::MAX);
         }
         let meter = replica.store().meter(&peer).map_err(store_err(peer))?;
-        let used = meter.on(replica.now_ms()).bytes;
+        let used = meter
+            .on(replica.policy(&peer).link.day(replica.now_ms()))
+            .bytes;
         Ok(usize::try_from(budget.saturating_sub(used)).unwrap_or(usize::MAX))
     }
 
@@ -104,7 +106,7 @@ impl Sessions {
             needs: needs as u64,
             left: room as u64,
             budget: replica.policy(&peer).link.budget.unwrap_or(0),
-            resets_ms: (now.div_euclid(crate::link::DAY_MS) + 1) * crate::link::DAY_MS,
+            resets_ms: replica.policy(&peer).link.next_day_ms(now),
         };
         if let Some(session) = self.peers.get_mut(&peer) {
             session.held_back = Some(held);
@@ -132,7 +134,7 @@ impl Sessions {
         if link.budget.is_some() {
             replica
                 .store()
-                .meter_sent(&peer, now, bytes)
+                .meter_sent(&peer, link.day(now), bytes)
                 .map_err(store_err(peer))?;
         }
         if link.max_rate.is_some() {
