@@ -54,8 +54,15 @@ impl Progress {
 }
 
 /// `plan --for PEER` and `export --plan`: what would cross, as text or JSON.
-async fn show_plan(client: &mut Client, peer: &str, all: bool, json: bool) -> Result<(), CliError> {
+async fn show_plan(
+    client: &mut Client,
+    peer: &str,
+    all: bool,
+    files: bool,
+    json: bool,
+) -> Result<(), CliError> {
     let plan = client.plan(peer, all).await?;
+    let plan = if files { plan } else { plan.without_files() };
     if json {
         return print_json(&plan);
     }
@@ -250,7 +257,7 @@ pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), 
         } => {
             let out = match (plan, out) {
                 (false, Some(out)) => out,
-                _ => return show_plan(&mut client, &peer, all, json).await,
+                _ => return show_plan(&mut client, &peer, all, !no_files, json).await,
             };
             let bar = Progress::new(false, "changes gathered");
             let tick = |n: u64| bar.update(n, None);
@@ -376,7 +383,7 @@ pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), 
             print_fleet(&fleet);
             Ok(())
         }
-        Command::Plan { peer, all, json } => show_plan(&mut client, &peer, all, json).await,
+        Command::Plan { peer, all, json } => show_plan(&mut client, &peer, all, true, json).await,
         Command::Sync { now } => {
             client.sync_now(&now).await?;
             println!("sending to {now} now, until it is in sync");

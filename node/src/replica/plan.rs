@@ -82,6 +82,14 @@ impl Plan {
         self.bytes.saturating_add(self.file_bytes)
     }
 
+    /// The plan of a bundle that leaves the files out (`export --plan --no-files`).
+    pub fn without_files(mut self) -> Plan {
+        self.files = 0;
+        self.file_bytes = 0;
+        self.estimate();
+        self
+    }
+
     /// Fill in the time the link's settings make of `total_bytes()`.
     fn estimate(&mut self) {
         let total = self.total_bytes();
@@ -240,5 +248,9 @@ mod tests {
         plan.sent_today = 100_000;
         plan.estimate();
         assert_eq!(plan.days, Some(1 + 3));
+        // A bundle without its files: 900 kB, 200 kB today then 300 kB a day.
+        let plan = Plan { files: 4, ..plan }.without_files();
+        assert_eq!((plan.files, plan.file_bytes), (0, 0));
+        assert_eq!((plan.send_secs, plan.days), (Some(900), Some(1 + 3)));
     }
 }
