@@ -200,7 +200,7 @@ impl std::fmt::Display for HeldBack {
 
 impl Meter {
     /// The meter as of `day` (see [`Link::day`]): a new day starts at zero.
-    pub fn on(self, day: i64) -> Meter {
+    pub fn on_day(self, day: i64) -> Meter {
         if day == self.day {
             self
         } else {
@@ -256,7 +256,7 @@ impl Link {
             }
         }
         if let Some(budget) = self.budget
-            && meter.on(self.day(now_ms)).bytes >= budget
+            && meter.on_day(self.day(now_ms)).bytes >= budget
         {
             return Some(HeldBack::BudgetSpent {
                 resets_ms: self.next_day_ms(now_ms),
@@ -280,7 +280,7 @@ impl Link {
     ) -> Option<HeldBack> {
         if let Some(budget) = self.budget {
             let share = (u128::from(budget) * u128::from(FILES_BUDGET_PERCENT) / 100) as u64;
-            if meter.on(self.day(now_ms)).bytes.saturating_add(bytes) > share {
+            if meter.on_day(self.day(now_ms)).bytes.saturating_add(bytes) > share {
                 return Some(HeldBack::BudgetSpent {
                     resets_ms: self.next_day_ms(now_ms),
                 });

@@ -201,17 +201,18 @@ fn serve(
     )
 }
 
+/// The honest nodes that are running, with their cores.
+fn honest(w: &World) -> impl Iterator<Item = (usize, &tidesync::core::Core)> {
+    (0..w.nodes.len())
+        .filter(|i| !w.is_bad(*i))
+        .filter_map(|i| w.nodes[i].core.as_ref().map(|c| (i, c)))
+}
+
 /// Wanted files at honest nodes that an honest neighbour holds and may serve them: each one
 /// should arrive. As (node, file).
 fn due(w: &World, phase: &str) -> Result<Vec<(usize, FileHash)>, Violation> {
     let mut out = Vec::new();
-    for i in 0..w.nodes.len() {
-        if w.is_bad(i) {
-            continue;
-        }
-        let Some(core) = w.nodes[i].core.as_ref() else {
-            continue;
-        };
+    for (i, core) in honest(w) {
         let wants = core
             .store()
             .wants()
@@ -268,13 +269,7 @@ pub(crate) fn check(w: &mut World, phase: &str) -> Result<(), Violation> {
         ));
     }
     let mut stored = 0;
-    for i in 0..w.nodes.len() {
-        if w.is_bad(i) {
-            continue;
-        }
-        let Some(core) = w.nodes[i].core.as_ref() else {
-            continue;
-        };
+    for (i, core) in honest(w) {
         let files = core
             .store()
             .files()

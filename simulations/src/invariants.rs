@@ -359,7 +359,7 @@ pub(crate) fn check_meters(w: &World, phase: &str) -> Result<(), Violation> {
         let counted = store
             .meter(&w.node_id(peer))
             .map_err(|e| fail(phase, format!("node {me}: reading a meter: {e}")))?
-            .on(w.now)
+            .on_day(w.now.div_euclid(tidesync::link::DAY_MS))
             .bytes;
         if counted < crossed {
             return Err(fail(

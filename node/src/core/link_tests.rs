@@ -95,7 +95,7 @@ fn a_days_budget_holds_every_batch_and_counts_every_frame() {
         .store()
         .meter(&ship)
         .unwrap()
-        .on(now.div_euclid(crate::link::DAY_MS))
+        .on_day(now.div_euclid(crate::link::DAY_MS))
         .bytes;
     // Every frame, Hello and Acks included, is counted, and none passes the budget.
     assert_eq!(counted, sent);

@@ -556,9 +556,7 @@ impl Reads {
                     self.store
                         .meter(&id)
                         .map_err(read_err(&what))?
-                        .on(std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| d.as_millis() as i64))
+                        .on_day(peer.policy.link.day(crate::replica::system_now_ms()))
                         .bytes,
                 ),
                 None => None,

@@ -213,7 +213,7 @@ impl Replica {
         let now = self.now_ms();
         if !policy.link.is_open_always() {
             let meter = self.store.meter(&peer).map_err(err)?;
-            plan.sent_today = meter.on(policy.link.day(now)).bytes;
+            plan.sent_today = meter.on_day(policy.link.day(now)).bytes;
             plan.held_back = policy.link.held_back(meter, i64::MIN, now);
         }
         plan.estimate();

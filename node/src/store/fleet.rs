@@ -105,7 +105,7 @@ impl Store {
                 Some(v) => self.decode(|| format!("meters_v1[{peer}]"), v.value())?,
                 None => crate::link::Meter::default(),
             };
-            let mut meter = old.on(day);
+            let mut meter = old.on_day(day);
             meter.bytes = meter.bytes.saturating_add(bytes);
             let encoded = postcard::to_stdvec(&meter).map_err(|e| self.encode_error(e))?;
             table.insert(peer.0, encoded.as_slice()).ctx(self, ctx)?;

@@ -87,7 +87,7 @@ impl Sessions {
         }
         let meter = replica.store().meter(&peer).map_err(store_err(peer))?;
         let used = meter
-            .on(replica.policy(&peer).link.day(replica.now_ms()))
+            .on_day(replica.policy(&peer).link.day(replica.now_ms()))
             .bytes;
         Ok(usize::try_from(budget.saturating_sub(used)).unwrap_or(usize::MAX))
     }
