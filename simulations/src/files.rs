@@ -3,8 +3,6 @@
 //! through the nodes' real stores over the simulated links (a misbehaving node serves them
 //! corrupted), and the file invariants checked after the heal.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use rand::rngs::StdRng;
 use rand::{Rng, RngExt, SeedableRng};
 use serde_json::{Value as Json, json};
@@ -26,16 +24,6 @@ pub const MAX_LARGE_FILE_BYTES: usize = 5 * 1024 * 1024 / 2;
 pub const MAX_FILE_ROUNDS: u32 = 400;
 /// Simulated milliseconds per file round.
 const FILE_ROUND_MS: i64 = 1_000;
-
-/// What the workload attached.
-#[derive(Debug, Default)]
-pub(crate) struct Attached {
-    /// By node: the files it stored itself.
-    pub(crate) local: BTreeMap<usize, BTreeSet<FileHash>>,
-    /// Files attached to a `Template` outside its published field: an archive, sent views
-    /// of that field alone, never holds them.
-    pub(crate) hidden: BTreeSet<FileHash>,
-}
 
 /// Store a new file at node `i` for a write of `ty`, as `put --file` does before the change:
 /// the field and the reference to put in it.

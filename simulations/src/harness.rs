@@ -101,6 +101,9 @@ pub(crate) fn run_step(w: &mut World, step: u32) -> Result<(), Violation> {
     w.clock.store(w.now, Ordering::SeqCst);
     shell::deliver(w, &phase)?;
     shell::tick(w, &phase)?;
+    if w.opts.files {
+        crate::files::exchange(w, &phase)?;
+    }
     for i in 0..w.nodes.len() {
         if w.nodes[i].core.is_none() && step >= w.nodes[i].down_until {
             w.trace.line(&format!("{} restart {i}", w.now));

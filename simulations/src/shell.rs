@@ -151,9 +151,6 @@ pub(crate) fn tick(w: &mut World, phase: &str) -> Result<(), Violation> {
             route(w, i, out, phase)?;
         }
     }
-    if w.opts.files {
-        crate::files::exchange(w, phase)?;
-    }
     Ok(())
 }
 

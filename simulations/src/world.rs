@@ -79,7 +79,17 @@ pub(crate) struct World {
     /// Where the nodes keep their files, in a world with files (removed with the world).
     pub(crate) _files_dir: Option<tempfile::TempDir>,
     /// What the workload attached to objects (see `files.rs`).
-    pub(crate) files: crate::files::Attached,
+    pub(crate) files: Attached,
+}
+
+/// The files the workload attached (see `files.rs`).
+#[derive(Debug, Default)]
+pub(crate) struct Attached {
+    /// By node: the files it stored itself.
+    pub(crate) local: BTreeMap<usize, BTreeSet<tidesync::files::FileHash>>,
+    /// Files attached to a `Template` outside its published field: an archive, sent views
+    /// of that field alone, never holds them.
+    pub(crate) hidden: BTreeSet<tidesync::files::FileHash>,
 }
 
 impl World {
