@@ -331,7 +331,7 @@ impl Client {
                     .request(
                         reqwest::Method::POST,
                         crate::api::files::FILES_PATH,
-                        Body::File(file, len),
+                        Body::File(file, len, crate::api::files::FILE_MEDIA_TYPE),
                         FILE_WAIT_SECS,
                     )
                     .await?;
@@ -611,7 +611,11 @@ impl Client {
                     .request(
                         reqwest::Method::POST,
                         &path,
-                        Body::File(tokio::fs::File::from_std(src), len),
+                        Body::File(
+                            tokio::fs::File::from_std(src),
+                            len,
+                            guard::BUNDLE_MEDIA_TYPE,
+                        ),
                         BUNDLE_WAIT_SECS,
                     )
                     .await?;
@@ -634,8 +638,8 @@ impl Client {
 enum Body {
     None,
     Json(Json),
-    /// A file streamed from disk, with its length.
-    File(tokio::fs::File, u64),
+    /// A file streamed from disk, with its length and media type.
+    File(tokio::fs::File, u64, &'static str),
 }
 
 fn object_path(ty: &TypeName, id: &ObjectId) -> String {
@@ -753,17 +757,8 @@ impl ApiClient {
             }
             Body::None => req,
             Body::Json(body) => req.json(&body),
-            Body::File(file, len) => req
-                .header(
-                    reqwest::header::CONTENT_TYPE,
-                    if path == crate::api::BUNDLE_IMPORT_PATH
-                        || path.starts_with(&format!("{}?", crate::api::BUNDLE_IMPORT_PATH))
-                    {
-                        guard::BUNDLE_MEDIA_TYPE
-                    } else {
-                        crate::api::files::FILE_MEDIA_TYPE
-                    },
-                )
+            Body::File(file, len, media_type) => req
+                .header(reqwest::header::CONTENT_TYPE, media_type)
                 .header(reqwest::header::CONTENT_LENGTH, len)
                 .body(reqwest::Body::from(file)),
         };

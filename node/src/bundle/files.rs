@@ -8,7 +8,7 @@ use tidesync_proto::NodeId;
 
 use super::{BundleError, BundleFile, ImportReport, Opened};
 use crate::files::{FILE_CHUNK_BYTES, FileHash};
-use crate::store::{FileError, Store};
+use crate::store::{FileError, FillError, Store};
 
 /// A copier for [`super::stream::write`] that reads each file from `store`, for `to`. A file
 /// whose stored bytes no longer hash to its name fails the export rather than travel.
@@ -87,14 +87,14 @@ pub fn store_wanted(
             return Ok(());
         }
         let mut partial = store.partial_file().map_err(local)?;
-        let copied = copy_into(src, &mut partial);
+        let copied = partial.fill_from(src);
         let (hash, size) = partial.written();
         let bad = match copied {
-            Err(Copy::Local(e)) => Some(local(e)),
-            Err(Copy::Read(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(FillError::Write(e)) => Some(local(e)),
+            Err(FillError::Read(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 Some(BundleError::Truncated { part: "files" })
             }
-            Err(Copy::Read(e)) => Some(BundleError::Damaged {
+            Err(FillError::Read(e)) => Some(BundleError::Damaged {
                 from,
                 detail: format!("reading file {}: {e}", file.hash),
             }),
@@ -116,21 +116,4 @@ pub fn store_wanted(
         stored(*file);
         Ok(())
     })
-}
-
-enum Copy {
-    Local(FileError),
-    Read(std::io::Error),
-}
-
-fn copy_into(src: &mut dyn Read, partial: &mut crate::store::Partial) -> Result<(), Copy> {
-    let mut buf = vec![0u8; FILE_CHUNK_BYTES];
-    loop {
-        match src.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => partial.write(&buf[..n]).map_err(Copy::Local)?,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Copy::Read(e)),
-        }
-    }
 }

@@ -45,7 +45,7 @@ pub mod files;
 pub mod stream;
 pub mod transfer;
 
-pub use stream::{Opened, open, seal};
+pub use stream::{Opened, seal};
 
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};

@@ -143,14 +143,14 @@ pub struct Opened<'a> {
 }
 
 /// Read as much of `buf` as `src` has: the bytes read.
-fn read_full(src: &mut dyn Read, buf: &mut [u8]) -> Result<usize, BundleError> {
+fn read_full(src: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match src.read(&mut buf[n..]) {
             Ok(0) => break,
             Ok(k) => n += k,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(BundleError::Read(e)),
+            Err(e) => return Err(e),
         }
     }
     Ok(n)
@@ -167,7 +167,7 @@ pub fn open_stream<'a>(
 ) -> Result<Opened<'a>, BundleError> {
     let me = identity.node_id();
     let mut head = [0u8; BUNDLE_HEADER_BYTES];
-    let n = read_full(&mut src, &mut head)?;
+    let n = read_full(&mut src, &mut head).map_err(BundleError::Read)?;
     if n < BUNDLE_MAGIC.len() + 2 || &head[..BUNDLE_MAGIC.len()] != BUNDLE_MAGIC {
         return Err(BundleError::NotABundle);
     }
@@ -218,11 +218,7 @@ pub fn open_stream<'a>(
         _ => damaged(format!("reading the payload: {e}")),
     };
     let mut lens = [0u8; 16];
-    if read_full(&mut payload, &mut lens).map_err(|e| match e {
-        BundleError::Read(e) => read_err(e),
-        other => other,
-    })? < lens.len()
-    {
+    if read_full(&mut payload, &mut lens).map_err(read_err)? < lens.len() {
         return Err(BundleError::Truncated { part: "records" });
     }
     let (z, n) = (
@@ -298,15 +294,6 @@ impl<R: Read> Read for Authenticated<R> {
     }
 }
 
-/// Open the bundle `bytes` (see [`open_stream`]): its checked body, its files left unread.
-pub fn open(
-    identity: &Identity,
-    bytes: &[u8],
-    exporter_known: impl Fn(&NodeId) -> bool,
-) -> Result<BundleBody, BundleError> {
-    open_stream(identity, bytes, exporter_known).map(|o| o.body)
-}
-
 impl Opened<'_> {
     /// Hand each file the body lists to `take`, in order, with a reader of exactly its bytes
     /// (`take` may leave them unread: they are skipped); then check that nothing follows the
@@ -332,11 +319,7 @@ impl Opened<'_> {
             }
         }
         let mut one = [0u8; 1];
-        if read_full(&mut self.payload, &mut one).map_err(|e| match e {
-            BundleError::Read(e) => damaged(e),
-            other => other,
-        })? > 0
-        {
+        if read_full(&mut self.payload, &mut one).map_err(damaged)? > 0 {
             return Err(BundleError::Damaged {
                 from,
                 detail: "bytes follow its last file".into(),

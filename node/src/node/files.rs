@@ -146,11 +146,10 @@ impl NodeActor {
                     });
                 },
             );
-            let _ = reply.send(
-                stored
-                    .map(|()| report.clone())
-                    .map_err(|e| e.after_records(&report)),
-            );
+            let _ = reply.send(match stored {
+                Ok(()) => Ok(report),
+                Err(e) => Err(e.after_records(&report)),
+            });
         });
     }
 

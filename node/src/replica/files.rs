@@ -144,11 +144,8 @@ impl Replica {
                     id: rec.id.clone(),
                 })
             };
-            for want in wants_of(policies, me, peer, &doc, now) {
-                if store.file(&want.hash).ok().flatten().is_none() {
-                    rows.push(want);
-                }
-            }
+            // Files held already come back from `add_wants` as held.
+            rows.extend(wants_of(policies, me, peer, &doc, now));
             Ok(())
         })?;
         let outcomes = self.store.add_wants(&rows)?;

@@ -95,6 +95,13 @@ impl FileError {
     }
 }
 
+/// Why [`Partial::fill_from`] stopped: the source failed, or writing here did.
+#[derive(Debug)]
+pub enum FillError {
+    Read(std::io::Error),
+    Write(FileError),
+}
+
 /// A file being written: its partial path, and the hash and size of what was written so far.
 pub struct Partial {
     pub path: PathBuf,
@@ -107,6 +114,19 @@ impl Partial {
     /// The open file and its path, to write other than appending (an outboard).
     pub(super) fn into_file(self) -> Result<(std::fs::File, PathBuf), std::io::Error> {
         Ok((self.file, self.path))
+    }
+
+    /// Append everything `src` yields, in chunks of [`FILE_CHUNK_BYTES`].
+    pub fn fill_from(&mut self, src: &mut dyn Read) -> Result<(), FillError> {
+        let mut buf = vec![0u8; FILE_CHUNK_BYTES];
+        loop {
+            match src.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => self.write(&buf[..n]).map_err(FillError::Write)?,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(FillError::Read(e)),
+            }
+        }
     }
 
     /// The hash and size of what was written so far.
@@ -168,28 +188,16 @@ impl Store {
     /// partial file is removed (the source can be read again).
     pub fn add_file(&self, src: &mut impl Read, now_ms: i64) -> Result<(FileHash, u64), FileError> {
         let mut partial = self.partial_file()?;
-        let mut buf = vec![0u8; FILE_CHUNK_BYTES];
-        let result = loop {
-            match src.read(&mut buf) {
-                Ok(0) => break Ok(()),
-                Ok(n) => {
-                    if let Err(e) = partial.write(&buf[..n]) {
-                        break Err(e);
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    break Err(FileError::Io {
-                        path: partial.path.clone(),
-                        context: "reading the file to add",
-                        source: e,
-                    });
-                }
-            }
-        };
-        if let Err(e) = result {
+        if let Err(e) = partial.fill_from(src) {
             let _ = std::fs::remove_file(&partial.path);
-            return Err(e);
+            return Err(match e {
+                FillError::Write(e) => e,
+                FillError::Read(source) => FileError::Io {
+                    path: partial.path.clone(),
+                    context: "reading the file to add",
+                    source,
+                },
+            });
         }
         self.keep_file(partial, now_ms)
     }

@@ -31,7 +31,7 @@ mod applied;
 mod docs;
 mod equivocation;
 mod files;
-pub use files::{FileError, FileEvent, FileRow, Partial};
+pub use files::{FileError, FileEvent, FileRow, FillError, Partial};
 mod transfer;
 pub use transfer::{SegmentError, Verified};
 mod wants;
