@@ -21,8 +21,10 @@ use tidesync_proto::NodeId;
 pub const DEFAULT_CACHE_DOCS: usize = 1024;
 /// Default redb page cache, in bytes.
 pub const DEFAULT_STORE_CACHE_BYTES: usize = 64 * 1024 * 1024;
-/// Default libp2p listen address.
+/// Default libp2p listen address over TCP.
 pub const DEFAULT_LISTEN: &str = "/ip4/0.0.0.0/tcp/7400";
+/// Default libp2p listen address over QUIC (UDP, the same port number).
+pub const DEFAULT_LISTEN_QUIC: &str = "/ip4/0.0.0.0/udp/7400/quic-v1";
 /// Default HTTP API address.
 pub const DEFAULT_API: &str = "127.0.0.1:7401";
 /// The config file format this version writes. 1: no `format` key, the API token in
@@ -32,8 +34,9 @@ pub const DEFAULT_API: &str = "127.0.0.1:7401";
 /// 4: a peer may set `files` and `max-file-bytes` (older builds refuse those keys, so they
 /// refuse format 4 by name). 5: `[fleet]` (`status-interval-secs`), and a peer's link
 /// settings (`[peers.link]`: `max-rate`, `windows`, `budget`). 6: `[discovery]` (`mdns`).
-/// 7: a peer's link may name the time `zone` of its windows and days.
-pub const CONFIG_FORMAT: u32 = 7;
+/// 7: a peer's link may name the time `zone` of its windows and days. 8: a peer's link may
+/// `prefer` a transport (`tcp` or `quic`), and a new home listens on QUIC as well.
+pub const CONFIG_FORMAT: u32 = 8;
 /// Default shortest time between two status records a node sends its peers, in seconds.
 pub const DEFAULT_STATUS_INTERVAL_SECS: u64 = 30;
 /// Bounds of `fleet.status-interval-secs`, in seconds.

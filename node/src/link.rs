@@ -86,6 +86,45 @@ pub struct Link {
     /// The time zone of the windows and of the budget's days; none: UTC.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zone: Option<Zone>,
+    /// Which of the peer's addresses to dial first, falling back to the others; none: all of
+    /// them at once, the first to connect wins.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefer: Option<Transport>,
+}
+
+/// A transport a peer's address names: `/tcp/` (Noise and Yamux over TCP) or `/udp/.../quic-v1`
+/// (QUIC, which carries TLS and its own streams). On a lossy link (a satellite) QUIC recovers
+/// a lost packet without stalling the other streams behind it, and survives an address
+/// change; on a clean one either will do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    Tcp,
+    Quic,
+}
+
+impl Transport {
+    /// The transport address `addr` is dialled over, if it names one we speak.
+    pub fn of(addr: &libp2p::Multiaddr) -> Option<Transport> {
+        use libp2p::multiaddr::Protocol;
+        let mut tcp = false;
+        for p in addr.iter() {
+            match p {
+                Protocol::QuicV1 => return Some(Transport::Quic),
+                Protocol::Tcp(_) => tcp = true,
+                _ => {}
+            }
+        }
+        tcp.then_some(Transport::Tcp)
+    }
+
+    /// Its name in status and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Quic => "quic",
+        }
+    }
 }
 
 /// A named time zone (IANA, such as `Europe/Oslo`), checked against the built-in time zone
@@ -210,6 +249,11 @@ impl Meter {
 }
 
 impl Link {
+    /// Whether nothing is set: the config leaves the table out.
+    pub fn is_default(&self) -> bool {
+        *self == Link::default()
+    }
+
     /// Whether the link is shaped at all.
     pub fn is_open_always(&self) -> bool {
         self.max_rate.is_none() && self.windows.is_empty() && self.budget.is_none()

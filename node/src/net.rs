@@ -67,6 +67,14 @@ pub const MAX_NEGOTIATING_INBOUND_STREAMS: usize = 8;
 /// Most Yamux streams on one connection, both directions and every protocol (Yamux's default
 /// is 512). Each may buffer up to its 256 KiB receive window before it is read.
 pub const MAX_YAMUX_STREAMS: usize = 48;
+/// Bytes a QUIC connection may have received and not yet read, all streams together (its
+/// flow-control window; QUIC's default in libp2p is 15 MB).
+pub const QUIC_MAX_CONNECTION_DATA_BYTES: u32 = 16 * 1024 * 1024;
+/// Bytes one QUIC stream may have received and not yet read: a whole file segment frame fits.
+pub const QUIC_MAX_STREAM_DATA_BYTES: u32 = 4 * 1024 * 1024;
+/// A QUIC connection that hears nothing (not even a keep-alive, sent every 5 s) for this long,
+/// in milliseconds, is closed: long enough for a satellite's round trips and short drops.
+pub const QUIC_IDLE_TIMEOUT_MS: u32 = 30_000;
 // Honest use must fit the stream caps: both sides' window, Hello and Rewound at once, and the
 // negotiating ones within Yamux's.
 const _: () = assert!(
@@ -331,6 +339,17 @@ fn yamux_config() -> yamux::Config {
     config
 }
 
+/// QUIC with the same caps as TCP: the handshake timeout, the streams per connection, and
+/// what one connection (and one stream of it) may have in flight unread.
+fn quic_config(mut config: libp2p::quic::Config) -> libp2p::quic::Config {
+    config.handshake_timeout = Duration::from_secs(HANDSHAKE_TIMEOUT_SECS);
+    config.max_concurrent_stream_limit = MAX_YAMUX_STREAMS as u32;
+    config.max_connection_data = QUIC_MAX_CONNECTION_DATA_BYTES;
+    config.max_stream_data = QUIC_MAX_STREAM_DATA_BYTES;
+    config.max_idle_timeout = QUIC_IDLE_TIMEOUT_MS;
+    config
+}
+
 /// Request-response settings of the sync protocol.
 fn sync_config() -> request_response::Config {
     request_response::Config::default()
@@ -380,6 +399,7 @@ fn build_swarm_with(
             yamux_config,
         )
         .map_err(|e| NetError::Transport(e.to_string()))?
+        .with_quic_config(quic_config)
         .with_behaviour(|_| Behaviour {
             limits: connection_limits::Behaviour::new(connection_limits_config()),
             allow: allow_block_list::Behaviour::default(),

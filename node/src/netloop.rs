@@ -50,7 +50,11 @@ pub type InboundId = u64;
 #[derive(Debug)]
 pub enum NetEvent {
     /// A configured peer's first connection is up.
-    Connected(NodeId),
+    /// A configured peer's first connection is up, over this transport.
+    Connected {
+        peer: NodeId,
+        via: Option<crate::link::Transport>,
+    },
     /// A peer's last connection closed.
     Disconnected(NodeId),
     /// A configured peer asks; answer with [`NetCommand::Respond`] or
@@ -388,15 +392,22 @@ impl NetActor {
             let delay = backoff_ms(link.attempt, &mut self.rng);
             link.attempt = link.attempt.saturating_add(1);
             link.next_dial = now + Duration::from_millis(delay);
-            let opts = DialOpts::peer_id(link.peer_id)
-                .addresses(
-                    link.config
-                        .addrs
-                        .iter()
-                        .chain(&link.discovered)
-                        .cloned()
-                        .collect(),
-                )
+            let mut addrs: Vec<_> = link
+                .config
+                .addrs
+                .iter()
+                .chain(&link.discovered)
+                .cloned()
+                .collect();
+            let mut opts = DialOpts::peer_id(link.peer_id);
+            if let Some(prefer) = link.config.policy.link.prefer {
+                // The preferred transport's addresses first, one address at a time, so that
+                // the others are tried only when those fail.
+                addrs.sort_by_key(|a| crate::link::Transport::of(a) != Some(prefer));
+                opts = opts.override_dial_concurrency_factor(std::num::NonZeroU8::MIN);
+            }
+            let opts = opts
+                .addresses(addrs)
                 .condition(PeerCondition::DisconnectedAndNotDialing)
                 .build();
             if let Err(e) = self.swarm.dial(opts) {
@@ -421,6 +432,7 @@ impl NetActor {
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 num_established,
+                endpoint,
                 ..
             } => {
                 let Some(id) = self.configured(&peer_id) else {
@@ -433,8 +445,9 @@ impl NetActor {
                     link.attempt = 0;
                 }
                 if num_established.get() == 1 {
-                    tracing::info!(peer = %id, "peer connected");
-                    self.emit(NetEvent::Connected(id));
+                    let via = crate::link::Transport::of(endpoint.get_remote_address());
+                    tracing::info!(peer = %id, via = via.map_or("?", |t| t.name()), "peer connected");
+                    self.emit(NetEvent::Connected { peer: id, via });
                 }
             }
             SwarmEvent::ConnectionClosed {

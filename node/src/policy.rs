@@ -78,7 +78,7 @@ pub struct Policy {
     pub max_file_bytes: Option<u64>,
     /// What the link to this peer may carry: `max-rate`, `windows`, `budget` (see
     /// [`crate::link`]); in `config.toml`, the peer's `[peers.link]` table.
-    #[serde(skip_serializing_if = "crate::link::Link::is_open_always")]
+    #[serde(skip_serializing_if = "crate::link::Link::is_default")]
     pub link: crate::link::Link,
 }
 

@@ -147,5 +147,7 @@ fn draw_link(rng: &mut StdRng) -> Link {
         budget: Some(rng.random_range(BUDGET_BYTES.0..=BUDGET_BYTES.1)),
         // UTC: the ledger's days and windows are UTC ones (named zones: `link.rs`'s tests).
         zone: None,
+        // The simulated network has no transports to choose between.
+        prefer: None,
     }
 }

@@ -133,11 +133,13 @@ impl TestNode {
             home.to_str().expect("utf-8 temp path"),
             "--name",
             name,
-            "--listen",
-            listen,
             "--api",
             "127.0.0.1:0",
         ];
+        // A test's own `--listen` replaces the default one.
+        if !extra.contains(&"--listen") {
+            args.extend(["--listen", listen]);
+        }
         args.extend_from_slice(extra);
         let out = node.command().args(&args).output().expect("running init");
         assert!(
@@ -265,6 +267,19 @@ impl TestNode {
             assert!(Instant::now() < deadline, "{} never listened", self.name);
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Every address the node listens on for peers, once it listens.
+    pub fn listen_addrs(&self) -> Vec<String> {
+        self.listen_addr();
+        self.status()["listen"]
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .filter_map(|a| a.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Configure `other` as a peer, reachable at its listen address when `dial` is true.

@@ -142,7 +142,14 @@ impl View {
         );
         for p in &s.peers {
             let state = match (p.connected, p.connected_since_ms) {
-                (true, Some(since)) => format!("online since {}", ago(since, self.now_ms)),
+                (true, Some(since)) => format!(
+                    "online{} since {}",
+                    p.via
+                        .as_deref()
+                        .map(|v| format!(" over {v}"))
+                        .unwrap_or_default(),
+                    ago(since, self.now_ms)
+                ),
                 (true, None) => "online".into(),
                 (false, _) => "offline".into(),
             };

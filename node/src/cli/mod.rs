@@ -15,7 +15,8 @@ use tidesync_proto::{NodeId, ObjectId, TypeName};
 
 use crate::client::{Client, ClientError};
 use crate::config::{
-    ApiConfig, CONFIG_FORMAT, Config, ConfigError, DEFAULT_API, DEFAULT_LISTEN, Home, StoreConfig,
+    ApiConfig, CONFIG_FORMAT, Config, ConfigError, DEFAULT_API, DEFAULT_LISTEN,
+    DEFAULT_LISTEN_QUIC, Home, StoreConfig,
 };
 use crate::core::{History, Status};
 use crate::daemon::RunError;
@@ -103,7 +104,7 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
         /// libp2p address to listen on for peers (repeatable).
-        #[arg(long, value_name = "MULTIADDR", default_value = DEFAULT_LISTEN)]
+        #[arg(long, value_name = "MULTIADDR", default_values = [DEFAULT_LISTEN, DEFAULT_LISTEN_QUIC])]
         listen: Vec<Multiaddr>,
         /// Address of the HTTP/JSON API. Every request must carry the bearer token that init
         /// writes to HOME/api.token (mode 0600).
@@ -405,6 +406,10 @@ pub struct PolicyArgs {
     /// names it (`Europe/Oslo`); `UTC` or `none` for UTC, the default.
     #[arg(long, value_name = "ZONE")]
     zone: Option<String>,
+    /// Dial the peer's addresses of this transport first (`quic` on a lossy link), then the
+    /// others; `any` dials them all at once, the default.
+    #[arg(long, value_name = "tcp|quic|any")]
+    prefer: Option<String>,
 }
 
 impl PolicyArgs {
@@ -453,6 +458,16 @@ impl PolicyArgs {
                 name => {
                     Some(crate::link::Zone::try_from(name.to_string()).map_err(CliError::Usage)?)
                 }
+            };
+        }
+        if let Some(p) = &self.prefer {
+            policy.link.prefer = match p.as_str() {
+                "any" => None,
+                other => Some(
+                    <crate::link::Transport as clap::ValueEnum>::from_str(other, true).map_err(
+                        |_| CliError::Usage(format!("--prefer {other:?}: tcp, quic or any")),
+                    )?,
+                ),
             };
         }
         if !self.windows.is_empty() {

@@ -49,8 +49,13 @@ pub(super) fn print_peers(peers: &[crate::core::PeerStatus]) {
                 Some(ms) => format!(", in sync after {ms} ms"),
                 None => ", catching up".to_string(),
             };
+            let via = p
+                .via
+                .as_deref()
+                .map(|v| format!(" over {v}"))
+                .unwrap_or_default();
             format!(
-                "connected since {}{synced}",
+                "connected{via} since {}{synced}",
                 format_ms(p.connected_since_ms)
             )
         } else {

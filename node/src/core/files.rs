@@ -8,8 +8,8 @@ use tidesync_proto::files::FileAsk;
 use super::Core;
 use crate::files::FileHash;
 use crate::model::FilesStatus;
-use crate::store::{FileError, StoreError};
-use crate::sync::fetch::Outcome;
+use crate::store::{FileError, Store, StoreError};
+use crate::sync::fetch::{Outcome, Progress};
 
 impl Core {
     /// Start tracking the stored want-list (at start: downloads carry on where they were).
@@ -61,10 +61,14 @@ impl Core {
     /// recorded, so a recorded segment is always on disk. Files no longer wanted (their last
     /// reference went) are dropped with their downloads.
     pub fn save_file_progress(&mut self) -> Result<(), FileError> {
+        let progress = self.take_file_progress()?;
+        persist_file_progress(self.replica.store(), &progress)
+    }
+
+    /// What downloads achieved since the last call, for [`persist_file_progress`]. Files no
+    /// longer wanted (their last reference went) are dropped with their downloads here.
+    pub fn take_file_progress(&mut self) -> Result<Vec<Progress>, FileError> {
         let progress = self.fetcher.take_progress();
-        if progress.is_empty() {
-            return Ok(());
-        }
         let store = self.replica.store();
         let mut kept = Vec::with_capacity(progress.len());
         for (hash, done, error) in progress {
@@ -75,11 +79,9 @@ impl Core {
                 }
                 continue;
             }
-            store.sync_download(&hash)?;
             kept.push((hash, done, error));
         }
-        store.save_want_progress(&kept)?;
-        Ok(())
+        Ok(kept)
     }
 
     /// Bring the downloads in step with the stored want-list, which others write too (an
@@ -188,4 +190,18 @@ impl Core {
                 .collect(),
         }
     }
+}
+
+/// Make each download in `progress` durable, then record its progress, so a recorded segment
+/// is always on disk. Blocks on the disk: the node runs it off its actor. A download finished
+/// or dropped meanwhile is skipped (only existing want-list rows are updated).
+pub fn persist_file_progress(store: &Store, progress: &[Progress]) -> Result<(), FileError> {
+    if progress.is_empty() {
+        return Ok(());
+    }
+    for (hash, _, _) in progress {
+        store.sync_download(hash)?;
+    }
+    store.save_want_progress(progress)?;
+    Ok(())
 }

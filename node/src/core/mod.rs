@@ -35,6 +35,7 @@ pub use crate::replica::{
 };
 use crate::store::{IdPage, Store, StoreError};
 use crate::sync::{Outgoing, Session, Sessions, SyncError};
+pub use files::persist_file_progress;
 pub use peers::PeerError;
 
 /// What a step of the core leaves for its caller to do.
@@ -434,6 +435,11 @@ impl Core {
     pub fn on_connected(&mut self, peer: NodeId) -> Result<(), SyncError> {
         self.fetcher.connected(peer);
         self.step(|s, r| Ok(((), s.on_connected(r, peer)?)))
+    }
+
+    /// The transport `peer`'s connection runs over, for status.
+    pub fn connected_via(&mut self, peer: NodeId, via: Option<crate::link::Transport>) {
+        self.sessions.set_via(peer, via);
     }
 
     /// The last connection to `peer` is gone.

@@ -167,6 +167,12 @@ impl NodeActor {
                 self.serving = self.serving.saturating_sub(1);
                 self.core.file_served(peer, bytes, granted);
             }
+            FileDone::ProgressSaved(result) => {
+                self.saving_progress = false;
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "could not save download progress");
+                }
+            }
             FileDone::Finished { hash, result } => {
                 let stored = result.is_ok();
                 self.core.file_finished(&hash, result, now());
@@ -198,9 +204,7 @@ impl NodeActor {
 
     /// Save download progress and publish the files' status.
     pub(super) fn on_file_tick(&mut self) {
-        if let Err(e) = self.core.save_file_progress() {
-            tracing::error!(error = %e, "could not save download progress");
-        }
+        self.save_progress();
         self.file_ticks = self.file_ticks.wrapping_add(1);
         if self.file_ticks.is_multiple_of(WANTS_RECONCILE_TICKS)
             && let Err(e) = self.core.reconcile_wants()
@@ -223,6 +227,29 @@ impl NodeActor {
                 traffic: live.traffic.clone(),
             });
             true
+        });
+    }
+
+    /// Save download progress off the actor, one save at a time: syncing a download that grows
+    /// by a hundred megabytes between ticks takes long enough to stall the asks if it ran here.
+    fn save_progress(&mut self) {
+        if self.saving_progress {
+            return;
+        }
+        let progress = match self.core.take_file_progress() {
+            Ok(progress) if progress.is_empty() => return,
+            Ok(progress) => progress,
+            Err(e) => {
+                tracing::error!(error = %e, "could not save download progress");
+                return;
+            }
+        };
+        self.saving_progress = true;
+        let store = self.core.store().clone();
+        let results = self.file_results_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = crate::core::persist_file_progress(&store, &progress);
+            let _ = results.blocking_send(FileDone::ProgressSaved(result));
         });
     }
 

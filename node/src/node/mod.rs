@@ -140,6 +140,8 @@ enum FileDone {
         /// Bytes already counted against the peer's budget when the segment was granted.
         granted: u64,
     },
+    /// Download progress made durable and recorded, or why not.
+    ProgressSaved(Result<(), FileError>),
 }
 
 /// Why a request to the node actor failed. Each names the request.
@@ -207,6 +209,8 @@ struct NodeActor {
     /// Reads waiting for a file to be stored.
     file_waiters: std::collections::HashMap<FileHash, Vec<Reply<bool>>>,
     file_ticks: u64,
+    /// A save of download progress is running off the actor.
+    saving_progress: bool,
     /// Shared with the handles: wakes the file feed's long polls.
     files_last: Arc<watch::Sender<u64>>,
     /// Sync bytes per peer since start.
@@ -411,11 +415,12 @@ impl NodeActor {
     /// Sync traffic and connection changes, in the order the network actor saw them.
     fn on_net_event(&mut self, event: NetEvent) {
         match event {
-            NetEvent::Connected(peer) if self.is_configured(&peer) => {
+            NetEvent::Connected { peer, via } if self.is_configured(&peer) => {
                 log_failed_step(self.core.on_connected(peer));
+                self.core.connected_via(peer, via);
                 self.send_status_to(peer);
             }
-            NetEvent::Connected(_) => {}
+            NetEvent::Connected { .. } => {}
             NetEvent::Disconnected(peer) => self.core.on_disconnected(&peer),
             NetEvent::Request { peer, id, msg } => {
                 if !self.is_configured(&peer) {
@@ -556,6 +561,7 @@ pub fn spawn(
         serving: 0,
         file_waiters: Default::default(),
         file_ticks: 0,
+        saving_progress: false,
         files_last,
         traffic: Default::default(),
         timers: instruments.timers,

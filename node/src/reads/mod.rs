@@ -165,6 +165,9 @@ pub struct PeerStatus {
     pub connected: bool,
     /// Since when the peer is connected, Unix milliseconds.
     pub connected_since_ms: Option<i64>,
+    /// While connected: the transport, `tcp` or `quic`.
+    #[serde(default)]
+    pub via: Option<String>,
     /// Last time a batch from or to the peer was stored or acknowledged, Unix milliseconds.
     pub last_sync_ms: Option<i64>,
     /// How long the current session took to come in sync (both Hellos answered, nothing of
@@ -251,6 +254,8 @@ pub struct SessionSummary {
     pub window: u64,
     /// Why nothing more goes to the peer now (its windows, budget or rate).
     pub held_back: Option<crate::link::HeldBack>,
+    /// The transport the connection runs over.
+    pub via: Option<crate::link::Transport>,
 }
 
 impl SessionSummary {
@@ -546,6 +551,7 @@ impl Reads {
             addrs: peer.addrs.iter().map(|a| a.to_string()).collect(),
             connected: session.is_some(),
             connected_since_ms: session.map(|s| s.since_ms),
+            via: session.and_then(|s| s.via).map(|t| t.name().to_string()),
             last_sync_ms: (record.last_sync_ms > 0).then_some(record.last_sync_ms),
             in_sync_after_ms: session.and_then(|s| s.in_sync_after_ms),
             batch_bytes: session.map(|s| s.batch_bytes),

@@ -37,6 +37,10 @@ pub const ASK_BACKOFF_MS: i64 = 10_000;
 /// Segment asks in flight to all peers together: what downloads hold in memory is bounded by
 /// this many segments, whatever the files' sizes.
 pub const MAX_ASKS_IN_FLIGHT: usize = 32;
+
+/// One download's progress: its segments done (a bitmap of segments) and its last error.
+pub type Progress = (FileHash, Vec<u8>, Option<String>);
+
 /// A peer that does not have a file is asked again after this long, in milliseconds (it may
 /// be fetching it itself); each further empty answer doubles the wait, up to
 /// [`MAX_UNKNOWN_RETRY_MS`], so that files a peer lacks do not keep taking its asks.
@@ -133,9 +137,18 @@ impl Fetch {
 #[derive(Debug, Default)]
 pub struct Fetcher {
     wants: BTreeMap<FileHash, Fetch>,
-    /// The wanted files by size, smallest first: the order segments are asked in, so that a
-    /// large file never holds back the small ones behind it.
-    by_size: BTreeSet<(u64, FileHash)>,
+    /// The wanted files that may have a segment to ask (some not yet asked, not being moved
+    /// into place, and not an on-demand file that no read waits for), by size, smallest
+    /// first: the order segments are asked in, so that a large file never holds back the
+    /// small ones behind it. Kept apart from `wants` so that planning costs what is left to
+    /// ask, not the whole want-list (which may hold 100,000 files).
+    open: BTreeSet<(u64, FileHash)>,
+    /// Files a read waits for, by size: asked before the others.
+    requested: BTreeSet<(u64, FileHash)>,
+    /// Files whose every segment is in, not yet handed out to be moved into place.
+    finished: BTreeSet<FileHash>,
+    /// Files the last [`Fetcher::plan`] looked at (what planning costs).
+    examined: usize,
     connected: BTreeMap<NodeId, usize>,
     peers: BTreeMap<NodeId, PeerFiles>,
     /// Each peer's ask window (kept across its connections, not across restarts).
@@ -232,6 +245,8 @@ impl Fetcher {
                 }
             }
             f.row.on_demand &= row.on_demand;
+            let hash = row.hash;
+            self.touch(&hash);
             return;
         }
         let segments = FileAsk::segments(row.size);
@@ -250,14 +265,41 @@ impl Fetcher {
         };
         fetch.row.done.truncate(segments.div_ceil(8) as usize);
         fetch.done = (0..segments).filter(|s| fetch.is_done(*s)).count() as u64;
-        self.by_size.insert((fetch.row.size, fetch.row.hash));
-        self.wants.insert(fetch.row.hash, fetch);
+        let hash = fetch.row.hash;
+        self.wants.insert(hash, fetch);
+        self.touch(&hash);
+    }
+
+    /// Put `hash` in the sets its state says it belongs to (`open`, `finished`), and out of
+    /// the others. Called after anything that changes that state.
+    fn touch(&mut self, hash: &FileHash) {
+        let Some(f) = self.wants.get(hash) else {
+            return;
+        };
+        let key = (f.row.size, *hash);
+        let open = !f.finishing
+            && f.done < f.segments
+            && f.cursor < f.segments
+            && (!f.row.on_demand || f.requested);
+        let finished = !f.finishing && f.done == f.segments && f.in_flight.is_empty();
+        if open {
+            self.open.insert(key);
+        } else {
+            self.open.remove(&key);
+        }
+        if finished {
+            self.finished.insert(*hash);
+        } else {
+            self.finished.remove(hash);
+        }
     }
 
     /// Stop tracking `hash` (stored, or no longer wanted).
     pub fn forget(&mut self, hash: &FileHash) {
         if let Some(f) = self.wants.remove(hash) {
-            self.by_size.remove(&(f.row.size, *hash));
+            self.open.remove(&(f.row.size, *hash));
+            self.requested.remove(&(f.row.size, *hash));
+            self.finished.remove(hash);
             for peer in f.in_flight.values() {
                 self.release(peer);
             }
@@ -274,6 +316,8 @@ impl Fetcher {
             Some(f) => {
                 f.requested = true;
                 f.paused_until = i64::MIN;
+                self.requested.insert((f.row.size, *hash));
+                self.touch(hash);
                 true
             }
             None => false,
@@ -287,17 +331,24 @@ impl Fetcher {
     /// A peer's connection is gone: its asks in flight will not be answered.
     pub fn disconnected(&mut self, peer: &NodeId) {
         self.connected.remove(peer);
-        for f in self.wants.values_mut() {
+        let mut touched = Vec::new();
+        for (hash, f) in self.wants.iter_mut() {
             let lost: Vec<u64> = f
                 .in_flight
                 .iter()
                 .filter(|(_, p)| *p == peer)
                 .map(|(s, _)| *s)
                 .collect();
+            if !lost.is_empty() {
+                touched.push(*hash);
+            }
             for s in lost {
                 f.in_flight.remove(&s);
                 f.cursor = f.cursor.min(s);
             }
+        }
+        for hash in touched {
+            self.touch(&hash);
         }
     }
 
@@ -313,26 +364,38 @@ impl Fetcher {
     pub fn plan(&mut self, now_ms: i64) -> Vec<(NodeId, FileAsk)> {
         let mut total: usize = self.connected.values().sum();
         let mut out = Vec::new();
-        let order = self.by_size.iter().map(|(_, h)| h);
-        let requested = order
-            .clone()
-            .filter(|h| self.wants.get(h).is_some_and(|f| f.requested));
-        let order: Vec<FileHash> = requested
-            .chain(order.filter(|h| self.wants.get(h).is_some_and(|f| !f.requested)))
-            .copied()
-            .collect();
+        self.examined = 0;
+        if total >= MAX_ASKS_IN_FLIGHT || self.connected.is_empty() {
+            return out;
+        }
+        let mut visited = Vec::new();
         // Three passes, so that no ask likely to come back empty takes a peer's window from
         // one that would not: first the sources that never answered a file without its
         // bytes, then the sources again after they did (once their wait is over), then other
         // peers for what no source could take.
         for pass in [Pass::Fresh, Pass::Sources, Pass::Anyone] {
-            for hash in &order {
+            let order = self.requested.iter().map(|(_, h)| h).chain(
+                self.open
+                    .iter()
+                    .filter(|k| !self.requested.contains(k))
+                    .map(|(_, h)| h),
+            );
+            for hash in order {
+                // Nothing more can be asked once the total is reached or every connected
+                // peer's window is full: stop, rather than walk the rest of the want-list.
+                let windows = &self.windows;
+                if total >= MAX_ASKS_IN_FLIGHT
+                    || !self
+                        .connected
+                        .iter()
+                        .any(|(p, n)| *n < windows.get(p).map_or(INITIAL_ASKS, |w| w.size))
+                {
+                    break;
+                }
                 let Some(f) = self.wants.get_mut(hash) else {
                     continue;
                 };
-                if total >= MAX_ASKS_IN_FLIGHT {
-                    break;
-                }
+                visited.push(*hash);
                 if f.finishing
                     || f.paused_until > now_ms
                     || (f.row.on_demand && !f.requested)
@@ -397,7 +460,16 @@ impl Fetcher {
                 }
             }
         }
+        self.examined = visited.len();
+        for hash in visited {
+            self.touch(&hash);
+        }
         out
+    }
+
+    /// Files the last [`Fetcher::plan`] looked at.
+    pub fn examined(&self) -> usize {
+        self.examined
     }
 
     /// What became of segment `ask.segment` asked of `peer`.
@@ -473,15 +545,16 @@ impl Fetcher {
         if was_ours {
             self.release(&peer);
         }
+        self.touch(&hash);
     }
 
     /// Files whose every segment is in, to move into place; each is handed out once.
     pub fn complete(&mut self) -> Vec<(FileHash, u64)> {
         let mut out = Vec::new();
-        for (hash, f) in self.wants.iter_mut() {
-            if !f.finishing && f.done == f.segments && f.in_flight.is_empty() {
+        for hash in std::mem::take(&mut self.finished) {
+            if let Some(f) = self.wants.get_mut(&hash) {
                 f.finishing = true;
-                out.push((*hash, f.row.size));
+                out.push((hash, f.row.size));
             }
         }
         out
@@ -495,11 +568,12 @@ impl Fetcher {
             f.row.last_error = Some(why);
             f.dirty = true;
         }
+        self.touch(hash);
     }
 
     /// Progress to save: each changed file's durable segments and last error. The shell
     /// syncs those downloads before it saves this.
-    pub fn take_progress(&mut self) -> Vec<(FileHash, Vec<u8>, Option<String>)> {
+    pub fn take_progress(&mut self) -> Vec<Progress> {
         self.wants
             .iter_mut()
             .filter(|(_, f)| f.dirty)
@@ -587,7 +661,7 @@ mod tests {
         );
         f.forget(&FileHash([1; 32]));
         f.forget(&FileHash([2; 32]));
-        assert!(f.by_size.is_empty());
+        assert!(f.open.is_empty() && f.finished.is_empty() && f.requested.is_empty());
     }
 
     /// Answer every ask in `asks` as verified at `now`; the next plan at `now`.
@@ -599,6 +673,41 @@ mod tests {
             f.answered(*peer, ask, verified, now);
         }
         f.plan(now)
+    }
+
+    // Regression (filebench case 2, 2026-12-07: 10,000 files of 200 KB took 105 s, three times
+    // as long as before): planning walked the whole want-list, three times, after every
+    // event the node handled, because one peer's window (16 asks) filled before the total
+    // (32) did and nothing stopped the walk. Planning now looks only at files with segments
+    // left to ask, and stops as soon as no connected peer has room.
+    #[test]
+    fn planning_costs_what_can_be_asked_not_the_whole_want_list() {
+        let mut f = Fetcher::default();
+        for n in 0..5_000u32 {
+            let mut r = row(0, 1, &[node(9)]);
+            r.hash = FileHash(blake3::hash(&n.to_le_bytes()).into());
+            f.want(r);
+        }
+        f.connected(node(9));
+        let mut asks = f.plan(0);
+        let mut stored = 0;
+        let mut most = 0;
+        while !asks.is_empty() {
+            assert!(asks.len() <= MAX_ASKS_PER_PEER);
+            // With the window full, nothing is looked at.
+            assert!(f.plan(0).is_empty());
+            assert_eq!(f.examined(), 0);
+            asks = answer_all(&mut f, &asks, 1);
+            most = most.max(f.examined());
+            stored += f.complete().len();
+        }
+        assert_eq!(stored, 5_000, "every file completes, each handed out once");
+        // At most the files asked of, each once per pass (the last few files, when fewer
+        // remain than the window holds), never the 5,000.
+        assert!(
+            most <= 3 * MAX_ASKS_PER_PEER,
+            "a plan looked at {most} files for at most {MAX_ASKS_PER_PEER} asks"
+        );
     }
 
     // Regression (simulation seeds 120, 104 and 1222 with files, 2026-12-06): a peer whose

@@ -105,6 +105,13 @@ impl Sessions {
         self.hello(replica, peer)
     }
 
+    /// Record the transport `peer`'s session runs over.
+    pub fn set_via(&mut self, peer: NodeId, via: Option<crate::link::Transport>) {
+        if let Some(s) = self.peers.get_mut(&peer) {
+            s.via = via;
+        }
+    }
+
     /// A Hello for `peer`: where we hold its log up to, and our tip. Only the answer to the
     /// latest Hello counts as answered (see [`Session::hello_answered`]).
     fn hello(&mut self, replica: &mut Replica, peer: NodeId) -> Result<Vec<Outgoing>, SyncError> {

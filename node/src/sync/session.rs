@@ -63,6 +63,8 @@ pub struct Session {
     pub(super) resend_granted: bool,
     /// Why nothing more goes to the peer now, when its link settings say so.
     pub held_back: Option<crate::link::HeldBack>,
+    /// The transport the session's connection runs over, once the network said.
+    pub via: Option<crate::link::Transport>,
 }
 
 impl Session {
@@ -77,6 +79,7 @@ impl Session {
             batch_bytes: 0,
             window: 0,
             held_back: self.held_back,
+            via: self.via,
         }
     }
 
@@ -101,6 +104,7 @@ impl Session {
             rewound_sent: false,
             rewound_answered: false,
             held_back: None,
+            via: None,
             resend_granted: false,
         }
     }

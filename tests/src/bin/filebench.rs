@@ -13,7 +13,8 @@
 //! and local discovery, relays, NAT traversal, usage reporting, crash reporting and upgrades
 //! off; it is skipped, with a note, when not installed.
 //!
-//! Run: `cargo run --release -p tidesync-tests --bin filebench -- [--cases 1,2,3]`.
+//! Run: `cargo run --release -p tidesync-tests --bin filebench -- [--cases 1,2,3]
+//! [--no-syncthing]`.
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -380,7 +381,9 @@ fn report(label: &str, r: &Run, bytes: u64, limit: f64) {
 
 fn main() {
     let a = args();
-    let has_syncthing = Command::new("syncthing").arg("--version").output().is_ok();
+    // `--no-syncthing` times tidesync alone (to profile it, say).
+    let has_syncthing = !std::env::args().any(|a| a == "--no-syncthing")
+        && Command::new("syncthing").arg("--version").output().is_ok();
     let data = tempfile::tempdir().expect("data dir");
     println!(
         "filebench: tidesync {} against {}",
@@ -396,7 +399,7 @@ fn main() {
             .trim()
             .to_string()
         } else {
-            "no Syncthing (not installed: apt-get install syncthing)".into()
+            "no Syncthing (not installed: apt-get install syncthing; or --no-syncthing)".into()
         }
     );
     for case in &a.cases {
