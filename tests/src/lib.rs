@@ -10,6 +10,8 @@
 //!   connection after so many bytes or seconds (thin, flaky links).
 //! - [`bench`]: what the benchmark binaries share (data files, peak memory, raw requests).
 //! - [`netns`]: a LAN of network namespaces the test creates, for mDNS.
+//! - [`wan`]: two network namespaces joined by a link shaped packet by packet in user space
+//!   (rate, delay, loss, outages), which TCP and QUIC cross alike.
 //! - `src/bin/bench.rs`: the sync benchmark (`cargo run --release -p tidesync-tests --bin bench`).
 //! - `src/bin/filebench.rs`: files against Syncthing (`cargo run --release -p tidesync-tests
 //!   --bin filebench`).
@@ -19,6 +21,7 @@ pub mod browser;
 pub mod mallory;
 pub mod netns;
 pub mod proxy;
+pub mod wan;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -241,6 +244,13 @@ impl TestNode {
             );
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+
+    /// Run the node's later commands, and its next `run`, in network namespace `netns` (the
+    /// node must be stopped; its home stays where it is).
+    pub fn set_netns(&mut self, netns: Option<String>) {
+        assert!(self.child.is_none(), "{} is running", self.name);
+        self.netns = netns;
     }
 
     /// This node's id.

@@ -12,6 +12,12 @@
 //!
 //! Run: `cargo run --release -p tidesync-tests --bin shipbench -- [--records N] [--files N]
 //! [--file-kib N] [--kbit N] [--rtt-ms N] [--cut-secs N]`.
+//!
+//! With `--wan tcp|quic` (root: it makes network namespaces and TUN devices) the link is
+//! instead the packet-level one of `tidesync_tests::wan`, between two namespaces, and the
+//! ship dials the hub over that transport: `--loss-pct F` of the packets are lost at random,
+//! and every `--cut-secs` the link goes down for `--outage-secs` (10) both ways; the modem
+//! queues at most one second of traffic. Reported as well: packets delivered and dropped.
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +25,7 @@ use serde_json::json;
 use tidesync_tests::TestNode;
 use tidesync_tests::bench::{lims_sample, peak_mib, request, wait_until, write_data};
 use tidesync_tests::proxy::{FlakyProxy, Shape};
+use tidesync_tests::wan::{WAN_ADDRS, Wan, WanShape};
 
 /// Longest the transfer may take before the benchmark gives up.
 const RUN_LIMIT: Duration = Duration::from_secs(3_600);
@@ -30,6 +37,20 @@ fn arg(name: &str, default: u64) -> u64 {
         .and_then(|i| argv.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+fn text_arg(name: &str) -> Option<String> {
+    let argv: Vec<String> = std::env::args().collect();
+    argv.iter()
+        .position(|a| a == name)
+        .and_then(|i| argv.get(i + 1))
+        .cloned()
+}
+
+/// The link under test: the TCP proxy, or the packet-level link between namespaces.
+enum Link {
+    Proxy(FlakyProxy),
+    Wan(Wan),
 }
 
 fn main() {
@@ -80,38 +101,95 @@ fn main() {
             "application/json",
         );
     }
-    let port: u16 = hub
-        .listen_addr()
-        .split('/')
-        .nth(4)
-        .and_then(|p| p.parse().ok())
-        .expect("listen port");
-    let proxy = FlakyProxy::shaped(
-        ([127, 0, 0, 1], port).into(),
-        Shape {
-            cut_after: Some(Duration::from_secs(cut_secs)),
-            rate_bytes_per_sec: Some(kbit * 1_000 / 8),
-            one_way_delay: Duration::from_millis(rtt_ms / 2),
-            ..Shape::default()
-        },
-    );
+    let (link, via) = match text_arg("--wan") {
+        None => {
+            let port: u16 = hub
+                .listen_addr()
+                .split('/')
+                .nth(4)
+                .and_then(|p| p.parse().ok())
+                .expect("listen port");
+            let proxy = FlakyProxy::shaped(
+                ([127, 0, 0, 1], port).into(),
+                Shape {
+                    cut_after: Some(Duration::from_secs(cut_secs)),
+                    rate_bytes_per_sec: Some(kbit * 1_000 / 8),
+                    one_way_delay: Duration::from_millis(rtt_ms / 2),
+                    ..Shape::default()
+                },
+            );
+            let via = format!("/ip4/127.0.0.1/tcp/{}", proxy.addr().port());
+            (Link::Proxy(proxy), via)
+        }
+        Some(transport) => {
+            // The hub moves into a namespace of the link, listening on both transports at a
+            // fixed port there; the ship starts in the other one.
+            hub.stop();
+            let config = hub.home().join("config.toml");
+            let text = std::fs::read_to_string(&config).expect("hub config");
+            let listen = r#"listen = ["/ip4/0.0.0.0/tcp/7400", "/ip4/0.0.0.0/udp/7400/quic-v1"]"#;
+            let text: Vec<String> = text
+                .lines()
+                .map(|l| {
+                    if l.starts_with("listen = [") {
+                        listen.to_string()
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect();
+            std::fs::write(&config, text.join("\n") + "\n").expect("hub config");
+            let wan = Wan::new(WanShape {
+                rate_bytes_per_sec: kbit * 1_000 / 8,
+                one_way_delay: Duration::from_millis(rtt_ms / 2),
+                loss: text_arg("--loss-pct")
+                    .and_then(|p| p.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+                    / 100.0,
+                max_queue: Duration::from_secs(1),
+                outage_every: Some(Duration::from_secs(cut_secs)),
+                outage_for: Duration::from_secs(arg("--outage-secs", 10)),
+                seed: arg("--seed", 1),
+            });
+            ship.stop();
+            ship.set_netns(Some(wan.ns(1)));
+            hub.set_netns(Some(wan.ns(0)));
+            let ship_config = ship.home().join("config.toml");
+            let text = std::fs::read_to_string(&ship_config).expect("ship config");
+            std::fs::write(
+                &ship_config,
+                text.replace("/ip4/127.0.0.1/tcp/0", "/ip4/0.0.0.0/tcp/0"),
+            )
+            .expect("ship config");
+            hub.start();
+            ship.start();
+            let via = match transport.as_str() {
+                "quic" => format!("/ip4/{}/udp/7400/quic-v1", WAN_ADDRS[0]),
+                _ => format!("/ip4/{}/tcp/7400", WAN_ADDRS[0]),
+            };
+            (Link::Wan(wan), via)
+        }
+    };
     hub.add_peer(&ship, false);
     let t = Instant::now();
-    let via = format!("/ip4/127.0.0.1/tcp/{}", proxy.addr().port());
     ship.ok(&["peer", "add", "hub", "--id", &hub.id(), "--addr", &via]);
     let mut records_at = None;
-    let feed = format!("/v1/changes?since={}&files_since=0&limit=1", u64::MAX);
     wait_until(RUN_LIMIT, "the ship to hold every record and file", || {
         if records_at.is_none()
             && ship.status()["objects"]["Sample"]["live"].as_u64() == Some(records)
         {
             records_at = Some(t.elapsed().as_secs_f64());
         }
-        let f = request(&ship, reqwest::Method::GET, &feed, None, "application/json");
-        records_at.is_some() && f["files"]["last"].as_u64() == Some(files)
+        // Through the CLI, which runs in the ship's namespace when it has one.
+        let stored: serde_json::Value =
+            serde_json::from_str(&ship.ok(&["file", "ls", "--json"])).unwrap_or_default();
+        records_at.is_some() && stored.as_array().map(|a| a.len() as u64) == Some(files)
     });
     let secs = t.elapsed().as_secs_f64();
-    let wire = proxy.bytes();
+    let wire = match &link {
+        Link::Proxy(p) => p.bytes(),
+        Link::Wan(w) => w.bytes(),
+    };
     println!(
         "records on the ship after {:.1} s; every file after {secs:.1} s",
         records_at.unwrap_or(secs)
@@ -120,12 +198,24 @@ fn main() {
         "bytes on the link {wire} (both ways) for a payload of {payload}: ratio {:.3}",
         wire as f64 / payload as f64
     );
-    println!(
-        "connections {} (the transfer started again {} times), cut by the link {}",
-        proxy.connections(),
-        proxy.connections().saturating_sub(1),
-        proxy.cuts()
-    );
+    match &link {
+        Link::Proxy(proxy) => println!(
+            "connections {} (the transfer started again {} times), cut by the link {}",
+            proxy.connections(),
+            proxy.connections().saturating_sub(1),
+            proxy.cuts()
+        ),
+        Link::Wan(wan) => {
+            let connected = ship.log().matches("peer connected").count();
+            println!(
+                "over {via}: connections {connected} (the transfer started again {} times), outages {}, packets delivered {}, dropped {}",
+                connected.saturating_sub(1),
+                wan.outages(),
+                wan.packets(),
+                wan.dropped()
+            );
+        }
+    }
     println!(
         "peak memory: hub {:.0} MiB, ship {:.0} MiB",
         peak_mib(hub.pid().expect("pid")),
