@@ -354,10 +354,25 @@ impl Client {
             .unwrap_or(std::path::Path::new("."));
         let write_err =
             |e: std::io::Error| ClientError::Failed(format!("cannot write {}: {e}", out.display()));
-        let tmp = tempfile::Builder::new()
-            .prefix(".tidesync-file-")
-            .tempfile_in(dir)
-            .map_err(write_err)?;
+        // A device or a pipe named as the output (`--out /dev/null`, `/dev/stdout`) is written
+        // into. Only a regular file, or a new path, is replaced atomically: renaming over a
+        // device would put a regular file in its place (as root, `/dev/null` itself).
+        let special = std::fs::metadata(out).is_ok_and(|m| !m.is_file());
+        let tmp = if special {
+            None
+        } else {
+            Some(
+                tempfile::Builder::new()
+                    .prefix(".tidesync-file-")
+                    .tempfile_in(dir)
+                    .map_err(write_err)?,
+            )
+        };
+        let sink = match &tmp {
+            Some(t) => t.reopen(),
+            None => std::fs::OpenOptions::new().write(true).open(out),
+        }
+        .map_err(write_err)?;
         let size = match self {
             Client::Local(core, _) => {
                 let Some((path, row)) = core.store().file(hash)? else {
@@ -366,19 +381,23 @@ impl Client {
                 let mut from = std::fs::File::open(&path).map_err(|e| {
                     ClientError::Failed(format!("cannot read {}: {e}", path.display()))
                 })?;
-                let mut to = tmp.reopen().map_err(write_err)?;
+                let mut to = sink;
                 std::io::copy(&mut from, &mut to).map_err(write_err)?;
-                to.sync_all().map_err(write_err)?;
+                if tmp.is_some() {
+                    to.sync_all().map_err(write_err)?;
+                }
                 row.size
             }
             Client::Api(api) => {
-                let to = tokio::fs::File::from_std(tmp.reopen().map_err(write_err)?);
+                let to = tokio::fs::File::from_std(sink);
                 api.download(reqwest::Method::GET, &format!("/v1/files/{hash}"), to)
                     .await?
                     .1
             }
         };
-        tmp.persist(out).map_err(|e| write_err(e.error))?;
+        if let Some(tmp) = tmp {
+            tmp.persist(out).map_err(|e| write_err(e.error))?;
+        }
         Ok(size)
     }
 
@@ -728,7 +747,11 @@ impl ApiClient {
             out.write_all(&chunk).await.map_err(write_err)?;
         }
         out.flush().await.map_err(write_err)?;
-        out.sync_all().await.map_err(write_err)?;
+        match out.sync_all().await {
+            // A device or a pipe (`--out /dev/null`) has nothing to make durable.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {}
+            other => other.map_err(write_err)?,
+        }
         Ok((headers, size))
     }
 

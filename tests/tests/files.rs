@@ -185,3 +185,48 @@ fn a_stored_file_is_served_whole_and_in_ranges_referenced_from_a_field_and_kept_
     assert_eq!(status, 200);
     assert!(body == bytes);
 }
+
+// Regression (2026-12-07): `tidesync file get HASH --out /dev/null`, run as root, wrote the
+// file to a temporary file and renamed it over `/dev/null`, which became a regular file that
+// every later `> /dev/null` appended to and every reader of `/dev/null` read back (it broke
+// the next `cargo test`'s compiler probe on this machine). A device or a pipe named as the
+// output is now written into, on a running node (through the API) and on a stopped one; a
+// regular file is still replaced atomically. A FIFO stands in for the device here.
+#[test]
+fn file_get_writes_into_a_pipe_or_device_instead_of_replacing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = TestNode::init("lab");
+    let bytes = content(300_000, 3);
+    let path = dir.path().join("report.pdf");
+    std::fs::write(&path, &bytes).unwrap();
+    let added = json(&node.ok(&["file", "add", path.to_str().unwrap()]));
+    let hash = added["hash"].as_str().unwrap().to_string();
+    for running in [false, true] {
+        if running {
+            node.start();
+        }
+        let fifo = dir.path().join(format!("pipe-{running}"));
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || tx.send(std::fs::read(fifo).unwrap()));
+        }
+        node.ok(&["file", "get", &hash, "--out", fifo.to_str().unwrap()]);
+        let kind = std::fs::metadata(&fifo).unwrap().file_type();
+        assert!(
+            std::os::unix::fs::FileTypeExt::is_fifo(&kind),
+            "the pipe is still a pipe (running: {running})"
+        );
+        let read = rx.recv_timeout(Duration::from_secs(60));
+        assert_eq!(read.ok(), Some(bytes.clone()), "running: {running}");
+        let copy = dir.path().join(format!("copy-{running}"));
+        node.ok(&["file", "get", &hash, "--out", copy.to_str().unwrap()]);
+        assert_eq!(std::fs::read(&copy).unwrap(), bytes);
+    }
+    node.stop();
+}
