@@ -501,7 +501,8 @@ fn a_link_names_its_time_zone_and_an_unknown_one_is_refused() {
     );
     let config = std::fs::read_to_string(hub.home().join("config.toml")).unwrap();
     assert!(config.contains(r#"zone = "Pacific/Auckland""#), "{config}");
-    assert!(config.contains("format = 7"), "{config}");
+    let format = format!("format = {}", tidesync::config::CONFIG_FORMAT);
+    assert!(config.contains(&format), "{config}");
     let plan = hub.ok(&["plan", "--for", "ship"]);
     assert!(
         plan.contains("windows (Pacific/Auckland): 02:00-05:00"),
