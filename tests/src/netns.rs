@@ -15,7 +15,7 @@ pub struct Lan {
 }
 
 /// Run `ip` with `args`; panics with its output when it fails.
-fn ip(args: &[&str]) {
+pub(crate) fn ip(args: &[&str]) {
     let out = Command::new("ip")
         .args(args)
         .output()

@@ -16,6 +16,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::netns::ip;
+
 /// `TUNSETIFF`, `_IOW('T', 202, int)` on Linux.
 const TUNSETIFF: u64 = 0x4004_54ca;
 /// The two ends' addresses, on a point-to-point link inside the namespaces.
@@ -61,18 +63,6 @@ pub struct Wan {
     counters: Arc<Counters>,
     started: Instant,
     shape: WanShape,
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("running ip (iproute2)");
-    assert!(
-        out.status.success(),
-        "ip {args:?} failed: {} (network namespaces and TUN devices need root)",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A TUN device named `name` made inside namespace `ns`: `setns` moves only the calling
