@@ -49,7 +49,6 @@ pub type InboundId = u64;
 /// What the network actor tells the node actor, in the order it happened.
 #[derive(Debug)]
 pub enum NetEvent {
-    /// A configured peer's first connection is up.
     /// A configured peer's first connection is up, over this transport.
     Connected {
         peer: NodeId,

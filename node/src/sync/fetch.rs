@@ -101,8 +101,6 @@ struct Fetch {
     empty: BTreeMap<NodeId, u32>,
     /// The lowest segment that may be neither done nor in flight.
     cursor: u64,
-    /// A read waits for it (an `on-demand` file is fetched only then).
-    requested: bool,
     /// Not fetched before this time (our disk failed).
     paused_until: i64,
     /// Progress not yet saved.
@@ -257,7 +255,6 @@ impl Fetcher {
             wait: BTreeMap::new(),
             empty: BTreeMap::new(),
             cursor: 0,
-            requested: false,
             paused_until: i64::MIN,
             dirty: false,
             finishing: false,
@@ -280,7 +277,8 @@ impl Fetcher {
         let open = !f.finishing
             && f.done < f.segments
             && f.cursor < f.segments
-            && (!f.row.on_demand || f.requested);
+            // An on-demand file is fetched only once a read waits for it.
+            && (!f.row.on_demand || self.requested.contains(&key));
         let finished = !f.finishing && f.done == f.segments && f.in_flight.is_empty();
         if open {
             self.open.insert(key);
@@ -314,7 +312,6 @@ impl Fetcher {
     pub fn request(&mut self, hash: &FileHash) -> bool {
         match self.wants.get_mut(hash) {
             Some(f) => {
-                f.requested = true;
                 f.paused_until = i64::MIN;
                 self.requested.insert((f.row.size, *hash));
                 self.touch(hash);
@@ -396,11 +393,8 @@ impl Fetcher {
                     continue;
                 };
                 visited.push(*hash);
-                if f.finishing
-                    || f.paused_until > now_ms
-                    || (f.row.on_demand && !f.requested)
-                    || f.done == f.segments
-                {
+                // (`order` holds only files a read waits for, or that `touch` found open.)
+                if f.finishing || f.paused_until > now_ms || f.done == f.segments {
                     continue;
                 }
                 while total < MAX_ASKS_IN_FLIGHT && f.cursor < f.segments {
