@@ -180,6 +180,28 @@ impl Client {
         }
     }
 
+    /// Give `ty/id` the local name `to` (how a name collision is resolved; nothing syncs).
+    pub async fn rename(
+        &mut self,
+        ty: &TypeName,
+        id: &ObjectId,
+        to: &str,
+    ) -> Result<crate::core::RenameReply, ClientError> {
+        match self {
+            Client::Local(core, _) => Ok(core.rename(ty, id, to)?),
+            Client::Api(api) => {
+                let body = serde_json::json!({ "to": to });
+                api.send(
+                    reqwest::Method::POST,
+                    &format!("{}/rename", object_path(ty, id)),
+                    Some(&body),
+                    0,
+                )
+                .await
+            }
+        }
+    }
+
     pub async fn get(
         &mut self,
         ty: &TypeName,

@@ -35,8 +35,9 @@ pub const DEFAULT_API: &str = "127.0.0.1:7401";
 /// refuse format 4 by name). 5: `[fleet]` (`status-interval-secs`), and a peer's link
 /// settings (`[peers.link]`: `max-rate`, `windows`, `budget`). 6: `[discovery]` (`mdns`).
 /// 7: a peer's link may name the time `zone` of its windows and days. 8: a peer's link may
-/// `prefer` a transport (`tcp` or `quic`), and a new home listens on QUIC as well.
-pub const CONFIG_FORMAT: u32 = 8;
+/// `prefer` a transport (`tcp` or `quic`), and a new home listens on QUIC as well. 9: a peer
+/// may `relay-status` (the fleet view beyond direct peers).
+pub const CONFIG_FORMAT: u32 = 9;
 /// Default shortest time between two status records a node sends its peers, in seconds.
 pub const DEFAULT_STATUS_INTERVAL_SECS: u64 = 30;
 /// Bounds of `fleet.status-interval-secs`, in seconds.

@@ -80,6 +80,12 @@ pub struct Policy {
     /// [`crate::link`]); in `config.toml`, the peer's `[peers.link]` table.
     #[serde(skip_serializing_if = "crate::link::Link::is_default")]
     pub link: crate::link::Link,
+    /// Whether the status records of other nodes (the fleet view) pass between this node and
+    /// this peer, each way its `direction` allows: we send it those we hold, and take those it
+    /// relays, so that a hub beyond this one sees the whole fleet. Off by default: a node's
+    /// own record goes to its direct peers and no further.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub relay_status: bool,
 }
 
 /// When the files that objects exchanged with a peer refer to move.

@@ -87,6 +87,18 @@ impl Kind for LocalWriteError {
     }
 }
 
+impl Kind for crate::core::RenameError {
+    fn kind(&self) -> ErrorKind {
+        use crate::core::RenameError as E;
+        match self {
+            E::NotFound { .. } => ErrorKind::NotFound,
+            E::BadName { .. } => ErrorKind::Invalid,
+            E::Taken { .. } | E::Published { .. } => ErrorKind::Unprocessable,
+            E::Store { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
 impl Kind for ReadError {
     fn kind(&self) -> ErrorKind {
         match self {

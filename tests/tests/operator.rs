@@ -571,6 +571,27 @@ fn the_hub_shows_its_fleet_offline_nodes_and_bundle_ships_included_and_no_furthe
         fleet_node(&lab_b, "hub").is_some()
     });
     assert_eq!(fleet(&lab_b).len(), 1, "{:?}", fleet(&lab_b));
+    // Unless both ends say `relay-status`: then the hub passes on the records it holds, as
+    // their authors signed them, and lab-b sees lab-a through the hub.
+    hub.ok(&["peer", "set", "lab-b", "--relay-status", "true"]);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(
+        fleet(&lab_b).len(),
+        1,
+        "lab-b's own policy refuses relayed records"
+    );
+    lab_b.ok(&["peer", "set", "hub", "--relay-status", "true"]);
+    lab_a.ok(&["put", "Sample", "S-2", r#"{"v":2}"#]);
+    wait_for("lab-b hears of lab-a through the hub", || {
+        fleet_node(&lab_b, "lab-a").is_some_and(|n| n["record"]["objects"] == 2)
+    });
+    let relayed = fleet_node(&lab_b, "lab-a").unwrap();
+    assert_eq!(relayed["via"], hub.id(), "{relayed}");
+    assert_eq!(relayed["id"], lab_a.id(), "{relayed}");
+    // lab-b's own record is not sent back to it, and lab-a, whose hub policy does not say
+    // `relay-status`, still hears of the hub alone.
+    assert!(fleet_node(&lab_b, "lab-b").is_none());
+    assert_eq!(fleet(&lab_a).len(), 1, "{:?}", fleet(&lab_a));
     // A lab that goes offline still shows, with what the hub last knew of it.
     lab_a.stop();
     wait_for("the hub sees lab-a offline", || {

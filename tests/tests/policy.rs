@@ -5,7 +5,7 @@
 //! node: logs stream in order, so once the marker is there, X has been offered or filtered.
 
 use serde_json::json;
-use tidesync_tests::{TestNode, wait_for};
+use tidesync_tests::{TestNode, json, wait_for};
 
 fn started(names: &[&str]) -> Vec<TestNode> {
     let mut nodes: Vec<TestNode> = names.iter().map(|n| TestNode::init(n)).collect();
@@ -237,7 +237,7 @@ fn widening_a_policy_backfills_without_a_restart() {
 
 #[test]
 fn two_labs_objects_under_one_name_both_survive_and_are_listed_as_a_conflict() {
-    let n = started(&["hub", "lab-a", "lab-b"]);
+    let mut n = started(&["hub", "lab-a", "lab-b"]);
     for lab in 1..=2 {
         n[0].add_peer(&n[lab], true);
         n[lab].add_peer(&n[0], false);
@@ -262,6 +262,48 @@ fn two_labs_objects_under_one_name_both_survive_and_are_listed_as_a_conflict() {
     // `status` shows the collision too.
     assert_eq!(n[0].status()["collisions"], json!(1));
     assert!(n[0].ok(&["status"]).contains("conflicts: 1 objects"));
+
+    // Resolved by renaming the one kept under its collision name (names are local).
+    let taken = n[0].cli(&["rename", "Sample", &renamed, "S-001"]);
+    assert_eq!(taken.status.code(), Some(1), "{taken:?}");
+    assert!(String::from_utf8_lossy(&taken.stderr).contains("already has that name"));
+    let marked = n[0].cli(&["rename", "Sample", &renamed, "S-001~x"]);
+    assert_eq!(marked.status.code(), Some(1), "{marked:?}");
+    let missing = n[0].cli(&["rename", "Sample", "S-404", "S-405"]);
+    assert_eq!(missing.status.code(), Some(3), "{missing:?}");
+    let kept = n[0].get("Sample", &renamed).unwrap()["lab"].clone();
+    let reply = json(&n[0].ok(&["rename", "Sample", &renamed, "S-001-second"]));
+    assert_eq!(reply["was_collision"], json!(true), "{reply}");
+    assert_eq!(reply["doc"], conflicts[0]["doc"], "{reply}");
+    assert!(n[0].get("Sample", &renamed).is_none());
+    assert_eq!(n[0].get("Sample", "S-001-second").unwrap()["lab"], kept);
+    assert_eq!(n[0].ok(&["conflicts", "--json"]).trim(), "[]");
+    assert_eq!(n[0].status()["collisions"], json!(0));
+    // A later edit from the lab that wrote it reaches it under its new name, and the other
+    // lab's object keeps the plain name.
+    let (writer, other) = if kept == json!("a") { (1, 2) } else { (2, 1) };
+    put(
+        &n[writer],
+        "Sample",
+        "S-001",
+        json!({"note": "after the rename"}),
+    );
+    wait_for("the edit reaches the renamed object", || {
+        n[0].get("Sample", "S-001-second")
+            .is_some_and(|v| v["note"] == json!("after the rename"))
+    });
+    assert_ne!(n[0].get("Sample", "S-001").unwrap()["lab"], kept);
+    assert_eq!(
+        n[other].get("Sample", "S-001").unwrap()["note"],
+        json!(null)
+    );
+    assert_eq!(ids(&n[0], "Sample").len(), 2);
+    assert_eq!(n[0].ok(&["conflicts", "--json"]).trim(), "[]");
+    // The new name is durable: it holds after a restart.
+    n[0].stop();
+    n[0].start();
+    assert_eq!(n[0].get("Sample", "S-001-second").unwrap()["lab"], kept);
+    assert_eq!(n[0].status()["collisions"], json!(0));
 }
 
 /// BIIGLE: the lab sends only Volumes to the archive, and the LabelTrees and Users a Volume

@@ -38,6 +38,7 @@
 
 pub mod files;
 pub mod guard;
+pub mod inbox;
 pub mod login;
 pub mod page;
 pub mod serve;
@@ -211,13 +212,17 @@ pub fn router(
         .route("/v1/objects/{type}/{id}/history", get(history))
         .route(
             "/v1/objects/{type}/{id}/resolve",
-            axum::routing::post(resolve),
+            axum::routing::post(inbox::resolve),
+        )
+        .route(
+            "/v1/objects/{type}/{id}/rename",
+            axum::routing::post(inbox::rename),
         )
         .route("/v1/objects/{type}", get(list))
         .route("/v1/objects", axum::routing::post(put_many))
         .route("/v1/changes", get(changes))
         .route("/v1/status", get(status))
-        .route("/v1/conflicts", get(conflicts))
+        .route("/v1/conflicts", get(inbox::conflicts))
         .route("/v1/fleet", get(fleet))
         .route("/v1/held", axum::routing::post(held))
         .route("/v1/peers", get(peers))
@@ -281,7 +286,7 @@ async fn metrics_text(
         .into_response())
 }
 
-fn names(ty: String, id: String) -> Result<(TypeName, ObjectId), ApiError> {
+pub(crate) fn names(ty: String, id: String) -> Result<(TypeName, ObjectId), ApiError> {
     Ok((
         TypeName::new(ty).map_err(ApiError::bad_request)?,
         ObjectId::new(id).map_err(ApiError::bad_request)?,
@@ -441,28 +446,6 @@ async fn status(State(node): State<NodeHandle>) -> ApiResult<crate::core::Status
     Ok(Json(node.status().await?))
 }
 
-/// The body of `POST /v1/objects/{type}/{id}/resolve`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ResolveBody {
-    path: String,
-    pick: String,
-}
-
-async fn resolve(
-    State(node): State<NodeHandle>,
-    Path((ty, id)): Path<(String, String)>,
-    body: Bytes,
-) -> ApiResult<crate::core::WriteReply> {
-    let (ty, id) = names(ty, id)?;
-    let body: ResolveBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "the body must be {{\"path\": FIELD, \"pick\": VALUE_ID}}: {e}"
-        ))
-    })?;
-    Ok(Json(node.resolve(ty, id, body.path, body.pick).await?))
-}
-
 async fn sync_now(
     State(node): State<NodeHandle>,
     Path(name): Path<String>,
@@ -473,10 +456,6 @@ async fn sync_now(
 
 async fn fleet(State(node): State<NodeHandle>) -> ApiResult<Vec<crate::reads::FleetNode>> {
     Ok(Json(node.fleet().await?))
-}
-
-async fn conflicts(State(node): State<NodeHandle>) -> ApiResult<Vec<crate::core::Conflict>> {
-    Ok(Json(node.conflicts().await?))
 }
 
 async fn peers(State(node): State<NodeHandle>) -> ApiResult<Vec<crate::core::PeerStatus>> {

@@ -342,9 +342,12 @@ impl View {
                 )
             } else if c.fields.is_empty() {
                 format!(
-                    "kept here as <code>{}</code>; the name is held by {} (rename one object to resolve)",
+                    "kept here as <code>{}</code>; the name is held by {} \
+                     <button class=\"rename\" data-type=\"{}\" data-id=\"{}\">Rename this one</button>",
                     esc(&c.local_id),
-                    esc(c.holder.as_deref().unwrap_or("-"))
+                    esc(c.holder.as_deref().unwrap_or("-")),
+                    esc(&c.ty),
+                    esc(&c.local_id),
                 )
             } else {
                 String::new()
@@ -382,7 +385,8 @@ table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:.3em .
 tr.offline td.state{color:#a00}tr.online td.state{color:#070}.item{border-left:4px solid #c80;\
 padding:.2em .8em;margin:.6em 0}dt{font-weight:bold}code{font-size:90%}";
 
-/// The script: fetch the body again every PAGE_REFRESH_MS, and resolve through the JSON API.
+/// The script: fetch the body again every PAGE_REFRESH_MS; resolve and rename through the JSON
+/// API.
 fn script() -> String {
     format!(
         r#"const main = document.getElementById('main');
@@ -393,14 +397,25 @@ async function refresh() {{
   }} catch (e) {{}}
 }}
 setInterval(refresh, {PAGE_REFRESH_MS});
+async function post(b, action, body) {{
+  const url = '/v1/objects/' + encodeURIComponent(b.dataset.type) + '/' + encodeURIComponent(b.dataset.id) + '/' + action;
+  return fetch(url, {{method: 'POST', credentials: 'same-origin',
+    headers: {{'Content-Type': 'application/json'}}, body: JSON.stringify(body)}});
+}}
 main.addEventListener('click', async (ev) => {{
-  const b = ev.target.closest('button.pick');
-  if (!b) return;
-  const url = '/v1/objects/' + encodeURIComponent(b.dataset.type) + '/' + encodeURIComponent(b.dataset.id) + '/resolve';
-  const r = await fetch(url, {{method: 'POST', credentials: 'same-origin',
-    headers: {{'Content-Type': 'application/json'}},
-    body: JSON.stringify({{path: b.dataset.path, pick: b.dataset.pick}})}});
-  document.getElementById('message').textContent = r.ok ? 'Resolved.' : 'Could not resolve: ' + (await r.text());
+  const say = (t) => {{ document.getElementById('message').textContent = t; }};
+  const pick = ev.target.closest('button.pick');
+  if (pick) {{
+    const r = await post(pick, 'resolve', {{path: pick.dataset.path, pick: pick.dataset.pick}});
+    say(r.ok ? 'Resolved.' : 'Could not resolve: ' + (await r.text()));
+  }}
+  const rename = ev.target.closest('button.rename');
+  if (rename) {{
+    const to = window.prompt('New name on this node for ' + rename.dataset.type + '/' + rename.dataset.id + ' (names are local):');
+    if (!to) return;
+    const r = await post(rename, 'rename', {{to}});
+    say(r.ok ? 'Renamed to ' + to + '.' : 'Could not rename: ' + (await r.text()));
+  }}
   refresh();
 }});"#
     )

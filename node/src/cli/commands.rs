@@ -375,6 +375,10 @@ pub(super) async fn object_command(home: &Home, command: Command) -> Result<(), 
             let (ty, id) = parse_names(ty, id)?;
             print_json(&client.resolve(&ty, &id, &path, &pick).await?)
         }
+        Command::Rename { ty, id, to } => {
+            let (ty, id) = parse_names(ty, id)?;
+            print_json(&client.rename(&ty, &id, &to).await?)
+        }
         Command::Fleet { json } => {
             let fleet = client.fleet().await?;
             if json {

@@ -168,8 +168,8 @@ pub enum Command {
     },
     /// Resolve a field written concurrently on several nodes by picking one of its values (see
     /// `tidesync conflicts`): an ordinary signed change that syncs like any other, after which
-    /// the field leaves the inbox on every node. A name collision is resolved by renaming one
-    /// object here instead (names are local).
+    /// the field leaves the inbox on every node. A name collision is resolved with
+    /// `tidesync rename` instead (names are local).
     Resolve {
         #[arg(value_name = "TYPE")]
         ty: String,
@@ -179,6 +179,18 @@ pub enum Command {
         /// The value id to keep, as `tidesync conflicts` lists it.
         #[arg(long, value_name = "VALUE_ID")]
         pick: String,
+    },
+    /// Give an object a new name on this node: how a name collision (two objects of one type
+    /// and name, one kept as `ID~<document id>`) is resolved. Names are local, so nothing is
+    /// written to the document and nothing syncs; the change feed shows the new name, beside
+    /// the document id that does not change. Exits 3 if no object has the name.
+    Rename {
+        #[arg(value_name = "TYPE")]
+        ty: String,
+        id: String,
+        /// The new name: one no other object of the type has here, without `~`.
+        #[arg(value_name = "NEW_ID")]
+        to: String,
     },
     /// Print the node's change feed after --since, one JSON line per change.
     Changes {
@@ -410,6 +422,10 @@ pub struct PolicyArgs {
     /// others; `any` dials them all at once, the default.
     #[arg(long, value_name = "tcp|quic|any")]
     prefer: Option<String>,
+    /// Pass the status records of other nodes (the fleet view) to and from this peer, so
+    /// that a hub beyond this node sees them too (default false: direct peers only).
+    #[arg(long, value_name = "true|false")]
+    relay_status: Option<bool>,
 }
 
 impl PolicyArgs {
@@ -445,6 +461,9 @@ impl PolicyArgs {
         }
         if let Some(n) = self.max_file_bytes {
             policy.max_file_bytes = (n > 0).then_some(n);
+        }
+        if let Some(r) = self.relay_status {
+            policy.relay_status = r;
         }
         if let Some(n) = self.max_rate {
             policy.link.max_rate = (n > 0).then_some(n);

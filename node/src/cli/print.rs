@@ -248,6 +248,10 @@ pub(super) fn print_conflicts(conflicts: &[crate::core::Conflict]) {
             c.holder.as_deref().unwrap_or("-"),
             c.holder_origin.as_deref().unwrap_or("-"),
         );
+        println!(
+            "  (rename one of them here with `tidesync rename {} {} NEW_ID`; names are local)",
+            c.ty, c.local_id
+        );
     }
 }
 

@@ -1,5 +1,8 @@
 //! The fleet view's core side: taking a peer's signed status record, making and sending our
-//! own, and noting bundle receipts. Records go to direct peers only, never further.
+//! own, relaying others' to peers whose policy says `relay-status`, and noting bundle
+//! receipts. Without `relay-status`, records go to direct peers only, never further.
+
+use std::collections::BTreeMap;
 
 use tidesync_proto::fleet::{STATUS_TYPE, SignedStatus, StatusPeer, StatusRecord, bounded_text};
 use tidesync_proto::wire::STATUS_ACK;
@@ -7,6 +10,17 @@ use tidesync_proto::{Message, NodeId, TypeName};
 
 use super::Core;
 use crate::reads::Status;
+use crate::store::MAX_FLEET_NODES;
+
+/// The last signed record of each other node this node kept since it started, as it arrived:
+/// what it relays to peers with `relay-status` (their signatures travel with them, so a relay
+/// cannot alter them). In memory, at most [`MAX_FLEET_NODES`]; after a restart, a node
+/// relays the records that arrive from then on (each node sends a fresh one as it connects
+/// and whenever its status changes).
+#[derive(Debug, Default)]
+pub struct Relayable {
+    records: BTreeMap<NodeId, SignedStatus>,
+}
 
 impl Core {
     /// Whether status records pass to (`send`) or from `peer`: unless its policy skips
@@ -42,11 +56,20 @@ impl Core {
             Ok(r) => r,
             Err(e) => return refused(&e.to_string()),
         };
-        if record.node != peer {
-            return refused("records travel to direct peers only: this one is not the sender's");
+        if record.node != peer && !self.replica.policies().of(&peer).relay_status {
+            return refused(
+                "records travel to direct peers only (unless our policy for the sender says relay-status): this one is not the sender's",
+            );
+        }
+        if record.node == self.node_id() {
+            return refused("a record of this node, relayed back to it");
+        }
+        if self.replica.policies().is_revoked(&record.node) {
+            return refused("a record of a revoked key");
         }
         let now = self.replica.now_ms();
-        let kept = self.store().update_fleet(&peer, |row| {
+        let node = record.node;
+        let kept = self.store().update_fleet(&node, |row| {
             if row
                 .record
                 .as_ref()
@@ -59,8 +82,10 @@ impl Core {
             row.via = Some(peer);
             true
         });
-        if let Err(e) = kept {
-            tracing::error!(%peer, error = %e, "could not keep a status record");
+        match kept {
+            Ok(true) => self.relay(peer, node, status),
+            Ok(false) => {}
+            Err(e) => tracing::error!(%peer, error = %e, "could not keep a status record"),
         }
         Message::Ack {
             batch: STATUS_ACK,
@@ -111,6 +136,52 @@ impl Core {
             Some(p) => vec![p],
             None => self.session_summaries().keys().copied().collect(),
         };
+        self.send_status_to(signed, peers);
+    }
+
+    /// `node`'s record arrived from `from` and was kept: keep it to relay,
+    /// and pass it to every other connected peer with `relay-status` but `node` itself. A
+    /// record travels on only while it is newer than what each node holds, so a ring of
+    /// relays ends.
+    fn relay(&mut self, from: NodeId, node: NodeId, signed: &SignedStatus) {
+        let records = &mut self.relayable.records;
+        if records.contains_key(&node) || (records.len() as u64) < MAX_FLEET_NODES {
+            records.insert(node, signed.clone());
+        }
+        let to: Vec<NodeId> = self
+            .session_summaries()
+            .keys()
+            .copied()
+            .filter(|p| *p != from && *p != node && self.relays_to(p))
+            .collect();
+        self.send_status_to(signed, to);
+    }
+
+    /// A peer connected: if our policy for it says `relay-status`, it gets every other node's
+    /// record this node keeps to relay (but its own).
+    pub fn send_relayed_to(&mut self, peer: NodeId) {
+        if !self.relays_to(&peer) {
+            return;
+        }
+        let records: Vec<SignedStatus> = self
+            .relayable
+            .records
+            .iter()
+            .filter(|(node, _)| **node != peer)
+            .map(|(_, signed)| signed.clone())
+            .collect();
+        for signed in records {
+            self.send_status_to(&signed, [peer]);
+        }
+    }
+
+    fn relays_to(&self, peer: &NodeId) -> bool {
+        self.replica.policies().of(peer).relay_status
+    }
+
+    /// Send `signed` to each of `peers` that status records flow to, within its link's gate
+    /// and budget (counted).
+    fn send_status_to(&mut self, signed: &SignedStatus, peers: impl IntoIterator<Item = NodeId>) {
         for peer in peers {
             if !self.status_flows(&peer, true) {
                 continue;

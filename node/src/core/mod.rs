@@ -31,7 +31,8 @@ pub use crate::reads::{
 };
 pub use crate::replica::plan::{Plan, PlanError};
 pub use crate::replica::{
-    AuditedChange, Clock, DocAudit, LocalWriteError, OpenError, Replica, WriteReply, system_now_ms,
+    AuditedChange, Clock, DocAudit, LocalWriteError, OpenError, RenameError, RenameReply, Replica,
+    WriteReply, system_now_ms,
 };
 use crate::store::{IdPage, Store, StoreError};
 use crate::sync::{Outgoing, Session, Sessions, SyncError};
@@ -54,6 +55,8 @@ pub struct Core {
     outbox: Vec<Outgoing>,
     /// The downloads of the want-list (see [`crate::sync::fetch`]).
     fetcher: crate::sync::fetch::Fetcher,
+    /// Other nodes' status records to relay (see [`fleet::Relayable`]).
+    relayable: fleet::Relayable,
 }
 
 impl Core {
@@ -64,6 +67,7 @@ impl Core {
             sessions: Sessions::default(),
             outbox: Vec::new(),
             fetcher: Default::default(),
+            relayable: Default::default(),
         }
     }
 
@@ -279,6 +283,16 @@ impl Core {
             self.push_committed();
         }
         Ok(reply)
+    }
+
+    /// Give `ty/id` the local name `to` (see [`Replica::rename`]): nothing is sent.
+    pub fn rename(
+        &mut self,
+        ty: &TypeName,
+        id: &ObjectId,
+        to: &str,
+    ) -> Result<RenameReply, RenameError> {
+        self.replica.rename(ty, id, to)
     }
 
     /// Delete `ty/id`, then push the deletion to connected peers.

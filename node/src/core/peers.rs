@@ -39,6 +39,7 @@ impl Core {
         peer: PeerConfig,
     ) -> Result<PeerApplied, PeerError> {
         let id = peer.id;
+        let relay_before = self.replica.policies().of(&id).relay_status;
         let mut changed = config.clone();
         changed.set_peer(peer.clone()).map_err(PeerError::Invalid)?;
         changed.save(home).map_err(PeerError::Save)?;
@@ -54,6 +55,9 @@ impl Core {
             && let Err(e) = self.on_policy_widened(id)
         {
             tracing::error!(peer = %id, error = %e, "could not ask the peer to resend after its policy widened; it resends on its next connection");
+        }
+        if peer.policy.relay_status && !relay_before && self.sessions.session(&id).is_some() {
+            self.send_relayed_to(id);
         }
         Ok(applied)
     }

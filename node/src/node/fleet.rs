@@ -57,10 +57,11 @@ impl NodeActor {
         };
     }
 
-    /// A peer connected: it gets our last record at once.
+    /// A peer connected: it gets our last record at once, and the others' it relays.
     pub(super) fn send_status_to(&mut self, peer: NodeId) {
         if let Some(signed) = self.published.signed.clone() {
             self.core.send_status(&signed, Some(peer));
         }
+        self.core.send_relayed_to(peer);
     }
 }

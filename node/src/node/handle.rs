@@ -108,6 +108,17 @@ impl NodeHandle {
         .await
     }
 
+    /// Give an object a new local name (how a name collision is resolved).
+    pub async fn rename(
+        &self,
+        ty: TypeName,
+        id: ObjectId,
+        to: String,
+    ) -> Result<crate::core::RenameReply, CallError<crate::core::RenameError>> {
+        self.call(|reply| Action::Rename { ty, id, to, reply })
+            .await
+    }
+
     pub async fn get(
         &self,
         ty: TypeName,

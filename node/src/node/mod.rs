@@ -81,6 +81,12 @@ enum Action {
         pick: String,
         reply: Reply<Result<WriteReply, LocalWriteError>>,
     },
+    Rename {
+        ty: TypeName,
+        id: ObjectId,
+        to: String,
+        reply: Reply<Result<crate::core::RenameReply, crate::core::RenameError>>,
+    },
     Held {
         query: crate::held::HeldQuery,
         reply: Reply<Result<crate::held::HeldReport, crate::held::HeldError>>,
@@ -298,6 +304,9 @@ impl NodeActor {
                 let r = self.timed(|core| core.resolve(&ty, &id, &path, &pick));
                 log_refused(&r);
                 let _ = reply.send(r);
+            }
+            Action::Rename { ty, id, to, reply } => {
+                let _ = reply.send(self.core.rename(&ty, &id, &to));
             }
             Action::Held { query, reply } => {
                 let _ = reply.send(crate::held::held(&self.core, &query));

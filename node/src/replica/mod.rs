@@ -22,8 +22,10 @@ pub mod outbound;
 pub mod peers;
 pub mod plan;
 pub mod receive;
+pub mod rename;
 pub mod write;
 
+pub use rename::{RenameError, RenameReply};
 pub use write::{LocalWriteError, WriteReply};
 
 use std::num::NonZeroUsize;

@@ -327,14 +327,14 @@ impl Store {
 }
 
 /// The tables a commit writes documents and log entries to, open in one write transaction.
-struct Writer<'s, 'tx> {
-    store: &'s Store,
-    ctx: &'static str,
-    doc_nos: redb::Table<'tx, [u8; 16], u64>,
-    docs: redb::Table<'tx, u64, &'static [u8]>,
+pub(super) struct Writer<'s, 'tx> {
+    pub(super) store: &'s Store,
+    pub(super) ctx: &'static str,
+    pub(super) doc_nos: redb::Table<'tx, [u8; 16], u64>,
+    pub(super) docs: redb::Table<'tx, u64, &'static [u8]>,
     log: redb::Table<'tx, u64, &'static [u8]>,
     change_seqs: redb::Table<'tx, ([u8; 16], [u8; 32]), u64>,
-    names: redb::Table<'tx, (&'static str, &'static str), [u8; 16]>,
+    pub(super) names: redb::Table<'tx, (&'static str, &'static str), [u8; 16]>,
     counts: redb::Table<'tx, &'static str, (u64, u64)>,
     /// The last DocNo handed out.
     doc_no: u64,

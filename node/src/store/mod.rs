@@ -48,10 +48,12 @@ mod scrub;
 pub use scrub::{DEFAULT_GC_GRACE_SECS, GcReport, VerifyReport};
 mod peers;
 mod reader;
+mod rename;
 pub use applied::{PolicyChange, Revoked};
 use held::{HELD, HELD_COUNTS, HeldTables};
 pub use held::{HeldFilter, HeldRow, HeldTally};
 pub use reader::Reader;
+pub use rename::Renamed;
 mod outbound;
 
 /// The value of `meta_v1["format"]` this build reads and writes.
