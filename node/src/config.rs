@@ -36,7 +36,7 @@ pub const DEFAULT_API: &str = "127.0.0.1:7401";
 /// settings (`[peers.link]`: `max-rate`, `windows`, `budget`). 6: `[discovery]` (`mdns`).
 /// 7: a peer's link may name the time `zone` of its windows and days. 8: a peer's link may
 /// `prefer` a transport (`tcp` or `quic`), and a new home listens on QUIC as well. 9: a peer
-/// may `relay-status` (the fleet view beyond direct peers).
+/// may `relay-status` (the fleet view beyond direct peers) and name `priority` types.
 pub const CONFIG_FORMAT: u32 = 9;
 /// Default shortest time between two status records a node sends its peers, in seconds.
 pub const DEFAULT_STATUS_INTERVAL_SECS: u64 = 30;

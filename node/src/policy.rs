@@ -80,6 +80,12 @@ pub struct Policy {
     /// [`crate::link`]); in `config.toml`, the peer's `[peers.link]` table.
     #[serde(skip_serializing_if = "crate::link::Link::is_default")]
     pub link: crate::link::Link,
+    /// Types whose changes go to this peer ahead of the rest of our log (`Message::Ahead`): a
+    /// ship's sample records before a month of annotations. Each such change still crosses
+    /// once: the batches in log order leave out what the peer acknowledged ahead. Types sent
+    /// as views (`fields`) and objects carried by `refs` go in log order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub priority: Vec<TypeName>,
     /// Whether the status records of other nodes (the fleet view) pass between this node and
     /// this peer, each way its `direction` allows: we send it those we hold, and take those it
     /// relays, so that a hub beyond this one sees the whole fleet. Off by default: a node's

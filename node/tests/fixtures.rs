@@ -6,7 +6,8 @@
 //! protocol 5 with the fleet's status records, bundle 3), `v5/` by the ships issue's code
 //! (store 7, protocol 6 with the codec byte and zstd, bundle 3), `v6/` by the code that put
 //! files in bundles (store 8 with `peer_lacks_v1`, protocol 6, bundle 4: streamed, records
-//! compressed, files after them). Today's code opens (migrating) every older store, reads the
+//! compressed, files after them), `v7/` by the code that sends priority types ahead of log
+//! order (store 9 with `sent_ahead_v1`, protocol 7 with `Ahead`, bundle 4). Today's code opens (migrating) every older store, reads the
 //! newest frames and bundle, and refuses older frames and bundles with their version named. Each test reads them with today's code and must find exactly
 //! what the writer recorded beside them: the proof that no disk, wire or bundle format changed
 //! by accident. A deliberate format change raises that format's version and adds fixtures; it
@@ -34,7 +35,7 @@ const LAB_SECRET: u8 = 8;
 
 /// The fixtures of the current formats.
 fn dir() -> PathBuf {
-    dir_of("v6")
+    dir_of("v7")
 }
 
 fn dir_of(version: &str) -> PathBuf {
@@ -186,7 +187,7 @@ fn ids() -> (NodeId, NodeId) {
 #[test]
 fn the_fixture_stores_of_every_version_read_as_they_were_written() {
     let (hub, lab) = ids();
-    for version in ["v1", "v2", "v3", "v4", "v5", "v6"] {
+    for version in ["v1", "v2", "v3", "v4", "v5", "v6", "v7"] {
         let (_tmp, mut core) = open_copy(&dir_of(version), "hub.redb", HUB_SECRET, "hub");
         let want = read_json(&dir_of(version).join("hub.expect.json"));
         let mut got = digest(&mut core, &[lab, hub]);
@@ -215,6 +216,7 @@ fn frames_and_bundles_of_an_older_version_are_refused_with_their_version_named()
         ("v3", Some(4), Some(3)),
         ("v4", Some(5), Some(3)),
         ("v5", None, Some(3)),
+        ("v6", Some(6), None),
     ] {
         refused(&dir_of(old), protocol, bundle);
     }
@@ -272,8 +274,8 @@ fn every_fixture_frame_decodes_to_what_was_recorded_and_encodes_to_the_same_byte
     }
     assert_eq!(
         kinds.len(),
-        5,
-        "Hello, Changes, Rewound, Ack and Status all have fixtures"
+        6,
+        "Hello, Changes, Rewound, Ack, Status and Ahead all have fixtures"
     );
 }
 
@@ -309,6 +311,7 @@ fn kind(msg: &Message) -> &'static str {
         Message::Rewound { .. } => "rewound",
         Message::Ack { .. } => "ack",
         Message::Status { .. } => "status",
+        Message::Ahead { .. } => "ahead",
     }
 }
 
@@ -333,7 +336,12 @@ fn write_fixtures() {
     let mut lab = core(LAB_SECRET, "lab", lab_store, 2);
     hub.set_policy(lab_id, "lab".into(), Policy::default())
         .expect("a policy");
-    lab.set_policy(hub_id, "hub".into(), Policy::default())
+    // The lab sends its samples to the hub ahead of the rest of its log (protocol 7).
+    let priority = Policy {
+        priority: vec![names("Sample", "S-0").0],
+        ..Policy::default()
+    };
+    lab.set_policy(hub_id, "hub".into(), priority)
         .expect("a policy");
 
     // Each side writes, both create the same name (a collision), one object is deleted.

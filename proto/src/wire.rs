@@ -33,7 +33,9 @@ use crate::ids::{DocId, NodeId, ObjectId, TypeName};
 /// - 6: the codec byte: messages of [`COMPRESS_MIN_BYTES`] or more travel zstd-compressed
 ///   when that makes them smaller (batches of lab records shrink to about a fifth; see
 ///   `zstdbench` in the README).
-pub const PROTOCOL_VERSION: u16 = 6;
+/// - 7: [`Message::Ahead`], changes of a peer's priority types sent ahead of log order; they
+///   claim nothing about the sender's log, so the checkpoint's no-gap rule is untouched.
+pub const PROTOCOL_VERSION: u16 = 7;
 /// The codec byte of a message sent as it is.
 pub const CODEC_PLAIN: u8 = 0;
 /// The codec byte of a message sent as one zstd frame.
@@ -120,6 +122,17 @@ pub enum Message {
     /// The sender's own status record (see [`crate::fleet`]); `rejected` of its Ack is 1 when
     /// the receiver refused it.
     Status { status: crate::fleet::SignedStatus },
+    /// Changes of the types the sender's policy gives priority to for the receiver, sent
+    /// ahead of the rest of its log (version 7). Unlike `Changes` they claim nothing about the
+    /// sender's log: the receiver stores what its policy takes and its checkpoint stays where
+    /// it is; the log-order batches that follow leave out what the receiver acknowledged here.
+    /// `batch` comes from the same sequence as the `Changes` numbers; the `Ack` echoes it
+    /// with `upto` 0.
+    Ahead {
+        batch: u64,
+        docs: Vec<DocHeader>,
+        changes: Vec<SignedChange>,
+    },
 }
 
 /// Why bytes could not be decoded into a message.
@@ -360,6 +373,22 @@ mod tests {
             any::<u64>().prop_map(|seq| Message::Rewound {
                 resume: Checkpoint { seq, hash: [4; 32] }
             }),
+            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..200)).prop_map(
+                |(batch, bytes)| Message::Ahead {
+                    batch,
+                    docs: vec![DocHeader {
+                        doc: DocId([5; 16]),
+                        origin: NodeId([6; 32]),
+                        ty: TypeName::new("Sample").unwrap(),
+                        id: ObjectId::new("S-1").unwrap(),
+                    }],
+                    changes: vec![SignedChange {
+                        doc: DocId([5; 16]),
+                        bytes,
+                        signature: [7; 64],
+                    }],
+                }
+            ),
         ]
     }
 

@@ -83,7 +83,7 @@ impl Shaping {
         let bytes = tidesync_proto::wire::frame_bytes(msg) as u64;
         let day = now_ms.div_euclid(DAY_MS);
         *self.sent.entry((from, to, day)).or_default() += bytes;
-        if !matches!(msg, Message::Changes { .. }) {
+        if !matches!(msg, Message::Changes { .. } | Message::Ahead { .. }) {
             return Ok(());
         }
         let minute = (now_ms.rem_euclid(DAY_MS) / 60_000) as u16;

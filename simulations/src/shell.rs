@@ -132,6 +132,16 @@ pub(crate) fn route(
                 upto.seq
             ));
         }
+        if let Message::Ahead { changes, .. } = &msg {
+            if !w.is_bad(from) {
+                w.changes_sent += changes.len() as u64;
+            }
+            w.trace.line(&format!(
+                "{} send {from}->{to} ahead {}",
+                w.now,
+                changes.len()
+            ));
+        }
         if !w.net.request(&mut w.rng, w.now, from, to, msg) {
             return Err(fail(
                 phase,
@@ -219,6 +229,7 @@ pub(crate) fn kind(msg: &Message) -> String {
             rejected,
         } => format!("ack {batch} upto {upto} rejected {rejected}"),
         Message::Status { status } => format!("status {} bytes", status.record.len()),
+        Message::Ahead { changes, .. } => format!("ahead n {}", changes.len()),
     }
 }
 

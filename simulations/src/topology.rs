@@ -16,6 +16,9 @@
 //!   before the heal;
 //! - files (in worlds with files): a link that touches a ship carries files of at most
 //!   [`SHIP_MAX_FILE_BYTES`] (`max-file-bytes`, set at both ends); other links carry all.
+//! - `Sample` has priority (`priority`, sent ahead of log order) on every link that touches a
+//!   ship and on the links whose two node numbers add up to a multiple of 3; it changes when
+//!   things cross, never what.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -207,6 +210,10 @@ impl Layout {
         }
         if self.touches_ship(me, peer) {
             p.max_file_bytes = Some(SHIP_MAX_FILE_BYTES);
+        }
+        if self.touches_ship(me, peer) || (me + peer).is_multiple_of(3) {
+            // Samples cross ahead of the rest of the log (`Message::Ahead`).
+            p.priority.push(ty("Sample"));
         }
         if self.publishes_view(me, peer) {
             p.direction = Direction::Send;

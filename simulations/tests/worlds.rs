@@ -207,6 +207,16 @@ fn regression_seed_5633_widening_before_the_peer_hello() {
     must_pass(&pinned(5633, Topology::Star, 4, 464, [9, 56, 23, 55]));
 }
 
+// Regression (seed 1022, ships, with Samples sent ahead of log order): a Hello delivered
+// after a newer one of the same session restarted the sender from the older Hello's
+// checkpoint, past the stretch the newer one asked for; that stretch was never announced,
+// and the receiver's checkpoint stayed behind a gap (an idle resync moved 25 changes). Only
+// a session's latest Hello counts now.
+#[test]
+fn regression_seed_1022_an_older_hello_after_a_newer_one() {
+    must_pass(&pinned(1022, Topology::Ships, 3, 150, [0, 33, 10, 51]));
+}
+
 // Regression (seed 1029, star sweep): a late copy of a session's first batch moved the
 // receiver's checkpoint back, and every later batch then waited behind a gap that never
 // filled (an idle resync moved 58 changes). The forged batch of that run is now framed

@@ -519,3 +519,51 @@ fn a_link_names_its_time_zone_and_an_unknown_one_is_refused() {
     let plan = hub.ok(&["plan", "--for", "ship"]);
     assert!(plan.contains("windows (UTC): 02:00-05:00"), "{plan}");
 }
+
+#[test]
+fn priority_types_cross_first_on_a_budgeted_link() {
+    let mut hub = TestNode::init("hub");
+    let mut ship = TestNode::init("ship");
+    hub.start();
+    ship.start();
+    // A month of annotations (about 50 KB on the wire), then today's samples.
+    for k in 0..80 {
+        hub.ok(&[
+            "put",
+            "Annotation",
+            &format!("A-{k:02}"),
+            &format!(r#"{{"k":{k},"pad":"{}"}}"#, noise(k, 1_000)),
+        ]);
+    }
+    for k in 0..3 {
+        put(&hub, &format!("S-{k}"), &format!(r#"{{"k":{k}}}"#));
+    }
+    // 30 KB a day to the ship: not enough for the annotations.
+    hub.add_peer_with(&ship, false, &["--budget", "30000", "--priority", "Sample"]);
+    assert!(
+        std::fs::read_to_string(hub.home().join("config.toml"))
+            .unwrap()
+            .contains(r#"priority = ["Sample"]"#)
+    );
+    ship.add_peer(&hub, true);
+    wait_for("today's samples cross first", || {
+        ship.status()["objects"]["Sample"]["live"] == json!(3)
+    });
+    wait_for("the day's budget binds", || {
+        hub.peer("ship")["held_back"]
+            .as_str()
+            .is_some_and(|h| h.contains("budget"))
+    });
+    let annotations = ship.status()["objects"]["Annotation"]["live"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(annotations < 80, "the budget binds: {annotations}");
+    assert!(hub.peer("ship")["sent_today"].as_u64().unwrap() <= 30_000);
+    // Nothing crossed twice.
+    assert_eq!(
+        ship.peer("hub")["duplicates"],
+        json!(0),
+        "{}",
+        ship.peer("hub")
+    );
+}

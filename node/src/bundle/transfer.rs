@@ -40,8 +40,17 @@ pub fn export_body(
     let (mut docs, mut changes) = (Vec::new(), Vec::new());
     let mut headed = HashSet::new();
     let mut cursor = after;
+    // What the peer acknowledged ahead of log order it holds already (`all` sends it too).
+    let ahead = if all {
+        Default::default()
+    } else {
+        replica
+            .store()
+            .sent_ahead(&peer)
+            .map_err(bundle_store_err(peer))?
+    };
     while cursor < last {
-        let batch = replica.read_for(peer, cursor, false, &mut by_ref)?;
+        let batch = replica.read_for(peer, cursor, false, &mut by_ref, &ahead)?;
         if batch.upto.seq <= cursor {
             break;
         }

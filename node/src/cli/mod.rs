@@ -422,6 +422,10 @@ pub struct PolicyArgs {
     /// others; `any` dials them all at once, the default.
     #[arg(long, value_name = "tcp|quic|any")]
     prefer: Option<String>,
+    /// Types whose changes go to this peer before the rest of our log (`Sample,Method`): on a
+    /// thin link, a day's records of these types never wait behind older bulk.
+    #[arg(long, value_name = "T,...")]
+    priority: Option<String>,
     /// Pass the status records of other nodes (the fleet view) to and from this peer, so
     /// that a hub beyond this node sees them too (default false: direct peers only).
     #[arg(long, value_name = "true|false")]
@@ -451,6 +455,7 @@ impl PolicyArgs {
         list(&self.update_only, &mut policy.update_only)?;
         list(&self.send_only, &mut policy.send_only)?;
         list(&self.prefixed, &mut policy.prefixed)?;
+        list(&self.priority, &mut policy.priority)?;
         if let Some(p) = &self.prefix {
             policy.prefix = (!p.is_empty()).then(|| p.clone());
         }

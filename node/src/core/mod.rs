@@ -15,6 +15,8 @@ mod link_tests;
 #[cfg(test)]
 mod outbound_tests;
 #[cfg(test)]
+mod priority_tests;
+#[cfg(test)]
 pub(crate) mod sync_tests;
 
 use automerge::Automerge;

@@ -7,7 +7,7 @@
 //! split: its log change goes with as much of the rest as fits, and referenced objects left
 //! out are recorded as owed and sent on their own once that batch is acknowledged.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use tidesync_proto::wire::{FRAME_HEADER_BYTES, MAX_FRAME_BYTES};
 use tidesync_proto::{Checkpoint, DocHeader, DocId, NodeId, SignedChange};
@@ -109,23 +109,56 @@ enum Trigger {
 impl Replica {
     /// The next stretch of our log after `cursor` that `peer` may have, by our policy for it
     /// (see the module's documentation): entries authored by or received from the peer are
-    /// left out unless `unfiltered`, views are brought up to date and referenced objects
-    /// carried (recorded in `by_ref`). Export bundles are read this way.
+    /// left out unless `unfiltered`, and so are the entries in `ahead` (the peer acknowledged
+    /// them ahead of log order, see [`Replica::read_ahead`]); views are brought up to date and
+    /// referenced objects carried (recorded in `by_ref`). Export bundles are read this way.
     pub(crate) fn read_for(
         &mut self,
         peer: NodeId,
         cursor: u64,
         unfiltered: bool,
         by_ref: &mut HashSet<DocId>,
+        ahead: &BTreeSet<u64>,
     ) -> Result<OutBatch, SyncError> {
         self.read_next(
             peer,
-            cursor,
+            (cursor, ahead),
             unfiltered,
             by_ref,
             false,
             Limit::soft(SYNC_BATCH_CONTENT_BYTES),
         )
+    }
+
+    /// The next changes after `after` of the types our policy for `peer` gives priority to
+    /// (see [`crate::policy::Policy::priority`]), to send ahead of log order: in log order
+    /// among themselves, leaving out what the peer acknowledged ahead already (`ahead`), what
+    /// it authored or sent us (unless `unfiltered`), types sent as views, and objects only
+    /// carried by reference. The batch's `upto` is the last entry scanned; it claims nothing.
+    pub(crate) fn read_ahead(
+        &self,
+        peer: NodeId,
+        after: u64,
+        unfiltered: bool,
+        ahead: &BTreeSet<u64>,
+        limit: Limit,
+    ) -> Result<OutBatch, SyncError> {
+        let policy = self.policies.of(&peer);
+        let policies = &self.policies;
+        let skip_entry = |seq: u64, e: &LogEntry| {
+            ahead.contains(&seq) || (!unfiltered && (e.author == peer || e.from == Some(peer)))
+        };
+        let skip_doc = |_: u64, _: &DocId, rec: &DocRecord| {
+            !policy.priority.contains(&rec.ty)
+                || policy.publishes_view(&rec.ty)
+                || !policies.may_send(&peer, rec, false)
+        };
+        let reader = self
+            .store
+            .reader()
+            .map_err(|source| SyncError::Store { peer, source })?;
+        scan_log(&reader, after, limit, skip_entry, skip_doc)
+            .map_err(|source| SyncError::Store { peer, source })
     }
 
     /// As [`Replica::read_for`]; when `idle` (no batch to the peer in flight), objects owed to
@@ -136,7 +169,7 @@ impl Replica {
     pub(crate) fn read_next(
         &mut self,
         peer: NodeId,
-        cursor: u64,
+        (cursor, ahead): (u64, &BTreeSet<u64>),
         unfiltered: bool,
         by_ref: &mut HashSet<DocId>,
         idle: bool,
@@ -152,7 +185,9 @@ impl Replica {
         }
         let policy = self.policies.of(&peer);
         let policies = &self.policies;
-        let skip_entry = |e: &LogEntry| !unfiltered && (e.author == peer || e.from == Some(peer));
+        let skip_entry = |seq: u64, e: &LogEntry| {
+            ahead.contains(&seq) || (!unfiltered && (e.author == peer || e.from == Some(peer)))
+        };
         // Objects of types published to this peer as views (`fields`) are noted here, never
         // sent themselves.
         let mut to_view = Vec::new();
@@ -412,7 +447,7 @@ pub(super) fn scan_log(
     reader: &Reader<'_>,
     after: u64,
     limit: Limit,
-    skip_entry: impl Fn(&LogEntry) -> bool,
+    skip_entry: impl Fn(u64, &LogEntry) -> bool,
     mut skip_doc: impl FnMut(u64, &DocId, &DocRecord) -> bool,
 ) -> Result<OutBatch, StoreError> {
     let mut batch = OutBatch {
@@ -433,7 +468,7 @@ pub(super) fn scan_log(
             seq,
             hash: entry.hash,
         };
-        if skip_entry(&entry) {
+        if skip_entry(seq, &entry) {
             batch.upto = here;
             continue;
         }

@@ -132,6 +132,12 @@ impl Replica {
         };
         let policy = self.policies.of(&peer);
         let by_ref = self.store.by_ref(&peer).map_err(err)?;
+        // What the peer acknowledged ahead of log order (its priority types) it holds.
+        let ahead = if all {
+            Default::default()
+        } else {
+            self.store.sent_ahead(&peer).map_err(err)?
+        };
         let mut plan = Plan {
             peer: name.to_string(),
             after,
@@ -144,7 +150,9 @@ impl Replica {
         let mut cursor = after;
         while cursor < tip {
             let reader = self.store.reader().map_err(err)?;
-            let skip_entry = |e: &LogEntry| e.author == peer || e.from == Some(peer);
+            let skip_entry = |seq: u64, e: &LogEntry| {
+                ahead.contains(&seq) || e.author == peer || e.from == Some(peer)
+            };
             let skip_doc = |_: u64, doc: &DocId, rec: &DocRecord| {
                 if policy.publishes_view(&rec.ty) {
                     views.insert(*doc);

@@ -108,10 +108,23 @@ impl Store {
         tx.open_table(lacks::PEER_LACKS).ctx(self, ctx)?;
         tx.open_table(META)
             .ctx(self, ctx)?
+            .insert("format", STORE_FORMAT_8.as_bytes())
+            .ctx(self, ctx)?;
+        tx.commit().ctx(self, ctx)?;
+        tracing::info!(path = %self.path.display(), "store migrated from {STORE_FORMAT_7} to {STORE_FORMAT_8}");
+        Ok(())
+    }
+
+    pub(super) fn migrate_8_to_9(&self) -> Result<(), StoreError> {
+        let ctx = "migrating the store from format 8 to 9";
+        let tx = self.db.begin_write().ctx(self, ctx)?;
+        tx.open_table(ahead::SENT_AHEAD).ctx(self, ctx)?;
+        tx.open_table(META)
+            .ctx(self, ctx)?
             .insert("format", STORE_FORMAT.as_bytes())
             .ctx(self, ctx)?;
         tx.commit().ctx(self, ctx)?;
-        tracing::info!(path = %self.path.display(), "store migrated from {STORE_FORMAT_7} to {STORE_FORMAT}");
+        tracing::info!(path = %self.path.display(), "store migrated from {STORE_FORMAT_8} to {STORE_FORMAT}");
         Ok(())
     }
 

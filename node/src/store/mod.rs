@@ -27,6 +27,8 @@ use tidesync_proto::{Checkpoint, DocId, NodeId, ObjectId, SignedChange, TypeName
 
 use crate::model::{DocRecord, LogEntry, PeerRecord, Persist, ReceivedDoc, View};
 
+mod ahead;
+pub use ahead::MAX_SENT_AHEAD_PER_PEER;
 mod applied;
 mod docs;
 mod equivocation;
@@ -57,7 +59,7 @@ pub use rename::Renamed;
 mod outbound;
 
 /// The value of `meta_v1["format"]` this build reads and writes.
-pub const STORE_FORMAT: &str = "tidesync-store-8";
+pub const STORE_FORMAT: &str = "tidesync-store-9";
 
 /// The format before held changes recorded their sender (`pending_v1`); opened and migrated.
 const STORE_FORMAT_2: &str = "tidesync-store-2";
@@ -76,6 +78,9 @@ const STORE_FORMAT_5: &str = "tidesync-store-5";
 const STORE_FORMAT_6: &str = "tidesync-store-6";
 /// Format 7: before the files peers lack (`peer_lacks_v1`); migrated at open by creating it.
 const STORE_FORMAT_7: &str = "tidesync-store-7";
+/// Format 8: before what went to peers ahead of log order (`sent_ahead_v1`); migrated at open
+/// by creating it.
+const STORE_FORMAT_8: &str = "tidesync-store-8";
 
 /// Node-wide settings.
 /// Key: setting name (`format`). Value: UTF-8 bytes.
@@ -269,17 +274,26 @@ impl Store {
         if format == STORE_FORMAT_2 || format == STORE_FORMAT_3 {
             store.migrate_3_to_4()?;
         }
-        if ![STORE_FORMAT, STORE_FORMAT_7, STORE_FORMAT_6, STORE_FORMAT_5].contains(&format) {
+        let since = |newer: &[&str]| !newer.contains(&format) && format != STORE_FORMAT;
+        if since(&[
+            STORE_FORMAT_8,
+            STORE_FORMAT_7,
+            STORE_FORMAT_6,
+            STORE_FORMAT_5,
+        ]) {
             store.migrate_4_to_5()?;
         }
-        if ![STORE_FORMAT, STORE_FORMAT_7, STORE_FORMAT_6].contains(&format) {
+        if since(&[STORE_FORMAT_8, STORE_FORMAT_7, STORE_FORMAT_6]) {
             store.migrate_5_to_6()?;
         }
-        if ![STORE_FORMAT, STORE_FORMAT_7].contains(&format) {
+        if since(&[STORE_FORMAT_8, STORE_FORMAT_7]) {
             store.migrate_6_to_7()?;
         }
-        if format != STORE_FORMAT {
+        if since(&[STORE_FORMAT_8]) {
             store.migrate_7_to_8()?;
+        }
+        if format != STORE_FORMAT {
+            store.migrate_8_to_9()?;
         }
         Ok(store)
     }
@@ -360,6 +374,7 @@ impl Store {
             tx.open_table(fleet::FLEET).ctx(self, ctx)?;
             tx.open_table(fleet::METERS).ctx(self, ctx)?;
             tx.open_table(lacks::PEER_LACKS).ctx(self, ctx)?;
+            tx.open_table(ahead::SENT_AHEAD).ctx(self, ctx)?;
         }
         tx.commit().ctx(self, ctx)
     }
@@ -397,6 +412,7 @@ impl Store {
             Some(f) if f == STORE_FORMAT_5 => Ok(STORE_FORMAT_5),
             Some(f) if f == STORE_FORMAT_6 => Ok(STORE_FORMAT_6),
             Some(f) if f == STORE_FORMAT_7 => Ok(STORE_FORMAT_7),
+            Some(f) if f == STORE_FORMAT_8 => Ok(STORE_FORMAT_8),
             other => Err(StoreError::Format {
                 path: self.path.clone(),
                 found: other.unwrap_or_else(|| "none".into()),

@@ -58,7 +58,7 @@ impl Sessions {
         let records_pending = match self.peers.get(&peer) {
             Some(s) => {
                 !s.streaming
-                    || !s.inflight.is_empty()
+                    || s.in_flight() > 0
                     || s.cursor < replica.log_tip().map_err(store_err(peer))?
             }
             None => false,
@@ -153,7 +153,7 @@ impl Sessions {
         out: impl IntoIterator<Item = (&'a NodeId, &'a Message)>,
     ) -> Result<(), SyncError> {
         for (peer, msg) in out {
-            if !matches!(msg, Message::Changes { .. }) {
+            if !matches!(msg, Message::Changes { .. } | Message::Ahead { .. }) {
                 self.metered(replica, *peer, msg, None)?;
             }
         }

@@ -14,6 +14,7 @@
 //! which wanted file to ask of which peer), `pump` (the next batches for a peer) and `gate`
 //! (what a shaped link lets through).
 
+mod ahead;
 pub mod fetch;
 mod gate;
 pub mod pace;
@@ -199,7 +200,7 @@ impl Sessions {
     pub fn on_disconnected(&mut self, peer: &NodeId) {
         self.overrides.remove(peer);
         if let Some(session) = self.peers.remove(peer)
-            && !session.inflight.is_empty()
+            && session.in_flight() > 0
         {
             self.pace_failed(*peer);
         }
@@ -259,20 +260,37 @@ impl Sessions {
                     });
                 }
                 let (mut start, rewound) = self.resume_point(replica, peer, resume)?;
-                let resending = replica
-                    .peer_record(&peer)
-                    .map_err(store_err(peer))?
-                    .resend_all;
+                // Only the peer's latest Hello says where it stands: an older one delivered
+                // after it would restart us past what the newer one asked for.
+                let stale = self
+                    .peers
+                    .get(&peer)
+                    .is_some_and(|s| number < s.newest_hello_in);
+                let record = replica.peer_record(&peer).map_err(store_err(peer))?;
+                let resending = record.resend_all;
+                if start < record.acked && !stale {
+                    // The peer lost part of what it acknowledged (restored from an older
+                    // copy): what went ahead to it may be lost too.
+                    replica
+                        .store()
+                        .clear_sent_ahead(&peer)
+                        .map_err(store_err(peer))?;
+                }
+                let sent_ahead = replica.store().sent_ahead(&peer).map_err(store_err(peer))?;
                 if resending {
                     tracing::info!(%peer, "the peer's policy was widened: sending it our whole log through the new policy");
                     start = 0;
                 }
                 let session = self.peers.entry(peer).or_insert_with(|| Session::new(now));
                 session.remote_tip = tip;
+                session.sent_ahead = sent_ahead;
+                session.newest_hello_in = session.newest_hello_in.max(number);
                 // A checkpoint we never had was answered once in this session already: a
                 // repeat cannot make us start over again (a restored node reconnects).
-                let repeat = rewound && session.rewound_sent;
-                if repeat {
+                let repeat = (rewound && session.rewound_sent) || stale;
+                if stale {
+                    tracing::debug!(%peer, number, "a Hello older than one already answered in this session; acknowledged, changes nothing");
+                } else if repeat {
                     tracing::debug!(%peer, claimed = resume.seq, "repeated Hello with a checkpoint we never had; already answered in this session");
                 } else {
                     session.streaming = true;
@@ -346,6 +364,14 @@ impl Sessions {
             }
             Message::Rewound { resume } => {
                 let (start, _) = self.resume_point(replica, peer, resume)?;
+                // It may have lost what went ahead to it, too.
+                replica
+                    .store()
+                    .clear_sent_ahead(&peer)
+                    .map_err(store_err(peer))?;
+                if let Some(session) = self.peers.get_mut(&peer) {
+                    session.sent_ahead.clear();
+                }
                 // It may have lost view changes it acknowledged: send views whole again.
                 replica.forget_view_acks(&peer).map_err(store_err(peer))?;
                 if let Some(session) = self.peers.get_mut(&peer) {
@@ -369,6 +395,11 @@ impl Sessions {
                     self.pump(replica, peer)?,
                 ))
             }
+            Message::Ahead {
+                batch,
+                docs,
+                changes,
+            } => self.on_ahead(replica, peer, batch, docs, changes),
             Message::Ack { .. } => Err(SyncError::Unexpected { peer, what: "Ack" }),
             // The core takes status records before a session sees a request.
             Message::Status { .. } => Err(SyncError::Unexpected {
@@ -409,6 +440,13 @@ impl Sessions {
             self.note_in_sync(replica, peer)?;
             return Ok(Vec::new());
         }
+        if let Some(i) = session
+            .ahead_inflight
+            .iter()
+            .position(|(b, _)| *b == answered)
+        {
+            return self.on_ahead_acked(replica, peer, i, rejected);
+        }
         // Batches travel on separate streams, so Acks come in any order: mark this batch,
         // then let go of the batches acknowledged together with all before them.
         let mut sent = 0;
@@ -431,6 +469,14 @@ impl Sessions {
             session.inflight.pop_front();
         }
         let acked = session.acked_upto;
+        if session.sent_ahead.first().is_some_and(|s| *s <= acked) {
+            // The checkpoint covers these now.
+            session.sent_ahead = session.sent_ahead.split_off(&(acked + 1));
+            replica
+                .store()
+                .note_sent_ahead(&peer, &[], acked)
+                .map_err(store_err(peer))?;
+        }
         let now = replica.now_ms();
         replica
             .update_peer(&peer, |r| {
@@ -457,7 +503,7 @@ impl Sessions {
         let Some(session) = self.peers.get_mut(&peer) else {
             return Ok(());
         };
-        if session.inflight.is_empty() && session.cursor >= last {
+        if session.in_flight() == 0 && session.cursor >= last {
             session.resending = false;
             replica
                 .update_peer(&peer, |r| r.resend_all = false)
@@ -494,11 +540,7 @@ impl Sessions {
         peer: NodeId,
     ) -> Result<Vec<Outgoing>, SyncError> {
         let mut out = Vec::new();
-        if self
-            .peers
-            .get(&peer)
-            .is_some_and(|s| !s.inflight.is_empty())
-        {
+        if self.peers.get(&peer).is_some_and(|s| s.in_flight() > 0) {
             self.pace_failed(peer);
         }
         if let Some(session) = self.peers.get_mut(&peer) {

@@ -1,8 +1,10 @@
-//! What goes to a peer next: batches of our log cut to the pace and to the room left in the
-//! day's budget, and the bookkeeping that follows every pump.
+//! What goes to a peer next: its priority types ahead of log order (see [`super::ahead`]),
+//! then batches of our log, cut to the pace and to the room left in the day's budget; and the
+//! bookkeeping that follows every pump.
 
 use tidesync_proto::{Message, NodeId};
 
+use super::ahead::Ahead;
 use super::session::Inflight;
 use super::{Outgoing, Sessions, SyncError, store_err};
 use crate::replica::Replica;
@@ -64,14 +66,14 @@ impl Sessions {
             let Some(session) = self.peers.get(&peer) else {
                 return Ok(out);
             };
-            let idle = owed && session.inflight.is_empty();
+            let idle = owed && session.in_flight() == 0;
             let pace = self.paces.get(&peer).copied().unwrap_or_default();
-            if session.cursor >= last && session.inflight.is_empty() {
+            if session.cursor >= last && session.in_flight() == 0 {
                 // In sync: a `sync --now` has done its work.
                 self.overrides.remove(&peer);
             }
             if !session.streaming
-                || session.inflight.len() >= pace.window
+                || session.in_flight() >= pace.window
                 || (session.cursor >= last && !idle)
             {
                 return Ok(out);
@@ -90,13 +92,36 @@ impl Sessions {
             } else {
                 Limit::soft(pace.batch_bytes)
             };
+            match self.next_ahead(replica, peer, last, limit, room)? {
+                Ahead::Sent(msg) => {
+                    out.push(msg);
+                    continue;
+                }
+                Ahead::Held => return Ok(out),
+                Ahead::Nothing => {}
+            }
+            if self
+                .peers
+                .get(&peer)
+                .is_some_and(|s| !s.ahead_inflight.is_empty())
+            {
+                // Log order waits for what went ahead: once it is acknowledged, log order
+                // leaves it out instead of sending it a second time.
+                return Ok(out);
+            }
             let Some(session) = self.peers.get(&peer) else {
                 return Ok(out);
             };
             let (cursor, sent_upto, unfiltered) =
                 (session.cursor, session.sent_upto, session.unfiltered);
-            let mut batch =
-                replica.read_next(peer, cursor, unfiltered, &mut by_ref, idle, limit)?;
+            let mut batch = replica.read_next(
+                peer,
+                (cursor, &session.sent_ahead),
+                unfiltered,
+                &mut by_ref,
+                idle,
+                limit,
+            )?;
             if idle {
                 // One batch of owed objects per pump; more follow its Ack.
                 owed = false;
@@ -111,12 +136,19 @@ impl Sessions {
                 self.hold_for_budget(replica, peer, needs, room);
                 return Ok(out);
             }
+            let covers_ahead = session
+                .sent_ahead
+                .range(sent_upto.saturating_add(1)..=batch.upto.seq)
+                .next()
+                .is_some();
             if batch.changes.is_empty()
                 && batch.upto.seq.saturating_sub(sent_upto) < SYNC_BATCH_CHANGES as u64
+                && !covers_ahead
             {
                 // Nothing the peer lacks in this stretch: move on without a message. Once a
-                // batch's worth of such entries has gone by unannounced, an empty batch tells
-                // the peer, so that a reconnect does not rescan them.
+                // batch's worth of such entries has gone by unannounced, or entries the peer
+                // took ahead of log order (so that its checkpoint covers them), an empty
+                // batch tells the peer, so that a reconnect does not rescan them.
                 session.cursor = batch.upto.seq;
                 continue;
             }

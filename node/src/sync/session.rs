@@ -1,7 +1,7 @@
 //! One connected peer's session: where sending stands, the batches in flight, and what each
 //! side has answered. Pure bookkeeping: no store, no clock but the one handed in.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
 use tidesync_proto::DocId;
 
@@ -27,6 +27,9 @@ pub struct Session {
     pub(super) acked_upto: u64,
     /// The highest batch number received from the peer in this session.
     pub(super) newest_batch_in: u64,
+    /// The number of the newest Hello received from the peer in this session: an older one
+    /// delivered after it is acknowledged and changes nothing.
+    pub(super) newest_hello_in: u64,
     /// The number of the last batch sent in this session. Never reused, even when sending
     /// restarts, so that a late Ack for an abandoned batch matches nothing.
     pub(super) last_batch: u64,
@@ -65,6 +68,16 @@ pub struct Session {
     pub held_back: Option<crate::link::HeldBack>,
     /// The transport the session's connection runs over, once the network said.
     pub via: Option<crate::link::Transport>,
+    /// The last entry of our log scanned for the peer's priority types (see
+    /// [`tidesync_proto::Message::Ahead`]); never behind `cursor` when sending.
+    pub(super) ahead_cursor: u64,
+    /// `Ahead` batches in flight: each one's number and the SEQs of the log entries it
+    /// carries.
+    pub(super) ahead_inflight: Vec<(u64, Vec<u64>)>,
+    /// Entries of our log the peer acknowledged storing ahead of its checkpoint (as the
+    /// store's `sent_ahead_v1` holds them, loaded when the session starts): batches in log
+    /// order leave them out.
+    pub(super) sent_ahead: BTreeSet<u64>,
 }
 
 impl Session {
@@ -95,6 +108,7 @@ impl Session {
             last_batch: 0,
             hello: 0,
             newest_batch_in: 0,
+            newest_hello_in: 0,
             resending: false,
             unfiltered: false,
             hello_answered: false,
@@ -106,6 +120,9 @@ impl Session {
             held_back: None,
             via: None,
             resend_granted: false,
+            ahead_cursor: 0,
+            ahead_inflight: Vec::new(),
+            sent_ahead: BTreeSet::new(),
         }
     }
 
@@ -113,7 +130,7 @@ impl Session {
     /// otherwise once the batches in flight are answered (see [`Session::restart_wanted`]).
     pub(super) fn restart_on_request(&mut self, seq: u64) {
         let seq = self.restart_wanted.take().map_or(seq, |w| w.min(seq));
-        if self.inflight.is_empty() {
+        if self.in_flight() == 0 {
             self.restart_from(seq);
         } else {
             self.restart_wanted = Some(seq);
@@ -124,7 +141,7 @@ impl Session {
     /// on (no restart still waits).
     pub(super) fn apply_wanted_restart(&mut self) -> bool {
         match self.restart_wanted {
-            Some(seq) if self.inflight.is_empty() => {
+            Some(seq) if self.in_flight() == 0 => {
                 self.restart_wanted = None;
                 self.restart_from(seq);
                 true
@@ -134,12 +151,20 @@ impl Session {
         }
     }
 
-    /// Start sending again from `seq`, forgetting every batch in flight.
+    /// Start sending again from `seq`, forgetting every batch in flight (the priority pass
+    /// scans again from there too: what the peer acknowledged ahead stays left out).
     pub(super) fn restart_from(&mut self, seq: u64) {
         self.cursor = seq;
         self.sent_upto = seq;
         self.acked_upto = seq;
         self.inflight.clear();
+        self.ahead_cursor = seq;
+        self.ahead_inflight.clear();
+    }
+
+    /// Batches in flight, in log order or ahead of it: what the window counts.
+    pub(super) fn in_flight(&self) -> usize {
+        self.inflight.len() + self.ahead_inflight.len()
     }
 
     /// Note the first moment the session is in sync, `now_ms` being the time.
@@ -147,7 +172,7 @@ impl Session {
         if self.in_sync_after_ms.is_none()
             && self.streaming
             && self.hello_answered
-            && self.inflight.is_empty()
+            && self.in_flight() == 0
             && self.cursor >= last
         {
             self.in_sync_after_ms = Some(now_ms - self.since_ms);
