@@ -154,7 +154,15 @@ impl Mallory {
 /// `Sample/S-before`), and the home of mallory, a peer the hub has configured with `policy`
 /// but that is not running: tests speak for it.
 pub fn hub_lab_and_mallory(policy: &[&str]) -> (crate::TestNode, crate::TestNode, crate::TestNode) {
-    let mut hub = crate::TestNode::init("hub");
+    hub_lab_and_mallory_on(&[], policy)
+}
+
+/// As [`hub_lab_and_mallory`], the hub initialised with `hub_init` (its listen addresses).
+pub fn hub_lab_and_mallory_on(
+    hub_init: &[&str],
+    policy: &[&str],
+) -> (crate::TestNode, crate::TestNode, crate::TestNode) {
+    let mut hub = crate::TestNode::init_with("hub", hub_init);
     let mut lab = crate::TestNode::init("lab");
     let mallory = crate::TestNode::init("mallory");
     hub.start();

@@ -6,7 +6,7 @@
 use tidesync_proto::craft;
 use tidesync_proto::ids::actor_id;
 use tidesync_proto::{Checkpoint, DocHeader, DocId, Message, ObjectId, SignedChange, TypeName};
-use tidesync_tests::mallory::{Answer, Mallory, assert_still_healthy, hub_lab_and_mallory};
+use tidesync_tests::mallory::{Answer, Mallory, assert_still_healthy, hub_lab_and_mallory_on};
 
 fn header(m: &Mallory, ty: &str, id: &str) -> DocHeader {
     let ty = TypeName::new(ty).expect("type");
@@ -41,13 +41,34 @@ fn batch(n: u64, docs: Vec<DocHeader>, changes: Vec<SignedChange>) -> Message {
 // and 20,000 type names grew a 1.26 MB status. Each is now refused or bounded.
 #[test]
 fn a_hostile_configured_peer_cannot_crash_stall_or_bloat_the_node() {
-    let (hub, lab, mallory_home) = hub_lab_and_mallory(&["--direction", "send"]);
-    let victim = hub.id().parse().expect("hub id");
-    let mut m = Mallory::connect(
-        &mallory_home.home().join("identity.key"),
-        victim,
-        &hub.listen_addr(),
+    hostile_peer(&[], "/tcp/");
+}
+
+// The same attacks over QUIC, whose streams and flow control are its own, not Yamux's.
+#[test]
+fn a_hostile_configured_peer_over_quic_cannot_crash_stall_or_bloat_the_node() {
+    hostile_peer(
+        &[
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+        ],
+        "/quic-v1",
     );
+}
+
+/// The attacks, from a peer connected over the hub's listen address that holds `transport`
+/// (the hub initialised with `hub_init`).
+fn hostile_peer(hub_init: &[&str], transport: &str) {
+    let (hub, lab, mallory_home) = hub_lab_and_mallory_on(hub_init, &["--direction", "send"]);
+    let victim = hub.id().parse().expect("hub id");
+    let addr = hub
+        .listen_addrs()
+        .into_iter()
+        .find(|a| a.contains(transport))
+        .unwrap_or_else(|| panic!("the hub listens on {transport}"));
+    let mut m = Mallory::connect(&mallory_home.home().join("identity.key"), victim, &addr);
 
     // Crafted changes over the wire: each is refused, the batch is answered.
     let attacks = [
@@ -57,15 +78,19 @@ fn a_hostile_configured_peer_cannot_crash_stall_or_bloat_the_node() {
     for (i, (name, columns)) in attacks.into_iter().enumerate() {
         let h = header(&m, "Sample", &format!("S-{name}"));
         let change = crafted(&m, &h, &columns);
-        let answers = m.send_all(vec![batch(i as u64 + 1, vec![h], vec![change])]);
-        assert!(
-            matches!(
-                answers[0],
-                Answer::Response(Message::Ack { rejected: 1, .. })
-            ),
-            "{name}: {:?}",
-            answers[0]
-        );
+        // In a batch in log order, and ahead of it (protocol 7).
+        let ahead = Message::Ahead {
+            batch: 10 + i as u64,
+            docs: vec![h.clone()],
+            changes: vec![change.clone()],
+        };
+        let answers = m.send_all(vec![batch(i as u64 + 1, vec![h], vec![change]), ahead]);
+        for answer in &answers {
+            assert!(
+                matches!(answer, Answer::Response(Message::Ack { rejected: 1, .. })),
+                "{name}: {answer:?}"
+            );
+        }
         assert_still_healthy(&hub, &lab, name);
     }
 

@@ -329,6 +329,9 @@ fn data_survives_a_restart_and_the_feed_resumes_from_any_seq() {
     assert_eq!(feed["changes"][0]["id"], json!("S-6"));
 }
 
+/// Concurrent writers, so that the node commits their writes in groups (group commit).
+const KILL_WRITERS: u64 = 8;
+
 #[test]
 fn every_acknowledged_put_survives_kill_9() {
     let mut node = TestNode::init("lab-a");
@@ -336,39 +339,46 @@ fn every_acknowledged_put_survives_kill_9() {
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let base = node.api_url();
     let token = node.token().expect("a token").to_string();
-    let writer = {
-        let acked = Arc::clone(&acked);
-        std::thread::spawn(move || {
-            let client = reqwest::blocking::Client::builder()
-                .no_proxy()
-                .build()
-                .unwrap();
-            for i in 0.. {
-                let r = client
-                    .put(format!("{base}/v1/objects/Sample/S-{i}"))
-                    .bearer_auth(&token)
-                    .header("content-type", "application/json")
-                    .body(format!(r#"{{"n":{i}}}"#))
-                    .send();
-                match r {
-                    Ok(resp) if resp.status().is_success() => {
-                        acked.lock().unwrap().insert(i);
+    let writers: Vec<_> = (0..KILL_WRITERS)
+        .map(|w| {
+            let (acked, base, token) = (Arc::clone(&acked), base.clone(), token.clone());
+            std::thread::spawn(move || {
+                let client = reqwest::blocking::Client::builder()
+                    .no_proxy()
+                    .build()
+                    .unwrap();
+                for i in 0.. {
+                    // Ids interleave across writers: writer w writes w, w + 8, w + 16, ...
+                    let n = i * KILL_WRITERS + w;
+                    let r = client
+                        .put(format!("{base}/v1/objects/Sample/S-{n}"))
+                        .bearer_auth(&token)
+                        .header("content-type", "application/json")
+                        .body(format!(r#"{{"n":{n}}}"#))
+                        .send();
+                    match r {
+                        Ok(resp) if resp.status().is_success() => {
+                            acked.lock().unwrap().insert(n);
+                        }
+                        _ => return n,
                     }
-                    _ => return i,
                 }
-            }
-            unreachable!()
+                unreachable!()
+            })
         })
-    };
-    while acked.lock().unwrap().len() < 100 {
-        assert!(!writer.is_finished(), "the writer stopped before the kill");
+        .collect();
+    while acked.lock().unwrap().len() < 400 {
+        assert!(
+            writers.iter().all(|w| !w.is_finished()),
+            "a writer stopped before the kill"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let status = node.signal("KILL");
     assert!(!status.success());
-    let stopped_at = writer.join().unwrap();
+    let stopped_at: Vec<u64> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() >= 100);
+    assert!(acked.len() >= 400);
     // The store opens again after the crash, and every acknowledged write is in it.
     node.start();
     let listed = node.ok(&["ls", "Sample"]);
@@ -379,7 +389,7 @@ fn every_acknowledged_put_survives_kill_9() {
     let lost: Vec<_> = acked.difference(&present).collect();
     assert!(
         lost.is_empty(),
-        "acknowledged but lost after kill -9: {lost:?} (writer stopped at {stopped_at})"
+        "acknowledged but lost after kill -9: {lost:?} (writers stopped at {stopped_at:?})"
     );
     for i in acked.iter().take(5) {
         assert_eq!(

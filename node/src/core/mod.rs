@@ -33,8 +33,8 @@ pub use crate::reads::{
 };
 pub use crate::replica::plan::{Plan, PlanError};
 pub use crate::replica::{
-    AuditedChange, Clock, DocAudit, LocalWriteError, OpenError, RenameError, RenameReply, Replica,
-    WriteReply, system_now_ms,
+    AuditedChange, Clock, DocAudit, GroupOp, LocalWriteError, OpenError, RenameError, RenameReply,
+    Replica, WriteReply, system_now_ms,
 };
 use crate::store::{IdPage, Store, StoreError};
 use crate::sync::{Outgoing, Session, Sessions, SyncError};
@@ -285,6 +285,19 @@ impl Core {
             self.push_committed();
         }
         Ok(reply)
+    }
+
+    /// Group commit of concurrent writers' puts and deletes (see [`Replica::write_group`]),
+    /// then one push of what changed to connected peers.
+    pub fn write_group(
+        &mut self,
+        ops: &[(TypeName, ObjectId, GroupOp)],
+    ) -> Vec<Result<WriteReply, LocalWriteError>> {
+        let answers = self.replica.write_group(ops);
+        if answers.iter().any(|a| a.as_ref().is_ok_and(|r| r.changed)) {
+            self.push_committed();
+        }
+        answers
     }
 
     /// Give `ty/id` the local name `to` (see [`Replica::rename`]): nothing is sent.

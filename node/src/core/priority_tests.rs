@@ -126,6 +126,21 @@ fn days_until_done(cores: &mut [Core], clock: &Arc<AtomicI64>) -> usize {
     panic!("the ship did not get everything in 30 days");
 }
 
+/// A hub over `hub_store` and a ship, the hub's policy for the ship set (see [`policy`]) and
+/// its records written; their ids.
+fn pair(hub_store: Store, clock: &Arc<AtomicI64>, priority: bool) -> (Vec<Core>, NodeId, NodeId) {
+    let mut cores = vec![
+        core_on(1, "hub", hub_store, clock),
+        core_on(2, "ship", Store::in_memory().unwrap(), clock),
+    ];
+    let (hub, ship) = (cores[0].node_id(), cores[1].node_id());
+    cores[0]
+        .set_policy(ship, "ship".into(), policy(priority))
+        .unwrap();
+    write_hub(&mut cores[0]);
+    (cores, hub, ship)
+}
+
 fn ship_record_of(ship: &Core, hub: NodeId) -> crate::model::PeerRecord {
     ship.store().peer(&hub).unwrap()
 }
@@ -134,15 +149,7 @@ fn ship_record_of(ship: &Core, hub: NodeId) -> crate::model::PeerRecord {
 fn within_a_days_budget_priority_types_cross_before_older_bulk() {
     let clock = Arc::new(AtomicI64::new(20_000 * DAY_MS + 10 * 3_600_000));
     for priority in [false, true] {
-        let mut cores = vec![
-            core_on(1, "hub", Store::in_memory().unwrap(), &clock),
-            core_on(2, "ship", Store::in_memory().unwrap(), &clock),
-        ];
-        let (hub, ship) = (cores[0].node_id(), cores[1].node_id());
-        cores[0]
-            .set_policy(ship, "ship".into(), policy(priority))
-            .unwrap();
-        write_hub(&mut cores[0]);
+        let (mut cores, hub, ship) = pair(Store::in_memory().unwrap(), &clock, priority);
         let q = connect(&mut cores, 0, 1);
         let kinds = settle(&mut cores, q);
         let (samples, annotations) = (count(&cores[1], "Sample"), count(&cores[1], "Annotation"));
@@ -177,15 +184,7 @@ fn what_went_ahead_stays_left_out_after_the_sender_restarts() {
     let clock = Arc::new(AtomicI64::new(20_000 * DAY_MS + 10 * 3_600_000));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hub.redb");
-    let mut cores = vec![
-        core_on(1, "hub", Store::create(&path).unwrap(), &clock),
-        core_on(2, "ship", Store::in_memory().unwrap(), &clock),
-    ];
-    let (hub, ship) = (cores[0].node_id(), cores[1].node_id());
-    cores[0]
-        .set_policy(ship, "ship".into(), policy(true))
-        .unwrap();
-    write_hub(&mut cores[0]);
+    let (mut cores, hub, ship) = pair(Store::create(&path).unwrap(), &clock, true);
     let q = connect(&mut cores, 0, 1);
     settle(&mut cores, q);
     assert_eq!(count(&cores[1], "Sample"), SAMPLES);

@@ -8,6 +8,7 @@ mod files;
 mod fleet;
 mod handle;
 mod observe;
+mod writes;
 
 use crate::bundle::{BundleError, ExportReport, ImportReport};
 use std::sync::Arc;
@@ -32,6 +33,9 @@ use tidesync_proto::files::{FileAnswer, FileAsk};
 
 /// Requests that may wait in the node's queue before callers are made to wait.
 pub const ACTION_QUEUE_LEN: usize = 256;
+/// Most local puts and deletes waiting in the action queue that the actor commits together,
+/// in one durable transaction (group commit).
+pub const MAX_GROUP_WRITES: usize = 256;
 /// Longest a change-feed request may long-poll, in seconds.
 pub const MAX_FEED_WAIT_SECS: u64 = 60;
 /// Results of file work done off the actor (segments decoded or served, files moved into
@@ -268,23 +272,9 @@ impl NodeActor {
     /// elsewhere.
     fn on_action(&mut self, action: Action) {
         match action {
-            Action::Put {
-                ty,
-                id,
-                fields,
-                reply,
-            } => {
-                let r = self.timed(|core| core.put(&ty, &id, &fields));
-                log_refused(&r);
-                let _ = reply.send(r);
-            }
+            write @ (Action::Put { .. } | Action::Delete { .. }) => self.on_writes(write),
             Action::PutMany { items, reply } => {
                 let r = self.timed(|core| core.put_many(&items));
-                log_refused(&r);
-                let _ = reply.send(r);
-            }
-            Action::Delete { ty, id, reply } => {
-                let r = self.timed(|core| core.delete(&ty, &id));
                 log_refused(&r);
                 let _ = reply.send(r);
             }
@@ -484,7 +474,7 @@ fn now() -> i64 {
 }
 
 /// Log a local write the core refused.
-fn log_refused<T>(result: &Result<T, LocalWriteError>) {
+pub(super) fn log_refused<T>(result: &Result<T, LocalWriteError>) {
     if let Err(e) = result {
         tracing::warn!(error = %e, "local write refused");
     }

@@ -26,7 +26,7 @@ pub mod rename;
 pub mod write;
 
 pub use rename::{RenameError, RenameReply};
-pub use write::{LocalWriteError, WriteReply};
+pub use write::{GroupOp, LocalWriteError, WriteReply};
 
 use std::num::NonZeroUsize;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -1,5 +1,6 @@
-//! Local writes: put, delete and many puts in one transaction, each run through the engine,
-//! checked against the policies and the frame limit, and committed before the reply.
+//! Local writes: put, delete, many puts in one transaction and group commits of concurrent
+//! writers, each run through the engine, checked against the policies and the frame limit,
+//! and committed before the reply.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
@@ -70,6 +71,7 @@ impl Replica {
     }
 
     /// Run the engine for each write, commit every change in one transaction, then answer.
+    /// All are written or none.
     fn write_many(
         &mut self,
         ops: &[(&TypeName, &ObjectId, WriteOp<'_>)],
@@ -77,30 +79,6 @@ impl Replica {
         let mut seen = std::collections::HashSet::new();
         let mut outcomes = Vec::with_capacity(ops.len());
         for (ty, id, op) in ops {
-            let store_err = |source| LocalWriteError::Store {
-                ty: (*ty).clone(),
-                id: (*id).clone(),
-                source,
-            };
-            if ty.as_str() == tidesync_proto::fleet::STATUS_TYPE {
-                return Err(LocalWriteError::Reserved { ty: (*ty).clone() });
-            }
-            self.policies
-                .may_write(ty)
-                .map_err(|source| LocalWriteError::ReadOnly {
-                    ty: (*ty).clone(),
-                    id: (*id).clone(),
-                    source,
-                })?;
-            if let WriteOp::Put(fields) = op {
-                crate::files::FileRef::all_in(fields).map_err(|source| {
-                    LocalWriteError::BadFileRef {
-                        ty: (*ty).clone(),
-                        id: (*id).clone(),
-                        source,
-                    }
-                })?;
-            }
             if !seen.insert((*ty, *id)) {
                 return Err(LocalWriteError::Refused(WriteError::Fields {
                     ty: (*ty).clone(),
@@ -108,51 +86,179 @@ impl Replica {
                     source: Box::new(crate::doc::FieldsError::Duplicate),
                 }));
             }
-            let existing = match self.find(ty, id).map_err(store_err)? {
-                Some((doc_id, record)) => {
-                    let doc = self.take_doc(&doc_id).map_err(store_err)?.ok_or_else(|| {
-                        store_err(StoreError::Decode {
-                            path: self.store.path().into(),
-                            what: format!("the state of document {doc_id} in docs_v2"),
-                            detail: "document record without state".into(),
-                        })
-                    })?;
-                    Some(Loaded {
-                        doc_id,
-                        record,
-                        doc,
-                    })
-                }
-                None => {
-                    if matches!(op, WriteOp::Put(_)) {
-                        id.check_new().map_err(|source| LocalWriteError::BadId {
-                            ty: (*ty).clone(),
-                            source,
-                        })?;
-                    }
-                    None
-                }
-            };
-            let outcome = self
-                .engine
-                .local_write((self.clock)(), ty, id, existing, *op)?;
-            if let WriteOutcome::Changed(p) = &outcome {
-                // A change no frame can carry would never reach a peer, and would stop the
-                // log behind it on older nodes: refuse it before anything is stored.
-                let bytes = crate::model::change_wire_bytes(&p.change);
-                if bytes > crate::replica::outbound::MAX_LOCAL_CHANGE_BYTES {
-                    return Err(LocalWriteError::Refused(WriteError::Fields {
-                        ty: (*ty).clone(),
-                        id: (*id).clone(),
-                        source: Box::new(crate::doc::FieldsError::TooLarge {
-                            bytes,
-                            limit: crate::replica::outbound::MAX_LOCAL_CHANGE_BYTES,
-                        }),
-                    }));
+            outcomes.push(self.prepare(ty, id, op)?);
+        }
+        let Some((ty, id, _)) = ops.first() else {
+            return Ok(Vec::new());
+        };
+        self.commit_outcomes(ops.iter().map(|(t, i, o)| (*t, *i, o)), outcomes)
+            .map_err(|source| LocalWriteError::Store {
+                ty: (*ty).clone(),
+                id: (*id).clone(),
+                source,
+            })
+    }
+
+    /// Group commit: concurrent writers' puts and deletes, each checked and run through the
+    /// engine on its own (one refused leaves the others), and every change committed in one
+    /// durable transaction; a name written twice is committed in a second transaction after
+    /// the first, so that its second write builds on the first. One answer per write, in
+    /// order; none before the commit that holds it.
+    pub fn write_group(
+        &mut self,
+        ops: &[(TypeName, ObjectId, GroupOp)],
+    ) -> Vec<Result<WriteReply, LocalWriteError>> {
+        let mut answers: Vec<Option<Result<WriteReply, LocalWriteError>>> =
+            ops.iter().map(|_| None).collect();
+        let mut left: Vec<usize> = (0..ops.len()).collect();
+        while !left.is_empty() {
+            let mut seen = std::collections::HashSet::new();
+            let (round, later): (Vec<usize>, Vec<usize>) = left
+                .into_iter()
+                .partition(|&i| seen.insert((&ops[i].0, &ops[i].1)));
+            left = later;
+            let mut prepared = Vec::with_capacity(round.len());
+            for i in round {
+                let (ty, id, op) = &ops[i];
+                match self.prepare(ty, id, &op.as_op()) {
+                    Ok(outcome) => prepared.push((i, outcome)),
+                    Err(e) => answers[i] = Some(Err(e)),
                 }
             }
-            outcomes.push(outcome);
+            let (done, outcomes): (Vec<usize>, Vec<WriteOutcome>) = prepared.into_iter().unzip();
+            let named = done
+                .iter()
+                .map(|&i| (&ops[i].0, &ops[i].1, ops[i].2.as_op()));
+            let named: Vec<_> = named.collect();
+            match self.commit_outcomes(named.iter().map(|(t, i, o)| (*t, *i, o)), outcomes) {
+                Ok(replies) => {
+                    for (i, reply) in done.into_iter().zip(replies) {
+                        answers[i] = Some(Ok(reply));
+                    }
+                }
+                Err(source) => {
+                    // Each write of the group gets the commit's error.
+                    let detail = source.to_string();
+                    let mut source = Some(source);
+                    for i in done {
+                        let source = source.take().unwrap_or_else(|| StoreError::Io {
+                            path: self.store.path().into(),
+                            context: "committing a group of writes",
+                            detail: detail.clone(),
+                        });
+                        answers[i] = Some(Err(LocalWriteError::Store {
+                            ty: ops[i].0.clone(),
+                            id: ops[i].1.clone(),
+                            source,
+                        }));
+                    }
+                }
+            }
         }
+        answers
+            .into_iter()
+            .zip(ops)
+            .map(|(a, (ty, id, _))| {
+                a.unwrap_or_else(|| {
+                    Err(LocalWriteError::Store {
+                        ty: ty.clone(),
+                        id: id.clone(),
+                        source: StoreError::Io {
+                            path: self.store.path().into(),
+                            context: "committing a group of writes",
+                            detail: "no answer".into(),
+                        },
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// Check one write against the reserved type, the policies, its file references and its
+    /// name, and run it through the engine (nothing is stored yet).
+    fn prepare(
+        &mut self,
+        ty: &TypeName,
+        id: &ObjectId,
+        op: &WriteOp<'_>,
+    ) -> Result<WriteOutcome, LocalWriteError> {
+        let store_err = |source| LocalWriteError::Store {
+            ty: ty.clone(),
+            id: id.clone(),
+            source,
+        };
+        if ty.as_str() == tidesync_proto::fleet::STATUS_TYPE {
+            return Err(LocalWriteError::Reserved { ty: ty.clone() });
+        }
+        self.policies
+            .may_write(ty)
+            .map_err(|source| LocalWriteError::ReadOnly {
+                ty: ty.clone(),
+                id: id.clone(),
+                source,
+            })?;
+        if let WriteOp::Put(fields) = op {
+            crate::files::FileRef::all_in(fields).map_err(|source| {
+                LocalWriteError::BadFileRef {
+                    ty: ty.clone(),
+                    id: id.clone(),
+                    source,
+                }
+            })?;
+        }
+        let existing = match self.find(ty, id).map_err(store_err)? {
+            Some((doc_id, record)) => {
+                let doc = self.take_doc(&doc_id).map_err(store_err)?.ok_or_else(|| {
+                    store_err(StoreError::Decode {
+                        path: self.store.path().into(),
+                        what: format!("the state of document {doc_id} in docs_v2"),
+                        detail: "document record without state".into(),
+                    })
+                })?;
+                Some(Loaded {
+                    doc_id,
+                    record,
+                    doc,
+                })
+            }
+            None => {
+                if matches!(op, WriteOp::Put(_)) {
+                    id.check_new().map_err(|source| LocalWriteError::BadId {
+                        ty: ty.clone(),
+                        source,
+                    })?;
+                }
+                None
+            }
+        };
+        let outcome = self
+            .engine
+            .local_write((self.clock)(), ty, id, existing, *op)?;
+        if let WriteOutcome::Changed(p) = &outcome {
+            // A change no frame can carry would never reach a peer, and would stop the log
+            // behind it on older nodes: refuse it before anything is stored.
+            let bytes = crate::model::change_wire_bytes(&p.change);
+            if bytes > crate::replica::outbound::MAX_LOCAL_CHANGE_BYTES {
+                return Err(LocalWriteError::Refused(WriteError::Fields {
+                    ty: ty.clone(),
+                    id: id.clone(),
+                    source: Box::new(crate::doc::FieldsError::TooLarge {
+                        bytes,
+                        limit: crate::replica::outbound::MAX_LOCAL_CHANGE_BYTES,
+                    }),
+                }));
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Commit the changes of `outcomes` (one per write of `ops`) in one durable transaction,
+    /// then answer each write and keep its document in the cache.
+    fn commit_outcomes<'o>(
+        &mut self,
+        ops: impl Iterator<Item = (&'o TypeName, &'o ObjectId, &'o WriteOp<'o>)>,
+        outcomes: Vec<WriteOutcome>,
+    ) -> Result<Vec<WriteReply>, StoreError> {
         let persists: Vec<&crate::model::Persist> = outcomes
             .iter()
             .filter_map(|o| match o {
@@ -160,24 +266,17 @@ impl Replica {
                 WriteOutcome::Unchanged(_) => None,
             })
             .collect();
-        let seqs = match (persists.is_empty(), ops.first()) {
-            (false, Some((ty, id, _))) => {
-                self.store
-                    .commit_writes(&persists)
-                    .map_err(|source| LocalWriteError::Store {
-                        ty: (*ty).clone(),
-                        id: (*id).clone(),
-                        source,
-                    })?
-            }
-            _ => Vec::new(),
+        let seqs = if persists.is_empty() {
+            Vec::new()
+        } else {
+            self.store.commit_writes(&persists)?
         };
         if let Some(last) = seqs.iter().max() {
             self.new_tip = Some(*last);
         }
         let mut seqs = seqs.into_iter();
         let mut replies = Vec::with_capacity(outcomes.len());
-        for ((ty, id, op), outcome) in ops.iter().zip(outcomes) {
+        for ((ty, id, op), outcome) in ops.zip(outcomes) {
             let is_put = matches!(op, WriteOp::Put(_));
             let (doc_id, doc, seq, hash) = match outcome {
                 WriteOutcome::Unchanged(l) => (l.doc_id, l.doc, None, None),
@@ -199,6 +298,22 @@ impl Replica {
             self.cache.put(doc_id, doc);
         }
         Ok(replies)
+    }
+}
+
+/// One write of a group commit (see [`Replica::write_group`]).
+#[derive(Debug, Clone)]
+pub enum GroupOp {
+    Put(Map<String, Json>),
+    Delete,
+}
+
+impl GroupOp {
+    fn as_op(&self) -> WriteOp<'_> {
+        match self {
+            GroupOp::Put(fields) => WriteOp::Put(fields),
+            GroupOp::Delete => WriteOp::Delete,
+        }
     }
 }
 
@@ -255,4 +370,63 @@ pub enum LocalWriteError {
         id: ObjectId,
         source: StoreError,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+    use crate::store::Store;
+    use serde_json::json;
+
+    fn put(id: &str, fields: Json) -> (TypeName, ObjectId, GroupOp) {
+        let Json::Object(fields) = fields else {
+            panic!("an object")
+        };
+        (
+            TypeName::new("Sample").unwrap(),
+            ObjectId::new(id).unwrap(),
+            GroupOp::Put(fields),
+        )
+    }
+
+    #[test]
+    fn a_group_commits_each_write_on_its_own_and_a_name_twice_in_order() {
+        let mut r = Replica::new(
+            "t".into(),
+            Identity::from_secret([4; 32]),
+            Store::in_memory().unwrap(),
+            2,
+            true,
+        );
+        let ops = vec![
+            put("S-1", json!({"a": 1})),
+            put("S-2", json!({"a": 2})),
+            // Refused (a collision name cannot be claimed): the others still commit.
+            put("S-3~x", json!({"a": 3})),
+            // The same name again: it builds on the first write.
+            put("S-1", json!({"b": 1})),
+            (
+                TypeName::new("Sample").unwrap(),
+                ObjectId::new("S-2").unwrap(),
+                GroupOp::Delete,
+            ),
+        ];
+        let answers = r.write_group(&ops);
+        assert!(matches!(answers[2], Err(LocalWriteError::BadId { .. })));
+        let seqs: Vec<u64> = [0, 1, 3, 4]
+            .iter()
+            .map(|&i| answers[i].as_ref().unwrap().seq.unwrap())
+            .collect();
+        // One transaction for the first round (S-1, S-2), a second for the repeated names.
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+        let s1 = answers[3].as_ref().unwrap().object.clone().unwrap();
+        assert_eq!(Json::Object(s1), json!({"a": 1, "b": 1}));
+        let (ty, s2) = (
+            TypeName::new("Sample").unwrap(),
+            ObjectId::new("S-2").unwrap(),
+        );
+        assert!(r.find(&ty, &s2).unwrap().is_some_and(|(_, rec)| !rec.live));
+        assert_eq!(r.store.last_seq().unwrap(), 4);
+    }
 }

@@ -431,25 +431,15 @@ impl<'s, 'tx> Writer<'s, 'tx> {
     /// it (see `ReceivedDoc::supersedes`); counted with the collisions.
     pub(super) fn move_aside(&mut self, doc: &DocId) -> Result<(), StoreError> {
         let (store, ctx) = (self.store, self.ctx);
-        let Some(no) = self.doc_nos.get(doc.0).ctx(store, ctx)?.map(|v| v.value()) else {
+        let Some((no, mut row)) = self.doc_row(doc)? else {
             return Ok(());
         };
-        let Some(bytes) = self
-            .docs
-            .get(no)
-            .ctx(store, ctx)?
-            .map(|v| v.value().to_vec())
-        else {
-            return Ok(());
-        };
-        let mut row: DocRow = store.decode(|| format!("docs_v2[{no}] ({doc})"), &bytes)?;
         if crate::model::is_collision_name(&row.record.local_id, doc) {
             return Ok(());
         }
         let (ty, old) = (row.record.ty.clone(), row.record.local_id.clone());
         row.record.local_id = crate::model::collision_name(&old, doc);
-        let bytes = postcard::to_stdvec(&row).map_err(|x| store.encode_error(x))?;
-        self.docs.insert(no, bytes.as_slice()).ctx(store, ctx)?;
+        self.put_row(no, &row)?;
         let held_name = self
             .names
             .get((ty.as_str(), old.as_str()))
@@ -464,6 +454,32 @@ impl<'s, 'tx> Writer<'s, 'tx> {
             .insert((ty.as_str(), row.record.local_id.as_str()), doc.0)
             .ctx(store, ctx)?;
         self.bump(COLLISIONS_KEY, true, true)
+    }
+
+    /// The `docs_v2` row of `doc` and its DocNo, when it is stored.
+    pub(super) fn doc_row(&self, doc: &DocId) -> Result<Option<(u64, DocRow)>, StoreError> {
+        let (store, ctx) = (self.store, self.ctx);
+        let Some(no) = self.doc_nos.get(doc.0).ctx(store, ctx)?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        let Some(bytes) = self
+            .docs
+            .get(no)
+            .ctx(store, ctx)?
+            .map(|v| v.value().to_vec())
+        else {
+            return Ok(None);
+        };
+        let row = store.decode(|| format!("docs_v2[{no}] ({doc})"), &bytes)?;
+        Ok(Some((no, row)))
+    }
+
+    /// Write back the `docs_v2` row `no`.
+    pub(super) fn put_row(&mut self, no: u64, row: &DocRow) -> Result<(), StoreError> {
+        let (store, ctx) = (self.store, self.ctx);
+        let bytes = postcard::to_stdvec(row).map_err(|x| store.encode_error(x))?;
+        self.docs.insert(no, bytes.as_slice()).ctx(store, ctx)?;
+        Ok(())
     }
 
     pub(super) fn bump(&mut self, ty: &str, live: bool, add: bool) -> Result<(), StoreError> {

@@ -89,22 +89,12 @@ impl docs::Writer<'_, '_> {
         if let Some(peer) = published(&doc)? {
             return Ok(Renamed::Published(peer));
         }
-        let Some(no) = self.doc_nos.get(doc.0).ctx(store, ctx)?.map(|v| v.value()) else {
+        let Some((no, mut row)) = self.doc_row(&doc)? else {
             return Ok(Renamed::NotFound);
         };
-        let Some(bytes) = self
-            .docs
-            .get(no)
-            .ctx(store, ctx)?
-            .map(|v| v.value().to_vec())
-        else {
-            return Ok(Renamed::NotFound);
-        };
-        let mut row: DocRow = store.decode(|| format!("docs_v2[{no}] ({doc})"), &bytes)?;
         let was_collision = crate::model::is_collision_name(&row.record.local_id, &doc);
         row.record.local_id = new.clone();
-        let bytes = postcard::to_stdvec(&row).map_err(|x| store.encode_error(x))?;
-        self.docs.insert(no, bytes.as_slice()).ctx(store, ctx)?;
+        self.put_row(no, &row)?;
         self.names
             .remove((ty.as_str(), old.as_str()))
             .ctx(store, ctx)?;

@@ -6,6 +6,10 @@
 //! visible on the peer, and each node's peak memory.
 //!
 //! Run it as `cargo run --release -p tidesync-tests --bin bench -- sync --objects 50000`.
+//!
+//! `bench writers --clients 16 --secs 10`: one real node; each client PUTs objects of ten
+//! fields one at a time over its own keep-alive connection for the given time; prints the
+//! durable writes per second and the latency percentiles (group commit, issue 17).
 //! `TIDESYNC_TEST_LOG=debug TIDESYNC_BENCH_LOGS=DIR` also keeps both nodes' logs in DIR.
 
 use std::time::{Duration, Instant};
@@ -195,8 +199,76 @@ fn held_release(n: usize) {
     );
 }
 
+/// Concurrent single-object PUTs against one node: `clients` threads, each over its own
+/// keep-alive connection, for `secs` seconds.
+fn writers(clients: usize, secs: u64) {
+    println!("bench writers: {clients} clients, {secs} s, one node on 127.0.0.1");
+    let mut node = TestNode::init("bench-writers");
+    node.start();
+    let (url, token) = (node.api_url(), node.token().map(str::to_string));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let started = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            let (url, token) = (url.clone(), token.clone());
+            std::thread::spawn(move || {
+                let client = reqwest::blocking::Client::builder()
+                    .no_proxy()
+                    .timeout(Duration::from_secs(60))
+                    .build()
+                    .expect("http client");
+                let mut latencies = Vec::new();
+                let mut n = 0;
+                while Instant::now() < deadline {
+                    let body = fields(c * 1_000_000 + n, 0).to_string();
+                    let mut req = client
+                        .put(format!("{url}/v1/objects/Sample/W-{c:02}-{n:07}"))
+                        .header("content-type", "application/json")
+                        .body(body);
+                    if let Some(t) = &token {
+                        req = req.bearer_auth(t);
+                    }
+                    let t = Instant::now();
+                    let resp = req.send().expect("a PUT");
+                    assert!(resp.status().is_success(), "PUT failed: {}", resp.status());
+                    latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                    n += 1;
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all: Vec<f64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("a client"))
+        .collect();
+    let took = started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    println!(
+        "durable writes: {} in {took:.2} s = {:.0} per s; latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        all.len(),
+        all.len() as f64 / took,
+        percentile(&all, 0.50),
+        percentile(&all, 0.99),
+        all.last().copied().unwrap_or(0.0)
+    );
+    println!("peak memory: {} MiB", peak_rss_kib(&node) / 1024);
+    node.stop();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str, default: u64| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(default)
+    };
+    if args.get(1).map(String::as_str) == Some("writers") {
+        writers(arg("--clients", 16) as usize, arg("--secs", 10));
+        return;
+    }
     if args.get(1).map(String::as_str) == Some("held-release") {
         let n = args
             .iter()
@@ -214,7 +286,9 @@ fn main() {
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(50_000);
     if args.get(1).map(String::as_str) != Some("sync") {
-        eprintln!("usage: bench sync [--objects N] | bench held-release [--changes N]");
+        eprintln!(
+            "usage: bench sync [--objects N] | bench writers [--clients N] [--secs S] | bench held-release [--changes N]"
+        );
         std::process::exit(2);
     }
     println!("bench sync: {objects} objects of 10 fields, two nodes on 127.0.0.1");
