@@ -260,15 +260,9 @@ impl Sessions {
                     });
                 }
                 let (mut start, rewound) = self.resume_point(replica, peer, resume)?;
-                // Only the peer's latest Hello says where it stands: an older one delivered
-                // after it would restart us past what the newer one asked for.
-                let stale = self
-                    .peers
-                    .get(&peer)
-                    .is_some_and(|s| number < s.newest_hello_in);
                 let record = replica.peer_record(&peer).map_err(store_err(peer))?;
                 let resending = record.resend_all;
-                if start < record.acked && !stale {
+                if start < record.acked {
                     // The peer lost part of what it acknowledged (restored from an older
                     // copy): what went ahead to it may be lost too.
                     replica
@@ -284,13 +278,10 @@ impl Sessions {
                 let session = self.peers.entry(peer).or_insert_with(|| Session::new(now));
                 session.remote_tip = tip;
                 session.sent_ahead = sent_ahead;
-                session.newest_hello_in = session.newest_hello_in.max(number);
                 // A checkpoint we never had was answered once in this session already: a
                 // repeat cannot make us start over again (a restored node reconnects).
-                let repeat = (rewound && session.rewound_sent) || stale;
-                if stale {
-                    tracing::debug!(%peer, number, "a Hello older than one already answered in this session; acknowledged, changes nothing");
-                } else if repeat {
+                let repeat = rewound && session.rewound_sent;
+                if repeat {
                     tracing::debug!(%peer, claimed = resume.seq, "repeated Hello with a checkpoint we never had; already answered in this session");
                 } else {
                     session.streaming = true;

@@ -27,9 +27,10 @@ pub struct Session {
     pub(super) acked_upto: u64,
     /// The highest batch number received from the peer in this session.
     pub(super) newest_batch_in: u64,
-    /// The number of the newest Hello received from the peer in this session: an older one
-    /// delivered after it is acknowledged and changes nothing.
-    pub(super) newest_hello_in: u64,
+    /// Whether a restart the peer asked for (Hello, Rewound) was applied in this session:
+    /// later ones may move sending back, never forward past what was sent (see
+    /// [`Session::restart_on_request`]).
+    pub(super) restarted: bool,
     /// The number of the last batch sent in this session. Never reused, even when sending
     /// restarts, so that a late Ack for an abandoned batch matches nothing.
     pub(super) last_batch: u64,
@@ -108,7 +109,7 @@ impl Session {
             last_batch: 0,
             hello: 0,
             newest_batch_in: 0,
-            newest_hello_in: 0,
+            restarted: false,
             resending: false,
             unfiltered: false,
             hello_answered: false,
@@ -131,10 +132,25 @@ impl Session {
     pub(super) fn restart_on_request(&mut self, seq: u64) {
         let seq = self.restart_wanted.take().map_or(seq, |w| w.min(seq));
         if self.in_flight() == 0 {
-            self.restart_from(seq);
+            self.restart_requested(seq);
         } else {
             self.restart_wanted = Some(seq);
         }
+    }
+
+    /// Apply a restart the peer asked for. The first of a session starts where the peer
+    /// stands; a later one never moves sending forward past what was sent: requests are not
+    /// delivered in order, and an older Hello that arrives after a newer one (seed 1022)
+    /// would skip what the newer one asked for, a stretch never announced, and leave the
+    /// peer's checkpoint behind a gap. Going back costs duplicates at most.
+    fn restart_requested(&mut self, seq: u64) {
+        let seq = if self.restarted {
+            seq.min(self.sent_upto)
+        } else {
+            seq
+        };
+        self.restarted = true;
+        self.restart_from(seq);
     }
 
     /// Apply a restart the peer asked for once nothing is in flight; whether sending may go
@@ -143,7 +159,7 @@ impl Session {
         match self.restart_wanted {
             Some(seq) if self.in_flight() == 0 => {
                 self.restart_wanted = None;
-                self.restart_from(seq);
+                self.restart_requested(seq);
                 true
             }
             Some(_) => false,
