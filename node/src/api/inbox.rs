@@ -6,7 +6,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use serde::Deserialize;
 
-use super::{ApiError, ApiResult, names};
+use super::{ApiResult, json_body, names};
 use crate::node::NodeHandle;
 
 pub async fn conflicts(State(node): State<NodeHandle>) -> ApiResult<Vec<crate::core::Conflict>> {
@@ -27,11 +27,7 @@ pub async fn resolve(
     body: Bytes,
 ) -> ApiResult<crate::core::WriteReply> {
     let (ty, id) = names(ty, id)?;
-    let body: ResolveBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "the body must be {{\"path\": FIELD, \"pick\": VALUE_ID}}: {e}"
-        ))
-    })?;
+    let body: ResolveBody = json_body(&body, r#"{"path": FIELD, "pick": VALUE_ID}"#)?;
     Ok(Json(node.resolve(ty, id, body.path, body.pick).await?))
 }
 
@@ -49,7 +45,6 @@ pub async fn rename(
     body: Bytes,
 ) -> ApiResult<crate::core::RenameReply> {
     let (ty, id) = names(ty, id)?;
-    let body: RenameBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("the body must be {{\"to\": NEW_ID}}: {e}")))?;
+    let body: RenameBody = json_body(&body, r#"{"to": NEW_ID}"#)?;
     Ok(Json(node.rename(ty, id, body.to).await?))
 }

@@ -293,6 +293,16 @@ pub(crate) fn names(ty: String, id: String) -> Result<(TypeName, ObjectId), ApiE
     ))
 }
 
+/// Parse a request body as JSON of the shape `T`; a body that is not one is refused (400)
+/// with `shape`, how such a body is written, and what went wrong.
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    shape: &str,
+) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body must be {shape}: {e}")))
+}
+
 /// Parse a request body as a JSON object of fields.
 pub fn parse_fields(body: &[u8]) -> Result<Map<String, Value>, String> {
     match serde_json::from_slice::<Value>(body) {
@@ -347,11 +357,7 @@ async fn put_many(
     State(node): State<NodeHandle>,
     body: Bytes,
 ) -> ApiResult<Vec<crate::core::WriteReply>> {
-    let items: Vec<BatchItem> = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "the body must be a JSON array of {{\"type\", \"id\", \"fields\"}}: {e}"
-        ))
-    })?;
+    let items: Vec<BatchItem> = json_body(&body, r#"a JSON array of {"type", "id", "fields"}"#)?;
     if items.len() > MAX_BATCH_OBJECTS {
         return Err(ApiError::bad_request(format!(
             "{} objects in one batch; at most {MAX_BATCH_OBJECTS}",
@@ -584,11 +590,10 @@ async fn set_peer(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
-    let body: PeerBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "the body must be {{\"id\": PEERID, \"addrs\": [MULTIADDR, ...], policy fields...}}: {e}"
-        ))
-    })?;
+    let body: PeerBody = json_body(
+        &body,
+        r#"{"id": PEERID, "addrs": [MULTIADDR, ...], policy fields...}"#,
+    )?;
     node.set_peer(crate::config::PeerConfig {
         name,
         id: body.id,

@@ -145,9 +145,7 @@ impl Replica {
     ) -> Result<OutBatch, SyncError> {
         let policy = self.policies.of(&peer);
         let policies = &self.policies;
-        let skip_entry = |seq: u64, e: &LogEntry| {
-            ahead.contains(&seq) || (!unfiltered && (e.author == peer || e.from == Some(peer)))
-        };
+        let skip_entry = left_out(peer, unfiltered, ahead);
         let skip_doc = |_: u64, _: &DocId, rec: &DocRecord| {
             !policy.priority.contains(&rec.ty)
                 || policy.publishes_view(&rec.ty)
@@ -185,9 +183,7 @@ impl Replica {
         }
         let policy = self.policies.of(&peer);
         let policies = &self.policies;
-        let skip_entry = |seq: u64, e: &LogEntry| {
-            ahead.contains(&seq) || (!unfiltered && (e.author == peer || e.from == Some(peer)))
-        };
+        let skip_entry = left_out(peer, unfiltered, ahead);
         // Objects of types published to this peer as views (`fields`) are noted here, never
         // sent themselves.
         let mut to_view = Vec::new();
@@ -431,6 +427,18 @@ impl Replica {
             by_ref.extend(extra.carried);
         }
         Ok(batch)
+    }
+}
+
+/// Which log entries `peer` is never sent, for [`scan_log`]: those it acknowledged ahead of
+/// log order (`ahead`), and, unless `unfiltered`, those it authored or sent us.
+pub(super) fn left_out(
+    peer: NodeId,
+    unfiltered: bool,
+    ahead: &BTreeSet<u64>,
+) -> impl Fn(u64, &LogEntry) -> bool + '_ {
+    move |seq, e| {
+        ahead.contains(&seq) || (!unfiltered && (e.author == peer || e.from == Some(peer)))
     }
 }
 

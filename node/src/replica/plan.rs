@@ -11,7 +11,7 @@ use super::Replica;
 use super::outbound::{CHANGES_OVERHEAD_BYTES, Limit, SYNC_BATCH_CONTENT_BYTES, scan_log};
 use crate::files::FileHash;
 use crate::link::{HeldBack, Link};
-use crate::model::{DocRecord, LogEntry};
+use crate::model::DocRecord;
 use crate::store::StoreError;
 
 /// Most types a plan lists by name; the rest are added up under [`OTHER_TYPES`].
@@ -150,9 +150,7 @@ impl Replica {
         let mut cursor = after;
         while cursor < tip {
             let reader = self.store.reader().map_err(err)?;
-            let skip_entry = |seq: u64, e: &LogEntry| {
-                ahead.contains(&seq) || e.author == peer || e.from == Some(peer)
-            };
+            let skip_entry = super::outbound::left_out(peer, false, &ahead);
             let skip_doc = |_: u64, doc: &DocId, rec: &DocRecord| {
                 if policy.publishes_view(&rec.ty) {
                     views.insert(*doc);

@@ -91,7 +91,10 @@ impl Replica {
         let Some((ty, id, _)) = ops.first() else {
             return Ok(Vec::new());
         };
-        self.commit_outcomes(ops.iter().map(|(t, i, o)| (*t, *i, o)), outcomes)
+        let named = ops
+            .iter()
+            .map(|(t, i, o)| (*t, *i, matches!(o, WriteOp::Put(_))));
+        self.commit_outcomes(named, outcomes)
             .map_err(|source| LocalWriteError::Store {
                 ty: (*ty).clone(),
                 id: (*id).clone(),
@@ -128,9 +131,8 @@ impl Replica {
             let (done, outcomes): (Vec<usize>, Vec<WriteOutcome>) = prepared.into_iter().unzip();
             let named = done
                 .iter()
-                .map(|&i| (&ops[i].0, &ops[i].1, ops[i].2.as_op()));
-            let named: Vec<_> = named.collect();
-            match self.commit_outcomes(named.iter().map(|(t, i, o)| (*t, *i, o)), outcomes) {
+                .map(|&i| (&ops[i].0, &ops[i].1, matches!(ops[i].2, GroupOp::Put(_))));
+            match self.commit_outcomes(named, outcomes) {
                 Ok(replies) => {
                     for (i, reply) in done.into_iter().zip(replies) {
                         answers[i] = Some(Ok(reply));
@@ -252,11 +254,12 @@ impl Replica {
         Ok(outcome)
     }
 
-    /// Commit the changes of `outcomes` (one per write of `ops`) in one durable transaction,
-    /// then answer each write and keep its document in the cache.
+    /// Commit the changes of `outcomes` (one per write of `ops`: its name and whether it is
+    /// a put) in one durable transaction, then answer each write and keep its document in the
+    /// cache.
     fn commit_outcomes<'o>(
         &mut self,
-        ops: impl Iterator<Item = (&'o TypeName, &'o ObjectId, &'o WriteOp<'o>)>,
+        ops: impl Iterator<Item = (&'o TypeName, &'o ObjectId, bool)>,
         outcomes: Vec<WriteOutcome>,
     ) -> Result<Vec<WriteReply>, StoreError> {
         let persists: Vec<&crate::model::Persist> = outcomes
@@ -276,8 +279,7 @@ impl Replica {
         }
         let mut seqs = seqs.into_iter();
         let mut replies = Vec::with_capacity(outcomes.len());
-        for ((ty, id, op), outcome) in ops.zip(outcomes) {
-            let is_put = matches!(op, WriteOp::Put(_));
+        for ((ty, id, is_put), outcome) in ops.zip(outcomes) {
             let (doc_id, doc, seq, hash) = match outcome {
                 WriteOutcome::Unchanged(l) => (l.doc_id, l.doc, None, None),
                 WriteOutcome::Changed(p) => {

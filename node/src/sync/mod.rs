@@ -355,17 +355,15 @@ impl Sessions {
             }
             Message::Rewound { resume } => {
                 let (start, _) = self.resume_point(replica, peer, resume)?;
-                // It may have lost what went ahead to it, too.
+                // It may have lost what went ahead to it, and view changes it acknowledged:
+                // log order sends the one again, views go whole.
                 replica
                     .store()
                     .clear_sent_ahead(&peer)
                     .map_err(store_err(peer))?;
-                if let Some(session) = self.peers.get_mut(&peer) {
-                    session.sent_ahead.clear();
-                }
-                // It may have lost view changes it acknowledged: send views whole again.
                 replica.forget_view_acks(&peer).map_err(store_err(peer))?;
                 if let Some(session) = self.peers.get_mut(&peer) {
+                    session.sent_ahead.clear();
                     // Once per session: a restored node reconnects, so a repeat in the same
                     // session is acknowledged and changes nothing.
                     if session.resend_granted {
