@@ -46,8 +46,11 @@ pub struct DocRecord {
 pub struct Persist {
     pub doc_id: DocId,
     pub record: DocRecord,
-    /// The document after the change, to store as its current state.
+    /// The document after the change, kept in the cache.
     pub doc: Automerge,
+    /// Its saved form ([`crate::doc::save_state`]), stored as its current state: saved by the
+    /// engine, which may run on another thread than the commit.
+    pub state: Vec<u8>,
     pub change: SignedChange,
     pub hash: ChangeHash,
     /// Who signed the change: this node.

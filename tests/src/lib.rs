@@ -12,6 +12,8 @@
 //! - [`netns`]: a LAN of network namespaces the test creates, for mDNS.
 //! - [`wan`]: two network namespaces joined by a link shaped packet by packet in user space
 //!   (rate, delay, loss, outages), which TCP and QUIC cross alike.
+//! - [`pouch`]: PouchDB beside tidesync in one run (`bench side-by-side`): its npm install,
+//!   its driver (`pouchbench/pouch.js`) and the table of ratios.
 //! - `src/bin/bench.rs`: the sync benchmark (`cargo run --release -p tidesync-tests --bin bench`).
 //! - `src/bin/filebench.rs`: files against Syncthing (`cargo run --release -p tidesync-tests
 //!   --bin filebench`).
@@ -20,6 +22,7 @@ pub mod bench;
 pub mod browser;
 pub mod mallory;
 pub mod netns;
+pub mod pouch;
 pub mod proxy;
 pub mod wan;
 

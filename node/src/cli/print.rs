@@ -313,11 +313,14 @@ pub(super) fn print_plan(p: &crate::core::Plan) {
     };
     println!("plan for {} ({from}, up to {}):", p.peer, p.tip);
     println!(
-        "  records: {} changes of {} objects in {} batches, {} bytes",
-        p.changes, p.objects, p.batches, p.bytes
+        "  records: {} changes of {} objects in {} batches, {} bytes on the wire ({} before compression)",
+        p.changes, p.objects, p.batches, p.bytes, p.plain_bytes
     );
     for (ty, t) in &p.types {
-        println!("    {ty}: {} changes, {} bytes", t.changes, t.bytes);
+        println!(
+            "    {ty}: {} changes, {} bytes before compression",
+            t.changes, t.bytes
+        );
     }
     if p.views > 0 {
         println!(

@@ -156,3 +156,45 @@ fn a_record_larger_than_the_budget_waits_for_sync_now() {
     settle_counting(&mut cores, q);
     assert_eq!(samples(&cores[1]), 1);
 }
+
+// Regression: `plan` counted record bytes before compression, so a ship's cost preview
+// overstated what zstd-compressed batches take on the wire (several times, for lab records).
+#[test]
+fn the_plan_counts_batches_as_they_cross_compressed() {
+    let clock = Arc::new(AtomicI64::new(20_000 * DAY_MS));
+    let mut cores = vec![core_at(1, "hub", &clock), core_at(2, "ship", &clock)];
+    let ship = cores[1].node_id();
+    cores[0]
+        .set_policy(ship, "ship".into(), Policy::default())
+        .unwrap();
+    // Records that compress as lab records do, in more than one batch.
+    for i in 0..3_000 {
+        put_sample(&mut cores[0], &format!("S-{i:04}"), 600);
+    }
+    let plan = cores[0].plan("ship", false).unwrap();
+    assert_eq!(plan.changes, 3_000);
+    assert!(plan.batches > 1, "{plan:?}");
+    assert!(
+        plan.bytes * 3 < plan.plain_bytes,
+        "compressed {} of {} bytes",
+        plan.bytes,
+        plan.plain_bytes
+    );
+    // What the hub then sends in its batches of changes, frame by frame.
+    let mut queue = connect(&mut cores, 0, 1);
+    let mut sent = 0u64;
+    while let Some((from, (to_node, msg))) = queue.pop_front() {
+        let to = usize::from(from == 0);
+        if matches!(&msg, Message::Changes { changes, .. } if !changes.is_empty()) {
+            sent += frame_bytes(&msg) as u64;
+        }
+        let from_node = cores[from].node_id();
+        let (resp, outs) = cores[to].sent_on_request(from_node, msg).unwrap();
+        queue.extend(outs.into_iter().map(|o| (to, o)));
+        let outs = cores[from].sent_on_response(to_node, resp).unwrap();
+        queue.extend(outs.into_iter().map(|o| (from, o)));
+    }
+    assert_eq!(cores[1].store().counts().unwrap()["Sample"].live, 3_000);
+    let off = plan.bytes.abs_diff(sent) as f64 / sent as f64;
+    assert!(off < 0.02, "planned {} bytes, sent {sent}", plan.bytes);
+}

@@ -171,9 +171,12 @@ impl Reads {
     /// Name collisions and equivocations.
     fn collisions_and_equivocations(&self) -> Result<Vec<Conflict>, ReadError> {
         let err = read_err("the name collisions");
-        let collisions = self.store.collisions().map_err(err)?;
+        let collisions = self
+            .store
+            .collisions(MAX_INBOX_ITEMS_PER_KIND)
+            .map_err(err)?;
         let mut out = Vec::with_capacity(collisions.len());
-        for (doc, rec) in collisions.into_iter().take(MAX_INBOX_ITEMS_PER_KIND) {
+        for (doc, rec) in collisions {
             let holder = self
                 .find(&rec.ty, &rec.id)
                 .map_err(read_err("the name collisions"))?;

@@ -163,6 +163,7 @@ impl Engine {
             .with_time(now_ms.div_euclid(1000));
         let mut tx = doc.transaction();
         let applied = match op {
+            WriteOp::Put(fields) if new => doc::put_new_fields(&mut tx, fields),
             WriteOp::Put(fields) => doc::put_fields(&mut tx, fields),
             WriteOp::Delete => doc::delete_object(&mut tx),
             WriteOp::Resolve { path, pick } => {
@@ -218,7 +219,14 @@ impl Engine {
             hash,
             author: self.node_id(),
             files: doc::file_refs(&doc),
-            concurrent: crate::concurrent::count(&doc),
+            // A new document holds one change by one actor: no field can hold concurrent
+            // values yet, so it is not walked.
+            concurrent: if new {
+                0
+            } else {
+                crate::concurrent::count(&doc)
+            },
+            state: doc::save_state(&doc),
             doc,
             time_ms: now_ms,
         }))

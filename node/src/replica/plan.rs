@@ -1,10 +1,11 @@
 //! The cost preview of what would cross to one peer now (`tidesync plan --for PEER`, `export
-//! --plan`): changes and bytes by the same policy and log scan as a sync, the files those
+//! --plan`): changes and bytes (compressed as sent) by the same policy and log scan as a sync, the files those
 //! objects refer to, and how long the link's rate, windows and budget make it. Reads only.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
+use tidesync_proto::wire::Message;
 use tidesync_proto::{DocHeader, DocId, NodeId};
 
 use super::Replica;
@@ -50,8 +51,13 @@ pub struct Plan {
     pub objects: u64,
     /// Batches they fill at the full batch size.
     pub batches: u64,
-    /// Their bytes on the wire: changes, document headers and each batch's own fields.
+    /// Their bytes on the wire: each batch as one frame (changes, document headers and the
+    /// batch's own fields), zstd-compressed as the sender sends it.
     pub bytes: u64,
+    /// The same batches before compression.
+    pub plain_bytes: u64,
+    /// Each type's changes and their bytes before compression (with the header of each
+    /// object's first change).
     pub types: BTreeMap<String, TypePlan>,
     /// Objects published to the peer as views: they cross as views, not counted above.
     pub views: u64,
@@ -169,13 +175,14 @@ impl Replica {
             if batch.upto.seq <= cursor {
                 break;
             }
+            let after = cursor;
             cursor = batch.upto.seq;
             plan.oversized += batch.oversized.len() as u64;
             if batch.changes.is_empty() {
                 continue;
             }
             plan.batches += 1;
-            plan.bytes += (batch.bytes + CHANGES_OVERHEAD_BYTES) as u64;
+            plan.plain_bytes += (batch.bytes + CHANGES_OVERHEAD_BYTES) as u64;
             plan.changes += batch.changes.len() as u64;
             let headers: HashMap<DocId, &DocHeader> =
                 batch.docs.iter().map(|h| (h.doc, h)).collect();
@@ -198,6 +205,15 @@ impl Replica {
                 t.bytes += bytes;
                 objects.insert(change.doc);
             }
+            // The frame as the sender would send it, compression included.
+            plan.bytes += tidesync_proto::wire::frame_bytes(&Message::Changes {
+                batch: 1,
+                after,
+                docs: batch.docs,
+                changes: batch.changes,
+                upto: batch.upto,
+                tip,
+            }) as u64;
         }
         plan.objects = objects.len() as u64;
         plan.views = views.len() as u64;

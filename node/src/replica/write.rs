@@ -77,8 +77,7 @@ impl Replica {
         ops: &[(&TypeName, &ObjectId, WriteOp<'_>)],
     ) -> Result<Vec<WriteReply>, LocalWriteError> {
         let mut seen = std::collections::HashSet::new();
-        let mut outcomes = Vec::with_capacity(ops.len());
-        for (ty, id, op) in ops {
+        for (ty, id, _) in ops {
             if !seen.insert((*ty, *id)) {
                 return Err(LocalWriteError::Refused(WriteError::Fields {
                     ty: (*ty).clone(),
@@ -86,14 +85,15 @@ impl Replica {
                     source: Box::new(crate::doc::FieldsError::Duplicate),
                 }));
             }
-            outcomes.push(self.prepare(ty, id, op)?);
         }
+        let outcomes = self
+            .prepare_all(ops)
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
         let Some((ty, id, _)) = ops.first() else {
             return Ok(Vec::new());
         };
-        let named = ops
-            .iter()
-            .map(|(t, i, o)| (*t, *i, matches!(o, WriteOp::Put(_))));
+        let named = ops.iter().map(|(t, i, _)| (*t, *i));
         self.commit_outcomes(named, outcomes)
             .map_err(|source| LocalWriteError::Store {
                 ty: (*ty).clone(),
@@ -120,18 +120,19 @@ impl Replica {
                 .into_iter()
                 .partition(|&i| seen.insert((&ops[i].0, &ops[i].1)));
             left = later;
+            let round_ops: Vec<_> = round
+                .iter()
+                .map(|&i| (&ops[i].0, &ops[i].1, ops[i].2.as_op()))
+                .collect();
             let mut prepared = Vec::with_capacity(round.len());
-            for i in round {
-                let (ty, id, op) = &ops[i];
-                match self.prepare(ty, id, &op.as_op()) {
-                    Ok(outcome) => prepared.push((i, outcome)),
-                    Err(e) => answers[i] = Some(Err(e)),
+            for (i, result) in round.iter().zip(self.prepare_all(&round_ops)) {
+                match result {
+                    Ok(outcome) => prepared.push((*i, outcome)),
+                    Err(e) => answers[*i] = Some(Err(e)),
                 }
             }
-            let (done, outcomes): (Vec<usize>, Vec<WriteOutcome>) = prepared.into_iter().unzip();
-            let named = done
-                .iter()
-                .map(|&i| (&ops[i].0, &ops[i].1, matches!(ops[i].2, GroupOp::Put(_))));
+            let (done, outcomes): (Vec<usize>, Vec<Prepared>) = prepared.into_iter().unzip();
+            let named = done.iter().map(|&i| (&ops[i].0, &ops[i].1));
             match self.commit_outcomes(named, outcomes) {
                 Ok(replies) => {
                     for (i, reply) in done.into_iter().zip(replies) {
@@ -176,14 +177,97 @@ impl Replica {
             .collect()
     }
 
+    /// Check each write against the reserved type, the policies, its file references and its
+    /// name, load what it builds on, then run the writes through the engine, in parallel
+    /// across cores when there are enough of them (nothing is stored yet). One result per
+    /// write, in order.
+    fn prepare_all(
+        &mut self,
+        ops: &[(&TypeName, &ObjectId, WriteOp<'_>)],
+    ) -> Vec<Result<Prepared, LocalWriteError>> {
+        let mut out: Vec<Option<Result<Prepared, LocalWriteError>>> =
+            ops.iter().map(|_| None).collect();
+        let mut jobs = Vec::with_capacity(ops.len());
+        for (i, (ty, id, op)) in ops.iter().enumerate() {
+            match self.load_for_write(ty, id, op) {
+                Ok(existing) => jobs.push((i, existing)),
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        let now = (self.clock)();
+        let engine = &self.engine;
+        // Only the last writes' documents would stay in the cache: the others are let go as
+        // soon as they are saved, so a bulk write holds one document at a time per thread,
+        // not all of them.
+        let cached_from = ops.len().saturating_sub(self.cache.cap().get());
+        let run = |(i, existing): (usize, Option<Loaded>)| {
+            let (ty, id, op) = &ops[i];
+            let mut prepared = engine_write(engine, now, ty, id, existing, *op);
+            if i < cached_from
+                && let Ok(p) = &mut prepared
+            {
+                p.release_doc();
+            }
+            (i, prepared)
+        };
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(jobs.len() / MIN_WRITES_PER_ENGINE_THREAD)
+            .max(1);
+        let done: Vec<(usize, Result<Prepared, LocalWriteError>)> = if threads == 1 {
+            jobs.into_iter().map(run).collect()
+        } else {
+            // Contiguous shares, one per thread, joined in order.
+            let share = jobs.len().div_ceil(threads);
+            let mut shares = Vec::with_capacity(threads);
+            let mut jobs = jobs.into_iter();
+            loop {
+                let part: Vec<_> = jobs.by_ref().take(share).collect();
+                if part.is_empty() {
+                    break;
+                }
+                shares.push(part);
+            }
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = shares
+                    .into_iter()
+                    .map(|part| scope.spawn(|| part.into_iter().map(run).collect::<Vec<_>>()))
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap_or_default())
+                    .collect()
+            })
+        };
+        for (i, result) in done {
+            out[i] = Some(result);
+        }
+        out.into_iter()
+            .zip(ops)
+            .map(|(r, (ty, id, _))| {
+                r.unwrap_or_else(|| {
+                    Err(LocalWriteError::Store {
+                        ty: (*ty).clone(),
+                        id: (*id).clone(),
+                        source: StoreError::Io {
+                            path: self.store.path().into(),
+                            context: "running writes through the engine",
+                            detail: "an engine thread panicked".into(),
+                        },
+                    })
+                })
+            })
+            .collect()
+    }
+
     /// Check one write against the reserved type, the policies, its file references and its
-    /// name, and run it through the engine (nothing is stored yet).
-    fn prepare(
+    /// name, and load the document it builds on (none for a new object).
+    fn load_for_write(
         &mut self,
         ty: &TypeName,
         id: &ObjectId,
         op: &WriteOp<'_>,
-    ) -> Result<WriteOutcome, LocalWriteError> {
+    ) -> Result<Option<Loaded>, LocalWriteError> {
         let store_err = |source| LocalWriteError::Store {
             ty: ty.clone(),
             id: id.clone(),
@@ -208,7 +292,7 @@ impl Replica {
                 }
             })?;
         }
-        let existing = match self.find(ty, id).map_err(store_err)? {
+        match self.find(ty, id).map_err(store_err)? {
             Some((doc_id, record)) => {
                 let doc = self.take_doc(&doc_id).map_err(store_err)?.ok_or_else(|| {
                     store_err(StoreError::Decode {
@@ -217,11 +301,11 @@ impl Replica {
                         detail: "document record without state".into(),
                     })
                 })?;
-                Some(Loaded {
+                Ok(Some(Loaded {
                     doc_id,
                     record,
                     doc,
-                })
+                }))
             }
             None => {
                 if matches!(op, WriteOp::Put(_)) {
@@ -230,41 +314,21 @@ impl Replica {
                         source,
                     })?;
                 }
-                None
-            }
-        };
-        let outcome = self
-            .engine
-            .local_write((self.clock)(), ty, id, existing, *op)?;
-        if let WriteOutcome::Changed(p) = &outcome {
-            // A change no frame can carry would never reach a peer, and would stop the log
-            // behind it on older nodes: refuse it before anything is stored.
-            let bytes = crate::model::change_wire_bytes(&p.change);
-            if bytes > crate::replica::outbound::MAX_LOCAL_CHANGE_BYTES {
-                return Err(LocalWriteError::Refused(WriteError::Fields {
-                    ty: ty.clone(),
-                    id: id.clone(),
-                    source: Box::new(crate::doc::FieldsError::TooLarge {
-                        bytes,
-                        limit: crate::replica::outbound::MAX_LOCAL_CHANGE_BYTES,
-                    }),
-                }));
+                Ok(None)
             }
         }
-        Ok(outcome)
     }
 
-    /// Commit the changes of `outcomes` (one per write of `ops`: its name and whether it is
-    /// a put) in one durable transaction, then answer each write and keep its document in the
-    /// cache.
+    /// Commit the changes of `outcomes` (one per write of `ops`, named there) in one durable
+    /// transaction, then answer each write and keep its document in the cache.
     fn commit_outcomes<'o>(
         &mut self,
-        ops: impl Iterator<Item = (&'o TypeName, &'o ObjectId, bool)>,
-        outcomes: Vec<WriteOutcome>,
+        ops: impl Iterator<Item = (&'o TypeName, &'o ObjectId)>,
+        outcomes: Vec<Prepared>,
     ) -> Result<Vec<WriteReply>, StoreError> {
         let persists: Vec<&crate::model::Persist> = outcomes
             .iter()
-            .filter_map(|o| match o {
+            .filter_map(|o| match &o.outcome {
                 WriteOutcome::Changed(p) => Some(p),
                 WriteOutcome::Unchanged(_) => None,
             })
@@ -279,7 +343,15 @@ impl Replica {
         }
         let mut seqs = seqs.into_iter();
         let mut replies = Vec::with_capacity(outcomes.len());
-        for ((ty, id, is_put), outcome) in ops.zip(outcomes) {
+        for (
+            (ty, id),
+            Prepared {
+                outcome,
+                object,
+                cache,
+            },
+        ) in ops.zip(outcomes)
+        {
             let (doc_id, doc, seq, hash) = match outcome {
                 WriteOutcome::Unchanged(l) => (l.doc_id, l.doc, None, None),
                 WriteOutcome::Changed(p) => {
@@ -295,11 +367,74 @@ impl Replica {
                 changed: seq.is_some(),
                 seq,
                 hash,
-                object: is_put.then(|| doc::to_json(&doc)),
+                object,
             });
-            self.cache.put(doc_id, doc);
+            if cache {
+                self.cache.put(doc_id, doc);
+            }
         }
         Ok(replies)
+    }
+}
+
+/// Writes a batch needs before its engine work is shared among threads: below this, one
+/// thread does it all (a thread's start costs more than a few writes).
+pub const MIN_WRITES_PER_ENGINE_THREAD: usize = 32;
+
+/// Run one write through the engine and refuse a change no frame can carry: a change that
+/// would never reach a peer, and would stop the log behind it on older nodes, is refused
+/// before anything is stored. Pure: safe on any thread.
+fn engine_write(
+    engine: &super::engine::Engine,
+    now_ms: i64,
+    ty: &TypeName,
+    id: &ObjectId,
+    existing: Option<Loaded>,
+    op: WriteOp<'_>,
+) -> Result<Prepared, LocalWriteError> {
+    let outcome = engine.local_write(now_ms, ty, id, existing, op)?;
+    let object = matches!(op, WriteOp::Put(_)).then(|| match &outcome {
+        WriteOutcome::Changed(p) => doc::to_json(&p.doc),
+        WriteOutcome::Unchanged(l) => doc::to_json(&l.doc),
+    });
+    if let WriteOutcome::Changed(p) = &outcome {
+        let bytes = crate::model::change_wire_bytes(&p.change);
+        if bytes > crate::replica::outbound::MAX_LOCAL_CHANGE_BYTES {
+            return Err(LocalWriteError::Refused(WriteError::Fields {
+                ty: ty.clone(),
+                id: id.clone(),
+                source: Box::new(crate::doc::FieldsError::TooLarge {
+                    bytes,
+                    limit: crate::replica::outbound::MAX_LOCAL_CHANGE_BYTES,
+                }),
+            }));
+        }
+    }
+    Ok(Prepared {
+        outcome,
+        object,
+        cache: true,
+    })
+}
+
+/// A write run through the engine, not yet stored: the outcome, and for a put the object as
+/// its writer is answered (made beside the engine work, on the same thread).
+struct Prepared {
+    outcome: WriteOutcome,
+    object: Option<Map<String, Json>>,
+    /// Whether its document goes into the cache (it still holds it).
+    cache: bool,
+}
+
+impl Prepared {
+    /// Let the document go (its saved state and the answer are kept): it is not cached.
+    fn release_doc(&mut self) {
+        let doc = match &mut self.outcome {
+            WriteOutcome::Changed(p) => &mut p.doc,
+            WriteOutcome::Unchanged(l) => &mut l.doc,
+        };
+        drop(std::mem::take(doc));
+        self.cache = false;
     }
 }
 

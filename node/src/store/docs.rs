@@ -14,7 +14,7 @@ impl Store {
             let mut index = super::wants::FileIndex::open(self, &tx, ctx)?;
             let mut inbox = super::inbox::InboxTables::open(self, &tx, ctx)?;
             for p in writes {
-                w.put_doc(&p.doc_id, &p.record, &crate::doc::save_state(&p.doc))?;
+                w.put_doc(&p.doc_id, &p.record, &p.state)?;
                 index.set_doc_files(&p.doc_id, &p.files)?;
                 inbox.set_concurrent(&p.doc_id, p.concurrent)?;
                 let entry = LogEntry {
@@ -81,9 +81,25 @@ impl Store {
     }
 
     /// Documents stored under a collision name (`id~<8 hex>`, see
-    /// [`crate::model::collision_name`]) because another document had their name here. A scan
-    /// of `docs_v2`.
-    pub fn collisions(&self) -> Result<Vec<(DocId, DocRecord)>, StoreError> {
+    /// [`crate::model::collision_name`]) because another document had their name here, at
+    /// most `limit`, from the `collisions_v1` index (no scan).
+    pub fn collisions(&self, limit: usize) -> Result<Vec<(DocId, DocRecord)>, StoreError> {
+        let ctx = "listing name collisions";
+        let tx = self.db.begin_read().ctx(self, ctx)?;
+        let index = tx.open_table(COLLISIONS).ctx(self, ctx)?;
+        let reader = self.reader()?;
+        let mut out = Vec::new();
+        for item in index.iter().ctx(self, ctx)?.take(limit) {
+            let doc = DocId(item.ctx(self, ctx)?.0.value());
+            if let Some(record) = reader.record(&doc)? {
+                out.push((doc, record));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The same documents found by a scan of `docs_v2` (migrations, and the index's tests).
+    pub(super) fn scan_collisions(&self) -> Result<Vec<(DocId, DocRecord)>, StoreError> {
         self.docs_where("listing name collisions", |doc, rec| {
             crate::model::is_collision_name(&rec.local_id, doc)
         })
@@ -336,6 +352,7 @@ pub(super) struct Writer<'s, 'tx> {
     change_seqs: redb::Table<'tx, ([u8; 16], [u8; 32]), u64>,
     pub(super) names: redb::Table<'tx, (&'static str, &'static str), [u8; 16]>,
     counts: redb::Table<'tx, &'static str, (u64, u64)>,
+    collisions: redb::Table<'tx, [u8; 16], ()>,
     /// The last DocNo handed out.
     doc_no: u64,
     /// The last SEQ of the log.
@@ -369,6 +386,7 @@ impl<'s, 'tx> Writer<'s, 'tx> {
             change_seqs: tx.open_table(CHANGE_SEQS).ctx(store, ctx)?,
             names: tx.open_table(NAMES).ctx(store, ctx)?,
             counts: tx.open_table(COUNTS).ctx(store, ctx)?,
+            collisions: tx.open_table(COLLISIONS).ctx(store, ctx)?,
             doc_no,
             seq,
         })
@@ -401,8 +419,7 @@ impl<'s, 'tx> Writer<'s, 'tx> {
                     });
                 }
                 if crate::model::is_collision_name(&record.local_id, doc) {
-                    // Counted in the first slot of its `counts_v1` row, as a live object is.
-                    self.bump(COLLISIONS_KEY, true, true)?;
+                    self.collided(doc, true)?;
                 }
                 self.doc_no += 1;
                 self.doc_nos.insert(doc.0, self.doc_no).ctx(store, ctx)?;
@@ -453,7 +470,19 @@ impl<'s, 'tx> Writer<'s, 'tx> {
         self.names
             .insert((ty.as_str(), row.record.local_id.as_str()), doc.0)
             .ctx(store, ctx)?;
-        self.bump(COLLISIONS_KEY, true, true)
+        self.collided(doc, true)
+    }
+
+    /// Document `doc` took a collision name (`add`) or left it: the count (in the first slot
+    /// of its `counts_v1` row, as a live object is) and the `collisions_v1` index.
+    pub(super) fn collided(&mut self, doc: &DocId, add: bool) -> Result<(), StoreError> {
+        let (store, ctx) = (self.store, self.ctx);
+        if add {
+            self.collisions.insert(doc.0, ()).ctx(store, ctx)?;
+        } else {
+            self.collisions.remove(doc.0).ctx(store, ctx)?;
+        }
+        self.bump(COLLISIONS_KEY, true, add)
     }
 
     /// The `docs_v2` row of `doc` and its DocNo, when it is stored.

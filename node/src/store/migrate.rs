@@ -17,7 +17,7 @@ impl Store {
         if current {
             return Ok(());
         }
-        let n = self.collisions()?.len() as u64;
+        let n = self.scan_collisions()?.len() as u64;
         let tx = self.db.begin_write().ctx(self, ctx)?;
         tx.open_table(COUNTS)
             .ctx(self, ctx)?
@@ -121,10 +121,31 @@ impl Store {
         tx.open_table(ahead::SENT_AHEAD).ctx(self, ctx)?;
         tx.open_table(META)
             .ctx(self, ctx)?
-            .insert("format", STORE_FORMAT.as_bytes())
+            .insert("format", STORE_FORMAT_9.as_bytes())
             .ctx(self, ctx)?;
         tx.commit().ctx(self, ctx)?;
-        tracing::info!(path = %self.path.display(), "store migrated from {STORE_FORMAT_8} to {STORE_FORMAT}");
+        tracing::info!(path = %self.path.display(), "store migrated from {STORE_FORMAT_8} to {STORE_FORMAT_9}");
+        Ok(())
+    }
+
+    /// Format 10 indexes the documents under a collision name (`collisions_v1`): one scan of
+    /// `docs_v2`, in the transaction that sets the format.
+    pub(super) fn migrate_9_to_10(&self) -> Result<(), StoreError> {
+        let ctx = "migrating the store from format 9 to 10";
+        let found = self.scan_collisions()?;
+        let tx = self.db.begin_write().ctx(self, ctx)?;
+        {
+            let mut index = tx.open_table(COLLISIONS).ctx(self, ctx)?;
+            for (doc, _) in &found {
+                index.insert(doc.0, ()).ctx(self, ctx)?;
+            }
+            tx.open_table(META)
+                .ctx(self, ctx)?
+                .insert("format", STORE_FORMAT.as_bytes())
+                .ctx(self, ctx)?;
+        }
+        tx.commit().ctx(self, ctx)?;
+        tracing::info!(path = %self.path.display(), collisions = found.len(), "store migrated from {STORE_FORMAT_9} to {STORE_FORMAT}");
         Ok(())
     }
 

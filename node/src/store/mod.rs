@@ -59,7 +59,7 @@ pub use rename::Renamed;
 mod outbound;
 
 /// The value of `meta_v1["format"]` this build reads and writes.
-pub const STORE_FORMAT: &str = "tidesync-store-9";
+pub const STORE_FORMAT: &str = "tidesync-store-10";
 
 /// The format before held changes recorded their sender (`pending_v1`); opened and migrated.
 const STORE_FORMAT_2: &str = "tidesync-store-2";
@@ -81,6 +81,9 @@ const STORE_FORMAT_7: &str = "tidesync-store-7";
 /// Format 8: before what went to peers ahead of log order (`sent_ahead_v1`); migrated at open
 /// by creating it.
 const STORE_FORMAT_8: &str = "tidesync-store-8";
+/// Format 9: before the index of collision names (`collisions_v1`); migrated at open by one
+/// scan of `docs_v2`.
+const STORE_FORMAT_9: &str = "tidesync-store-9";
 
 /// Node-wide settings.
 /// Key: setting name (`format`). Value: UTF-8 bytes.
@@ -119,6 +122,10 @@ const VIEWS: TableDefinition<([u8; 32], [u8; 16]), &[u8]> = TableDefinition::new
 
 /// The `counts_v1` key of the collision count (type names cannot hold `~`).
 const COLLISIONS_KEY: &str = "~collisions";
+/// The documents stored under a collision name, so that the conflicts inbox lists them
+/// without a scan of `docs_v2`; kept in step with the count under [`COLLISIONS_KEY`].
+/// Key: DocId (16 bytes). Value: unit.
+const COLLISIONS: TableDefinition<[u8; 16], ()> = TableDefinition::new("collisions_v1");
 /// What this node knows of each peer's sync: checkpoints and counters.
 /// Key: peer NodeId (32 bytes). Value: postcard [`PeerRecord`].
 const PEERS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("peers_v1");
@@ -276,6 +283,7 @@ impl Store {
         }
         let since = |newer: &[&str]| !newer.contains(&format) && format != STORE_FORMAT;
         if since(&[
+            STORE_FORMAT_9,
             STORE_FORMAT_8,
             STORE_FORMAT_7,
             STORE_FORMAT_6,
@@ -283,17 +291,25 @@ impl Store {
         ]) {
             store.migrate_4_to_5()?;
         }
-        if since(&[STORE_FORMAT_8, STORE_FORMAT_7, STORE_FORMAT_6]) {
+        if since(&[
+            STORE_FORMAT_9,
+            STORE_FORMAT_8,
+            STORE_FORMAT_7,
+            STORE_FORMAT_6,
+        ]) {
             store.migrate_5_to_6()?;
         }
-        if since(&[STORE_FORMAT_8, STORE_FORMAT_7]) {
+        if since(&[STORE_FORMAT_9, STORE_FORMAT_8, STORE_FORMAT_7]) {
             store.migrate_6_to_7()?;
         }
-        if since(&[STORE_FORMAT_8]) {
+        if since(&[STORE_FORMAT_9, STORE_FORMAT_8]) {
             store.migrate_7_to_8()?;
         }
-        if format != STORE_FORMAT {
+        if since(&[STORE_FORMAT_9]) {
             store.migrate_8_to_9()?;
+        }
+        if format != STORE_FORMAT {
+            store.migrate_9_to_10()?;
         }
         Ok(store)
     }
@@ -375,6 +391,7 @@ impl Store {
             tx.open_table(fleet::METERS).ctx(self, ctx)?;
             tx.open_table(lacks::PEER_LACKS).ctx(self, ctx)?;
             tx.open_table(ahead::SENT_AHEAD).ctx(self, ctx)?;
+            tx.open_table(COLLISIONS).ctx(self, ctx)?;
         }
         tx.commit().ctx(self, ctx)
     }
@@ -413,6 +430,7 @@ impl Store {
             Some(f) if f == STORE_FORMAT_6 => Ok(STORE_FORMAT_6),
             Some(f) if f == STORE_FORMAT_7 => Ok(STORE_FORMAT_7),
             Some(f) if f == STORE_FORMAT_8 => Ok(STORE_FORMAT_8),
+            Some(f) if f == STORE_FORMAT_9 => Ok(STORE_FORMAT_9),
             other => Err(StoreError::Format {
                 path: self.path.clone(),
                 found: other.unwrap_or_else(|| "none".into()),

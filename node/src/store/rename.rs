@@ -102,7 +102,7 @@ impl docs::Writer<'_, '_> {
             .insert((ty.as_str(), new.as_str()), doc.0)
             .ctx(store, ctx)?;
         if was_collision {
-            self.bump(COLLISIONS_KEY, true, false)?;
+            self.collided(&doc, false)?;
         }
         Ok(Renamed::Done { doc, was_collision })
     }
@@ -144,6 +144,15 @@ mod tests {
             crate::model::collision_name(&name, &doc_b).as_str(),
         );
         assert_eq!(store.collision_count().unwrap(), 1);
+        // The index lists what a scan finds.
+        let listed: Vec<DocId> = store
+            .collisions(10)
+            .unwrap()
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
+        assert_eq!(listed, vec![doc_b]);
+        assert_eq!(store.scan_collisions().unwrap().len(), 1);
         let collided = crate::model::collision_name(&name, &doc_b);
         // The name is taken by the other document: refused, nothing changes.
         assert_eq!(
@@ -169,7 +178,8 @@ mod tests {
         assert_eq!(store.lookup(&ty, &collided).unwrap(), None);
         assert_eq!(store.lookup(&ty, &name).unwrap(), Some(doc_a));
         assert_eq!(store.record(&doc_b).unwrap().unwrap().local_id, new);
-        assert!(store.collisions().unwrap().is_empty());
+        assert!(store.collisions(usize::MAX).unwrap().is_empty());
+        assert!(store.scan_collisions().unwrap().is_empty());
         // Renaming again to the name it has is a no-op; a missing name is reported.
         assert!(matches!(
             store.rename(&ty, &new, &new, &[]).unwrap(),
@@ -179,5 +189,38 @@ mod tests {
             store.rename(&ty, &collided, &new, &[]).unwrap(),
             Renamed::NotFound
         );
+    }
+
+    // A store of format 9 has no `collisions_v1`: opening it indexes the collisions a scan
+    // finds, so the conflicts inbox still lists them without scanning.
+    #[test]
+    fn a_format_9_store_is_migrated_with_its_collisions_indexed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let doc_b = DocId([2; 16]);
+        {
+            let store = Store::create(&path).unwrap();
+            put(&store, DocId([1; 16]), NodeId([1; 32]), "S-1");
+            let collided = crate::model::collision_name(&ObjectId::new("S-1").unwrap(), &doc_b);
+            put(&store, doc_b, NodeId([2; 32]), collided.as_str());
+            // Back to format 9: the index table gone, the format string older.
+            let tx = store.db.begin_write().unwrap();
+            tx.delete_table(COLLISIONS).unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert("format", STORE_FORMAT_9.as_bytes())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let store = Store::open(&path, 1 << 20).unwrap();
+        assert_eq!(store.check_format().unwrap(), STORE_FORMAT);
+        let listed: Vec<DocId> = store
+            .collisions(10)
+            .unwrap()
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
+        assert_eq!(listed, vec![doc_b]);
+        assert_eq!(store.collision_count().unwrap(), 1);
     }
 }
