@@ -129,6 +129,16 @@ mod tests {
         tx.commit().unwrap();
     }
 
+    /// The documents the `collisions_v1` index lists.
+    fn listed(store: &Store) -> Vec<DocId> {
+        store
+            .collisions(10)
+            .unwrap()
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect()
+    }
+
     #[test]
     fn a_collision_renamed_leaves_the_count_and_keeps_its_document() {
         let store = Store::in_memory().unwrap();
@@ -145,13 +155,7 @@ mod tests {
         );
         assert_eq!(store.collision_count().unwrap(), 1);
         // The index lists what a scan finds.
-        let listed: Vec<DocId> = store
-            .collisions(10)
-            .unwrap()
-            .into_iter()
-            .map(|(d, _)| d)
-            .collect();
-        assert_eq!(listed, vec![doc_b]);
+        assert_eq!(listed(&store), vec![doc_b]);
         assert_eq!(store.scan_collisions().unwrap().len(), 1);
         let collided = crate::model::collision_name(&name, &doc_b);
         // The name is taken by the other document: refused, nothing changes.
@@ -214,13 +218,7 @@ mod tests {
         }
         let store = Store::open(&path, 1 << 20).unwrap();
         assert_eq!(store.check_format().unwrap(), STORE_FORMAT);
-        let listed: Vec<DocId> = store
-            .collisions(10)
-            .unwrap()
-            .into_iter()
-            .map(|(d, _)| d)
-            .collect();
-        assert_eq!(listed, vec![doc_b]);
+        assert_eq!(listed(&store), vec![doc_b]);
         assert_eq!(store.collision_count().unwrap(), 1);
     }
 }
