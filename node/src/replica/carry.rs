@@ -126,7 +126,7 @@ impl Replica {
         };
         match outcome {
             Some(Ok(crate::replica::engine::WriteOutcome::Changed(p))) => {
-                view.state = crate::doc::save_state(&p.doc);
+                view.state = p.state;
                 view.changes.push(p.change);
                 updated.retain(|(d, _)| *d != doc_id);
                 updated.push((doc_id, view.clone()));

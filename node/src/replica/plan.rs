@@ -1,11 +1,12 @@
 //! The cost preview of what would cross to one peer now (`tidesync plan --for PEER`, `export
-//! --plan`): changes and bytes (compressed as sent) by the same policy and log scan as a sync, the files those
-//! objects refer to, and how long the link's rate, windows and budget make it. Reads only.
+//! --plan`): changes and bytes (compressed as sent) by the same policy and log scan as a sync,
+//! the files those objects refer to, and how long the link's rate, windows and budget make
+//! it. Reads only.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
-use tidesync_proto::wire::Message;
+use tidesync_proto::wire::{Message, frame_bytes};
 use tidesync_proto::{DocHeader, DocId, NodeId};
 
 use super::Replica;
@@ -206,7 +207,7 @@ impl Replica {
                 objects.insert(change.doc);
             }
             // The frame as the sender would send it, compression included.
-            plan.bytes += tidesync_proto::wire::frame_bytes(&Message::Changes {
+            plan.bytes += frame_bytes(&Message::Changes {
                 batch: 1,
                 after,
                 docs: batch.docs,

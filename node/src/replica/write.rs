@@ -393,10 +393,6 @@ fn engine_write(
     op: WriteOp<'_>,
 ) -> Result<Prepared, LocalWriteError> {
     let outcome = engine.local_write(now_ms, ty, id, existing, op)?;
-    let object = matches!(op, WriteOp::Put(_)).then(|| match &outcome {
-        WriteOutcome::Changed(p) => doc::to_json(&p.doc),
-        WriteOutcome::Unchanged(l) => doc::to_json(&l.doc),
-    });
     if let WriteOutcome::Changed(p) = &outcome {
         let bytes = crate::model::change_wire_bytes(&p.change);
         if bytes > crate::replica::outbound::MAX_LOCAL_CHANGE_BYTES {
@@ -410,6 +406,10 @@ fn engine_write(
             }));
         }
     }
+    let object = matches!(op, WriteOp::Put(_)).then(|| match &outcome {
+        WriteOutcome::Changed(p) => doc::to_json(&p.doc),
+        WriteOutcome::Unchanged(l) => doc::to_json(&l.doc),
+    });
     Ok(Prepared {
         outcome,
         object,

@@ -87,12 +87,13 @@ impl Store {
         let ctx = "listing name collisions";
         let tx = self.db.begin_read().ctx(self, ctx)?;
         let index = tx.open_table(COLLISIONS).ctx(self, ctx)?;
-        let reader = self.reader()?;
+        let doc_nos = tx.open_table(DOC_NOS).ctx(self, ctx)?;
+        let docs = tx.open_table(DOCS).ctx(self, ctx)?;
         let mut out = Vec::new();
         for item in index.iter().ctx(self, ctx)?.take(limit) {
             let doc = DocId(item.ctx(self, ctx)?.0.value());
-            if let Some(record) = reader.record(&doc)? {
-                out.push((doc, record));
+            if let Some(head) = self.doc_row::<DocHead>(&doc_nos, &docs, &doc, ctx)? {
+                out.push((doc, head.record));
             }
         }
         Ok(out)
