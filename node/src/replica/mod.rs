@@ -11,7 +11,8 @@
 //! [`peers`] (configured peers' policies applied against the store's, revoked keys),
 //! [`equivocation`] (finding two changes signed under one actor and sequence number, and
 //! rebuilding a document without them), [`files`](mod@files) (which files an arriving object
-//! makes us want, and which a peer may be served).
+//! makes us want, and which a peer may be served), [`par`] (the one split of work among the
+//! cores).
 
 pub mod apply;
 pub mod carry;
@@ -19,6 +20,7 @@ pub mod engine;
 pub mod equivocation;
 pub mod files;
 pub mod outbound;
+pub mod par;
 pub mod peers;
 pub mod plan;
 pub mod receive;

@@ -12,10 +12,8 @@ use tidesync_proto::{
 use super::Replica;
 use super::SyncError;
 use super::apply::{Prepared, Work, prepare, write};
+use super::par::{par_chunks, par_map};
 use crate::model::Claim;
-
-/// Work lists shorter than this (changes to verify, documents to apply) stay on one thread.
-pub const PARALLEL_MIN_ITEMS: usize = 64;
 
 /// What storing one received batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -29,49 +27,6 @@ pub struct ReceiveReport {
     pub refused_for_room: u64,
 }
 
-/// Split `items` into one run per core (up to four), hand each run to `f` on its own thread
-/// and join the results in order; on this thread when there are fewer than
-/// [`PARALLEL_MIN_ITEMS`]. A panic in a worker is resumed here, never swallowed, so no item's
-/// result can go missing.
-fn par_chunks<T: Send, R: Send>(items: Vec<T>, f: impl Fn(Vec<T>) -> Vec<R> + Sync) -> Vec<R> {
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 4);
-    if items.len() < PARALLEL_MIN_ITEMS || workers == 1 {
-        return f(items);
-    }
-    let chunk = items.len().div_ceil(workers);
-    let mut parts: Vec<Vec<T>> = Vec::with_capacity(workers);
-    let mut rest = items;
-    while rest.len() > chunk {
-        let tail = rest.split_off(chunk);
-        parts.push(rest);
-        rest = tail;
-    }
-    parts.push(rest);
-    let f = &f;
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = parts
-            .into_iter()
-            .map(|part| scope.spawn(move || f(part)))
-            .collect();
-        let mut out = Vec::new();
-        for h in handles {
-            match h.join() {
-                Ok(results) => out.extend(results),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-        out
-    })
-}
-
-/// Map `f` over `items` on every core, keeping their order (see [`par_chunks`]).
-fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
-    par_chunks(items, |part| part.into_iter().map(&f).collect())
-}
-
 /// Verify a batch on every core: each core checks its share of the signatures in one batch
 /// equation (see [`check_batch`]), with each author's key decompressed once.
 #[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))]
@@ -79,7 +34,8 @@ pub(crate) fn verify_batch(
     changes: &[SignedChange],
     faults: &crate::fault::Faults,
 ) -> Vec<Result<VerifiedChange, VerifyError>> {
-    let decoded = par_map(changes.iter().collect(), SignedChange::decode);
+    let decoded = par_map(changes.iter().collect(), SignedChange::decode)
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
     #[cfg(feature = "fault-injection")]
     if faults.accept_unsigned {
         return decoded
@@ -94,6 +50,7 @@ pub(crate) fn verify_batch(
     }
     let keys = &keys;
     par_chunks(decoded, |part| check_batch(part, keys))
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 impl Replica {
@@ -200,7 +157,8 @@ impl Replica {
                 w,
                 i >= cache_from,
             )
-        });
+        })
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         // Take deferred documents referenced by what was taken, round by round (a LabelTree a
         // Volume references may reference Users); what is left over is refused below.
         let mut deferred = deferred;
@@ -313,24 +271,5 @@ impl Replica {
             commit: started.elapsed() - applied_at,
         });
         Ok(report)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn par_map_keeps_every_result_in_order() {
-        // Regression: worker results were joined with `unwrap_or_default`, so a panicking
-        // worker would have dropped its share of a batch silently; now the panic is resumed.
-        let out = par_map((0..1000u32).collect(), |x| x * 2);
-        assert_eq!(out, (0..1000u32).map(|x| x * 2).collect::<Vec<_>>());
-        let caught = std::panic::catch_unwind(|| {
-            par_map((0..1000u32).collect(), |x| {
-                if x == 700 { panic!("boom") } else { x }
-            })
-        });
-        assert!(caught.is_err(), "a worker's panic must not be swallowed");
     }
 }

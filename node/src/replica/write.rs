@@ -180,71 +180,45 @@ impl Replica {
     /// Check each write against the reserved type, the policies, its file references and its
     /// name, load what it builds on, then run the writes through the engine, in parallel
     /// across cores when there are enough of them (nothing is stored yet). One result per
-    /// write, in order.
+    /// write, in order. The writes go [`ENGINE_CHUNK_WRITES`] at a time, so that a bulk write
+    /// never holds more decoded documents than one chunk's.
     fn prepare_all(
         &mut self,
         ops: &[(&TypeName, &ObjectId, WriteOp<'_>)],
     ) -> Vec<Result<Prepared, LocalWriteError>> {
-        let mut out: Vec<Option<Result<Prepared, LocalWriteError>>> =
-            ops.iter().map(|_| None).collect();
-        let mut jobs = Vec::with_capacity(ops.len());
-        for (i, (ty, id, op)) in ops.iter().enumerate() {
-            match self.load_for_write(ty, id, op) {
-                Ok(existing) => jobs.push((i, existing)),
-                Err(e) => out[i] = Some(Err(e)),
-            }
-        }
         let now = (self.clock)();
-        let engine = &self.engine;
         // Only the last writes' documents would stay in the cache: the others are let go as
-        // soon as they are saved, so a bulk write holds one document at a time per thread,
-        // not all of them.
+        // soon as they are saved (their saved state and answer are kept).
         let cached_from = ops.len().saturating_sub(self.cache.cap().get());
-        let run = |(i, existing): (usize, Option<Loaded>)| {
-            let (ty, id, op) = &ops[i];
-            let mut prepared = engine_write(engine, now, ty, id, existing, *op);
-            if i < cached_from
-                && let Ok(p) = &mut prepared
-            {
-                p.release_doc();
-            }
-            (i, prepared)
-        };
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(jobs.len() / MIN_WRITES_PER_ENGINE_THREAD)
-            .max(1);
-        let done: Vec<(usize, Result<Prepared, LocalWriteError>)> = if threads == 1 {
-            jobs.into_iter().map(run).collect()
-        } else {
-            // Contiguous shares, one per thread, joined in order.
-            let share = jobs.len().div_ceil(threads);
-            let mut shares = Vec::with_capacity(threads);
-            let mut jobs = jobs.into_iter();
-            loop {
-                let part: Vec<_> = jobs.by_ref().take(share).collect();
-                if part.is_empty() {
-                    break;
+        let mut out = Vec::with_capacity(ops.len());
+        for (c, chunk) in ops.chunks(ENGINE_CHUNK_WRITES).enumerate() {
+            let first = c * ENGINE_CHUNK_WRITES;
+            let mut results: Vec<Option<Result<Prepared, LocalWriteError>>> =
+                chunk.iter().map(|_| None).collect();
+            let mut jobs = Vec::with_capacity(chunk.len());
+            for (k, (ty, id, op)) in chunk.iter().enumerate() {
+                match self.load_for_write(ty, id, op) {
+                    Ok(existing) => jobs.push((k, existing)),
+                    Err(e) => results[k] = Some(Err(e)),
                 }
-                shares.push(part);
             }
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = shares
-                    .into_iter()
-                    .map(|part| scope.spawn(|| part.into_iter().map(run).collect::<Vec<_>>()))
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().unwrap_or_default())
-                    .collect()
-            })
-        };
-        for (i, result) in done {
-            out[i] = Some(result);
-        }
-        out.into_iter()
-            .zip(ops)
-            .map(|(r, (ty, id, _))| {
+            let engine = &self.engine;
+            let run = |(k, existing): (usize, Option<Loaded>)| {
+                let (ty, id, op) = &chunk[k];
+                let mut prepared = engine_write(engine, now, ty, id, existing, *op);
+                if first + k < cached_from
+                    && let Ok(p) = &mut prepared
+                {
+                    p.release_doc();
+                }
+                (k, prepared)
+            };
+            // A panicking engine thread leaves its writes without a result: each is answered
+            // with an error below, and the others of the chunk are lost with it.
+            for (k, result) in super::par::par_map(jobs, run).unwrap_or_default() {
+                results[k] = Some(result);
+            }
+            out.extend(results.into_iter().zip(chunk).map(|(r, (ty, id, _))| {
                 r.unwrap_or_else(|| {
                     Err(LocalWriteError::Store {
                         ty: (*ty).clone(),
@@ -256,8 +230,9 @@ impl Replica {
                         },
                     })
                 })
-            })
-            .collect()
+            }));
+        }
+        out
     }
 
     /// Check one write against the reserved type, the policies, its file references and its
@@ -377,9 +352,10 @@ impl Replica {
     }
 }
 
-/// Writes a batch needs before its engine work is shared among threads: below this, one
-/// thread does it all (a thread's start costs more than a few writes).
-pub const MIN_WRITES_PER_ENGINE_THREAD: usize = 32;
+/// Writes of one bulk post or group loaded and run through the engine at a time: their
+/// decoded documents (about 50 KB each for ten fields) are what a write holds at once, about
+/// 6 MB, however many objects it posts.
+pub const ENGINE_CHUNK_WRITES: usize = 128;
 
 /// Run one write through the engine and refuse a change no frame can carry: a change that
 /// would never reach a peer, and would stop the log behind it on older nodes, is refused

@@ -87,11 +87,20 @@ pub(crate) fn delta(after: &Value, before: &Value, key: &str) -> u64 {
 }
 
 pub(crate) fn peak_rss_kib(node: &TestNode) -> u64 {
-    let pid = node.pid().expect("running");
+    proc_status_kib(node.pid().expect("running"), "VmHWM:")
+}
+
+/// The resident memory (VmRSS) of process `pid` now, in KiB (0 once it is gone).
+pub(crate) fn rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+/// One figure in KiB of `/proc/PID/status` (`VmHWM:`, `VmRSS:`; 0 if it cannot be read).
+fn proc_status_kib(pid: u32, key: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(key))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)

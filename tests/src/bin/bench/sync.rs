@@ -38,6 +38,8 @@ pub(crate) fn sync(objects: usize) -> SyncFigures {
         "seeded lab A: {objects} objects in {bulk_create_s:.2} s (POST /v1/objects of {}, durable)",
         seed_batch()
     );
+    let mut peaks = Peaks::default();
+    peaks.note("seeding", &a, &b);
 
     // B holds one object of its own, which the probes below read and write during the sync;
     // its PUTs there repeat this body, so they add nothing to B's log.
@@ -78,9 +80,35 @@ pub(crate) fn sync(objects: usize) -> SyncFigures {
         (label, probe)
     })
     .collect();
+    // B's resident memory every 0.5 s: whether its peak is a spike or a climb.
+    let rss_probe = {
+        let stop = std::sync::Arc::clone(&probe_stop);
+        let pid = b.pid().expect("running");
+        std::thread::spawn(move || {
+            let mut mib = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                mib.push(rss_kib(pid) as f64 / 1024.0);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            mib
+        })
+    };
     wait_seq(&b, target);
     let initial = t.elapsed();
     probe_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rss = rss_probe.join().unwrap_or_default();
+    if !rss.is_empty() {
+        let at = |q: f64| rss[((rss.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "B's resident memory during the initial sync ({} samples, 0.5 s apart): {:.0} / {:.0} / {:.0} / {:.0} MiB at a quarter, half, three quarters and the end; max {:.0} MiB",
+            rss.len(),
+            at(0.25),
+            at(0.5),
+            at(0.75),
+            at(1.0),
+            rss.iter().copied().fold(0.0, f64::max)
+        );
+    }
     let probes: Vec<(&str, Vec<f64>)> = probes
         .into_iter()
         .map(|(label, probe)| (label, probe.join().unwrap_or_default()))
@@ -109,6 +137,7 @@ pub(crate) fn sync(objects: usize) -> SyncFigures {
             );
         }
     }
+    peaks.note("the initial sync", &a, &b);
 
     // Idle resync: drop the link (B stops) and bring it back (B starts and dials A); nothing
     // differs. (`peer rm` and `peer add` would not do: a peer removed and added again starts
@@ -150,6 +179,7 @@ pub(crate) fn sync(objects: usize) -> SyncFigures {
     );
 
     // A 1 % delta while the link is down (B stopped).
+    peaks.note("the idle resync", &a, &b);
     b.stop();
     wait_for("link down", || {
         a.peer("bench-b")["connected"] == json!(false)
@@ -171,6 +201,7 @@ pub(crate) fn sync(objects: usize) -> SyncFigures {
         (delta(&a_after, &a_before, "bytes_out") + delta(&b_after, &b_before, "bytes_out")) as f64
             / 1e6
     );
+    peaks.note("the 1 % delta", &a, &b);
 
     // A 1 % delta while connected: A edits objects one at a time, as an application writes,
     // over one keep-alive connection; the clock stops when B has stored the last edit.
@@ -255,11 +286,11 @@ pub(crate) fn sync(objects: usize) -> SyncFigures {
         let bytes = std::fs::metadata(node.home().join("store.redb")).map_or(0, |m| m.len());
         println!("store of {}: {:.1} MB", node.name, bytes as f64 / 1e6);
     }
-    let (peak_a_mib, peak_b_mib) = (
-        peak_rss_kib(&a) as f64 / 1024.0,
-        peak_rss_kib(&b) as f64 / 1024.0,
+    peaks.note("the end", &a, &b);
+    let (peak_a_mib, peak_b_mib) = (peaks.a, peaks.b);
+    println!(
+        "peak memory (the highest of each node's processes): node A {peak_a_mib:.0} MiB, node B {peak_b_mib:.0} MiB"
     );
-    println!("peak memory: node A {peak_a_mib:.0} MiB, node B {peak_b_mib:.0} MiB");
     // `TIDESYNC_BENCH_LOGS=DIR` keeps both nodes' logs (`TIDESYNC_TEST_LOG=debug` shows each
     // batch's verify, apply and commit times).
     if let Ok(dir) = std::env::var("TIDESYNC_BENCH_LOGS") {
@@ -280,5 +311,29 @@ pub(crate) fn sync(objects: usize) -> SyncFigures {
         visible_p99_ms: percentile(&samples, 0.99),
         peak_a_mib,
         peak_b_mib,
+    }
+}
+
+/// Each node's peak memory (VmHWM), the highest over all its processes: B is restarted
+/// twice, and a restart starts its VmHWM again, so each phase notes both before B stops.
+#[derive(Default)]
+struct Peaks {
+    a: f64,
+    b: f64,
+}
+
+impl Peaks {
+    /// Note each node's peak so far and print it (VmHWM only grows within a process, so each
+    /// line shows whether its phase raised the peak).
+    fn note(&mut self, phase: &str, a: &TestNode, b: &TestNode) {
+        let (pa, pb) = (
+            peak_rss_kib(a) as f64 / 1024.0,
+            peak_rss_kib(b) as f64 / 1024.0,
+        );
+        self.a = self.a.max(pa);
+        self.b = self.b.max(pb);
+        println!(
+            "peak memory of this process after {phase}: node A {pa:.0} MiB, node B {pb:.0} MiB"
+        );
     }
 }
