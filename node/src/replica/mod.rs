@@ -477,7 +477,9 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn core() -> Replica {
+    /// A replica on an in-memory store that caches two documents (the other modules' tests
+    /// use it too).
+    pub(super) fn core() -> Replica {
         Replica::new(
             "t".into(),
             Identity::from_secret([4; 32]),

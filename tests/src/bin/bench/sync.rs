@@ -252,13 +252,18 @@ pub(crate) fn sync(objects: usize) -> SyncFigures {
             (Instant::now(), v)
         });
         std::thread::sleep(Duration::from_millis(5));
+        // Over the writer's keep-alive connection, as an application writes (`a.http` would
+        // build a client and open a connection inside the timed span).
+        let mut req = writer
+            .put(format!("{}/v1/objects/Latency/L-{k}", a.api_url()))
+            .header("content-type", "application/json")
+            .body(r#"{"k":1}"#);
+        if let Some(token) = a.token() {
+            req = req.bearer_auth(token);
+        }
         let t = Instant::now();
-        let (s, _) = a.http(
-            Method::PUT,
-            &format!("/v1/objects/Latency/L-{k}"),
-            Some(r#"{"k":1}"#),
-        );
-        assert_eq!(s, 200);
+        let resp = req.send().expect("a PUT");
+        assert!(resp.status().is_success(), "PUT failed: {}", resp.status());
         let (seen_at, v) = waiter.join().unwrap();
         assert_eq!(v["changes"][0]["id"], json!(format!("L-{k}")), "{v}");
         samples.push(seen_at.duration_since(t).as_secs_f64() * 1e3);
