@@ -21,9 +21,9 @@ pub fn cores() -> usize {
 }
 
 /// Split `items` into one run per core, hand each run to `f` on its own thread and join the
-/// results in order; on this thread when there are fewer than [`PARALLEL_MIN_ITEMS`]. A
-/// worker's panic is handed back (`Err`), never swallowed, so no item's result can go
-/// missing unnoticed.
+/// results in order; on this thread when there are fewer than [`PARALLEL_MIN_ITEMS`] (a
+/// panic there unwinds as any call's would). A worker thread's panic is handed back (`Err`),
+/// never swallowed, so no item's result can go missing unnoticed.
 pub fn par_chunks<T: Send, R: Send>(
     items: Vec<T>,
     f: impl Fn(Vec<T>) -> Vec<R> + Sync,

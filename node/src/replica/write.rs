@@ -213,8 +213,8 @@ impl Replica {
                 }
                 (k, prepared)
             };
-            // A panicking engine thread leaves its writes without a result: each is answered
-            // with an error below, and the others of the chunk are lost with it.
+            // A panicking engine thread (when the chunk is shared among threads) leaves the
+            // chunk's writes without a result: each is answered with an error below.
             for (k, result) in super::par::par_map(jobs, run).unwrap_or_default() {
                 results[k] = Some(result);
             }
