@@ -14,7 +14,7 @@
 
 use std::cell::RefCell;
 
-use automerge::{Automerge, ChangeHash};
+use automerge::{Automerge, ChangeHash, ReadDoc};
 use ed25519_dalek::Signer;
 use serde_json::{Map, Value as Json, json};
 use sha2::{Digest, Sha256};
@@ -73,30 +73,46 @@ impl Fixture {
     fn build() -> Option<Fixture> {
         let ship = Identity::from_secret(SHIP_SECRET);
         let hub = Identity::from_secret(HUB_SECRET);
+        let ship_id = ship.node_id();
         let engine = Engine::new(Identity::from_secret(SHIP_SECRET), SHIP_EPOCH);
         let ty = TypeName::new("Sample").ok()?;
         let id = ObjectId::new("s-1").ok()?;
         let fields = json!({"depth": 120, "name": "core", "tags": ["a", "b"], "pos": {"lat": 1.5}});
-        let WriteOutcome::Changed(p) = engine
-            .local_write(NOW_MS, &ty, &id, None, WriteOp::Put(fields.as_object()?))
-            .ok()?
-        else {
-            return None;
-        };
+        // The genesis is written one operation at a time, as the engine wrote new documents
+        // before it batched them (same actor, message and time): the committed regression
+        // inputs and corpora build on this change's hash.
+        let doc_id = DocId::derive(&ship_id, &ty, &id);
+        let mut doc =
+            Automerge::new().with_actor(tidesync_proto::ids::actor_id(&ship_id, SHIP_EPOCH).into());
+        let mut tx = doc.transaction();
+        crate::doc::put_fields(&mut tx, fields.as_object()?).ok()?;
+        let (hash, _) = tx.commit_with(
+            automerge::transaction::CommitOptions::default()
+                .with_message("create")
+                .with_time(NOW_MS.div_euclid(1000)),
+        );
+        let genesis =
+            SignedChange::sign(ship.signing_key(), doc_id, &doc.get_change_by_hash(&hash?)?);
         Some(Fixture {
             header: DocHeader {
-                doc: p.doc_id,
-                origin: ship.node_id(),
-                ty,
-                id,
+                doc: doc_id,
+                origin: ship_id,
+                ty: ty.clone(),
+                id: id.clone(),
             },
             ship,
             hub,
             engine,
-            doc_id: p.doc_id,
-            record: p.record,
-            doc: p.doc,
-            genesis: p.change,
+            doc_id,
+            record: DocRecord {
+                origin: ship_id,
+                ty,
+                local_id: id.clone(),
+                id,
+                live: true,
+            },
+            doc,
+            genesis,
         })
     }
 

@@ -218,7 +218,11 @@ impl Engine {
             change: SignedChange::sign(self.identity.signing_key(), doc_id, &change),
             hash,
             author: self.node_id(),
-            files: doc::file_refs(&doc),
+            // A new document holds exactly its fields: their references are read from the JSON.
+            files: match op {
+                WriteOp::Put(fields) if new => doc::file_refs_in(fields),
+                _ => doc::file_refs(&doc),
+            },
             // A new document holds one change by one actor: no field can hold concurrent
             // values yet, so it is not walked.
             concurrent: if new {

@@ -368,6 +368,7 @@ fn engine_write(
     existing: Option<Loaded>,
     op: WriteOp<'_>,
 ) -> Result<Prepared, LocalWriteError> {
+    let new = existing.is_none();
     let outcome = engine.local_write(now_ms, ty, id, existing, op)?;
     if let WriteOutcome::Changed(p) = &outcome {
         let bytes = crate::model::change_wire_bytes(&p.change);
@@ -382,10 +383,20 @@ fn engine_write(
             }));
         }
     }
-    let object = matches!(op, WriteOp::Put(_)).then(|| match &outcome {
-        WriteOutcome::Changed(p) => doc::to_json(&p.doc),
-        WriteOutcome::Unchanged(l) => doc::to_json(&l.doc),
-    });
+    let object = match (op, &outcome) {
+        // A new document holds exactly its fields but the nulls (`doc`'s proptests hold this):
+        // it is not read back.
+        (WriteOp::Put(fields), WriteOutcome::Changed(_)) if new => Some(
+            fields
+                .iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
+        (WriteOp::Put(_), WriteOutcome::Changed(p)) => Some(doc::to_json(&p.doc)),
+        (WriteOp::Put(_), WriteOutcome::Unchanged(l)) => Some(doc::to_json(&l.doc)),
+        (WriteOp::Delete | WriteOp::Resolve { .. }, _) => None,
+    };
     Ok(Prepared {
         outcome,
         object,
