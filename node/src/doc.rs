@@ -85,10 +85,17 @@ pub fn is_deleted(doc: &impl ReadDoc) -> bool {
 
 /// The object's fields as JSON, without reserved keys.
 pub fn to_json(doc: &impl ReadDoc) -> Map<String, Json> {
-    doc.map_range(ROOT, ..)
-        .filter(|item| !item.key.starts_with(RESERVED_PREFIX))
+    map_json(doc, &ROOT, |key| !key.starts_with(RESERVED_PREFIX))
+}
+
+/// The JSON of the map `obj`'s keys that `keep` keeps, read in one pass (a range), not key by
+/// key.
+fn map_json(doc: &impl ReadDoc, obj: &ObjId, keep: impl Fn(&str) -> bool) -> Map<String, Json> {
+    doc.map_range(obj, ..)
+        .filter(|item| keep(&item.key))
         .map(|item| {
-            let json = value_to_json(doc, item.value.clone().into_value(), &item.id());
+            let id = item.id();
+            let json = value_to_json(doc, item.value.into_value(), &id);
             (item.key.into_owned(), json)
         })
         .collect()
@@ -213,18 +220,14 @@ pub fn write_value<T: Transactable + ReadDoc>(
 fn value_to_json(doc: &impl ReadDoc, value: Value<'_>, obj: &ObjId) -> Json {
     match value {
         Value::Scalar(s) => scalar_to_json(&s),
-        // Each map and list is read in one pass (a range), not key by key.
-        Value::Object(ObjType::Map | ObjType::Table) => Json::Object(
-            doc.map_range(obj, ..)
-                .map(|item| {
-                    let json = value_to_json(doc, item.value.clone().into_value(), &item.id());
-                    (item.key.into_owned(), json)
-                })
-                .collect(),
-        ),
+        Value::Object(ObjType::Map | ObjType::Table) => Json::Object(map_json(doc, obj, |_| true)),
+        // In one pass (a range), not index by index.
         Value::Object(ObjType::List) => Json::Array(
             doc.list_range(obj, ..)
-                .map(|item| value_to_json(doc, item.value.clone().into_value(), &item.id()))
+                .map(|item| {
+                    let id = item.id();
+                    value_to_json(doc, item.value.into_value(), &id)
+                })
                 .collect(),
         ),
         Value::Object(ObjType::Text) => Json::String(doc.text(obj).unwrap_or_default()),

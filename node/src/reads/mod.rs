@@ -308,10 +308,7 @@ impl Reads {
         ty: &TypeName,
         id: &ObjectId,
     ) -> Result<Option<(DocId, DocRecord)>, StoreError> {
-        let Some(doc_id) = self.store.lookup(ty, id)? else {
-            return Ok(None);
-        };
-        Ok(self.store.record(&doc_id)?.map(|r| (doc_id, r)))
+        self.store.reader()?.find(ty, id)
     }
 
     /// An object's document and record, deleted or not.

@@ -410,11 +410,17 @@ impl Replica {
         (self.clock)()
     }
 
-    /// Load the document for `doc`, from the cache or the store (taking it out of the cache).
-    pub(crate) fn take_doc(&mut self, doc_id: &DocId) -> Result<Option<Automerge>, StoreError> {
-        match self.cache.pop(doc_id) {
-            Some(d) => Ok(Some(d)),
-            None => self.store.load_doc(doc_id),
+    /// Load the document for `doc`, from the cache or the store (taking it out of the cache);
+    /// through `reader` when the caller has a read transaction open.
+    pub(crate) fn take_doc(
+        &mut self,
+        doc_id: &DocId,
+        reader: Option<&crate::store::Reader<'_>>,
+    ) -> Result<Option<Automerge>, StoreError> {
+        match (self.cache.pop(doc_id), reader) {
+            (Some(d), _) => Ok(Some(d)),
+            (None, Some(r)) => r.load_doc(doc_id),
+            (None, None) => self.store.load_doc(doc_id),
         }
     }
 

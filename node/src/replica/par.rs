@@ -55,6 +55,11 @@ pub fn par_chunks<T: Send, R: Send>(
     })
 }
 
+/// The result of a split whose worker panics are this thread's: a worker's panic unwinds here.
+pub fn or_unwind<R>(result: std::thread::Result<R>) -> R {
+    result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
 /// Map `f` over `items` on every core, keeping their order (see [`par_chunks`]).
 pub fn par_map<T: Send, R: Send>(
     items: Vec<T>,

@@ -12,7 +12,7 @@ use tidesync_proto::{
 use super::Replica;
 use super::SyncError;
 use super::apply::{Prepared, Work, prepare, write};
-use super::par::{par_chunks, par_map};
+use super::par::{or_unwind, par_chunks, par_map};
 use crate::model::Claim;
 
 /// What storing one received batch did.
@@ -34,8 +34,7 @@ pub(crate) fn verify_batch(
     changes: &[SignedChange],
     faults: &crate::fault::Faults,
 ) -> Vec<Result<VerifiedChange, VerifyError>> {
-    let decoded = par_map(changes.iter().collect(), SignedChange::decode)
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    let decoded = or_unwind(par_map(changes.iter().collect(), SignedChange::decode));
     #[cfg(feature = "fault-injection")]
     if faults.accept_unsigned {
         return decoded
@@ -49,8 +48,7 @@ pub(crate) fn verify_batch(
             .or_insert_with(|| AuthorKey::new(&d.author));
     }
     let keys = &keys;
-    par_chunks(decoded, |part| check_batch(part, keys))
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    or_unwind(par_chunks(decoded, |part| check_batch(part, keys)))
 }
 
 impl Replica {
@@ -146,7 +144,7 @@ impl Replica {
         let reader = self.store.reader().map_err(super::store_err(peer))?;
         let engine = &self.engine;
         let policies = &self.policies;
-        let mut prepared = par_map(work.into_iter().enumerate().collect(), |(i, w)| {
+        let mut prepared = or_unwind(par_map(work.into_iter().enumerate().collect(), |(i, w)| {
             prepare(
                 engine,
                 policies,
@@ -157,8 +155,7 @@ impl Replica {
                 w,
                 i >= cache_from,
             )
-        })
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        }));
         // Take deferred documents referenced by what was taken, round by round (a LabelTree a
         // Volume references may reference Users); what is left over is refused below.
         let mut deferred = deferred;

@@ -274,22 +274,12 @@ impl Replica {
             })?;
         }
         let found = match reader {
-            Some(r) => match r.lookup(ty, id).map_err(store_err)? {
-                Some(doc_id) => r
-                    .record(&doc_id)
-                    .map_err(store_err)?
-                    .map(|record| (doc_id, record)),
-                None => None,
-            },
-            None => self.find(ty, id).map_err(store_err)?,
+            Some(r) => r.find(ty, id),
+            None => self.find(ty, id),
         };
-        match found {
+        match found.map_err(store_err)? {
             Some((doc_id, record)) => {
-                let doc = match (reader, self.cache.pop(&doc_id)) {
-                    (_, Some(doc)) => Some(doc),
-                    (Some(r), None) => r.load_doc(&doc_id).map_err(store_err)?,
-                    (None, None) => self.take_doc(&doc_id).map_err(store_err)?,
-                };
+                let doc = self.take_doc(&doc_id, reader).map_err(store_err)?;
                 let doc = doc.ok_or_else(|| {
                     store_err(StoreError::Decode {
                         path: self.store.path().into(),
@@ -616,7 +606,7 @@ mod tests {
             ObjectId::new("S-7").unwrap(),
         );
         let (doc_id, _) = r.find(&ty, &id).unwrap().unwrap();
-        let doc = r.take_doc(&doc_id).unwrap().unwrap();
+        let doc = r.take_doc(&doc_id, None).unwrap().unwrap();
         assert_eq!(
             Json::Object(doc::to_json(&doc)),
             json!({"k": 7, "round": 1})

@@ -48,6 +48,18 @@ impl Reader<'_> {
         Ok(found.map(|v| DocId(v.value())))
     }
 
+    /// The document a local name points to, with its record.
+    pub fn find(
+        &self,
+        ty: &TypeName,
+        id: &ObjectId,
+    ) -> Result<Option<(DocId, DocRecord)>, StoreError> {
+        let Some(doc) = self.lookup(ty, id)? else {
+            return Ok(None);
+        };
+        Ok(self.record(&doc)?.map(|r| (doc, r)))
+    }
+
     /// What is known of a document.
     pub fn record(&self, doc: &DocId) -> Result<Option<DocRecord>, StoreError> {
         let head: Option<DocHead> =
