@@ -88,7 +88,9 @@ fn settle(cores: &mut [&mut Core; 2], mut seen: impl FnMut(&Message)) {
         assert!(steps < 10_000, "the sync never settled");
         seen(&msg);
         let to = 1 - from;
-        let answer = cores[to].on_request(ids[from], msg).expect("a request");
+        let answer = cores[to]
+            .on_request(ids[from], msg, None)
+            .expect("a request");
         seen(&answer);
         for (_, m) in cores[to].take_outbox().sends {
             queue.push_back((to, m));
@@ -407,7 +409,7 @@ fn write_fixtures() {
         tip: seq,
     };
     hub.on_connected(lab_id).expect("connect");
-    let ack = hub.on_request(lab_id, held.clone()).expect("held");
+    let ack = hub.on_request(lab_id, held.clone(), None).expect("held");
     frames.push(held);
     frames.push(ack);
     frames.push(Message::Rewound {
@@ -425,7 +427,9 @@ fn write_fixtures() {
     let record = lab.status_record(&status, CLOCK_MS);
     let signed = lab.sign_status(&record).expect("a signed record");
     let status = Message::Status { status: signed };
-    let ack = hub.on_request(lab_id, status.clone()).expect("a status");
+    let ack = hub
+        .on_request(lab_id, status.clone(), None)
+        .expect("a status");
     frames.push(status);
     frames.push(ack);
 

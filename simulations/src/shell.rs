@@ -182,7 +182,10 @@ pub(crate) fn handle(w: &mut World, event: Event, phase: &str) -> Result<(), Vio
         Packet::Request { msg, .. } => {
             w.trace
                 .line(&format!("{} request {from}->{to} {}", w.now, kind(msg)));
-            match core.on_request(peer, msg.clone()) {
+            // As the daemon hands a batch over: its signatures verified ahead.
+            let msg = msg.clone();
+            let checked = tidesync::core::Checked::of_message(&msg, core.replica().faults());
+            match core.on_request(peer, msg, checked) {
                 Ok(response) => {
                     if !w.is_bad(to) {
                         w.shaping.sent(to, from, &response, w.now, phase)?;

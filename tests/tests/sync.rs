@@ -203,6 +203,26 @@ fn a_hub_that_alters_relayed_changes_is_caught_by_lab_b() {
     wait_for("the hub hears that B rejected it", || {
         n[1].peer("lab-b")["rejected_by_peer"].as_u64().unwrap_or(0) >= 1
     });
+    // A batch large enough to be verified ahead of B's node actor (the pipelined receive
+    // path) is caught the same way: every altered change of it is refused.
+    let items: Vec<_> = (0..40)
+        .map(|k| json!({"type": "Sample", "id": format!("S-many-{k}"), "fields": {"k": k}}))
+        .collect();
+    let (s, v) = n[0].http(
+        reqwest::Method::POST,
+        "/v1/objects",
+        Some(&serde_json::Value::Array(items).to_string()),
+    );
+    assert_eq!(s, 200, "{v}");
+    wait_for("the hub stores A's 40 objects", || {
+        n[1].get("Sample", "S-many-39").is_some()
+    });
+    wait_for("lab B rejects the 40 altered relays", || {
+        n[2].peer("hub")["rejected"].as_u64().unwrap_or(0) >= 41
+    });
+    assert_eq!(n[2].get("Sample", "S-many-0"), None);
+    assert_eq!(n[2].get("Sample", "S-many-39"), None);
+    assert_eq!(n[2].status()["last_seq"], b_seq_before);
 }
 
 #[test]

@@ -218,7 +218,7 @@ pub fn import_body(
             restart: false,
         });
         done += chunk.len() as u64;
-        let r = replica.receive_changes(peer, claim, docs, chunk)?;
+        let r = replica.receive_changes(peer, claim, docs, chunk, None)?;
         held += r.held;
         rejected += r.rejected;
         progress(done, total);

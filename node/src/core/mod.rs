@@ -32,6 +32,7 @@ pub use crate::reads::{
     MAX_PAGE_IDS, PeerStatus, ReadError, Reads, Status,
 };
 pub use crate::replica::plan::{Plan, PlanError};
+pub use crate::replica::receive::Checked;
 pub use crate::replica::{
     AuditedChange, Clock, DocAudit, GroupOp, LocalWriteError, OpenError, RenameError, RenameReply,
     Replica, WriteReply, system_now_ms,
@@ -477,11 +478,17 @@ impl Core {
         self.sessions.on_disconnected(peer);
     }
 
-    /// A request from `peer`: returns the response (see [`Sessions::on_request`]).
-    pub fn on_request(&mut self, peer: NodeId, msg: Message) -> Result<Message, SyncError> {
+    /// A request from `peer`: returns the response (see [`Sessions::on_request`]). `checked`
+    /// holds the signatures of a batch verified ahead, off the actor (see [`Checked`]).
+    pub fn on_request(
+        &mut self,
+        peer: NodeId,
+        msg: Message,
+        checked: Option<Checked>,
+    ) -> Result<Message, SyncError> {
         let response = match msg {
             Message::Status { status } => self.on_status(peer, &status),
-            msg => self.step(|s, r| s.on_request(r, peer, msg))?,
+            msg => self.step(|s, r| s.on_request(r, peer, msg, checked))?,
         };
         self.sessions
             .metered_all(&self.replica, [(&peer, &response)])?;

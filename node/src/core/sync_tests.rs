@@ -33,7 +33,9 @@ impl Sent for Core {
         peer: NodeId,
         msg: Message,
     ) -> Result<(Message, Vec<Outgoing>), SyncError> {
-        let answer = self.on_request(peer, msg)?;
+        // As the daemon hands a batch over: its signatures verified ahead (see `Checked`).
+        let checked = Checked::of_message(&msg, self.replica().faults());
+        let answer = self.on_request(peer, msg, checked)?;
         Ok((answer, self.take_outbox().sends))
     }
     fn sent_on_response(&mut self, peer: NodeId, msg: Message) -> Result<Vec<Outgoing>, SyncError> {
@@ -418,4 +420,76 @@ fn a_sender_restored_from_an_older_copy_starts_over() {
     assert_eq!(get(&mut cores[1], "S-2"), Some(json!({"v": 2})));
     // And a gets back what it lost, from b.
     assert_eq!(get(&mut cores[0], "S-1"), Some(json!({"v": 1})));
+}
+
+/// Cores `a` (holding 40 objects) and `b`, connected, and the first batch `a` sends `b`,
+/// not yet delivered.
+pub(crate) fn a_first_batch() -> (Vec<Core>, Message) {
+    let mut cores = vec![core(1, "a"), core(2, "b")];
+    for i in 0..40 {
+        put(&mut cores[0], &format!("S-{i}"), json!({"i": i}));
+    }
+    let mut q = connect(&mut cores, 0, 1);
+    while let Some((from, out)) = q.pop_front() {
+        if from == 0 && matches!(out.1, Message::Changes { .. }) {
+            return (cores, out.1);
+        }
+        q.extend(deliver_one(&mut cores, (from, out)));
+    }
+    panic!("a sent no batch");
+}
+
+/// The batch with one signature altered.
+fn forged(batch: &Message) -> Message {
+    let mut forged = batch.clone();
+    let Message::Changes { changes, .. } = &mut forged else {
+        unreachable!()
+    };
+    changes[4].signature[0] ^= 1;
+    forged
+}
+
+fn rejected(ack: Message) -> u32 {
+    let Message::Ack { rejected, .. } = ack else {
+        panic!("not an Ack: {ack:?}")
+    };
+    rejected
+}
+
+#[test]
+fn a_batch_verified_ahead_is_stored_and_its_forged_change_refused() {
+    let (mut cores, batch) = a_first_batch();
+    let Message::Changes { changes, .. } = &batch else {
+        unreachable!()
+    };
+    assert!(changes.len() >= crate::replica::receive::MIN_CHECKED_AHEAD_CHANGES);
+    let (a, faults) = (cores[0].node_id(), *cores[1].replica().faults());
+    let forged = forged(&batch);
+    let checked = Checked::of_message(&forged, &faults);
+    assert!(checked.is_some());
+    assert_eq!(
+        rejected(cores[1].on_request(a, forged, checked).unwrap()),
+        1
+    );
+    assert_eq!(cores[1].store().last_seq().unwrap(), 39);
+    let (mut cores, batch) = a_first_batch();
+    let checked = Checked::of_message(&batch, &faults);
+    assert_eq!(rejected(cores[1].on_request(a, batch, checked).unwrap()), 0);
+    assert_eq!(cores[1].store().last_seq().unwrap(), 40);
+    assert_eq!(get(&mut cores[1], "S-7"), Some(json!({"i": 7})));
+}
+
+/// A batch's signatures verified ahead are taken only for the very batch they were computed
+/// from: handed along with another batch (here the same changes with one signature forged),
+/// they would let the forged change in unverified.
+#[test]
+fn signatures_verified_for_one_batch_are_not_taken_for_another() {
+    let (mut cores, batch) = a_first_batch();
+    let (a, faults) = (cores[0].node_id(), *cores[1].replica().faults());
+    let genuine = Checked::of_message(&batch, &faults);
+    assert_eq!(
+        rejected(cores[1].on_request(a, forged(&batch), genuine).unwrap()),
+        1
+    );
+    assert_eq!(cores[1].store().last_seq().unwrap(), 39);
 }

@@ -2,8 +2,9 @@
 //! replies, a private loop) beside the network actor, and the reads its handle answers off
 //! both. Its file work is in [`files`](mod@files), what it measures in [`observe`], its
 //! status record for the fleet view in [`fleet`](mod@fleet); [`handle`] holds `NodeHandle`'s
-//! methods.
+//! methods; [`check`] verifies a peer's batch before the actor takes it.
 
+mod check;
 mod files;
 mod fleet;
 mod handle;
@@ -211,7 +212,8 @@ struct NodeActor {
     /// The node's config: its peers are the one registry of who may sync with us.
     config: Config,
     net: mpsc::Sender<NetCommand>,
-    events: mpsc::Receiver<NetEvent>,
+    /// The network actor's events, each peer batch with its signatures verified ahead.
+    events: mpsc::Receiver<check::Checking>,
     /// What the current step asks of the network actor, sent when the step ends.
     out: Vec<NetCommand>,
     /// Results of file work done off the actor, and the sender its tasks report through.
@@ -253,7 +255,7 @@ impl NodeActor {
                     None => break,
                 },
                 event = self.events.recv() => match event {
-                    Some(event) => self.on_net_event(event),
+                    Some((event, checked)) => self.on_net_event(event, checked),
                     None => break,
                 },
                 _ = shutdown.wait_for(|stop| *stop) => break,
@@ -414,7 +416,7 @@ impl NodeActor {
     }
 
     /// Sync traffic and connection changes, in the order the network actor saw them.
-    fn on_net_event(&mut self, event: NetEvent) {
+    fn on_net_event(&mut self, event: NetEvent, checked: Option<crate::core::Checked>) {
         match event {
             NetEvent::Connected { peer, via } if self.is_configured(&peer) => {
                 log_failed_step(self.core.on_connected(peer));
@@ -433,7 +435,7 @@ impl NodeActor {
                     return;
                 }
                 self.count_in(&peer, &msg);
-                match self.core.on_request(peer, msg) {
+                match self.core.on_request(peer, msg, checked) {
                     Ok(response) => {
                         self.count_out(&peer, &response);
                         self.out.push(NetCommand::Respond { id, msg: response })
@@ -537,6 +539,7 @@ pub fn spawn(
     });
     let peers: Vec<(NodeId, PeerConfig)> = config.peers.iter().map(|p| (p.id, p.clone())).collect();
     let (net_actor, ends) = NetActor::new(swarm, &peers, instruments.libp2p);
+    let events = check::spawn(ends.events, *core.replica().faults());
     let handle = NodeHandle {
         tx,
         last_seq,
@@ -555,7 +558,7 @@ pub fn spawn(
         home,
         config,
         net: ends.commands,
-        events: ends.events,
+        events,
         out: Vec::new(),
         file_results,
         file_results_tx,

@@ -1,11 +1,12 @@
-//! Receiving a batch from a peer, in three stages: verify every signature (on every core),
-//! prepare each document with the engine (on every core, see [`super::apply`]), then commit
-//! the results and the new checkpoint in one transaction.
+//! Receiving a batch from a peer, in three stages: verify every signature (on every core,
+//! possibly ahead of the actor, see [`Checked`]), prepare each document with the engine (on
+//! every core, see [`super::apply`]), then commit the results and the new checkpoint in one
+//! transaction.
 
 use std::collections::{HashMap, HashSet};
 
 use tidesync_proto::{
-    AuthorKey, DocHeader, DocId, NodeId, ObjectId, SignedChange, TypeName, VerifiedChange,
+    AuthorKey, DocHeader, DocId, Message, NodeId, ObjectId, SignedChange, TypeName, VerifiedChange,
     VerifyError, check_batch,
 };
 
@@ -29,12 +30,25 @@ pub struct ReceiveReport {
 
 /// Verify a batch on every core: each core checks its share of the signatures in one batch
 /// equation (see [`check_batch`]), with each author's key decompressed once.
-#[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))]
 pub(crate) fn verify_batch(
     changes: &[SignedChange],
     faults: &crate::fault::Faults,
 ) -> Vec<Result<VerifiedChange, VerifyError>> {
-    let decoded = or_unwind(par_map(changes.iter().collect(), SignedChange::decode));
+    verify(changes, faults, true)
+}
+
+/// Verify a batch, on every core when `spread` is true, else on this thread.
+#[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))]
+fn verify(
+    changes: &[SignedChange],
+    faults: &crate::fault::Faults,
+    spread: bool,
+) -> Vec<Result<VerifiedChange, VerifyError>> {
+    let decoded: Vec<_> = if spread {
+        or_unwind(par_map(changes.iter().collect(), SignedChange::decode))
+    } else {
+        changes.iter().map(SignedChange::decode).collect()
+    };
     #[cfg(feature = "fault-injection")]
     if faults.accept_unsigned {
         return decoded
@@ -48,13 +62,71 @@ pub(crate) fn verify_batch(
             .or_insert_with(|| AuthorKey::new(&d.author));
     }
     let keys = &keys;
-    or_unwind(par_chunks(decoded, |part| check_batch(part, keys)))
+    if spread {
+        or_unwind(par_chunks(decoded, |part| check_batch(part, keys)))
+    } else {
+        check_batch(decoded, keys)
+    }
+}
+
+/// Batches with fewer changes than this are verified where they are applied: checking a
+/// handful of signatures costs less than handing the batch to another thread and back.
+pub const MIN_CHECKED_AHEAD_CHANGES: usize = 16;
+
+/// A batch's signatures, verified before the batch reaches the replica: the daemon checks
+/// batch N+1 while the actor applies and commits batch N (the pipelined receive path).
+///
+/// The results travel with the message they were computed from and are taken only for that
+/// very list of changes (the same allocation and length, which moving the message keeps);
+/// handed any other list, they are dropped and that list is verified again.
+#[derive(Debug)]
+pub struct Checked {
+    of: (usize, usize),
+    verified: Vec<Result<VerifiedChange, VerifyError>>,
+}
+
+impl Checked {
+    /// Verify the changes of `msg` if it is a batch ([`Message::Changes`] or
+    /// [`Message::Ahead`]) of at least [`MIN_CHECKED_AHEAD_CHANGES`]; pure CPU work, on this
+    /// thread (the actor spreads its own work over every core meanwhile).
+    pub fn of_message(msg: &Message, faults: &crate::fault::Faults) -> Option<Checked> {
+        let changes = Self::changes_worth_checking(msg)?;
+        Some(Checked {
+            of: (changes.as_ptr() as usize, changes.len()),
+            verified: verify(changes, faults, false),
+        })
+    }
+
+    /// Whether [`Checked::of_message`] would verify anything of `msg`.
+    pub fn wanted(msg: &Message) -> bool {
+        Self::changes_worth_checking(msg).is_some()
+    }
+
+    fn changes_worth_checking(msg: &Message) -> Option<&[SignedChange]> {
+        match msg {
+            Message::Changes { changes, .. } | Message::Ahead { changes, .. }
+                if changes.len() >= MIN_CHECKED_AHEAD_CHANGES =>
+            {
+                Some(changes)
+            }
+            _ => None,
+        }
+    }
+
+    /// The results, if they were computed from `changes`.
+    fn take_for(
+        self,
+        changes: &[SignedChange],
+    ) -> Option<Vec<Result<VerifiedChange, VerifyError>>> {
+        (self.of == (changes.as_ptr() as usize, changes.len())).then_some(self.verified)
+    }
 }
 
 impl Replica {
     /// Verify, apply and durably store a batch from `peer`.
     ///
-    /// Verification runs first, on every core. Then, on every core, each document of the
+    /// Verification runs first, on every core, unless `checked` holds this batch's results
+    /// already. Then, on every core, each document of the
     /// batch is read from one read transaction and handed, with our policy for the peer, to
     /// the engine. Last, one redb transaction stores the results in the batch's order; the
     /// checkpoint moves in it, after everything it covers.
@@ -64,6 +136,7 @@ impl Replica {
         claim: Option<Claim>,
         headers: Vec<DocHeader>,
         changes: Vec<SignedChange>,
+        checked: Option<Checked>,
     ) -> Result<ReceiveReport, SyncError> {
         let now = (self.clock)();
         let me = self.node_id();
@@ -80,7 +153,10 @@ impl Replica {
             })
             .map(|h| (h.doc, h))
             .collect();
-        let verified = verify_batch(&changes, &self.faults);
+        let verified = match checked.and_then(|c| c.take_for(&changes)) {
+            Some(verified) => verified,
+            None => verify_batch(&changes, &self.faults),
+        };
         let verified_at = started.elapsed();
         // Group the batch by document, in order of first appearance, dropping duplicates
         // within the batch (the workers drop those already stored).

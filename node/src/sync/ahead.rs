@@ -8,6 +8,7 @@ use tidesync_proto::{DocHeader, Message, NodeId, SignedChange};
 use super::{Outgoing, Sessions, SyncError, store_err};
 use crate::replica::Replica;
 use crate::replica::outbound::Limit;
+use crate::replica::receive::Checked;
 use crate::store::MAX_SENT_AHEAD_PER_PEER;
 
 /// What the priority pass did (see [`Sessions::next_ahead`]).
@@ -106,12 +107,13 @@ impl Sessions {
         batch: u64,
         docs: Vec<DocHeader>,
         changes: Vec<SignedChange>,
+        checked: Option<Checked>,
     ) -> Result<(Message, Vec<Outgoing>), SyncError> {
         // Claims nothing about the sender's log: the checkpoint stays.
         if let Some(s) = self.peers.get_mut(&peer) {
             s.newest_batch_in = s.newest_batch_in.max(batch);
         }
-        let report = replica.receive_changes(peer, None, docs, changes)?;
+        let report = replica.receive_changes(peer, None, docs, changes, checked)?;
         let mut out = if report.applied > 0 {
             self.pump_all(replica)?
         } else {

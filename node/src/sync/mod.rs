@@ -25,6 +25,8 @@ use std::collections::BTreeMap;
 
 use tidesync_proto::{Checkpoint, Message, NodeId};
 
+use crate::replica::receive::Checked;
+
 use crate::model::Claim;
 use crate::replica::Replica;
 pub use crate::replica::SyncError;
@@ -238,11 +240,13 @@ impl Sessions {
     }
 
     /// A request from `peer`. Returns the response and requests to send (to any peer).
+    /// `checked` holds the signatures of a batch verified ahead (see [`Checked`]).
     pub fn on_request(
         &mut self,
         replica: &mut Replica,
         peer: NodeId,
         msg: Message,
+        checked: Option<Checked>,
     ) -> Result<(Message, Vec<Outgoing>), SyncError> {
         let now = replica.now_ms();
         match msg {
@@ -336,7 +340,7 @@ impl Sessions {
                     upto,
                     restart,
                 };
-                let report = replica.receive_changes(peer, Some(claim), docs, changes)?;
+                let report = replica.receive_changes(peer, Some(claim), docs, changes, checked)?;
                 let mut out = if report.applied > 0 {
                     self.pump_all(replica)?
                 } else {
@@ -388,7 +392,7 @@ impl Sessions {
                 batch,
                 docs,
                 changes,
-            } => self.on_ahead(replica, peer, batch, docs, changes),
+            } => self.on_ahead(replica, peer, batch, docs, changes, checked),
             Message::Ack { .. } => Err(SyncError::Unexpected { peer, what: "Ack" }),
             // The core takes status records before a session sees a request.
             Message::Status { .. } => Err(SyncError::Unexpected {

@@ -57,7 +57,7 @@ fn frames(objects: &[Value]) -> Vec<Vec<u8>> {
         },
         tip: 0,
     };
-    core.on_request(ship, hello).expect("hello");
+    core.on_request(ship, hello, None).expect("hello");
     let mut frames = Vec::new();
     loop {
         let sent = core.take_outbox().sends;
