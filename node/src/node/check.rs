@@ -1,7 +1,7 @@
 //! The pipelined receive path's first stage: a peer's batch has its signatures verified on
-//! the way to the node actor, on a thread of its own that runs when a core is idle, so batch
-//! N+1 is verified while the actor applies and commits batch N (the sender keeps
-//! [`crate::sync::SYNC_WINDOW_BATCHES`] in flight).
+//! the way to the node actor, on a thread of its own, so batch N+1 is verified while the
+//! actor applies and commits batch N (the sender keeps [`crate::sync::SYNC_WINDOW_BATCHES`]
+//! in flight).
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -10,8 +10,8 @@ use crate::fault::Faults;
 use crate::netloop::NetEvent;
 use tidesync_proto::Message;
 
-/// Events verified and waiting for the node actor. One: the stage runs at most one batch
-/// ahead of the actor, so at most two batches' decoded changes are held at once.
+/// Events verified and waiting for the node actor. One: besides the batch the actor is
+/// storing, the stage holds at most two verified batches (one queued, one waiting to be).
 pub const CHECKED_QUEUE_LEN: usize = 1;
 
 /// A network event on its way to the actor, with its batch's signatures when they were
@@ -72,11 +72,11 @@ pub(super) fn spawn(
     rx
 }
 
-/// The verifier thread: at the lowest priority, so it takes only what the node actor and
-/// everything else leave of the cores, one thread's worth. It needs no more: one thread
-/// verifies a batch in less time than the actor takes to store one.
+/// The verifier thread, one thread at normal priority. One is enough: it verifies a batch in
+/// less time than the actor takes to store one, and spread over every core it only took CPU
+/// from the actor's apply stage. At the lowest priority (Linux's idle class) it was faster on
+/// an idle machine and six times slower on a busy one (README, "The pipelined receive path").
 fn verify_loop(mut jobs: mpsc::Receiver<Job>, faults: Faults) {
-    run_when_idle();
     while let Some((msg, back)) = jobs.blocking_recv() {
         // A panic while verifying leaves the batch unchecked: the actor verifies it itself.
         let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -85,21 +85,6 @@ fn verify_loop(mut jobs: mpsc::Receiver<Job>, faults: Faults) {
         .ok()
         .flatten();
         let _ = back.send((msg, checked));
-    }
-}
-
-/// Put this thread in Linux's idle scheduling class: it runs only on a core nothing else
-/// wants. Elsewhere, or if the kernel refuses, it runs at normal priority.
-fn run_when_idle() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: sched_setscheduler with pid 0 changes only the calling thread's policy,
-        // and reads `param`, which lives across the call.
-        let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-        if r != 0 {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "the batch verifier runs at normal priority");
-        }
     }
 }
 
