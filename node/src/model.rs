@@ -123,8 +123,8 @@ pub struct LogEntry {
 /// How long one received batch spent in each stage (the metrics' histograms).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchTiming {
-    /// Verifying on the actor: near zero for a batch verified ahead (see
-    /// [`crate::replica::receive::Checked`]).
+    /// Verifying on the actor: near zero for a batch whose signatures the daemon verified
+    /// before handing it over.
     pub verify: std::time::Duration,
     pub apply: std::time::Duration,
     pub commit: std::time::Duration,
