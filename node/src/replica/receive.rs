@@ -1,7 +1,7 @@
-//! Receiving a batch from a peer, in three stages: verify every signature (on every core,
-//! possibly ahead of the actor, see [`Checked`]), prepare each document with the engine (on
-//! every core, see [`super::apply`]), then commit the results and the new checkpoint in one
-//! transaction.
+//! Receiving a batch from a peer, in three stages: verify every signature (on every core, or
+//! ahead of the actor on one thread, see [`Checked`]), prepare each document with the engine
+//! (on every core, see [`super::apply`]), then commit the results and the new checkpoint in
+//! one transaction.
 
 use std::collections::{HashMap, HashSet};
 
