@@ -444,14 +444,14 @@ impl Replica {
             let mut heads = doc.get_heads();
             heads.sort();
             let mut changes = Vec::new();
-            for change in doc.get_changes(&[]) {
-                let hash = change.hash();
+            for change in doc.get_changes_meta(&[]) {
+                let hash = change.hash;
                 let checked = reads
                     .check_stored(&doc_id, &hash)
                     .map_err(Self::read_err(what))?;
                 changes.push(AuditedChange {
                     hash,
-                    author: NodeId::from_actor(change.actor_id().to_bytes()),
+                    author: NodeId::from_actor(change.actor.to_bytes()),
                     signature: checked.map(|_| ()),
                 });
             }
