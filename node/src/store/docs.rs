@@ -433,9 +433,18 @@ impl<'s, 'tx> Writer<'s, 'tx> {
             Some(v) => Some(store.decode(|| format!("docs_v2[{no}] ({doc})"), v.value())?),
             None => None,
         };
-        self.names
-            .insert((record.ty.as_str(), record.local_id.as_str()), doc.0)
-            .ctx(store, ctx)?;
+        // An update under an unchanged name leaves the name's entry alone: inserting the same
+        // value again would still copy its B-tree leaf into the commit, one more page written
+        // at random for every updated document.
+        let name = (record.ty.as_str(), record.local_id.as_str());
+        let named = self
+            .names
+            .get(name)
+            .ctx(store, ctx)?
+            .is_some_and(|v| v.value() == doc.0);
+        if !named {
+            self.names.insert(name, doc.0).ctx(store, ctx)?;
+        }
         if let Some(old) = &old {
             if old.record.live == record.live && old.record.ty == record.ty {
                 return Ok(());
