@@ -401,18 +401,16 @@ impl<'s, 'tx> Writer<'s, 'tx> {
         state: &[u8],
     ) -> Result<(), StoreError> {
         let (store, ctx) = (self.store, self.ctx);
+        let name = (record.ty.as_str(), record.local_id.as_str());
+        // Whom the name points to now: read once, for the check below and the write after it.
+        let named = self.names.get(name).ctx(store, ctx)?.map(|v| v.value());
         let existing = self.doc_nos.get(doc.0).ctx(store, ctx)?.map(|v| v.value());
         let no = match existing {
             Some(no) => no,
             None => {
                 // The replica gave every new document a name of its own (see
                 // `replica::apply::write`); one that is taken is a bug, refused whole.
-                let taken = self
-                    .names
-                    .get((record.ty.as_str(), record.local_id.as_str()))
-                    .ctx(store, ctx)?
-                    .is_some_and(|other| other.value() != doc.0);
-                if taken {
+                if named.is_some_and(|other| other != doc.0) {
                     return Err(StoreError::NameTaken {
                         path: store.path.clone(),
                         name: format!("{}/{}", record.ty, record.local_id),
@@ -436,13 +434,7 @@ impl<'s, 'tx> Writer<'s, 'tx> {
         // An update under an unchanged name leaves the name's entry alone: inserting the same
         // value again would still copy its B-tree leaf into the commit, one more page written
         // at random for every updated document.
-        let name = (record.ty.as_str(), record.local_id.as_str());
-        let named = self
-            .names
-            .get(name)
-            .ctx(store, ctx)?
-            .is_some_and(|v| v.value() == doc.0);
-        if !named {
+        if named != Some(doc.0) {
             self.names.insert(name, doc.0).ctx(store, ctx)?;
         }
         if let Some(old) = &old {
